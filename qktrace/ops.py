@@ -54,3 +54,60 @@ def set_coordinates(x: torch.Tensor, source: torch.Tensor, basis: torch.Tensor) 
     """Give x the coordinates of `source` inside span(basis) (patching); keep the rest of x."""
     v = basis.to(x.dtype)
     return x + (source @ v - x @ v) @ v.T
+
+
+def gather_heads(x: torch.Tensor, heads: list[int], positions: torch.Tensor) -> torch.Tensor:
+    """x [batch, heads, tokens, d] -> x[:, heads] at per-row token positions [batch, n] -> [batch, h, n, d]."""
+    x = x[:, heads]
+    index = positions[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[-1])
+    return x.gather(2, index)
+
+
+def attention_rows(
+    q_sel: torch.Tensor,
+    k: torch.Tensor,
+    kv_heads: list[int],
+    mask: torch.Tensor | None,
+    query_positions: torch.Tensor,
+    scaling: float,
+    softcap: float | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scaled logits and attention probabilities of selected queries over all key tokens.
+
+    q_sel [batch, h, n_query, d]; k [batch, n_kv_heads, tokens, d]; mask as given to the
+    attention function (additive float, boolean "may attend", or None for plain causal).
+    Returns (logits, probs), each [batch, h, n_query, tokens]; logits exclude the mask.
+    """
+    keys = k[:, kv_heads].to(torch.float32)
+    logits = (q_sel.to(torch.float32) @ keys.transpose(-1, -2)) * scaling
+    capped = logits if softcap is None else torch.tanh(logits / softcap) * softcap
+    n_tokens = keys.shape[2]
+    if mask is None:
+        allowed = torch.arange(n_tokens, device=k.device)[None, None, None, :] <= query_positions[:, None, :, None]
+        additive = torch.zeros_like(capped).masked_fill(~allowed, float("-inf"))
+    else:
+        rows = query_positions[:, None, :, None].expand(-1, mask.shape[1], -1, mask.shape[-1])
+        picked = mask.gather(2, rows)
+        if picked.dtype == torch.bool:
+            additive = torch.zeros(picked.shape, device=k.device).masked_fill(~picked, float("-inf"))
+        else:
+            additive = picked.to(torch.float32)
+    probs = torch.softmax(capped + additive, dim=-1)
+    return logits, probs
+
+
+def pair_sums(
+    q_sel: torch.Tensor, k_sel: torch.Tensor, onehot: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-head, per-group float64 sums over (query, key) pairs of one query per prompt.
+
+    q_sel [batch, h, dq]; k_sel [batch, h, keys, dk]; onehot [batch, keys, G].
+    Returns (qk [h, G, dq, dk], q [h, G, dq], k [h, G, dk]).
+    """
+    g = onehot.to(torch.float64)
+    q64 = q_sel.to(torch.float64)
+    k64 = k_sel.to(torch.float64)
+    qk = torch.einsum("bkg,bhi,bhkj->hgij", g, q64, k64)
+    q_sum = torch.einsum("bkg,bhi->hgi", g, q64)
+    k_sum = torch.einsum("bkg,bhkj->hgj", g, k64)
+    return qk, q_sum, k_sum

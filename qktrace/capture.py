@@ -1,0 +1,336 @@
+"""Capture queries and keys of chosen heads, and reduce them to covariance sums where the model runs.
+
+Mechanism. Prompts are tokenized here (so qktrace knows every token position), padded to a batch
+with explicit `position_ids` (so left- or right-padding gives the same rotary positions, hence
+the same q and k, as the unpadded prompt), and run through ONE nnsight trace per batch. Inside
+the trace, at each chosen layer, qktrace reads the inputs of the attention function (see
+`qktrace.models`): q [batch, n_heads, tokens, d_head] and k [batch, n_kv_heads, tokens,
+d_head]. It gathers the chosen heads at the chosen positions with the torch functions of
+`qktrace.ops`, and saves only those small tensors; the model's own mask and scaling give the
+attention weights of the chosen queries. With grouped-query attention, query head h reads key
+head h // (n_heads / n_kv_heads), and that is the key returned for it.
+
+`reduce` goes further: it sums q k^T over labelled (query, key) pairs inside the trace and
+saves only [heads, groups, d_head, d_head] float64 sums, so what travels back from NDIF does
+not grow with the number of prompts or tokens.
+
+Everything in the trace body is plain torch on traced values plus `qktrace.ops` (shipped by
+value), so the same code runs locally, with `remote="local"` and on NDIF.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import nnsight
+import numpy as np
+import torch
+import xarray as xr
+from tqdm.auto import tqdm
+
+from . import ops
+from .models import Head, Model, iter_batches, parse_heads
+
+Positions = Literal["last", "all"] | Sequence[int] | Sequence[Sequence[int]]
+Prompt = str | Sequence[int]
+
+
+@dataclass
+class Encoded:
+    """A padded batch ready for `model.trace`, plus where each prompt's tokens sit in it."""
+
+    inputs: dict[str, torch.Tensor]
+    lengths: list[int]
+    starts: list[int]
+    tokens: list[list[str]]
+
+    def padded(self, prompt: int, position: int) -> int:
+        """Index in the padded row of the prompt's (unpadded) token `position`."""
+        return self.starts[prompt] + position
+
+
+def encode(model: Model, prompts: Sequence[Prompt], *, add_special_tokens: bool = True) -> Encoded:
+    """Tokenize and pad a batch the way qktrace traces it (tokenizer's padding side)."""
+    if len(prompts) == 0:
+        raise ValueError("No prompts given: pass a non-empty list of strings (or token-id lists).")
+    tokenizer = model.tokenizer
+    ids: list[list[int]] = []
+    for i, prompt in enumerate(prompts):
+        if isinstance(prompt, str):
+            row = tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"]
+        else:
+            row = [int(t) for t in prompt]
+        if not row:
+            raise ValueError(f"Prompt {i} ({prompt!r}) has no tokens: remove it or give it text.")
+        ids.append(row)
+    lengths = [len(r) for r in ids]
+    width = max(lengths)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    left = getattr(tokenizer, "padding_side", "right") == "left"
+    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(ids), width), dtype=torch.long)
+    position_ids = torch.zeros((len(ids), width), dtype=torch.long)
+    starts = []
+    for i, row in enumerate(ids):
+        start = width - len(row) if left else 0
+        starts.append(start)
+        input_ids[i, start : start + len(row)] = torch.tensor(row)
+        attention_mask[i, start : start + len(row)] = 1
+        position_ids[i, start : start + len(row)] = torch.arange(len(row))
+    tokens = [tokenizer.convert_ids_to_tokens(r) for r in ids]
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+    return Encoded(inputs, lengths, starts, tokens)
+
+
+def resolve_positions(spec: Positions, lengths: Sequence[int], what: str) -> list[list[int]]:
+    """Per-prompt token positions from "last", "all", one int per prompt, or a list per prompt.
+
+    Negative positions count from the end of the prompt. A position outside the prompt raises an
+    error naming the prompt, the position and the prompt's length.
+    """
+    if isinstance(spec, str):
+        if spec == "last":
+            return [[n - 1] for n in lengths]
+        if spec == "all":
+            return [list(range(n)) for n in lengths]
+        raise ValueError(f"{what} positions must be 'last', 'all' or a list per prompt, not {spec!r}.")
+    if len(spec) != len(lengths):
+        raise ValueError(
+            f"{what} positions were given for {len(spec)} prompts but there are {len(lengths)}: "
+            "pass one position (or one list of positions) per prompt."
+        )
+    resolved = []
+    for i, (item, n) in enumerate(zip(spec, lengths, strict=True)):
+        row = [int(item)] if isinstance(item, int | np.integer) else [int(p) for p in item]
+        fixed = []
+        for p in row:
+            q = p + n if p < 0 else p
+            if not 0 <= q < n:
+                raise ValueError(
+                    f"{what} position {p} is outside prompt {i}, which has {n} tokens "
+                    f"(valid: 0..{n - 1} or -{n}..-1). Check how the position was computed "
+                    "(chat template, special tokens) or shorten the list."
+                )
+            fixed.append(q)
+        resolved.append(fixed)
+    return resolved
+
+
+def _index_tensor(enc: Encoded, positions: list[list[int]]) -> tuple[torch.Tensor, np.ndarray]:
+    """Padded-row indices [batch, n] (missing slots point at a valid token) and slot positions (-1 = none)."""
+    width = max(len(p) for p in positions)
+    index = torch.zeros((len(positions), width), dtype=torch.long)
+    slots = np.full((len(positions), width), -1, dtype=np.int64)
+    for i, row in enumerate(positions):
+        index[i] = enc.padded(i, row[-1] if row else enc.lengths[i] - 1)
+        for j, p in enumerate(row):
+            index[i, j] = enc.padded(i, p)
+            slots[i, j] = p
+    return index, slots
+
+
+def _by_layer(model: Model, heads: Sequence[Head]) -> dict[int, list[Head]]:
+    layers: dict[int, list[Head]] = {}
+    for h in heads:
+        layers.setdefault(h.layer, []).append(h)
+    return dict(sorted(layers.items()))
+
+
+def _check_finite(name: str, values: np.ndarray, first_prompt: int) -> None:
+    bad = ~np.isfinite(values)
+    if bad.any():
+        prompt = first_prompt + int(np.argwhere(bad)[0][0])
+        raise FloatingPointError(
+            f"Captured {name} has NaN/inf for prompt {prompt}. The model overflowed on it: run in "
+            "float32 or bfloat16 instead of float16, or drop that prompt."
+        )
+
+
+def _capture_batch(
+    model: Model,
+    enc: Encoded,
+    heads: list[Head],
+    query_index: torch.Tensor,
+    key_index: torch.Tensor,
+    attention: bool,
+) -> dict[str, np.ndarray]:
+    """One trace: q [b, head, query, d], k [b, head, key, d], and optionally logits/attention [b, head, query, key]."""
+    layers = _by_layer(model, heads)
+    plan = [
+        (
+            layer,
+            [h.head for h in hs],
+            [model.kv_head(h.head) for h in hs],
+            model.scaling(layer),
+            model.softcap(layer),
+        )
+        for layer, hs in layers.items()
+    ]
+    calls = {layer: model.attention_call(layer) for layer in layers}
+    with torch.inference_mode(), model.trace(enc.inputs):
+        saved = nnsight.save([])
+        for layer, q_heads, kv_heads, scaling, softcap in plan:
+            args, kwargs = calls[layer].inputs
+            q, k = args[1], args[2]
+            mask = args[4] if len(args) > 4 else kwargs.get("attention_mask")
+            q_sel = ops.gather_heads(q, q_heads, query_index)
+            k_sel = ops.gather_heads(k, kv_heads, key_index)
+            item = [q_sel, k_sel]
+            if attention:
+                logits, probs = ops.attention_rows(q_sel, k, kv_heads, mask, query_index, scaling, softcap)
+                cols = key_index[:, None, None, :].expand(-1, logits.shape[1], logits.shape[2], -1)
+                item += [logits.gather(3, cols), probs.gather(3, cols)]
+            saved.append(item)
+        nnsight.save(saved)
+    names = ["q", "k", "logit", "attention"]
+    out = {}
+    for n, name in enumerate(names[: 4 if attention else 2]):
+        out[name] = np.concatenate([item[n].float().cpu().numpy() for item in saved], axis=1)
+    return out
+
+
+def capture(
+    model: Model,
+    prompts: Sequence[Prompt],
+    heads: str | Sequence[Any],
+    *,
+    query: Positions = "last",
+    keys: Positions = "all",
+    attention: bool = True,
+    batch_size: int = 8,
+    add_special_tokens: bool = True,
+    progress: bool = True,
+) -> xr.Dataset:
+    """Capture q and k of chosen heads at chosen positions, one trace per batch.
+
+    Parameters
+    ----------
+    model
+        From `qktrace.load`; local, `remote="local"` or NDIF.
+    prompts
+        Strings (tokenized here) or token-id lists.
+    heads
+        "16.19,20.26", ["16.19"] or [(16, 19)]: query heads; each gets the key head it reads.
+    query, keys
+        "last" (the last real token), "all", one position per prompt, or a list per prompt.
+        Positions are token indices of the unpadded prompt; negative ones count from its end.
+    attention
+        Also return `logit` (scaled q·k) and `attention` (the model's softmax weight, over the
+        whole row, taken at the chosen keys).
+
+    Returns
+    -------
+    xr.Dataset with `q` (prompt, head, query, d_head), `k` (prompt, head, key, d_head), and
+    `logit`, `attention` (prompt, head, query, key), float32. Coordinates: `head` labels "L.H"
+    with `layer`, `q_head`, `kv_head`; `query_position`/`key_position` (-1 where a prompt has
+    fewer keys; its values are NaN) and `query_token`/`key_token` strings.
+
+    Examples
+    --------
+    >>> ds = qktrace.capture(model, ["The cat sat"], "0.1", keys="all")  # doctest: +SKIP
+    >>> ds.attention.sel(head="0.1").isel(query=0)  # doctest: +SKIP
+    """
+    heads = parse_heads(heads)
+    model.check_heads(heads)
+    if len(prompts) == 0:
+        raise ValueError("No prompts given: pass a non-empty list of strings (or token-id lists).")
+    batches = []
+    bar = tqdm(total=len(prompts), desc="capture", unit="prompt", disable=not progress)
+    for start, batch in iter_batches(prompts, batch_size):
+        enc = encode(model, batch, add_special_tokens=add_special_tokens)
+        q_pos = resolve_positions(_slice(query, start, len(batch)), enc.lengths, "Query")
+        k_pos = resolve_positions(_slice(keys, start, len(batch)), enc.lengths, "Key")
+        q_index, q_slots = _index_tensor(enc, q_pos)
+        k_index, k_slots = _index_tensor(enc, k_pos)
+        values = _capture_batch(model, enc, heads, q_index, k_index, attention)
+        for name, array in values.items():
+            _check_finite(name, array, start)
+        batches.append(_batch_dataset(values, enc, q_slots, k_slots, start, [str(p) for p in batch]))
+        bar.update(len(batch))
+    bar.close()
+    ds = _concat(batches)
+    return ds.assign_coords(_head_coords(model, heads)).assign_attrs(
+        model=model.name, remote=model.remote_label, d_head=model.d_head
+    )
+
+
+def _slice(spec: Positions, start: int, n: int) -> Positions:
+    return spec if isinstance(spec, str) else spec[start : start + n]
+
+
+def _head_coords(model: Model, heads: list[Head]) -> dict[str, Any]:
+    return {
+        "head": [h.label for h in heads],
+        "layer": ("head", [h.layer for h in heads]),
+        "q_head": ("head", [h.head for h in heads]),
+        "kv_head": ("head", [model.kv_head(h.head) for h in heads]),
+    }
+
+
+def _batch_dataset(
+    values: dict[str, np.ndarray],
+    enc: Encoded,
+    q_slots: np.ndarray,
+    k_slots: np.ndarray,
+    start: int,
+    texts: list[str],
+) -> xr.Dataset:
+    q = values["q"].copy()
+    k = values["k"].copy()
+    q[np.broadcast_to((q_slots < 0)[:, None, :, None], q.shape)] = np.nan
+    k[np.broadcast_to((k_slots < 0)[:, None, :, None], k.shape)] = np.nan
+    data: dict[str, Any] = {
+        "q": (("prompt", "head", "query", "d_head"), q),
+        "k": (("prompt", "head", "key", "d_head"), k),
+    }
+    if "attention" in values:
+        hide = np.broadcast_to((k_slots < 0)[:, None, None, :], values["attention"].shape)
+        for name in ("logit", "attention"):
+            v = values[name].copy()
+            v[hide] = np.nan
+            data[name] = (("prompt", "head", "query", "key"), v)
+    tok = lambda slots: np.array(  # noqa: E731
+        [[enc.tokens[i][p] if p >= 0 else "" for p in row] for i, row in enumerate(slots)], dtype=object
+    )
+    coords = {
+        "prompt": np.arange(start, start + len(texts)),
+        "prompt_text": ("prompt", np.array(texts, dtype=object)),
+        "n_tokens": ("prompt", np.array(enc.lengths)),
+        "query_position": (("prompt", "query"), q_slots),
+        "key_position": (("prompt", "key"), k_slots),
+        "query_token": (("prompt", "query"), tok(q_slots)),
+        "key_token": (("prompt", "key"), tok(k_slots)),
+    }
+    return xr.Dataset(data, coords=coords)
+
+
+def pad_dim(ds: xr.Dataset, dim: str, size: int) -> xr.Dataset:
+    """Pad `dim` at the end to `size`: NaN for floats, -1 for positions, "" for strings."""
+    extra = size - ds.sizes.get(dim, 0)
+    if extra <= 0:
+        return ds
+    padded = ds.pad({dim: (0, extra)})
+    for name, var in list(padded.variables.items()):
+        if dim not in var.dims or name == dim:
+            continue
+        original = ds.variables[name]
+        if original.dtype.kind in "iu":
+            fill = np.full(var.shape, -1, dtype=original.dtype)
+            region = tuple(slice(0, s) for s in original.shape)
+            fill[region] = original.values
+            padded[name] = (var.dims, fill)
+        elif original.dtype.kind in "OUS":
+            fill = np.full(var.shape, "", dtype=object)
+            region = tuple(slice(0, s) for s in original.shape)
+            fill[region] = original.values
+            padded[name] = (var.dims, fill)
+    return padded
+
+
+def _concat(batches: list[xr.Dataset]) -> xr.Dataset:
+    for dim in ("query", "key"):
+        width = max(b.sizes[dim] for b in batches)
+        batches = [pad_dim(b, dim, width) for b in batches]
+    return xr.concat(batches, dim="prompt", data_vars="all", coords="different", compat="equals")

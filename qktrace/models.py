@@ -1,0 +1,330 @@
+"""Open a model for tracing, and know where each architecture keeps its queries and keys.
+
+Every supported family computes attention the same way in `transformers`: the attention module
+builds post-RoPE (and, for Qwen3/Gemma3/OLMo2, post-q_norm/k_norm) query and key states and then
+calls one attention function, ``attention_interface(self, query, key, value, mask, scaling=...)``.
+The *inputs of that call* are exactly what the softmax sees, in every family: post-RoPE for
+Llama/Qwen/Mistral/Gemma, partially rotated for GPT-NeoX, un-rotated for GPT-2. qktrace reads and
+edits q and k there, through nnsight's ``.source`` view of the attention forward, so one code path
+serves all families (DESIGN.md suggested the rotary call's output; that misses GPT-2, which has no
+rotary call, and the mask and scaling the attention function is given).
+
+An `Adapter` records where a family keeps its decoder layers and attention module. Adding a family
+is one `register_adapter(Adapter(...))` call.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, NamedTuple
+
+import nnsight
+import torch
+
+Remote = bool | Literal["local"]
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """Where one architecture family keeps its attention, relative to the nnsight model."""
+
+    family: str
+    model_types: tuple[str, ...]
+    layers: str = "model.layers"
+    attention: str = "self_attn"
+
+
+ADAPTERS: list[Adapter] = [
+    Adapter("llama", ("llama",)),
+    Adapter("qwen2", ("qwen2", "qwen2_moe")),
+    Adapter("qwen3", ("qwen3", "qwen3_moe")),
+    Adapter("mistral", ("mistral", "mixtral", "ministral")),
+    Adapter("gemma", ("gemma", "gemma2", "gemma3_text")),
+    Adapter("olmo", ("olmo", "olmo2")),
+    Adapter("phi3", ("phi3",)),
+    Adapter("gpt2", ("gpt2",), layers="transformer.h", attention="attn"),
+    Adapter("gpt_neox", ("gpt_neox",), layers="gpt_neox.layers", attention="attention"),
+]
+
+
+def register_adapter(adapter: Adapter) -> None:
+    """Teach qktrace a new architecture family (its `model_type`s and module paths)."""
+    ADAPTERS.insert(0, adapter)
+
+
+def adapter_for(model_type: str) -> Adapter:
+    """The adapter for a `config.model_type`; a clear error listing what is supported."""
+    for adapter in ADAPTERS:
+        if model_type in adapter.model_types:
+            return adapter
+    supported = ", ".join(sorted(t for a in ADAPTERS for t in a.model_types))
+    raise ValueError(
+        f"Unsupported architecture model_type={model_type!r}. Supported: {supported}. "
+        "To add one, point qktrace at its decoder layers and attention module, e.g. "
+        "qktrace.models.register_adapter(qktrace.models.Adapter('myfam', ('my_model_type',), "
+        "layers='model.layers', attention='self_attn')); its attention forward must call "
+        "transformers' attention_interface(self, query, key, value, mask, ...)."
+    )
+
+
+class Head(NamedTuple):
+    """One query head: (layer, head). Written "L.H" in specs, labels and CLI flags."""
+
+    layer: int
+    head: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.layer}.{self.head}"
+
+
+_HEAD_SPEC = re.compile(r"^\s*(\d+)\s*[.:]\s*(\d+)\s*$")
+
+
+def parse_heads(spec: str | Sequence[str | tuple[int, int] | Head]) -> list[Head]:
+    """Parse heads given as "16.19,20.26", ["16.19"], or [(16, 19)] into `Head`s."""
+    items = spec.split(",") if isinstance(spec, str) else list(spec)
+    heads: list[Head] = []
+    for item in items:
+        if isinstance(item, str):
+            match = _HEAD_SPEC.match(item)
+            if not match:
+                raise ValueError(
+                    f"Malformed head {item!r}: write heads as LAYER.HEAD, comma-separated, "
+                    "e.g. --heads 16.19,20.26"
+                )
+            heads.append(Head(int(match[1]), int(match[2])))
+        else:
+            layer, head = item
+            heads.append(Head(int(layer), int(head)))
+    if not heads:
+        raise ValueError("No heads given: pass at least one LAYER.HEAD, e.g. --heads 16.19")
+    return list(dict.fromkeys(heads))
+
+
+@dataclass
+class Model:
+    """An nnsight-wrapped language model plus the facts qktrace needs about it.
+
+    Attributes: `lm` (the nnsight model), `name` (hub id or path), `remote` (False, "local" or
+    True), and from its config `n_layers`, `n_heads`, `n_kv_heads`, `d_head`.
+    """
+
+    lm: Any
+    name: str
+    adapter: Adapter
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    d_head: int
+    remote: Remote = False
+    revision: str | None = None
+    _call_names: dict[int, str] = field(default_factory=dict, repr=False)
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.lm.tokenizer
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per key head (grouped-query attention)."""
+        return self.n_heads // self.n_kv_heads
+
+    def kv_head(self, head: int) -> int:
+        """The key head that query head `head` reads: head // (n_heads / n_kv_heads)."""
+        return head // self.group_size
+
+    def attention(self, layer: int) -> Any:
+        """The nnsight envoy of layer `layer`'s attention module."""
+        self.check_layer(layer)
+        module = self.lm
+        for part in self.adapter.layers.split("."):
+            module = getattr(module, part)
+        return getattr(module[layer], self.adapter.attention)
+
+    def attention_call(self, layer: int) -> Any:
+        """The `.source` operation where layer `layer` calls its attention function.
+
+        Its ``.inputs`` are ``((module, q, k, v, mask, ...), kwargs)``: q [batch, n_heads, tokens,
+        d_head] and k [batch, n_kv_heads, tokens, d_head] exactly as the softmax sees them.
+        """
+        source = self.attention(layer).source
+        if layer not in self._call_names:
+            calls = [n for n in source.names if re.fullmatch(r"attention_interface_\d+", n)]
+            if not calls:
+                raise ValueError(
+                    f"Layer {layer}'s attention forward ({type(self.attention(layer)._module).__name__})"
+                    " never calls transformers' attention_interface, so qktrace cannot reach its"
+                    " q and k. Use a transformers version whose model code does, or register an"
+                    " Adapter for a module that does."
+                )
+            self._call_names[layer] = calls[-1]
+        return getattr(source, self._call_names[layer])
+
+    def scaling(self, layer: int) -> float:
+        """The factor the attention logits q·k are multiplied by (1/sqrt(d_head) by default)."""
+        module = self.attention(layer)._module
+        return float(getattr(module, "scaling", self.d_head**-0.5))
+
+    def softcap(self, layer: int) -> float | None:
+        """Gemma 2's attention-logit soft cap, None for other families."""
+        module = self.attention(layer)._module
+        return getattr(module, "attn_logit_softcapping", None) or getattr(
+            getattr(module, "config", None), "attn_logit_softcapping", None
+        )
+
+    def check_layer(self, layer: int) -> None:
+        if not 0 <= layer < self.n_layers:
+            raise ValueError(
+                f"Layer {layer} is out of range: {self.name} has layers 0..{self.n_layers - 1}."
+            )
+
+    def check_heads(self, heads: Sequence[Head]) -> None:
+        """Raise a clear error for any head outside the model."""
+        for h in heads:
+            self.check_layer(h.layer)
+            if not 0 <= h.head < self.n_heads:
+                raise ValueError(
+                    f"Head {h.label} is out of range: {self.name} has heads 0..{self.n_heads - 1} "
+                    f"in each of its {self.n_layers} layers."
+                )
+
+    def all_heads(self) -> list[Head]:
+        return [Head(layer, head) for layer in range(self.n_layers) for head in range(self.n_heads)]
+
+    def trace(self, inputs: Any, **kwargs: Any) -> Any:
+        """`lm.trace(inputs)` with this model's remote mode; use under `torch.inference_mode()`."""
+        return self.lm.trace(inputs, remote=self.remote, **kwargs)
+
+    def session(self, **kwargs: Any) -> Any:
+        """An nnsight session (several traces in one remote request) in this model's remote mode."""
+        return self.lm.session(remote=self.remote, **kwargs)
+
+    @property
+    def remote_label(self) -> str:
+        return {False: "local", "local": "remote-local", True: "ndif"}[self.remote]
+
+
+def _config_facts(config: Any) -> tuple[int, int, int, int]:
+    """(n_layers, n_heads, n_kv_heads, d_head) from a transformers config, any family."""
+    config = getattr(config, "text_config", None) or config
+    n_layers = getattr(config, "num_hidden_layers", None) or config.n_layer
+    n_heads = getattr(config, "num_attention_heads", None) or config.n_head
+    n_kv = getattr(config, "num_key_value_heads", None) or n_heads
+    hidden = getattr(config, "hidden_size", None) or config.n_embd
+    d_head = getattr(config, "head_dim", None) or hidden // n_heads
+    return int(n_layers), int(n_heads), int(n_kv), int(d_head)
+
+
+def check_ndif_key() -> str:
+    """The NDIF API key from NDIF_API_KEY (or nnsight's saved config); a clear error if none."""
+    key = os.environ.get("NDIF_API_KEY") or nnsight.CONFIG.API.APIKEY
+    if not key:
+        raise RuntimeError(
+            "remote=True runs on NDIF and needs an API key, but NDIF_API_KEY is not set. "
+            "Get a key at https://login.ndif.us, then `export NDIF_API_KEY=...` (or call "
+            "nnsight.CONFIG.set_default_api_key(key)). To test the remote code path without a "
+            "server, use remote='local' (--remote-local on the CLI)."
+        )
+    nnsight.CONFIG.API.APIKEY = key
+    return key
+
+
+def load(
+    model: str | os.PathLike | torch.nn.Module,
+    *,
+    remote: Remote = False,
+    tokenizer: Any = None,
+    revision: str | None = None,
+    dtype: torch.dtype | str | None = None,
+    device_map: str | None = None,
+    **hf_kwargs: Any,
+) -> Model:
+    """Open a model for qktrace: a hub id, a local path, or an in-memory `transformers` model.
+
+    Parameters
+    ----------
+    model
+        "meta-llama/Llama-3.1-8B-Instruct", a directory saved with `save_pretrained`, or a
+        `PreTrainedModel` instance (then pass `tokenizer`).
+    remote
+        False runs here; "local" runs nnsight's offline simulation of the NDIF round trip (the
+        request is serialized and run with non-installed modules hidden); True runs on NDIF (the
+        weights stay on the server; needs NDIF_API_KEY).
+    tokenizer
+        A tokenizer; by default loaded from `model`. It must be a fast tokenizer (qktrace locates
+        tokens by character offsets).
+    revision, dtype, device_map, **hf_kwargs
+        Passed to `from_pretrained` (ignored for an in-memory model).
+
+    Examples
+    --------
+    >>> model = qktrace.load("meta-llama/Llama-3.1-8B-Instruct", remote=True)  # doctest: +SKIP
+    >>> model.n_heads, model.n_kv_heads, model.d_head  # doctest: +SKIP
+    (32, 8, 128)
+    """
+    from transformers import AutoTokenizer
+
+    from . import ops
+
+    if remote not in (False, True, "local"):
+        raise ValueError(f"remote must be False, 'local' or True, not {remote!r}.")
+    if remote is True:
+        check_ndif_key()
+    # In-trace helpers must travel with a remote request: ship qktrace.ops by value.
+    nnsight.register(ops)
+
+    if isinstance(model, torch.nn.Module):
+        if tokenizer is None:
+            raise ValueError("load(<in-memory model>) needs tokenizer=...: pass the model's tokenizer.")
+        name = getattr(model.config, "name_or_path", "") or type(model).__name__
+        config = model.config
+        lm = nnsight.TransformersModel(model, task="text-generation", tokenizer=tokenizer)
+    else:
+        name = str(model)
+        if tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(name, revision=revision)
+        kwargs: dict[str, Any] = dict(hf_kwargs)
+        if revision is not None:
+            kwargs["revision"] = revision
+        if dtype is not None:
+            kwargs["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        if device_map is not None:
+            kwargs["device_map"] = device_map
+        # Remote models stay on the meta device here: only config and tokenizer are read.
+        lm = nnsight.TransformersModel(
+            name, task="text-generation", tokenizer=tokenizer, dispatch=remote is False, **kwargs
+        )
+        config = lm.config
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError(
+            f"The tokenizer of {name} is not a fast tokenizer; qktrace locates tokens by character"
+            " offsets, which only fast tokenizers give. Load it with use_fast=True (or convert it"
+            " with transformers.PreTrainedTokenizerFast)."
+        )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    adapter = adapter_for(getattr(config, "model_type", type(config).__name__))
+    n_layers, n_heads, n_kv, d_head = _config_facts(config)
+    return Model(
+        lm=lm,
+        name=name,
+        adapter=adapter,
+        n_layers=n_layers,
+        n_heads=n_heads,
+        n_kv_heads=n_kv,
+        d_head=d_head,
+        remote=remote,
+        revision=revision,
+    )
+
+
+def iter_batches(items: Sequence[Any], batch_size: int) -> Iterator[tuple[int, Sequence[Any]]]:
+    """(start index, slice) pairs over `items` in batches of `batch_size`."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    for start in range(0, len(items), batch_size):
+        yield start, items[start : start + batch_size]

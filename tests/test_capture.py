@@ -1,0 +1,107 @@
+"""Captured q/k must reproduce the model's own eager attention weights, in every family."""
+
+import numpy as np
+import pytest
+import torch
+
+import qktrace.testing as testing
+from qktrace.capture import capture
+from qktrace.models import load
+from tests.conftest import tiny
+
+PROMPTS = [
+    "The apple is in Box A, the cat is in Box B.",
+    "Which box is the cat in? Box",
+    "- apple\n- horse\n- water\nWhat are the fruits in the list?",
+]
+
+
+def eager_weights(net, tok, prompt):
+    """The model's own attention weights [layer][head, query, key] for one unpadded prompt."""
+    enc = tok(prompt, return_tensors="pt")
+    with torch.no_grad():
+        out = net(**enc, output_attentions=True)
+    return [a[0].numpy() for a in out.attentions]
+
+
+@pytest.mark.parametrize("family", testing.FAMILIES)
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_attention_recomputed_from_qk_matches_model(family, side, remote):
+    net, tok = tiny(family)
+    tok.padding_side = side
+    m = load(net, tokenizer=tok, remote=remote)
+    heads = [(0, 0), (1, 1), (1, 3)]
+    ds = capture(m, PROMPTS, heads, query="last", keys="all", batch_size=3, progress=False)
+    for p, prompt in enumerate(PROMPTS):
+        weights = eager_weights(net, tok, prompt)
+        n = int(ds.n_tokens[p])
+        for label, (layer, head) in zip(ds["head"].values, heads):
+            sel = ds.sel(head=label).isel(prompt=p, query=0)
+            own = weights[layer][head, -1, :n]
+            # (1) the softmax weights qktrace reports
+            np.testing.assert_allclose(sel.attention.values[:n], own, atol=1e-5)
+            # (2) recomputed offline from the captured q and k (GQA: k is the key head it reads)
+            logits = sel.k.values[:n] @ sel.q.values * m.scaling(layer)
+            softcap = m.softcap(layer)
+            if softcap:
+                logits = np.tanh(logits / softcap) * softcap
+            window = getattr(net.config, "sliding_window", None)
+            layer_types = getattr(net.config, "layer_types", None)
+            if window and (layer_types is None or layer_types[layer] == "sliding_attention"):
+                logits[: max(0, n - window)] = -np.inf
+            recomputed = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+            np.testing.assert_allclose(recomputed, own, atol=1e-5)
+
+
+def test_padding_does_not_change_vectors(remote):
+    net, tok = tiny("llama")
+    m = load(net, tokenizer=tok, remote=remote)
+    alone = capture(m, PROMPTS[1:2], "1.2", keys="all", progress=False)
+    for side in ("left", "right"):
+        tok.padding_side = side
+        batched = capture(m, PROMPTS, "1.2", keys="all", progress=False)
+        n = int(alone.n_tokens[0])
+        np.testing.assert_allclose(batched.q.values[1], alone.q.values[0], atol=1e-5)
+        np.testing.assert_allclose(batched.k.values[1, :, :n], alone.k.values[0], atol=1e-5)
+        assert np.isnan(batched.k.values[1, :, n:]).all()
+
+
+def test_gqa_key_head_mapping():
+    net, tok = tiny("qwen3")
+    m = load(net, tokenizer=tok)
+    ds = capture(m, PROMPTS[:1], "1.0,1.1,1.2,1.3", keys="all", attention=False, progress=False)
+    assert list(ds.kv_head.values) == [0, 0, 1, 1]
+    np.testing.assert_array_equal(ds.k.values[:, 0], ds.k.values[:, 1])
+    assert not np.allclose(ds.k.values[:, 1], ds.k.values[:, 2])
+
+
+def test_labels_and_positions(llama):
+    keys = [[1, 2], [0, -1, 3], [4]]
+    ds = capture(llama, PROMPTS, "1.0", keys=keys, progress=False)
+    assert dict(ds.sizes) == {"prompt": 3, "head": 1, "query": 1, "key": 3, "d_head": 16}
+    assert ds.key_position.values.tolist() == [[1, 2, -1], [0, int(ds.n_tokens[1]) - 1, 3], [4, -1, -1]]
+    tokens = llama.tokenizer.convert_ids_to_tokens(llama.tokenizer(PROMPTS[0])["input_ids"])
+    assert ds.key_token.values[0, :2].tolist() == tokens[1:3]
+    assert ds.query_token.values[0, 0] == tokens[-1]
+    assert np.isnan(ds.k.values[0, 0, 2]).all() and np.isnan(ds.attention.values[2, 0, 0, 1:]).all()
+
+
+def test_half_precision_returns_float32():
+    net, tok = tiny("llama")
+    m = load(net.to(torch.bfloat16), tokenizer=tok)
+    try:
+        ds = capture(m, PROMPTS[:2], "1.1", progress=False)
+    finally:
+        net.to(torch.float32)
+    assert ds.q.dtype == np.float32 and ds.attention.dtype == np.float32
+
+
+def test_bad_positions_and_prompts(llama):
+    with pytest.raises(ValueError, match=r"Key position 99 is outside prompt 1, which has \d+ tokens"):
+        capture(llama, PROMPTS[:2], "1.0", keys=[[0], [99]], progress=False)
+    with pytest.raises(ValueError, match="No prompts given"):
+        capture(llama, [], "1.0", progress=False)
+    with pytest.raises(ValueError, match="given for 1 prompts but there are 2"):
+        capture(llama, PROMPTS[:2], "1.0", keys=[[0]], progress=False)
+    with pytest.raises(ValueError, match="out of range"):
+        capture(llama, PROMPTS[:2], "5.0", progress=False)

@@ -1,0 +1,95 @@
+"""In-trace covariance sums must equal the sums computed from fully captured q and k."""
+
+import numpy as np
+import pytest
+
+from qktrace.capture import capture
+from qktrace.models import load
+from qktrace.reduce import reduce
+from tests.conftest import tiny
+
+PROMPTS = [
+    "The apple is in Box A, the cat is in Box B",
+    "Which box is the cat in? Box",
+    "the ship is in Box C, and the cat is in Box A",
+    "- apple\n- horse\n- water",
+    "What are the fruits in the list?",
+]
+KEYS = [[1, 2, 3], [2, 4, 5], [0, 1, 2], [1, 3, 5], [0, 2, 4]]
+LABELS = [
+    [("fruit", "positive"), ("fruit", "negative"), None],
+    [("animal", "positive"), ("fruit", "negative"), ("fruit", "positive")],
+    [None, ("animal", "negative"), ("fruit", "negative")],
+    [("animal", "positive"), ("animal", "negative"), ("fruit", "positive")],
+    [("fruit", "negative"), None, ("animal", "negative")],
+]
+HEADS = "1.1,0.3,1.2"
+
+
+def sums_from_capture(ds, features):
+    ref = np.zeros((ds.sizes["head"], len(features), 2, ds.sizes["d_head"], ds.sizes["d_head"]))
+    for p, row in enumerate(LABELS):
+        for j, label in enumerate(row):
+            if label is not None:
+                f, c = features.index(label[0]), ["positive", "negative"].index(label[1])
+                for h in range(ds.sizes["head"]):
+                    ref[h, f, c] += np.outer(ds.q.values[p, h, 0], ds.k.values[p, h, j])
+    return ref
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gpt2"])
+def test_in_trace_sums_equal_full_capture(family, remote):
+    net, tok = tiny(family)
+    m = load(net, tokenizer=tok, remote=remote)
+    sums = reduce(m, PROMPTS, HEADS, LABELS, keys=KEYS, batch_size=2, progress=False)
+    full = capture(m, PROMPTS, HEADS, keys=KEYS, attention=False, progress=False)
+    ref = sums_from_capture(full, list(sums.feature.values))
+    rel = np.abs(sums.qk_sum.values - ref).max() / np.abs(ref).max()
+    assert rel < 1e-6
+    assert sums.qk_sum.dtype == np.float64
+    assert sums.pair_count.sel(feature="fruit", contrast="positive").values.tolist() == [3, 3, 3]
+    np.testing.assert_allclose(
+        sums.q_sum.sel(feature="fruit", contrast="positive").values[0],
+        full.q.values[[0, 1, 3], 0, 0].sum(0),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+
+
+def test_batch_size_does_not_change_sums(llama):
+    a = reduce(llama, PROMPTS, HEADS, LABELS, keys=KEYS, batch_size=1, progress=False)
+    b = reduce(llama, PROMPTS, HEADS, LABELS, keys=KEYS, batch_size=5, progress=False)
+    np.testing.assert_allclose(a.qk_sum.values, b.qk_sum.values, rtol=1e-5, atol=1e-7)
+
+
+def test_resume_after_crash_equals_uninterrupted(llama, tmp_path, monkeypatch):
+    import qktrace.reduce as reduce_module
+
+    whole = reduce(llama, PROMPTS, HEADS, LABELS, keys=KEYS, batch_size=2, progress=False)
+    real = reduce_module._reduce_batch
+    calls = {"n": 0}
+
+    def dies_on_third_batch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(reduce_module, "_reduce_batch", dies_on_third_batch)
+    out = tmp_path / "sums.zarr"
+    with pytest.raises(KeyboardInterrupt):
+        reduce(llama, PROMPTS, HEADS, LABELS, keys=KEYS, batch_size=2, out=out, progress=False)
+    monkeypatch.setattr(reduce_module, "_reduce_batch", real)
+    resumed = reduce(llama, PROMPTS, HEADS, LABELS, keys=KEYS, batch_size=2, out=out, progress=False)
+    np.testing.assert_array_equal(resumed.qk_sum.values, whole.qk_sum.values)
+    with pytest.raises(ValueError, match="different parameters.*heads"):
+        reduce(llama, PROMPTS, "1.0", LABELS, keys=KEYS, batch_size=2, out=out, progress=False)
+
+
+def test_bad_labels(llama):
+    with pytest.raises(ValueError, match="Unknown contrast 'pos'"):
+        reduce(llama, PROMPTS[:1], "1.0", [[("a", "pos"), None, None]], keys=KEYS[:1], progress=False)
+    with pytest.raises(ValueError, match="has 3 key positions but 2 labels"):
+        reduce(llama, PROMPTS[:1], "1.0", [[("a", "positive"), None]], keys=KEYS[:1], progress=False)
+    with pytest.raises(ValueError, match="No labelled keys"):
+        reduce(llama, PROMPTS[:1], "1.0", [[None, None, None]], keys=KEYS[:1], progress=False)
