@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from . import ops
 from .models import Head, Model, iter_batches, parse_heads
+from .remote import with_retries
 
 Positions = Literal["last", "all"] | Sequence[int] | Sequence[Sequence[int]]
 Prompt = str | Sequence[int]
@@ -80,7 +81,11 @@ def encode(model: Model, prompts: Sequence[Prompt], *, add_special_tokens: bool 
         attention_mask[i, start : start + len(row)] = 1
         position_ids[i, start : start + len(row)] = torch.arange(len(row))
     tokens = [tokenizer.convert_ids_to_tokens(r) for r in ids]
-    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+    inputs = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "position_ids": position_ids,
+    }
     return Encoded(inputs, lengths, starts, tokens)
 
 
@@ -95,7 +100,9 @@ def resolve_positions(spec: Positions, lengths: Sequence[int], what: str) -> lis
             return [[n - 1] for n in lengths]
         if spec == "all":
             return [list(range(n)) for n in lengths]
-        raise ValueError(f"{what} positions must be 'last', 'all' or a list per prompt, not {spec!r}.")
+        raise ValueError(
+            f"{what} positions must be 'last', 'all' or a list per prompt, not {spec!r}."
+        )
     if len(spec) != len(lengths):
         raise ValueError(
             f"{what} positions were given for {len(spec)} prompts but there are {len(lengths)}: "
@@ -179,7 +186,9 @@ def _capture_batch(
             k_sel = ops.gather_heads(k, kv_heads, key_index)
             item = [q_sel, k_sel]
             if attention:
-                logits, probs = ops.attention_rows(q_sel, k, kv_heads, mask, query_index, scaling, softcap)
+                logits, probs = ops.attention_rows(
+                    q_sel, k, kv_heads, mask, query_index, scaling, softcap
+                )
                 cols = key_index[:, None, None, :].expand(-1, logits.shape[1], logits.shape[2], -1)
                 item += [logits.gather(3, cols), probs.gather(3, cols)]
             saved.append(item)
@@ -244,10 +253,21 @@ def capture(
         k_pos = resolve_positions(_slice(keys, start, len(batch)), enc.lengths, "Key")
         q_index, q_slots = _index_tensor(enc, q_pos)
         k_index, k_slots = _index_tensor(enc, k_pos)
-        values = _capture_batch(model, enc, heads, q_index, k_index, attention)
+        values = with_retries(
+            _capture_batch,
+            model,
+            enc,
+            heads,
+            q_index,
+            k_index,
+            attention,
+            what=f"prompts {start}..{start + len(batch) - 1}",
+        )
         for name, array in values.items():
             _check_finite(name, array, start)
-        batches.append(_batch_dataset(values, enc, q_slots, k_slots, start, [str(p) for p in batch]))
+        batches.append(
+            _batch_dataset(values, enc, q_slots, k_slots, start, [str(p) for p in batch])
+        )
         bar.update(len(batch))
     bar.close()
     ds = _concat(batches)
@@ -292,7 +312,8 @@ def _batch_dataset(
             v[hide] = np.nan
             data[name] = (("prompt", "head", "query", "key"), v)
     tok = lambda slots: np.array(  # noqa: E731
-        [[enc.tokens[i][p] if p >= 0 else "" for p in row] for i, row in enumerate(slots)], dtype=object
+        [[enc.tokens[i][p] if p >= 0 else "" for p in row] for i, row in enumerate(slots)],
+        dtype=object,
     )
     coords = {
         "prompt": np.arange(start, start + len(texts)),

@@ -219,20 +219,6 @@ def _config_facts(config: Any) -> tuple[int, int, int, int]:
     return int(n_layers), int(n_heads), int(n_kv), int(d_head)
 
 
-def check_ndif_key() -> str:
-    """The NDIF API key from NDIF_API_KEY (or nnsight's saved config); a clear error if none."""
-    key = os.environ.get("NDIF_API_KEY") or nnsight.CONFIG.API.APIKEY
-    if not key:
-        raise RuntimeError(
-            "remote=True runs on NDIF and needs an API key, but NDIF_API_KEY is not set. "
-            "Get a key at https://login.ndif.us, then `export NDIF_API_KEY=...` (or call "
-            "nnsight.CONFIG.set_default_api_key(key)). To test the remote code path without a "
-            "server, use remote='local' (--remote-local on the CLI)."
-        )
-    nnsight.CONFIG.API.APIKEY = key
-    return key
-
-
 def load(
     model: str | os.PathLike | torch.nn.Module,
     *,
@@ -269,17 +255,20 @@ def load(
     from transformers import AutoTokenizer
 
     from . import ops
+    from .remote import preflight
 
     if remote not in (False, True, "local"):
         raise ValueError(f"remote must be False, 'local' or True, not {remote!r}.")
     if remote is True:
-        check_ndif_key()
+        preflight(str(model))
     # In-trace helpers must travel with a remote request: ship qktrace.ops by value.
     nnsight.register(ops)
 
     if isinstance(model, torch.nn.Module):
         if tokenizer is None:
-            raise ValueError("load(<in-memory model>) needs tokenizer=...: pass the model's tokenizer.")
+            raise ValueError(
+                "load(<in-memory model>) needs tokenizer=...: pass the model's tokenizer."
+            )
         name = getattr(model.config, "name_or_path", "") or type(model).__name__
         config = model.config
         lm = nnsight.TransformersModel(model, task="text-generation", tokenizer=tokenizer)

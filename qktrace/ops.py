@@ -83,13 +83,18 @@ def attention_rows(
     capped = logits if softcap is None else torch.tanh(logits / softcap) * softcap
     n_tokens = keys.shape[2]
     if mask is None:
-        allowed = torch.arange(n_tokens, device=k.device)[None, None, None, :] <= query_positions[:, None, :, None]
+        allowed = (
+            torch.arange(n_tokens, device=k.device)[None, None, None, :]
+            <= query_positions[:, None, :, None]
+        )
         additive = torch.zeros_like(capped).masked_fill(~allowed, float("-inf"))
     else:
         rows = query_positions[:, None, :, None].expand(-1, mask.shape[1], -1, mask.shape[-1])
         picked = mask.gather(2, rows)
         if picked.dtype == torch.bool:
-            additive = torch.zeros(picked.shape, device=k.device).masked_fill(~picked, float("-inf"))
+            additive = torch.zeros(picked.shape, device=k.device).masked_fill(
+                ~picked, float("-inf")
+            )
         else:
             additive = picked.to(torch.float32)
     probs = torch.softmax(capped + additive, dim=-1)

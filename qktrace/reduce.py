@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from . import ops
 from .capture import Positions, Prompt, _by_layer, _index_tensor, _slice, encode, resolve_positions
 from .models import Head, Model, iter_batches, parse_heads
+from .remote import with_retries
 
 CONTRASTS = ("positive", "negative")
 Label = tuple[str, str] | None
@@ -70,7 +71,8 @@ def _reduce_batch(
     """One trace: per-head, per-group sums (qk [h, G, d, d], q [h, G, d], k [h, G, d])."""
     layers = _by_layer(model, heads)
     plan = [
-        (layer, [h.head for h in hs], [model.kv_head(h.head) for h in hs]) for layer, hs in layers.items()
+        (layer, [h.head for h in hs], [model.kv_head(h.head) for h in hs])
+        for layer, hs in layers.items()
     ]
     calls = {layer: model.attention_call(layer) for layer in layers}
     with torch.inference_mode(), model.trace(enc.inputs):
@@ -120,7 +122,9 @@ def reduce(
     if len(prompts) == 0:
         raise ValueError("No prompts given: pass a non-empty list of strings (or token-id lists).")
     if len(labels) != len(prompts):
-        raise ValueError(f"labels has {len(labels)} rows for {len(prompts)} prompts: give one row per prompt.")
+        raise ValueError(
+            f"labels has {len(labels)} rows for {len(prompts)} prompts: give one row per prompt."
+        )
     features = _groups(labels)
     d = model.d_head
     shape = (len(heads), len(features), 2)
@@ -162,7 +166,21 @@ def reduce(
         q_index, _ = _index_tensor(enc, q_pos)
         k_index, _ = _index_tensor(enc, k_pos)
         onehot = _onehot(batch_labels, features, k_index.shape[1])
-        qk, q, k = _reduce_batch(model, enc, heads, q_index, k_index, onehot)
+        qk, q, k = with_retries(
+            _reduce_batch,
+            model,
+            enc,
+            heads,
+            q_index,
+            k_index,
+            onehot,
+            what=f"prompts {start}..{start + len(batch) - 1}",
+            resume_hint=(
+                f"The sums of prompts 0..{start - 1} are saved in {out}: rerun the same call to resume."
+                if out is not None
+                else ""
+            ),
+        )
         for name, values in (("q k^T sums", qk),):
             if not np.isfinite(values).all():
                 raise FloatingPointError(
@@ -175,7 +193,10 @@ def reduce(
         k_sum += k.reshape(*shape_g, d)
         done = start + len(batch)
         if out is not None:
-            _checkpoint(out, _sums_dataset(model, heads, features, qk_sum, q_sum, k_sum, count, done, params))
+            _checkpoint(
+                out,
+                _sums_dataset(model, heads, features, qk_sum, q_sum, k_sum, count, done, params),
+            )
         bar.update(len(batch))
     bar.close()
     return _sums_dataset(model, heads, features, qk_sum, q_sum, k_sum, count, done, params)
@@ -203,7 +224,12 @@ def _sums_dataset(
             "pair_count": (dims, count.copy()),
         },
         coords={**_head_coords(model, heads), "feature": features, "contrast": list(CONTRASTS)},
-        attrs={"model": model.name, "remote": model.remote_label, "n_prompts": done, "params": params},
+        attrs={
+            "model": model.name,
+            "remote": model.remote_label,
+            "n_prompts": done,
+            "params": params,
+        },
     )
 
 
@@ -229,9 +255,9 @@ def _resume(out: str | Path | None, params: dict[str, Any]) -> tuple[int, xr.Dat
 
 
 def _checkpoint(out: str | Path, sums: xr.Dataset) -> None:
-    from . import store
-
     import json
+
+    from . import store
 
     sums = sums.assign_attrs(params=json.dumps(sums.attrs["params"]))
     store.save(sums, out, overwrite=True)

@@ -28,7 +28,16 @@ _CORPUS = [
     "0123456789 ABCDEFGHIJKLMNOPQRSTUVWXYZ abcdefghijklmnopqrstuvwxyz .,;:!?'\"-()",
 ]
 
-SPECIAL_TOKENS = ["<s>", "</s>", "<pad>", "<unk>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
+SPECIAL_TOKENS = [
+    "<s>",
+    "</s>",
+    "<pad>",
+    "<unk>",
+    "<|user|>",
+    "<|assistant|>",
+    "<|system|>",
+    "<|end|>",
+]
 
 
 def tokenizer(style: str = "bpe", *, corpus: list[str] | None = None, vocab_size: int = 400) -> Any:
@@ -79,7 +88,9 @@ def tokenizer(style: str = "bpe", *, corpus: list[str] | None = None, vocab_size
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3_text", "gpt2", "gpt_neox")
 
 
-def config(family: str = "llama", *, vocab_size: int = 400, layers: int = 2, **overrides: Any) -> Any:
+def config(
+    family: str = "llama", *, vocab_size: int = 400, layers: int = 2, **overrides: Any
+) -> Any:
     """A tiny config of a family: d_model 64, 4 heads of 16 (2 key heads where the family has GQA)."""
     from transformers import AutoConfig
 
@@ -98,8 +109,14 @@ def config(family: str = "llama", *, vocab_size: int = 400, layers: int = 2, **o
     )
     if family == "gpt2":
         base = dict(
-            vocab_size=vocab_size, n_embd=64, n_layer=layers, n_head=4, n_positions=256,
-            bos_token_id=0, eos_token_id=1, pad_token_id=2,
+            vocab_size=vocab_size,
+            n_embd=64,
+            n_layer=layers,
+            n_head=4,
+            n_positions=256,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=2,
         )
     elif family == "gpt_neox":
         base.update(num_key_value_heads=4, rotary_pct=0.25)
@@ -111,7 +128,9 @@ def config(family: str = "llama", *, vocab_size: int = 400, layers: int = 2, **o
     return AutoConfig.for_model(family, **base)
 
 
-def model(family: str = "llama", *, seed: int = 0, tokenizer_style: str = "bpe", **overrides: Any) -> tuple[Any, Any]:
+def model(
+    family: str = "llama", *, seed: int = 0, tokenizer_style: str = "bpe", **overrides: Any
+) -> tuple[Any, Any]:
     """A tiny random-weight (model, tokenizer) pair with eager attention, in eval mode."""
     from transformers import AutoModelForCausalLM
 

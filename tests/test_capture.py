@@ -35,7 +35,7 @@ def test_attention_recomputed_from_qk_matches_model(family, side, remote):
     for p, prompt in enumerate(PROMPTS):
         weights = eager_weights(net, tok, prompt)
         n = int(ds.n_tokens[p])
-        for label, (layer, head) in zip(ds["head"].values, heads):
+        for label, (layer, head) in zip(ds["head"].values, heads, strict=True):
             sel = ds.sel(head=label).isel(prompt=p, query=0)
             own = weights[layer][head, -1, :n]
             # (1) the softmax weights qktrace reports
@@ -79,7 +79,11 @@ def test_labels_and_positions(llama):
     keys = [[1, 2], [0, -1, 3], [4]]
     ds = capture(llama, PROMPTS, "1.0", keys=keys, progress=False)
     assert dict(ds.sizes) == {"prompt": 3, "head": 1, "query": 1, "key": 3, "d_head": 16}
-    assert ds.key_position.values.tolist() == [[1, 2, -1], [0, int(ds.n_tokens[1]) - 1, 3], [4, -1, -1]]
+    assert ds.key_position.values.tolist() == [
+        [1, 2, -1],
+        [0, int(ds.n_tokens[1]) - 1, 3],
+        [4, -1, -1],
+    ]
     tokens = llama.tokenizer.convert_ids_to_tokens(llama.tokenizer(PROMPTS[0])["input_ids"])
     assert ds.key_token.values[0, :2].tolist() == tokens[1:3]
     assert ds.query_token.values[0, 0] == tokens[-1]
@@ -97,7 +101,9 @@ def test_half_precision_returns_float32():
 
 
 def test_bad_positions_and_prompts(llama):
-    with pytest.raises(ValueError, match=r"Key position 99 is outside prompt 1, which has \d+ tokens"):
+    with pytest.raises(
+        ValueError, match=r"Key position 99 is outside prompt 1, which has \d+ tokens"
+    ):
         capture(llama, PROMPTS[:2], "1.0", keys=[[0], [99]], progress=False)
     with pytest.raises(ValueError, match="No prompts given"):
         capture(llama, [], "1.0", progress=False)

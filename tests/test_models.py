@@ -1,7 +1,8 @@
 import pytest
 
 import qktrace.testing as testing
-from qktrace.models import Head, adapter_for, check_ndif_key, load, parse_heads
+from qktrace.models import Head, adapter_for, load, parse_heads
+from qktrace.remote import check_ndif_key
 from tests.conftest import tiny
 
 
@@ -10,7 +11,11 @@ def test_facts_from_config(family):
     net, tok = tiny(family)
     m = load(net, tokenizer=tok)
     assert (m.n_layers, m.n_heads, m.d_head) == (2, 4, 16)
-    assert m.n_kv_heads == net.config.num_key_value_heads if hasattr(net.config, "num_key_value_heads") else 4
+    assert (
+        m.n_kv_heads == net.config.num_key_value_heads
+        if hasattr(net.config, "num_key_value_heads")
+        else 4
+    )
     assert m.kv_head(3) == 3 // (m.n_heads // m.n_kv_heads)
 
 

@@ -80,7 +80,9 @@ def test_resume_after_crash_equals_uninterrupted(llama, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         reduce(llama, PROMPTS, HEADS, LABELS, keys=KEYS, batch_size=2, out=out, progress=False)
     monkeypatch.setattr(reduce_module, "_reduce_batch", real)
-    resumed = reduce(llama, PROMPTS, HEADS, LABELS, keys=KEYS, batch_size=2, out=out, progress=False)
+    resumed = reduce(
+        llama, PROMPTS, HEADS, LABELS, keys=KEYS, batch_size=2, out=out, progress=False
+    )
     np.testing.assert_array_equal(resumed.qk_sum.values, whole.qk_sum.values)
     with pytest.raises(ValueError, match="different parameters.*heads"):
         reduce(llama, PROMPTS, "1.0", LABELS, keys=KEYS, batch_size=2, out=out, progress=False)
@@ -88,8 +90,12 @@ def test_resume_after_crash_equals_uninterrupted(llama, tmp_path, monkeypatch):
 
 def test_bad_labels(llama):
     with pytest.raises(ValueError, match="Unknown contrast 'pos'"):
-        reduce(llama, PROMPTS[:1], "1.0", [[("a", "pos"), None, None]], keys=KEYS[:1], progress=False)
+        reduce(
+            llama, PROMPTS[:1], "1.0", [[("a", "pos"), None, None]], keys=KEYS[:1], progress=False
+        )
     with pytest.raises(ValueError, match="has 3 key positions but 2 labels"):
-        reduce(llama, PROMPTS[:1], "1.0", [[("a", "positive"), None]], keys=KEYS[:1], progress=False)
+        reduce(
+            llama, PROMPTS[:1], "1.0", [[("a", "positive"), None]], keys=KEYS[:1], progress=False
+        )
     with pytest.raises(ValueError, match="No labelled keys"):
         reduce(llama, PROMPTS[:1], "1.0", [[None, None, None]], keys=KEYS[:1], progress=False)

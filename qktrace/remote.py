@@ -1,0 +1,99 @@
+"""Running on NDIF: the API key, a pre-flight check, and retries of failed requests.
+
+Each batch qktrace runs is one nnsight trace, which on NDIF is one request. A request can fail
+for reasons that have nothing to do with the request (a dropped connection, a timed-out job, a
+busy server): `with_retries` retries those a bounded number of times with exponential backoff,
+then stops with a message that says which prompts failed and how to resume (every completed
+batch is already on disk when the caller passed `out=`). Errors in the request itself (a bad
+position, a shape error) are not retried.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import nnsight
+
+T = TypeVar("T")
+
+NDIF_SIGNUP = "https://login.ndif.us"
+
+
+def transient_errors() -> tuple[type[BaseException], ...]:
+    """Exception types that mean "the request did not get through", worth a retry."""
+    import httpx
+    from nnsight.intervention.backends.remote import RemoteError
+
+    return (ConnectionError, TimeoutError, RemoteError, httpx.TransportError)
+
+
+def check_ndif_key() -> str:
+    """The NDIF API key from NDIF_API_KEY (or nnsight's saved config); a clear error if none."""
+    key = os.environ.get("NDIF_API_KEY") or nnsight.CONFIG.API.APIKEY
+    if not key:
+        raise RuntimeError(
+            "remote=True runs on NDIF and needs an API key, but NDIF_API_KEY is not set. "
+            f"Get a key at {NDIF_SIGNUP}, then `export NDIF_API_KEY=...` (or call "
+            "nnsight.CONFIG.set_default_api_key(key)). To test the remote code path without a "
+            "server, use remote='local' (--remote-local on the CLI)."
+        )
+    nnsight.CONFIG.API.APIKEY = key
+    return key
+
+
+def preflight(model_id: str) -> None:
+    """Before any work: is NDIF reachable, and does it accept the key? Clear errors if not.
+
+    Set QKTRACE_SKIP_NDIF_CHECK=1 to skip (e.g. a private server without /whoami).
+    """
+    check_ndif_key()
+    if os.environ.get("QKTRACE_SKIP_NDIF_CHECK"):
+        return
+    from nnsight import ndif
+
+    try:
+        identity = ndif.whoami()
+    except Exception as error:  # any failure to reach the service
+        raise RuntimeError(
+            f"NDIF at {nnsight.CONFIG.API.HOST} is unreachable ({error}). Check your network and "
+            "https://nnsight.net/status, or run locally (drop --remote) or offline "
+            "(--remote-local)."
+        ) from error
+    if not identity.get("email"):
+        raise RuntimeError(
+            f"NDIF did not accept the API key in NDIF_API_KEY (for {model_id}). Check the key at "
+            f"{NDIF_SIGNUP}; set QKTRACE_SKIP_NDIF_CHECK=1 if your server does not validate keys."
+        )
+
+
+def with_retries(
+    run: Callable[..., T],
+    *args: Any,
+    what: str,
+    attempts: int = 4,
+    backoff: float = 2.0,
+    resume_hint: str = "",
+    sleep: Callable[[float], None] = time.sleep,
+) -> T:
+    """Call `run(*args)`; retry transient remote failures with exponential backoff, then fail clearly.
+
+    `what` names the work (e.g. "prompts 64..79"); `resume_hint` says how to resume.
+    """
+    transient = transient_errors()
+    for attempt in range(1, attempts + 1):
+        try:
+            return run(*args)
+        except transient as error:
+            if attempt == attempts:
+                raise RuntimeError(
+                    f"The request for {what} failed {attempts} times; last error: {error}. "
+                    + (
+                        resume_hint
+                        or "Pass out=PATH (--out on the CLI) so completed batches are kept."
+                    )
+                ) from error
+            sleep(backoff ** (attempt - 1))
+    raise AssertionError("unreachable")
