@@ -1,0 +1,743 @@
+"""Labeled results on disk: xarray Datasets in zarr stores, written so a crash never corrupts them.
+
+Every qktrace result is an `xarray.Dataset` (named dims, coordinates, provenance in `attrs`).
+This module is the only place that writes or reads them. The public API is four names:
+
+- `provenance(...)` builds the `attrs` every store carries: qktrace/nnsight/torch/transformers
+  versions, study name and parameters, model id and revision, local/remote mode, seed, UTC date.
+- `save(ds, path)` writes one whole Dataset.
+- `BatchWriter(path, params=...)` appends one Dataset per batch for long runs, and resumes them.
+- `open(path)` reads either kind back lazily (dask-backed), so slicing loads only what is used.
+
+Layout on disk
+--------------
+`save` writes a plain zarr store (zarr format 2, consolidated metadata), readable without
+qktrace by ``xarray.open_zarr(path)``. Format 2 because it stores fixed-length and
+variable-length strings (token strings, category names) natively and its consolidated metadata is
+part of the spec; zarr format 3 still marks both as unstable extensions.
+
+A `BatchWriter` store is a directory::
+
+    run.zarr/
+      qktrace_batches.json     manifest: dim, params, attrs, finalized (replaced atomically)
+      batch-000000.zarr/       one complete zarr store per batch, exactly as `save` writes it
+      batch-000001.zarr/
+      final.zarr/              optional reduced results from `BatchWriter.finalize`
+      .batch-000002.zarr.tmp-1a2b3c4d/   batch being written (or left by a crash)
+
+What is atomic
+--------------
+Each store (a `save`, a batch, the final results) is first written in full to a temporary
+sibling directory and then renamed to its real name. Renaming a directory within one file system
+is atomic, so a reader sees either no store or a complete one, never a half-written one. When
+`save(..., overwrite=True)` replaces an existing store, the old one is moved aside only after the
+new one is complete, the new one is renamed in, and the old one is deleted.
+
+How resume works
+----------------
+A batch exists exactly when its ``batch-NNNNNN.zarr`` directory exists, so the number of complete
+batches is the number of those directories (`BatchWriter.n_done`). A crash during `append` leaves
+at most a hidden ``.batch-NNNNNN.zarr.tmp-*`` directory, which `open` ignores and reopening the
+store for writing deletes; the rerun writes that batch again under the same name. Nothing is
+duplicated (a batch name is written once) and nothing is lost (a batch counts only once renamed
+in). Reopening with different parameters is refused: two settings mixed in one store would be
+silent corruption.
+
+This design was chosen over appending into one zarr array plus a completion marker because it
+needs no truncation logic, no region bookkeeping and no fixed sizes: batches may differ in length
+along the batch dim and in any other dim (e.g. ``token`` padded to the longest prompt of its batch).
+`open` aligns them by padding: floats and ints with NaN (ints become float, as in `xarray.concat`),
+strings with ``""``, booleans with ``False``, datetimes with NaT. Dims with an index coordinate are
+aligned by label (ordered union), dims without one by position.
+
+Limits
+------
+- One writer per store at a time; two processes appending to the same path can collide.
+- Atomic against process crashes (exceptions, kill, out of memory). Data is not fsync'ed, so an
+  operating-system crash or power loss on some file systems can still lose the latest writes.
+- A crash in the instant between the two renames of an overwrite leaves the old store at
+  ``.<name>.old-*`` next to `path` (the error from `open` names it).
+- Each batch is one store, so `open` costs one metadata read per batch: fine for thousands of
+  batches, slow for millions. Use `save(open(run), merged)` to consolidate a finished run.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import enum
+import json
+import math
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Mapping
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+import qktrace
+
+__all__ = ["provenance", "save", "open", "BatchWriter"]
+
+MANIFEST = "qktrace_batches.json"
+FINAL = "final.zarr"
+_BATCH_RE = re.compile(r"^batch-(\d+)\.zarr$")
+_TMP_RE = re.compile(r"^\..+\.(tmp|old)-[0-9a-f]{8}$")
+_ZARR_FORMAT = 2
+_REMOTE_MODES = {False: "local", "local": "remote-local", True: "ndif"}
+# attrs that identify a run: a resumed run must agree on them (when both runs give them)
+_IDENTITY_ATTRS = ("study", "model", "revision", "seed")
+
+
+# --------------------------------------------------------------------------------------------
+# provenance
+
+
+def provenance(
+    study: str,
+    params: dict,
+    *,
+    model: str | None = None,
+    revision: str | None = None,
+    remote: bool | str = False,
+    seed: int | None = None,
+) -> dict:
+    """Provenance attrs for a result: versions, study, parameters, model, mode, seed, date.
+
+    Parameters
+    ----------
+    study : str
+        Study name, e.g. ``"filter_heads"``.
+    params : dict
+        The study's parameters. Converted to JSON-compatible values (nested dicts, lists and
+        tuples, `Path`, numpy scalars and arrays), so zarr can store them.
+    model : str, optional
+        Model id (HF repo id or local path).
+    revision : str, optional
+        Model revision (commit hash or tag).
+    remote : bool or "local"
+        The nnsight ``remote`` argument: ``False`` -> ``"local"``, ``"local"`` (nnsight's
+        simulation of the NDIF path) -> ``"remote-local"``, ``True`` -> ``"ndif"``.
+    seed : int, optional
+        Random seed of the run.
+
+    Returns
+    -------
+    dict
+        Keys ``qktrace_version``, ``nnsight_version``, ``torch_version``,
+        ``transformers_version``, ``study``, ``params``, ``model``, ``revision``, ``remote``,
+        ``seed``, ``date`` (UTC, ISO 8601). A package that is not installed gets ``None``.
+
+    Examples
+    --------
+    >>> from pathlib import Path
+    >>> from qktrace.store import provenance
+    >>> p = provenance("toy", {"layers": (0, 1), "out": Path("a.zarr")}, remote="local", seed=0)
+    >>> p["params"], p["remote"], p["seed"]
+    ({'layers': [0, 1], 'out': 'a.zarr'}, 'remote-local', 0)
+    """
+    mode = _REMOTE_MODES.get(remote) if isinstance(remote, (bool, str)) else None
+    if mode is None:
+        raise ValueError(
+            f"remote={remote!r} is not a remote mode; pass False (local), 'local' "
+            "(nnsight's simulation of NDIF) or True (NDIF)."
+        )
+    return {
+        # the metadata fallback serves an editable install whose finder predates __init__.py
+        "qktrace_version": getattr(qktrace, "__version__", None) or _version("qktrace"),
+        "nnsight_version": _version("nnsight"),
+        "torch_version": _version("torch"),
+        "transformers_version": _version("transformers"),
+        "study": study,
+        "params": _jsonable(params),
+        "model": model,
+        "revision": revision,
+        "remote": mode,
+        "seed": None if seed is None else int(seed),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _jsonable(value: Any) -> Any:
+    """`value` as JSON-compatible data: dicts with str keys, lists, str, int, float, bool, None.
+
+    Numpy scalars and arrays become Python numbers and lists, paths and enums their string or
+    value, dates ISO strings, sets sorted lists; anything else its ``str()``.
+    """
+    if isinstance(value, np.generic):
+        return _jsonable(value.item())
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (set, frozenset)):
+        return sorted((_jsonable(v) for v in value), key=repr)
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, enum.Enum):
+        return _jsonable(value.value)
+    if isinstance(value, (_dt.date, _dt.time)):
+        return value.isoformat()
+    return str(value)
+
+
+# --------------------------------------------------------------------------------------------
+# save / open
+
+
+def save(
+    ds: xr.Dataset,
+    path: str | os.PathLike,
+    *,
+    attrs: dict | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write a whole Dataset to a zarr store at `path`, atomically.
+
+    The store is written to a temporary sibling directory and renamed into place once complete,
+    so a crash never leaves a half-written store at `path` and never destroys an existing one.
+
+    Parameters
+    ----------
+    ds : xarray.Dataset
+        The result. String coordinates (token strings, category names) are kept. Dask-backed
+        data is computed while writing; uneven dask chunks are evened out first.
+    path : str or os.PathLike
+        Where to write, conventionally ending in ``.zarr``. Parent directories are created.
+    attrs : dict, optional
+        Extra attrs, merged over ``ds.attrs`` (e.g. from `provenance`). All attrs are
+        converted to JSON-compatible values.
+    overwrite : bool, default False
+        Replace an existing store at `path`. Only a zarr or qktrace store (or an empty
+        directory) is ever replaced.
+
+    Returns
+    -------
+    pathlib.Path
+        `path`.
+
+    Raises
+    ------
+    FileExistsError
+        If `path` exists and `overwrite` is False, or `path` exists and is not a store.
+
+    Examples
+    --------
+    >>> import tempfile, numpy as np, xarray as xr
+    >>> from pathlib import Path
+    >>> from qktrace import store
+    >>> path = Path(tempfile.mkdtemp()) / "scores.zarr"
+    >>> ds = xr.Dataset({"score": ("head", np.array([0.5, 0.9]))}, coords={"head": [3, 7]})
+    >>> store.save(ds, path, attrs=store.provenance("demo", {"layer": 2})).name
+    'scores.zarr'
+    >>> float(store.open(path).score.sel(head=7))
+    0.9
+    """
+    path = Path(path)
+    if _exists_not_empty(path):
+        if not overwrite:
+            raise FileExistsError(
+                f"{path} already exists; pass overwrite=True to replace it, or choose a new path."
+            )
+        if _kind(path) is None:
+            raise FileExistsError(
+                f"{path} exists and is not a zarr or qktrace store, so it is not replaced even "
+                "with overwrite=True; choose another path or remove it yourself."
+            )
+    out = ds.copy()
+    out.attrs = {**ds.attrs, **(attrs or {})}
+    _write_atomic(out, path)
+    return path
+
+
+def open(path: str | os.PathLike, *, final: bool = False) -> xr.Dataset:
+    """Open a store lazily: variables are dask arrays, loaded only when sliced and computed.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        A store written by `save` (any zarr store opens) or by `BatchWriter`.
+    final : bool, default False
+        For a `BatchWriter` store, open the reduced results written by
+        `BatchWriter.finalize` instead of the batches.
+
+    Returns
+    -------
+    xarray.Dataset
+        For a `BatchWriter` store, all complete batches concatenated along its batch dim
+        (padded where other dims differ in size, see the module docstring), with the run's
+        attrs (from `provenance`) and ``attrs["batch_dim"]``.
+
+    Raises
+    ------
+    FileNotFoundError
+        If nothing is at `path`, or `final` is True but the run has no final results.
+    ValueError
+        If `path` is not a store, or a `BatchWriter` store holds no complete batch yet.
+
+    Examples
+    --------
+    >>> import tempfile, numpy as np, xarray as xr
+    >>> from pathlib import Path
+    >>> from qktrace import store
+    >>> path = Path(tempfile.mkdtemp()) / "x.zarr"
+    >>> _ = store.save(xr.Dataset({"x": ("prompt", np.arange(3.0))}), path)
+    >>> ds = store.open(path)
+    >>> type(ds.x.data).__name__, float(ds.x.sum())
+    ('Array', 3.0)
+    """
+    path = Path(path)
+    kind = _kind(path)
+    if kind is None:
+        raise _not_a_store(path)
+    if kind == "batches":
+        if final:
+            final_path = path / FINAL
+            if not final_path.exists():
+                raise FileNotFoundError(
+                    f"{path} has no final results ({final_path} is missing): "
+                    "call BatchWriter.finalize(extra) with the reduced Dataset, or open the "
+                    "batches with open(path)."
+                )
+            return _open_zarr(final_path)
+        return _open_batches(path)
+    if final:
+        raise ValueError(
+            f"{path} is a single store written by save(), not a BatchWriter store, so it has no "
+            "final results; call open(path) without final=True."
+        )
+    return _open_zarr(path)
+
+
+def _exists_not_empty(path: Path) -> bool:
+    """True if something other than an empty directory is at `path`."""
+    if path.is_dir() and not path.is_symlink():
+        return any(path.iterdir())
+    return path.exists() or path.is_symlink()
+
+
+def _kind(path: Path) -> str | None:
+    """'batches' for a BatchWriter store, 'zarr' for a zarr store, None otherwise."""
+    if not path.is_dir():
+        return None
+    if (path / MANIFEST).is_file():
+        return "batches"
+    if (path / ".zgroup").is_file() or (path / "zarr.json").is_file():
+        return "zarr"
+    return None
+
+
+def _not_a_store(path: Path) -> Exception:
+    if not path.exists():
+        backups = sorted(path.parent.glob(f".{path.name}.old-*")) if path.parent.is_dir() else []
+        hint = (
+            f" A previous version survives at {backups[-1]} (an overwrite was interrupted); "
+            f"rename it to {path.name} to restore it."
+            if backups
+            else ""
+        )
+        return FileNotFoundError(
+            f"no qktrace store at {path}: check the path (results are written there by "
+            f"qktrace.store.save or BatchWriter, e.g. by a study's --out).{hint}"
+        )
+    what = "a file" if path.is_file() else "a directory without zarr metadata"
+    return ValueError(
+        f"{path} is {what}, not a qktrace store (expected a zarr store written by save(), or a "
+        f"BatchWriter directory with {MANIFEST}); pass the path of the .zarr store itself."
+    )
+
+
+def _open_zarr(path: Path) -> xr.Dataset:
+    return xr.open_zarr(path, chunks={})
+
+
+def _write_atomic(ds: xr.Dataset, path: Path) -> None:
+    """Write `ds` to a temporary sibling of `path`, then rename it to `path`.
+
+    An existing store at `path` is moved aside only after the new one is complete.
+    """
+    out = ds.drop_encoding()
+    out.attrs = _jsonable(out.attrs)
+    for var in out.variables.values():
+        var.attrs = _jsonable(var.attrs)
+    out = _even_chunks(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        out.to_zarr(tmp, mode="w-", zarr_format=_ZARR_FORMAT, consolidated=True)
+        if path.exists() or path.is_symlink():
+            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(path, old)
+            try:
+                os.rename(tmp, path)
+            except BaseException:
+                os.rename(old, path)
+                raise
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _even_chunks(ds: xr.Dataset) -> xr.Dataset:
+    """Rechunk dims whose dask chunks are uneven (zarr needs equal chunks but the last)."""
+    uneven: dict[str, int] = {}
+    for var in ds.variables.values():
+        if var.chunks is None:
+            continue
+        for dim, sizes in zip(var.dims, var.chunks, strict=True):
+            if len(sizes) > 1 and (len(set(sizes[:-1])) > 1 or sizes[-1] > sizes[0]):
+                uneven[dim] = max(uneven.get(dim, 0), *sizes)
+    return ds.chunk(uneven) if uneven else ds
+
+
+# --------------------------------------------------------------------------------------------
+# batches
+
+
+class BatchWriter:
+    """Append one Dataset per batch to a store; resume an interrupted run where it stopped.
+
+    Each `append` writes one complete zarr store ``batch-NNNNNN.zarr`` inside `path` (written
+    under a temporary name, then renamed), so a crash at any point leaves the store at the last
+    complete batch. Reopening the same `path` with the same parameters resumes: `n_done` says
+    how many batches are stored, and the loop skips them.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The store directory, conventionally ending in ``.zarr``. Created if missing.
+    params : dict
+        The run's parameters. Recorded when the store is created; reopening with different
+        parameters raises ValueError, naming each differing key.
+    dim : str, default "prompt"
+        The dim batches are concatenated along. Every batch must have it.
+    attrs : dict, optional
+        The run's attrs, usually from `provenance`. Recorded when the store is created (with
+        ``attrs["params"] = params``); on reopen they are kept from the first run, and
+        ``study``, ``model``, ``revision`` and ``seed`` must agree where both runs give them.
+
+    Attributes
+    ----------
+    path : pathlib.Path
+    dim : str
+    n_done : int
+        Number of complete batches in the store.
+
+    Examples
+    --------
+    >>> import tempfile, numpy as np, xarray as xr
+    >>> from pathlib import Path
+    >>> from qktrace import store
+    >>> path = Path(tempfile.mkdtemp()) / "run.zarr"
+    >>> batches = [np.arange(2.0), np.arange(3.0)]
+    >>> w = store.BatchWriter(path, params={"n": 5})
+    >>> for i, b in enumerate(batches):
+    ...     if i < w.n_done:  # skip batches stored by an earlier, interrupted run
+    ...         continue
+    ...     w.append(xr.Dataset({"x": ("prompt", b)}))
+    >>> w.n_done, store.open(path).sizes["prompt"]
+    (2, 5)
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        params: dict,
+        dim: str = "prompt",
+        attrs: dict | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self.dim = dim
+        params = _jsonable(params)
+        attrs = _jsonable(dict(attrs or {}))
+        if "params" in attrs and attrs["params"] != params:
+            raise ValueError(
+                f"attrs['params'] ({attrs['params']!r}) differs from params ({params!r}); "
+                "pass the same parameters to both, e.g. attrs=provenance(study, params)."
+            )
+        attrs["params"] = params
+        manifest = {
+            "format": "qktrace-batches",
+            "version": 1,
+            "dim": dim,
+            "params": params,
+            "attrs": attrs,
+            "finalized": False,
+        }
+
+        kind = _kind(self.path)
+        if kind == "batches":
+            self._manifest = _read_manifest(self.path)
+            _check_same_run(self.path, self._manifest, manifest)
+            for leftover in self.path.iterdir():  # partial writes of a crashed run
+                if _TMP_RE.match(leftover.name):
+                    _remove(leftover)
+        elif kind == "zarr":
+            raise FileExistsError(
+                f"{self.path} holds a single dataset written by save(), not a BatchWriter store; "
+                "write the batches to a new path (e.g. a new --out)."
+            )
+        elif _exists_not_empty(self.path):
+            raise FileExistsError(
+                f"{self.path} exists and is not a qktrace store; choose a new path "
+                "(e.g. a new --out) or remove it."
+            )
+        else:
+            _create_store(self.path, manifest)
+            self._manifest = manifest
+        self.n_done = len(_batch_paths(self.path))
+        self._schema: dict[str, tuple[tuple[str, ...], str]] | None = None
+
+    def __repr__(self) -> str:
+        return f"BatchWriter({str(self.path)!r}, dim={self.dim!r}, n_done={self.n_done})"
+
+    def append(self, ds: xr.Dataset) -> None:
+        """Write `ds` as the next batch; it counts in `n_done` only once complete on disk.
+
+        Parameters
+        ----------
+        ds : xarray.Dataset
+            One batch. Must have the batch dim and the same variables, with the same dims, as
+            the first batch. Sizes may differ from batch to batch (see the module docstring).
+
+        Raises
+        ------
+        ValueError
+            If `ds` lacks the batch dim, does not match the first batch, or the run was
+            already finalized.
+        """
+        if self._manifest.get("finalized"):
+            raise ValueError(
+                f"{self.path} was finalized after {self.n_done} batches; appending more would "
+                "make its final results stale. Write to a new path (e.g. a new --out), or delete "
+                "the store to start over."
+            )
+        if self.dim not in ds.dims:
+            raise ValueError(
+                f"batch {self.n_done} has no {self.dim!r} dim (dims: {dict(ds.sizes)}); give it "
+                f"one, e.g. ds.expand_dims({self.dim!r}), or create the BatchWriter with "
+                "dim=<the batch dim>."
+            )
+        schema = _schema(ds)
+        if self._schema is None and self.n_done:
+            self._schema = _schema(_open_zarr(_batch_paths(self.path)[0]))
+        if self._schema is not None and schema != self._schema:
+            raise ValueError(
+                f"batch {self.n_done} does not match batch 0 of {self.path}:\n"
+                + _diff_lines(self._schema, schema, "variable", "batch 0", "this batch")
+                + "\nEvery batch must have the same variables, with the same dims and kind of "
+                "dtype; fix the producer, or write this run to a new path."
+            )
+        _write_atomic(ds, self.path / f"batch-{self.n_done:06d}.zarr")
+        self._schema = schema
+        self.n_done += 1
+
+    def finalize(self, extra: xr.Dataset | None = None) -> Path | None:
+        """Mark the run complete and optionally store reduced results next to the batches.
+
+        Parameters
+        ----------
+        extra : xarray.Dataset, optional
+            Reduced results of the whole run (e.g. summed covariances), written atomically to
+            ``path / "final.zarr"`` with the run's attrs; read them with
+            ``open(path, final=True)``. Replaces final results of an earlier call.
+
+        Returns
+        -------
+        pathlib.Path or None
+            The path of the final results, or None without `extra`.
+        """
+        final_path = None
+        if extra is not None:
+            out = extra.copy()
+            out.attrs = {**self._manifest["attrs"], **extra.attrs, "n_batches": self.n_done}
+            final_path = self.path / FINAL
+            _write_atomic(out, final_path)
+        manifest = {**self._manifest, "finalized": True, "n_batches": self.n_done}
+        _write_manifest(self.path, manifest)
+        self._manifest = manifest
+        return final_path
+
+
+def _batch_paths(path: Path) -> list[Path]:
+    """Complete batch stores in order; raises if the numbering has a gap."""
+    found = {}
+    for p in path.iterdir():
+        m = _BATCH_RE.match(p.name)
+        if m:
+            found[int(m.group(1))] = p
+    missing = sorted(set(range(len(found))) - set(found))
+    if missing:
+        raise ValueError(
+            f"{path} is damaged: batch {missing[0]} is missing but later batches exist "
+            f"(found {sorted(found)}). Delete the store and rerun, or remove the batches after "
+            f"{missing[0] - 1} to resume from there."
+        )
+    return [found[i] for i in range(len(found))]
+
+
+def _create_store(path: Path, manifest: dict) -> None:
+    """Create the store directory with its manifest in one rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        tmp.mkdir()
+        _write_manifest(tmp, manifest)
+        if path.is_dir():  # an empty directory made beforehand
+            path.rmdir()
+        os.rename(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_manifest(path: Path, manifest: dict) -> None:
+    tmp = path / f".{MANIFEST}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.write_text(json.dumps(manifest, indent=2, allow_nan=True) + "\n")
+    os.replace(tmp, path / MANIFEST)
+
+
+def _read_manifest(path: Path) -> dict:
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(
+            f"cannot read {path / MANIFEST} ({err}); the store is damaged: delete it and rerun."
+        ) from err
+    if manifest.get("format") != "qktrace-batches":
+        raise ValueError(f"{path / MANIFEST} is not a qktrace batch manifest; use a new path.")
+    return manifest
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
+def _check_same_run(path: Path, stored: dict, new: dict) -> None:
+    """Raise ValueError naming each parameter that differs between the stored run and this one."""
+
+    def flat(m: dict) -> dict[str, Any]:
+        out: dict[str, Any] = {"dim": m["dim"]}
+        out.update({f"params[{k!r}]": v for k, v in m["params"].items()})
+        return out
+
+    old, cur = flat(stored), flat(new)
+    for key in _IDENTITY_ATTRS:
+        a, b = stored["attrs"].get(key), new["attrs"].get(key)
+        if a is not None and b is not None:
+            old[f"attrs[{key!r}]"], cur[f"attrs[{key!r}]"] = a, b
+    if old != cur:
+        raise ValueError(
+            f"{path} holds a run with different parameters:\n"
+            + _diff_lines(old, cur, "", "stored", "now")
+            + "\nResume only with the same parameters. To start a new run, write to a new path "
+            f"(e.g. a new --out), or delete {path} to discard its batches."
+        )
+
+
+def _diff_lines(old: dict, new: dict, noun: str, old_name: str, new_name: str) -> str:
+    missing = "<missing>"
+    lines = []
+    for key in list(old) + [k for k in new if k not in old]:
+        a, b = old.get(key, missing), new.get(key, missing)
+        if a != b:
+            label = f"{noun} {key!r}" if noun else key
+            lines.append(f"  {label}: {old_name} {a!r}, {new_name} {b!r}")
+    return "\n".join(lines)
+
+
+def _schema(ds: xr.Dataset) -> dict[str, tuple[tuple[str, ...], str]]:
+    """Variable name -> (dims, dtype kind), with all string kinds as 'str'."""
+
+    def kind(dtype: np.dtype) -> str:
+        return "str" if dtype.kind in "USOT" else dtype.kind
+
+    return {str(k): (tuple(map(str, v.dims)), kind(v.dtype)) for k, v in ds.variables.items()}
+
+
+def _open_batches(path: Path) -> xr.Dataset:
+    manifest = _read_manifest(path)
+    dim = manifest["dim"]
+    batches = [_open_zarr(p) for p in _batch_paths(path)]
+    if not batches:
+        raise ValueError(
+            f"{path} holds no complete batch yet; run the study (or let it finish its first "
+            "batch) before opening it."
+        )
+    batches = _pad_to_common(batches, dim)
+    ds = xr.concat(
+        batches,
+        dim=dim,
+        data_vars="minimal",
+        coords="minimal",
+        compat="equals",
+        join="exact",
+        combine_attrs="drop_conflicts",
+    )
+    ds.attrs.update(manifest["attrs"])
+    ds.attrs["batch_dim"] = dim
+    return ds
+
+
+def _pad_to_common(batches: list[xr.Dataset], dim: str) -> list[xr.Dataset]:
+    """Give every batch the same size in each dim except `dim`, padding where needed.
+
+    Dims with an index coordinate get the ordered union of the labels; others the largest size.
+    """
+    dims = {d for b in batches for d in b.dims if d != dim}
+    targets: dict[Any, Any] = {}
+    positional: set[Any] = set()
+    for d in dims:
+        if all(d in b.indexes for b in batches):
+            labels = [b.indexes[d] for b in batches]
+            if any(not lab.equals(labels[0]) for lab in labels[1:]):
+                targets[d] = list(dict.fromkeys(v for lab in labels for v in lab))
+        else:
+            sizes = {b.sizes.get(d, 0) for b in batches}
+            if len(sizes) > 1:
+                targets[d] = np.arange(max(sizes))
+                positional.add(d)
+    if not targets:
+        return batches
+    out = []
+    for b in batches:
+        todo = {d: t for d, t in targets.items() if d in b.dims}
+        pos = [d for d in todo if d in positional]
+        b = b.assign_coords({d: np.arange(b.sizes[d]) for d in pos})
+        b = b.reindex(todo, fill_value={k: _fill(v.dtype) for k, v in b.variables.items()})
+        out.append(b.drop_vars(pos))
+    return out
+
+
+def _fill(dtype: np.dtype) -> Any:
+    if dtype.kind in "USOT":
+        return ""
+    if dtype.kind == "b":
+        return False
+    if dtype.kind == "M":
+        return np.datetime64("NaT")
+    if dtype.kind == "m":
+        return np.timedelta64("NaT")
+    return math.nan

@@ -1,0 +1,380 @@
+"""qktrace.store: round trips, lazy open, atomic save, crash-safe batch append and resume."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import dask.array as da
+import numpy as np
+import pytest
+import xarray as xr
+
+import qktrace
+from qktrace import store
+from qktrace.store import BatchWriter, provenance, save
+
+PARAMS = {"layers": (3, 5), "n_prompts": 11, "out": Path("run.zarr")}
+ATTRS = {"study": "unit", "model": "tiny-llama"}
+N_BATCHES = 5
+
+
+def make_batch(i: int) -> xr.Dataset:
+    """Batch i: 2 or 3 prompts with global ids, a token dim padded to this batch's longest prompt."""
+    rng = np.random.default_rng(i)
+    n_prompt = 2 + i % 2
+    n_token = 3 + i % 3
+    start = sum(2 + j % 2 for j in range(i))
+    tokens = np.array([[f"t{i}.{p}.{t}" for t in range(n_token)] for p in range(n_prompt)])
+    return xr.Dataset(
+        {
+            "q": (
+                ("prompt", "head", "token", "dq"),
+                rng.standard_normal((n_prompt, 2, n_token, 4)),
+            ),
+            "ids": (("prompt", "token"), rng.integers(0, 100, (n_prompt, n_token))),
+            "length": ("prompt", np.full(n_prompt, n_token)),
+        },
+        coords={
+            "prompt": np.arange(start, start + n_prompt),
+            "head": [3, 7],
+            "category": ("prompt", np.array(["fruit", "tool", "animal"][:n_prompt], dtype=object)),
+            "token_str": (("prompt", "token"), tokens),
+        },
+    )
+
+
+def make_batches() -> list[xr.Dataset]:
+    return [make_batch(i) for i in range(N_BATCHES)]
+
+
+def run(path: Path, batches: list[xr.Dataset], *, fail_at: int | None = None) -> BatchWriter:
+    """The study loop: skip stored batches, produce and append the rest; fail at `fail_at`."""
+    w = BatchWriter(path, params=PARAMS, attrs=ATTRS)
+    for i, batch in enumerate(batches):
+        if i < w.n_done:
+            continue
+        if i == fail_at:
+            raise RuntimeError("producer died")
+        w.append(batch)
+    return w
+
+
+def crash_during_write(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the next to_zarr write metadata but no data (a partial store), then fail."""
+    real = xr.Dataset.to_zarr
+
+    def partial(self, store, **kwargs):
+        real(self, store, compute=False, **kwargs)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(xr.Dataset, "to_zarr", partial)
+
+
+def assert_holds_batches(ds: xr.Dataset, batches: list[xr.Dataset]) -> None:
+    """Each batch is in `ds` exactly once, in order, padded only beyond its own sizes."""
+    expected_prompts = np.concatenate([b.prompt.values for b in batches])
+    np.testing.assert_array_equal(ds.prompt.values, expected_prompts)
+    for b in batches:
+        part = ds.sel(prompt=b.prompt).isel(token=slice(0, b.sizes["token"]))
+        for name in ["q", "ids", "length", "category", "token_str"]:
+            np.testing.assert_array_equal(part[name].values, b[name].values, err_msg=name)
+        pad = ds.sel(prompt=b.prompt).isel(token=slice(b.sizes["token"], None))
+        assert np.isnan(pad.q.values).all() and np.isnan(pad.ids.values).all()
+        assert (pad.token_str.values == "").all()
+
+
+@pytest.fixture
+def labeled() -> xr.Dataset:
+    ds = make_batch(0)
+    ds = ds.assign_coords(feature=["fruit", "tool"])
+    ds["delta_c"] = (("feature", "dq"), np.arange(8.0).reshape(2, 4))
+    ds["delta_c"].attrs["note"] = np.float32(0.5)
+    return ds
+
+
+# ---------------------------------------------------------------------------------- provenance
+
+
+def test_provenance_records_versions_params_and_mode():
+    params = {
+        "layers": (3, np.int64(5)),
+        "out": Path("a/b.zarr"),
+        "nested": {"scale": np.float32(0.5), "heads": np.array([1, 2]), "flag": np.bool_(True)},
+    }
+    p = provenance("filter_heads", params, model="m", revision="abc", remote=True, seed=np.int64(1))
+    assert p["qktrace_version"] == qktrace.__version__
+    assert {"nnsight_version", "torch_version", "transformers_version"} <= set(p)
+    assert p["params"] == {
+        "layers": [3, 5],
+        "out": "a/b.zarr",
+        "nested": {"scale": 0.5, "heads": [1, 2], "flag": True},
+    }
+    assert type(p["params"]["layers"][1]) is int and type(p["params"]["nested"]["flag"]) is bool
+    assert (p["study"], p["model"], p["revision"], p["remote"], p["seed"]) == (
+        "filter_heads",
+        "m",
+        "abc",
+        "ndif",
+        1,
+    )
+    date = dt.datetime.fromisoformat(p["date"])
+    assert date.utcoffset() == dt.timedelta(0)
+
+
+@pytest.mark.parametrize(
+    ("remote", "mode"), [(False, "local"), ("local", "remote-local"), (True, "ndif")]
+)
+def test_provenance_remote_modes(remote, mode):
+    assert provenance("s", {}, remote=remote)["remote"] == mode
+
+
+def test_provenance_rejects_unknown_remote():
+    with pytest.raises(ValueError, match="remote='cloud'.*True"):
+        provenance("s", {}, remote="cloud")
+
+
+# ---------------------------------------------------------------------------------- save / open
+
+
+def test_save_round_trip_keeps_labels_strings_and_provenance(tmp_path, labeled):
+    attrs = provenance("unit", PARAMS, model="tiny", seed=0)
+    path = save(labeled, tmp_path / "r.zarr", attrs=attrs)
+    assert path == tmp_path / "r.zarr"
+    back = store.open(path).load()
+    expected = labeled.copy()
+    expected.attrs = attrs
+    expected["delta_c"].attrs["note"] = 0.5
+    xr.testing.assert_identical(back, expected)
+    assert list(back.feature.values) == ["fruit", "tool"]
+    assert back.token_str.values[1, 2] == "t0.1.2"
+    assert back.attrs["params"]["layers"] == [3, 5]
+
+
+def test_open_is_lazy(tmp_path, labeled):
+    save(labeled, tmp_path / "r.zarr")
+    ds = store.open(tmp_path / "r.zarr")
+    for name in ["q", "ids", "delta_c", "token_str"]:
+        assert isinstance(ds[name].data, da.Array), name
+
+
+def test_save_refuses_to_overwrite(tmp_path, labeled):
+    path = save(labeled, tmp_path / "r.zarr")
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        save(labeled.isel(prompt=[0]), path)
+    xr.testing.assert_identical(store.open(path).load(), labeled)
+    save(labeled.isel(prompt=[0]), path, overwrite=True)
+    xr.testing.assert_identical(store.open(path).load(), labeled.isel(prompt=[0]))
+
+
+def test_save_never_replaces_something_that_is_not_a_store(tmp_path, labeled):
+    precious = tmp_path / "notes"
+    precious.mkdir()
+    (precious / "a.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not a zarr or qktrace store"):
+        save(labeled, precious, overwrite=True)
+    assert (precious / "a.txt").read_text() == "keep me"
+    (tmp_path / "empty.zarr").mkdir()  # an empty directory made beforehand is fine
+    xr.testing.assert_identical(store.open(save(labeled, tmp_path / "empty.zarr")).load(), labeled)
+
+
+@pytest.mark.parametrize("existing", [True, False])
+def test_save_crash_leaves_old_store_and_no_partial_one(tmp_path, labeled, monkeypatch, existing):
+    path = tmp_path / "r.zarr"
+    if existing:
+        save(labeled, path)
+    crash_during_write(monkeypatch)
+    with pytest.raises(OSError, match="disk full"):
+        save(labeled.isel(prompt=[1]), path, overwrite=True)
+    monkeypatch.undo()
+    if existing:
+        xr.testing.assert_identical(store.open(path).load(), labeled)
+    else:
+        assert not path.exists()
+    assert [p.name for p in tmp_path.iterdir()] == (["r.zarr"] if existing else [])
+
+
+def test_save_evens_out_uneven_dask_chunks(tmp_path):
+    run(tmp_path / "run.zarr", make_batches())
+    merged = save(store.open(tmp_path / "run.zarr"), tmp_path / "merged.zarr")
+    xr.testing.assert_identical(store.open(merged).load(), store.open(tmp_path / "run.zarr").load())
+
+
+def test_open_missing_path_names_it(tmp_path):
+    with pytest.raises(
+        FileNotFoundError, match=r"no qktrace store at .*nope\.zarr: check the path"
+    ):
+        store.open(tmp_path / "nope.zarr")
+
+
+@pytest.mark.parametrize("what", ["dir", "file"])
+def test_open_non_store_says_what_it_is(tmp_path, what):
+    path = tmp_path / "thing"
+    path.mkdir() if what == "dir" else path.write_text("x")
+    with pytest.raises(ValueError, match=r"thing is a .*not a qktrace store.*pass the path"):
+        store.open(path)
+
+
+def test_open_batch_store_without_batches(tmp_path):
+    BatchWriter(tmp_path / "run.zarr", params=PARAMS)
+    with pytest.raises(ValueError, match="no complete batch yet"):
+        store.open(tmp_path / "run.zarr")
+
+
+# ---------------------------------------------------------------------------------- batches
+
+
+def test_batches_open_lazily_concatenated_and_padded(tmp_path):
+    batches = make_batches()
+    w = run(tmp_path / "run.zarr", batches)
+    assert w.n_done == N_BATCHES
+    ds = store.open(tmp_path / "run.zarr")
+    assert isinstance(ds.q.data, da.Array) and isinstance(ds.token_str.data, da.Array)
+    assert dict(ds.sizes) == {"prompt": 12, "head": 2, "token": 5, "dq": 4}
+    assert ds.ids.dtype.kind == "f"  # padded with NaN, as xarray.concat would
+    assert ds.attrs["params"] == {"layers": [3, 5], "n_prompts": 11, "out": "run.zarr"}
+    assert ds.attrs["model"] == "tiny-llama" and ds.attrs["batch_dim"] == "prompt"
+    assert_holds_batches(ds.load(), batches)
+
+
+@pytest.mark.parametrize("k", [0, 1, 3])
+def test_resume_after_producer_crash_is_identical_to_uninterrupted_run(tmp_path, k):
+    batches = make_batches()
+    run(tmp_path / "ref.zarr", batches)
+    with pytest.raises(RuntimeError, match="producer died"):
+        run(tmp_path / "run.zarr", batches, fail_at=k)
+    assert BatchWriter(tmp_path / "run.zarr", params=PARAMS, attrs=ATTRS).n_done == k
+    assert run(tmp_path / "run.zarr", batches).n_done == N_BATCHES
+    resumed = store.open(tmp_path / "run.zarr").load()
+    xr.testing.assert_identical(resumed, store.open(tmp_path / "ref.zarr").load())
+    assert_holds_batches(resumed, batches)
+
+
+@pytest.mark.parametrize("k", [0, 2])
+def test_crash_inside_append_then_resume_is_identical(tmp_path, monkeypatch, k):
+    batches = make_batches()
+    run(tmp_path / "ref.zarr", batches)
+    run(tmp_path / "run.zarr", batches[:k])
+    w = BatchWriter(tmp_path / "run.zarr", params=PARAMS, attrs=ATTRS)
+    crash_during_write(monkeypatch)
+    with pytest.raises(OSError, match="disk full"):
+        w.append(batches[k])
+    monkeypatch.undo()
+    assert w.n_done == k
+    assert BatchWriter(tmp_path / "run.zarr", params=PARAMS, attrs=ATTRS).n_done == k
+    run(tmp_path / "run.zarr", batches)
+    resumed = store.open(tmp_path / "run.zarr").load()
+    xr.testing.assert_identical(resumed, store.open(tmp_path / "ref.zarr").load())
+    assert_holds_batches(resumed, batches)
+
+
+def test_process_killed_inside_append_then_resume_is_identical(tmp_path):
+    """A hard kill (os._exit: no except/finally runs) in the middle of writing batch 2."""
+    batches = make_batches()
+    run(tmp_path / "ref.zarr", batches)
+    path = tmp_path / "run.zarr"
+    script = f"""
+        import os, sys
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        import xarray as xr
+        from test_store import make_batches, run
+        batches = make_batches()
+        run({str(path)!r}, batches[:2])
+        real = xr.Dataset.to_zarr
+        def dying(self, store, **kwargs):
+            real(self, store, compute=False, **kwargs)
+            os._exit(3)
+        xr.Dataset.to_zarr = dying
+        run({str(path)!r}, batches)
+    """
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True)
+    assert proc.returncode == 3, proc.stderr.decode()
+    leftovers = [p.name for p in path.iterdir() if ".tmp-" in p.name]
+    assert [n.split(".tmp-")[0] for n in leftovers] == [".batch-000002.zarr"]  # the partial batch
+    assert BatchWriter(path, params=PARAMS, attrs=ATTRS).n_done == 2
+    assert sorted(p.name for p in path.iterdir()) == [
+        "batch-000000.zarr",
+        "batch-000001.zarr",
+        "qktrace_batches.json",
+    ]  # cleaned on reopen
+    run(path, batches)
+    xr.testing.assert_identical(store.open(path).load(), store.open(tmp_path / "ref.zarr").load())
+
+
+def test_reopen_with_different_params_names_each_key(tmp_path):
+    path = tmp_path / "run.zarr"
+    run(path, make_batches()[:1])
+    changed = {**PARAMS, "layers": (3, 6), "extra": 1}
+    with pytest.raises(ValueError) as err:
+        BatchWriter(path, params=changed, attrs=ATTRS)
+    msg = str(err.value)
+    assert "params['layers']: stored [3, 5], now [3, 6]" in msg
+    assert "params['extra']: stored '<missing>', now 1" in msg
+    assert "n_prompts" not in msg
+    assert "new path" in msg and f"delete {path}" in msg
+    with pytest.raises(ValueError, match=r"attrs\['model'\]: stored 'tiny-llama', now 'other'"):
+        BatchWriter(path, params=PARAMS, attrs={"model": "other"})
+    with pytest.raises(ValueError, match=r"dim: stored 'prompt', now 'item'"):
+        BatchWriter(path, params=PARAMS, dim="item")
+    # the same parameters in other Python types (tuple vs list, Path vs str) are the same run
+    same = {"layers": [3, 5], "n_prompts": np.int64(11), "out": "run.zarr"}
+    assert BatchWriter(path, params=same).n_done == 1
+
+
+def test_append_checks_batch_dim_and_schema(tmp_path):
+    w = BatchWriter(tmp_path / "run.zarr", params=PARAMS)
+    with pytest.raises(ValueError, match="no 'prompt' dim.*expand_dims"):
+        w.append(make_batch(0).isel(prompt=0))
+    w.append(make_batch(0))
+    w = BatchWriter(tmp_path / "run.zarr", params=PARAMS)
+    with pytest.raises(ValueError, match="variable 'ids'.*this batch '<missing>'"):
+        w.append(make_batch(1).drop_vars("ids"))
+    assert w.n_done == 1
+
+
+def test_writer_refuses_paths_it_does_not_own(tmp_path, labeled):
+    save(labeled, tmp_path / "single.zarr")
+    with pytest.raises(FileExistsError, match="written by save"):
+        BatchWriter(tmp_path / "single.zarr", params=PARAMS)
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "dir" / "x").write_text("x")
+    with pytest.raises(FileExistsError, match="not a qktrace store"):
+        BatchWriter(tmp_path / "dir", params=PARAMS)
+
+
+def test_finalize_writes_reduced_results(tmp_path):
+    path = tmp_path / "run.zarr"
+    w = run(path, make_batches())
+    sums = store.open(path).q.sum("prompt").rename("q_sum").to_dataset().compute()
+    assert w.finalize(sums) == path / "final.zarr"
+    final = store.open(path, final=True)
+    assert isinstance(final.q_sum.data, da.Array)
+    xr.testing.assert_allclose(final.q_sum.load(), sums.q_sum)
+    assert final.attrs["n_batches"] == N_BATCHES and final.attrs["model"] == "tiny-llama"
+    with pytest.raises(ValueError, match="finalized after 5 batches"):
+        w.append(make_batch(5))
+    # a rerun of the whole script skips every batch and finalizes again
+    again = run(path, make_batches())
+    again.finalize(sums)
+    assert again.n_done == N_BATCHES
+
+
+def test_open_final_missing(tmp_path, labeled):
+    run(tmp_path / "run.zarr", make_batches()[:1])
+    with pytest.raises(FileNotFoundError, match="finalize"):
+        store.open(tmp_path / "run.zarr", final=True)
+    save(labeled, tmp_path / "single.zarr")
+    with pytest.raises(ValueError, match="without final=True"):
+        store.open(tmp_path / "single.zarr", final=True)
+
+
+def test_gap_in_batches_is_reported(tmp_path):
+    path = tmp_path / "run.zarr"
+    run(path, make_batches()[:3])
+    os.rename(path / "batch-000001.zarr", tmp_path / "moved.zarr")
+    with pytest.raises(ValueError, match="batch 1 is missing"):
+        store.open(path)
