@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import nnsight
@@ -125,9 +126,11 @@ def resolve_positions(spec: Positions, lengths: Sequence[int], what: str) -> lis
     return resolved
 
 
-def _index_tensor(enc: Encoded, positions: list[list[int]]) -> tuple[torch.Tensor, np.ndarray]:
+def _index_tensor(
+    enc: Encoded, positions: list[list[int]], width: int | None = None
+) -> tuple[torch.Tensor, np.ndarray]:
     """Padded-row indices [batch, n] (missing slots point at a valid token) and slot positions (-1 = none)."""
-    width = max(len(p) for p in positions)
+    width = width if width is not None else max(len(p) for p in positions)
     index = torch.zeros((len(positions), width), dtype=torch.long)
     slots = np.full((len(positions), width), -1, dtype=np.int64)
     for i, row in enumerate(positions):
@@ -210,6 +213,7 @@ def capture(
     attention: bool = True,
     batch_size: int = 8,
     add_special_tokens: bool = True,
+    out: str | Path | None = None,
     progress: bool = True,
 ) -> xr.Dataset:
     """Capture q and k of chosen heads at chosen positions, one trace per batch.
@@ -228,6 +232,9 @@ def capture(
     attention
         Also return `logit` (scaled q·k) and `attention` (the model's softmax weight, over the
         whole row, taken at the chosen keys).
+    out
+        A zarr path: each batch is appended as it completes, and a rerun of the same call resumes
+        after the last complete batch. The result is then opened lazily from the store.
 
     Returns
     -------
@@ -243,37 +250,120 @@ def capture(
     """
     heads = parse_heads(heads)
     model.check_heads(heads)
-    if len(prompts) == 0:
-        raise ValueError("No prompts given: pass a non-empty list of strings (or token-id lists).")
+    plan = plan_batches(model, prompts, query, keys, batch_size, add_special_tokens)
+    writer = None
+    if out is not None:
+        from . import store
+
+        params = {
+            "model": model.name,
+            "heads": [h.label for h in heads],
+            "n_prompts": len(prompts),
+            "batch_size": batch_size,
+            "attention": attention,
+        }
+        attrs = store.provenance("capture", params, model=model.name, remote=model.remote)
+        writer = store.BatchWriter(out, params=params, attrs=attrs)
     batches = []
+    done = writer.n_done if writer is not None else 0
     bar = tqdm(total=len(prompts), desc="capture", unit="prompt", disable=not progress)
-    for start, batch in iter_batches(prompts, batch_size):
-        enc = encode(model, batch, add_special_tokens=add_special_tokens)
-        q_pos = resolve_positions(_slice(query, start, len(batch)), enc.lengths, "Query")
-        k_pos = resolve_positions(_slice(keys, start, len(batch)), enc.lengths, "Key")
-        q_index, q_slots = _index_tensor(enc, q_pos)
-        k_index, k_slots = _index_tensor(enc, k_pos)
+    for i, batch in enumerate(plan):
+        if i < done:
+            bar.update(len(batch.texts))
+            continue
+        last = batch.start + len(batch.texts) - 1
         values = with_retries(
             _capture_batch,
             model,
-            enc,
+            batch.encoded,
             heads,
-            q_index,
-            k_index,
+            batch.query_index,
+            batch.key_index,
             attention,
-            what=f"prompts {start}..{start + len(batch) - 1}",
+            what=f"prompts {batch.start}..{last}",
+            resume_hint=(
+                f"Batches before prompt {batch.start} are saved in {out}: rerun the same call to resume."
+                if out is not None
+                else ""
+            ),
         )
         for name, array in values.items():
-            _check_finite(name, array, start)
-        batches.append(
-            _batch_dataset(values, enc, q_slots, k_slots, start, [str(p) for p in batch])
-        )
-        bar.update(len(batch))
+            _check_finite(name, array, batch.start)
+        ds = _batch_dataset(values, batch).assign_coords(_head_coords(model, heads))
+        if writer is not None:
+            writer.append(ds)
+        else:
+            batches.append(ds)
+        bar.update(len(batch.texts))
     bar.close()
-    ds = _concat(batches)
-    return ds.assign_coords(_head_coords(model, heads)).assign_attrs(
-        model=model.name, remote=model.remote_label, d_head=model.d_head
-    )
+    attrs = {"model": model.name, "remote": model.remote_label, "d_head": model.d_head}
+    if writer is not None:
+        from . import store
+
+        return store.open(out).assign_attrs(attrs)
+    return xr.concat(
+        batches, dim="prompt", data_vars="all", coords="different", compat="equals"
+    ).assign_attrs(attrs)
+
+
+@dataclass
+class Batch:
+    """One batch, tokenized and with its padded query/key indices resolved."""
+
+    start: int
+    texts: list[str]
+    encoded: Encoded
+    query_index: torch.Tensor
+    query_slots: np.ndarray
+    key_index: torch.Tensor
+    key_slots: np.ndarray
+
+
+def plan_batches(
+    model: Model,
+    prompts: Sequence[Prompt],
+    query: Positions,
+    keys: Positions,
+    batch_size: int,
+    add_special_tokens: bool = True,
+) -> list[Batch]:
+    """Tokenize every batch and resolve every position before any model work.
+
+    Bad positions fail here, before a request is sent; and all batches share one query and one
+    key width, so batches stack (and append to a store) without ragged padding.
+    """
+    if len(prompts) == 0:
+        raise ValueError("No prompts given: pass a non-empty list of strings (or token-id lists).")
+    staged = []
+    for start, batch in iter_batches(prompts, batch_size):
+        enc = encode(model, batch, add_special_tokens=add_special_tokens)
+        _check_context(model, enc, start)
+        q_pos = resolve_positions(_slice(query, start, len(batch)), enc.lengths, "Query")
+        k_pos = resolve_positions(_slice(keys, start, len(batch)), enc.lengths, "Key")
+        staged.append((start, batch, enc, q_pos, k_pos))
+    q_width = max(len(p) for *_, q_pos, _ in staged for p in q_pos)
+    k_width = max(max((len(p) for p in k_pos), default=0) for *_, k_pos in staged)
+    if k_width == 0:
+        raise ValueError("No key positions given: pass at least one key position per prompt.")
+    plan = []
+    for start, batch, enc, q_pos, k_pos in staged:
+        q_index, q_slots = _index_tensor(enc, q_pos, q_width)
+        k_index, k_slots = _index_tensor(enc, k_pos, k_width)
+        texts = [p if isinstance(p, str) else model.tokenizer.decode(list(p)) for p in batch]
+        plan.append(Batch(start, texts, enc, q_index, q_slots, k_index, k_slots))
+    return plan
+
+
+def _check_context(model: Model, enc: Encoded, start: int) -> None:
+    limit = model.max_positions
+    if limit is None:
+        return
+    for i, n in enumerate(enc.lengths):
+        if n > limit:
+            raise ValueError(
+                f"Prompt {start + i} has {n} tokens, more than {model.name}'s context of {limit}: "
+                "shorten it (fewer items or entities) or use a model with a longer context."
+            )
 
 
 def _slice(spec: Positions, start: int, n: int) -> Positions:
@@ -289,14 +379,14 @@ def _head_coords(model: Model, heads: list[Head]) -> dict[str, Any]:
     }
 
 
-def _batch_dataset(
-    values: dict[str, np.ndarray],
-    enc: Encoded,
-    q_slots: np.ndarray,
-    k_slots: np.ndarray,
-    start: int,
-    texts: list[str],
-) -> xr.Dataset:
+def _batch_dataset(values: dict[str, np.ndarray], batch: Batch) -> xr.Dataset:
+    enc, q_slots, k_slots, start, texts = (
+        batch.encoded,
+        batch.query_slots,
+        batch.key_slots,
+        batch.start,
+        batch.texts,
+    )
     q = values["q"].copy()
     k = values["k"].copy()
     q[np.broadcast_to((q_slots < 0)[:, None, :, None], q.shape)] = np.nan
@@ -325,33 +415,3 @@ def _batch_dataset(
         "key_token": (("prompt", "key"), tok(k_slots)),
     }
     return xr.Dataset(data, coords=coords)
-
-
-def pad_dim(ds: xr.Dataset, dim: str, size: int) -> xr.Dataset:
-    """Pad `dim` at the end to `size`: NaN for floats, -1 for positions, "" for strings."""
-    extra = size - ds.sizes.get(dim, 0)
-    if extra <= 0:
-        return ds
-    padded = ds.pad({dim: (0, extra)})
-    for name, var in list(padded.variables.items()):
-        if dim not in var.dims or name == dim:
-            continue
-        original = ds.variables[name]
-        if original.dtype.kind in "iu":
-            fill = np.full(var.shape, -1, dtype=original.dtype)
-            region = tuple(slice(0, s) for s in original.shape)
-            fill[region] = original.values
-            padded[name] = (var.dims, fill)
-        elif original.dtype.kind in "OUS":
-            fill = np.full(var.shape, "", dtype=object)
-            region = tuple(slice(0, s) for s in original.shape)
-            fill[region] = original.values
-            padded[name] = (var.dims, fill)
-    return padded
-
-
-def _concat(batches: list[xr.Dataset]) -> xr.Dataset:
-    for dim in ("query", "key"):
-        width = max(b.sizes[dim] for b in batches)
-        batches = [pad_dim(b, dim, width) for b in batches]
-    return xr.concat(batches, dim="prompt", data_vars="all", coords="different", compat="equals")

@@ -129,6 +129,16 @@ class Model:
         return self.lm.tokenizer
 
     @property
+    def max_positions(self) -> int | None:
+        """The model's context length from its config (None when the config has none)."""
+        config = self.lm.config
+        config = getattr(config, "text_config", None) or config
+        value = getattr(config, "max_position_embeddings", None) or getattr(
+            config, "n_positions", None
+        )
+        return int(value) if value else None
+
+    @property
     def group_size(self) -> int:
         """Query heads per key head (grouped-query attention)."""
         return self.n_heads // self.n_kv_heads

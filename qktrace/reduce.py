@@ -25,8 +25,8 @@ import xarray as xr
 from tqdm.auto import tqdm
 
 from . import ops
-from .capture import Positions, Prompt, _by_layer, _index_tensor, _slice, encode, resolve_positions
-from .models import Head, Model, iter_batches, parse_heads
+from .capture import Positions, Prompt, _by_layer, plan_batches
+from .models import Head, Model, parse_heads
 from .remote import with_retries
 
 CONTRASTS = ("positive", "negative")
@@ -147,24 +147,26 @@ def reduce(
     if state is not None:
         qk_sum, q_sum, k_sum = (state[v].values for v in ("qk_sum", "q_sum", "k_sum"))
 
-    bar = tqdm(total=len(prompts), initial=done, desc="reduce", unit="prompt", disable=not progress)
-    for start, batch in iter_batches(prompts, batch_size):
-        if start < done:
-            continue
-        enc = encode(model, batch, add_special_tokens=add_special_tokens)
-        q_pos = resolve_positions(_slice(query, start, len(batch)), enc.lengths, "Query")
-        if any(len(p) != 1 for p in q_pos):
+    plan = plan_batches(model, prompts, query, keys, batch_size, add_special_tokens)
+    for batch in plan:
+        if batch.query_slots.shape[1] != 1:
             raise ValueError("reduce takes one query position per prompt (e.g. query='last').")
-        k_pos = resolve_positions(_slice(keys, start, len(batch)), enc.lengths, "Key")
-        batch_labels = labels[start : start + len(batch)]
-        for i, (row, pos) in enumerate(zip(batch_labels, k_pos, strict=True)):
-            if len(row) != len(pos):
+        for i, slots in enumerate(batch.key_slots):
+            row = labels[batch.start + i]
+            n_keys = int((slots >= 0).sum())
+            if len(row) != n_keys:
                 raise ValueError(
-                    f"Prompt {start + i} has {len(pos)} key positions but {len(row)} labels: "
+                    f"Prompt {batch.start + i} has {n_keys} key positions but {len(row)} labels: "
                     "give one label (or None) per key position."
                 )
-        q_index, _ = _index_tensor(enc, q_pos)
-        k_index, _ = _index_tensor(enc, k_pos)
+
+    bar = tqdm(total=len(prompts), initial=done, desc="reduce", unit="prompt", disable=not progress)
+    for batch in plan:
+        start, n = batch.start, len(batch.texts)
+        if start < done:
+            continue
+        enc, q_index, k_index = batch.encoded, batch.query_index, batch.key_index
+        batch_labels = labels[start : start + n]
         onehot = _onehot(batch_labels, features, k_index.shape[1])
         qk, q, k = with_retries(
             _reduce_batch,
@@ -174,7 +176,7 @@ def reduce(
             q_index,
             k_index,
             onehot,
-            what=f"prompts {start}..{start + len(batch) - 1}",
+            what=f"prompts {start}..{start + n - 1}",
             resume_hint=(
                 f"The sums of prompts 0..{start - 1} are saved in {out}: rerun the same call to resume."
                 if out is not None
@@ -184,20 +186,20 @@ def reduce(
         for name, values in (("q k^T sums", qk),):
             if not np.isfinite(values).all():
                 raise FloatingPointError(
-                    f"{name} are NaN/inf in prompts {start}..{start + len(batch) - 1}: the model "
+                    f"{name} are NaN/inf in prompts {start}..{start + n - 1}: the model "
                     "overflowed; run it in float32 or bfloat16 instead of float16."
                 )
         shape_g = (len(heads), len(features), 2)
         qk_sum += qk.reshape(*shape_g, d, d)
         q_sum += q.reshape(*shape_g, d)
         k_sum += k.reshape(*shape_g, d)
-        done = start + len(batch)
+        done = start + n
         if out is not None:
             _checkpoint(
                 out,
                 _sums_dataset(model, heads, features, qk_sum, q_sum, k_sum, count, done, params),
             )
-        bar.update(len(batch))
+        bar.update(n)
     bar.close()
     return _sums_dataset(model, heads, features, qk_sum, q_sum, k_sum, count, done, params)
 

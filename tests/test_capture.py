@@ -111,3 +111,40 @@ def test_bad_positions_and_prompts(llama):
         capture(llama, PROMPTS[:2], "1.0", keys=[[0]], progress=False)
     with pytest.raises(ValueError, match="out of range"):
         capture(llama, PROMPTS[:2], "5.0", progress=False)
+
+
+def test_capture_to_store_resumes_after_crash(llama, tmp_path, monkeypatch):
+    import xarray as xr
+
+    import qktrace.capture as capture_module
+
+    whole = capture(llama, PROMPTS * 2, "1.0,0.2", keys="all", batch_size=2, progress=False)
+    real = capture_module._capture_batch
+    calls = {"n": 0}
+
+    def dies_on_second_batch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(capture_module, "_capture_batch", dies_on_second_batch)
+    out = tmp_path / "capture.zarr"
+    with pytest.raises(KeyboardInterrupt):
+        capture(llama, PROMPTS * 2, "1.0,0.2", keys="all", batch_size=2, out=out, progress=False)
+    resumed_calls = []
+    monkeypatch.setattr(
+        capture_module, "_capture_batch", lambda *a, **k: resumed_calls.append(1) or real(*a, **k)
+    )
+    resumed = capture(
+        llama, PROMPTS * 2, "1.0,0.2", keys="all", batch_size=2, out=out, progress=False
+    )
+    assert len(resumed_calls) == 2  # batches 2 and 3 of 3: the first was not recomputed
+    xr.testing.assert_allclose(resumed.load().drop_attrs(), whole.drop_attrs())
+
+
+def test_prompt_longer_than_context():
+    net, tok = tiny("gpt2")
+    m = load(net, tokenizer=tok)
+    with pytest.raises(ValueError, match=r"Prompt 1 has \d+ tokens, more than .* context of 256"):
+        capture(m, ["short", "apple " * 300], "0.0", progress=False)
