@@ -376,6 +376,7 @@ def _head_coords(model: Model, heads: list[Head]) -> dict[str, Any]:
         "layer": ("head", [h.layer for h in heads]),
         "q_head": ("head", [h.head for h in heads]),
         "kv_head": ("head", [model.kv_head(h.head) for h in heads]),
+        "scaling": ("head", [model.scaling(h.layer) for h in heads]),
     }
 
 

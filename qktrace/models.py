@@ -84,8 +84,12 @@ class Head(NamedTuple):
 _HEAD_SPEC = re.compile(r"^\s*(\d+)\s*[.:]\s*(\d+)\s*$")
 
 
-def parse_heads(spec: str | Sequence[str | tuple[int, int] | Head]) -> list[Head]:
-    """Parse heads given as "16.19,20.26", ["16.19"], or [(16, 19)] into `Head`s."""
+def parse_heads(spec: str | tuple[int, int] | Sequence[str | tuple[int, int] | Head]) -> list[Head]:
+    """Parse heads given as "16.19,20.26", ["16.19"], (16, 19) or [(16, 19)] into `Head`s."""
+    if isinstance(spec, Head) or (
+        isinstance(spec, tuple) and len(spec) == 2 and all(isinstance(x, int) for x in spec)
+    ):
+        spec = [spec]
     items = spec.split(",") if isinstance(spec, str) else list(spec)
     heads: list[Head] = []
     for item in items:

@@ -116,3 +116,52 @@ def pair_sums(
     q_sum = torch.einsum("bkg,bhi->hgi", g, q64)
     k_sum = torch.einsum("bkg,bhkj->hgj", g, k64)
     return qk, q_sum, k_sum
+
+
+def edit_in_subspace(
+    x_sel: torch.Tensor,
+    basis: torch.Tensor,
+    mode: str,
+    source: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Vectors x_sel [..., m, d] with their coordinates inside span(basis) edited.
+
+    basis [..., d, r] is orthonormal and broadcasts against x_sel's leading dims (a stack of
+    bases [n, 1, d, r] edits a batch [b, m, d] n ways at once -> [n, b, m, d]). With c = x V:
+    "swap" (m == 2) gives each of the two vectors the other's coordinates, the
+    x_a + (c_b - c_a) V^T, x_b + (c_a - c_b) V^T of `swap_in_subspace`; "ablate" sets them to
+    zero (`project_out`); "patch" sets them to those of `source` [..., m, d]
+    (`set_coordinates`). The component outside span(basis) is kept.
+    """
+    v = basis.to(x_sel.dtype)
+    coords = x_sel @ v
+    if mode == "swap":
+        new = coords.flip(-2)
+    elif mode == "ablate":
+        new = torch.zeros_like(coords)
+    elif mode == "patch":
+        new = source.to(x_sel.dtype) @ v
+    else:
+        raise ValueError(f"Unknown edit mode {mode!r}: use 'swap', 'ablate' or 'patch'.")
+    return x_sel + (new - coords) @ v.transpose(-1, -2)
+
+
+def gather_positions(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x [..., batch, tokens, d] at per-row token positions index [batch, m] -> [..., batch, m, d]."""
+    shape = (*x.shape[:-2], index.shape[-1], x.shape[-1])
+    return x.gather(-2, index[..., None].expand(shape))
+
+
+def put_positions(
+    x: torch.Tensor, index: torch.Tensor, values: torch.Tensor, inplace: bool = False
+) -> torch.Tensor:
+    """x [..., batch, tokens, d] with rows index [batch, m] set to values [..., batch, m, d].
+
+    With `inplace=True` x itself (e.g. a view of a traced key tensor) is written, so the model's
+    own computation sees the new rows; otherwise a new tensor is returned. Repeated positions in
+    a row must carry equal values.
+    """
+    full = index[..., None].expand(values.shape)
+    if inplace:
+        return x.scatter_(-2, full, values.to(x.dtype))
+    return x.expand(*values.shape[:-2], *x.shape[-2:]).scatter(-2, full, values.to(x.dtype))

@@ -22,6 +22,7 @@ def test_facts_from_config(family):
 def test_parse_heads():
     assert parse_heads("16.19, 20.26") == [Head(16, 19), Head(20, 26)]
     assert parse_heads([(1, 2), "3:4"]) == [Head(1, 2), Head(3, 4)]
+    assert parse_heads((16, 19)) == [Head(16, 19)]
     with pytest.raises(ValueError, match="LAYER.HEAD"):
         parse_heads("16-19")
 

@@ -1,0 +1,345 @@
+"""How much slower is a forward pass when qktrace captures or reduces q/k, versus plain torch?
+
+Model: a random-weight Llama-architecture LM (default 8 layers, d_model 512, 8 query heads of 64,
+2 key/value heads), batch 32 x 64 random tokens, CPU, one attention implementation for every arm.
+Inputs are token-id tensors / lists, so no arm tokenizes text.
+
+Arms (all under torch.inference_mode; each timed as the median over --repeats rounds, arms
+interleaved round by round so machine noise hits them alike, after --warmup untimed rounds):
+
+  a   bare HF forward                 net(input_ids, attention_mask, position_ids)
+  a0  the same, before qktrace/nnsight ever touched the model (a `.source` access rewrites
+      the attention forward for good; a0 vs a shows whether that costs anything)
+  b   bare forward + torch forward hooks on q_proj/k_proj of two layers, selecting the last
+      query and all keys of every head and copying them to numpy (pre-RoPE: plain hooks
+      cannot reach post-RoPE q/k)
+  n   nnsight trace of the same batch with no intervention (nnsight's floor)
+  s   nnsight trace reading the two layers' attention-call inputs through `.source` and
+      saving the raw q/k tensors (no gather): nnsight's cost of reaching post-RoPE q/k
+  c   qktrace.capture: all heads of the two layers, query "last", keys "all", attention=False,
+      one batch, result as an xarray Dataset
+  cA  the same with attention=True (also logits and attention weights of the chosen query)
+  d   qktrace.reduce: in-trace float64 q k^T sums for the same heads, every key labelled with
+      one of 2 features x positive/negative
+
+Then a breakdown of one qktrace.capture call (the functions it calls, wrapped with timers), and,
+with --profile, a cProfile of capture. Prints figures only; asserts nothing about time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import statistics
+import time
+from typing import Any
+
+from _common import build_llama, machine, median_time, table, versions
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--layers", type=int, default=8, help="decoder layers (default 8)")
+    parser.add_argument("--d-model", type=int, default=512, help="hidden size (default 512)")
+    parser.add_argument("--heads", type=int, default=8, help="query heads (default 8)")
+    parser.add_argument("--kv-heads", type=int, default=2, help="key/value heads (default 2)")
+    parser.add_argument("--batch", type=int, default=32, help="prompts per batch (default 32)")
+    parser.add_argument("--tokens", type=int, default=64, help="tokens per prompt (default 64)")
+    parser.add_argument(
+        "--capture-layers", default="2,5", help="the two (or more) layers captured (default 2,5)"
+    )
+    parser.add_argument(
+        "--attn", choices=["eager", "sdpa"], default="eager",
+        help="attention implementation for all arms (default eager)",
+    )
+    parser.add_argument("--repeats", type=int, default=7, help="timed rounds per arm (default 7)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first (default 2)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
+    parser.add_argument(
+        "--arms", default="a,b,n,s,c,cA,d", help="arms to time, comma-separated (default all)"
+    )
+    parser.add_argument("--profile", action="store_true", help="also print a cProfile of capture")
+    args = parser.parse_args()
+
+    import nnsight
+    import numpy as np
+    import torch
+
+    from qktrace import capture as capture_mod
+    from qktrace.capture import capture
+    from qktrace.models import load
+    from qktrace.reduce import reduce
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    net, tok = build_llama(
+        layers=args.layers, d_model=args.d_model, n_heads=args.heads, n_kv_heads=args.kv_heads,
+        attn=args.attn,
+    )
+    layers = [int(x) for x in args.capture_layers.split(",")]
+    B, T, H, KV = args.batch, args.tokens, args.heads, args.kv_heads
+    D = args.d_model // H
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(8, len(tok), (B, T), generator=gen)
+    inputs = {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "position_ids": torch.arange(T)[None].expand(B, -1).contiguous(),
+    }
+    id_lists = ids.tolist()
+    heads = [(layer, h) for layer in layers for h in range(H)]
+    labels = [
+        [(f"f{(i + j) % 2}", "positive" if (i * 7 + j) % 3 else "negative") for j in range(T)]
+        for i in range(B)
+    ]
+    n_params = sum(p.numel() for p in net.parameters())
+
+    print("capture_overhead: qktrace capture/reduce vs a bare forward")
+    print(f"machine: {machine()}")
+    print(f"versions: {versions()}")
+    print(
+        f"model: random Llama, {args.layers} layers, d_model {args.d_model}, {H} heads / {KV} kv "
+        f"heads of {D}, {n_params / 1e6:.1f}M params, attn={args.attn}; batch {B} x {T} tokens; "
+        f"captured layers {layers} (all {H} heads each: {len(heads)} heads)"
+    )
+    print(f"repeats {args.repeats} (median), warmup {args.warmup}")
+
+    # ---- arms -----------------------------------------------------------------------------
+    def bare() -> Any:
+        return net(**inputs).logits
+
+    attn_mods = [net.model.layers[layer].self_attn for layer in layers]
+
+    def hooked() -> Any:
+        got: dict[tuple[int, str], torch.Tensor] = {}
+        handles = []
+        for layer, mod in zip(layers, attn_mods, strict=True):
+            def q_hook(_m, _i, out, layer=layer):  # last query of every head
+                got[layer, "q"] = out.view(B, T, H, D)[:, -1:].transpose(1, 2)
+            def k_hook(_m, _i, out, layer=layer):  # all keys, expanded to query heads (GQA)
+                k = out.view(B, T, KV, D).transpose(1, 2)
+                got[layer, "k"] = k.repeat_interleave(H // KV, dim=1)
+            handles += [mod.q_proj.register_forward_hook(q_hook), mod.k_proj.register_forward_hook(k_hook)]
+        try:
+            net(**inputs)
+        finally:
+            for h in handles:
+                h.remove()
+        q = np.concatenate([got[layer, "q"].numpy() for layer in layers], axis=1)
+        k = np.concatenate([got[layer, "k"].numpy() for layer in layers], axis=1)
+        return q, k
+
+    with torch.inference_mode():
+        for _ in range(args.warmup):
+            bare()
+        pristine = []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            bare()
+            pristine.append(time.perf_counter() - t0)
+
+    model = load(net, tokenizer=tok)
+    lm = model.lm
+
+    def nnsight_empty() -> Any:
+        with lm.trace(inputs):
+            out = lm.output.save()
+        return out
+
+    calls = [model.attention_call(layer) for layer in layers]
+
+    def nnsight_raw() -> Any:
+        with lm.trace(inputs):
+            raw = nnsight.save([])
+            for call in calls:
+                call_args, _ = call.inputs
+                raw.append([call_args[1], call_args[2]])
+        return [[t.numpy() for t in pair] for pair in raw]
+
+    def qk_capture(attention: bool) -> Any:
+        return capture(
+            model, id_lists, heads, query="last", keys="all", attention=attention,
+            batch_size=B, progress=False,
+        )
+
+    def qk_reduce() -> Any:
+        return reduce(
+            model, id_lists, heads, labels, keys="all", query="last", batch_size=B, progress=False,
+        )
+
+    arms = {
+        "a": ("bare HF forward", bare),
+        "b": ("torch hooks q_proj/k_proj -> numpy", hooked),
+        "n": ("nnsight trace, no intervention", nnsight_empty),
+        "s": ("nnsight trace saving raw q/k of the 2 attention calls", nnsight_raw),
+        "c": ("qktrace.capture (attention=False)", lambda: qk_capture(False)),
+        "cA": ("qktrace.capture (attention=True)", lambda: qk_capture(True)),
+        "d": ("qktrace.reduce (in-trace sums)", qk_reduce),
+    }
+    chosen = [a for a in args.arms.split(",") if a]
+    if "a" not in chosen:
+        chosen.insert(0, "a")
+    times: dict[str, list[float]] = {a: [] for a in chosen}
+    with torch.inference_mode():
+        for _ in range(args.warmup):
+            for a in chosen:
+                arms[a][1]()
+        for _ in range(args.repeats):
+            for a in chosen:
+                t0 = time.perf_counter()
+                arms[a][1]()
+                times[a].append(time.perf_counter() - t0)
+
+    base = statistics.median(times["a"])
+    base0 = statistics.median(pristine)
+    rows = [["a0", "bare HF forward, before nnsight/qktrace", f"{base0 * 1e3:.0f}", "", f"{base0 / base:.3f}", ""]]
+    for a in chosen:
+        med = statistics.median(times[a])
+        rows.append([
+            a, arms[a][0], f"{med * 1e3:.0f}",
+            f"{min(times[a]) * 1e3:.0f}-{max(times[a]) * 1e3:.0f}", f"{med / base:.3f}",
+            f"{min(times[a]) / min(times['a']):.3f}",
+        ])
+    print()
+    print(table(rows, ["arm", "what", "median ms", "range ms", "x a (median)", "x a (min)"]))
+    summary = ", ".join(
+        f"{a}/a = {statistics.median(times[a]) / base:.3f}" for a in chosen if a != "a"
+    )
+    print(f"\nratios (median over median): {summary}")
+    summary = ", ".join(
+        f"{a}/a = {min(times[a]) / min(times['a']):.3f}" for a in chosen if a != "a"
+    )
+    print(f"ratios (min over min; robust to load from other processes): {summary}")
+    if "c" in chosen:
+        ratio = statistics.median(times["c"]) / base
+        ratio_min = min(times["c"]) / min(times["a"])
+        print(
+            f"goal c/a <= 1.10: median {ratio:.3f} ({'met' if ratio <= 1.10 else 'NOT met'}), "
+            f"min {ratio_min:.3f} ({'met' if ratio_min <= 1.10 else 'NOT met'})"
+        )
+
+    # ---- breakdowns: the functions capture/reduce call, wrapped with timers ---------------
+    from qktrace import ops
+    from qktrace import reduce as reduce_mod
+
+    pieces = ["encode", "resolve_positions", "_index_tensor", "_onehot", "_capture_batch",
+              "_reduce_batch", "_check_finite", "_batch_dataset", "_concat", "_sums_dataset"]
+    in_trace = ["gather_heads", "attention_rows", "pair_sums"]
+    with torch.inference_mode():
+        for label, fn, mod in (
+            ("qktrace.capture (attention=False)", lambda: qk_capture(False), capture_mod),
+            ("qktrace.reduce", qk_reduce, reduce_mod),
+        ):
+            bare_t, total_t, spent = breakdown(fn, bare, mod, pieces, ops, in_trace, args.repeats)
+            total = statistics.median(total_t)
+            base_b = statistics.median(bare_t)
+            rows = []
+            accounted = 0.0
+            for name, ts in spent.items():
+                med = statistics.median(ts)
+                if name.startswith("  "):
+                    rows.append([name + " (inside the trace)", f"{med * 1e3:.1f}", f"{100 * med / total:.1f}%"])
+                    continue
+                accounted += med
+                rows.append([name, f"{med * 1e3:.1f}", f"{100 * med / total:.1f}%"])
+            rows.append(["rest (parse heads, tqdm, coords, sums)", f"{(total - accounted) * 1e3:.1f}",
+                         f"{100 * (total - accounted) / total:.1f}%"])
+            rows.append(["total", f"{total * 1e3:.1f}", "100%"])
+            rows.append(["bare forward, same rounds", f"{base_b * 1e3:.1f}", f"x{total / base_b:.3f}"])
+            print(f"\nbreakdown of {label} (medians over {args.repeats} calls, each after a bare forward):")
+            print(table(rows, ["piece", "ms", "share"]))
+
+    # ---- the in-trace reduction op alone, and a cheaper contraction order -------------------
+    g = len({f for row in labels for f, _ in row}) * 2
+    q_sel = torch.randn(B, H, D)
+    k_sel = torch.randn(B, H, T, D)
+    onehot = torch.zeros(B, T, g, dtype=torch.float64)
+    onehot[torch.arange(B)[:, None], torch.arange(T)[None], torch.randint(g, (B, T), generator=gen)] = 1
+
+    def two_step() -> Any:
+        g64, q64, k64 = onehot, q_sel.double(), k_sel.double()
+        kg = torch.einsum("bkg,bhkj->bhgj", g64, k64)  # keys summed per group first
+        return (torch.einsum("bhi,bhgj->hgij", q64, kg), torch.einsum("bkg,bhi->hgi", g64, q64),
+                kg.sum(0))
+
+    with torch.inference_mode():
+        t_ops, _ = median_time(lambda: ops.pair_sums(q_sel, k_sel, onehot), args.repeats)
+        t_two, _ = median_time(two_step, args.repeats)
+        diff = max(float((a - b).abs().max() / a.abs().max())
+                   for a, b in zip(ops.pair_sums(q_sel, k_sel, onehot), two_step(), strict=True))
+    print(
+        f"\nin-trace op per layer, shapes of this run (batch {B}, {H} heads, {T} keys, {g} groups, "
+        f"d_head {D}):\n  ops.pair_sums (3-operand einsum 'bkg,bhi,bhkj->hgij'): {t_ops * 1e3:.1f} ms\n"
+        f"  two-step einsum ('bkg,bhkj->bhgj' then 'bhi,bhgj->hgij'):  {t_two * 1e3:.1f} ms "
+        f"({t_ops / t_two:.0f}x faster, max rel diff {diff:.1e})"
+    )
+
+    if args.profile:
+        prof = cProfile.Profile()
+        with torch.inference_mode():
+            prof.enable()
+            for _ in range(3):
+                qk_capture(False)
+            prof.disable()
+        stream = io.StringIO()
+        pstats.Stats(prof, stream=stream).sort_stats("cumulative").print_stats(30)
+        print("\ncProfile of 3 capture calls (cumulative, top 30):")
+        print(stream.getvalue())
+
+
+def breakdown(fn, bare, module, names, ops, op_names, repeats):
+    """Run bare() then fn() `repeats` times with `module.<names>` and `ops.<op_names>` timed.
+
+    Returns (bare times, fn times, {piece: per-call seconds}); in-trace ops are keyed "  <name>".
+    Only functions that exist in the module are wrapped, so this survives refactors.
+    """
+    spent: dict[str, list[float]] = {}
+    patched = []
+
+    def wrap(owner, name, key):
+        fn0 = getattr(owner, name)
+
+        def wrapper(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return fn0(*a, **k)
+            finally:
+                spent[key][-1] += time.perf_counter() - t0
+
+        setattr(owner, name, wrapper)
+        patched.append((owner, name, fn0))
+        spent[key] = []
+
+    for n in names:
+        if hasattr(module, n):
+            wrap(module, n, n)
+    for n in op_names:
+        if hasattr(ops, n):
+            wrap(ops, n, "  " + n)
+    bare_t, total_t = [], []
+    try:
+        for v in spent.values():
+            v.append(0.0)
+        fn()  # warm-up call, dropped below
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            bare()
+            bare_t.append(time.perf_counter() - t0)
+            for v in spent.values():
+                v.append(0.0)
+            t0 = time.perf_counter()
+            fn()
+            total_t.append(time.perf_counter() - t0)
+    finally:
+        for owner, name, fn0 in reversed(patched):
+            setattr(owner, name, fn0)
+    used = {k: v[1:] for k, v in spent.items() if any(v[1:])}
+    return bare_t, total_t, used
+
+
+if __name__ == "__main__":
+    main()

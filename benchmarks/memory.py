@@ -1,0 +1,304 @@
+"""Peak memory of qktrace.reduce and of batch-by-batch capture to zarr: does it grow with prompts?
+
+Each measurement runs in its own fresh Python process (so peaks are clean) on a tiny random-weight
+Llama (2 layers, d_model 64, 4 heads / 2 kv heads of 16; see qktrace.testing) with short random
+token-id prompts (default 24 tokens) and all 8 heads. A child process first builds the model and
+ALL prompts/labels (inputs are O(prompts) by nature and not what is measured), records its
+resident set size (RSS), then runs the arm and reports:
+
+  peak RSS - RSS before   resource.getrusage(RUSAGE_SELF).ru_maxrss minus /proc/self/status
+                          VmRSS just before the arm: everything the arm added at its worst
+                          (torch buffers, numpy, Python objects, zarr/numcodecs buffers)
+  tracemalloc peak        Python and numpy allocations traced during the arm (torch's own CPU
+                          allocator is invisible to tracemalloc)
+  retained                tracemalloc current at the end, minus the result the arm returns
+
+Arms:
+  reduce     qktrace.reduce of N prompts, 8 labelled keys per prompt over 4 features.
+             Goal: flat in N (peak ratio N=10k / N=1k <= 1.1).
+  reduce-out the same with out=<zarr path> checkpointing after every batch (--with-out).
+  capture    qktrace.capture(..., out=<zarr path>) (query last, keys all, attention=True):
+             capture appends each batch to the store as it completes (qktrace.store.BatchWriter)
+             and returns the store opened lazily. Goal: bounded by about one batch.
+  capture-loop  a loop calling qktrace.capture on one batch at a time and appending each batch
+             with qktrace.store.BatchWriter (xarray to_zarr append if that is missing): the
+             bound a caller can reach without capture(out=) (--capture-loop).
+  capture-all  qktrace.capture of all N prompts in memory, then store.save: the O(N)
+             reference (--capture-all).
+
+Reduce runs at --sizes (default 1k and 10k prompts); the capture arms at --capture-sizes
+(default 1k and 4k, to keep the default run near 3 minutes on 2 cores).
+
+Prints figures only; asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import tracemalloc
+from pathlib import Path
+
+from _common import human, machine, table, versions
+
+
+def rss_now() -> int:
+    """Current resident set size in bytes (Linux /proc)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def peak_rss() -> int:
+    """Peak resident set size of this process in bytes (ru_maxrss is KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+# ------------------------------------------------------------------------------------------
+# child
+
+
+def child(arm: str, n: int, tokens: int, batch: int, use_tracemalloc: bool, workdir: str) -> dict:
+    import numpy as np
+    import torch
+
+    import qktrace.testing as testing
+    from qktrace.capture import capture
+    from qktrace.models import load
+    from qktrace.reduce import reduce
+
+    net, tok = testing.model("llama")
+    model = load(net, tokenizer=tok)
+    heads = [(layer, h) for layer in range(model.n_layers) for h in range(model.n_heads)]
+    rng = np.random.default_rng(0)
+    prompts = rng.integers(8, len(tok), size=(n, tokens)).tolist()
+    key_pos = [sorted(rng.choice(tokens - 1, size=8, replace=False).tolist()) for _ in range(n)]
+    feats = ["fruit", "animal", "vehicle", "country"]
+    labels = [
+        [(feats[(i + j) % 4], "positive" if (i + j) % 3 else "negative") for j in range(8)]
+        for i in range(n)
+    ]
+    # warm up (first .source access rewrites the attention forward, imports, allocator)
+    with torch.inference_mode():
+        reduce(model, prompts[:batch], heads, labels[:batch], keys=key_pos[:batch],
+               batch_size=batch, progress=False)
+        one_batch = capture(
+            model, prompts[:batch], heads, keys="all", batch_size=batch, progress=False
+        ).nbytes
+    out = Path(workdir) / f"{arm}-{n}.zarr"
+    info: dict = {}
+
+    before = rss_now()
+    if use_tracemalloc:
+        tracemalloc.start()
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        if arm in ("reduce", "reduce-out"):
+            result = reduce(
+                model, prompts, heads, labels, keys=key_pos, batch_size=batch, progress=False,
+                out=out if arm == "reduce-out" else None,
+            )
+            result_bytes = result.nbytes
+        elif arm == "capture":
+            import inspect
+
+            if "out" in inspect.signature(capture).parameters:
+                ds = capture(model, prompts, heads, keys="all", batch_size=batch, progress=False,
+                             out=out)
+                result_bytes = 0
+                info = {"writer": "capture(out=...) (BatchWriter inside); result opened lazily"}
+                del ds
+            else:
+                result_bytes, info = capture_to_zarr(model, prompts, heads, batch, out)
+        elif arm == "capture-loop":
+            result_bytes, info = capture_to_zarr(model, prompts, heads, batch, out)
+        elif arm == "capture-all":
+            from qktrace import store
+
+            ds = capture(model, prompts, heads, keys="all", batch_size=batch, progress=False)
+            result_bytes = ds.nbytes
+            store.save(ds, out)
+            info["writer"] = "capture() of all prompts, then store.save"
+        else:
+            raise ValueError(arm)
+    seconds = time.perf_counter() - t0
+    traced_peak = traced_now = 0
+    if use_tracemalloc:
+        traced_now, traced_peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+    peak = peak_rss()
+    disk = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) if out.exists() else 0
+    return {
+        "arm": arm, "n": n, "seconds": seconds, "rss_before": before, "peak_rss": peak,
+        "peak_minus_before": peak - before, "tracemalloc_peak": traced_peak,
+        "retained": traced_now - (result_bytes if arm.startswith("reduce") else 0),
+        "result_bytes": result_bytes, "disk_bytes": disk, "one_batch_bytes": one_batch, **info,
+    }
+
+
+def capture_to_zarr(model, prompts, heads, batch, out):
+    """capture() one batch at a time, appending each batch Dataset to a zarr store."""
+    from qktrace.capture import capture
+    from qktrace.models import iter_batches
+
+    try:
+        from qktrace.store import BatchWriter
+    except ImportError:
+        BatchWriter = None
+    if BatchWriter is not None:
+        writer = BatchWriter(out, params={"n": len(prompts), "batch": batch})
+        how = "qktrace.store.BatchWriter.append per batch"
+    else:
+        writer = None
+        how = "xarray to_zarr(append_dim='prompt') per batch"
+    for start, chunk in iter_batches(prompts, batch):
+        ds = capture(model, chunk, heads, keys="all", batch_size=batch, progress=False)
+        ds = ds.assign_coords(prompt=ds.prompt + start)
+        if writer is not None:
+            writer.append(ds)
+        else:
+            ds = ds.drop_vars([v for v in ds.variables if ds[v].dtype == object])
+            ds.to_zarr(out, mode="a" if start else "w", append_dim="prompt" if start else None)
+        del ds
+    if writer is not None:
+        writer.finalize()
+    return 0, {"writer": how}
+
+
+# ------------------------------------------------------------------------------------------
+# parent
+
+
+def run_child(arm: str, n: int, args: argparse.Namespace, workdir: str) -> dict:
+    cmd = [
+        sys.executable, __file__, "--child", arm, "--n", str(n), "--tokens", str(args.tokens),
+        "--batch", str(args.batch), "--workdir", workdir,
+    ]
+    if args.no_tracemalloc:
+        cmd.append("--no-tracemalloc")
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"child {arm} n={n} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--sizes", default="1000,10000", help="prompt counts (default 1000,10000)")
+    parser.add_argument(
+        "--arms", default="reduce,capture",
+        help="arms, comma-separated: reduce, reduce-out, capture, capture-all (default reduce,capture)",
+    )
+    parser.add_argument(
+        "--capture-sizes", default="1000,4000",
+        help="prompt counts for the capture arms (default 1000,4000)",
+    )
+    parser.add_argument("--with-out", action="store_true", help="add the reduce-out arm")
+    parser.add_argument(
+        "--capture-loop", action="store_true",
+        help="add the capture-loop arm (per-batch capture() calls + BatchWriter)",
+    )
+    parser.add_argument(
+        "--capture-all", action="store_true",
+        help="add the capture-all arm (all prompts in one capture() call: grows with N)",
+    )
+    parser.add_argument("--tokens", type=int, default=24, help="tokens per prompt (default 24)")
+    parser.add_argument("--batch", type=int, default=32, help="batch size (default 32)")
+    parser.add_argument(
+        "--no-tracemalloc", action="store_true",
+        help="skip tracemalloc (faster; RSS figures only)",
+    )
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--n", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.child:
+        print(json.dumps(child(args.child, args.n, args.tokens, args.batch,
+                               not args.no_tracemalloc, args.workdir)))
+        return
+
+    sizes = [int(s) for s in args.sizes.split(",")]
+    arms = [a for a in args.arms.split(",") if a]
+    if args.with_out and "reduce-out" not in arms:
+        arms.append("reduce-out")
+    if args.capture_loop and "capture-loop" not in arms:
+        arms.append("capture-loop")
+    if args.capture_all and "capture-all" not in arms:
+        arms.append("capture-all")
+    capture_sizes = [int(s) for s in args.capture_sizes.split(",")]
+    print("memory: peak memory of qktrace.reduce and of batch-by-batch capture to zarr")
+    print(f"machine: {machine()}")
+    print(f"versions: {versions()}")
+    print(
+        f"model: tiny random Llama (2 layers, d_model 64, 4 heads / 2 kv of 16), all 8 heads; "
+        f"prompts of {args.tokens} random tokens; batch {args.batch}; each arm in a fresh process"
+    )
+    workdir = tempfile.mkdtemp(prefix="qktrace-mem-")
+    results = []
+    try:
+        for arm in arms:
+            for n in sizes if arm.startswith("reduce") else capture_sizes:
+                r = run_child(arm, n, args, workdir)
+                results.append(r)
+                print(
+                    f"  {arm:<11} n={n:<6} {r['seconds']:6.1f} s  peak-before "
+                    f"{human(r['peak_minus_before'])}", flush=True,
+                )
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    rows = []
+    for r in results:
+        rows.append([
+            r["arm"], r["n"], f"{r['seconds']:.1f}", human(r["rss_before"]),
+            human(r["peak_minus_before"]),
+            human(r["tracemalloc_peak"]) if not args.no_tracemalloc else "-",
+            human(r["retained"]) if not args.no_tracemalloc else "-",
+            human(r["result_bytes"]) if r["result_bytes"] else "-",
+            human(r.get("one_batch_bytes", 0)) if r.get("one_batch_bytes") else "-",
+            human(r["disk_bytes"]) if r["disk_bytes"] else "-",
+        ])
+    print()
+    print(table(rows, ["arm", "prompts", "s", "RSS before", "peak-before", "tracemalloc peak",
+                       "retained", "result", "one batch", "on disk"]))
+    print()
+    for arm in arms:
+        rs = [r for r in results if r["arm"] == arm]
+        if len(rs) < 2:
+            continue
+        lo, hi = rs[0], rs[-1]
+        ratio = hi["peak_minus_before"] / max(lo["peak_minus_before"], 1)
+        line = (
+            f"{arm}: peak-before n={hi['n']} / n={lo['n']} = {ratio:.2f}"
+            f" (absolute peak RSS {human(hi['peak_rss'])} / {human(lo['peak_rss'])} = "
+            f"{hi['peak_rss'] / lo['peak_rss']:.2f})"
+        )
+        if not args.no_tracemalloc:
+            t_ratio = hi["tracemalloc_peak"] / max(lo["tracemalloc_peak"], 1)
+            line += f"; tracemalloc peak ratio {t_ratio:.2f}"
+        if arm.startswith("reduce"):
+            line += f"  [goal <= 1.1: {'met' if ratio <= 1.1 else 'NOT met'}]"
+        if arm.startswith("capture") and hi.get("one_batch_bytes"):
+            line += f"; peak-before / one batch Dataset = {hi['peak_minus_before'] / hi['one_batch_bytes']:.1f}"
+        print(line)
+        for r in rs:
+            if "writer" in r:
+                print(f"  ({arm} writes with: {r['writer']})")
+                break
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()

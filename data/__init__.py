@@ -1,0 +1,1 @@
+"""Data shipped with qktrace (importable as `qktrace.data`): item lists and the model organism."""

@@ -1,0 +1,302 @@
+"""The `qktrace` command line: one command per job, each with its own --help.
+
+    qktrace toy --out runs/toy            # train the toy models, recover their subspaces
+    qktrace toy --out runs/toy --quick    # the same on a small grid, in under a minute
+    qktrace study order-id --model meta-llama/Llama-3.1-8B-Instruct --remote --out runs/binding
+    qktrace show runs/binding/order_id.zarr
+
+Studies are found through the registry `studies.STUDIES` (name -> module with a ``run``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(
+    name="qktrace",
+    help=(
+        "Why does this attention head attend to that token? Find the query and key subspaces "
+        "of features with contrastive covariances (ΔC = C+ - C-), and test them causally."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",
+)
+
+
+@app.callback()
+def main() -> None:
+    """Query-key feature subspaces of attention heads, from contrastive covariances.
+
+    Each command runs one job and writes a zarr store (read it with `qktrace.store.open`) with
+    PNG figures beside it. Start with `qktrace toy --out runs/toy --quick`.
+    """
+
+
+def _study(name: str):  # noqa: ANN202 - a module
+    from studies import STUDIES
+
+    return importlib.import_module(STUDIES[name])
+
+
+@app.command()
+def toy(
+    out: Annotated[
+        Path,
+        typer.Option("--out", "-o", help="Output directory: toy.zarr and the PNG figures go here."),
+    ],
+    quick: Annotated[
+        bool, typer.Option("--quick", help="One seed, N, M in {3, 5}, fewer steps: under a minute.")
+    ] = False,
+    seed: Annotated[
+        int, typer.Option("--seed", help="First seed; a full run uses seed, seed+1, seed+2.")
+    ] = 0,
+    n_seeds: Annotated[
+        int | None,
+        typer.Option("--n-seeds", help="Number of seeds (default 3; 1 with --quick)."),
+    ] = None,
+    max_steps: Annotated[
+        int | None,
+        typer.Option(
+            "--max-steps",
+            help="Training steps per model at most (default 2000; 800 with --quick).",
+        ),
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an existing toy.zarr in --out.")
+    ] = False,
+) -> None:
+    """Train the toy model (one attention head) and recover its feature subspaces.
+
+    The payload-retrieval task of the paper: over latent ranks N, M in {3, 5, 7}, d_head 16 and
+    8, discrete and continuous latents, train the head, then check that contrastive covariances
+    recover its z1 and z2 subspaces: ranks, PCA geometry, swap interventions against random
+    subspaces, and the latent interaction matrix G.
+
+    Writes OUT/toy.zarr and OUT/rank_grid.png, pca.png, intervention.png, interaction.png, and
+    prints a summary table. The full run takes several minutes on 2 CPU cores.
+    """
+    start = time.perf_counter()
+    overrides = {
+        k: v for k, v in {"n_seeds": n_seeds, "max_steps": max_steps}.items() if v is not None
+    }
+    try:
+        path = _study("toy").run(out, quick=quick, seed=seed, overwrite=overwrite, **overrides)
+    except FileExistsError as err:
+        raise typer.BadParameter(str(err), param_hint="--out") from err
+    typer.echo(f"wrote {path} and figures in {out} ({time.perf_counter() - start:.0f} s)")
+
+
+_STUDY_EXAMPLES = """Examples (each command on one line):
+
+The paper's filter heads of Llama-3.1-8B-Instruct, on NDIF (export NDIF_API_KEY=... first):
+
+  qktrace study filter-heads -m meta-llama/Llama-3.1-8B-Instruct --remote --n-prompts 2000 --n-test 1000 -o out/filter
+
+Order-ID, then lexical binding (lexical reuses order_id.zarr from the same --out):
+
+  qktrace study order-id -m meta-llama/Llama-3.1-8B-Instruct --remote -o out/binding
+
+  qktrace study lexical -m meta-llama/Llama-3.1-8B-Instruct --remote --n-pairs 4 -o out/binding
+
+Another model (a hub id or a local path), with the heads you choose:
+
+  qktrace study order-id -m Qwen/Qwen3-4B-Instruct-2507 --heads 18.3,21.7 -o out/qwen
+
+The exact NDIF request, simulated offline on a local checkpoint:
+
+  qktrace study lexical -m ./my-checkpoint --heads 1.2 --remote-local --n-prompts 64 -o out/try
+
+Then: qktrace show out/binding/order_id.zarr
+"""
+
+
+def _model_studies() -> dict[str, str]:
+    """Registered studies that run on a language model (their ``run`` takes a model)."""
+    import inspect
+
+    from studies import STUDIES
+
+    return {
+        name: module
+        for name, module in STUDIES.items()
+        if "model" in inspect.signature(importlib.import_module(module).run).parameters
+    }
+
+
+@app.command(epilog=_STUDY_EXAMPLES)
+def study(
+    name: Annotated[
+        str, typer.Argument(help="The study: filter-heads, order-id or lexical.", metavar="NAME")
+    ],
+    model: Annotated[
+        str,
+        typer.Option(
+            "--model", "-m", help="Hub id (meta-llama/Llama-3.1-8B-Instruct) or local checkpoint."
+        ),
+    ],
+    out: Annotated[
+        Path,
+        typer.Option("--out", "-o", help="Output directory: NAME.zarr and PNG figures go here."),
+    ],
+    heads: Annotated[
+        str | None,
+        typer.Option(
+            "--heads",
+            help="Heads as LAYER.HEAD, comma-separated, e.g. 16.19,20.26 [default: the paper's "
+            "heads for Llama-3.1-8B-Instruct; required for other models].",
+        ),
+    ] = None,
+    n_prompts: Annotated[
+        int | None,
+        typer.Option(
+            "--n-prompts", help="Prompts for the subspaces [default: 2000, as the paper]."
+        ),
+    ] = None,
+    n_test: Annotated[
+        int | None,
+        typer.Option(
+            "--n-test", help="Fresh prompts for PCA and interventions [default: 1000 / 500]."
+        ),
+    ] = None,
+    n_pairs: Annotated[
+        int | None,
+        typer.Option(
+            "--n-pairs", help="order-id, lexical: object-box pairs per prompt [default: 9]."
+        ),
+    ] = None,
+    categories: Annotated[
+        str | None,
+        typer.Option(
+            "--categories",
+            help="filter-heads: comma-separated categories [default: animal,fruit,liquid,"
+            "vehicle,country]; more in data/categories.json.",
+        ),
+    ] = None,
+    remote: Annotated[
+        bool, typer.Option("--remote", help="Run on NDIF (needs NDIF_API_KEY).")
+    ] = False,
+    remote_local: Annotated[
+        bool,
+        typer.Option(
+            "--remote-local", help="Run nnsight's offline simulation of the NDIF request."
+        ),
+    ] = False,
+    batch_size: Annotated[
+        int | None, typer.Option("--batch-size", help="Prompts per trace [default: 16].")
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of prompts and random subspaces.")] = 0,
+    n_random: Annotated[
+        int | None,
+        typer.Option("--n-random", help="Random subspaces per intervention [default: 10]."),
+    ] = None,
+    threshold: Annotated[
+        float | None,
+        typer.Option("--threshold", help="Rank rule: fraction of sum(S^2) kept [default: 0.99]."),
+    ] = None,
+    chat: Annotated[
+        bool | None,
+        typer.Option(
+            "--chat/--no-chat",
+            help="Apply the chat template [default: when the tokenizer has one].",
+            show_default=False,
+        ),
+    ] = None,
+    figures: Annotated[
+        bool, typer.Option("--figures/--no-figures", help="Draw the PNG figures.")
+    ] = True,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an existing NAME.zarr in --out.")
+    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+) -> None:
+    """Run a language-model study: find feature subspaces of attention heads' query-key space
+    with contrastive covariances, then check them with PCA, swap interventions against random
+    subspaces and (lexical) attention-logit attribution.
+
+    filter-heads: categories of list items (paper §3.1). order-id: which position a box is
+    in (§3.2). lexical: which object a box holds (§3.3, Fig 10). Writes OUT/NAME.zarr
+    (labelled, with provenance) and PNG figures beside it, then prints a summary. A crashed
+    run resumes when rerun with the same arguments.
+    """
+    import inspect
+
+    known = _model_studies()
+    if name not in known:
+        raise typer.BadParameter(
+            f"unknown study {name!r}; choose one of {', '.join(known)} (the toy model has its "
+            "own command: qktrace toy).",
+            param_hint="NAME",
+        )
+    if remote and remote_local:
+        raise typer.BadParameter("give --remote or --remote-local, not both.")
+    mode: bool | str = True if remote else "local" if remote_local else False
+    module = importlib.import_module(known[name])
+    given = {
+        "heads": heads,
+        "n_prompts": n_prompts,
+        "n_test": n_test,
+        "n_pairs": n_pairs,
+        "categories": categories.split(",") if categories else None,
+        "batch_size": batch_size,
+        "n_random": n_random,
+        "threshold": threshold,
+        "chat": chat,
+    }
+    accepted = inspect.signature(module.run).parameters
+    for key, value in given.items():
+        if value is not None and key not in accepted:
+            flag = "--" + key.replace("_", "-")
+            raise typer.BadParameter(f"{flag} is not an option of {name}.", param_hint=flag)
+    kwargs = {k: v for k, v in given.items() if v is not None}
+    start = time.perf_counter()
+    try:
+        path = module.run(
+            model,
+            out=out,
+            seed=seed,
+            remote=mode,
+            figures=figures,
+            overwrite=overwrite,
+            progress=not quiet,
+            **kwargs,
+        )
+    except FileExistsError as err:
+        raise typer.BadParameter(str(err), param_hint="--out") from err
+    except (ValueError, RuntimeError) as err:
+        typer.secho(f"Error: {err}", err=True, fg="red")
+        raise typer.Exit(1) from err
+    from qktrace import store
+    from qktrace.summary import summarize
+
+    typer.echo(summarize(store.open(path), path, variables=False))
+    typer.echo(f"\nwrote {path} and figures in {out} ({time.perf_counter() - start:.0f} s)")
+
+
+@app.command()
+def show(
+    path: Annotated[Path, typer.Argument(help="A store written by qktrace (a .zarr directory).")],
+) -> None:
+    """Print a readable summary of a store: provenance, ranks per head and feature,
+    interventions against random subspaces, attribution, and its variables.
+
+    Example: qktrace show out/binding/order_id.zarr
+    """
+    from qktrace import store
+    from qktrace.summary import summarize
+
+    try:
+        ds = store.open(path)
+    except (FileNotFoundError, ValueError) as err:
+        raise typer.BadParameter(str(err), param_hint="PATH") from err
+    typer.echo(summarize(ds, path))
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,203 @@
+"""Find the heads whose attention goes to the answer, so a study can pick heads on a new model.
+
+The mechanism
+-------------
+The paper names its heads for Llama-3.1-8B-Instruct; another model needs its own. A head that
+retrieves the answer attends, from the query (the last token), to the answer's key more than to
+the other candidates. `find_heads` scores every head of the chosen layers on labelled prompts,
+in ONE nnsight trace per batch: at each layer it reads the inputs of the attention function
+(post-RoPE q and k, as the softmax sees them), computes all heads' attention rows of the query
+with the model's own mask, scaling and soft cap (`qktrace.ops.attention_rows`), and saves only
+the weights at the candidate keys, [batch, heads, keys] per layer. So a scan of every head of
+an 8B model on NDIF sends back a few kilobytes per batch.
+
+Scores per head, averaged over prompts: ``answer_attention`` (attention on the answer key,
+over the whole row), ``answer_share`` (that attention as a share of the attention on the
+candidate keys, which discounts attention sinks) and ``answer_argmax`` (the fraction of prompts
+where the answer gets the most attention among the candidates).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import nnsight
+import numpy as np
+import torch
+import xarray as xr
+from tqdm.auto import tqdm
+
+from . import ops
+from .capture import Batch, Positions, Prompt, _head_coords, plan_batches, resolve_positions
+from .models import Head, Model
+from .remote import with_retries
+
+__all__ = ["find_heads"]
+
+Score = Literal["answer_attention", "answer_share", "answer_argmax"]
+SCORES = ("answer_attention", "answer_share", "answer_argmax")
+
+
+def find_heads(
+    model: Model,
+    prompts: Sequence[Prompt],
+    answer: Sequence[int],
+    *,
+    keys: Positions,
+    query: Positions = "last",
+    layers: Sequence[int] | None = None,
+    top: int | None = 5,
+    by: Score = "answer_attention",
+    batch_size: int = 8,
+    add_special_tokens: bool = True,
+    progress: bool = True,
+) -> xr.Dataset:
+    """Rank heads by how much their attention from the query goes to the answer key.
+
+    Parameters
+    ----------
+    model
+        From `qktrace.load`; local, `remote="local"` or NDIF.
+    prompts
+        Strings (tokenized here) or token-id lists.
+    answer
+        One token position per prompt (negative counts from the end): the answer's key.
+    keys
+        Candidate key positions per prompt (a list per prompt, or "all"); must include the
+        answer. The argmax and the share are taken among them.
+    query
+        The query position: "last" or one position per prompt.
+    layers
+        The layers to scan; default all.
+    top
+        Keep the best `top` heads; None keeps all, sorted.
+    by
+        The score to sort by: "answer_attention", "answer_share" or "answer_argmax" (ties are
+        broken by the other scores in that order).
+
+    Returns
+    -------
+    xr.Dataset
+        Dim ``head`` (sorted, best first) with coordinates ``layer``, ``q_head``, ``kv_head``
+        and ``ranking`` (1 = best), and variables ``answer_attention``, ``answer_share``,
+        ``answer_argmax`` (means over prompts). attrs: provenance, ``by``, ``n_prompts``.
+
+    Examples
+    --------
+    >>> best = qktrace.find_heads(model, prompts, answer_pos, keys=box_pos, top=10)  # doctest: +SKIP
+    >>> best.to_dataframe()  # doctest: +SKIP
+    >>> heads = list(best["head"].values[:3])  # e.g. ["16.1", "17.24", "20.1"]  # doctest: +SKIP
+    """
+    if by not in SCORES:
+        raise ValueError(f"by must be one of {SCORES}, not {by!r}.")
+    if top is not None and top < 1:
+        raise ValueError(f"top must be >= 1 (or None for every head), got {top}.")
+    if isinstance(answer, str) or len(answer) != len(prompts):
+        raise ValueError(
+            f"answer must give one token position per prompt ({len(prompts)} prompts), "
+            f"got {answer!r}."
+        )
+    layers = list(range(model.n_layers)) if layers is None else sorted(set(int(x) for x in layers))
+    if not layers:
+        raise ValueError("layers is empty: pass at least one layer, or None for all.")
+    for layer in layers:
+        model.check_layer(layer)
+    plan = plan_batches(model, prompts, query, keys, batch_size, add_special_tokens)
+    answer_slot = np.concatenate([_answer_slots(b, answer) for b in plan])
+
+    parts = []
+    bar = tqdm(total=len(prompts), desc="find_heads", unit="prompt", disable=not progress)
+    for batch in plan:
+        parts.append(
+            with_retries(
+                _scan_batch,
+                model,
+                batch,
+                layers,
+                what=f"prompts {batch.start}..{batch.start + len(batch.texts) - 1}",
+            )
+        )
+        bar.update(len(batch.texts))
+    bar.close()
+    attention = np.concatenate(parts)  # [prompt, head, key], heads layer-major
+    valid = np.concatenate([b.key_slots for b in plan]) >= 0
+    attention = np.where(valid[:, None, :], attention, np.nan)
+
+    rows = np.arange(len(answer_slot))
+    on_answer = attention[rows, :, answer_slot]  # [prompt, head]
+    share = on_answer / np.nansum(attention, axis=-1)
+    best = np.where(np.isnan(attention), -np.inf, attention).argmax(-1)
+    scores = {
+        "answer_attention": on_answer.mean(0),
+        "answer_share": share.mean(0),
+        "answer_argmax": (best == answer_slot[:, None]).mean(0),
+    }
+    order_keys = [by, *[s for s in SCORES if s != by]]
+    order = np.lexsort([-scores[s] for s in reversed(order_keys)])
+    if top is not None:
+        order = order[:top]
+    heads = [Head(layer, h) for layer in layers for h in range(model.n_heads)]
+    chosen = [heads[i] for i in order]
+    from .store import provenance
+
+    params = {"layers": layers, "by": by, "top": top, "n_prompts": len(prompts)}
+    return xr.Dataset(
+        {name: ("head", values[order]) for name, values in scores.items()},
+        coords={**_head_coords(model, chosen), "ranking": ("head", np.arange(1, len(order) + 1))},
+        attrs={
+            **provenance("find_heads", params, model=model.name, remote=model.remote),
+            "by": by,
+            "n_prompts": len(prompts),
+        },
+    )
+
+
+def _answer_slots(batch: Batch, answer: Sequence[int]) -> np.ndarray:
+    """Each prompt's answer position as a slot among its candidate keys (clear error if absent)."""
+    n = len(batch.texts)
+    rows = resolve_positions(
+        list(answer[batch.start : batch.start + n]), batch.encoded.lengths, "Answer"
+    )
+    slots = []
+    for i, row in enumerate(rows):
+        candidates = batch.key_slots[i].tolist()
+        if len(row) != 1:
+            raise ValueError(f"Answer of prompt {batch.start + i} is {row}: give one position.")
+        if row[0] not in candidates:
+            raise ValueError(
+                f"Prompt {batch.start + i}: the answer position {row[0]} is not among its "
+                f"candidate keys {[c for c in candidates if c >= 0]}: add it to keys=."
+            )
+        slots.append(candidates.index(row[0]))
+    return np.array(slots)
+
+
+def _scan_batch(model: Model, batch: Batch, layers: list[int]) -> np.ndarray:
+    """One trace: attention of every head of `layers` at the candidate keys, [batch, heads, keys]."""
+    if batch.query_slots.shape[1] != 1:
+        raise ValueError("find_heads takes one query position per prompt (e.g. query='last').")
+    all_heads = list(range(model.n_heads))
+    plan = [
+        (
+            layer,
+            [model.kv_head(h) for h in all_heads],
+            model.scaling(layer),
+            model.softcap(layer),
+        )
+        for layer in layers
+    ]
+    calls = {layer: model.attention_call(layer) for layer in layers}
+    query_index, key_index = batch.query_index, batch.key_index
+    with torch.inference_mode(), model.trace(batch.encoded.inputs):
+        saved = nnsight.save([])
+        for layer, kv_heads, scaling, softcap in plan:
+            args, kwargs = calls[layer].inputs
+            q, k = args[1], args[2]
+            mask = args[4] if len(args) > 4 else kwargs.get("attention_mask")
+            q_sel = ops.gather_heads(q, all_heads, query_index)
+            _, probs = ops.attention_rows(q_sel, k, kv_heads, mask, query_index, scaling, softcap)
+            cols = key_index[:, None, None, :].expand(-1, probs.shape[1], 1, -1)
+            saved.append(probs.gather(3, cols)[:, :, 0])
+        nnsight.save(saved)
+    return np.concatenate([s.float().cpu().numpy() for s in saved], axis=1)

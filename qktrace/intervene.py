@@ -1,0 +1,547 @@
+"""Edit one head's keys (or queries) inside a feature subspace, and watch where its attention goes.
+
+The mechanism
+-------------
+A subspace found by `qktrace.decompose` claims to carry a feature: the order index of a box,
+the category of an item. The causal test is to change a key's coordinates inside that subspace
+and nothing else, and see whether the head's attention follows. For one head, inside ONE nnsight
+trace per batch, at the inputs of the layer's attention function (post-RoPE q and k, exactly as
+the softmax sees them; see `qktrace.models`):
+
+1. ``before``: the query's attention (last token by default) is computed from the unedited q
+   and k with the model's own mask, scaling and soft cap (`qktrace.ops.attention_rows`).
+2. Random baselines: the same edit with `n_random` random orthonormal subspaces of the same rank
+   (seeded; the same draws for every batch) is computed *functionally*, only for this head's
+   attention row, so they cost a few small matrix products and no extra forward pass.
+3. The real edit is written IN PLACE into the traced tensor, so the model's attention (and
+   everything downstream of it) really computes with the edited key; ``after`` is computed from
+   the edited tensors. ``verify=True`` also reads the model's own attention weights from the
+   output of the attention call (eager attention only), as a check that the edit took.
+
+Edits, with V an orthonormal basis [d_head, r] of the subspace and c = x V the coordinates:
+
+- "swap" exchanges the coordinates of the keys at `orig` and `target`:
+  k_o += (c_t - c_o) V^T and k_t += (c_o - c_t) V^T (the paper's Fig 4, 7 and 9);
+- "ablate" sets them to zero at the positions `at` (project out the subspace);
+- "patch" sets them to those of given `source` vectors at `at`, e.g. keys captured from a
+  counterfactual prompt (`qktrace.capture(...).k`). Keys carry their position's rotary phase:
+  patch from the same position of another prompt unless you mean to move it.
+
+Only the span of `basis` matters (it is orthonormalized here). With grouped-query attention
+several query heads read one key head: editing a key edits it for the whole group (the query
+heads in attr ``heads_sharing_key``), and the model's downstream computation sees that. Query
+edits (``side="query"``) touch only the chosen head.
+
+Metrics
+-------
+Per prompt and subspace, with a_o and a_t the attention on the orig and target keys:
+``p_target`` = a_t / (a_o + a_t) before and after, and its change ``delta_p_target``;
+``attention_target`` before and after; and ``flip``: the argmax of attention moved from orig to
+target. The argmax is taken over the *candidate keys* the caller passes (`keys`, by default just
+orig and target), not the whole row, because attention sinks (the first token, punctuation)
+dominate whole rows; a prompt flips when orig was the argmax before and target is after, and
+``flip_rate`` counts flips among the prompts whose argmax was orig before (``attends_orig``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import nnsight
+import numpy as np
+import torch
+import xarray as xr
+from tqdm.auto import tqdm
+
+from . import ops
+from .attribution import as_basis, orthogonalize
+from .capture import Batch, Positions, Prompt, encode, plan_batches, resolve_positions
+from .models import Model, parse_heads
+from .remote import with_retries
+
+__all__ = ["intervene"]
+
+Mode = Literal["swap", "ablate", "patch"]
+Side = Literal["key", "query"]
+MODES = ("swap", "ablate", "patch")
+
+
+def intervene(
+    model: Model,
+    prompts: Sequence[Prompt],
+    head: Any,
+    basis: Any,
+    *,
+    orig: Sequence[int],
+    target: Sequence[int],
+    keys: Positions | None = None,
+    mode: Mode = "swap",
+    side: Side = "key",
+    at: Positions | None = None,
+    source: Any = None,
+    name: str | None = None,
+    query: Positions = "last",
+    n_random: int = 10,
+    seed: int = 0,
+    verify: bool = False,
+    batch_size: int = 8,
+    add_special_tokens: bool = True,
+    progress: bool = True,
+) -> xr.Dataset:
+    """Edit one head's keys (or queries) inside a subspace and compare its attention before/after.
+
+    Parameters
+    ----------
+    model
+        From `qktrace.load`; local, `remote="local"` or NDIF.
+    prompts
+        Strings (tokenized here) or token-id lists.
+    head
+        One query head: "16.19" or (16, 19).
+    basis
+        The subspace: an array [d_head, r] (key basis V for ``side="key"``, query basis U for
+        ``side="query"``), or a DataArray from `qktrace.decompose`, e.g.
+        ``sub.key_basis.sel(head="16.19", feature="order")`` (NaN columns beyond the rank are
+        dropped). Only its span matters.
+    orig, target
+        One token position per prompt (negative counts from the end): the key the head attends
+        to, and the key the edit should move attention to. For "swap" they are the two keys
+        whose coordinates are exchanged.
+    keys
+        Candidate key positions per prompt, among which the argmax (for `flip`) is taken and
+        attention is reported; must include orig and target. Default: just orig and target.
+    mode
+        "swap", "ablate" or "patch" (see the module docstring).
+    side
+        "key" (default) edits keys; "query" edits the head's query vectors ("ablate"/"patch"
+        only: a swap exchanges two keys).
+    at
+        Positions to edit for "ablate"/"patch": one or a list per prompt. Default: orig (key
+        side) or the query position (query side). Not used by "swap".
+    source
+        For "patch": the vectors whose coordinates are copied, [n_prompts, d_head] (one per
+        prompt) or [n_prompts, n_at, d_head] (one per edited position), or a DataArray with
+        dims ``prompt`` and ``d_head`` (e.g. ``capture(...).k.sel(head="16.19")``).
+    name
+        The subspace's name in the `subspace` coordinate; default: the basis' ``feature``
+        coordinate if it has one, else "subspace".
+    query
+        The query position: "last" or one position per prompt.
+    n_random, seed
+        Random orthonormal subspaces of the same rank as baselines, drawn with `seed`; the same
+        draws serve every batch. 0 turns them off.
+    verify
+        Also return ``model_attention``: the model's own attention weights of the head after the
+        edit, read from the attention call's output (needs ``attn_implementation="eager"``).
+
+    Returns
+    -------
+    xr.Dataset
+        Coordinates: ``subspace`` (`name`, then "random_0", ...; bool ``random`` marks the
+        baselines), ``prompt``, ``key`` (candidate slots; ``key_position`` is -1 and values NaN
+        where a prompt has fewer), ``key_token``, ``key_role`` ("orig", "target" or ""),
+        ``orig_position``, ``target_position``, ``query_position``.
+        Variables: ``attention_before``/``logit_before`` (prompt, key) and
+        ``attention_after``/``logit_after`` (subspace, prompt, key), logits scaled and before
+        any soft cap; ``p_target_before`` (prompt), ``p_target_after`` and ``delta_p_target``
+        (subspace, prompt); ``attention_target_before``/``_after``; ``argmax_before`` (prompt)
+        and ``argmax_after`` (subspace, prompt) as key positions; ``attends_orig`` (prompt);
+        ``flip`` (subspace, prompt); means over prompts ``mean_delta_p_target``, ``flip_rate``,
+        ``mean_attention_target_after`` (subspace) and ``mean_attention_target_before``;
+        ``basis`` (d_head, component), the orthonormalized subspace. attrs: provenance
+        (`qktrace.store.provenance`), head, layer, kv_head, heads_sharing_key, side, mode, rank.
+
+    Examples
+    --------
+    >>> fx = qktrace.intervene(model, prompts, "16.1", V_order, name="order",
+    ...                        orig=answer_pos, target=other_pos, keys=box_pos)  # doctest: +SKIP
+    >>> fx.flip_rate.to_series()  # doctest: +SKIP
+    >>> fx.delta_p_target.where(fx.random).mean()  # doctest: +SKIP
+    """
+    if isinstance(head, tuple) and len(head) == 2 and all(isinstance(x, int) for x in head):
+        head = [head]  # (layer, head), or a Head
+    heads = parse_heads(head)
+    if len(heads) != 1:
+        raise ValueError(
+            f"intervene edits one head at a time, got {[h.label for h in heads]}: call it once "
+            "per head."
+        )
+    (h,) = heads
+    model.check_heads(heads)
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, not {mode!r}.")
+    if side not in ("key", "query"):
+        raise ValueError(f"side must be 'key' or 'query', not {side!r}.")
+    if mode == "swap" and side == "query":
+        raise ValueError(
+            "A swap exchanges the coordinates of two keys (orig and target), so it needs "
+            "side='key'. To edit the query, use mode='ablate', or mode='patch' with source= "
+            "queries of other prompts (e.g. capture(...).q)."
+        )
+    if mode == "swap" and at is not None:
+        raise ValueError("mode='swap' edits the keys at orig and target: drop at=.")
+    if mode == "patch" and source is None:
+        raise ValueError(
+            "mode='patch' needs source=: the vectors whose coordinates to copy, [n_prompts, "
+            f"d_head={model.d_head}] or [n_prompts, n_at, d_head]."
+        )
+    if mode != "patch" and source is not None:
+        raise ValueError(f"source= is only used by mode='patch', not mode={mode!r}.")
+    if n_random < 0:
+        raise ValueError(f"n_random must be >= 0, got {n_random}.")
+    n = len(prompts)
+    for what, spec in (("orig", orig), ("target", target)):
+        if isinstance(spec, str) or len(spec) != n:
+            raise ValueError(
+                f"{what} must give one token position per prompt ({n} prompts), got {spec!r}."
+            )
+    if name is None:
+        feature = getattr(basis, "coords", {}).get("feature")
+        name = str(feature.item()) if feature is not None and feature.ndim == 0 else "subspace"
+    v = orthogonalize([as_basis(basis, model.d_head, what=f"Basis {name!r}", head=h.label)])[0]
+    rank = v.shape[1]
+    if rank == 0:
+        raise ValueError(f"Basis {name!r} is numerically zero: give it non-zero columns.")
+    from .covariance import random_subspaces
+
+    randoms = random_subspaces(model.d_head, rank, n_random, seed) if n_random else None
+    lengths = encode(model, prompts, add_special_tokens=add_special_tokens).lengths
+    orig = _one_position(orig, lengths, "Orig")
+    target = _one_position(target, lengths, "Target")
+    for p, (o, t) in enumerate(zip(orig, target, strict=True)):
+        if o == t:
+            raise ValueError(
+                f"Prompt {p}: orig and target are the same position {o}; they must name two "
+                "different keys (the attended one and the one attention should move to)."
+            )
+    if keys is None:
+        keys = [[o, t] for o, t in zip(orig, target, strict=True)]
+    sources = _source_array(source, n, model.d_head) if mode == "patch" else None
+
+    plan = plan_batches(model, prompts, query, keys, batch_size, add_special_tokens)
+    staged = [_stage(b, orig, target, at, mode, side, sources) for b in plan]
+
+    basis_t = torch.tensor(v, dtype=torch.float32)
+    random_t = None if randoms is None else torch.tensor(randoms, dtype=torch.float32)
+    if verify:
+        implementation = getattr(model.lm.config, "_attn_implementation", None)
+        if implementation != "eager":
+            raise ValueError(
+                f"verify=True reads the model's own attention weights, which only eager attention "
+                f"returns ({model.name} uses {implementation!r}): load it with "
+                "attn_implementation='eager', or drop verify."
+            )
+    results = []
+    bar = tqdm(total=n, desc="intervene", unit="prompt", disable=not progress)
+    for batch, (edit_index, source_t, orig_slot, target_slot) in zip(plan, staged, strict=True):
+        values = with_retries(
+            _intervene_batch,
+            model,
+            batch,
+            h.layer,
+            h.head,
+            side,
+            mode,
+            basis_t,
+            random_t,
+            edit_index,
+            source_t,
+            verify,
+            what=f"prompts {batch.start}..{batch.start + len(batch.texts) - 1}",
+        )
+        results.append((values, orig_slot, target_slot))
+        bar.update(len(batch.texts))
+    bar.close()
+
+    names = [name] + [f"random_{i}" for i in range(n_random)]
+    ds = _dataset(plan, results, names, verify)
+    from .store import provenance
+
+    params = {
+        "head": h.label,
+        "name": name,
+        "mode": mode,
+        "side": side,
+        "rank": rank,
+        "n_random": n_random,
+        "n_prompts": n,
+        "query": query if isinstance(query, str) else "per-prompt",
+    }
+    attrs = provenance(
+        "intervene",
+        params,
+        model=model.name,
+        revision=model.revision,
+        remote=model.remote,
+        seed=seed,
+    )
+    group = [g for g in range(model.n_heads) if model.kv_head(g) == model.kv_head(h.head)]
+    return ds.assign(basis=(("d_head", "component"), v.astype(np.float32))).assign_attrs(
+        attrs,
+        head=h.label,
+        layer=h.layer,
+        q_head=h.head,
+        kv_head=model.kv_head(h.head),
+        heads_sharing_key=[f"{h.layer}.{g}" for g in group],
+        name=name,
+        side=side,
+        mode=mode,
+        rank=rank,
+    )
+
+
+def _source_array(source: Any, n_prompts: int, d_head: int) -> np.ndarray:
+    """Patch sources as float32 [n_prompts, m, d_head]."""
+    if isinstance(source, xr.DataArray):
+        extra = [d for d in source.dims if d not in ("prompt", "d_head")]
+        for d in list(extra):
+            if source.sizes[d] == 1 and d in ("head", "query"):
+                source = source.isel({d: 0})
+                extra.remove(d)
+        if "prompt" not in source.dims or "d_head" not in source.dims or len(extra) > 1:
+            raise ValueError(
+                f"source has dims {source.dims}; expected (prompt, d_head) or (prompt, <slot>, "
+                "d_head), e.g. capture(...).k.sel(head='16.19').isel(key=0)."
+            )
+        source = source.transpose("prompt", *extra, "d_head").values
+    array = np.asarray(source, dtype=np.float32)
+    if array.ndim == 2:
+        array = array[:, None, :]
+    if array.ndim != 3 or array.shape[0] != n_prompts or array.shape[2] != d_head:
+        raise ValueError(
+            f"source has shape {tuple(array.shape)}; expected [n_prompts, d_head] = "
+            f"[{n_prompts}, {d_head}] or [n_prompts, n_at, d_head] = [{n_prompts}, n_at, {d_head}]."
+        )
+    return array
+
+
+def _one_position(spec: Sequence[int], lengths: list[int], what: str) -> list[int]:
+    """One position per prompt, resolved (negative counts from the end) and checked."""
+    rows = resolve_positions(list(spec), lengths, what)
+    for i, row in enumerate(rows):
+        if len(row) != 1:
+            raise ValueError(f"{what} of prompt {i} is {row}: give one position per prompt.")
+    return [row[0] for row in rows]
+
+
+def _stage(
+    batch: Batch,
+    orig: Sequence[int],
+    target: Sequence[int],
+    at: Positions | None,
+    mode: str,
+    side: str,
+    sources: np.ndarray | None,
+) -> tuple[torch.Tensor, torch.Tensor | None, np.ndarray, np.ndarray]:
+    """Edit index [b, m] (padded rows), sources [b, m, d], and the orig/target key slots."""
+    if batch.query_slots.shape[1] != 1:
+        raise ValueError("intervene takes one query position per prompt (e.g. query='last').")
+    enc = batch.encoded
+    o_pos = list(orig[batch.start : batch.start + len(batch.texts)])
+    t_pos = list(target[batch.start : batch.start + len(batch.texts)])
+    orig_slot, target_slot = [], []
+    for i, (o, t) in enumerate(zip(o_pos, t_pos, strict=True)):
+        p = batch.start + i
+        row = batch.key_slots[i].tolist()
+        for what, pos in (("orig", o), ("target", t)):
+            if pos not in row:
+                raise ValueError(
+                    f"Prompt {p}: the {what} position {pos} is not among its candidate keys "
+                    f"{[s for s in row if s >= 0]}: add it to keys= (or leave keys=None)."
+                )
+        orig_slot.append(row.index(o))
+        target_slot.append(row.index(t))
+    if mode == "swap":
+        edit = [[o, t] for o, t in zip(o_pos, t_pos, strict=True)]
+    elif at is not None:
+        spec = at if isinstance(at, str) else list(at[batch.start : batch.start + len(batch.texts)])
+        edit = resolve_positions(spec, enc.lengths, "Edit (at=)")
+    elif side == "key":
+        edit = [[o] for o in o_pos]
+    else:
+        edit = [[int(s[0])] for s in batch.query_slots]
+    for i, r in enumerate(edit):
+        if not r or len(set(r)) != len(r):
+            raise ValueError(
+                f"Prompt {batch.start + i}: at= gives {r}; give each prompt one or more "
+                "distinct positions to edit."
+            )
+    width = max(len(r) for r in edit)
+    index = torch.tensor(
+        [[enc.padded(i, r[min(j, len(r) - 1)]) for j in range(width)] for i, r in enumerate(edit)]
+    )
+    source_t = None
+    if sources is not None:
+        rows = []
+        for i, r in enumerate(edit):
+            src = sources[batch.start + i]
+            src = np.broadcast_to(src, (len(r), src.shape[1])) if src.shape[0] == 1 else src
+            given = int(np.isfinite(src).all(axis=1).sum())
+            if given != len(r) or not np.isfinite(src[: len(r)]).all():
+                raise ValueError(
+                    f"Prompt {batch.start + i}: source has {given} finite vectors for {len(r)} "
+                    "edited positions: give one per position, in order (NaN rows pad a "
+                    "shorter prompt), or one per prompt."
+                )
+            rows.append([src[min(j, len(r) - 1)] for j in range(width)])
+        source_t = torch.tensor(np.array(rows), dtype=torch.float32)
+    return index, source_t, np.array(orig_slot), np.array(target_slot)
+
+
+def _intervene_batch(
+    model: Model,
+    batch: Batch,
+    layer: int,
+    head: int,
+    side: str,
+    mode: str,
+    basis: torch.Tensor,
+    randoms: torch.Tensor | None,
+    edit_index: torch.Tensor,
+    source: torch.Tensor | None,
+    verify: bool,
+) -> dict[str, np.ndarray]:
+    """One trace: before, random-baseline and after logits/attention of the head at the keys."""
+    call = model.attention_call(layer)
+    kv = model.kv_head(head)
+    scaling, softcap = model.scaling(layer), model.softcap(layer)
+    query_index, key_index = batch.query_index, batch.key_index
+    n_random = 0 if randoms is None else randoms.shape[0]
+    with torch.inference_mode(), model.trace(batch.encoded.inputs):
+        args, kwargs = call.inputs
+        q, k = args[1], args[2]
+        mask = args[4] if len(args) > 4 else kwargs.get("attention_mask")
+        cols = key_index[:, None, None, :]
+        q_sel = ops.gather_heads(q, [head], query_index)
+        logit, prob = ops.attention_rows(q_sel, k, [kv], mask, query_index, scaling, softcap)
+        saved = [logit.gather(3, cols), prob.gather(3, cols)]
+        rows = k[:, kv] if side == "key" else q[:, head]  # a view: [batch, tokens, d_head]
+        if n_random:
+            # baselines, functionally: n edited copies of this head's rows, [n, batch, tokens, d]
+            x = rows.float()
+            edited = ops.edit_in_subspace(
+                ops.gather_positions(x, edit_index), randoms[:, None], mode, source
+            )
+            x_rand = ops.put_positions(x, edit_index, edited)
+            if side == "key":
+                q_rand = q_sel.expand(-1, n_random, -1, -1)
+                k_rand, kv_rand = x_rand.transpose(0, 1), list(range(n_random))
+            else:
+                q_rand = ops.gather_positions(x_rand, query_index).transpose(0, 1)
+                k_rand, kv_rand = k, [kv] * n_random
+            logit, prob = ops.attention_rows(
+                q_rand, k_rand, kv_rand, mask, query_index, scaling, softcap
+            )
+            cols_n = cols.expand(-1, n_random, -1, -1)
+            saved += [logit.gather(3, cols_n), prob.gather(3, cols_n)]
+        # the real edit, in place: the model's own attention computes with it
+        # (computed in float32, written back in the model's dtype)
+        picked = ops.gather_positions(rows, edit_index).float()
+        edited = ops.edit_in_subspace(picked, basis, mode, source)
+        ops.put_positions(rows, edit_index, edited, inplace=True)
+        q_sel = ops.gather_heads(q, [head], query_index)
+        logit, prob = ops.attention_rows(q_sel, k, [kv], mask, query_index, scaling, softcap)
+        saved += [logit.gather(3, cols), prob.gather(3, cols)]
+        if verify:
+            weights = call.output[1][:, [head]]
+            picked = query_index[:, None, :, None].expand(-1, 1, -1, weights.shape[-1])
+            saved.append(weights.gather(2, picked).gather(3, cols))
+        nnsight.save(saved)
+    arrays = [s[:, :, 0].float().cpu().numpy() for s in saved]  # [batch, 1 or n, key]
+    out = {"logit_before": arrays[0][:, 0], "attention_before": arrays[1][:, 0]}
+    after = arrays[2:4] if not n_random else arrays[4:6]
+    out["logit_after"], out["attention_after"] = after[0], after[1]
+    if n_random:
+        out["logit_after"] = np.concatenate([out["logit_after"], arrays[2]], axis=1)
+        out["attention_after"] = np.concatenate([out["attention_after"], arrays[3]], axis=1)
+    if verify:
+        out["model_attention"] = arrays[-1][:, 0]
+    return out
+
+
+def _dataset(
+    plan: list[Batch],
+    results: list[tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]],
+    names: list[str],
+    verify: bool,
+) -> xr.Dataset:
+    """Per-prompt arrays -> the labelled Dataset with the metrics."""
+    cat = lambda key: np.concatenate([r[0][key] for r in results])  # noqa: E731
+    slots = np.concatenate([b.key_slots for b in plan])
+    valid = slots >= 0
+    orig_slot = np.concatenate([r[1] for r in results])
+    target_slot = np.concatenate([r[2] for r in results])
+    rows = np.arange(len(slots))
+
+    def hide(x: np.ndarray) -> np.ndarray:
+        return np.where(valid if x.ndim == 2 else valid[:, None], x, np.nan)
+
+    a_before = hide(cat("attention_before"))  # [prompt, key]
+    a_after = hide(cat("attention_after"))  # [prompt, subspace, key]
+    l_before, l_after = hide(cat("logit_before")), hide(cat("logit_after"))
+
+    def p_target(a: np.ndarray) -> np.ndarray:
+        o, t = a[rows, ..., orig_slot], a[rows, ..., target_slot]
+        return t / (o + t)
+
+    def argmax(a: np.ndarray) -> np.ndarray:
+        return np.where(np.isnan(a), -np.inf, a).argmax(-1)
+
+    best_before = argmax(a_before)  # slot
+    best_after = argmax(a_after)  # [prompt, subspace]
+    attends_orig = best_before == orig_slot
+    flip = attends_orig[:, None] & (best_after == target_slot[:, None])
+    p_before = p_target(a_before)
+    p_after = np.stack([p_target(a_after[:, s]) for s in range(len(names))], axis=1)
+    at_before = a_before[rows, target_slot]
+    at_after = a_after[rows, :, target_slot]
+
+    tokens = np.array(
+        [
+            [b.encoded.tokens[i][p] if p >= 0 else "" for p in row]
+            for b in plan
+            for i, row in enumerate(b.key_slots)
+        ],
+        dtype=object,
+    )
+    role = np.full(slots.shape, "", dtype=object)
+    role[rows, orig_slot] = "orig"
+    role[rows, target_slot] = "target"
+    ps = ("subspace", "prompt")
+    n_orig = int(attends_orig.sum())
+    data: dict[str, Any] = {
+        "logit_before": (("prompt", "key"), l_before),
+        "attention_before": (("prompt", "key"), a_before),
+        "logit_after": (("subspace", "prompt", "key"), l_after.transpose(1, 0, 2)),
+        "attention_after": (("subspace", "prompt", "key"), a_after.transpose(1, 0, 2)),
+        "p_target_before": ("prompt", p_before),
+        "p_target_after": (ps, p_after.T),
+        "delta_p_target": (ps, (p_after - p_before[:, None]).T),
+        "attention_target_before": ("prompt", at_before),
+        "attention_target_after": (ps, at_after.T),
+        "argmax_before": ("prompt", slots[rows, best_before]),
+        "argmax_after": (ps, np.take_along_axis(slots, best_after, axis=1).T),
+        "attends_orig": ("prompt", attends_orig),
+        "flip": (ps, flip.T),
+        "mean_delta_p_target": ("subspace", np.nanmean(p_after - p_before[:, None], axis=0)),
+        "flip_rate": ("subspace", flip.sum(0) / n_orig if n_orig else np.full(len(names), np.nan)),
+        "mean_attention_target_before": ((), float(np.nanmean(at_before))),
+        "mean_attention_target_after": ("subspace", np.nanmean(at_after, axis=0)),
+    }
+    if verify:
+        data["model_attention"] = (("prompt", "key"), hide(cat("model_attention")))
+    coords = {
+        "subspace": names,
+        "random": ("subspace", np.array([False] + [True] * (len(names) - 1))),
+        "prompt": np.arange(len(slots)),
+        "prompt_text": ("prompt", np.array([t for b in plan for t in b.texts], dtype=object)),
+        "n_tokens": ("prompt", np.array([n for b in plan for n in b.encoded.lengths])),
+        "query_position": ("prompt", np.concatenate([b.query_slots[:, 0] for b in plan])),
+        "orig_position": ("prompt", slots[rows, orig_slot]),
+        "target_position": ("prompt", slots[rows, target_slot]),
+        "key_position": (("prompt", "key"), slots),
+        "key_token": (("prompt", "key"), tokens),
+        "key_role": (("prompt", "key"), role),
+    }
+    return xr.Dataset(data, coords=coords)

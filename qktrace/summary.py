@@ -1,0 +1,175 @@
+"""A readable text summary of any qktrace store: provenance, ranks, interventions, attribution.
+
+`summarize(ds)` is what ``qktrace show PATH`` prints. It reads only small variables (ranks,
+per-subspace means, explained fractions), so it is quick on large stores opened lazily. Sections
+appear when the store has what they need:
+
+- provenance: study, model, mode (local / remote-local / ndif), seed, date, versions, parameters;
+- ranks: every variable named ``rank`` or ``*_rank`` as a table (e.g. head x feature);
+- interventions: ``flip_rate`` and ``mean_delta_p_target`` per subspace, the recovered subspace
+  next to the mean and spread of its random baselines (``random`` coordinate, or labels
+  ``random_*``);
+- attribution: the mean explained fraction per head (``explained``);
+- the list of variables with their dims.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+__all__ = ["summarize"]
+
+_PROVENANCE = ("study", "model", "revision", "remote", "seed", "date")
+_VERSIONS = ("qktrace_version", "nnsight_version", "torch_version", "transformers_version")
+_METRICS = {"flip_rate": "flip rate", "mean_delta_p_target": "mean Δp(target)"}
+
+
+def summarize(
+    ds: xr.Dataset, path: Any = None, *, variables: bool = True, max_width: int = 100
+) -> str:
+    """A multi-line summary of a qktrace Dataset (see the module docstring).
+
+    Examples
+    --------
+    >>> ds = xr.Dataset({"rank": (("head", "feature"), [[3, 4]])},
+    ...                 coords={"head": ["16.19"], "feature": ["fruit", "animal"]},
+    ...                 attrs={"study": "filter_heads", "model": "m"})
+    >>> print(summarize(ds).splitlines()[0])
+    study filter_heads | model m
+    """
+    with pd.option_context("display.width", max_width, "display.max_columns", 20):
+        sections = [_provenance(ds, path), _ranks(ds), _interventions(ds), _explained(ds)]
+        if variables:
+            sections.append(_variables(ds))
+    return "\n\n".join(s for s in sections if s)
+
+
+def _provenance(ds: xr.Dataset, path: Any) -> str:
+    attrs = ds.attrs
+    shown = {"remote": "mode"}
+    head = " | ".join(
+        f"{shown.get(k, k)} {attrs[k]}" for k in _PROVENANCE if attrs.get(k) is not None
+    )
+    lines = [f"{path}" if path is not None else "", head]
+    versions = ", ".join(
+        f"{k.removesuffix('_version')} {attrs[k]}" for k in _VERSIONS if attrs.get(k)
+    )
+    if versions:
+        lines.append(f"versions: {versions}")
+    params = attrs.get("params")
+    if isinstance(params, dict) and params:
+        lines.append("params: " + ", ".join(f"{k}={v}" for k, v in params.items()))
+    lines.append("dims: " + ", ".join(f"{k}={v}" for k, v in ds.sizes.items()))
+    return "\n".join(line for line in lines if line)
+
+
+def _ranks(ds: xr.Dataset) -> str:
+    blocks = []
+    for name in ds.data_vars:
+        if not (name == "rank" or str(name).endswith("_rank")):
+            continue
+        da = ds[name].load()
+        if da.ndim == 0:
+            blocks.append(f"{name}: {da.item()}")
+        elif da.ndim <= 2:
+            blocks.append(f"{name} ({' x '.join(map(str, da.dims))}):\n{_table(da)}")
+        else:
+            rows = [d for d in da.dims[:-1]]
+            frame = da.to_dataframe(name=str(name))[str(name)].unstack(da.dims[-1])
+            blocks.append(f"{name} ({' x '.join(map(str, rows))} x {da.dims[-1]}):\n{frame}")
+    if not blocks:
+        return ""
+    threshold = ds.attrs.get("threshold") or (ds.attrs.get("params") or {}).get("threshold")
+    title = "Ranks" + (f" ({threshold:g} of sum S^2 kept)" if threshold else "")
+    return title + "\n" + "\n".join(blocks)
+
+
+def _table(da: xr.DataArray) -> str:
+    if da.ndim == 1:
+        return da.to_pandas().to_frame(str(da.name)).T.to_string()
+    return da.to_pandas().to_string()
+
+
+def _interventions(ds: xr.Dataset) -> str:
+    metrics = [m for m in _METRICS if m in ds and "subspace" in ds[m].dims]
+    if not metrics:
+        return ""
+    names = [str(s) for s in ds["subspace"].values]
+    if "random" in ds.coords:
+        is_random = np.asarray(ds["random"].values, dtype=bool)
+    else:
+        is_random = np.array([n.startswith("random_") for n in names])
+    recovered = [n for n, r in zip(names, is_random, strict=True) if not r]
+    randoms = [n for n, r in zip(names, is_random, strict=True) if r]
+    outer = [d for d in ds[metrics[0]].dims if d != "subspace"]
+    keep = _kept_dims(ds, outer)
+    averaged = [d for d in outer if d not in keep]
+    rows = []
+    for metric in metrics:
+        da = ds[metric].load()
+        if averaged:
+            da = da.mean([d for d in averaged if d in da.dims])
+        stacked = da.stack(_where=keep) if keep else da.expand_dims(_where=[0])
+        for where in stacked["_where"].values:
+            cell = stacked.sel(_where=where)
+            label = where if isinstance(where, tuple) else (where,)
+            for name in recovered:
+                # a baseline named after its subspace (toy: random_z1), else all random draws
+                own = [r for r in randoms if r == f"random_{name}"] or randoms
+                baseline = cell.sel(subspace=own).values if own else np.array([np.nan])
+                rows.append(
+                    {
+                        **{str(d): v for d, v in zip(keep, label, strict=False)},
+                        "subspace": name,
+                        "metric": _METRICS[metric],
+                        "value": float(cell.sel(subspace=name)),
+                        "random mean": float(np.nanmean(baseline)),
+                        "random sd": float(np.nanstd(baseline)),
+                    }
+                )
+    frame = pd.DataFrame(rows)
+    index = [*map(str, keep), "subspace", "metric"]
+    frame = frame.sort_values(index[:-1], kind="stable").set_index(index).round(3)
+    note = f" (mean over {', '.join(map(str, averaged))})" if averaged else ""
+    return (
+        f"Interventions: recovered subspace vs {len(randoms)} random subspaces of equal rank"
+        f"{note}\n{frame.to_string()}"
+    )
+
+
+def _kept_dims(ds: xr.Dataset, dims: list) -> list:
+    """`head` if present, else the leading dims while they index at most 12 cells."""
+    if "head" in dims:
+        return ["head"]
+    kept, cells = [], 1
+    for d in dims:
+        if cells * ds.sizes[d] > 12:
+            break
+        kept.append(d)
+        cells *= ds.sizes[d]
+    return kept
+
+
+def _explained(ds: xr.Dataset) -> str:
+    if "explained" not in ds:
+        return ""
+    da = ds["explained"].load()
+    keep = [d for d in da.dims if d == "head"]
+    mean = da.mean([d for d in da.dims if d not in keep])
+    parts = ""
+    if "logit_part" in ds:
+        part_dim = next(d for d in ds["logit_part"].dims if d in ("part", "component"))
+        share = np.abs(ds["logit_part"].load()).mean(
+            [d for d in ds["logit_part"].dims if d not in ("head", part_dim)]
+        )
+        parts = f"\nmean |logit part| per head:\n{_table(share)}"
+    return f"Attribution: explained fraction 1 - ||resid||^2/||total||^2\n{_table(mean)}{parts}"
+
+
+def _variables(ds: xr.Dataset) -> str:
+    lines = [f"  {name} ({', '.join(map(str, var.dims))})" for name, var in ds.data_vars.items()]
+    return "Variables:\n" + "\n".join(lines)

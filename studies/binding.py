@@ -1,0 +1,243 @@
+"""The boxes task shared by the binding studies (paper §3.2-3.3): prompts, labels, counterfactuals.
+
+Prompt (``n_pairs`` object-box pairs, 9 in the paper)::
+
+    The stone is in Box K, the map is in Box C, ..., and the coin is in Box T.
+    Which box is the map in?
+
+followed by the answer prefix "Box" (after the chat template's generation prompt for instruct
+models), whose token is the query. Spans: ``object`` (each object in the context), ``box``
+(each box letter, the keys), ``query_object`` (the object in the question). Objects and letters
+are drawn without repetition per prompt; the answer's order index (its pair's position in the
+list) cycles through 0..n_pairs-1 so every position is asked equally often.
+
+`studies.order_id` and `studies.lexical` build on this module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from qktrace.prompts import Located, Prompt, PromptBuilder, load_box_letters, load_objects
+from studies._common import pca_figure, per_prompt, save_figures, stack_heads, swap_bars
+
+ANSWER_PREFIX = "Box"
+
+
+def boxes_prompt(objects: Sequence[str], letters: Sequence[str], answer: int) -> Prompt:
+    """One boxes prompt asking where ``objects[answer]`` is.
+
+    Examples
+    --------
+    >>> boxes_prompt(["stone", "map"], ["K", "C"], 1).text
+    'The stone is in Box K, and the map is in Box C. Which box is the map in?'
+    """
+    if len(objects) != len(letters) or not objects:
+        raise ValueError("Give one letter per object, and at least one pair.")
+    if not 0 <= answer < len(objects):
+        raise ValueError(f"answer={answer} is not an index of the {len(objects)} pairs.")
+    b = PromptBuilder()
+    n = len(objects)
+    for i, (obj, letter) in enumerate(zip(objects, letters, strict=True)):
+        lead = "The " if i == 0 else (", and the " if i == n - 1 else ", the ")
+        b.add(lead).add(obj, "object").add(" is in Box ").add(letter, "box")
+    b.add(". Which box is the ").add(objects[answer], "query_object").add(" in?")
+    meta = {
+        "objects": list(objects),
+        "letters": list(letters),
+        "answer": int(answer),
+        "query_object": objects[answer],
+    }
+    return b.build(meta=meta, answer_prefix=ANSWER_PREFIX)
+
+
+def build_prompts(
+    n: int, n_pairs: int = 9, *, query_object: str | None = None, seed: int = 0
+) -> list[Prompt]:
+    """`n` boxes prompts with `n_pairs` pairs; the answer's order index cycles over the pairs.
+
+    Parameters
+    ----------
+    query_object
+        If given, every prompt asks about this same object, placed at the answer's position
+        (the order-ID design: only the position varies). Otherwise the queried object is the
+        random object at the answer's position.
+
+    Examples
+    --------
+    >>> ps = build_prompts(3, n_pairs=3, query_object="stone")
+    >>> [p.meta["answer"] for p in ps], {p.meta["query_object"] for p in ps}
+    ([0, 1, 2], {'stone'})
+    """
+    objects, letters = load_objects(), load_box_letters()
+    if not 1 <= n_pairs <= len(letters):
+        raise ValueError(f"n_pairs={n_pairs} must be between 1 and {len(letters)} (box letters).")
+    if n_pairs + 1 > len(objects):
+        raise ValueError(f"n_pairs={n_pairs} needs more objects than data/objects.json has.")
+    if query_object is not None and query_object not in objects:
+        raise ValueError(
+            f"query_object={query_object!r} is not in data/objects.json; pick one of {objects[:8]}..."
+        )
+    pool = [o for o in objects if o != query_object]
+    rng = np.random.default_rng(seed)
+    prompts = []
+    for i in range(n):
+        answer = i % n_pairs
+        chosen = [str(o) for o in rng.choice(pool, n_pairs, replace=False)]
+        if query_object is not None:
+            chosen[answer] = query_object
+        boxes = [str(x) for x in rng.choice(letters, n_pairs, replace=False)]
+        prompts.append(boxes_prompt(chosen, boxes, answer))
+    return prompts
+
+
+def counterfactuals(prompts: Sequence[Prompt], *, seed: int = 0) -> list[Prompt]:
+    """Each prompt with its queried object replaced, in context and question, by an unused one.
+
+    Everything else (the other objects, every letter, the answer's position) stays the same.
+    """
+    objects = load_objects()
+    rng = np.random.default_rng(seed)
+    out = []
+    for p in prompts:
+        unused = [o for o in objects if o not in p.meta["objects"]]
+        swapped = list(p.meta["objects"])
+        swapped[p.meta["answer"]] = str(rng.choice(unused))
+        out.append(boxes_prompt(swapped, p.meta["letters"], p.meta["answer"]))
+    return out
+
+
+def order_labels(prompts: Sequence[Prompt]) -> list[list[tuple[str, str]]]:
+    """Per prompt, per box key: ("order", "positive") for the answer's box, else "negative"."""
+    return [
+        [
+            ("order", "positive" if j == p.meta["answer"] else "negative")
+            for j in range(len(p.meta["letters"]))
+        ]
+        for p in prompts
+    ]
+
+
+def key_labels(prompts: Sequence[Prompt]) -> dict[str, Any]:
+    """Coordinates of every box key: order index, bound object, letter, positive/negative."""
+    n = len(prompts[0].meta["letters"])
+    answer = np.array([p.meta["answer"] for p in prompts])
+    return {
+        "order": (("prompt", "key"), np.tile(np.arange(n), (len(prompts), 1))),
+        "object": (("prompt", "key"), np.array([p.meta["objects"] for p in prompts], dtype=object)),
+        "box": (("prompt", "key"), np.array([p.meta["letters"] for p in prompts], dtype=object)),
+        "key_label": (
+            ("prompt", "key"),
+            np.where(np.arange(n)[None, :] == answer[:, None], "positive", "negative").astype(
+                object
+            ),
+        ),
+        "answer": ("prompt", answer),
+        "text": ("prompt", np.array([p.text for p in prompts], dtype=object)),
+        "query_object": (
+            "prompt",
+            np.array([p.meta["query_object"] for p in prompts], dtype=object),
+        ),
+    }
+
+
+def targets(prompts: Sequence[Prompt], *, seed: int = 0) -> list[int]:
+    """Per prompt, the order index of a random box other than the answer's (swap target)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for p in prompts:
+        others = [j for j in range(len(p.meta["letters"])) if j != p.meta["answer"]]
+        out.append(int(rng.choice(others)) if others else p.meta["answer"])
+    return out
+
+
+def swaps(
+    lm: Any,
+    prompts: Sequence[Prompt],
+    loc: Located,
+    subspaces: xr.Dataset,
+    feature: str,
+    *,
+    n_random: int,
+    seed: int,
+    batch_size: int,
+    progress: bool = True,
+) -> xr.Dataset:
+    """Per head: swap `feature` key coordinates between the answer's box and another box.
+
+    The orig key is the answer's box letter, the target a random other box letter (the same for
+    every head); the effect of the swap is compared with `n_random` random subspaces of the
+    same rank. Returns per-prompt effects stacked over heads, with per-head summaries.
+    """
+    from qktrace.intervene import intervene
+
+    boxes = loc.positions["box"]
+    answer = [p.meta["answer"] for p in prompts]
+    target = targets(prompts, seed=seed + 2)
+    per_head = []
+    for head in subspaces["head"].values:
+        fx = intervene(
+            lm,
+            loc.ids,
+            str(head),
+            subspaces["key_basis"].sel(head=head, feature=feature),
+            name=feature,
+            orig=[row[a] for row, a in zip(boxes, answer, strict=True)],
+            target=[row[t] for row, t in zip(boxes, target, strict=True)],
+            keys=boxes,
+            mode="swap",
+            side="key",
+            n_random=n_random,
+            seed=seed,
+            batch_size=batch_size,
+            progress=progress,
+        )
+        per_head.append(per_prompt(fx))
+    return stack_heads(per_head, [str(h) for h in subspaces["head"].values])
+
+
+def find(
+    lm: Any, prompts: Sequence[Prompt], loc: Located, batch_size: int, progress: bool = True
+) -> list:
+    """The 3 heads whose last-token query attends most to the answer's box letter."""
+    from qktrace.heads import find_heads
+    from qktrace.models import parse_heads
+
+    boxes = loc.positions["box"]
+    answer = [row[p.meta["answer"]] for row, p in zip(boxes, prompts, strict=True)]
+    found = find_heads(
+        lm, loc.ids, answer, keys=boxes, top=3, batch_size=batch_size, progress=progress
+    )
+    return parse_heads(list(found["head"].values))
+
+
+def plot(path: str | Path, study: str, feature: str, hues: Sequence[str]) -> list[Path]:
+    """Figures of a binding store, saved next to it as ``<study>_<what>.png``.
+
+    ``_ranks`` (rank per head and feature), ``_pca_<hue>`` for each key coordinate in `hues`
+    (box keys in the `feature` key subspace, coloured by order index or bound object; Fig 8)
+    and ``_swap`` (the `feature` swap vs random subspaces; Fig 9).
+    """
+    from qktrace import plots, store
+
+    path = Path(path)
+    ds = store.open(path).load()
+    model = ds.attrs.get("model", "")
+    figures = {
+        f"{study}_ranks.png": plots.rank_heatmap(
+            ds["rank"], x="feature", y="head", title=f"Binding subspace ranks, {model}"
+        ),
+        f"{study}_swap.png": swap_bars(
+            ds, feature, title=f"Swap of {feature} key coordinates: answer box <-> another box"
+        ),
+    }
+    for hue in hues:
+        figures[f"{study}_pca_{hue}.png"] = pca_figure(
+            ds, hue, title=f"Box keys in the {feature} key subspace, coloured by {hue}"
+        )
+    return save_figures(figures, path.parent)

@@ -1,0 +1,316 @@
+"""Toy study: the payload-retrieval model of METHOD.md §2, over the grid of latent ranks.
+
+For every variant (discrete, continuous), head width d_head (16, 8), latent ranks N, M in
+{3, 5, 7} and seed: train the one-head model, recover the z1 and z2 subspaces with
+contrastive covariances, project on the z1 subspace (PCA), swap key coordinates in the
+recovered subspaces against random ones, and compute the interaction matrix G. Everything goes
+to ``<out>/toy.zarr``; the figures are then drawn from the stored dataset.
+
+Store contract (read by other code)::
+
+    recovered_rank  (variant, d_head, N, M, latent, seed)            latent = z1, z2
+    singular_values (variant, d_head, N, M, latent, seed, component) NaN past d_head
+    delta_c         (variant, d_head, N, M, latent, seed, dq, dk)    NaN past d_head
+    accuracy, steps (variant, d_head, N, M, seed)                    validation accuracy
+    flip_rate, target_attention, delta_p_target
+                    (variant, d_head, N, M, seed, subspace)          subspace = z1, z2, both,
+                                                                     random_z1/z2/both (mean)
+    random_flip_rate, … (…, seed, random_subspace, draw)             each random draw
+    subspace_size   (…, seed, subspace)
+    pca             (variant, d_head, N, M, seed, role, point, pc)   role = query, key
+    pca_corner      (…, seed, role, point)                           sign pattern of z1
+    pca_explained_variance (…, seed, pc)
+    interaction     (variant, d_head, N, M, seed, query_latent, key_latent)   G, NaN padded
+    diagonal_fraction, block_fraction (variant, d_head, N, M, seed)  G's mass on its diagonal
+                                                                     and in its z1/z2 blocks
+
+Run it with ``qktrace toy --out DIR`` (``--quick`` for a one-seed, 2 x 2 grid).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import xarray as xr
+from tqdm.auto import tqdm
+
+from qktrace import plots, store
+from qktrace.toy.analysis import analyze
+from qktrace.toy.data import VARIANTS, PayloadTask
+from qktrace.toy.train import train
+
+STORE = "toy.zarr"
+FIGURES = ("rank_grid.png", "pca.png", "intervention.png", "interaction.png")
+ORDER = ("variant", "d_head", "N", "M", "latent", "seed")
+
+
+def settings(
+    *,
+    quick: bool = False,
+    seed: int = 0,
+    n_seeds: int | None = None,
+    ranks: tuple[int, ...] | None = None,
+    d_heads: tuple[int, ...] = (16, 8),
+    variants: tuple[str, ...] = VARIANTS,
+    max_steps: int | None = None,
+    lr: float = 1e-3,
+    n_pairs: int = 20_000,
+    threshold: float = 0.99,
+    n_random: int = 10,
+) -> dict[str, Any]:
+    """The study's parameters, with the defaults of a full or a `quick` run filled in.
+
+    Full: N, M in {3, 5, 7}, 3 seeds (seed, seed+1, seed+2), up to 2000 steps.
+    Quick: N, M in {3, 5}, one seed, up to 800 steps.
+    """
+    n_seeds = n_seeds if n_seeds is not None else (1 if quick else 3)
+    return {
+        "seeds": list(range(seed, seed + n_seeds)),
+        "ranks": list(ranks if ranks is not None else ((3, 5) if quick else (3, 5, 7))),
+        "d_heads": list(d_heads),
+        "variants": list(variants),
+        "max_steps": max_steps if max_steps is not None else (800 if quick else 2000),
+        "lr": lr,
+        "n_pairs": n_pairs,
+        "threshold": threshold,
+        "n_random": n_random,
+        "quick": quick,
+    }
+
+
+def run_cell(
+    variant: str, d_head: int, n: int, m: int, seed: int, params: dict[str, Any]
+) -> xr.Dataset:
+    """Train one model and analyse it; the result carries the grid dims (length 1 each)."""
+    task = PayloadTask(rank_z1=n, rank_z2=m, variant=variant, seed=seed)  # type: ignore[arg-type]
+    trained = train(task, d_head, seed=seed, max_steps=params["max_steps"], lr=params["lr"])
+    cell = analyze(
+        trained.model,
+        task,
+        n_pairs=params["n_pairs"],
+        threshold=params["threshold"],
+        n_random=params["n_random"],
+        pad_rank=max(params["ranks"]),
+        seed=seed,
+    )
+    size = max(params["d_heads"])
+    cell = cell.reindex(component=np.arange(size), dq=np.arange(size), dk=np.arange(size))
+    cell["accuracy"] = trained.val_accuracy
+    cell["steps"] = trained.steps
+    return cell.expand_dims(variant=[variant], d_head=[d_head], N=[n], M=[m], seed=[seed])
+
+
+def run(
+    out: Path | str,
+    *,
+    quick: bool = False,
+    seed: int = 0,
+    overwrite: bool = False,
+    figures: bool = True,
+    progress: bool = True,
+    **overrides: Any,
+) -> Path:
+    """Run the toy study, write ``out/toy.zarr`` and its figures, print a summary.
+
+    Parameters
+    ----------
+    out : path
+        Output directory (created).
+    quick : bool
+        A one-seed run on N, M in {3, 5} (under a minute).
+    seed : int
+        First seed; a full run uses seed, seed + 1, seed + 2.
+    overwrite : bool
+        Replace an existing ``toy.zarr``.
+    figures : bool
+        Draw the PNG figures next to the store.
+    **overrides
+        Any parameter of `settings` (n_seeds, ranks, d_heads, variants, max_steps, lr, n_pairs,
+        threshold, n_random).
+
+    Returns
+    -------
+    Path
+        The store ``out/toy.zarr``.
+    """
+    out = Path(out)
+    path = out / STORE
+    if path.exists() and not overwrite:
+        raise FileExistsError(
+            f"{path} exists; pass overwrite=True (CLI: --overwrite) or another --out."
+        )
+    params = settings(quick=quick, seed=seed, **overrides)
+    cells = [
+        (variant, d_head, n, m, s)
+        for variant in params["variants"]
+        for d_head in params["d_heads"]
+        for n in params["ranks"]
+        for m in params["ranks"]
+        for s in params["seeds"]
+    ]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the model is tiny: one thread is fastest and leaves a core free
+    start = time.perf_counter()
+    try:
+        results = [
+            run_cell(*cell, params)
+            for cell in tqdm(cells, desc="toy models", unit="model", disable=not progress)
+        ]
+    finally:
+        torch.set_num_threads(threads)
+    ds = xr.combine_by_coords(results, combine_attrs="drop")
+    ds = ds.sel(variant=params["variants"], d_head=params["d_heads"]).transpose(*ORDER, ...)
+    ds.attrs["seconds"] = round(time.perf_counter() - start, 1)
+    store.save(ds, path, attrs=store.provenance("toy", params, seed=seed), overwrite=overwrite)
+    if figures:
+        draw_figures(store.open(path), out)
+    print(summary(store.open(path)))
+    return path
+
+
+# ------------------------------------------------------------------------------------------
+# figures, from the stored dataset
+
+
+def _expected_rank(ds: xr.Dataset) -> xr.DataArray:
+    return xr.concat([ds["N"], ds["M"]], dim=pd.Index(["z1", "z2"], name="latent"))
+
+
+def draw_figures(ds: xr.Dataset, out: Path | str) -> list[Path]:
+    """Draw the study's figures from a stored toy dataset into `out`; return their paths."""
+    out = Path(out)
+    ranks = ds["recovered_rank"].load()
+    expected = _expected_rank(ds).broadcast_like(ranks)
+    panel = {"panel": ("d_head", "latent")}
+    metrics = ["flip_rate", "delta_p_target", "target_attention"]
+    room = ds["N"] + ds["M"] < ds["d_head"]
+    by_room = xr.concat(
+        [ds[metrics].where(room), ds[metrics].where(~room)],
+        dim=pd.Index(["N+M < d_head", "N+M >= d_head"], name="room"),
+    ).load()
+    figs = {
+        "rank_grid.png": plots.rank_heatmap(
+            ranks.stack(panel),
+            x="M",
+            y="N",
+            reference=expected.stack(panel),
+            row="variant",
+            col="panel",
+            average=["seed"],
+            title="Recovered ranks of z1 and z2 (mean over seeds); colour: recovered - true rank",
+        ),
+        "pca.png": _pca_figure(ds),
+        "intervention.png": plots.intervention_bars(
+            by_room,
+            metrics,
+            hue="variant",
+            row="room",
+            labels={
+                "flip_rate": "flip rate (argmax -> target)",
+                "delta_p_target": "Δ p(target | {orig, target})",
+                "target_attention": "attention on target",
+            },
+            title=(
+                "Swap key coordinates between the attended and a target key; dots: cells x "
+                "seeds (random: mean of 10 draws)"
+            ),
+        ),
+        "interaction.png": _interaction_figure(ds),
+    }
+    paths = []
+    for name, fig in figs.items():
+        fig.savefig(out / name, dpi=110)
+        paths.append(out / name)
+    return paths
+
+
+def _pca_figure(ds: xr.Dataset) -> Any:
+    """Queries and keys on the recovered z1 subspace: smallest N, widest head, first seed."""
+    d_head = int(ds["d_head"].max())
+    n = int(ds["N"].min())
+    with_room = [int(m) for m in ds["M"].values if n + m < d_head]
+    m = max(with_room) if with_room else int(ds["M"].min())
+    cell = ds.sel(d_head=d_head, N=n, M=m).isel(seed=0)
+    return plots.pca_scatter(
+        cell["pca"].load(),
+        hue=cell["pca_corner"].load().rename("z1 corner"),
+        style="role",
+        row="variant",
+        title=f"Queries (o) and keys (x) on the recovered z1 subspace, PCA (N={n}, M={m}, d_head={d_head})",
+    )
+
+
+def _interaction_figure(ds: xr.Dataset) -> Any:
+    """G for the discrete variant, first seed, N = M, at each d_head; |G| scaled to its max."""
+    diagonal = [r for r in ds["N"].values if r in ds["M"].values]
+    g = ds["interaction"].sel(variant=ds["variant"].values[0]).isel(seed=0).load()
+    panels = xr.concat(
+        [g.sel(N=r, M=r, drop=True) for r in diagonal], dim=pd.Index(diagonal, name="N=M")
+    )
+    panels = panels / np.abs(panels).max(["query_latent", "key_latent"])
+    dominance = ds["diagonal_fraction"].sel(variant=ds["variant"].values[0]).isel(seed=0).load()
+
+    def title(where: dict[str, Any]) -> str:
+        r = where["N=M"]
+        value = float(dominance.sel(d_head=where["d_head"], N=r, M=r))
+        return f"d_head={where['d_head']}, N=M={r}: diag {value:.2f}"
+
+    return plots.heatmap_grid(
+        panels,
+        x="key_latent",
+        y="query_latent",
+        row="d_head",
+        col="N=M",
+        cmap="RdBu_r",
+        center=0.0,
+        vmin=-1.0,
+        vmax=1.0,
+        dropna=True,
+        cbar_label="G / max|G|",
+        panel_title=title,
+        title=f"G = (W_Q B)^T (W_K A), {ds['variant'].values[0]} latents",
+    )
+
+
+# ------------------------------------------------------------------------------------------
+# summary
+
+
+def summary(ds: xr.Dataset) -> str:
+    """A table per cell: accuracy, recovered ranks per seed, flip rates, G's diagonal mass."""
+    rows = []
+    for variant in ds["variant"].values:
+        for d_head in ds["d_head"].values:
+            for n in ds["N"].values:
+                for m in ds["M"].values:
+                    cell = ds.sel(variant=variant, d_head=d_head, N=n, M=m).load()
+                    ranks = cell["recovered_rank"]
+                    flips = cell["flip_rate"].mean("seed")
+                    rows.append(
+                        {
+                            "variant": variant,
+                            "d_head": int(d_head),
+                            "N": int(n),
+                            "M": int(m),
+                            "accuracy": float(cell["accuracy"].mean()),
+                            "rank z1": ",".join(str(int(v)) for v in ranks.sel(latent="z1").values),
+                            "rank z2": ",".join(str(int(v)) for v in ranks.sel(latent="z2").values),
+                            "flip z1": float(flips.sel(subspace="z1")),
+                            "flip z2": float(flips.sel(subspace="z2")),
+                            "flip both": float(flips.sel(subspace="both")),
+                            "rand both": float(flips.sel(subspace="random_both")),
+                            "G diag": float(cell["diagonal_fraction"].mean()),
+                            "G blocks": float(cell["block_fraction"].mean()),
+                        }
+                    )
+    table = pd.DataFrame(rows).to_string(index=False, float_format=lambda v: f"{v:.2f}")
+    seconds = ds.attrs.get("seconds")
+    header = f"toy study: {ds.sizes['seed']} seed(s), ranks per seed" + (
+        f", {seconds} s" if seconds else ""
+    )
+    return f"{header}\n{table}"
