@@ -16,13 +16,13 @@ interleaved round by round so machine noise hits them alike, after --warmup unti
   n   nnsight trace of the same batch with no intervention (nnsight's floor)
   s   nnsight trace reading the two layers' attention-call inputs through `.source` and
       saving the raw q/k tensors (no gather): nnsight's cost of reaching post-RoPE q/k
-  c   qktrace.capture: all heads of the two layers, query "last", keys "all", attention=False,
+  c   qktrace.qk: all heads of the two layers, query "last", keys "all", attention=False,
       one batch, result as an xarray Dataset
   cA  the same with attention=True (also logits and attention weights of the chosen query)
-  d   qktrace.reduce: in-trace float64 q k^T sums for the same heads, every key labelled with
+  d   qktrace.sums: in-trace float64 q k^T sums for the same heads, every key labelled with
       one of 2 features x positive/negative
 
-Then a breakdown of one qktrace.capture call (the functions it calls, wrapped with timers), and,
+Then a breakdown of one qktrace.qk call (the functions it calls, wrapped with timers), and,
 with --profile, a cProfile of capture. Prints figures only; asserts nothing about time.
 """
 
@@ -70,9 +70,9 @@ def main() -> None:
     import torch
 
     from qktrace import capture as capture_mod
-    from qktrace.capture import capture
     from qktrace.models import load
-    from qktrace.reduce import reduce
+    from qktrace.qk import capture
+    from qktrace.sums import reduce
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -176,9 +176,9 @@ def main() -> None:
         "b": ("torch hooks q_proj/k_proj -> numpy", hooked),
         "n": ("nnsight trace, no intervention", nnsight_empty),
         "s": ("nnsight trace saving raw q/k of the 2 attention calls", nnsight_raw),
-        "c": ("qktrace.capture (attention=False)", lambda: qk_capture(False)),
-        "cA": ("qktrace.capture (attention=True)", lambda: qk_capture(True)),
-        "d": ("qktrace.reduce (in-trace sums)", qk_reduce),
+        "c": ("qktrace.qk (attention=False)", lambda: qk_capture(False)),
+        "cA": ("qktrace.qk (attention=True)", lambda: qk_capture(True)),
+        "d": ("qktrace.sums (in-trace sums)", qk_reduce),
     }
     chosen = [a for a in args.arms.split(",") if a]
     if "a" not in chosen:
@@ -231,8 +231,8 @@ def main() -> None:
     in_trace = ["gather_heads", "attention_rows", "pair_sums"]
     with torch.inference_mode():
         for label, fn, mod in (
-            ("qktrace.capture (attention=False)", lambda: qk_capture(False), capture_mod),
-            ("qktrace.reduce", qk_reduce, reduce_mod),
+            ("qktrace.qk (attention=False)", lambda: qk_capture(False), capture_mod),
+            ("qktrace.sums", qk_reduce, reduce_mod),
         ):
             bare_t, total_t, spent = breakdown(fn, bare, mod, pieces, ops, in_trace, args.repeats)
             total = statistics.median(total_t)

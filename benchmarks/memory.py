@@ -1,4 +1,4 @@
-"""Peak memory of qktrace.reduce and of batch-by-batch capture to zarr: does it grow with prompts?
+"""Peak memory of qktrace.sums and of batch-by-batch capture to zarr: does it grow with prompts?
 
 Each measurement runs in its own fresh Python process (so peaks are clean) on a tiny random-weight
 Llama (2 layers, d_model 64, 4 heads / 2 kv heads of 16; see qktrace.testing) with short random
@@ -14,16 +14,16 @@ resident set size (RSS), then runs the arm and reports:
   retained                tracemalloc current at the end, minus the result the arm returns
 
 Arms:
-  reduce     qktrace.reduce of N prompts, 8 labelled keys per prompt over 4 features.
+  reduce     qktrace.sums of N prompts, 8 labelled keys per prompt over 4 features.
              Goal: flat in N (peak ratio N=10k / N=1k <= 1.1).
   reduce-out the same with out=<zarr path> checkpointing after every batch (--with-out).
   capture    qktrace.capture(..., out=<zarr path>) (query last, keys all, attention=True):
              capture appends each batch to the store as it completes (qktrace.store.BatchWriter)
              and returns the store opened lazily. Goal: bounded by about one batch.
-  capture-loop  a loop calling qktrace.capture on one batch at a time and appending each batch
+  capture-loop  a loop calling qktrace.qk on one batch at a time and appending each batch
              with qktrace.store.BatchWriter (xarray to_zarr append if that is missing): the
              bound a caller can reach without capture(out=) (--capture-loop).
-  capture-all  qktrace.capture of all N prompts in memory, then store.save: the O(N)
+  capture-all  qktrace.qk of all N prompts in memory, then store.save: the O(N)
              reference (--capture-all).
 
 Reduce runs at --sizes (default 1k and 10k prompts); the capture arms at --capture-sizes
@@ -72,9 +72,9 @@ def child(arm: str, n: int, tokens: int, batch: int, use_tracemalloc: bool, work
     import torch
 
     import qktrace.testing as testing
-    from qktrace.capture import capture
     from qktrace.models import load
-    from qktrace.reduce import reduce
+    from qktrace.qk import capture
+    from qktrace.sums import reduce
 
     net, tok = testing.model("llama")
     model = load(net, tokenizer=tok)
@@ -147,8 +147,8 @@ def child(arm: str, n: int, tokens: int, batch: int, use_tracemalloc: bool, work
 
 def capture_to_zarr(model, prompts, heads, batch, out):
     """capture() one batch at a time, appending each batch Dataset to a zarr store."""
-    from qktrace.capture import capture
     from qktrace.models import iter_batches
+    from qktrace.qk import capture
 
     try:
         from qktrace.store import BatchWriter
@@ -238,7 +238,7 @@ def main() -> None:
     if args.capture_all and "capture-all" not in arms:
         arms.append("capture-all")
     capture_sizes = [int(s) for s in args.capture_sizes.split(",")]
-    print("memory: peak memory of qktrace.reduce and of batch-by-batch capture to zarr")
+    print("memory: peak memory of qktrace.sums and of batch-by-batch capture to zarr")
     print(f"machine: {machine()}")
     print(f"versions: {versions()}")
     print(

@@ -18,9 +18,9 @@ with the number of heads in every arm alike, so ratios do not depend on it; they
 d_head (sums grow as d_head^2, raw q/k as d_head) and on the number of features.
 
 Methods compared:
-  raw        qktrace.capture of q (last) and k (the 25 item keys), attention=False: full q/k
+  raw        qktrace.qk of q (last) and k (the 25 item keys), attention=False: full q/k
              come back and the covariance is summed here.
-  reduce     qktrace.reduce: q k^T (and q, k) summed in float64 inside each trace; each request
+  reduce     qktrace.sums: q k^T (and q, k) summed in float64 inside each trace; each request
              returns [heads, 2 x features, d_head, d_head] sums. Run at --batch-sizes.
   session    one nnsight session (model.session(remote="local")) holding the traces of
              --session-batches batches (default: all), summing across traces on the model side
@@ -28,7 +28,7 @@ Methods compared:
   session ΔC the same, but each key weighted +1/n_positive or -1/n_negative of its feature (the
              counts are known before the run), so the model side sums ΔC = C+ - C- directly
              (uncentered, METHOD.md's default) and returns only ΔC, cast to float32 at the end:
-             a proposal for qktrace.reduce, measured here (--no-delta skips it).
+             a proposal for qktrace.sums, measured here (--no-delta skips it).
 
 Checks that the session's sums equal reduce's. Prints figures only; asserts nothing.
 """
@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import math
 import time
 from typing import Any
 
@@ -143,7 +142,7 @@ def session_sums(model: Any, plan: list[Any], heads: list[tuple[int, int]], labe
                  features: list[str], per_session: int, rec: Recorder, delta: bool = False) -> tuple[dict, int]:
     """Sums over all batches with `per_session` traces per nnsight session; returns (sums, sessions).
 
-    delta=False: per (feature, contrast) group, float64 sums of q k^T, q and k, as qktrace.reduce.
+    delta=False: per (feature, contrast) group, float64 sums of q k^T, q and k, as qktrace.sums.
     delta=True: one weight per key, +1/n_positive(feature) or -1/n_negative(feature) (the counts
     are known before the run), so the weighted sum over all pairs IS ΔC = C+ - C- per feature;
     summed in float64, only ΔC is saved, cast to float32 at the very end.
@@ -238,9 +237,9 @@ def main() -> None:
 
     from qktrace import capture as capture_mod
     from qktrace import reduce as reduce_mod
-    from qktrace.capture import capture, plan_batches
     from qktrace.models import load
-    from qktrace.reduce import reduce
+    from qktrace.qk import capture, plan_batches
+    from qktrace.sums import reduce
 
     net, tok = build_llama(layers=args.layers, d_model=args.d_model, n_heads=args.heads,
                            n_kv_heads=args.kv_heads, d_ff=2 * args.d_model)

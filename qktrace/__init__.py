@@ -11,37 +11,34 @@ The verbs a study needs, from a notebook or a script::
     parts = qktrace.attribute(ds, {"order": U_order, "lexical": U_lex})
     qktrace.save(ds, "run.zarr"); qktrace.open("run.zarr")
 
-Every result is a labelled xarray Dataset. Imports are lazy so `qktrace --help` stays fast.
+Every result is a labelled xarray Dataset.
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
 __version__ = "0.1.0"
 
-_VERBS = {
-    "load": "qktrace.models",
-    "capture": "qktrace.capture",
-    "reduce": "qktrace.reduce",
-    "decompose": "qktrace.covariance",
-    "intervene": "qktrace.intervene",
-    "attribute": "qktrace.attribution",
-    "find_heads": "qktrace.heads",
-    "save": "qktrace.store",
-    "open": "qktrace.store",
-    "parse_heads": "qktrace.models",
-}
+# Imported eagerly on purpose: `capture`, `reduce` and `intervene` are both verbs and module
+# names, and a lazily imported submodule would replace the verb on the package.
+from .attribution import attribute
+from .covariance import decompose
+from .heads import find_heads
+from .interventions import intervene
+from .models import load, parse_heads
+from .qk import capture
+from .store import open, save
+from .sums import reduce
 
-__all__ = [*_VERBS, "__version__"]
-
-
-def __getattr__(name: str) -> Any:
-    if name in _VERBS:
-        return getattr(importlib.import_module(_VERBS[name]), name)
-    raise AttributeError(f"module 'qktrace' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__all__ = [
+    "__version__",
+    "load",
+    "capture",
+    "reduce",
+    "decompose",
+    "intervene",
+    "attribute",
+    "find_heads",
+    "save",
+    "open",
+    "parse_heads",
+]

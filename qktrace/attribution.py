@@ -153,7 +153,7 @@ def attribute(
     Parameters
     ----------
     captured
-        From `qktrace.capture` (one or several heads): needs `q` (prompt, head, query, d_head)
+        From `qktrace.qk` (one or several heads): needs `q` (prompt, head, query, d_head)
         and `k` (prompt, head, key, d_head).
     bases
         Name -> basis, in the order of precedence: an array [d_head, r] (the same for every
@@ -189,8 +189,8 @@ def attribute(
     for name in ("q", "k"):
         if name not in captured:
             raise ValueError(
-                f"The captured Dataset has no `{name}`: pass the output of qktrace.capture "
-                "(q and k of the heads), not of qktrace.reduce."
+                f"The captured Dataset has no `{name}`: pass the output of qktrace.qk "
+                "(q and k of the heads), not of qktrace.sums."
             )
     if not bases:
         raise ValueError("No bases given: pass a dict name -> basis [d_head, r].")

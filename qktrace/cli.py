@@ -65,7 +65,7 @@ def toy(
         int | None,
         typer.Option(
             "--max-steps",
-            help="Training steps per model at most (default 2000; 800 with --quick).",
+            help="Training steps per model at most (default 1500; 600 with --quick).",
         ),
     ] = None,
     overwrite: Annotated[

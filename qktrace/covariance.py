@@ -23,7 +23,7 @@ What this module provides
 - Streaming sums: the "covariance sums" Dataset (`qk_sum`, `q_sum`, `k_sum`, `pair_count` over
   ``head, feature, contrast``) holds float64 running sums, so any number of pairs fits in
   O(d_head^2) memory per head and feature. `empty_sums` and `add_pairs` build it from numpy
-  arrays; `qktrace.reduce` builds the same layout inside an nnsight trace. Sums of two batches
+  arrays; `qktrace.sums` builds the same layout inside an nnsight trace. Sums of two batches
   are their sum (``a + b``).
 - `decompose` turns sums into ΔC, singular values, bases and ranks for every head and feature.
 - `permutation_null` asks how many components stand above chance, by shuffling the
@@ -363,7 +363,7 @@ def _count_name(sums: xr.Dataset) -> str:
             return name
     raise KeyError(
         f"the sums have no pair count (variables: {list(sums.data_vars)}); expected "
-        "'pair_count' (head, feature, contrast) as made by empty_sums or qktrace.reduce."
+        "'pair_count' (head, feature, contrast) as made by empty_sums or qktrace.sums."
     )
 
 
@@ -373,7 +373,7 @@ def decompose(sums: xr.Dataset, *, threshold: float = 0.99, centered: bool = Fal
     Parameters
     ----------
     sums : xr.Dataset
-        Covariance sums (`empty_sums` + `add_pairs`, or `qktrace.reduce`).
+        Covariance sums (`empty_sums` + `add_pairs`, or `qktrace.sums`).
     threshold : float, default 0.99
         See `rank_for_threshold`.
     centered : bool, default False
@@ -445,7 +445,7 @@ def _check_counts(count: xr.DataArray) -> None:
     """Raise, naming the head and feature, where a contrast set is empty."""
     for index in zip(*np.nonzero(count.values == 0), strict=True):
         where = {
-            dim: count.indexes[dim][i] if dim in count.indexes else int(i)
+            dim: _plain(count.indexes[dim][i]) if dim in count.indexes else int(i)
             for dim, i in zip(count.dims, index, strict=True)
         }
         contrast = where.pop("contrast")
@@ -455,6 +455,11 @@ def _check_counts(count: xr.DataArray) -> None:
             "pairs for it (check its labels), or drop it from the sums, e.g. "
             f"sums.drop_sel(feature={where.get('feature')!r})."
         )
+
+
+def _plain(label: object) -> object:
+    """A coordinate label as a plain Python value (3, not np.int64(3)) for messages."""
+    return label.item() if isinstance(label, np.generic) else label
 
 
 # ------------------------------------------------------------------------------------------

@@ -29,8 +29,8 @@ import xarray as xr
 from tqdm.auto import tqdm
 
 from . import ops
-from .capture import Batch, Positions, Prompt, _head_coords, plan_batches, resolve_positions
 from .models import Head, Model
+from .qk import Batch, Positions, Prompt, _head_coords, plan_batches, resolve_positions
 from .remote import with_retries
 
 __all__ = ["find_heads"]

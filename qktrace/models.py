@@ -297,9 +297,9 @@ def load(
             kwargs["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         if device_map is not None:
             kwargs["device_map"] = device_map
-        # Remote models stay on the meta device here: only config and tokenizer are read.
+        # On NDIF the weights stay on the server: only config and tokenizer are read here.
         lm = nnsight.TransformersModel(
-            name, task="text-generation", tokenizer=tokenizer, dispatch=remote is False, **kwargs
+            name, task="text-generation", tokenizer=tokenizer, dispatch=remote is not True, **kwargs
         )
         config = lm.config
     if not getattr(tokenizer, "is_fast", False):

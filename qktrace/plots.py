@@ -17,6 +17,7 @@ written out as ``variant=discrete, d_head=16``.
 from __future__ import annotations
 
 import itertools
+import warnings
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
@@ -146,21 +147,23 @@ def heatmap_grid(
         else:
             annot_arg, fmt_arg = bool(labels), fmt
         ax = axes[i, j]
-        sns.heatmap(
-            frame,
-            ax=ax,
-            annot=annot_arg,
-            fmt=fmt_arg,
-            cmap=cmap,
-            center=center,
-            vmin=vmin,
-            vmax=vmax,
-            cbar=(i == 0 and j == len(cols) - 1),
-            cbar_kws={"label": cbar_label},
-            square=True,
-            xticklabels=True,
-            yticklabels=True,
-        )
+        with warnings.catch_warnings():  # seaborn's own use of Colormap.set_bad
+            warnings.simplefilter("ignore", PendingDeprecationWarning)
+            sns.heatmap(
+                frame,
+                ax=ax,
+                annot=annot_arg,
+                fmt=fmt_arg,
+                cmap=cmap,
+                center=center,
+                vmin=vmin,
+                vmax=vmax,
+                cbar=(i == 0 and j == len(cols) - 1),
+                cbar_kws={"label": cbar_label},
+                square=True,
+                xticklabels=True,
+                yticklabels=True,
+            )
         ax.set_xlabel(x)
         ax.set_ylabel(y)
         if panel_title is not None:

@@ -34,7 +34,7 @@ the message survives verbatim, otherwise `locate` says so and suggests ``chat=Fa
 a template, the text (plus ``" " + answer_prefix``) is tokenized with the tokenizer's own
 special tokens (``add_special_tokens=True``).
 
-`locate` returns token-id lists, which `qktrace.capture` and `qktrace.reduce` take as prompts
+`locate` returns token-id lists, which `qktrace.qk` and `qktrace.sums` take as prompts
 (their ``add_special_tokens`` argument is then irrelevant), and the positions of every span
 name, ready to pass as ``keys=``.
 
@@ -46,6 +46,7 @@ Item lists (categories, objects, box letters) live in the repository's ``data/``
 
 from __future__ import annotations
 
+import importlib.resources
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -75,13 +76,14 @@ Which = Literal["first", "last"]
 def data_path(name: str) -> Path:
     """Path of a data file shipped with qktrace, e.g. ``data_path("categories.json")``.
 
-    The files live in the repository's ``data/`` directory (next to ``qktrace/``).
+    The files live in the repository's ``data/`` directory, installed as the package
+    ``qktrace.data`` (so wheels and non-editable installs have them too).
     """
-    path = Path(__file__).resolve().parent.parent / "data" / name
+    path = Path(str(importlib.resources.files("qktrace.data"))) / name
     if not path.exists():
         raise FileNotFoundError(
-            f"qktrace data file {name!r} not found at {path}. Reinstall qktrace from its "
-            "repository (pip install -e .) so that data/ is present."
+            f"qktrace data file {name!r} not found at {path}. Reinstall qktrace "
+            "(pip install -e . from its repository) so that data/ is present."
         )
     return path
 
@@ -197,7 +199,7 @@ class Located:
     Attributes
     ----------
     ids : list[list[int]]
-        Token ids per prompt, to pass to `qktrace.capture` / `qktrace.reduce` as prompts.
+        Token ids per prompt, to pass to `qktrace.qk` / `qktrace.sums` as prompts.
     positions : dict[str, list[list[int]]]
         Span name -> per prompt, the token position of each span of that name (its last token,
         or first with ``which="first"``), in span order; ready for ``keys=``.
@@ -311,7 +313,7 @@ def locate(
     Returns
     -------
     Located
-        ``ids`` (token-id lists for `qktrace.capture`/`qktrace.reduce`) and ``positions[name]``
+        ``ids`` (token-id lists for `qktrace.qk`/`qktrace.sums`) and ``positions[name]``
         (per prompt, the position of each span of that name).
 
     Raises

@@ -32,11 +32,6 @@ def open_model(model: ModelLike, remote: Remote) -> Model:
     if isinstance(model, Model):
         return model
     lm = load(model, remote=remote)
-    if remote == "local":
-        # Load the weights before the first trace: a model opened from a path stays on the meta
-        # device until then, and the first remote="local" trace of such a model loses its
-        # `.source` hooks (nnsight 0.8.1 swaps the modules in while tracing).
-        lm.lm.dispatch()
     return lm
 
 
@@ -148,7 +143,7 @@ def check_out(path: Path, overwrite: bool) -> Path:
     """Refuse early (before any model work) to overwrite a result; the sums checkpoint's path.
 
     Until its store is written, a run keeps checkpoints next to it (``<name>.sums.zarr``, the
-    running covariance sums of `qktrace.reduce`, and ``<name>.<what>.zarr`` captures), so a
+    running covariance sums of `qktrace.sums`, and ``<name>.<what>.zarr`` captures), so a
     crashed run resumes when rerun with the same arguments. With `overwrite`, checkpoints left
     by an earlier run are discarded.
     """
@@ -172,7 +167,7 @@ def _remove_checkpoints(path: Path) -> None:
         shutil.rmtree(leftover)
 
 
-# coordinates `qktrace.intervene` repeats from the captured Dataset of the same prompts
+# coordinates `qktrace.interventions` repeats from the captured Dataset of the same prompts
 _REPEATED = ("prompt_text", "n_tokens", "query_position", "key_position", "key_token")
 _SUMMARIES = (
     "basis",

@@ -174,7 +174,7 @@ def swaps(
     every head); the effect of the swap is compared with `n_random` random subspaces of the
     same rank. Returns per-prompt effects stacked over heads, with per-head summaries.
     """
-    from qktrace.intervene import intervene
+    from qktrace.interventions import intervene
 
     boxes = loc.positions["box"]
     answer = [p.meta["answer"] for p in prompts]

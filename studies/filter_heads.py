@@ -11,7 +11,7 @@ Method
 2. **Contrast.** The query is the last prompt token; the keys are the last token of every list
    item. For the asked category c, keys of items of c are *positive* and keys of the other items
    are *negative*; so each category c gets one ΔC(c) = C+ - C- per head, summed inside the
-   trace (`qktrace.reduce`) and decomposed (`qktrace.decompose`): SVD, 99% rank rule, query
+   trace (`qktrace.sums`) and decomposed (`qktrace.decompose`): SVD, 99% rank rule, query
    and key bases. Positives are all items of the asked category for every question variant.
 3. **Geometry (Fig 6).** On ``n_test`` fresh prompts, the item keys are captured and projected
    onto the union of all category key subspaces of the head; a PCA of those coordinates,
@@ -19,7 +19,7 @@ Method
 4. **Causal check (Fig 7).** On the same fresh prompts, per head: the *attended* item is the
    item of the asked category with the highest attention from the query; the *target* is an
    item of another category (drawn at random). Their coordinates inside the asked category's
-   key subspace are swapped (`qktrace.intervene`, mode "swap", key side), and the change of
+   key subspace are swapped (`qktrace.interventions`, mode "swap", key side), and the change of
    p(target | {orig, target}) and the flip rate (attention argmax moves from orig to target)
    are compared with random subspaces of the same rank.
 5. **Store.** Everything lands in ``OUT/filter_heads.zarr`` (labelled, with provenance); the
@@ -43,12 +43,12 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from qktrace.capture import capture
 from qktrace.covariance import decompose
-from qktrace.intervene import intervene
+from qktrace.interventions import intervene
 from qktrace.models import Remote, parse_heads
 from qktrace.prompts import Located, Prompt, PromptBuilder, load_categories, locate
-from qktrace.reduce import reduce
+from qktrace.qk import capture
+from qktrace.sums import reduce
 from studies._common import (
     ModelLike,
     check_out,
@@ -284,7 +284,7 @@ def run(
         batch_size=batch_size,
         progress=progress,
     )
-    captured = captured.assign_coords(_key_labels(test, test_loc))
+    captured = captured.assign_coords(_key_labels(test))
     geometry = _pca(captured, subspaces)
 
     # 4. category swap vs random subspaces of the same rank
@@ -328,7 +328,7 @@ def _find_heads(
     return parse_heads(list(found["head"].values))
 
 
-def _key_labels(prompts: Sequence[Prompt], loc: Located) -> dict[str, Any]:
+def _key_labels(prompts: Sequence[Prompt]) -> dict[str, Any]:
     """Coordinates naming every item key: its item, category and positive/negative label."""
     items = np.array([p.meta["items"] for p in prompts], dtype=object)
     cats = np.array([p.meta["item_categories"] for p in prompts], dtype=object)

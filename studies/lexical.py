@@ -13,9 +13,9 @@ Method
    object in the question does not change it). This holds the query, the position and the
    letter fixed and varies only the lexical match, so ΔC isolates it. (With
    ``negative_query="counterfactual"`` the negative uses the counterfactual's own query
-   instead.) The pairs cross two prompts, so `qktrace.reduce` (which pairs a query with keys of
+   instead.) The pairs cross two prompts, so `qktrace.sums` (which pairs a query with keys of
    its own prompt) cannot sum them in the trace: the query and the one answer key per prompt are
-   captured (`qktrace.capture`; d_head numbers per head and prompt) and summed here in float64
+   captured (`qktrace.qk`; d_head numbers per head and prompt) and summed here in float64
    (`qktrace.covariance.add_pairs`), then decomposed (feature "lexical").
 3. **Order subspace for the attribution.** Taken from ``OUT/order_id.zarr`` when it was made for
    the same model, heads, pairs, threshold and chat setting; otherwise computed here with the
@@ -23,7 +23,7 @@ Method
 4. **Geometry.** Fresh prompts' box keys projected on the lexical key subspace, PCA coloured by
    the object bound to each box (and by order index).
 5. **Causal check (Fig 9).** Swap lexical-subspace key coordinates between the answer's box and
-   another box, against random subspaces of the same rank (`qktrace.intervene`).
+   another box, against random subspaces of the same rank (`qktrace.interventions`).
 6. **Attribution (Fig 10).** Each box key's attention logit split into the parts carried by the
    order-ID and lexical query subspaces plus a residual (`qktrace.attribute`, lexical made
    orthogonal to order), and the explained fraction 1 - ||resid||^2 / ||total||^2.
@@ -45,10 +45,10 @@ from typing import Any, Literal
 import xarray as xr
 
 from qktrace.attribution import attribute
-from qktrace.capture import capture
 from qktrace.covariance import add_pairs, decompose, empty_sums
 from qktrace.models import Head, Model, Remote
 from qktrace.prompts import locate
+from qktrace.qk import capture
 from studies import binding, order_id
 from studies._common import (
     ModelLike,

@@ -9,12 +9,12 @@ Method
    all positions; the other objects and all letters are random.
 2. **Contrast.** Query: the last token ("Box"). Keys: the box-letter tokens. Positive: the key of
    the answer's box; negative: the keys of the other boxes. One ΔC per head (feature "order"),
-   summed in the trace (`qktrace.reduce`), then SVD and the 99% rank rule (`qktrace.decompose`).
+   summed in the trace (`qktrace.sums`), then SVD and the 99% rank rule (`qktrace.decompose`).
 3. **Geometry (Fig 8).** On ``n_test`` fresh prompts the box keys are captured and projected on
    the order key subspace; their PCA, coloured by order index (and by bound object), shows
    whether keys line up by position.
 4. **Causal check (Fig 9).** Swap the order-subspace coordinates of the answer's box key and of
-   another box key (`qktrace.intervene`) and measure where the attention goes, against random
+   another box key (`qktrace.interventions`) and measure where the attention goes, against random
    subspaces of the same rank.
 5. **Store** ``OUT/order_id.zarr`` (feature "order"); figures drawn from it, saved beside it.
 
@@ -33,11 +33,11 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from qktrace.capture import capture
 from qktrace.covariance import decompose
 from qktrace.models import Head, Model, Remote
 from qktrace.prompts import load_objects, locate
-from qktrace.reduce import reduce
+from qktrace.qk import capture
+from qktrace.sums import reduce
 from studies import binding
 from studies._common import (
     ModelLike,

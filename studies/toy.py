@@ -65,8 +65,8 @@ def settings(
 ) -> dict[str, Any]:
     """The study's parameters, with the defaults of a full or a `quick` run filled in.
 
-    Full: N, M in {3, 5, 7}, 3 seeds (seed, seed+1, seed+2), up to 2000 steps.
-    Quick: N, M in {3, 5}, one seed, up to 800 steps.
+    Full: N, M in {3, 5, 7}, 3 seeds (seed, seed+1, seed+2), up to 1500 steps.
+    Quick: N, M in {3, 5}, one seed, up to 600 steps.
     """
     n_seeds = n_seeds if n_seeds is not None else (1 if quick else 3)
     return {
@@ -74,7 +74,7 @@ def settings(
         "ranks": list(ranks if ranks is not None else ((3, 5) if quick else (3, 5, 7))),
         "d_heads": list(d_heads),
         "variants": list(variants),
-        "max_steps": max_steps if max_steps is not None else (800 if quick else 2000),
+        "max_steps": max_steps if max_steps is not None else (600 if quick else 1500),
         "lr": lr,
         "n_pairs": n_pairs,
         "threshold": threshold,
@@ -129,6 +129,8 @@ def run(
         Replace an existing ``toy.zarr``.
     figures : bool
         Draw the PNG figures next to the store.
+    progress : bool
+        Show a progress bar, and print the summary table at the end.
     **overrides
         Any parameter of `settings` (n_seeds, ranks, d_heads, variants, max_steps, lr, n_pairs,
         threshold, n_random).
@@ -169,7 +171,8 @@ def run(
     store.save(ds, path, attrs=store.provenance("toy", params, seed=seed), overwrite=overwrite)
     if figures:
         draw_figures(store.open(path), out)
-    print(summary(store.open(path)))
+    if progress:
+        print(summary(store.open(path)))
     return path
 
 

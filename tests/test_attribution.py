@@ -5,8 +5,8 @@ import pytest
 import xarray as xr
 
 from qktrace.attribution import as_basis, attribute, orthogonalize
-from qktrace.capture import capture
 from qktrace.models import load
+from qktrace.qk import capture
 from tests.conftest import tiny
 
 PROMPTS = [

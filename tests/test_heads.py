@@ -5,9 +5,9 @@ import pytest
 import torch
 
 import qktrace.testing as testing
-from qktrace.capture import capture
 from qktrace.heads import find_heads
 from qktrace.models import load
+from qktrace.qk import capture
 from tests.conftest import tiny
 
 MARKER, ASKER = 50, 60  # token ids: the answer's token, and the query token

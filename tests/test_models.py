@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 
 import qktrace.testing as testing
@@ -61,3 +62,9 @@ def test_load_from_saved_checkpoint(tmp_path):
     path = testing.save_checkpoint(tmp_path / "tiny-qwen3", "qwen3")
     m = load(path)
     assert m.adapter.family == "qwen3" and m.n_kv_heads == 2
+    # a checkpoint opened from disk for the simulated NDIF path is traced at once, weights loaded
+    from qktrace.qk import capture
+
+    local = capture(m, ["The cat is in Box A"], "1.1", progress=False)
+    simulated = capture(load(path, remote="local"), ["The cat is in Box A"], "1.1", progress=False)
+    np.testing.assert_allclose(simulated.q.values, local.q.values, atol=1e-6)

@@ -6,9 +6,9 @@ from nnsight.intervention.backends.local import LocalSimulationBackend
 from nnsight.intervention.backends.remote import RemoteError
 
 import qktrace.remote as remote_module
-from qktrace.capture import capture
 from qktrace.models import load
-from qktrace.reduce import reduce
+from qktrace.qk import capture
+from qktrace.sums import reduce
 from tests.conftest import tiny
 
 PROMPTS = ["The apple is in Box A", "Which box is the cat in? Box", "the ship is in Box C"]
@@ -62,7 +62,7 @@ def test_persistent_failure_stops_with_saved_batches_and_resume_hint(flaky_backe
         return real(run, *args, **kwargs)
 
     with pytest.MonkeyPatch.context() as mp:
-        import qktrace.reduce as reduce_module
+        import qktrace.sums as reduce_module
 
         mp.setattr(reduce_module, "with_retries", first_batch_gets_through)
         with pytest.raises(RuntimeError, match=r"prompts 1\.\.1 failed 4 times.*saved in .*rerun"):

@@ -154,6 +154,11 @@ def test_binding_studies_local_and_remote_local_agree(checkpoint, tmp_path):
         np.testing.assert_allclose(a["qk_sum"].values, b["qk_sum"].values, rtol=1e-4, atol=1e-6)
         assert (a["rank"].values == b["rank"].values).all()
         np.testing.assert_allclose(a["flip_rate"].values, b["flip_rate"].values)
+    for out in ("a", "b"):  # resumable checkpoints are gone once the stores are written
+        assert sorted(p.name for p in (tmp_path / out).glob("*.zarr")) == [
+            "lexical.zarr",
+            "order_id.zarr",
+        ]
     pngs = {p.name for p in (tmp_path / "a").glob("*.png")}
     assert {"order_id_pca_order.png", "lexical_attribution.png", "lexical_swap.png"} <= pngs
 

@@ -1,0 +1,27 @@
+"""The payload-retrieval toy model (METHOD.md §2): a one-head model whose feature subspaces
+are known by construction, so the contrastive-covariance method can be checked against them.
+
+- `data`: the task (latents z1, z2, payloads, fixed random encoders) and its contrast sets;
+- `model`: the single attention head with a linear read-out;
+- `train`: AdamW with early stopping on a fixed validation set;
+- `analysis`: recovered subspaces and ranks, PCA, swap interventions, interaction matrix G.
+
+The study that runs all of it over the grid of ranks is `studies.toy` (``qktrace toy``).
+"""
+
+from .analysis import analyze, interaction_matrix, intervene, pca_on_subspace, recover_subspaces
+from .data import PayloadTask
+from .model import PayloadRetrievalHead
+from .train import TrainedModel, train
+
+__all__ = [
+    "PayloadRetrievalHead",
+    "PayloadTask",
+    "TrainedModel",
+    "analyze",
+    "interaction_matrix",
+    "intervene",
+    "pca_on_subspace",
+    "recover_subspaces",
+    "train",
+]

@@ -53,12 +53,19 @@ class Episodes:
 
 @dataclass(frozen=True)
 class ContrastInputs:
-    """Model inputs of one contrast set: row i of `query`, `positive`, `negative` go together."""
+    """Model inputs of one contrast set: row i of every field belongs to pair i.
+
+    `latent` is the contrasted latent; "other" is the other one.
+    """
 
     latent: Latent
     query: torch.Tensor  # [pairs, d_model]
     positive: torch.Tensor  # [pairs, d_model] key inputs sharing the latent with the query
     negative: torch.Tensor  # [pairs, d_model] key inputs with a different value of the latent
+    query_value: torch.Tensor  # [pairs, rank] the latent of the query and the positive key
+    negative_value: torch.Tensor  # [pairs, rank] the latent of the negative key
+    query_other: torch.Tensor  # [pairs, other rank] the query's other latent
+    key_other: torch.Tensor  # [pairs, other rank] the other latent of both keys
 
 
 @dataclass(frozen=True)
@@ -193,7 +200,16 @@ class PayloadTask:
             return self.key_inputs(**with_latent(value, key_other), payload=payload, g=g)
 
         query = self.query_inputs(**with_latent(shared, query_other), g=g)
-        return ContrastInputs(latent, query, positive=keys(shared), negative=keys(fresh))
+        return ContrastInputs(
+            latent,
+            query,
+            positive=keys(shared),
+            negative=keys(fresh),
+            query_value=shared,
+            negative_value=fresh,
+            query_other=query_other,
+            key_other=key_other,
+        )
 
     def _different_latents(
         self, reference: torch.Tensor, rank: int, g: torch.Generator

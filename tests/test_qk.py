@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import qktrace.testing as testing
-from qktrace.capture import capture
 from qktrace.models import load
+from qktrace.qk import capture
 from tests.conftest import tiny
 
 PROMPTS = [
@@ -116,7 +116,7 @@ def test_bad_positions_and_prompts(llama):
 def test_capture_to_store_resumes_after_crash(llama, tmp_path, monkeypatch):
     import xarray as xr
 
-    import qktrace.capture as capture_module
+    import qktrace.qk as capture_module
 
     whole = capture(llama, PROMPTS * 2, "1.0,0.2", keys="all", batch_size=2, progress=False)
     real = capture_module._capture_batch

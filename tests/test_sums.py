@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from qktrace.capture import capture
 from qktrace.models import load
-from qktrace.reduce import reduce
+from qktrace.qk import capture
+from qktrace.sums import reduce
 from tests.conftest import tiny
 
 PROMPTS = [
@@ -63,7 +63,7 @@ def test_batch_size_does_not_change_sums(llama):
 
 
 def test_resume_after_crash_equals_uninterrupted(llama, tmp_path, monkeypatch):
-    import qktrace.reduce as reduce_module
+    import qktrace.sums as reduce_module
 
     whole = reduce(llama, PROMPTS, HEADS, LABELS, keys=KEYS, batch_size=2, progress=False)
     real = reduce_module._reduce_batch

@@ -5,10 +5,10 @@ import pytest
 import torch
 import xarray as xr
 
-from qktrace.capture import capture
 from qktrace.covariance import random_subspaces
-from qktrace.intervene import intervene
+from qktrace.interventions import intervene
 from qktrace.models import load
+from qktrace.qk import capture
 from tests.conftest import tiny
 
 PROMPTS = [

@@ -25,8 +25,8 @@ import xarray as xr
 from tqdm.auto import tqdm
 
 from . import ops
-from .capture import Positions, Prompt, _by_layer, plan_batches
 from .models import Head, Model, parse_heads
+from .qk import Positions, Prompt, _by_layer, plan_batches
 from .remote import with_retries
 
 CONTRASTS = ("positive", "negative")
@@ -105,7 +105,7 @@ def reduce(
     Parameters
     ----------
     prompts, heads, query, keys, add_special_tokens
-        As for `qktrace.capture`; `query` must name one position per prompt.
+        As for `qktrace.qk`; `query` must name one position per prompt.
     labels
         Per prompt, per key slot: `(feature, "positive" | "negative")`, or None to skip the key.
     out
@@ -215,7 +215,7 @@ def _sums_dataset(
     done: int,
     params: dict[str, Any],
 ) -> xr.Dataset:
-    from .capture import _head_coords
+    from .qk import _head_coords
 
     dims = ("head", "feature", "contrast")
     return xr.Dataset(

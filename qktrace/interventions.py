@@ -56,8 +56,8 @@ from tqdm.auto import tqdm
 
 from . import ops
 from .attribution import as_basis, orthogonalize
-from .capture import Batch, Positions, Prompt, encode, plan_batches, resolve_positions
 from .models import Model, parse_heads
+from .qk import Batch, Positions, Prompt, encode, plan_batches, resolve_positions
 from .remote import with_retries
 
 __all__ = ["intervene"]

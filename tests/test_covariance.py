@@ -1,0 +1,348 @@
+"""Contrastive covariances: planted subspaces come back exactly, with the right ranks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import xarray as xr
+from scipy.linalg import subspace_angles
+
+from qktrace.covariance import (
+    Subspace,
+    add_pairs,
+    decompose,
+    decompose_matrices,
+    empty_sums,
+    permutation_null,
+    random_subspaces,
+    rank_for_threshold,
+)
+
+
+def orthonormal(rng: np.random.Generator, d: int, r: int) -> np.ndarray:
+    return np.linalg.qr(rng.normal(size=(d, r)))[0]
+
+
+def white_queries(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
+    """n queries whose second moment (1/n) Q^T Q is exactly the identity."""
+    return np.linalg.qr(rng.normal(size=(n, d)))[0] * np.sqrt(n)
+
+
+def planted_pairs(rng, n, d, query_basis, key_basis, strengths):
+    """(q, positive keys, negative keys) with ΔC = query_basis diag(strengths) key_basis^T.
+
+    Both keys share a random part; the positive key adds key_basis S query_basis^T q.
+    """
+    q = white_queries(rng, n, d)
+    shared = rng.normal(size=(n, d))
+    planted = q @ query_basis @ np.diag(strengths) @ key_basis.T
+    return q, shared + planted, shared
+
+
+# ------------------------------------------------------------------------------------------
+# the rank rule
+
+
+@pytest.mark.parametrize(
+    ("singular_values", "threshold", "rank"),
+    [
+        ([5.0, 0.0, 0.0], 0.99, 1),
+        ([1.0, 1.0, 1.0, 1.0], 0.99, 4),
+        ([1.0, 1.0, 1.0, 1.0], 0.75, 3),  # exactly at the threshold: 3 of 4 hold 75%
+        ([1.0, 1.0, 1.0, 1.0], 0.5, 2),
+        ([1.0, 1.0, 1.0, 1.0], 1.0, 4),
+        ([3.0, 1.0, 0.01], 0.99, 2),
+        ([3.0, 1.0, 0.01], 0.8, 1),
+        ([3.0, 1.0, 0.01, np.nan, np.nan], 0.99, 2),  # NaN padding is ignored
+        ([0.0, 0.0], 0.99, 0),
+    ],
+)
+def test_rank_for_threshold(singular_values, threshold, rank):
+    assert rank_for_threshold(singular_values, threshold) == rank
+
+
+@pytest.mark.parametrize("threshold", [0.0, -0.1, 1.5])
+def test_rank_for_threshold_rejects_bad_threshold(threshold):
+    with pytest.raises(ValueError, match="threshold"):
+        rank_for_threshold([1.0, 0.5], threshold)
+
+
+def test_rank_for_threshold_rejects_unsorted_values():
+    with pytest.raises(ValueError, match="decreasing"):
+        rank_for_threshold([0.5, 1.0])
+
+
+# ------------------------------------------------------------------------------------------
+# planted subspaces
+
+
+@pytest.mark.parametrize(("d", "rank"), [(8, 3), (16, 7), (64, 5), (128, 12)])
+def test_decompose_matrices_recovers_planted_bases(d, rank):
+    rng = np.random.default_rng(d + rank)
+    u0, v0 = orthonormal(rng, d, rank), orthonormal(rng, d, rank)
+    strengths = np.linspace(2.0, 1.0, rank)
+    c_neg = rng.normal(size=(d, d))
+    sub = decompose_matrices(c_neg + u0 @ np.diag(strengths) @ v0.T, c_neg)
+    assert sub.rank == rank
+    assert np.max(subspace_angles(sub.query_basis, u0)) < 1e-3
+    assert np.max(subspace_angles(sub.key_basis, v0)) < 1e-3
+    np.testing.assert_allclose(sub.singular_values[:rank], strengths, rtol=1e-9)
+
+
+def test_decompose_recovers_planted_subspaces_per_head_and_feature():
+    """Two heads x two features, each with its own planted rank and bases, through the sums."""
+    rng = np.random.default_rng(0)
+    d, n = 16, 4000
+    planted = {(0, "fruit"): 2, (0, "animal"): 5, (3, "fruit"): 4, (3, "animal"): 1}
+    sums = empty_sums([0, 3], ["fruit", "animal"], d)
+    bases = {}
+    for (head, feature), rank in planted.items():
+        u0, v0 = orthonormal(rng, d, rank), orthonormal(rng, d, rank)
+        bases[head, feature] = u0, v0
+        q, k_pos, k_neg = planted_pairs(rng, n, d, u0, v0, np.linspace(3.0, 1.5, rank))
+        sums = add_pairs(sums, q, k_pos, head, feature, "positive")
+        sums = add_pairs(sums, q, k_neg, head, feature, "negative")
+    out = decompose(sums)
+    for (head, feature), rank in planted.items():
+        cell = out.sel(head=head, feature=feature)
+        assert int(cell["rank"]) == rank, (head, feature)
+        sub = Subspace.from_dataset(cell)
+        u0, v0 = bases[head, feature]
+        assert np.max(subspace_angles(sub.query_basis, u0)) < 1e-3
+        assert np.max(subspace_angles(sub.key_basis, v0)) < 1e-3
+    assert out["query_basis"].dims == ("head", "feature", "dq", "component")
+    assert out["key_basis"].dims == ("head", "feature", "dk", "component")
+    assert out.attrs["threshold"] == 0.99 and out.attrs["centered"] is False
+
+
+def test_bases_are_nan_past_the_rank():
+    rng = np.random.default_rng(1)
+    d, rank = 8, 3
+    q, k_pos, k_neg = planted_pairs(
+        rng, 500, d, orthonormal(rng, d, rank), orthonormal(rng, d, rank), [3.0, 2.0, 1.0]
+    )
+    sums = add_pairs(
+        add_pairs(empty_sums([0], ["z"], d), q, k_pos, 0, "z", "positive"),
+        q,
+        k_neg,
+        0,
+        "z",
+        "negative",
+    )
+    basis = decompose(sums)["key_basis"].sel(head=0, feature="z").values
+    assert np.isfinite(basis[:, :rank]).all()
+    assert np.isnan(basis[:, rank:]).all()
+    np.testing.assert_allclose(basis[:, :rank].T @ basis[:, :rank], np.eye(rank), atol=1e-10)
+
+
+def test_decompose_matches_decompose_matrices_and_threshold():
+    rng = np.random.default_rng(2)
+    d = 6
+    q, k_pos, k_neg = (
+        rng.normal(size=(300, d)),
+        rng.normal(size=(300, d)),
+        rng.normal(size=(300, d)),
+    )
+    sums = add_pairs(
+        add_pairs(empty_sums(["a"], ["f"], d), q, k_pos, "a", "f", "positive"),
+        q,
+        k_neg,
+        "a",
+        "f",
+        "negative",
+    )
+    for threshold in (0.5, 0.9, 0.99):
+        out = decompose(sums, threshold=threshold).sel(head="a", feature="f")
+        ref = decompose_matrices(q.T @ k_pos / 300, q.T @ k_neg / 300, threshold=threshold)
+        np.testing.assert_allclose(out["delta_c"].values, ref.delta_c, atol=1e-12)
+        np.testing.assert_allclose(out["singular_values"].values, ref.singular_values, atol=1e-12)
+        assert int(out["rank"]) == ref.rank == rank_for_threshold(ref.singular_values, threshold)
+
+
+def test_subspace_round_trip_through_dataset():
+    rng = np.random.default_rng(3)
+    sub = decompose_matrices(rng.normal(size=(5, 5)), np.zeros((5, 5)), threshold=0.8)
+    ds = sub.to_dataset()
+    assert set(ds.dims) == {"dq", "dk", "component"}
+    back = Subspace.from_dataset(ds)
+    assert back.rank == sub.rank and back.threshold == 0.8
+    np.testing.assert_array_equal(back.key_basis, sub.key_basis)
+    np.testing.assert_array_equal(back.query_basis, sub.query_basis)
+
+
+# ------------------------------------------------------------------------------------------
+# centering and sums
+
+
+def test_centering_removes_mean_offsets():
+    """A constant shift of the positive keys adds E[q] c^T to ΔC; centering removes it."""
+    rng = np.random.default_rng(4)
+    d, n, rank = 10, 5000, 2
+    u0, v0 = orthonormal(rng, d, rank), orthonormal(rng, d, rank)
+    q = white_queries(rng, n, d)
+    q = q - q.mean(0)  # exact zero mean for the planted part ...
+    q_shifted = q + 0.3 * rng.normal(size=d)  # ... then a mean offset of the queries
+    shift = 0.5 * rng.normal(size=d)
+    shared = rng.normal(size=(n, d))
+    k_pos = shared + q @ u0 @ np.diag([2.0, 1.5]) @ v0.T + shift
+    sums = empty_sums([0], ["z"], d)
+    sums = add_pairs(sums, q_shifted, k_pos, 0, "z", "positive")
+    sums = add_pairs(sums, q_shifted, shared, 0, "z", "negative")
+
+    plain = decompose(sums).sel(head=0, feature="z")
+    centered = decompose(sums, centered=True).sel(head=0, feature="z")
+    assert int(plain["rank"]) == rank + 1  # the planted part plus E[q] shift^T
+    assert int(centered["rank"]) == rank
+    assert centered.attrs["centered"] is True
+
+    def centered_c(q, k):
+        return (q - q.mean(0)).T @ (k - k.mean(0)) / len(q)
+
+    expected = centered_c(q_shifted, k_pos) - centered_c(q_shifted, shared)
+    np.testing.assert_allclose(centered["delta_c"].values, expected, atol=1e-10)
+    sub = Subspace.from_dataset(centered)
+    assert np.max(subspace_angles(sub.key_basis, v0)) < 1e-3
+
+
+def test_sums_add_across_batches():
+    rng = np.random.default_rng(5)
+    d = 4
+    q, k = rng.normal(size=(100, d)), rng.normal(size=(100, d))
+    whole = add_pairs(empty_sums([0], ["z"], d), q, k, 0, "z", "positive")
+    first = add_pairs(empty_sums([0], ["z"], d), q[:37], k[:37], 0, "z", "positive")
+    second = add_pairs(empty_sums([0], ["z"], d), q[37:], k[37:], 0, "z", "positive")
+    both = first + second
+    for name in ("qk_sum", "q_sum", "k_sum"):
+        np.testing.assert_allclose(both[name].values, whole[name].values, atol=1e-12)
+    assert both["pair_count"].dtype == np.int64
+    assert int(both["pair_count"].sel(head=0, feature="z", contrast="positive")) == 100
+    np.testing.assert_allclose(
+        whole["qk_sum"].sel(head=0, feature="z", contrast="positive").values, q.T @ k
+    )
+    assert whole["qk_sum"].dtype == np.float64
+    assert list(whole["contrast"].values) == ["positive", "negative"]
+
+
+def test_add_pairs_does_not_modify_its_input():
+    sums = empty_sums([0], ["z"], 3)
+    add_pairs(sums, np.ones((2, 3)), np.ones((2, 3)), 0, "z", "negative")
+    assert float(sums["qk_sum"].sum()) == 0.0
+
+
+def test_decompose_accepts_reduce_layout_and_keeps_head_coords():
+    """`qktrace.sums` output: extra head coords (layer) and dims in another order."""
+    rng = np.random.default_rng(6)
+    d = 4
+    sums = empty_sums(["1.2", "3.0"], ["fruit"], d).assign_coords(layer=("head", [1, 3]))
+    for head in ("1.2", "3.0"):
+        for contrast in ("positive", "negative"):
+            sums = add_pairs(
+                sums, rng.normal(size=(20, d)), rng.normal(size=(20, d)), head, "fruit", contrast
+            )
+    legacy = sums.rename(pair_count="count").transpose("contrast", "feature", "head", "dk", "dq")
+    out = decompose(legacy)
+    assert out["rank"].dims == ("feature", "head") or out["rank"].dims == ("head", "feature")
+    assert list(out["layer"].values) == [1, 3]
+    np.testing.assert_allclose(
+        out["delta_c"].sel(head="3.0", feature="fruit").transpose("dq", "dk").values,
+        decompose(sums)["delta_c"].sel(head="3.0", feature="fruit").values,
+    )
+
+
+# ------------------------------------------------------------------------------------------
+# errors that name the fix
+
+
+def test_feature_without_positive_pairs_names_head_and_feature():
+    sums = empty_sums([7], ["fruit", "animal"], 3)
+    ones = np.ones((2, 3))
+    for feature in ("fruit", "animal"):
+        sums = add_pairs(sums, ones, ones, 7, feature, "negative")
+    sums = add_pairs(sums, ones, ones, 7, "fruit", "positive")
+    with pytest.raises(ValueError, match=r"No positive pairs for head=7, feature='animal'"):
+        decompose(sums)
+
+
+def test_feature_without_negative_pairs_is_refused():
+    sums = add_pairs(
+        empty_sums([0], ["z"], 2), np.ones((2, 2)), np.ones((2, 2)), 0, "z", "positive"
+    )
+    with pytest.raises(ValueError, match="No negative pairs for head=0, feature='z'"):
+        decompose(sums)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"q": np.ones((3, 2)), "k": np.ones((4, 2))}, ValueError, "same number"),
+        ({"contrast": "neutral"}, ValueError, "'positive' or 'negative'"),
+        ({"feature": "vehicle"}, KeyError, "empty_sums"),
+        ({"q": np.ones((3, 5)), "k": np.ones((3, 5))}, ValueError, "dq=2"),
+    ],
+)
+def test_add_pairs_errors(kwargs, error, match):
+    args = {
+        "q": np.ones((3, 2)),
+        "k": np.ones((3, 2)),
+        "head": 0,
+        "feature": "z",
+        "contrast": "positive",
+    }
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        add_pairs(empty_sums([0], ["z"], 2), **args)
+
+
+def test_decompose_matrices_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match="same shape"):
+        decompose_matrices(np.zeros((3, 3)), np.zeros((3, 4)))
+
+
+# ------------------------------------------------------------------------------------------
+# permutation null and random baselines
+
+
+def test_permutation_null_separates_real_subspace_from_noise():
+    rng = np.random.default_rng(7)
+    d, n, rank = 16, 4000, 3
+    u0, v0 = orthonormal(rng, d, rank), orthonormal(rng, d, rank)
+    q = rng.normal(size=(n, d))
+    k = rng.normal(size=(n, d))
+    is_positive = rng.random(n) < 0.5
+    k[is_positive] += 0.5 * q[is_positive] @ u0 @ v0.T
+    real = permutation_null(q, k, is_positive, n_permutations=100, seed=0)
+    assert int(real["n_significant"]) == rank
+    assert real["null_singular_values"].shape == (100, d)
+    assert (real["singular_values"][:rank] > real["null_quantile"][:rank]).all()
+
+    noise = permutation_null(q, rng.normal(size=(n, d)), is_positive, n_permutations=100, seed=0)
+    assert int(noise["n_significant"]) == 0
+    # the threshold rule alone would call pure noise high-rank: that is what the null is for
+    assert int(noise["rank"]) > rank
+
+
+def test_permutation_null_needs_both_kinds():
+    with pytest.raises(ValueError, match="both kinds"):
+        permutation_null(np.ones((4, 2)), np.ones((4, 2)), np.ones(4, dtype=bool))
+
+
+def test_random_subspaces_are_orthonormal_and_reproducible():
+    bases = random_subspaces(12, 4, n=10, seed=3)
+    assert bases.shape == (10, 12, 4)
+    gram = np.einsum("ndr,nds->nrs", bases, bases)
+    np.testing.assert_allclose(gram, np.broadcast_to(np.eye(4), gram.shape), atol=1e-12)
+    np.testing.assert_array_equal(bases, random_subspaces(12, 4, n=10, seed=3))
+    assert np.max(subspace_angles(bases[0], bases[1])) > 0.1  # different draws differ
+    with pytest.raises(ValueError, match="between 1 and d=4"):
+        random_subspaces(4, 5, n=1)
+
+
+def test_sums_dataset_layout():
+    sums = empty_sums([0, 1], ["a", "b", "c"], 5)
+    assert isinstance(sums, xr.Dataset)
+    assert sums["qk_sum"].dims == ("head", "feature", "contrast", "dq", "dk")
+    assert sums["q_sum"].dims == ("head", "feature", "contrast", "dq")
+    assert sums["k_sum"].dims == ("head", "feature", "contrast", "dk")
+    assert sums["pair_count"].dims == ("head", "feature", "contrast")
+    with pytest.raises(ValueError, match="distinct"):
+        empty_sums([0, 0], ["a"], 2)
