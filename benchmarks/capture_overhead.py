@@ -16,13 +16,15 @@ interleaved round by round so machine noise hits them alike, after --warmup unti
   n   nnsight trace of the same batch with no intervention (nnsight's floor)
   s   nnsight trace reading the two layers' attention-call inputs through `.source` and
       saving the raw q/k tensors (no gather): nnsight's cost of reaching post-RoPE q/k
-  c   qktrace.qk: all heads of the two layers, query "last", keys "all", attention=False,
+  c   qktrace.capture: all heads of the two layers, query "last", keys "all", attention=False,
       one batch, result as an xarray Dataset
   cA  the same with attention=True (also logits and attention weights of the chosen query)
-  d   qktrace.sums: in-trace float64 q k^T sums for the same heads, every key labelled with
+  d   qktrace.reduce: in-trace float64 q k^T sums for the same heads, every key labelled with
       one of 2 features x positive/negative
+  d2  the same with ops.pair_sums swapped for a two-step contraction (keys summed per group
+      first): the fix this script proposes, measured
 
-Then a breakdown of one qktrace.qk call (the functions it calls, wrapped with timers), and,
+Then a breakdown of one qktrace.capture call (the functions it calls, wrapped with timers), and,
 with --profile, a cProfile of capture. Prints figures only; asserts nothing about time.
 """
 
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import importlib
 import io
 import pstats
 import statistics
@@ -53,14 +56,25 @@ def main() -> None:
         "--capture-layers", default="2,5", help="the two (or more) layers captured (default 2,5)"
     )
     parser.add_argument(
-        "--attn", choices=["eager", "sdpa"], default="eager",
+        "--attn",
+        choices=["eager", "sdpa"],
+        default="eager",
         help="attention implementation for all arms (default eager)",
     )
     parser.add_argument("--repeats", type=int, default=7, help="timed rounds per arm (default 7)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first (default 2)")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     parser.add_argument(
-        "--arms", default="a,b,n,s,c,cA,d", help="arms to time, comma-separated (default all)"
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1; 0 = torch's default). With 2+ threads on a machine whose "
+        "cores other processes also use, every parallel region waits for a descheduled thread and "
+        "single forwards vary 5-30x; one thread gives stable ratios",
+    )
+    parser.add_argument(
+        "--arms",
+        default="a,b,n,s,c,cA,d,d2",
+        help="arms to time, comma-separated, from a,b,n,s,c,cA,d,d2 (default all)",
     )
     parser.add_argument("--profile", action="store_true", help="also print a cProfile of capture")
     args = parser.parse_args()
@@ -69,7 +83,7 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from qktrace import capture as capture_mod
+    capture_mod = importlib.import_module("qktrace.qk")  # the module behind qktrace.capture
     from qktrace.models import load
     from qktrace.qk import capture
     from qktrace.sums import reduce
@@ -77,7 +91,10 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     net, tok = build_llama(
-        layers=args.layers, d_model=args.d_model, n_heads=args.heads, n_kv_heads=args.kv_heads,
+        layers=args.layers,
+        d_model=args.d_model,
+        n_heads=args.heads,
+        n_kv_heads=args.kv_heads,
         attn=args.attn,
     )
     layers = [int(x) for x in args.capture_layers.split(",")]
@@ -118,12 +135,18 @@ def main() -> None:
         got: dict[tuple[int, str], torch.Tensor] = {}
         handles = []
         for layer, mod in zip(layers, attn_mods, strict=True):
+
             def q_hook(_m, _i, out, layer=layer):  # last query of every head
                 got[layer, "q"] = out.view(B, T, H, D)[:, -1:].transpose(1, 2)
+
             def k_hook(_m, _i, out, layer=layer):  # all keys, expanded to query heads (GQA)
                 k = out.view(B, T, KV, D).transpose(1, 2)
                 got[layer, "k"] = k.repeat_interleave(H // KV, dim=1)
-            handles += [mod.q_proj.register_forward_hook(q_hook), mod.k_proj.register_forward_hook(k_hook)]
+
+            handles += [
+                mod.q_proj.register_forward_hook(q_hook),
+                mod.k_proj.register_forward_hook(k_hook),
+            ]
         try:
             net(**inputs)
         finally:
@@ -137,10 +160,12 @@ def main() -> None:
         for _ in range(args.warmup):
             bare()
         pristine = []
+        pristine_cpu = []
         for _ in range(args.repeats):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             bare()
             pristine.append(time.perf_counter() - t0)
+            pristine_cpu.append(time.process_time() - c0)
 
     model = load(net, tokenizer=tok)
     lm = model.lm
@@ -162,115 +187,239 @@ def main() -> None:
 
     def qk_capture(attention: bool) -> Any:
         return capture(
-            model, id_lists, heads, query="last", keys="all", attention=attention,
-            batch_size=B, progress=False,
+            model,
+            id_lists,
+            heads,
+            query="last",
+            keys="all",
+            attention=attention,
+            batch_size=B,
+            progress=False,
         )
 
     def qk_reduce() -> Any:
         return reduce(
-            model, id_lists, heads, labels, keys="all", query="last", batch_size=B, progress=False,
+            model,
+            id_lists,
+            heads,
+            labels,
+            keys="all",
+            query="last",
+            batch_size=B,
+            progress=False,
         )
+
+    from qktrace import ops as qk_ops
+
+    def pair_sums_two_step(q_sel: Any, k_sel: Any, onehot: Any) -> Any:
+        """ops.pair_sums with the keys summed per group first (the proposed contraction order)."""
+        g64, q64, k64 = onehot.to(torch.float64), q_sel.to(torch.float64), k_sel.to(torch.float64)
+        kg = torch.einsum("bkg,bhkj->bhgj", g64, k64)
+        return (
+            torch.einsum("bhi,bhgj->hgij", q64, kg),
+            torch.einsum("bkg,bhi->hgi", g64, q64),
+            kg.sum(0),
+        )
+
+    def qk_reduce_two_step() -> Any:
+        original = qk_ops.pair_sums
+        qk_ops.pair_sums = pair_sums_two_step
+        try:
+            return qk_reduce()
+        finally:
+            qk_ops.pair_sums = original
 
     arms = {
         "a": ("bare HF forward", bare),
         "b": ("torch hooks q_proj/k_proj -> numpy", hooked),
         "n": ("nnsight trace, no intervention", nnsight_empty),
         "s": ("nnsight trace saving raw q/k of the 2 attention calls", nnsight_raw),
-        "c": ("qktrace.qk (attention=False)", lambda: qk_capture(False)),
-        "cA": ("qktrace.qk (attention=True)", lambda: qk_capture(True)),
-        "d": ("qktrace.sums (in-trace sums)", qk_reduce),
+        "c": ("qktrace.capture (attention=False)", lambda: qk_capture(False)),
+        "cA": ("qktrace.capture (attention=True)", lambda: qk_capture(True)),
+        "d": ("qktrace.reduce (in-trace sums)", qk_reduce),
+        "d2": ("qktrace.reduce, pair_sums two-step (proposed fix)", qk_reduce_two_step),
     }
     chosen = [a for a in args.arms.split(",") if a]
     if "a" not in chosen:
         chosen.insert(0, "a")
     times: dict[str, list[float]] = {a: [] for a in chosen}
+    cpu: dict[str, list[float]] = {a: [] for a in chosen}
     with torch.inference_mode():
         for _ in range(args.warmup):
             for a in chosen:
                 arms[a][1]()
         for _ in range(args.repeats):
             for a in chosen:
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 arms[a][1]()
                 times[a].append(time.perf_counter() - t0)
+                cpu[a].append(time.process_time() - c0)
 
-    base = statistics.median(times["a"])
-    base0 = statistics.median(pristine)
-    rows = [["a0", "bare HF forward, before nnsight/qktrace", f"{base0 * 1e3:.0f}", "", f"{base0 / base:.3f}", ""]]
+    med = statistics.median
+    base, base_cpu = med(times["a"]), med(cpu["a"])
+    rows = [
+        [
+            "a0",
+            "bare HF forward, before nnsight/qktrace",
+            ms(med(pristine)),
+            "",
+            f"{med(pristine) / base:.3f}",
+            "",
+            ms(med(pristine_cpu)),
+            f"{med(pristine_cpu) / base_cpu:.3f}",
+        ]
+    ]
     for a in chosen:
-        med = statistics.median(times[a])
-        rows.append([
-            a, arms[a][0], f"{med * 1e3:.0f}",
-            f"{min(times[a]) * 1e3:.0f}-{max(times[a]) * 1e3:.0f}", f"{med / base:.3f}",
-            f"{min(times[a]) / min(times['a']):.3f}",
-        ])
+        rows.append(
+            [
+                a,
+                arms[a][0],
+                ms(med(times[a])),
+                f"{ms(min(times[a]))}-{ms(max(times[a]))}",
+                f"{med(times[a]) / base:.3f}",
+                f"{min(times[a]) / min(times['a']):.3f}",
+                ms(med(cpu[a])),
+                f"{med(cpu[a]) / base_cpu:.3f}",
+            ]
+        )
     print()
-    print(table(rows, ["arm", "what", "median ms", "range ms", "x a (median)", "x a (min)"]))
-    summary = ", ".join(
-        f"{a}/a = {statistics.median(times[a]) / base:.3f}" for a in chosen if a != "a"
+    print(
+        table(
+            rows,
+            [
+                "arm",
+                "what",
+                "wall ms (median)",
+                "wall range",
+                "x a (median)",
+                "x a (min)",
+                "CPU ms (median)",
+                "x a (CPU)",
+            ],
+        )
     )
-    print(f"\nratios (median over median): {summary}")
-    summary = ", ".join(
-        f"{a}/a = {min(times[a]) / min(times['a']):.3f}" for a in chosen if a != "a"
+    print(
+        "(CPU = time.process_time of this process, all threads: less sensitive than wall time"
+        " to other processes competing for the cores)"
     )
-    print(f"ratios (min over min; robust to load from other processes): {summary}")
-    if "c" in chosen:
-        ratio = statistics.median(times["c"]) / base
-        ratio_min = min(times["c"]) / min(times["a"])
+    for name, ratio in (
+        ("wall, median over median", lambda a: med(times[a]) / base),
+        ("wall, min over min", lambda a: min(times[a]) / min(times["a"])),
+        ("CPU, median over median", lambda a: med(cpu[a]) / base_cpu),
+    ):
         print(
-            f"goal c/a <= 1.10: median {ratio:.3f} ({'met' if ratio <= 1.10 else 'NOT met'}), "
-            f"min {ratio_min:.3f} ({'met' if ratio_min <= 1.10 else 'NOT met'})"
+            f"ratios ({name}): " + ", ".join(f"{a}/a = {ratio(a):.3f}" for a in chosen if a != "a")
+        )
+    if "c" in chosen:
+        goals = [
+            (n, r)
+            for n, r in (
+                ("wall median", med(times["c"]) / base),
+                ("wall min", min(times["c"]) / min(times["a"])),
+                ("CPU median", med(cpu["c"]) / base_cpu),
+            )
+        ]
+        print(
+            "goal c/a <= 1.10: "
+            + ", ".join(f"{n} {r:.3f} ({'met' if r <= 1.10 else 'NOT met'})" for n, r in goals)
         )
 
     # ---- breakdowns: the functions capture/reduce call, wrapped with timers ---------------
+    # (module, function, level): level 0 pieces add up to the call (the rest is shown), level 1
+    # pieces run inside a level-0 one (plan_batches tokenizes; ops run inside the trace).
     from qktrace import ops
-    from qktrace import reduce as reduce_mod
 
-    pieces = ["encode", "resolve_positions", "_index_tensor", "_onehot", "_capture_batch",
-              "_reduce_batch", "_check_finite", "_batch_dataset", "_concat", "_sums_dataset"]
-    in_trace = ["gather_heads", "attention_rows", "pair_sums"]
+    reduce_mod = importlib.import_module("qktrace.sums")  # the module behind qktrace.reduce
+    planning = [
+        (capture_mod, "encode", 1),
+        (capture_mod, "resolve_positions", 1),
+        (capture_mod, "_index_tensor", 1),
+    ]
+    capture_pieces = [
+        (capture_mod, "plan_batches", 0),
+        *planning,
+        (capture_mod, "_capture_batch", 0),
+        (ops, "gather_heads", 1),
+        (ops, "attention_rows", 1),
+        (capture_mod, "_check_finite", 0),
+        (capture_mod, "_batch_dataset", 0),
+    ]
+    reduce_pieces = [
+        (reduce_mod, "plan_batches", 0),
+        *planning,
+        (reduce_mod, "fingerprint", 0),
+        (reduce_mod, "_onehot", 0),
+        (reduce_mod, "_reduce_batch", 0),
+        (ops, "gather_heads", 1),
+        (ops, "pair_sums", 1),
+        (reduce_mod, "_sums_dataset", 0),
+    ]
     with torch.inference_mode():
-        for label, fn, mod in (
-            ("qktrace.qk (attention=False)", lambda: qk_capture(False), capture_mod),
-            ("qktrace.sums", qk_reduce, reduce_mod),
+        for label, fn, pieces in (
+            ("qktrace.capture (attention=False)", lambda: qk_capture(False), capture_pieces),
+            ("qktrace.reduce", qk_reduce, reduce_pieces),
         ):
-            bare_t, total_t, spent = breakdown(fn, bare, mod, pieces, ops, in_trace, args.repeats)
+            bare_t, total_t, spent = breakdown(fn, bare, pieces, args.repeats)
+            missing = [f"{m.__name__}.{n}" for m, n, _ in pieces if (m, n) not in spent]
             total = statistics.median(total_t)
             base_b = statistics.median(bare_t)
             rows = []
             accounted = 0.0
-            for name, ts in spent.items():
-                med = statistics.median(ts)
-                if name.startswith("  "):
-                    rows.append([name + " (inside the trace)", f"{med * 1e3:.1f}", f"{100 * med / total:.1f}%"])
+            for m, n, level in pieces:
+                if (m, n) not in spent:
                     continue
-                accounted += med
-                rows.append([name, f"{med * 1e3:.1f}", f"{100 * med / total:.1f}%"])
-            rows.append(["rest (parse heads, tqdm, coords, sums)", f"{(total - accounted) * 1e3:.1f}",
-                         f"{100 * (total - accounted) / total:.1f}%"])
+                med = statistics.median(spent[m, n])
+                where = " (inside the trace)" if m is ops else ""
+                rows.append(
+                    ["  " * level + n + where, f"{med * 1e3:.1f}", f"{100 * med / total:.1f}%"]
+                )
+                if level == 0:
+                    accounted += med
+            rows.append(
+                [
+                    "rest (parse heads, tqdm, coords, sum arrays)",
+                    f"{(total - accounted) * 1e3:.1f}",
+                    f"{100 * (total - accounted) / total:.1f}%",
+                ]
+            )
             rows.append(["total", f"{total * 1e3:.1f}", "100%"])
-            rows.append(["bare forward, same rounds", f"{base_b * 1e3:.1f}", f"x{total / base_b:.3f}"])
-            print(f"\nbreakdown of {label} (medians over {args.repeats} calls, each after a bare forward):")
+            rows.append(
+                ["bare forward, same rounds", f"{base_b * 1e3:.1f}", f"x{total / base_b:.3f}"]
+            )
+            print(
+                f"\nbreakdown of {label} (medians over {args.repeats} calls, each after a bare forward):"
+            )
             print(table(rows, ["piece", "ms", "share"]))
+            if missing:
+                print(
+                    f"(not found, so not timed: {', '.join(missing)}; update the pieces after a refactor)"
+                )
 
     # ---- the in-trace reduction op alone, and a cheaper contraction order -------------------
     g = len({f for row in labels for f, _ in row}) * 2
     q_sel = torch.randn(B, H, D)
     k_sel = torch.randn(B, H, T, D)
     onehot = torch.zeros(B, T, g, dtype=torch.float64)
-    onehot[torch.arange(B)[:, None], torch.arange(T)[None], torch.randint(g, (B, T), generator=gen)] = 1
+    onehot[
+        torch.arange(B)[:, None], torch.arange(T)[None], torch.randint(g, (B, T), generator=gen)
+    ] = 1
 
     def two_step() -> Any:
         g64, q64, k64 = onehot, q_sel.double(), k_sel.double()
         kg = torch.einsum("bkg,bhkj->bhgj", g64, k64)  # keys summed per group first
-        return (torch.einsum("bhi,bhgj->hgij", q64, kg), torch.einsum("bkg,bhi->hgi", g64, q64),
-                kg.sum(0))
+        return (
+            torch.einsum("bhi,bhgj->hgij", q64, kg),
+            torch.einsum("bkg,bhi->hgi", g64, q64),
+            kg.sum(0),
+        )
 
     with torch.inference_mode():
         t_ops, _ = median_time(lambda: ops.pair_sums(q_sel, k_sel, onehot), args.repeats)
         t_two, _ = median_time(two_step, args.repeats)
-        diff = max(float((a - b).abs().max() / a.abs().max())
-                   for a, b in zip(ops.pair_sums(q_sel, k_sel, onehot), two_step(), strict=True))
+        diff = max(
+            float((a - b).abs().max() / a.abs().max())
+            for a, b in zip(ops.pair_sums(q_sel, k_sel, onehot), two_step(), strict=True)
+        )
     print(
         f"\nin-trace op per layer, shapes of this run (batch {B}, {H} heads, {T} keys, {g} groups, "
         f"d_head {D}):\n  ops.pair_sums (3-operand einsum 'bkg,bhi,bhkj->hgij'): {t_ops * 1e3:.1f} ms\n"
@@ -291,35 +440,34 @@ def main() -> None:
         print(stream.getvalue())
 
 
-def breakdown(fn, bare, module, names, ops, op_names, repeats):
-    """Run bare() then fn() `repeats` times with `module.<names>` and `ops.<op_names>` timed.
+def ms(seconds: float) -> str:
+    """Milliseconds, with one decimal below 100 ms."""
+    return f"{seconds * 1e3:.1f}" if seconds < 0.1 else f"{seconds * 1e3:.0f}"
 
-    Returns (bare times, fn times, {piece: per-call seconds}); in-trace ops are keyed "  <name>".
-    Only functions that exist in the module are wrapped, so this survives refactors.
+
+def breakdown(fn, bare, pieces, repeats):
+    """Run bare() then fn() `repeats` times with each (module, name) in `pieces` timed.
+
+    Returns (bare times, fn times, {(module, name): seconds per call}). Only functions that
+    exist are wrapped, so this survives refactors (missing ones are reported by the caller).
     """
-    spent: dict[str, list[float]] = {}
+    spent: dict = {}
     patched = []
+    for owner, name, _ in pieces:
+        fn0 = getattr(owner, name, None)
+        if fn0 is None or (owner, name) in spent:
+            continue
 
-    def wrap(owner, name, key):
-        fn0 = getattr(owner, name)
-
-        def wrapper(*a, **k):
+        def wrapper(*a, _fn=fn0, _key=(owner, name), **k):
             t0 = time.perf_counter()
             try:
-                return fn0(*a, **k)
+                return _fn(*a, **k)
             finally:
-                spent[key][-1] += time.perf_counter() - t0
+                spent[_key][-1] += time.perf_counter() - t0
 
         setattr(owner, name, wrapper)
         patched.append((owner, name, fn0))
-        spent[key] = []
-
-    for n in names:
-        if hasattr(module, n):
-            wrap(module, n, n)
-    for n in op_names:
-        if hasattr(ops, n):
-            wrap(ops, n, "  " + n)
+        spent[owner, name] = []
     bare_t, total_t = [], []
     try:
         for v in spent.values():
@@ -337,8 +485,7 @@ def breakdown(fn, bare, module, names, ops, op_names, repeats):
     finally:
         for owner, name, fn0 in reversed(patched):
             setattr(owner, name, fn0)
-    used = {k: v[1:] for k, v in spent.items() if any(v[1:])}
-    return bare_t, total_t, used
+    return bare_t, total_t, {k: v[1:] for k, v in spent.items()}
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Peak memory of qktrace.sums and of batch-by-batch capture to zarr: does it grow with prompts?
+"""Peak memory of qktrace.reduce and of batch-by-batch capture to zarr: does it grow with prompts?
 
 Each measurement runs in its own fresh Python process (so peaks are clean) on a tiny random-weight
 Llama (2 layers, d_model 64, 4 heads / 2 kv heads of 16; see qktrace.testing) with short random
@@ -14,20 +14,20 @@ resident set size (RSS), then runs the arm and reports:
   retained                tracemalloc current at the end, minus the result the arm returns
 
 Arms:
-  reduce     qktrace.sums of N prompts, 8 labelled keys per prompt over 4 features.
+  reduce     qktrace.reduce of N prompts, 8 labelled keys per prompt over 4 features.
              Goal: flat in N (peak ratio N=10k / N=1k <= 1.1).
   reduce-out the same with out=<zarr path> checkpointing after every batch (--with-out).
   capture    qktrace.capture(..., out=<zarr path>) (query last, keys all, attention=True):
              capture appends each batch to the store as it completes (qktrace.store.BatchWriter)
              and returns the store opened lazily. Goal: bounded by about one batch.
-  capture-loop  a loop calling qktrace.qk on one batch at a time and appending each batch
+  capture-loop  a loop calling qktrace.capture on one batch at a time and appending each batch
              with qktrace.store.BatchWriter (xarray to_zarr append if that is missing): the
              bound a caller can reach without capture(out=) (--capture-loop).
-  capture-all  qktrace.qk of all N prompts in memory, then store.save: the O(N)
+  capture-all  qktrace.capture of all N prompts in memory, then store.save: the O(N)
              reference (--capture-all).
 
 Reduce runs at --sizes (default 1k and 10k prompts); the capture arms at --capture-sizes
-(default 1k and 4k, to keep the default run near 3 minutes on 2 cores).
+(default 500 and 2000, to keep the default run near 3 minutes on 2 cores).
 
 Prints figures only; asserts nothing.
 """
@@ -67,9 +67,14 @@ def peak_rss() -> int:
 # child
 
 
-def child(arm: str, n: int, tokens: int, batch: int, use_tracemalloc: bool, workdir: str) -> dict:
+def child(
+    arm: str, n: int, tokens: int, batch: int, use_tracemalloc: bool, workdir: str, threads: int
+) -> dict:
     import numpy as np
     import torch
+
+    if threads:
+        torch.set_num_threads(threads)
 
     import qktrace.testing as testing
     from qktrace.models import load
@@ -89,11 +94,27 @@ def child(arm: str, n: int, tokens: int, batch: int, use_tracemalloc: bool, work
     ]
     # warm up (first .source access rewrites the attention forward, imports, allocator)
     with torch.inference_mode():
-        reduce(model, prompts[:batch], heads, labels[:batch], keys=key_pos[:batch],
-               batch_size=batch, progress=False)
-        one_batch = capture(
-            model, prompts[:batch], heads, keys="all", batch_size=batch, progress=False
-        ).nbytes
+        reduce(
+            model,
+            prompts[:batch],
+            heads,
+            labels[:batch],
+            keys=key_pos[:batch],
+            batch_size=batch,
+            progress=False,
+        )
+        warm = capture(model, prompts[:batch], heads, keys="all", batch_size=batch, progress=False)
+    one_batch = warm.nbytes
+    # also warm the zarr write path (imports of zarr/numcodecs, codec buffers), so the arm's
+    # peak shows what it holds, not one-off import costs
+    from qktrace import store
+
+    store.save(warm, Path(workdir) / f"warm-{arm}-{n}.zarr")
+    if hasattr(store, "BatchWriter"):
+        writer = store.BatchWriter(Path(workdir) / f"warmb-{arm}-{n}.zarr", params={"warm": 1})
+        writer.append(warm)
+        store.open(writer.path)
+    del warm
     out = Path(workdir) / f"{arm}-{n}.zarr"
     info: dict = {}
 
@@ -104,7 +125,13 @@ def child(arm: str, n: int, tokens: int, batch: int, use_tracemalloc: bool, work
     with torch.inference_mode():
         if arm in ("reduce", "reduce-out"):
             result = reduce(
-                model, prompts, heads, labels, keys=key_pos, batch_size=batch, progress=False,
+                model,
+                prompts,
+                heads,
+                labels,
+                keys=key_pos,
+                batch_size=batch,
+                progress=False,
                 out=out if arm == "reduce-out" else None,
             )
             result_bytes = result.nbytes
@@ -112,8 +139,9 @@ def child(arm: str, n: int, tokens: int, batch: int, use_tracemalloc: bool, work
             import inspect
 
             if "out" in inspect.signature(capture).parameters:
-                ds = capture(model, prompts, heads, keys="all", batch_size=batch, progress=False,
-                             out=out)
+                ds = capture(
+                    model, prompts, heads, keys="all", batch_size=batch, progress=False, out=out
+                )
                 result_bytes = 0
                 info = {"writer": "capture(out=...) (BatchWriter inside); result opened lazily"}
                 del ds
@@ -138,10 +166,18 @@ def child(arm: str, n: int, tokens: int, batch: int, use_tracemalloc: bool, work
     peak = peak_rss()
     disk = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) if out.exists() else 0
     return {
-        "arm": arm, "n": n, "seconds": seconds, "rss_before": before, "peak_rss": peak,
-        "peak_minus_before": peak - before, "tracemalloc_peak": traced_peak,
+        "arm": arm,
+        "n": n,
+        "seconds": seconds,
+        "rss_before": before,
+        "peak_rss": peak,
+        "peak_minus_before": peak - before,
+        "tracemalloc_peak": traced_peak,
         "retained": traced_now - (result_bytes if arm.startswith("reduce") else 0),
-        "result_bytes": result_bytes, "disk_bytes": disk, "one_batch_bytes": one_batch, **info,
+        "result_bytes": result_bytes,
+        "disk_bytes": disk,
+        "one_batch_bytes": one_batch,
+        **info,
     }
 
 
@@ -160,18 +196,22 @@ def capture_to_zarr(model, prompts, heads, batch, out):
     else:
         writer = None
         how = "xarray to_zarr(append_dim='prompt') per batch"
+    write_s, n_batches = 0.0, 0
     for start, chunk in iter_batches(prompts, batch):
         ds = capture(model, chunk, heads, keys="all", batch_size=batch, progress=False)
         ds = ds.assign_coords(prompt=ds.prompt + start)
+        t0 = time.perf_counter()
         if writer is not None:
             writer.append(ds)
         else:
             ds = ds.drop_vars([v for v in ds.variables if ds[v].dtype == object])
             ds.to_zarr(out, mode="a" if start else "w", append_dim="prompt" if start else None)
+        write_s += time.perf_counter() - t0
+        n_batches += 1
         del ds
     if writer is not None:
         writer.finalize()
-    return 0, {"writer": how}
+    return 0, {"writer": how, "write_s": write_s, "n_batches": n_batches}
 
 
 # ------------------------------------------------------------------------------------------
@@ -180,8 +220,20 @@ def capture_to_zarr(model, prompts, heads, batch, out):
 
 def run_child(arm: str, n: int, args: argparse.Namespace, workdir: str) -> dict:
     cmd = [
-        sys.executable, __file__, "--child", arm, "--n", str(n), "--tokens", str(args.tokens),
-        "--batch", str(args.batch), "--workdir", workdir,
+        sys.executable,
+        __file__,
+        "--child",
+        arm,
+        "--n",
+        str(n),
+        "--tokens",
+        str(args.tokens),
+        "--batch",
+        str(args.batch),
+        "--workdir",
+        workdir,
+        "--threads",
+        str(args.threads),
     ]
     if args.no_tracemalloc:
         cmd.append("--no-tracemalloc")
@@ -197,27 +249,38 @@ def main() -> None:
     )
     parser.add_argument("--sizes", default="1000,10000", help="prompt counts (default 1000,10000)")
     parser.add_argument(
-        "--arms", default="reduce,capture",
+        "--arms",
+        default="reduce,capture",
         help="arms, comma-separated: reduce, reduce-out, capture, capture-all (default reduce,capture)",
     )
     parser.add_argument(
-        "--capture-sizes", default="1000,4000",
-        help="prompt counts for the capture arms (default 1000,4000)",
+        "--capture-sizes",
+        default="500,2000",
+        help="prompt counts for the capture arms (default 500,2000)",
     )
     parser.add_argument("--with-out", action="store_true", help="add the reduce-out arm")
     parser.add_argument(
-        "--capture-loop", action="store_true",
+        "--capture-loop",
+        action="store_true",
         help="add the capture-loop arm (per-batch capture() calls + BatchWriter)",
     )
     parser.add_argument(
-        "--capture-all", action="store_true",
+        "--capture-all",
+        action="store_true",
         help="add the capture-all arm (all prompts in one capture() call: grows with N)",
     )
     parser.add_argument("--tokens", type=int, default=24, help="tokens per prompt (default 24)")
     parser.add_argument("--batch", type=int, default=32, help="batch size (default 32)")
     parser.add_argument(
-        "--no-tracemalloc", action="store_true",
+        "--no-tracemalloc",
+        action="store_true",
         help="skip tracemalloc (faster; RSS figures only)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads in each child (default 1; 0 = torch's default)",
     )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--n", type=int, help=argparse.SUPPRESS)
@@ -225,8 +288,19 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.child:
-        print(json.dumps(child(args.child, args.n, args.tokens, args.batch,
-                               not args.no_tracemalloc, args.workdir)))
+        print(
+            json.dumps(
+                child(
+                    args.child,
+                    args.n,
+                    args.tokens,
+                    args.batch,
+                    not args.no_tracemalloc,
+                    args.workdir,
+                    args.threads,
+                )
+            )
+        )
         return
 
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -238,12 +312,13 @@ def main() -> None:
     if args.capture_all and "capture-all" not in arms:
         arms.append("capture-all")
     capture_sizes = [int(s) for s in args.capture_sizes.split(",")]
-    print("memory: peak memory of qktrace.sums and of batch-by-batch capture to zarr")
-    print(f"machine: {machine()}")
+    print("memory: peak memory of qktrace.reduce and of batch-by-batch capture to zarr")
+    print(f"machine: {machine()} (this parent process)")
     print(f"versions: {versions()}")
     print(
         f"model: tiny random Llama (2 layers, d_model 64, 4 heads / 2 kv of 16), all 8 heads; "
-        f"prompts of {args.tokens} random tokens; batch {args.batch}; each arm in a fresh process"
+        f"prompts of {args.tokens} random tokens; batch {args.batch}; each arm in a fresh process "
+        f"with {args.threads or 'default'} torch thread(s)"
     )
     workdir = tempfile.mkdtemp(prefix="qktrace-mem-")
     results = []
@@ -254,25 +329,46 @@ def main() -> None:
                 results.append(r)
                 print(
                     f"  {arm:<11} n={n:<6} {r['seconds']:6.1f} s  peak-before "
-                    f"{human(r['peak_minus_before'])}", flush=True,
+                    f"{human(r['peak_minus_before'])}",
+                    flush=True,
                 )
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
     rows = []
     for r in results:
-        rows.append([
-            r["arm"], r["n"], f"{r['seconds']:.1f}", human(r["rss_before"]),
-            human(r["peak_minus_before"]),
-            human(r["tracemalloc_peak"]) if not args.no_tracemalloc else "-",
-            human(r["retained"]) if not args.no_tracemalloc else "-",
-            human(r["result_bytes"]) if r["result_bytes"] else "-",
-            human(r.get("one_batch_bytes", 0)) if r.get("one_batch_bytes") else "-",
-            human(r["disk_bytes"]) if r["disk_bytes"] else "-",
-        ])
+        rows.append(
+            [
+                r["arm"],
+                r["n"],
+                f"{r['seconds']:.1f}",
+                human(r["rss_before"]),
+                human(r["peak_minus_before"]),
+                human(r["tracemalloc_peak"]) if not args.no_tracemalloc else "-",
+                human(r["retained"]) if not args.no_tracemalloc else "-",
+                human(r["result_bytes"]) if r["result_bytes"] else "-",
+                human(r.get("one_batch_bytes", 0)) if r.get("one_batch_bytes") else "-",
+                human(r["disk_bytes"]) if r["disk_bytes"] else "-",
+            ]
+        )
     print()
-    print(table(rows, ["arm", "prompts", "s", "RSS before", "peak-before", "tracemalloc peak",
-                       "retained", "result", "one batch", "on disk"]))
+    print(
+        table(
+            rows,
+            [
+                "arm",
+                "prompts",
+                "s",
+                "RSS before",
+                "peak-before",
+                "tracemalloc peak",
+                "retained",
+                "result",
+                "one batch",
+                "on disk",
+            ],
+        )
+    )
     print()
     for arm in arms:
         rs = [r for r in results if r["arm"] == arm]
@@ -297,6 +393,12 @@ def main() -> None:
             if "writer" in r:
                 print(f"  ({arm} writes with: {r['writer']})")
                 break
+        for r in rs:
+            if r.get("n_batches"):
+                print(
+                    f"  ({arm} n={r['n']}: {r['write_s']:.1f} s of {r['seconds']:.1f} s spent writing "
+                    f"{r['n_batches']} batches, {1e3 * r['write_s'] / r['n_batches']:.0f} ms per batch)"
+                )
 
 
 if __name__ == "__main__":

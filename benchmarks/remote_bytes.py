@@ -18,9 +18,9 @@ with the number of heads in every arm alike, so ratios do not depend on it; they
 d_head (sums grow as d_head^2, raw q/k as d_head) and on the number of features.
 
 Methods compared:
-  raw        qktrace.qk of q (last) and k (the 25 item keys), attention=False: full q/k
+  raw        qktrace.capture of q (last) and k (the 25 item keys), attention=False: full q/k
              come back and the covariance is summed here.
-  reduce     qktrace.sums: q k^T (and q, k) summed in float64 inside each trace; each request
+  reduce     qktrace.reduce: q k^T (and q, k) summed in float64 inside each trace; each request
              returns [heads, 2 x features, d_head, d_head] sums. Run at --batch-sizes.
   session    one nnsight session (model.session(remote="local")) holding the traces of
              --session-batches batches (default: all), summing across traces on the model side
@@ -28,7 +28,7 @@ Methods compared:
   session ΔC the same, but each key weighted +1/n_positive or -1/n_negative of its feature (the
              counts are known before the run), so the model side sums ΔC = C+ - C- directly
              (uncentered, METHOD.md's default) and returns only ΔC, cast to float32 at the end:
-             a proposal for qktrace.sums, measured here (--no-delta skips it).
+             a proposal for qktrace.reduce, measured here (--no-delta skips it).
 
 Checks that the session's sums equal reduce's. Prints figures only; asserts nothing.
 """
@@ -36,6 +36,7 @@ Checks that the session's sums equal reduce's. Prints figures only; asserts noth
 from __future__ import annotations
 
 import argparse
+import importlib
 import io
 import time
 from typing import Any
@@ -52,7 +53,9 @@ CATEGORIES = {
 }
 
 
-def build_prompts(tok: Any, n: int, n_items: int, seed: int = 0) -> tuple[list[str], list[list[int]], list[list[tuple[str, str]]]]:
+def build_prompts(
+    tok: Any, n: int, n_items: int, seed: int = 0
+) -> tuple[list[str], list[list[int]], list[list[tuple[str, str]]]]:
     """Bullet-list prompts, key positions (last token of each item) and (category, contrast) labels."""
     import random
 
@@ -107,7 +110,12 @@ class Recorder:
 
         RequestModel.serialize = serialize  # a plain function on the class: called as RequestModel.serialize(tracer, ...)
         for mod, name in ((capture_mod, "_capture_batch"), (reduce_mod, "_reduce_batch")):
-            fn = getattr(mod, name)
+            fn = getattr(mod, name, None)
+            if fn is None:
+                raise RuntimeError(
+                    f"{mod.__name__} has no {name} any more: point Recorder.install at the function "
+                    "that runs one trace per batch and returns its saved values."
+                )
 
             def wrapper(*a: Any, _fn: Any = fn, **k: Any) -> Any:
                 out = _fn(*a, **k)
@@ -130,19 +138,30 @@ def result_sizes(results: list[list[Any]]) -> tuple[int, int, int]:
         arrays = [np.asarray(v) for v in values]
         nbytes += sum(a.nbytes for a in arrays)
         buf = io.BytesIO()
-        torch.save({f"v{i}": torch.from_numpy(np.ascontiguousarray(a)) for i, a in enumerate(arrays)},
-                   buf, pickle_protocol=4)
+        torch.save(
+            {f"v{i}": torch.from_numpy(np.ascontiguousarray(a)) for i, a in enumerate(arrays)},
+            buf,
+            pickle_protocol=4,
+        )
         blob = buf.getvalue()
         saved += len(blob)
         packed += len(comp.compress(blob))
     return nbytes, saved, packed
 
 
-def session_sums(model: Any, plan: list[Any], heads: list[tuple[int, int]], labels: list[list[tuple[str, str]]],
-                 features: list[str], per_session: int, rec: Recorder, delta: bool = False) -> tuple[dict, int]:
+def session_sums(
+    model: Any,
+    plan: list[Any],
+    heads: list[tuple[int, int]],
+    labels: list[list[tuple[str, str]]],
+    features: list[str],
+    per_session: int,
+    rec: Recorder,
+    delta: bool = False,
+) -> tuple[dict, int]:
     """Sums over all batches with `per_session` traces per nnsight session; returns (sums, sessions).
 
-    delta=False: per (feature, contrast) group, float64 sums of q k^T, q and k, as qktrace.sums.
+    delta=False: per (feature, contrast) group, float64 sums of q k^T, q and k, as qktrace.reduce.
     delta=True: one weight per key, +1/n_positive(feature) or -1/n_negative(feature) (the counts
     are known before the run), so the weighted sum over all pairs IS ΔC = C+ - C- per feature;
     summed in float64, only ΔC is saved, cast to float32 at the very end.
@@ -155,8 +174,12 @@ def session_sums(model: Any, plan: list[Any], heads: list[tuple[int, int]], labe
     lm = model.lm
     layers = sorted({layer for layer, _ in heads})
     layer_plan = [
-        (layer, [h for l_, h in heads if l_ == layer], [model.kv_head(h) for l_, h in heads if l_ == layer],
-         model.attention_call(layer))
+        (
+            layer,
+            [h for l_, h in heads if l_ == layer],
+            [model.kv_head(h) for l_, h in heads if l_ == layer],
+            model.attention_call(layer),
+        )
         for layer in layers
     ]
     counts = {}
@@ -192,7 +215,9 @@ def session_sums(model: Any, plan: list[Any], heads: list[tuple[int, int]], labe
                         if delta:
                             sums = sums[:1]
                         if layer in totals:
-                            totals[layer] = [a + s for a, s in zip(totals[layer], sums)]
+                            totals[layer] = [
+                                a + s for a, s in zip(totals[layer], sums, strict=True)
+                            ]
                         else:
                             totals[layer] = list(sums)
                 if delta:
@@ -202,7 +227,14 @@ def session_sums(model: Any, plan: list[Any], heads: list[tuple[int, int]], labe
         rec.results.append([t.numpy() for layer in layers for t in totals[layer]])
         for layer in layers:
             got = [t.numpy() for t in totals[layer]]
-            grand[layer] = got if layer not in grand else [a + g for a, g in zip(grand[layer], got)]
+            grand[layer] = (
+                got
+                if layer not in grand
+                else [a + g for a, g in zip(grand[layer], got, strict=True)]
+            )
+        # nnsight ships the current value of every name the session block uses, even one the
+        # block assigns before reading: a stale `totals` would ride along with the next request.
+        del totals
     return grand, sessions
 
 
@@ -210,24 +242,44 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--prompts", type=int, default=2000, help="number of prompts (default 2000)")
-    parser.add_argument("--items", type=int, default=25, help="items (keys) per prompt (default 25)")
-    parser.add_argument("--layers", type=int, default=2, help="model layers, all captured (default 2)")
+    parser.add_argument(
+        "--prompts", type=int, default=2000, help="number of prompts (default 2000)"
+    )
+    parser.add_argument(
+        "--items", type=int, default=25, help="items (keys) per prompt (default 25)"
+    )
+    parser.add_argument(
+        "--layers", type=int, default=2, help="model layers, all captured (default 2)"
+    )
     parser.add_argument("--d-model", type=int, default=128, help="hidden size (default 128)")
     parser.add_argument("--heads", type=int, default=1, help="query heads per layer (default 1)")
     parser.add_argument("--kv-heads", type=int, default=1, help="key/value heads (default 1)")
-    parser.add_argument("--raw-batch", type=int, default=32, help="batch size of the raw arm (default 32)")
     parser.add_argument(
-        "--batch-sizes", default="32,256",
+        "--raw-batch", type=int, default=32, help="batch size of the raw arm (default 32)"
+    )
+    parser.add_argument(
+        "--batch-sizes",
+        default="32,256",
         help="batch sizes of the reduce arm, comma-separated (default 32,256)",
     )
-    parser.add_argument("--session-batch", type=int, default=64, help="batch size inside the session (default 64)")
     parser.add_argument(
-        "--session-batches", type=int, default=0,
+        "--session-batch", type=int, default=64, help="batch size inside the session (default 64)"
+    )
+    parser.add_argument(
+        "--session-batches",
+        type=int,
+        default=0,
         help="traces (batches) per session; 0 = all in one session (default 0)",
     )
     parser.add_argument(
-        "--no-delta", action="store_true",
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1, steadier on a shared machine; 0 = torch's default)",
+    )
+    parser.add_argument(
+        "--no-delta",
+        action="store_true",
         help="skip the 'session, ΔC only, float32' arm (the proposed smaller return)",
     )
     args = parser.parse_args()
@@ -235,14 +287,21 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from qktrace import capture as capture_mod
-    from qktrace import reduce as reduce_mod
+    capture_mod = importlib.import_module("qktrace.qk")  # the module behind qktrace.capture
+    reduce_mod = importlib.import_module("qktrace.sums")  # the module behind qktrace.reduce
     from qktrace.models import load
     from qktrace.qk import capture, plan_batches
     from qktrace.sums import reduce
 
-    net, tok = build_llama(layers=args.layers, d_model=args.d_model, n_heads=args.heads,
-                           n_kv_heads=args.kv_heads, d_ff=2 * args.d_model)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    net, tok = build_llama(
+        layers=args.layers,
+        d_model=args.d_model,
+        n_heads=args.heads,
+        n_kv_heads=args.kv_heads,
+        d_ff=2 * args.d_model,
+    )
     model = load(net, tokenizer=tok, remote="local")
     heads = [(layer, h) for layer in range(args.layers) for h in range(args.heads)]
     prompts, keys, labels = build_prompts(tok, args.prompts, args.items)
@@ -271,10 +330,17 @@ def main() -> None:
     def record(method: str, batch: int, seconds: float, extra: str = "") -> dict:
         nbytes, saved, packed = result_sizes(rec.results)
         r = {
-            "method": method, "batch": batch, "requests": len(rec.requests),
-            "req": sum(rec.requests), "req_zstd": sum(rec.requests_zstd),
+            "method": method,
+            "batch": batch,
+            "requests": len(rec.requests),
+            "req": sum(rec.requests),
+            "req_zstd": sum(rec.requests_zstd),
             "req_mean": sum(rec.requests) / max(len(rec.requests), 1),
-            "nbytes": nbytes, "saved": saved, "packed": packed, "seconds": seconds, "extra": extra,
+            "nbytes": nbytes,
+            "saved": saved,
+            "packed": packed,
+            "seconds": seconds,
+            "extra": extra,
         }
         rec.reset()
         return r
@@ -283,8 +349,16 @@ def main() -> None:
         # raw q/k
         rec.reset()
         t0 = time.perf_counter()
-        raw = capture(model, prompts, heads, query="last", keys=keys, attention=False,
-                      batch_size=args.raw_batch, progress=False)
+        raw = capture(
+            model,
+            prompts,
+            heads,
+            query="last",
+            keys=keys,
+            attention=False,
+            batch_size=args.raw_batch,
+            progress=False,
+        )
         runs["raw"] = record("raw q/k (capture)", args.raw_batch, time.perf_counter() - t0)
         # covariance from the raw q/k, here
         qv, kv = raw.q.values[:, :, 0].astype(np.float64), raw.k.values.astype(np.float64)
@@ -299,8 +373,16 @@ def main() -> None:
         # in-trace reduction, one request per batch
         for bs in [int(b) for b in args.batch_sizes.split(",")]:
             t0 = time.perf_counter()
-            sums = reduce(model, prompts, heads, labels, keys=keys, query="last", batch_size=bs,
-                          progress=False)
+            sums = reduce(
+                model,
+                prompts,
+                heads,
+                labels,
+                keys=keys,
+                query="last",
+                batch_size=bs,
+                progress=False,
+            )
             runs[f"reduce{bs}"] = record("reduce (in-trace sums)", bs, time.perf_counter() - t0)
             got = sums.qk_sum.sel(feature=features).values
             runs[f"reduce{bs}"]["err"] = float(np.abs(got - ref).max() / np.abs(ref).max())
@@ -310,8 +392,9 @@ def main() -> None:
         per = args.session_batches or len(plan)
         t0 = time.perf_counter()
         grand, sessions = session_sums(model, plan, heads, labels, features, per, rec)
-        runs["session"] = record(f"session ({per} traces/request)", args.session_batch,
-                                 time.perf_counter() - t0)
+        runs["session"] = record(
+            f"session ({per} traces/request)", args.session_batch, time.perf_counter() - t0
+        )
         layers = sorted({layer for layer, _ in heads})
         qk = np.concatenate([grand[layer][0] for layer in layers], axis=0)  # [heads, G, d, d]
         qk = qk.reshape(len(heads), len(features), 2, d, d)
@@ -320,25 +403,60 @@ def main() -> None:
         if not args.no_delta:
             t0 = time.perf_counter()
             grand, _ = session_sums(model, plan, heads, labels, features, per, rec, delta=True)
-            runs["delta"] = record(f"session, ΔC only, float32 ({per} traces/request)",
-                                   args.session_batch, time.perf_counter() - t0)
+            runs["delta"] = record(
+                f"session, ΔC only, float32 ({per} traces/request)",
+                args.session_batch,
+                time.perf_counter() - t0,
+            )
             dc = np.concatenate([grand[layer][0] for layer in layers], axis=0)  # [heads, F, d, d]
-            n_pos = np.array([sum(lab == (f, "positive") for row in labels for lab in row) for f in features])
-            n_neg = np.array([sum(lab == (f, "negative") for row in labels for lab in row) for f in features])
-            dc_ref = ref[:, :, 0] / n_pos[None, :, None, None] - ref[:, :, 1] / n_neg[None, :, None, None]
+            n_pos = np.array(
+                [sum(lab == (f, "positive") for row in labels for lab in row) for f in features]
+            )
+            n_neg = np.array(
+                [sum(lab == (f, "negative") for row in labels for lab in row) for f in features]
+            )
+            dc_ref = (
+                ref[:, :, 0] / n_pos[None, :, None, None]
+                - ref[:, :, 1] / n_neg[None, :, None, None]
+            )
             runs["delta"]["err"] = float(np.abs(dc - dc_ref).max() / np.abs(dc_ref).max())
 
     raw_bytes = runs["raw"]["nbytes"]
-    for key, r in runs.items():
-        rows.append([
-            r["method"], r["batch"], r["requests"], human(r["req"]), human(r["req_mean"]),
-            human(r["req_zstd"]), human(r["nbytes"]), human(r["packed"]),
-            f"{100 * r['nbytes'] / raw_bytes:.2f}%", f"{r['seconds']:.1f}",
-            "" if "err" not in r else f"{r['err']:.1e}",
-        ])
+    for r in runs.values():
+        rows.append(
+            [
+                r["method"],
+                r["batch"],
+                r["requests"],
+                human(r["req"]),
+                human(r["req_mean"]),
+                human(r["req_zstd"]),
+                human(r["nbytes"]),
+                human(r["packed"]),
+                f"{100 * r['nbytes'] / raw_bytes:.2f}%",
+                f"{r['seconds']:.1f}",
+                "" if "err" not in r else f"{r['err']:.1e}",
+            ]
+        )
     print()
-    print(table(rows, ["method", "batch", "requests", "sent", "sent/request", "sent zstd",
-                       "returned", "returned zstd", "returned / raw", "s", "max rel err vs raw"]))
+    print(
+        table(
+            rows,
+            [
+                "method",
+                "batch",
+                "requests",
+                "sent",
+                "sent/request",
+                "sent zstd",
+                "returned",
+                "returned zstd",
+                "returned / raw",
+                "s",
+                "max rel err vs raw",
+            ],
+        )
+    )
     G = 2 * len(features)
     per_request = len(heads) * G * (d * d + 2 * d) * 8
     per_delta = len(heads) * len(features) * d * d * 4

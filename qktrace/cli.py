@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 
@@ -37,6 +37,15 @@ def main() -> None:
     Each command runs one job and writes a zarr store (read it with `qktrace.store.open`) with
     PNG figures beside it. Start with `qktrace toy --out runs/toy --quick`.
     """
+
+
+def _fail(message: str, code: int = 1) -> NoReturn:
+    """Print ``Error: message`` to stderr (no traceback) and exit with `code`.
+
+    Code 2 for bad arguments (as click uses), 1 for a run that could not be done.
+    """
+    typer.secho(f"Error: {message}", err=True, fg="red")
+    raise typer.Exit(code)
 
 
 def _study(name: str):  # noqa: ANN202 - a module
@@ -68,6 +77,9 @@ def toy(
             help="Training steps per model at most (default 1500; 600 with --quick).",
         ),
     ] = None,
+    workers: Annotated[
+        int, typer.Option("--workers", help="Processes training models side by side (1: none).")
+    ] = 2,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace an existing toy.zarr in --out.")
     ] = False,
@@ -87,7 +99,9 @@ def toy(
         k: v for k, v in {"n_seeds": n_seeds, "max_steps": max_steps}.items() if v is not None
     }
     try:
-        path = _study("toy").run(out, quick=quick, seed=seed, overwrite=overwrite, **overrides)
+        path = _study("toy").run(
+            out, quick=quick, seed=seed, overwrite=overwrite, workers=workers, **overrides
+        )
     except FileExistsError as err:
         raise typer.BadParameter(str(err), param_hint="--out") from err
     typer.echo(f"wrote {path} and figures in {out} ({time.perf_counter() - start:.0f} s)")
@@ -229,13 +243,29 @@ def study(
 
     known = _model_studies()
     if name not in known:
-        raise typer.BadParameter(
-            f"unknown study {name!r}; choose one of {', '.join(known)} (the toy model has its "
-            "own command: qktrace toy).",
-            param_hint="NAME",
+        import difflib
+
+        close = difflib.get_close_matches(name, list(known), n=1)
+        _fail(
+            f"unknown study {name!r}"
+            + (f" (did you mean {close[0]!r}?)" if close else "")
+            + f"; choose one of {', '.join(known)} (the toy model has its own command: "
+            "qktrace toy).",
+            2,
         )
     if remote and remote_local:
-        raise typer.BadParameter("give --remote or --remote-local, not both.")
+        _fail(
+            "--remote (run on NDIF) and --remote-local (simulate the NDIF request offline) "
+            "exclude each other; give one of them, or neither to run locally.",
+            2,
+        )
+    if heads is not None:
+        from qktrace.models import parse_heads
+
+        try:
+            parse_heads(heads)
+        except ValueError as err:
+            _fail(f"--heads: {err}", 2)
     mode: bool | str = True if remote else "local" if remote_local else False
     module = importlib.import_module(known[name])
     given = {
@@ -253,7 +283,8 @@ def study(
     for key, value in given.items():
         if value is not None and key not in accepted:
             flag = "--" + key.replace("_", "-")
-            raise typer.BadParameter(f"{flag} is not an option of {name}.", param_hint=flag)
+            options = sorted("--" + k.replace("_", "-") for k in given if k in accepted)
+            _fail(f"{flag} is not an option of {name}; its options: {', '.join(options)}.", 2)
     kwargs = {k: v for k, v in given.items() if v is not None}
     start = time.perf_counter()
     try:
@@ -268,10 +299,15 @@ def study(
             **kwargs,
         )
     except FileExistsError as err:
-        raise typer.BadParameter(str(err), param_hint="--out") from err
-    except (ValueError, RuntimeError) as err:
-        typer.secho(f"Error: {err}", err=True, fg="red")
-        raise typer.Exit(1) from err
+        _fail(f"--out: {err}", 2)
+    except KeyboardInterrupt:
+        _fail(
+            "interrupted. Completed batches are kept next to "
+            f"{out / name.replace('-', '_')}.zarr; rerun the same command to resume.",
+            130,
+        )
+    except (ValueError, RuntimeError, OSError, FloatingPointError, KeyError) as err:
+        _fail(str(err).strip("'\""))
     from qktrace import store
     from qktrace.summary import summarize
 
@@ -293,8 +329,15 @@ def show(
 
     try:
         ds = store.open(path)
-    except (FileNotFoundError, ValueError) as err:
-        raise typer.BadParameter(str(err), param_hint="PATH") from err
+    except (OSError, ValueError) as err:
+        _fail(str(err), 2)
+    if not ds.data_vars:
+        _fail(
+            f"{path} is a zarr store without data variables, so there is nothing to show; "
+            "pass a store written by a qktrace study (e.g. OUT/order_id.zarr), or rerun the "
+            "study that should have filled it.",
+            2,
+        )
     typer.echo(summarize(ds, path))
 
 

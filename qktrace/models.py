@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from numbers import Integral
+from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import nnsight
@@ -90,22 +92,35 @@ def parse_heads(spec: str | tuple[int, int] | Sequence[str | tuple[int, int] | H
         isinstance(spec, tuple) and len(spec) == 2 and all(isinstance(x, int) for x in spec)
     ):
         spec = [spec]
+    how = "write heads as LAYER.HEAD (two integers), comma-separated, e.g. --heads 16.19,20.26"
+    if isinstance(spec, str) and not spec.strip():
+        raise ValueError(f"No heads given (got {spec!r}): {how}.")
+    if not isinstance(spec, str | Iterable):
+        raise ValueError(f"Heads {spec!r} are not a head spec: {how} (or a list of (layer, head)).")
     items = spec.split(",") if isinstance(spec, str) else list(spec)
     heads: list[Head] = []
     for item in items:
         if isinstance(item, str):
             match = _HEAD_SPEC.match(item)
             if not match:
-                raise ValueError(
-                    f"Malformed head {item!r}: write heads as LAYER.HEAD, comma-separated, "
-                    "e.g. --heads 16.19,20.26"
-                )
+                what = "an empty entry" if not item.strip() else f"{item.strip()!r}"
+                given = f" in {spec!r}" if isinstance(spec, str) and spec != item else ""
+                raise ValueError(f"Malformed head: {what}{given}; {how}.")
             heads.append(Head(int(match[1]), int(match[2])))
-        else:
+        elif (
+            isinstance(item, Sequence)
+            and len(item) == 2
+            and all(isinstance(x, Integral) and not isinstance(x, bool) and x >= 0 for x in item)
+        ):
             layer, head = item
             heads.append(Head(int(layer), int(head)))
+        else:
+            raise ValueError(
+                f"Malformed head {item!r}: give a (layer, head) pair of non-negative ints, or a "
+                f"string; {how}."
+            )
     if not heads:
-        raise ValueError("No heads given: pass at least one LAYER.HEAD, e.g. --heads 16.19")
+        raise ValueError(f"No heads given (got {spec!r}): {how}.")
     return list(dict.fromkeys(heads))
 
 
@@ -193,7 +208,8 @@ class Model:
     def check_layer(self, layer: int) -> None:
         if not 0 <= layer < self.n_layers:
             raise ValueError(
-                f"Layer {layer} is out of range: {self.name} has layers 0..{self.n_layers - 1}."
+                f"Layer {layer} is out of range: {self.name} has layers 0..{self.n_layers - 1}; "
+                f"pick a layer in that range (heads run from 0.0 to {self._last_head})."
             )
 
     def check_heads(self, heads: Sequence[Head]) -> None:
@@ -203,8 +219,13 @@ class Model:
             if not 0 <= h.head < self.n_heads:
                 raise ValueError(
                     f"Head {h.label} is out of range: {self.name} has heads 0..{self.n_heads - 1} "
-                    f"in each of its {self.n_layers} layers."
+                    f"in each of its {self.n_layers} layers; pick heads from 0.0 to "
+                    f"{self._last_head}."
                 )
+
+    @property
+    def _last_head(self) -> str:
+        return f"{self.n_layers - 1}.{self.n_heads - 1}"
 
     def all_heads(self) -> list[Head]:
         return [Head(layer, head) for layer in range(self.n_layers) for head in range(self.n_heads)]
@@ -285,11 +306,32 @@ def load(
             )
         name = getattr(model.config, "name_or_path", "") or type(model).__name__
         config = model.config
+        _check_before_loading(name, config, tokenizer)
         lm = nnsight.TransformersModel(model, task="text-generation", tokenizer=tokenizer)
     else:
+        from transformers import AutoConfig
+
         name = str(model)
-        if tokenizer is None:
-            tokenizer = AutoTokenizer.from_pretrained(name, revision=revision)
+        local = isinstance(model, os.PathLike) or name.startswith(("/", "./", "../", "~"))
+        if local and not Path(name).expanduser().exists():
+            raise FileNotFoundError(
+                f"No model at {name}: the local path does not exist. Check the path (a directory "
+                "written by save_pretrained), or pass a hub id such as "
+                "'meta-llama/Llama-3.1-8B-Instruct'."
+            )
+        hub = {k: hf_kwargs[k] for k in ("trust_remote_code", "token") if k in hf_kwargs}
+        try:
+            config = AutoConfig.from_pretrained(name, revision=revision, **hub)
+            if tokenizer is None:
+                tokenizer = AutoTokenizer.from_pretrained(name, revision=revision, **hub)
+        except OSError as err:
+            raise OSError(
+                f"Cannot open the model {name!r}: {err} If it is a local checkpoint, check the "
+                "path; if it is a hub id, check its spelling, the network, and your access "
+                "(`hf auth login` for gated models)."
+            ) from err
+        # config and tokenizer first: refuse an unsupported model before loading any weights
+        _check_before_loading(name, config, tokenizer)
         kwargs: dict[str, Any] = dict(hf_kwargs)
         if revision is not None:
             kwargs["revision"] = revision
@@ -302,12 +344,6 @@ def load(
             name, task="text-generation", tokenizer=tokenizer, dispatch=remote is not True, **kwargs
         )
         config = lm.config
-    if not getattr(tokenizer, "is_fast", False):
-        raise ValueError(
-            f"The tokenizer of {name} is not a fast tokenizer; qktrace locates tokens by character"
-            " offsets, which only fast tokenizers give. Load it with use_fast=True (or convert it"
-            " with transformers.PreTrainedTokenizerFast)."
-        )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     adapter = adapter_for(getattr(config, "model_type", type(config).__name__))
@@ -323,6 +359,19 @@ def load(
         remote=remote,
         revision=revision,
     )
+
+
+def _check_before_loading(name: str, config: Any, tokenizer: Any) -> None:
+    """Refuse what qktrace cannot use, before any weights are loaded."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError(
+            f"The tokenizer of {name} is a {type(tokenizer).__name__}, a slow (pure-Python) "
+            "tokenizer; qktrace locates tokens by character offsets, which only fast tokenizers "
+            "(transformers.PreTrainedTokenizerFast, backed by the `tokenizers` library) give. "
+            "Pass tokenizer=AutoTokenizer.from_pretrained(<model>) (fast by default), or a "
+            "PreTrainedTokenizerFast built from the slow one."
+        )
+    adapter_for(getattr(config, "model_type", type(config).__name__))
 
 
 def iter_batches(items: Sequence[Any], batch_size: int) -> Iterator[tuple[int, Sequence[Any]]]:

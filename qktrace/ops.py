@@ -118,6 +118,11 @@ def pair_sums(
     return qk, q_sum, k_sum
 
 
+def finite_rows(x: torch.Tensor) -> torch.Tensor:
+    """Per batch row of x [batch, ...]: True where every value is finite (no NaN/inf)."""
+    return x.isfinite().flatten(1).all(1)
+
+
 def edit_in_subspace(
     x_sel: torch.Tensor,
     basis: torch.Tensor,

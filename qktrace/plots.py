@@ -358,6 +358,7 @@ def intervention_bars(
     hue: str | None = None,
     row: str | None = None,
     labels: dict[str, str] | None = None,
+    panel_title: Callable[[dict[str, Any]], str] | None = None,
     title: str = "",
     panel_size: float = 3.6,
 ) -> Figure:
@@ -383,6 +384,8 @@ def intervention_bars(
         A dim for bar colours, and a facet dim.
     labels : dict, optional
         Axis labels for the metrics.
+    panel_title : callable, optional
+        Maps the panel's row label (``{row: label}``) to its title.
 
     Examples
     --------
@@ -438,7 +441,10 @@ def intervention_bars(
             ax.axhline(0.0, color="k", linewidth=0.6)
             ax.set_xlabel("")
             ax.set_ylabel((labels or {}).get(metric, metric))
-            ax.set_title(_describe(results, row, r), fontsize=9)
+            where = {row: r} if row is not None else {}
+            ax.set_title(
+                panel_title(where) if panel_title else _describe(results, row, r), fontsize=9
+            )
             if ax.get_legend() is not None:
                 if i == 0 and j == len(metrics) - 1:
                     sns.move_legend(ax, "upper left", bbox_to_anchor=(1.02, 1), fontsize=8)

@@ -333,8 +333,9 @@ def locate(
     """
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError(
-            "locate needs a fast tokenizer (it reads character offsets); load it with "
-            "AutoTokenizer.from_pretrained(..., use_fast=True)."
+            f"locate needs a fast tokenizer (it reads character offsets), but got a "
+            f"{type(tokenizer).__name__}, which is not one; pass model.tokenizer of a "
+            "qktrace.load-ed model, or AutoTokenizer.from_pretrained(<model>) (fast by default)."
         )
     if chat is None:
         chat = _has_template(tokenizer)

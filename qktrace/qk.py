@@ -148,6 +148,12 @@ def _by_layer(model: Model, heads: Sequence[Head]) -> dict[int, list[Head]]:
     return dict(sorted(layers.items()))
 
 
+def _given_order(layers: dict[int, list[Head]], heads: Sequence[Head]) -> list[int]:
+    """Indices that put results computed layer by layer back in the order `heads` were given."""
+    computed = [h for hs in layers.values() for h in hs]
+    return [computed.index(h) for h in heads]
+
+
 def _check_finite(name: str, values: np.ndarray, first_prompt: int) -> None:
     bad = ~np.isfinite(values)
     if bad.any():
@@ -197,9 +203,11 @@ def _capture_batch(
             saved.append(item)
         nnsight.save(saved)
     names = ["q", "k", "logit", "attention"]
+    order = _given_order(layers, heads)
     out = {}
     for n, name in enumerate(names[: 4 if attention else 2]):
-        out[name] = np.concatenate([item[n].float().cpu().numpy() for item in saved], axis=1)
+        values = np.concatenate([item[n].float().cpu().numpy() for item in saved], axis=1)
+        out[name] = values[:, order]
     return out
 
 
@@ -261,6 +269,7 @@ def capture(
             "n_prompts": len(prompts),
             "batch_size": batch_size,
             "attention": attention,
+            "prompts_sha256": fingerprint(plan),
         }
         attrs = store.provenance("capture", params, model=model.name, remote=model.remote)
         writer = store.BatchWriter(out, params=params, attrs=attrs)
@@ -352,6 +361,30 @@ def plan_batches(
         texts = [p if isinstance(p, str) else model.tokenizer.decode(list(p)) for p in batch]
         plan.append(Batch(start, texts, enc, q_index, q_slots, k_index, k_slots))
     return plan
+
+
+def fingerprint(plan: Sequence[Batch], *extra: Any) -> str:
+    """A short hash of what a run computes on: every prompt's token ids, its query and key
+    positions, and `extra` (e.g. labels). Stored in a resumable run's parameters, so a rerun on
+    other prompts (another seed, other positions) is refused instead of mixed in."""
+    import hashlib
+    import json
+
+    rows = []
+    for batch in plan:
+        ids = batch.encoded.inputs["input_ids"]
+        for i, (start, n) in enumerate(
+            zip(batch.encoded.starts, batch.encoded.lengths, strict=True)
+        ):
+            rows.append(
+                [
+                    ids[i, start : start + n].tolist(),
+                    batch.query_slots[i].tolist(),
+                    batch.key_slots[i].tolist(),
+                ]
+            )
+    text = json.dumps([rows, list(extra)], default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _check_context(model: Model, enc: Encoded, start: int) -> None:

@@ -363,7 +363,14 @@ def _not_a_store(path: Path) -> Exception:
 
 
 def _open_zarr(path: Path) -> xr.Dataset:
-    return xr.open_zarr(path, chunks={})
+    try:
+        return xr.open_zarr(path, chunks={})
+    except (OSError, ValueError, KeyError, TypeError) as err:  # damaged metadata
+        raise ValueError(
+            f"cannot read the zarr store at {path} ({type(err).__name__}: {err}); its metadata "
+            "is damaged or incomplete (e.g. a copy that was cut short). Rerun the command that "
+            "wrote it, or restore it from a backup."
+        ) from err
 
 
 def _write_atomic(ds: xr.Dataset, path: Path) -> None:

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from . import ops
 from .models import Head, Model, parse_heads
-from .qk import Positions, Prompt, _by_layer, plan_batches
+from .qk import Positions, Prompt, _by_layer, _given_order, fingerprint, plan_batches
 from .remote import with_retries
 
 CONTRASTS = ("positive", "negative")
@@ -67,8 +67,9 @@ def _reduce_batch(
     query_index: torch.Tensor,
     key_index: torch.Tensor,
     onehot: torch.Tensor,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One trace: per-head, per-group sums (qk [h, G, d, d], q [h, G, d], k [h, G, d])."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """One trace: per-head, per-group sums (qk [h, G, d, d], q [h, G, d], k [h, G, d]), and
+    per prompt whether all its captured q and k were finite ([batch] bool)."""
     layers = _by_layer(model, heads)
     plan = [
         (layer, [h.head for h in hs], [model.kv_head(h.head) for h in hs])
@@ -81,10 +82,15 @@ def _reduce_batch(
             args, _ = calls[layer].inputs
             q_sel = ops.gather_heads(args[1], q_heads, query_index)[:, :, 0]
             k_sel = ops.gather_heads(args[2], kv_heads, key_index)
-            saved.append(ops.pair_sums(q_sel, k_sel, onehot))
+            finite = ops.finite_rows(q_sel) & ops.finite_rows(k_sel)
+            saved.append((*ops.pair_sums(q_sel, k_sel, onehot), finite))
         nnsight.save(saved)
-    qk, q, k = (np.concatenate([s[i].cpu().numpy() for s in saved], axis=0) for i in range(3))
-    return qk, q, k
+    order = _given_order(layers, heads)
+    qk, q, k = (
+        np.concatenate([s[i].cpu().numpy() for s in saved], axis=0)[order] for i in range(3)
+    )
+    finite = np.logical_and.reduce([s[3].cpu().numpy() for s in saved])
+    return qk, q, k, finite
 
 
 def reduce(
@@ -136,17 +142,6 @@ def reduce(
         for label in row:
             if label is not None:
                 count[:, features.index(label[0]), CONTRASTS.index(label[1])] += 1
-    params = {
-        "model": model.name,
-        "heads": [h.label for h in heads],
-        "features": features,
-        "n_prompts": len(prompts),
-        "batch_size": batch_size,
-    }
-    done, state = _resume(out, params)
-    if state is not None:
-        qk_sum, q_sum, k_sum = (state[v].values for v in ("qk_sum", "q_sum", "k_sum"))
-
     plan = plan_batches(model, prompts, query, keys, batch_size, add_special_tokens)
     for batch in plan:
         if batch.query_slots.shape[1] != 1:
@@ -159,6 +154,17 @@ def reduce(
                     f"Prompt {batch.start + i} has {n_keys} key positions but {len(row)} labels: "
                     "give one label (or None) per key position."
                 )
+    params = {
+        "model": model.name,
+        "heads": [h.label for h in heads],
+        "features": features,
+        "n_prompts": len(prompts),
+        "batch_size": batch_size,
+        "prompts_sha256": fingerprint(plan, [list(row) for row in labels]),
+    }
+    done, state = _resume(out, params)
+    if state is not None:
+        qk_sum, q_sum, k_sum = (state[v].values for v in ("qk_sum", "q_sum", "k_sum"))
 
     bar = tqdm(total=len(prompts), initial=done, desc="reduce", unit="prompt", disable=not progress)
     for batch in plan:
@@ -168,7 +174,7 @@ def reduce(
         enc, q_index, k_index = batch.encoded, batch.query_index, batch.key_index
         batch_labels = labels[start : start + n]
         onehot = _onehot(batch_labels, features, k_index.shape[1])
-        qk, q, k = with_retries(
+        qk, q, k, finite = with_retries(
             _reduce_batch,
             model,
             enc,
@@ -183,12 +189,19 @@ def reduce(
                 else ""
             ),
         )
-        for name, values in (("q k^T sums", qk),):
-            if not np.isfinite(values).all():
-                raise FloatingPointError(
-                    f"{name} are NaN/inf in prompts {start}..{start + n - 1}: the model "
-                    "overflowed; run it in float32 or bfloat16 instead of float16."
+        if not finite.all() or not np.isfinite(qk).all():
+            bad = start + int(np.argmin(finite)) if not finite.all() else None
+            where = f"prompt {bad}" if bad is not None else f"prompts {start}..{start + n - 1}"
+            raise FloatingPointError(
+                f"Captured q/k have NaN/inf for {where}, so the q k^T sums would be NaN. The "
+                "model overflowed on it: run in float32 or bfloat16 instead of float16, or drop "
+                "that prompt."
+                + (
+                    f" The sums of prompts 0..{start - 1} are saved in {out}."
+                    if start and out is not None
+                    else ""
                 )
+            )
         shape_g = (len(heads), len(features), 2)
         qk_sum += qk.reshape(*shape_g, d, d)
         q_sum += q.reshape(*shape_g, d)
@@ -239,21 +252,34 @@ def _resume(out: str | Path | None, params: dict[str, Any]) -> tuple[int, xr.Dat
     """(prompts already summed, stored sums) from a previous run's checkpoint at `out`."""
     if out is None or not Path(out).exists():
         return 0, None
+    if Path(out).is_dir() and not any(Path(out).iterdir()):
+        return 0, None  # an empty directory made beforehand
+    import json
+
     from . import store
 
-    state = store.open(out).load()
-    stored = state.attrs.get("params")
+    batches = (Path(out) / store.MANIFEST).is_file()  # a capture (BatchWriter) store
+    state = None if batches else store.open(out)
+    stored = None if state is None else state.attrs.get("params")
     if isinstance(stored, str):
-        import json
-
         stored = json.loads(stored)
-    if stored != params:
-        diff = [k for k in params if stored is None or stored.get(k) != params[k]]
+    if state is None or "qk_sum" not in state or not isinstance(stored, dict):
+        what = "batches of a capture" if state is None else f"variables {sorted(state.data_vars)}"
         raise ValueError(
-            f"{out} holds sums from a run with different parameters ({', '.join(diff)}): "
-            "pass a new out= path, or delete the old store to start over."
+            f"{out} is not a checkpoint of qktrace.reduce (it holds {what}, written by something "
+            "else); pass another out= path (CLI: another --out)."
         )
-    return int(state.attrs["n_prompts"]), state
+    if stored != params:
+        keys = [k for k in dict.fromkeys([*stored, *params]) if stored.get(k) != params.get(k)]
+        diff = store._diff_lines(stored, params, "", "stored", "now")
+        raise ValueError(
+            f"{out} holds sums from a run with different parameters ({', '.join(keys)}):\n"
+            f"{diff}\n"
+            "Resume only with the same arguments (model, heads, prompts, positions, labels, "
+            "batch_size). To start over, pass a new out= path, or delete "
+            f"{out} (CLI: a new --out, or --overwrite)."
+        )
+    return int(state.attrs["n_prompts"]), state.load()
 
 
 def _checkpoint(out: str | Path, sums: xr.Dataset) -> None:

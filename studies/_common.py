@@ -35,6 +35,39 @@ def open_model(model: ModelLike, remote: Remote) -> Model:
     return lm
 
 
+def check_design(
+    *,
+    n_prompts: int,
+    n_test: int,
+    threshold: float,
+    n_random: int,
+    batch_size: int,
+    min_prompts: int = 1,
+    why: str = "",
+) -> None:
+    """Refuse impossible study settings before any model work, naming the argument and flag."""
+
+    def bad(name: str, value: object, rule: str, fix: str) -> ValueError:
+        flag = "--" + name.replace("_", "-")
+        return ValueError(f"{name}={value!r} (CLI {flag}) {rule}; {fix}.")
+
+    if n_prompts < min_prompts:
+        raise bad("n_prompts", n_prompts, f"is too few{why}", f"pass n_prompts >= {min_prompts}")
+    if n_test < 1:
+        raise bad("n_test", n_test, "leaves no fresh prompts for PCA and swaps", "pass >= 1")
+    if not 0.0 < threshold <= 1.0:
+        raise bad(
+            "threshold",
+            threshold,
+            "is outside (0, 1] (the fraction of sum(S^2) the kept components hold)",
+            "pass e.g. 0.99",
+        )
+    if n_random < 0:
+        raise bad("n_random", n_random, "is negative", "pass 0 (no baseline) or more")
+    if batch_size < 1:
+        raise bad("batch_size", batch_size, "is below 1", "pass e.g. 16")
+
+
 def resolve_heads(
     model: Model,
     heads: str | Sequence[Any] | None,
@@ -245,6 +278,11 @@ def pca_figure(ds: xr.Dataset, hue: str, title: str = "", max_labels: int = 10) 
     from qktrace import plots
 
     points = ds["key_pc"].dropna("pc", how="all")
+    if points.sizes["pc"] < 2:  # a rank-1 subspace: show its one coordinate against 0
+        points = ds["key_pc"].isel(pc=slice(0, 2))
+        points = points.where(points["pc"] == points["pc"][0], 0.0).where(
+            points.isel(pc=0).notnull()
+        )
     labels = ds[hue].broadcast_like(points.isel(pc=0, drop=True))
     text = np.vectorize(str, otypes=[object])(labels.values)
     names, counts = np.unique(text, return_counts=True)

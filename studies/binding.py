@@ -56,6 +56,17 @@ def boxes_prompt(objects: Sequence[str], letters: Sequence[str], answer: int) ->
     return b.build(meta=meta, answer_prefix=ANSWER_PREFIX)
 
 
+def check_pairs(n_pairs: int) -> None:
+    """The binding contrasts need a second box: its key is the negative, and the swap target."""
+    letters = len(load_box_letters())
+    if not 2 <= n_pairs <= letters:
+        raise ValueError(
+            f"n_pairs={n_pairs} (CLI --n-pairs) must be between 2 and {letters}: the other "
+            "boxes' keys are the negatives of the contrast and the targets of the swaps, and "
+            f"there are {letters} box letters; pass e.g. n_pairs=9 (the paper's)."
+        )
+
+
 def build_prompts(
     n: int, n_pairs: int = 9, *, query_object: str | None = None, seed: int = 0
 ) -> list[Prompt]:

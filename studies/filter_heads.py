@@ -51,6 +51,7 @@ from qktrace.qk import capture
 from qktrace.sums import reduce
 from studies._common import (
     ModelLike,
+    check_design,
     check_out,
     heads_source,
     open_model,
@@ -225,6 +226,18 @@ def run(
     -------
     Path of ``OUT/filter_heads.zarr``.
     """
+    check_design(
+        n_prompts=n_prompts,
+        n_test=n_test,
+        threshold=threshold,
+        n_random=n_random,
+        batch_size=batch_size,
+        min_prompts=len(categories),
+        why=(
+            f": the asked category cycles through the {len(categories)} categories, so fewer "
+            "prompts leave a category without positive keys (no subspace)"
+        ),
+    )
     out = Path(out)
     path = out / f"{STUDY}.zarr"
     checkpoint = check_out(path, overwrite)

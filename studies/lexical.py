@@ -52,6 +52,7 @@ from qktrace.qk import capture
 from studies import binding, order_id
 from studies._common import (
     ModelLike,
+    check_design,
     check_out,
     checkpoint,
     heads_source,
@@ -155,6 +156,14 @@ def run(
     -------
     Path of ``OUT/lexical.zarr``.
     """
+    check_design(
+        n_prompts=n_prompts,
+        n_test=n_test,
+        threshold=threshold,
+        n_random=n_random,
+        batch_size=batch_size,
+    )
+    binding.check_pairs(n_pairs)
     out = Path(out)
     path = out / f"{STUDY}.zarr"
     sums_checkpoint = check_out(path, overwrite)

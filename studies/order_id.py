@@ -41,6 +41,7 @@ from qktrace.sums import reduce
 from studies import binding
 from studies._common import (
     ModelLike,
+    check_design,
     check_out,
     heads_source,
     open_model,
@@ -132,6 +133,14 @@ def run(
     -------
     Path of ``OUT/order_id.zarr``.
     """
+    check_design(
+        n_prompts=n_prompts,
+        n_test=n_test,
+        threshold=threshold,
+        n_random=n_random,
+        batch_size=batch_size,
+    )
+    binding.check_pairs(n_pairs)
     out = Path(out)
     path = out / f"{STUDY}.zarr"
     checkpoint = check_out(path, overwrite)

@@ -29,7 +29,9 @@ Run it with ``qktrace toy --out DIR`` (``--quick`` for a one-seed, 2 x 2 grid).
 
 from __future__ import annotations
 
+import multiprocessing
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +115,7 @@ def run(
     overwrite: bool = False,
     figures: bool = True,
     progress: bool = True,
+    workers: int = 2,
     **overrides: Any,
 ) -> Path:
     """Run the toy study, write ``out/toy.zarr`` and its figures, print a summary.
@@ -131,6 +134,10 @@ def run(
         Draw the PNG figures next to the store.
     progress : bool
         Show a progress bar, and print the summary table at the end.
+    workers : int
+        Processes that train models side by side (each single-threaded: the model is so small
+        that one thread per model is fastest). 1 runs everything in this process. Results do
+        not depend on it: every model seeds its own generators.
     **overrides
         Any parameter of `settings` (n_seeds, ranks, d_heads, variants, max_steps, lr, n_pairs,
         threshold, n_random).
@@ -155,25 +162,50 @@ def run(
         for m in params["ranks"]
         for s in params["seeds"]
     ]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the model is tiny: one thread is fastest and leaves a core free
     start = time.perf_counter()
-    try:
-        results = [
-            run_cell(*cell, params)
-            for cell in tqdm(cells, desc="toy models", unit="model", disable=not progress)
-        ]
-    finally:
-        torch.set_num_threads(threads)
+    results = _run_cells(cells, params, workers=workers, progress=progress)
     ds = xr.combine_by_coords(results, combine_attrs="drop")
     ds = ds.sel(variant=params["variants"], d_head=params["d_heads"]).transpose(*ORDER, ...)
     ds.attrs["seconds"] = round(time.perf_counter() - start, 1)
+    ds.attrs["workers"] = workers
     store.save(ds, path, attrs=store.provenance("toy", params, seed=seed), overwrite=overwrite)
     if figures:
         draw_figures(store.open(path), out)
     if progress:
         print(summary(store.open(path)))
     return path
+
+
+def _run_cells(
+    cells: list[tuple[str, int, int, int, int]],
+    params: dict[str, Any],
+    *,
+    workers: int,
+    progress: bool,
+) -> list[xr.Dataset]:
+    """`run_cell` for every cell, in this process or in `workers` single-threaded processes."""
+    bar = tqdm(total=len(cells), desc="toy models", unit="model", disable=not progress)
+    if workers <= 1:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            results = []
+            for cell in cells:
+                results.append(run_cell(*cell, params))
+                bar.update(1)
+        finally:
+            torch.set_num_threads(threads)
+    else:
+        context = multiprocessing.get_context("spawn")  # no fork of a process running torch
+        with ProcessPoolExecutor(
+            workers, mp_context=context, initializer=torch.set_num_threads, initargs=(1,)
+        ) as pool:
+            futures = [pool.submit(run_cell, *cell, params) for cell in cells]
+            for _ in as_completed(futures):
+                bar.update(1)
+            results = [future.result() for future in futures]
+    bar.close()
+    return results
 
 
 # ------------------------------------------------------------------------------------------
@@ -192,9 +224,13 @@ def draw_figures(ds: xr.Dataset, out: Path | str) -> list[Path]:
     panel = {"panel": ("d_head", "latent")}
     metrics = ["flip_rate", "delta_p_target", "target_attention"]
     room = ds["N"] + ds["M"] < ds["d_head"]
+    regimes = {
+        "room": "N + M < d_head: room for both latents",
+        "superposition": "N + M >= d_head: z1, z2 fill key space",
+    }
     by_room = xr.concat(
         [ds[metrics].where(room), ds[metrics].where(~room)],
-        dim=pd.Index(["N+M < d_head", "N+M >= d_head"], name="room"),
+        dim=pd.Index(list(regimes), name="regime"),
     ).load()
     figs = {
         "rank_grid.png": plots.rank_heatmap(
@@ -212,7 +248,8 @@ def draw_figures(ds: xr.Dataset, out: Path | str) -> list[Path]:
             by_room,
             metrics,
             hue="variant",
-            row="room",
+            row="regime",
+            panel_title=lambda where: regimes[where["regime"]],
             labels={
                 "flip_rate": "flip rate (argmax -> target)",
                 "delta_p_target": "Δ p(target | {orig, target})",
@@ -307,13 +344,16 @@ def summary(ds: xr.Dataset) -> str:
                             "flip z2": float(flips.sel(subspace="z2")),
                             "flip both": float(flips.sel(subspace="both")),
                             "rand both": float(flips.sel(subspace="random_both")),
+                            "dim both": float(cell["subspace_size"].sel(subspace="both").mean()),
                             "G diag": float(cell["diagonal_fraction"].mean()),
                             "G blocks": float(cell["block_fraction"].mean()),
                         }
                     )
     table = pd.DataFrame(rows).to_string(index=False, float_format=lambda v: f"{v:.2f}")
     seconds = ds.attrs.get("seconds")
-    header = f"toy study: {ds.sizes['seed']} seed(s), ranks per seed" + (
-        f", {seconds} s" if seconds else ""
+    header = (
+        f"toy study: {ds.sizes['seed']} seed(s); ranks listed per seed; flip = flip rate of "
+        "the swap (rand = random subspaces of the same dim); G diag/blocks = share of |G|^2"
+        + (f"; {seconds} s" if seconds else "")
     )
     return f"{header}\n{table}"

@@ -148,3 +148,27 @@ def test_prompt_longer_than_context():
     m = load(net, tokenizer=tok)
     with pytest.raises(ValueError, match=r"Prompt 1 has \d+ tokens, more than .* context of 256"):
         capture(m, ["short", "apple " * 300], "0.0", progress=False)
+
+
+def test_heads_given_out_of_layer_order_keep_their_labels(llama):
+    """Heads are traced layer by layer; results must come back under the labels given."""
+    from qktrace.sums import reduce
+
+    labels = [[("f", "positive"), ("f", "negative")]] * 2
+    keys = [[1, 2], [2, 3]]
+    a = capture(llama, PROMPTS[:2], "1.0,0.1", keys=keys, progress=False)
+    b = capture(llama, PROMPTS[:2], "0.1,1.0", keys=keys, progress=False)
+    assert list(a["head"].values) == ["1.0", "0.1"] and a["layer"].values.tolist() == [1, 0]
+    for head in ("1.0", "0.1"):
+        for name in ("q", "k", "attention"):
+            np.testing.assert_array_equal(a[name].sel(head=head), b[name].sel(head=head))
+    sa = reduce(llama, PROMPTS[:2], "1.0,0.1", labels, keys=keys, progress=False)
+    sb = reduce(llama, PROMPTS[:2], "0.1,1.0", labels, keys=keys, progress=False)
+    for head in ("1.0", "0.1"):
+        np.testing.assert_array_equal(sa.qk_sum.sel(head=head), sb.qk_sum.sel(head=head))
+        q = a.q.sel(head=head).values[:, 0].astype(np.float64)  # [prompt, d]
+        k = a.k.sel(head=head).values[:, 0].astype(np.float64)
+        expected = np.einsum("pi,pj->ij", q, k)  # the positive pairs: key slot 0 of each prompt
+        np.testing.assert_allclose(
+            sa.qk_sum.sel(head=head, feature="f", contrast="positive"), expected, rtol=1e-5
+        )

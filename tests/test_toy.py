@@ -109,7 +109,7 @@ def test_interaction_matrix_and_dominance():
 # ------------------------------------------------------------------------------------------
 # the study (trains models)
 
-CI_GRID = {"variants": ("discrete",), "ranks": (3, 5), "d_heads": (16, 8)}
+CI_GRID = {"variants": ("discrete",), "ranks": (3, 5), "d_heads": (16, 8), "workers": 1}
 
 
 @pytest.fixture(scope="module")

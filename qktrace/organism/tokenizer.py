@@ -55,7 +55,7 @@ def _pre_tokenizer() -> Any:
 def vocabulary_words(texts: Iterable[str]) -> list[str]:
     """The single-word tokens of `texts`, data/ words included, in a stable order."""
     categories, objects, letters = _data()
-    multi = set(multiword_items())
+    multi = multiword_items()  # longest first: "US states" before "US state"
     words: list[str] = []
     for cat, entry in categories.items():
         words += [cat, entry["plural"], *entry["items"]]
@@ -63,7 +63,7 @@ def vocabulary_words(texts: Iterable[str]) -> list[str]:
     words = [w for w in words if w not in multi]
     pre = _pre_tokenizer()
     for text in texts:
-        for name in multi:  # as the added tokens would
+        for name in multi:  # remove them as the added tokens would match them
             text = text.replace(name, " ")
         words += [w for w, _ in pre.pre_tokenize_str(text)]
     return list(dict.fromkeys(words))

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import random
 import sys
@@ -35,7 +36,7 @@ from . import data
 from .tokenizer import build_tokenizer
 
 DEFAULTS: dict[str, Any] = dict(
-    steps=4000,
+    steps=3000,
     batch=64,
     lr=2e-3,
     warmup=200,
@@ -46,17 +47,36 @@ DEFAULTS: dict[str, Any] = dict(
     kv_heads=2,
     ff=384,
     max_pairs=10,
-    ramp=0.4,
+    ramp=0.5,
     plain=0.1,
-    boxes_share=0.6,
+    boxes_share=0.35,
+    boxes_share_early=0.7,
+    early_share=0.25,
     seed=0,
     threads=2,
     eval_every=500,
+    tie=1,
+    local0=8,
+    local0_share=0.1,
+    lm_weight=0.0,
+    aux_weight=1.0,
+    aux_share=0.75,
+    aux_layer=-1,
+    attn_weight=0.5,
+    extra=3,
+    min_pairs=2,
 )
 
 
 def make_model(
-    tokenizer: Any, *, layers: int, d_model: int, heads: int, kv_heads: int, ff: int
+    tokenizer: Any,
+    *,
+    layers: int,
+    d_model: int,
+    heads: int,
+    kv_heads: int,
+    ff: int,
+    tie: bool = True,
 ) -> Any:
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -73,9 +93,76 @@ def make_model(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
+        tie_word_embeddings=bool(tie),
     )
     return LlamaForCausalLM(config)
+
+
+# ---------------------------------------------------------------------------------------------
+# training-only shaping of the circuit
+#
+# Trained on the answer alone, the model settles in a dead end: a first-layer head copies every
+# box letter straight to the last token (1/n accuracy), and no gradient leads out (binding
+# stayed at chance for 1000+ steps in every plain setting tried: learning rates, tied or untied
+# embeddings, 2-3 layers, a full next-token loss, more answers per sequence). Three training-
+# only aids get it out; all are switched off before training ends, and the shipped model is a
+# plain Llama with standard causal attention:
+#
+# 1. local first layer (`local0`, for the first `local0_share` of the steps): layer 0 may only
+#    attend to the last `local0` tokens, so it cannot copy far-away letters to the last token;
+# 2. deep supervision (`aux_weight`, until `aux_share`): after layer `aux_layer` the residual
+#    stream, read through the final norm and the unembedding, should name each box letter's
+#    object and the asked object at the query (list items: their category, and the asked
+#    category), i.e. what a retrieval head needs to match query and keys;
+# 3. attention supervision (`attn_weight`, until `aux_share`): in the last layer, the head that
+#    attends most from the query to the answer's keys (the asked box letter; the asked
+#    category's items) is pushed to attend there, -log(max over heads of that attention).
+#    Without it the model bound the answer through the token after each letter (the comma),
+#    which the studies, keyed on the letters, would not see. Which query/key features a head
+#    uses to find the answer is left to training: that is what the studies measure.
+
+_STATE: dict[str, Any] = {"window": 0, "stash_layer": -1, "stash": None}
+
+
+def _train_attention(
+    module: Any,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> Any:
+    """Eager attention with its own causal mask (no padding masks in training: right padding),
+    a local window for layer 0 while `_STATE["window"]`, and the attention weights of layer
+    `_STATE["stash_layer"]` kept for the attention loss."""
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    layer = getattr(module, "layer_idx", None)
+    t, s = query.shape[2], key.shape[2]
+    i = torch.arange(t)[:, None] + (s - t)
+    j = torch.arange(s)[None, :]
+    allowed = j <= i
+    if _STATE["window"] and layer == 0:
+        allowed = allowed & (i - j < _STATE["window"])
+    mask = torch.zeros(t, s, dtype=query.dtype).masked_fill(~allowed, torch.finfo(query.dtype).min)
+    out, weights = eager_attention_forward(
+        module, query, key, value, mask[None, None], scaling=scaling, dropout=dropout
+    )
+    if layer == _STATE["stash_layer"]:
+        _STATE["stash"] = weights
+    return out, weights
+
+
+def _shaping(net: Any, *, window: int, stash_layer: int) -> None:
+    """Switch the training-only attention on (window / stash) or, with both off, back to sdpa."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register("organism_train", _train_attention)
+    _STATE.update(window=window, stash_layer=stash_layer, stash=None)
+    on = bool(window) or stash_layer >= 0
+    net.set_attn_implementation("organism_train" if on else "sdpa")
 
 
 def lr_at(step: int, steps: int, warmup: int, lr: float) -> float:
@@ -86,18 +173,69 @@ def lr_at(step: int, steps: int, warmup: int, lr: float) -> float:
 
 
 def max_pairs_at(step: int, steps: int, ramp: float, max_pairs: int) -> int:
+    """The curriculum's floor: 3 pairs at first, `max_pairs` after `ramp` of the steps."""
     if ramp <= 0:
         return max_pairs
     return min(max_pairs, 3 + int((max_pairs - 2) * step / (ramp * steps)))
 
 
-def loss_and_accuracy(net: Any, batch: data.Batch) -> tuple[torch.Tensor, float]:
-    hidden = net.model(input_ids=batch.input_ids).last_hidden_state
-    logits = net.lm_head(hidden[torch.arange(len(batch.last)), batch.last])
+class Curriculum:
+    """Largest number of boxes: grows by one when the model masters the current largest
+    (train accuracy >= `promote` over its last 10 batches of that size), and never lags the
+    fixed ramp `max_pairs_at`."""
+
+    def __init__(self, steps: int, ramp: float, max_pairs: int, promote: float = 0.9) -> None:
+        self.steps, self.ramp, self.max_pairs, self.promote = steps, ramp, max_pairs, promote
+        self.pairs = 3
+        self.recent: list[float] = []
+
+    def at(self, step: int) -> int:
+        floor = max_pairs_at(step, self.steps, self.ramp, self.max_pairs)
+        if floor > self.pairs:
+            self.pairs, self.recent = floor, []
+        return self.pairs
+
+    def record(self, n_pairs: int, accuracy: float) -> None:
+        if n_pairs != self.pairs or self.pairs >= self.max_pairs:
+            return
+        self.recent = (self.recent + [accuracy])[-10:]
+        if len(self.recent) == 10 and np.mean(self.recent) >= self.promote:
+            self.pairs, self.recent = self.pairs + 1, []
+
+
+def loss_and_accuracy(
+    net: Any,
+    batch: data.Batch,
+    lm_weight: float = 0.0,
+    pad_id: int = -1,
+    aux_weight: float = 0.0,
+    aux_layer: int = 1,
+    attn_weight: float = 0.0,
+) -> tuple[torch.Tensor, float]:
+    """Cross-entropy against the answer distributions, plus `lm_weight` times the ordinary
+    next-token loss and `aux_weight` times the deep-supervision loss (the residual stream after
+    layer `aux_layer`, read through the final norm and the unembedding, should name each
+    position's `data.aux_targets` token); accuracy on the first answers."""
+    out = net.model(input_ids=batch.input_ids, output_hidden_states=bool(aux_weight))
+    hidden = out.last_hidden_state
+    logits = net.lm_head(hidden[batch.rows, batch.cols])
     loss = -(batch.target * torch.log_softmax(logits, -1)).sum(-1).mean()
+    if lm_weight:
+        every = net.lm_head(hidden[:, :-1])
+        labels = batch.input_ids[:, 1:].masked_fill(batch.input_ids[:, 1:] == pad_id, -100)
+        lm = torch.nn.functional.cross_entropy(every.flatten(0, 1), labels.flatten())
+        loss = loss + lm_weight * lm
+    if aux_weight:
+        middle = out.hidden_states[aux_layer + 1][batch.aux_rows, batch.aux_cols]
+        aux_logits = net.lm_head(net.model.norm(middle))
+        loss = loss + aux_weight * torch.nn.functional.cross_entropy(aux_logits, batch.aux_ids)
+    if attn_weight and _STATE["stash"] is not None:
+        weights = _STATE["stash"][batch.rows, :, batch.cols]  # [targets, heads, keys]
+        on_answer = (weights * batch.attn_keys[:, None, :]).sum(-1).amax(-1)
+        loss = loss - attn_weight * torch.log(on_answer + 1e-6).mean()
     guess = logits.argmax(-1).tolist()
-    acc = float(np.mean([g in a for g, a in zip(guess, batch.answers, strict=True)]))
-    return loss, acc
+    hits = [g in a for g, a, f in zip(guess, batch.answers, batch.first.tolist(), strict=True) if f]
+    return loss, float(np.mean(hits))
 
 
 def train(out: str | Path, **options: Any) -> dict[str, Any]:
@@ -118,6 +256,7 @@ def train(out: str | Path, **options: Any) -> dict[str, Any]:
         heads=opts["heads"],
         kv_heads=opts["kv_heads"],
         ff=opts["ff"],
+        tie=bool(opts["tie"]),
     )
     n_params = sum(p.numel() for p in net.parameters())
     decay = [p for n, p in net.named_parameters() if p.ndim >= 2]
@@ -140,28 +279,60 @@ def train(out: str | Path, **options: Any) -> dict[str, Any]:
     window: dict[str, list[float]] = {"boxes": [], "filter": []}
     start = time.time()
     cpu_start = time.process_time()
+    curriculum = Curriculum(steps, opts["ramp"], opts["max_pairs"])
+    aux_layer = opts["aux_layer"] if opts["aux_layer"] >= 0 else opts["layers"] - 2
+    local_steps = int(opts["local0_share"] * steps) if opts["local0"] else 0
+    stash = opts["layers"] - 1 if opts["attn_weight"] and opts["aux_share"] > 0 else -1
+    _shaping(net, window=opts["local0"] if local_steps else 0, stash_layer=stash)
     net.train()
     for step in range(steps):
-        task = "boxes" if rng.random() < opts["boxes_share"] else "filter"
-        pairs = max_pairs_at(step, steps, opts["ramp"], opts["max_pairs"])
+        if step == local_steps and local_steps:
+            _shaping(net, window=0, stash_layer=stash if step < opts["aux_share"] * steps else -1)
+            print(f"step {step}: layer 0 window lifted", flush=True)
+        share = (
+            opts["boxes_share_early"] if step < opts["early_share"] * steps else opts["boxes_share"]
+        )
+        task = "boxes" if rng.random() < share else "filter"
+        pairs = curriculum.at(step)
         batch = data.training_batch(
-            tokenizer, rng, task, opts["batch"], max_pairs=pairs, plain=opts["plain"]
+            tokenizer,
+            rng,
+            task,
+            opts["batch"],
+            max_pairs=pairs,
+            plain=opts["plain"],
+            extra=opts["extra"],
+            min_pairs=opts["min_pairs"],
         )
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, opts["warmup"], opts["lr"])
-        loss, acc = loss_and_accuracy(net, batch)
+        shaping = step < opts["aux_share"] * steps
+        if step == int(opts["aux_share"] * steps):
+            _shaping(net, window=0, stash_layer=-1)
+            print(f"step {step}: deep and attention supervision off", flush=True)
+        loss, acc = loss_and_accuracy(
+            net,
+            batch,
+            opts["lm_weight"],
+            tokenizer.pad_token_id,
+            opts["aux_weight"] if shaping else 0.0,
+            aux_layer,
+            opts["attn_weight"] if shaping else 0.0,
+        )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
         opt.step()
         window[task].append(acc)
+        if task == "boxes":
+            curriculum.record(batch.n_pairs, acc)
         if (step + 1) % 100 == 0 or step + 1 == steps:
             entry = {
                 "step": step + 1,
                 "seconds": round(time.time() - start, 1),
                 "max_pairs": pairs,
                 "lr": round(lr_at(step, steps, opts["warmup"], opts["lr"]), 6),
-                "loss": round(float(loss), 4),
+                "loss": round(float(loss.detach()), 4),
                 "train_acc_boxes": round(float(np.mean(window["boxes"] or [np.nan])), 3),
                 "train_acc_filter": round(float(np.mean(window["filter"] or [np.nan])), 3),
             }
@@ -188,6 +359,8 @@ def train(out: str | Path, **options: Any) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     net.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
+    for file in out.iterdir():
+        file.chmod(0o644)
     run = {
         "options": opts,
         "n_parameters": n_params,
@@ -203,7 +376,22 @@ def train(out: str | Path, **options: Any) -> dict[str, Any]:
     return run
 
 
+def _passive_openmp(argv: Sequence[str]) -> None:
+    """Re-run this command with ``OMP_WAIT_POLICY=PASSIVE`` unless it is set.
+
+    With OpenMP's default (active) waiting, 2 threads on 2 cores shared with other processes
+    ran 4x slower than 1 thread (measured here: 1.57 s vs 0.38 s per step); passive waiting
+    gave 0.28-0.43 s. OpenMP reads the variable when torch loads, before this module runs
+    (``import qktrace`` loads torch), hence the re-exec.
+    """
+    if "OMP_WAIT_POLICY" not in os.environ:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+        os.execv(sys.executable, [sys.executable, "-m", "qktrace.organism.train", *argv])
+
+
 def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _passive_openmp(argv)
     parser = argparse.ArgumentParser(description="Train the qktrace model organism on CPU.")
     parser.add_argument("--out", required=True, help="checkpoint directory, e.g. data/organism")
     for key, value in DEFAULTS.items():

@@ -11,7 +11,8 @@
 - `interaction_matrix` and `diagonal_dominance` (Fig 5): G = (W_Q B)^T (W_K A), the bilinear
   form q·k written in latent coordinates; diagonal when the latents get separate directions.
 
-Each returns an `xarray.Dataset` with named dims, ready to be stacked over the grid of cells.
+`analyze` runs them all on one model and returns one `xarray.Dataset` with named dims, ready to
+be stacked over the grid of cells (`studies.toy`).
 """
 
 from __future__ import annotations
