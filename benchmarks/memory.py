@@ -139,11 +139,24 @@ def child(
             import inspect
 
             if "out" in inspect.signature(capture).parameters:
+                real_open = store.open
+
+                def open_recorded(*a, **k):  # capture(out=) ends by opening the store lazily
+                    info["peak_before_open"] = peak_rss() - before
+                    if use_tracemalloc:
+                        info["tracemalloc_before_open"] = tracemalloc.get_traced_memory()[1]
+                    t_open = time.perf_counter()
+                    opened = real_open(*a, **k)
+                    info["open_s"] = time.perf_counter() - t_open
+                    return opened
+
+                store.open = open_recorded
                 ds = capture(
                     model, prompts, heads, keys="all", batch_size=batch, progress=False, out=out
                 )
+                store.open = real_open
                 result_bytes = 0
-                info = {"writer": "capture(out=...) (BatchWriter inside); result opened lazily"}
+                info["writer"] = "capture(out=...) (BatchWriter inside); result opened lazily"
                 del ds
             else:
                 result_bytes, info = capture_to_zarr(model, prompts, heads, batch, out)
@@ -393,6 +406,16 @@ def main() -> None:
             if "writer" in r:
                 print(f"  ({arm} writes with: {r['writer']})")
                 break
+        for r in rs:
+            if "peak_before_open" in r:
+                traced = r.get("tracemalloc_before_open")
+                print(
+                    f"  ({arm} n={r['n']}: while writing batches, peak-before "
+                    f"{human(r['peak_before_open'])}"
+                    + (f", tracemalloc peak {human(traced)}" if traced is not None else "")
+                    + f" = {r['peak_before_open'] / r['one_batch_bytes']:.1f} x one batch Dataset;"
+                    f" then opening the store lazily took {r['open_s']:.1f} s)"
+                )
         for r in rs:
             if r.get("n_batches"):
                 print(

@@ -17,20 +17,23 @@ d_model 128, 1 head of 128), all its heads captured (2 layers x 1 = 2 heads). By
 with the number of heads in every arm alike, so ratios do not depend on it; they do depend on
 d_head (sums grow as d_head^2, raw q/k as d_head) and on the number of features.
 
-Methods compared:
+Methods compared (every reduce arm is one call of qktrace.reduce):
   raw        qktrace.capture of q (last) and k (the 25 item keys), attention=False: full q/k
              come back and the covariance is summed here.
-  reduce     qktrace.reduce: q k^T (and q, k) summed in float64 inside each trace; each request
-             returns [heads, 2 x features, d_head, d_head] sums. Run at --batch-sizes.
-  session    one nnsight session (model.session(remote="local")) holding the traces of
-             --session-batches batches (default: all), summing across traces on the model side
-             and saving only the total: one request, one set of sums.
-  session ΔC the same, but each key weighted +1/n_positive or -1/n_negative of its feature (the
-             counts are known before the run), so the model side sums ΔC = C+ - C- directly
-             (uncentered, METHOD.md's default) and returns only ΔC, cast to float32 at the end:
-             a proposal for qktrace.reduce, measured here (--no-delta skips it).
+  reduce     q k^T (and q, k) summed in float64 inside each trace, one request per batch;
+             each request returns [heads, 2 x features, d_head, d_head] sums. Run at
+             --batch-sizes.
+  session    reduce(batches_per_request=K): K traces in one nnsight session, summed on the
+             model side; one request returns one set of sums (--session-batches K, 0 = all).
+  session ΔC reduce(batches_per_request=K, delta=True): each pair weighted +1/n_positive or
+             -1/n_negative of its feature, so the model side sums ΔC = C+ - C- itself and
+             returns it (and the q and k sums) as float32 (--no-delta skips it).
+  ΔC float16 the same with delta_dtype="float16": ΔC scaled per matrix and sent as float16
+             (relative error < 2^-11 of each matrix's largest entry).
+Labels travel as one int8 group index per key.
 
-Checks that the session's sums equal reduce's. Prints figures only; asserts nothing.
+Checks every arm against the covariance computed here from the raw q/k. Prints figures only;
+asserts nothing.
 """
 
 from __future__ import annotations
@@ -149,93 +152,16 @@ def result_sizes(results: list[list[Any]]) -> tuple[int, int, int]:
     return nbytes, saved, packed
 
 
-def session_sums(
-    model: Any,
-    plan: list[Any],
-    heads: list[tuple[int, int]],
-    labels: list[list[tuple[str, str]]],
-    features: list[str],
-    per_session: int,
-    rec: Recorder,
-    delta: bool = False,
-) -> tuple[dict, int]:
-    """Sums over all batches with `per_session` traces per nnsight session; returns (sums, sessions).
+def ranks(delta_c: Any) -> Any:
+    """Rank of every ΔC [..., d, d] by the 99% rule of qktrace.covariance."""
+    import numpy as np
 
-    delta=False: per (feature, contrast) group, float64 sums of q k^T, q and k, as qktrace.reduce.
-    delta=True: one weight per key, +1/n_positive(feature) or -1/n_negative(feature) (the counts
-    are known before the run), so the weighted sum over all pairs IS ΔC = C+ - C- per feature;
-    summed in float64, only ΔC is saved, cast to float32 at the very end.
-    """
-    import nnsight
-    import torch
+    from qktrace.covariance import rank_for_threshold
 
-    from qktrace import ops
-
-    lm = model.lm
-    layers = sorted({layer for layer, _ in heads})
-    layer_plan = [
-        (
-            layer,
-            [h for l_, h in heads if l_ == layer],
-            [model.kv_head(h) for l_, h in heads if l_ == layer],
-            model.attention_call(layer),
-        )
-        for layer in layers
-    ]
-    counts = {}
-    for row in labels:
-        for label in row:
-            counts[label] = counts.get(label, 0) + 1
-    staged = []
-    for b in plan:
-        width = b.key_index.shape[1]
-        groups = len(features) if delta else 2 * len(features)
-        onehot = torch.zeros((len(b.texts), width, groups), dtype=torch.float64)
-        for i in range(len(b.texts)):
-            for j, (feat, contrast) in enumerate(labels[b.start + i]):
-                if delta:
-                    sign = 1.0 if contrast == "positive" else -1.0
-                    onehot[i, j, features.index(feat)] = sign / counts[feat, contrast]
-                else:
-                    onehot[i, j, 2 * features.index(feat) + (contrast == "negative")] = 1.0
-        staged.append((b.encoded.inputs, b.query_index, b.key_index, onehot))
-    grand: dict[int, list[Any]] = {}
-    sessions = 0
-    for first in range(0, len(staged), per_session):
-        chunk = staged[first : first + per_session]
-        with lm.session(remote=model.remote):
-            totals = {}
-            for inputs, q_index, k_index, onehot in chunk:
-                with lm.trace(inputs):
-                    for layer, q_heads, kv_heads, call in layer_plan:
-                        args, _ = call.inputs
-                        q_sel = ops.gather_heads(args[1], q_heads, q_index)[:, :, 0]
-                        k_sel = ops.gather_heads(args[2], kv_heads, k_index)
-                        sums = ops.pair_sums(q_sel, k_sel, onehot)
-                        if delta:
-                            sums = sums[:1]
-                        if layer in totals:
-                            totals[layer] = [
-                                a + s for a, s in zip(totals[layer], sums, strict=True)
-                            ]
-                        else:
-                            totals[layer] = list(sums)
-                if delta:
-                    totals = {layer: [t.float() for t in ts] for layer, ts in totals.items()}
-            nnsight.save(totals)
-        sessions += 1
-        rec.results.append([t.numpy() for layer in layers for t in totals[layer]])
-        for layer in layers:
-            got = [t.numpy() for t in totals[layer]]
-            grand[layer] = (
-                got
-                if layer not in grand
-                else [a + g for a, g in zip(grand[layer], got, strict=True)]
-            )
-        # nnsight ships the current value of every name the session block uses, even one the
-        # block assigns before reading: a stale `totals` would ride along with the next request.
-        del totals
-    return grand, sessions
+    s = np.linalg.svd(delta_c, compute_uv=False)
+    return np.array([rank_for_threshold(row) for row in s.reshape(-1, s.shape[-1])]).reshape(
+        s.shape[:-1]
+    )
 
 
 def main() -> None:
@@ -269,7 +195,7 @@ def main() -> None:
         "--session-batches",
         type=int,
         default=0,
-        help="traces (batches) per session; 0 = all in one session (default 0)",
+        help="batches_per_request of the session arms; 0 = all in one request (default 0)",
     )
     parser.add_argument(
         "--threads",
@@ -280,7 +206,7 @@ def main() -> None:
     parser.add_argument(
         "--no-delta",
         action="store_true",
-        help="skip the 'session, ΔC only, float32' arm (the proposed smaller return)",
+        help="skip the 'session, delta=True' arm",
     )
     args = parser.parse_args()
 
@@ -290,7 +216,7 @@ def main() -> None:
     capture_mod = importlib.import_module("qktrace.qk")  # the module behind qktrace.capture
     reduce_mod = importlib.import_module("qktrace.sums")  # the module behind qktrace.reduce
     from qktrace.models import load
-    from qktrace.qk import capture, plan_batches
+    from qktrace.qk import capture
     from qktrace.sums import reduce
 
     if args.threads:
@@ -370,8 +296,30 @@ def main() -> None:
                 ref[:, f, c] += np.einsum("hi,hj->hij", qv[p], kv[p, :, j])
         del qv, kv
 
-        # in-trace reduction, one request per batch
-        for bs in [int(b) for b in args.batch_sizes.split(",")]:
+        n_pos = np.array(
+            [sum(lab == (f, "positive") for row in labels for lab in row) for f in features]
+        )
+        n_neg = np.array(
+            [sum(lab == (f, "negative") for row in labels for lab in row) for f in features]
+        )
+        dc_ref = (
+            ref[:, :, 0] / n_pos[None, :, None, None] - ref[:, :, 1] / n_neg[None, :, None, None]
+        )
+
+        per = args.session_batches
+        arms = [(f"reduce{bs}", "reduce, one request per batch", bs, 1, False) for bs in
+                [int(b) for b in args.batch_sizes.split(",")]]  # fmt: skip
+        arms.append(
+            ("session", "reduce, session (batches_per_request)", args.session_batch, per, False)
+        )
+        if not args.no_delta:
+            arms.append(
+                ("delta", "reduce, session, delta=True (ΔC float32)", args.session_batch, per, True)
+            )
+            arms.append(
+                ("delta16", "reduce, session, delta_dtype=float16", args.session_batch, per, True)
+            )
+        for key, label, bs, per_request, delta in arms:
             t0 = time.perf_counter()
             sums = reduce(
                 model,
@@ -381,45 +329,20 @@ def main() -> None:
                 keys=keys,
                 query="last",
                 batch_size=bs,
+                batches_per_request=per_request,
+                delta=delta,
+                delta_dtype="float16" if key == "delta16" else "float32",
                 progress=False,
             )
-            runs[f"reduce{bs}"] = record("reduce (in-trace sums)", bs, time.perf_counter() - t0)
-            got = sums.qk_sum.sel(feature=features).values
-            runs[f"reduce{bs}"]["err"] = float(np.abs(got - ref).max() / np.abs(ref).max())
-
-        # session: several traces in one request, summed on the model side
-        plan = plan_batches(model, prompts, "last", keys, args.session_batch)
-        per = args.session_batches or len(plan)
-        t0 = time.perf_counter()
-        grand, sessions = session_sums(model, plan, heads, labels, features, per, rec)
-        runs["session"] = record(
-            f"session ({per} traces/request)", args.session_batch, time.perf_counter() - t0
-        )
-        layers = sorted({layer for layer, _ in heads})
-        qk = np.concatenate([grand[layer][0] for layer in layers], axis=0)  # [heads, G, d, d]
-        qk = qk.reshape(len(heads), len(features), 2, d, d)
-        runs["session"]["err"] = float(np.abs(qk - ref).max() / np.abs(ref).max())
-
-        if not args.no_delta:
-            t0 = time.perf_counter()
-            grand, _ = session_sums(model, plan, heads, labels, features, per, rec, delta=True)
-            runs["delta"] = record(
-                f"session, ΔC only, float32 ({per} traces/request)",
-                args.session_batch,
-                time.perf_counter() - t0,
-            )
-            dc = np.concatenate([grand[layer][0] for layer in layers], axis=0)  # [heads, F, d, d]
-            n_pos = np.array(
-                [sum(lab == (f, "positive") for row in labels for lab in row) for f in features]
-            )
-            n_neg = np.array(
-                [sum(lab == (f, "negative") for row in labels for lab in row) for f in features]
-            )
-            dc_ref = (
-                ref[:, :, 0] / n_pos[None, :, None, None]
-                - ref[:, :, 1] / n_neg[None, :, None, None]
-            )
-            runs["delta"]["err"] = float(np.abs(dc - dc_ref).max() / np.abs(dc_ref).max())
+            what = label if per_request == 1 else f"{label}={per_request or 'all'}"
+            runs[key] = record(what, bs, time.perf_counter() - t0)
+            if delta:
+                got = sums.delta_c.sel(feature=features).values
+                runs[key]["err"] = float(np.abs(got - dc_ref).max() / np.abs(dc_ref).max())
+                runs[key]["ranks"] = ranks(got), ranks(dc_ref)
+            else:
+                got = sums.qk_sum.sel(feature=features).values
+                runs[key]["err"] = float(np.abs(got - ref).max() / np.abs(ref).max())
 
     raw_bytes = runs["raw"]["nbytes"]
     for r in runs.values():
@@ -459,7 +382,7 @@ def main() -> None:
     )
     G = 2 * len(features)
     per_request = len(heads) * G * (d * d + 2 * d) * 8
-    per_delta = len(heads) * len(features) * d * d * 4
+    per_delta = len(heads) * (len(features) * d * d + 2 * G * d) * 4
     raw_per_prompt = raw_bytes / len(prompts)
     print(
         f"\nreturned per reduce request = heads x groups x (d_head^2 + 2 d_head) x 8 B = "
@@ -473,19 +396,27 @@ def main() -> None:
         f"{per_request / (0.01 * raw_per_prompt):.0f} prompts (a batch that big, or a session)."
     )
     print(
-        f"ΔC only in float32 returns heads x features x d_head^2 x 4 B = {human(per_delta)}: "
+        f"delta=True returns heads x (features x d_head^2 + groups x 2 d_head) x 4 B (float32) = "
+        f"{human(per_delta)} per request: "
         f"<= 1% of raw once one request covers >= {per_delta / (0.01 * raw_per_prompt):.0f} prompts."
     )
+    for r in runs.values():
+        if "ranks" in r:
+            got, want = r["ranks"]
+            print(
+                f"{r['method']}: ranks at the 0.99 rule {got.ravel().tolist()} "
+                f"(from raw q/k: {want.ravel().tolist()}), "
+                f"{int((got == want).sum())}/{got.size} equal"
+            )
     best = min((r for k, r in runs.items() if k != "raw"), key=lambda r: r["nbytes"])
     ratio = best["nbytes"] / raw_bytes
     print(
         f"goal: reduction returns <= 1% of raw bytes: best {best['method']} batch {best['batch']}: "
-        f"{100 * ratio:.2f}% ({'met' if ratio <= 0.01 else 'NOT met'})"
+        f"{100 * ratio:.2f}% in {best['requests']} request(s) ({'met' if ratio <= 0.01 else 'NOT met'})"
     )
     print(
-        f"session with remote='local' in nnsight 0.8.1: ran {sessions} session request(s) for "
-        f"{len(plan)} traces; sums equal the raw-q/k sums to {runs['session']['err']:.1e} "
-        f"(rel.), reduce's to the same order."
+        "round trips: "
+        + ", ".join(f"{r['method']} (batch {r['batch']}): {r['requests']}" for r in runs.values())
     )
 
 

@@ -2,8 +2,10 @@
 
     qktrace toy --out runs/toy            # train the toy models, recover their subspaces
     qktrace toy --out runs/toy --quick    # the same on a small grid, in under a minute
+    qktrace study order-id --out runs/organism   # on the shipped model organism (offline)
     qktrace study order-id --model meta-llama/Llama-3.1-8B-Instruct --remote --out runs/binding
     qktrace show runs/binding/order_id.zarr
+    qktrace organism eval                        # held-out accuracy of the organism
 
 Studies are found through the registry `studies.STUDIES` (name -> module with a ``run``).
 """
@@ -74,7 +76,7 @@ def toy(
         int | None,
         typer.Option(
             "--max-steps",
-            help="Training steps per model at most (default 1500; 600 with --quick).",
+            help="Training steps per model at most (default 1200; 600 with --quick).",
         ),
     ] = None,
     workers: Annotated[
@@ -103,11 +105,21 @@ def toy(
             out, quick=quick, seed=seed, overwrite=overwrite, workers=workers, **overrides
         )
     except FileExistsError as err:
-        raise typer.BadParameter(str(err), param_hint="--out") from err
+        _fail(f"--out: {err}", 2)
+    except ValueError as err:
+        _fail(str(err), 2)
     typer.echo(f"wrote {path} and figures in {out} ({time.perf_counter() - start:.0f} s)")
 
 
 _STUDY_EXAMPLES = """Examples (each command on one line):
+
+On the shipped model organism (the default model; offline, a few minutes each on a CPU):
+
+  qktrace study filter-heads -o out/organism
+
+  qktrace study order-id -o out/organism
+
+  qktrace study lexical -o out/organism
 
 The paper's filter heads of Llama-3.1-8B-Instruct, on NDIF (export NDIF_API_KEY=... first):
 
@@ -149,34 +161,46 @@ def study(
     name: Annotated[
         str, typer.Argument(help="The study: filter-heads, order-id or lexical.", metavar="NAME")
     ],
-    model: Annotated[
-        str,
-        typer.Option(
-            "--model", "-m", help="Hub id (meta-llama/Llama-3.1-8B-Instruct) or local checkpoint."
-        ),
-    ],
     out: Annotated[
         Path,
         typer.Option("--out", "-o", help="Output directory: NAME.zarr and PNG figures go here."),
     ],
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            "-m",
+            help="Hub id (meta-llama/Llama-3.1-8B-Instruct) or local checkpoint [default: the "
+            "model organism shipped in data/organism, a 3-layer Llama trained on these tasks; "
+            "runs offline on a CPU].",
+            show_default=False,
+        ),
+    ] = None,
     heads: Annotated[
         str | None,
         typer.Option(
             "--heads",
-            help="Heads as LAYER.HEAD, comma-separated, e.g. 16.19,20.26 [default: the paper's "
-            "heads for Llama-3.1-8B-Instruct; required for other models].",
+            help="Heads as LAYER.HEAD, comma-separated, e.g. 16.19,20.26 [default: the "
+            "organism's (filter-heads 2.1,2.2,2.3; order-id, lexical 2.0,2.1,2.3, from "
+            "data/organism/heads.json); the paper's for Llama-3.1-8B-Instruct; for other "
+            "models the 3 heads that attend most to the answer (qktrace.find_heads)].",
         ),
     ] = None,
     n_prompts: Annotated[
         int | None,
         typer.Option(
-            "--n-prompts", help="Prompts for the subspaces [default: 2000, as the paper]."
+            "--n-prompts",
+            help="Prompts for the subspaces [default: 2000, as the paper; on the organism "
+            "900 (each study), so each study takes a few "
+            "minutes on 2 CPU cores].",
         ),
     ] = None,
     n_test: Annotated[
         int | None,
         typer.Option(
-            "--n-test", help="Fresh prompts for PCA and interventions [default: 1000 / 500]."
+            "--n-test",
+            help="Fresh prompts for PCA and interventions [default: 1000 (filter-heads) / "
+            "500, as the paper; on the organism 300 / 270].",
         ),
     ] = None,
     n_pairs: Annotated[
@@ -313,6 +337,70 @@ def study(
 
     typer.echo(summarize(store.open(path), path, variables=False))
     typer.echo(f"\nwrote {path} and figures in {out} ({time.perf_counter() - start:.0f} s)")
+
+
+organism_app = typer.Typer(
+    name="organism",
+    help="The model organism shipped in data/organism: a 3-layer Llama trained here on the "
+    "studies' tasks, the default model of `qktrace study`.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(organism_app, name="organism")
+
+
+@organism_app.command("eval")
+def organism_eval(
+    model: Annotated[
+        Path | None,
+        typer.Option(
+            "--model",
+            "-m",
+            help="Checkpoint directory [default: data/organism].",
+            show_default=False,
+        ),
+    ] = None,
+    n: Annotated[int, typer.Option("--n", help="Held-out prompts per group.")] = 200,
+    threads: Annotated[int, typer.Option("--threads", help="CPU threads for torch.")] = 2,
+    groups: Annotated[
+        str | None,
+        typer.Option(
+            "--groups",
+            help="Only the groups whose names start with these comma-separated prefixes, "
+            "e.g. 'boxes n=9,filter' [default: all].",
+        ),
+    ] = None,
+) -> None:
+    """Held-out accuracy of the organism on both tasks (boxes binding, list filtering).
+
+    Fresh prompts from the studies' own builders (seeds the training never used), chat
+    template applied as the studies do; a prediction is the greedy next token. Prints one line
+    per group (task and size) and the mean per task. Same as `python -m qktrace.organism eval`.
+    """
+    import torch
+
+    from qktrace.organism.evaluation import evaluate
+
+    if n < 1:
+        _fail(f"--n {n}: pass at least 1 prompt per group.", 2)
+    torch.set_num_threads(threads)
+    try:
+        results = evaluate(
+            None if model is None else str(model),
+            n=n,
+            groups=[g.strip() for g in groups.split(",")] if groups else None,
+        )
+    except (OSError, ValueError) as err:
+        _fail(str(err))
+    for task, prefixes in (
+        ("binding (boxes)", ("boxes", "order-id", "plain boxes")),
+        ("filtering (lists)", ("filter", "plain filter")),
+    ):
+        values = [v for k, v in results.items() if k.startswith(prefixes)]
+        if values:
+            mean = sum(values) / len(values)
+            typer.echo(f"{task:<18} {mean:6.1%}  (mean of {len(values)} groups)")
 
 
 @app.command()

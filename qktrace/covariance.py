@@ -43,6 +43,7 @@ This module uses numpy and xarray only; nothing here touches a model.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
@@ -91,8 +92,7 @@ def rank_for_threshold(
     >>> rank_for_threshold([3.0, 1.0, 0.01], threshold=0.8)
     1
     """
-    if not 0.0 < threshold <= 1.0:
-        raise ValueError(f"threshold={threshold} is outside (0, 1]; pass e.g. threshold=0.99.")
+    _check_threshold(threshold)
     s = np.asarray(singular_values, dtype=np.float64)
     if s.ndim != 1:
         raise ValueError(f"singular_values must be 1-D, got shape {s.shape}; pass one spectrum.")
@@ -102,6 +102,16 @@ def rank_for_threshold(
             "singular_values must be in decreasing order, as np.linalg.svd returns them."
         )
     return int(_ranks(s[None, :], threshold)[0])
+
+
+def _check_threshold(threshold: float) -> None:
+    """Raise unless 0 < `threshold` <= 1 (a fraction of sum(S^2), not a percentage)."""
+    if not isinstance(threshold, numbers.Real) or not 0.0 < threshold <= 1.0:
+        shown = float(threshold) if isinstance(threshold, numbers.Real) else repr(threshold)
+        raise ValueError(
+            f"threshold={shown} is outside (0, 1]: it is the fraction of sum(S^2) the kept "
+            "components hold; pass e.g. threshold=0.99 (not 99)."
+        )
 
 
 def _ranks(singular_values: np.ndarray, threshold: float) -> np.ndarray:
@@ -231,6 +241,7 @@ def decompose_matrices(
     >>> s.rank, s.singular_values.round(2).tolist()
     (2, [3.0, 1.0, 0.0, 0.0])
     """
+    _check_threshold(threshold)
     c_pos = np.asarray(c_pos, dtype=np.float64)
     c_neg = np.asarray(c_neg, dtype=np.float64)
     if c_pos.shape != c_neg.shape or c_pos.ndim != 2:
@@ -391,7 +402,8 @@ def decompose(sums: xr.Dataset, *, threshold: float = 0.99, centered: bool = Fal
     Raises
     ------
     ValueError
-        If a head and feature has no positive or no negative pairs.
+        If a head and feature has no positive or no negative pairs, or `threshold` is not in
+        (0, 1].
 
     Examples
     --------
@@ -404,6 +416,7 @@ def decompose(sums: xr.Dataset, *, threshold: float = 0.99, centered: bool = Fal
     >>> out["rank"].sel(head=0, feature="z").item()
     4
     """
+    _check_threshold(threshold)
     count_name = _count_name(sums)
     sums = sums.transpose(..., "contrast", "dq", "dk")
     count = sums[count_name].transpose(..., "contrast")
@@ -522,6 +535,7 @@ def permutation_null(
     >>> int(permutation_null(q, k, is_positive, n_permutations=50)["n_significant"])
     2
     """
+    _check_threshold(threshold)
     q = np.asarray(q, dtype=np.float64)
     k = np.asarray(k, dtype=np.float64)
     labels = np.asarray(is_positive, dtype=bool)

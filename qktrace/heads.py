@@ -116,6 +116,10 @@ def find_heads(
                 batch,
                 layers,
                 what=f"prompts {batch.start}..{batch.start + len(batch.texts) - 1}",
+                resume_hint=(
+                    "find_heads keeps no partial results: rerun it when NDIF is reachable, or "
+                    "pass the heads yourself (CLI: --heads)."
+                ),
             )
         )
         bar.update(len(batch.texts))

@@ -249,6 +249,10 @@ def intervene(
             source_t,
             verify,
             what=f"prompts {batch.start}..{batch.start + len(batch.texts) - 1}",
+            resume_hint=(
+                "intervene keeps no partial results: rerun it when NDIF is reachable (a study "
+                "rerun with the same --out resumes from the sums and captures it saved)."
+            ),
         )
         results.append((values, orig_slot, target_slot))
         bar.update(len(batch.texts))

@@ -417,6 +417,14 @@ def intervention_bars(
             frame = part[metric].to_dataframe(name="value").reset_index().dropna(subset=["value"])
             frame[x] = frame[x].astype(str)
             ax = axes[i, j]
+            where = {row: r} if row is not None else {}
+            ax.set_title(
+                panel_title(where) if panel_title else _describe(results, row, r), fontsize=9
+            )
+            ax.set_ylabel((labels or {}).get(metric, metric))
+            if frame.empty:
+                _empty_panel(ax, [str(name) for name in order])
+                continue
             kw: dict[str, Any] = {"hue": hue} if hue is not None else {"color": "0.55"}
             sns.barplot(
                 data=frame, x=x, y="value", order=order, errorbar="sd", ax=ax, alpha=0.85, **kw
@@ -440,11 +448,6 @@ def intervention_bars(
                     tick.set_fontweight("bold")
             ax.axhline(0.0, color="k", linewidth=0.6)
             ax.set_xlabel("")
-            ax.set_ylabel((labels or {}).get(metric, metric))
-            where = {row: r} if row is not None else {}
-            ax.set_title(
-                panel_title(where) if panel_title else _describe(results, row, r), fontsize=9
-            )
             if ax.get_legend() is not None:
                 if i == 0 and j == len(metrics) - 1:
                     sns.move_legend(ax, "upper left", bbox_to_anchor=(1.02, 1), fontsize=8)
@@ -453,6 +456,21 @@ def intervention_bars(
     if title:
         fig.suptitle(title)
     return fig
+
+
+def _empty_panel(ax: Any, ticks: list[str]) -> None:
+    """A bar panel without data: the tick labels, and a note saying that nothing is there."""
+    ax.set_xticks(range(len(ticks)), ticks, rotation=40, ha="right")
+    ax.set_xlim(-0.5, len(ticks) - 0.5)
+    ax.text(
+        0.5,
+        0.5,
+        "no data\n(all values NaN)",
+        transform=ax.transAxes,
+        ha="center",
+        va="center",
+        color="0.4",
+    )
 
 
 def stacked_bars(

@@ -54,6 +54,8 @@ from functools import cache
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
+
 __all__ = [
     "Prompt",
     "PromptBuilder",
@@ -63,6 +65,12 @@ __all__ = [
     "load_categories",
     "load_objects",
     "load_box_letters",
+    "boxes_prompt",
+    "boxes_prompts",
+    "filter_prompts",
+    "BOXES_ANSWER_PREFIX",
+    "FILTER_CATEGORIES",
+    "FILTER_QUESTIONS",
 ]
 
 Span = tuple[int, int]
@@ -382,3 +390,163 @@ def locate(
 
 def _short(text: str, n: int = 80) -> str:
     return repr(text if len(text) <= n else text[: n - 3] + "...")
+
+
+# --------------------------------------------------------------------------------------------
+# the studies' prompt families (in the library so that the organism's training data and the
+# studies share one builder; `studies.binding` and `studies.filter_heads` re-export them)
+
+BOXES_ANSWER_PREFIX = "Box"
+FILTER_CATEGORIES = ("animal", "fruit", "liquid", "vehicle", "country")
+FILTER_QUESTIONS = {
+    "all": "What are the {plural} in the list?",
+    "first": "What is the first {singular} in the list?",
+    "last": "What is the last {singular} in the list?",
+}
+
+
+def boxes_prompt(objects: Sequence[str], letters: Sequence[str], answer: int) -> Prompt:
+    """One boxes prompt asking where ``objects[answer]`` is.
+
+    Examples
+    --------
+    >>> boxes_prompt(["stone", "map"], ["K", "C"], 1).text
+    'The stone is in Box K, and the map is in Box C. Which box is the map in?'
+    """
+    if len(objects) != len(letters) or not objects:
+        raise ValueError("Give one letter per object, and at least one pair.")
+    if not 0 <= answer < len(objects):
+        raise ValueError(f"answer={answer} is not an index of the {len(objects)} pairs.")
+    b = PromptBuilder()
+    n = len(objects)
+    for i, (obj, letter) in enumerate(zip(objects, letters, strict=True)):
+        lead = "The " if i == 0 else (", and the " if i == n - 1 else ", the ")
+        b.add(lead).add(obj, "object").add(" is in Box ").add(letter, "box")
+    b.add(". Which box is the ").add(objects[answer], "query_object").add(" in?")
+    meta = {
+        "objects": list(objects),
+        "letters": list(letters),
+        "answer": int(answer),
+        "query_object": objects[answer],
+    }
+    return b.build(meta=meta, answer_prefix=BOXES_ANSWER_PREFIX)
+
+
+def boxes_prompts(
+    n: int, n_pairs: int = 9, *, query_object: str | None = None, seed: int = 0
+) -> list[Prompt]:
+    """`n` boxes prompts with `n_pairs` pairs; the answer's order index cycles over the pairs.
+
+    Parameters
+    ----------
+    query_object
+        If given, every prompt asks about this same object, placed at the answer's position
+        (the order-ID design: only the position varies). Otherwise the queried object is the
+        random object at the answer's position.
+
+    Examples
+    --------
+    >>> ps = boxes_prompts(3, n_pairs=3, query_object="stone")
+    >>> [p.meta["answer"] for p in ps], {p.meta["query_object"] for p in ps}
+    ([0, 1, 2], {'stone'})
+    """
+    objects, letters = load_objects(), load_box_letters()
+    if not 1 <= n_pairs <= len(letters):
+        raise ValueError(f"n_pairs={n_pairs} must be between 1 and {len(letters)} (box letters).")
+    if n_pairs + 1 > len(objects):
+        raise ValueError(f"n_pairs={n_pairs} needs more objects than data/objects.json has.")
+    if query_object is not None and query_object not in objects:
+        raise ValueError(
+            f"query_object={query_object!r} is not in data/objects.json; pick one of {objects[:8]}..."
+        )
+    pool = [o for o in objects if o != query_object]
+    rng = np.random.default_rng(seed)
+    prompts = []
+    for i in range(n):
+        answer = i % n_pairs
+        chosen = [str(o) for o in rng.choice(pool, n_pairs, replace=False)]
+        if query_object is not None:
+            chosen[answer] = query_object
+        boxes = [str(x) for x in rng.choice(letters, n_pairs, replace=False)]
+        prompts.append(boxes_prompt(chosen, boxes, answer))
+    return prompts
+
+
+def filter_prompts(
+    n: int,
+    *,
+    categories: Sequence[str] = FILTER_CATEGORIES,
+    categories_per_list: int | None = None,
+    items_per_category: int = 5,
+    questions: Sequence[str] = ("all", "first", "last"),
+    seed: int = 0,
+) -> list[Prompt]:
+    """`n` list prompts; spans ``item`` (every list item) and ``category`` (the asked word).
+
+    Each list holds `items_per_category` items of `categories_per_list` categories (default:
+    3, or all if fewer): the asked one, which cycles through `categories`, and others drawn at
+    random.
+
+    ``meta``: ``asked`` (category), ``question`` ("all", "first" or "last"), ``items`` and
+    ``item_categories`` (in list order).
+
+    Examples
+    --------
+    >>> p = filter_prompts(1, categories_per_list=2, items_per_category=1, questions=["all"])[0]
+    >>> p.meta["asked"], len(p.spans["item"])
+    ('animal', 2)
+    """
+    table = load_categories()
+    unknown = [c for c in categories if c not in table]
+    if unknown:
+        raise ValueError(f"Unknown categories {unknown}; choose from {sorted(table)}.")
+    if len(categories) < 2:
+        raise ValueError("Give at least two categories: negatives come from the other ones.")
+    if categories_per_list is None:
+        categories_per_list = min(3, len(categories))
+    if not 2 <= categories_per_list <= len(categories):
+        raise ValueError(
+            f"categories_per_list={categories_per_list} must be between 2 and the number of "
+            f"categories ({len(categories)})."
+        )
+    short = [c for c in categories if len(table[c]["items"]) < items_per_category]
+    if short:
+        raise ValueError(
+            f"Categories {short} have fewer than items_per_category={items_per_category} "
+            "items; lower items_per_category or add items to data/categories.json."
+        )
+    bad = [q for q in questions if q not in FILTER_QUESTIONS]
+    if bad or not questions:
+        raise ValueError(f"questions {list(questions)}: use some of {list(FILTER_QUESTIONS)}.")
+    rng = np.random.default_rng(seed)
+    prompts = []
+    for i in range(n):
+        asked = categories[i % len(categories)]
+        question = questions[(i // len(categories)) % len(questions)]
+        others = [c for c in categories if c != asked]
+        chosen = [asked, *rng.choice(others, categories_per_list - 1, replace=False)]
+        entries = [
+            (str(item), str(cat))
+            for cat in chosen
+            for item in rng.choice(table[cat]["items"], items_per_category, replace=False)
+        ]
+        entries = [entries[j] for j in rng.permutation(len(entries))]
+        b = PromptBuilder()
+        for item, _ in entries:
+            b.add("- ").add(item, "item").add("\n")
+        word = table[asked]["plural"] if question == "all" else asked
+        before, after = FILTER_QUESTIONS[question].split(
+            "{plural}" if question == "all" else "{singular}"
+        )
+        b.add(before).add(word, "category").add(after)
+        prompts.append(
+            b.build(
+                meta={
+                    "asked": asked,
+                    "question": question,
+                    "items": [e[0] for e in entries],
+                    "item_categories": [e[1] for e in entries],
+                }
+            )
+        )
+    return prompts

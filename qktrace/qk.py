@@ -20,7 +20,7 @@ value), so the same code runs locally, with `remote="local"` and on NDIF.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -53,10 +53,10 @@ class Encoded:
         return self.starts[prompt] + position
 
 
-def encode(model: Model, prompts: Sequence[Prompt], *, add_special_tokens: bool = True) -> Encoded:
-    """Tokenize and pad a batch the way qktrace traces it (tokenizer's padding side)."""
-    if len(prompts) == 0:
-        raise ValueError("No prompts given: pass a non-empty list of strings (or token-id lists).")
+def _token_ids(
+    model: Model, prompts: Sequence[Prompt], add_special_tokens: bool, first: int = 0
+) -> list[list[int]]:
+    """Token ids of each prompt (strings are tokenized); an empty prompt raises, numbered from `first`."""
     tokenizer = model.tokenizer
     ids: list[list[int]] = []
     for i, prompt in enumerate(prompts):
@@ -65,8 +65,21 @@ def encode(model: Model, prompts: Sequence[Prompt], *, add_special_tokens: bool 
         else:
             row = [int(t) for t in prompt]
         if not row:
-            raise ValueError(f"Prompt {i} ({prompt!r}) has no tokens: remove it or give it text.")
+            raise ValueError(
+                f"Prompt {first + i} ({prompt!r}) has no tokens: remove it or give it text."
+            )
         ids.append(row)
+    return ids
+
+
+def encode(
+    model: Model, prompts: Sequence[Prompt], *, add_special_tokens: bool = True, first: int = 0
+) -> Encoded:
+    """Tokenize and pad a batch the way qktrace traces it (tokenizer's padding side)."""
+    if len(prompts) == 0:
+        raise ValueError("No prompts given: pass a non-empty list of strings (or token-id lists).")
+    tokenizer = model.tokenizer
+    ids = _token_ids(model, prompts, add_special_tokens, first)
     lengths = [len(r) for r in ids]
     width = max(lengths)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -90,11 +103,13 @@ def encode(model: Model, prompts: Sequence[Prompt], *, add_special_tokens: bool 
     return Encoded(inputs, lengths, starts, tokens)
 
 
-def resolve_positions(spec: Positions, lengths: Sequence[int], what: str) -> list[list[int]]:
+def resolve_positions(
+    spec: Positions, lengths: Sequence[int], what: str, first: int = 0
+) -> list[list[int]]:
     """Per-prompt token positions from "last", "all", one int per prompt, or a list per prompt.
 
     Negative positions count from the end of the prompt. A position outside the prompt raises an
-    error naming the prompt, the position and the prompt's length.
+    error naming the prompt (numbered from `first`), the position and the prompt's length.
     """
     if isinstance(spec, str):
         if spec == "last":
@@ -117,7 +132,7 @@ def resolve_positions(spec: Positions, lengths: Sequence[int], what: str) -> lis
             q = p + n if p < 0 else p
             if not 0 <= q < n:
                 raise ValueError(
-                    f"{what} position {p} is outside prompt {i}, which has {n} tokens "
+                    f"{what} position {p} is outside prompt {first + i}, which has {n} tokens "
                     f"(valid: 0..{n - 1} or -{n}..-1). Check how the position was computed "
                     "(chat template, special tokens) or shorten the list."
                 )
@@ -258,7 +273,7 @@ def capture(
     """
     heads = parse_heads(heads)
     model.check_heads(heads)
-    plan = plan_batches(model, prompts, query, keys, batch_size, add_special_tokens)
+    plan = prepare(model, prompts, query, keys, batch_size, add_special_tokens)
     writer = None
     if out is not None:
         from . import store
@@ -269,18 +284,19 @@ def capture(
             "n_prompts": len(prompts),
             "batch_size": batch_size,
             "attention": attention,
-            "prompts_sha256": fingerprint(plan),
+            "prompts_sha256": plan.sha256,
         }
         attrs = store.provenance("capture", params, model=model.name, remote=model.remote)
         writer = store.BatchWriter(out, params=params, attrs=attrs)
     batches = []
     done = writer.n_done if writer is not None else 0
+    coords = _head_coords(model, heads)
     bar = tqdm(total=len(prompts), desc="capture", unit="prompt", disable=not progress)
-    for i, batch in enumerate(plan):
+    for i, (start, n) in enumerate(plan.starts()):
         if i < done:
-            bar.update(len(batch.texts))
+            bar.update(n)
             continue
-        last = batch.start + len(batch.texts) - 1
+        batch = plan.batch(start)
         values = with_retries(
             _capture_batch,
             model,
@@ -289,21 +305,22 @@ def capture(
             batch.query_index,
             batch.key_index,
             attention,
-            what=f"prompts {batch.start}..{last}",
+            what=f"prompts {start}..{start + n - 1}",
             resume_hint=(
-                f"Batches before prompt {batch.start} are saved in {out}: rerun the same call to resume."
+                f"Batches before prompt {start} are saved in {out}: rerun the same call to resume."
                 if out is not None
                 else ""
             ),
         )
         for name, array in values.items():
-            _check_finite(name, array, batch.start)
-        ds = _batch_dataset(values, batch).assign_coords(_head_coords(model, heads))
+            _check_finite(name, array, start)
+        ds = _batch_dataset(values, batch).assign_coords(coords)
         if writer is not None:
             writer.append(ds)
         else:
             batches.append(ds)
-        bar.update(len(batch.texts))
+        del batch, values, ds
+        bar.update(n)
     bar.close()
     attrs = {"model": model.name, "remote": model.remote_label, "d_head": model.d_head}
     if writer is not None:
@@ -328,6 +345,113 @@ class Batch:
     key_slots: np.ndarray
 
 
+@dataclass
+class Plan:
+    """The batches of a run, validated up front by `prepare`; iterating tokenizes one at a time.
+
+    Holds no per-prompt state, so a run over many prompts keeps one batch in memory. `sha256`
+    fingerprints what the run computes on (token ids, positions, extra rows such as labels).
+    """
+
+    model: Model
+    prompts: Sequence[Prompt]
+    query: Positions
+    keys: Positions
+    batch_size: int
+    add_special_tokens: bool
+    query_width: int
+    key_width: int
+    sha256: str
+
+    def __len__(self) -> int:
+        return -(-len(self.prompts) // self.batch_size)
+
+    def __iter__(self) -> Iterator[Batch]:
+        for start, chunk in iter_batches(self.prompts, self.batch_size):
+            yield self.batch(start, chunk)
+
+    def starts(self) -> list[tuple[int, int]]:
+        """(first prompt, number of prompts) of every batch, without tokenizing."""
+        n, b = len(self.prompts), self.batch_size
+        return [(start, min(b, n - start)) for start in range(0, n, b)]
+
+    def batch(self, start: int, chunk: Sequence[Prompt] | None = None) -> Batch:
+        """The batch of prompts `start..`, tokenized now."""
+        if chunk is None:
+            chunk = self.prompts[start : start + self.batch_size]
+        n = len(chunk)
+        enc = encode(self.model, chunk, add_special_tokens=self.add_special_tokens, first=start)
+        q_pos = resolve_positions(_slice(self.query, start, n), enc.lengths, "Query", start)
+        k_pos = resolve_positions(_slice(self.keys, start, n), enc.lengths, "Key", start)
+        q_index, q_slots = _index_tensor(enc, q_pos, self.query_width)
+        k_index, k_slots = _index_tensor(enc, k_pos, self.key_width)
+        texts = [p if isinstance(p, str) else self.model.tokenizer.decode(list(p)) for p in chunk]
+        return Batch(start, texts, enc, q_index, q_slots, k_index, k_slots)
+
+
+Check = Callable[[int, list[list[int]], list[list[int]]], None]
+
+
+def prepare(
+    model: Model,
+    prompts: Sequence[Prompt],
+    query: Positions,
+    keys: Positions,
+    batch_size: int,
+    add_special_tokens: bool = True,
+    *,
+    extra: Sequence[Any] | None = None,
+    check: Check | None = None,
+) -> Plan:
+    """Validate a run before any model work, in one pass that keeps no per-prompt state.
+
+    Tokenizes every prompt once to check it (not empty, within the model's context, every
+    position inside it), to fix the query/key widths all batches share (so batches stack and
+    append to a store without ragged padding), and to hash token ids, positions and `extra[i]`
+    (per-prompt rows, e.g. labels) into `Plan.sha256`. `check(start, query_positions,
+    key_positions)` may validate more per batch. Batches are tokenized again when run.
+    """
+    import hashlib
+    import json
+
+    if len(prompts) == 0:
+        raise ValueError("No prompts given: pass a non-empty list of strings (or token-id lists).")
+    for spec, what in ((query, "Query"), (keys, "Key")):
+        if not isinstance(spec, str) and len(spec) != len(prompts):
+            raise ValueError(
+                f"{what} positions were given for {len(spec)} prompts but there are "
+                f"{len(prompts)}: pass one position (or one list of positions) per prompt."
+            )
+    digest = hashlib.sha256()
+    q_width = k_width = 0
+    for start, chunk in iter_batches(prompts, batch_size):
+        ids = _token_ids(model, chunk, add_special_tokens, start)
+        lengths = [len(row) for row in ids]
+        _check_context(model, lengths, start)
+        q_pos = resolve_positions(_slice(query, start, len(chunk)), lengths, "Query", start)
+        k_pos = resolve_positions(_slice(keys, start, len(chunk)), lengths, "Key", start)
+        if check is not None:
+            check(start, q_pos, k_pos)
+        for i, (row, qp, kp) in enumerate(zip(ids, q_pos, k_pos, strict=True)):
+            item = [row, qp, kp] if extra is None else [row, qp, kp, extra[start + i]]
+            digest.update(json.dumps(item, default=str).encode() + b"\n")
+        q_width = max(q_width, *(len(p) for p in q_pos))
+        k_width = max(k_width, *(len(p) for p in k_pos))
+    if k_width == 0:
+        raise ValueError("No key positions given: pass at least one key position per prompt.")
+    return Plan(
+        model,
+        prompts,
+        query,
+        keys,
+        batch_size,
+        add_special_tokens,
+        q_width,
+        k_width,
+        digest.hexdigest()[:16],
+    )
+
+
 def plan_batches(
     model: Model,
     prompts: Sequence[Prompt],
@@ -336,62 +460,15 @@ def plan_batches(
     batch_size: int,
     add_special_tokens: bool = True,
 ) -> list[Batch]:
-    """Tokenize every batch and resolve every position before any model work.
-
-    Bad positions fail here, before a request is sent; and all batches share one query and one
-    key width, so batches stack (and append to a store) without ragged padding.
-    """
-    if len(prompts) == 0:
-        raise ValueError("No prompts given: pass a non-empty list of strings (or token-id lists).")
-    staged = []
-    for start, batch in iter_batches(prompts, batch_size):
-        enc = encode(model, batch, add_special_tokens=add_special_tokens)
-        _check_context(model, enc, start)
-        q_pos = resolve_positions(_slice(query, start, len(batch)), enc.lengths, "Query")
-        k_pos = resolve_positions(_slice(keys, start, len(batch)), enc.lengths, "Key")
-        staged.append((start, batch, enc, q_pos, k_pos))
-    q_width = max(len(p) for *_, q_pos, _ in staged for p in q_pos)
-    k_width = max(max((len(p) for p in k_pos), default=0) for *_, k_pos in staged)
-    if k_width == 0:
-        raise ValueError("No key positions given: pass at least one key position per prompt.")
-    plan = []
-    for start, batch, enc, q_pos, k_pos in staged:
-        q_index, q_slots = _index_tensor(enc, q_pos, q_width)
-        k_index, k_slots = _index_tensor(enc, k_pos, k_width)
-        texts = [p if isinstance(p, str) else model.tokenizer.decode(list(p)) for p in batch]
-        plan.append(Batch(start, texts, enc, q_index, q_slots, k_index, k_slots))
-    return plan
+    """Every batch, validated and tokenized up front (`prepare`, then all of its batches)."""
+    return list(prepare(model, prompts, query, keys, batch_size, add_special_tokens))
 
 
-def fingerprint(plan: Sequence[Batch], *extra: Any) -> str:
-    """A short hash of what a run computes on: every prompt's token ids, its query and key
-    positions, and `extra` (e.g. labels). Stored in a resumable run's parameters, so a rerun on
-    other prompts (another seed, other positions) is refused instead of mixed in."""
-    import hashlib
-    import json
-
-    rows = []
-    for batch in plan:
-        ids = batch.encoded.inputs["input_ids"]
-        for i, (start, n) in enumerate(
-            zip(batch.encoded.starts, batch.encoded.lengths, strict=True)
-        ):
-            rows.append(
-                [
-                    ids[i, start : start + n].tolist(),
-                    batch.query_slots[i].tolist(),
-                    batch.key_slots[i].tolist(),
-                ]
-            )
-    text = json.dumps([rows, list(extra)], default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def _check_context(model: Model, enc: Encoded, start: int) -> None:
+def _check_context(model: Model, lengths: Sequence[int], start: int) -> None:
     limit = model.max_positions
     if limit is None:
         return
-    for i, n in enumerate(enc.lengths):
+    for i, n in enumerate(lengths):
         if n > limit:
             raise ValueError(
                 f"Prompt {start + i} has {n} tokens, more than {model.name}'s context of {limit}: "

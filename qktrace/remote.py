@@ -5,7 +5,8 @@ for reasons that have nothing to do with the request (a dropped connection, a ti
 busy server): `with_retries` retries those a bounded number of times with exponential backoff,
 then stops with a message that says which prompts failed and how to resume (every completed
 batch is already on disk when the caller passed `out=`). Errors in the request itself (a bad
-position, a shape error) are not retried.
+position, a shape error) are not retried, nor is a request NDIF refuses with an HTTP 4xx status
+(a rejected key, a malformed request) other than 408 and 429.
 """
 
 from __future__ import annotations
@@ -23,11 +24,49 @@ NDIF_SIGNUP = "https://login.ndif.us"
 
 
 def transient_errors() -> tuple[type[BaseException], ...]:
-    """Exception types that mean "the request did not get through", worth a retry."""
+    """Exception types that mean "the request did not get through", worth a retry.
+
+    Connection and timeout errors (httpx's transport errors, a dropped or timed-out websocket,
+    a failed DNS look-up) and nnsight's `RemoteError` (a job the server reports as failed or
+    timed out, or a request it could not take); see `is_transient` for the exceptions.
+    """
+    import socket
+
     import httpx
     from nnsight.intervention.backends.remote import RemoteError
 
-    return (ConnectionError, TimeoutError, RemoteError, httpx.TransportError)
+    types: list[type[BaseException]] = [
+        ConnectionError,
+        TimeoutError,
+        socket.gaierror,
+        RemoteError,
+        httpx.TransportError,
+    ]
+    try:
+        import websocket
+
+        types.append(websocket.WebSocketException)
+    except ImportError:  # only needed for real NDIF requests
+        pass
+    return tuple(types)
+
+
+# HTTP statuses that say the request itself is wrong (a rejected key, a bad request): retrying
+# cannot help. 408 (request timeout) and 429 (too many requests) are worth a retry.
+_PERMANENT_HTTP = set(range(400, 500)) - {408, 429}
+
+
+def is_transient(error: BaseException) -> bool:
+    """Whether `error` is worth a retry: a transient type, not caused by a 4xx HTTP answer
+    (nnsight's `RemoteError` from an `httpx.HTTPStatusError`, or a websocket handshake refused
+    with a status)."""
+    if not isinstance(error, transient_errors()):
+        return False
+    status = getattr(error, "status_code", None)  # websocket.WebSocketBadStatusException
+    if status is None:
+        response = getattr(error.__cause__, "response", None)
+        status = getattr(response, "status_code", None)
+    return status not in _PERMANENT_HTTP
 
 
 def check_ndif_key() -> str:
@@ -57,6 +96,12 @@ def preflight(model_id: str) -> None:
     try:
         identity = ndif.whoami()
     except Exception as error:  # any failure to reach the service
+        status = getattr(getattr(error, "response", None), "status_code", None)
+        if status in (401, 403):
+            raise RuntimeError(
+                f"NDIF rejected the API key in NDIF_API_KEY (HTTP {status}, for {model_id}). "
+                f"Check the key at {NDIF_SIGNUP} and export it again; no work was started."
+            ) from error
         raise RuntimeError(
             f"NDIF at {nnsight.CONFIG.API.HOST} is unreachable ({error}). Check your network and "
             "https://nnsight.net/status, or run locally (drop --remote) or offline "
@@ -76,17 +121,22 @@ def with_retries(
     attempts: int = 4,
     backoff: float = 2.0,
     resume_hint: str = "",
-    sleep: Callable[[float], None] = time.sleep,
+    sleep: Callable[[float], None] | None = None,
 ) -> T:
     """Call `run(*args)`; retry transient remote failures with exponential backoff, then fail clearly.
 
-    `what` names the work (e.g. "prompts 64..79"); `resume_hint` says how to resume.
+    `what` names the work (e.g. "prompts 64..79"); `resume_hint` says how to resume. Waits
+    1, backoff, backoff^2, ... seconds between attempts (`sleep`, default `time.sleep`, looked
+    up at call time so tests can patch it). Errors that are not transient (`is_transient`)
+    propagate at once.
     """
-    transient = transient_errors()
+    sleep = sleep or time.sleep
     for attempt in range(1, attempts + 1):
         try:
             return run(*args)
-        except transient as error:
+        except Exception as error:
+            if not is_transient(error):
+                raise
             if attempt == attempts:
                 raise RuntimeError(
                     f"The request for {what} failed {attempts} times; last error: {error}. "

@@ -5,8 +5,10 @@ per-subspace means, explained fractions), so it is quick on large stores opened 
 appear when the store has what they need:
 
 - provenance: study, model, mode (local / remote-local / ndif), seed, date, versions, parameters;
-- ranks: every variable named ``rank`` or ``*_rank`` as a table (e.g. head x feature);
-- interventions: ``flip_rate`` and ``mean_delta_p_target`` per subspace, the recovered subspace
+- ranks: every variable named ``rank`` or ``*_rank`` as a table (e.g. head x feature), with
+  ``null_rank`` (components that beat the permutation null) explained when present;
+- interventions: ``flip_rate``, ``mean_delta_p_target`` and the mean attention on the target
+  before and after the edit (``mean_attention_target_before/after``) per subspace, the recovered subspace
   next to the mean and spread of its random baselines (``random`` coordinate, or labels
   ``random_*``);
 - attribution: the mean explained fraction per head (``explained``);
@@ -25,7 +27,12 @@ __all__ = ["summarize"]
 
 _PROVENANCE = ("study", "model", "revision", "remote", "seed", "date")
 _VERSIONS = ("qktrace_version", "nnsight_version", "torch_version", "transformers_version")
-_METRICS = {"flip_rate": "flip rate", "mean_delta_p_target": "mean Δp(target)"}
+_METRICS = {
+    "flip_rate": "flip rate",
+    "mean_delta_p_target": "mean Δp(target)",
+    "mean_attention_target_before": "attn(target) before",
+    "mean_attention_target_after": "attn(target) after",
+}
 
 
 def summarize(
@@ -85,6 +92,11 @@ def _ranks(ds: xr.Dataset) -> str:
         return ""
     threshold = ds.attrs.get("threshold") or (ds.attrs.get("params") or {}).get("threshold")
     title = "Ranks" + (f" ({threshold:g} of sum S^2 kept)" if threshold else "")
+    if "null_rank" in ds:
+        title += (
+            "; null_rank: leading ΔC components above the 95th percentile of a "
+            "label-permutation null (-1: not tested)"
+        )
     return title + "\n" + "\n".join(blocks)
 
 
@@ -135,9 +147,19 @@ def _interventions(ds: xr.Dataset) -> str:
     index = [*map(str, keep), "subspace", "metric"]
     frame = frame.sort_values(index[:-1], kind="stable").set_index(index).round(3)
     note = f" (mean over {', '.join(map(str, averaged))})" if averaged else ""
+    before = ""
+    if (
+        "mean_attention_target_before" in ds
+        and "subspace" not in ds["mean_attention_target_before"].dims
+    ):
+        da = ds["mean_attention_target_before"].load()
+        da = da.mean([d for d in da.dims if d not in keep]).round(4)
+        before = "\nattention on the target before the edit:\n" + (
+            _table(da) if da.ndim else f"{float(da):.3f}"
+        )
     return (
         f"Interventions: recovered subspace vs {len(randoms)} random subspaces of equal rank"
-        f"{note}\n{frame.to_string()}"
+        f"{note}\n{frame.to_string()}{before}"
     )
 
 

@@ -5,8 +5,15 @@ to the sums of the pair's group: a feature value (e.g. "fruit") and a contrast (
 "negative"). The sums are computed in float64 inside the nnsight trace, so a batch sends back
 [heads, groups, d_head, d_head] numbers whatever its number of prompts and tokens; batches
 are added here in float64. Memory is O(heads x features x d_head^2), independent of the number
-of prompts. Pass `out=` to keep the running sums on disk after every batch: a rerun of the same
-call resumes after the last batch that was saved.
+of prompts. Pass `out=` to keep the running sums on disk after every request: a rerun of the same
+call resumes after the last request that was saved.
+
+Round trips and bytes. One batch is one trace, which with `remote=True` is one request that
+returns heads x 2 features x (d_head^2 + 2 d_head) float64 numbers. `batches_per_request=K`
+runs K traces in one nnsight session and adds their sums on the model side, so a request returns
+one set of sums for K batches; `delta=True` sums ΔC = C+ - C- directly (pairs weighted ±1/n)
+and returns it as float32, a quarter of the bytes of both contrasts' float64 sums (float16 with
+`delta_dtype="float16"`: an eighth). Labels travel as one int8 group index per key.
 
 The result is the "covariance sums" Dataset of `qktrace.covariance` (`qk_sum`, `q_sum`,
 `k_sum`, `count` over head, feature, contrast), ready for `qktrace.decompose`.
@@ -26,7 +33,7 @@ from tqdm.auto import tqdm
 
 from . import ops
 from .models import Head, Model, parse_heads
-from .qk import Positions, Prompt, _by_layer, _given_order, fingerprint, plan_batches
+from .qk import Check, Positions, Prompt, _by_layer, _given_order, prepare
 from .remote import with_retries
 
 CONTRASTS = ("positive", "negative")
@@ -51,46 +58,131 @@ def _groups(labels: Sequence[Sequence[Label]]) -> list[str]:
     return features
 
 
-def _onehot(labels: Sequence[Sequence[Label]], features: list[str], width: int) -> torch.Tensor:
-    onehot = torch.zeros((len(labels), width, 2 * len(features)), dtype=torch.float64)
+def _label_index(
+    labels: Sequence[Sequence[Label]], features: list[str], width: int
+) -> torch.Tensor:
+    """Group index 2 * feature + contrast per key slot ([batch, width], -1 = no pair), int8 or int16."""
+    dtype = torch.int8 if 2 * len(features) <= 127 else torch.int16
+    index = torch.full((len(labels), width), -1, dtype=dtype)
     for b, row in enumerate(labels):
         for j, label in enumerate(row):
             if label is not None:
-                onehot[b, j, 2 * features.index(label[0]) + CONTRASTS.index(label[1])] = 1.0
-    return onehot
+                index[b, j] = 2 * features.index(label[0]) + CONTRASTS.index(label[1])
+    return index
+
+
+def _tables(count: np.ndarray, delta: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pair-weight tables [groups, columns] for the q k^T sums and for the q and k sums.
+
+    Plain sums: one column per group (identity). ΔC: one column per feature, with weight
+    +1/n_positive and -1/n_negative, so the weighted sum over pairs is ΔC = C+ - C- itself.
+    """
+    n_features = count.shape[1]
+    groups = torch.eye(2 * n_features, dtype=torch.float64)
+    if not delta:
+        return groups, groups
+    table = torch.zeros((2 * n_features, n_features), dtype=torch.float64)
+    for f in range(n_features):
+        table[2 * f, f] = 1.0 / count[0, f, 0]
+        table[2 * f + 1, f] = -1.0 / count[0, f, 1]
+    return table, groups
+
+
+Work = tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 def _reduce_batch(
     model: Model,
-    enc: Any,
+    work: list[Work],
     heads: list[Head],
-    query_index: torch.Tensor,
-    key_index: torch.Tensor,
-    onehot: torch.Tensor,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """One trace: per-head, per-group sums (qk [h, G, d, d], q [h, G, d], k [h, G, d]), and
-    per prompt whether all its captured q and k were finite ([batch] bool)."""
+    qk_table: torch.Tensor,
+    vector_table: torch.Tensor,
+    wire: torch.dtype | None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """One request: the sums over every batch in `work` (input, query index, key index, labels).
+
+    One batch is one trace; several are one nnsight session whose traces add their sums on the
+    model side, so one request returns one set of sums. `wire` None returns float64 sums;
+    a dtype (ΔC) returns q k^T sums scaled per matrix and cast to it (`ops.scaled`), and q and
+    k sums as float32. Returns (qk [h, G, d, d], its scales [h, G, 1, 1] (ones without `wire`),
+    q and k [h, 2 x features, d], per prompt whether all its q and k were finite), each in
+    the dtype it travelled in.
+    """
     layers = _by_layer(model, heads)
     plan = [
         (layer, [h.head for h in hs], [model.kv_head(h.head) for h in hs])
         for layer, hs in layers.items()
     ]
     calls = {layer: model.attention_call(layer) for layer in layers}
-    with torch.inference_mode(), model.trace(enc.inputs):
-        saved = nnsight.save([])
-        for layer, q_heads, kv_heads in plan:
-            args, _ = calls[layer].inputs
-            q_sel = ops.gather_heads(args[1], q_heads, query_index)[:, :, 0]
-            k_sel = ops.gather_heads(args[2], kv_heads, key_index)
-            finite = ops.finite_rows(q_sel) & ops.finite_rows(k_sel)
-            saved.append((*ops.pair_sums(q_sel, k_sel, onehot), finite))
-        nnsight.save(saved)
+    if len(work) == 1:
+        inputs, query_index, key_index, labels = work[0]
+        with torch.inference_mode(), model.trace(inputs):
+            saved = nnsight.save([])
+            for layer, q_heads, kv_heads in plan:
+                args, _ = calls[layer].inputs
+                q_sel = ops.gather_heads(args[1], q_heads, query_index)[:, :, 0]
+                k_sel = ops.gather_heads(args[2], kv_heads, key_index)
+                qk = ops.qk_sums(q_sel, k_sel, ops.label_weights(labels, qk_table))
+                q, k = ops.vector_sums(q_sel, k_sel, ops.label_weights(labels, vector_table))
+                finite = ops.finite_rows(q_sel) & ops.finite_rows(k_sel)
+                if wire is None:
+                    saved.append([qk, torch.ones((*qk.shape[:2], 1, 1)), q, k, finite])
+                else:
+                    saved.append([*ops.scaled(qk, wire), q.float(), k.float(), finite])
+            nnsight.save(saved)
+    else:
+        # Every name used in a session travels with the request by value, so nothing used in it
+        # may hold a big value before it starts; the accumulator `totals` is made inside it.
+        lm = model.lm
+        with torch.inference_mode(), model.session():
+            totals = []
+            for inputs, query_index, key_index, labels in work:
+                with lm.trace(inputs):
+                    for i, (layer, q_heads, kv_heads) in enumerate(plan):
+                        args, _ = calls[layer].inputs
+                        q_sel = ops.gather_heads(args[1], q_heads, query_index)[:, :, 0]
+                        k_sel = ops.gather_heads(args[2], kv_heads, key_index)
+                        qk = ops.qk_sums(q_sel, k_sel, ops.label_weights(labels, qk_table))
+                        q, k = ops.vector_sums(
+                            q_sel, k_sel, ops.label_weights(labels, vector_table)
+                        )
+                        finite = ops.finite_rows(q_sel) & ops.finite_rows(k_sel)
+                        if i == len(totals):
+                            totals.append([qk, q, k, [finite]])
+                        else:
+                            t = totals[i]
+                            totals[i] = [t[0] + qk, t[1] + q, t[2] + k, [*t[3], finite]]
+            saved = nnsight.save(
+                [
+                    [t[0], torch.ones((*t[0].shape[:2], 1, 1)), t[1], t[2], torch.cat(t[3])]
+                    if wire is None
+                    else [*ops.scaled(t[0], wire), t[1].float(), t[2].float(), torch.cat(t[3])]
+                    for t in totals
+                ]
+            )
     order = _given_order(layers, heads)
-    qk, q, k = (
-        np.concatenate([s[i].cpu().numpy() for s in saved], axis=0)[order] for i in range(3)
+    qk, scale, q, k = (
+        np.concatenate([s[i].cpu().numpy() for s in saved], axis=0)[order] for i in range(4)
     )
-    finite = np.logical_and.reduce([s[3].cpu().numpy() for s in saved])
-    return qk, q, k, finite
+    finite = np.logical_and.reduce([s[4].cpu().numpy() for s in saved])
+    return qk, scale, q, k, finite
+
+
+def _check_labels(labels: Sequence[Sequence[Label]]) -> Check:
+    """A `prepare` check: every prompt gives one label (or None) per key position."""
+
+    def check(start: int, query: list[list[int]], keys: list[list[int]]) -> None:
+        for i, (q_pos, k_pos) in enumerate(zip(query, keys, strict=True)):
+            if len(q_pos) != 1:
+                raise ValueError("reduce takes one query position per prompt (e.g. query='last').")
+            row = labels[start + i]
+            if len(row) != len(k_pos):
+                raise ValueError(
+                    f"Prompt {start + i} has {len(k_pos)} key positions but {len(row)} labels: "
+                    "give one label (or None) per key position."
+                )
+
+    return check
 
 
 def reduce(
@@ -105,6 +197,9 @@ def reduce(
     add_special_tokens: bool = True,
     out: str | Path | None = None,
     progress: bool = True,
+    batches_per_request: int = 1,
+    delta: bool = False,
+    delta_dtype: str = "float32",
 ) -> xr.Dataset:
     """Sum q k^T over labelled (query, key) pairs inside the trace; return float64 sums.
 
@@ -115,13 +210,28 @@ def reduce(
     labels
         Per prompt, per key slot: `(feature, "positive" | "negative")`, or None to skip the key.
     out
-        A zarr path for the running sums. A rerun with the same arguments resumes after the last
-        saved batch; a run with different arguments refuses it (name another path).
+        A zarr path for the running sums, saved after every request. A rerun with the same
+        arguments resumes after the last saved request; a run with different arguments refuses
+        it (name another path).
+    batches_per_request
+        Batches run as one request: one nnsight session whose traces add their sums on the
+        model side, so one round trip returns one set of sums (0 = all batches in one request).
+        Cuts round trips and bytes returned with ``remote=True``; locally it changes little.
+    delta
+        Sum ΔC = C+ - C- directly (each pair weighted ±1/n of its feature and contrast, the
+        counts being known from `labels`); the model side returns it, and the q and k sums, as
+        float32: a quarter of the bytes of both contrasts' float64 sums. The result then has
+        `delta_c` instead of `qk_sum`; everything is still accumulated in float64.
+    delta_dtype
+        "float32" (default) or "float16": the dtype ΔC travels in, each (head, feature) matrix
+        scaled by its largest entry. float16 halves the bytes again; every entry then keeps a
+        relative error below 2^-11 (5e-4) of the matrix's largest entry.
 
     Returns
     -------
-    xr.Dataset: `qk_sum` (head, feature, contrast, dq, dk), `q_sum` (…, dq), `k_sum` (…, dk) and
-    `pair_count` (head, feature, contrast); attrs `n_prompts`.
+    xr.Dataset: `qk_sum` (head, feature, contrast, dq, dk) (or, with `delta`, `delta_c`
+    (head, feature, dq, dk), uncentered ΔC), `q_sum` (…, contrast, dq), `k_sum` (…, contrast,
+    dk), all float64, and `pair_count` (head, feature, contrast); attrs `n_prompts`.
     """
     heads = parse_heads(heads)
     model.check_heads(heads)
@@ -131,67 +241,86 @@ def reduce(
         raise ValueError(
             f"labels has {len(labels)} rows for {len(prompts)} prompts: give one row per prompt."
         )
+    if batches_per_request < 0:
+        raise ValueError(
+            f"batches_per_request={batches_per_request} is negative: pass 1 (one trace per "
+            "request), more, or 0 (all batches in one request)."
+        )
+    wires = {"float32": torch.float32, "float16": torch.float16}
+    if delta_dtype not in wires:
+        raise ValueError(f"delta_dtype={delta_dtype!r}: use 'float32' or 'float16'.")
     features = _groups(labels)
     d = model.d_head
     shape = (len(heads), len(features), 2)
-    qk_sum = np.zeros((*shape, d, d))
-    q_sum = np.zeros((*shape, d))
-    k_sum = np.zeros((*shape, d))
     count = np.zeros(shape, dtype=np.int64)
     for row in labels:
         for label in row:
             if label is not None:
                 count[:, features.index(label[0]), CONTRASTS.index(label[1])] += 1
-    plan = plan_batches(model, prompts, query, keys, batch_size, add_special_tokens)
-    for batch in plan:
-        if batch.query_slots.shape[1] != 1:
-            raise ValueError("reduce takes one query position per prompt (e.g. query='last').")
-        for i, slots in enumerate(batch.key_slots):
-            row = labels[batch.start + i]
-            n_keys = int((slots >= 0).sum())
-            if len(row) != n_keys:
-                raise ValueError(
-                    f"Prompt {batch.start + i} has {n_keys} key positions but {len(row)} labels: "
-                    "give one label (or None) per key position."
-                )
+    if delta:
+        _check_delta_counts(count, features)
+    qk_sum = np.zeros((len(heads), len(features), d, d) if delta else (*shape, d, d))
+    q_sum = np.zeros((*shape, d))
+    k_sum = np.zeros((*shape, d))
+    plan = prepare(
+        model,
+        prompts,
+        query,
+        keys,
+        batch_size,
+        add_special_tokens,
+        extra=labels,
+        check=_check_labels(labels),
+    )
     params = {
         "model": model.name,
         "heads": [h.label for h in heads],
         "features": features,
         "n_prompts": len(prompts),
         "batch_size": batch_size,
-        "prompts_sha256": fingerprint(plan, [list(row) for row in labels]),
+        "delta": delta,
+        **({"delta_dtype": delta_dtype} if delta else {}),
+        "prompts_sha256": plan.sha256,
     }
     done, state = _resume(out, params)
     if state is not None:
-        qk_sum, q_sum, k_sum = (state[v].values for v in ("qk_sum", "q_sum", "k_sum"))
+        qk_sum, q_sum, k_sum = (
+            state[v].values for v in ("delta_c" if delta else "qk_sum", "q_sum", "k_sum")
+        )
+    qk_table, vector_table = _tables(count, delta)
 
+    todo = [(start, n) for start, n in plan.starts() if start >= done]
+    per = batches_per_request or len(todo) or 1
     bar = tqdm(total=len(prompts), initial=done, desc="reduce", unit="prompt", disable=not progress)
-    for batch in plan:
-        start, n = batch.start, len(batch.texts)
-        if start < done:
-            continue
-        enc, q_index, k_index = batch.encoded, batch.query_index, batch.key_index
-        batch_labels = labels[start : start + n]
-        onehot = _onehot(batch_labels, features, k_index.shape[1])
-        qk, q, k, finite = with_retries(
+    for r in range(0, len(todo), per):
+        request = todo[r : r + per]
+        start = request[0][0]
+        end = request[-1][0] + request[-1][1]
+        work = []
+        for first, n in request:
+            batch = plan.batch(first)
+            index = _label_index(labels[first : first + n], features, batch.key_index.shape[1])
+            work.append((batch.encoded.inputs, batch.query_index, batch.key_index, index))
+        del batch
+        qk, scale, q, k, finite = with_retries(
             _reduce_batch,
             model,
-            enc,
+            work,
             heads,
-            q_index,
-            k_index,
-            onehot,
-            what=f"prompts {start}..{start + n - 1}",
+            qk_table,
+            vector_table,
+            wires[delta_dtype] if delta else None,
+            what=f"prompts {start}..{end - 1}",
             resume_hint=(
                 f"The sums of prompts 0..{start - 1} are saved in {out}: rerun the same call to resume."
                 if out is not None
                 else ""
             ),
         )
+        del work
         if not finite.all() or not np.isfinite(qk).all():
             bad = start + int(np.argmin(finite)) if not finite.all() else None
-            where = f"prompt {bad}" if bad is not None else f"prompts {start}..{start + n - 1}"
+            where = f"prompt {bad}" if bad is not None else f"prompts {start}..{end - 1}"
             raise FloatingPointError(
                 f"Captured q/k have NaN/inf for {where}, so the q k^T sums would be NaN. The "
                 "model overflowed on it: run in float32 or bfloat16 instead of float16, or drop "
@@ -202,19 +331,29 @@ def reduce(
                     else ""
                 )
             )
-        shape_g = (len(heads), len(features), 2)
-        qk_sum += qk.reshape(*shape_g, d, d)
-        q_sum += q.reshape(*shape_g, d)
-        k_sum += k.reshape(*shape_g, d)
-        done = start + n
+        qk_sum += (qk.astype(np.float64) * scale).reshape(qk_sum.shape)
+        q_sum += q.reshape(q_sum.shape)
+        k_sum += k.reshape(k_sum.shape)
+        done = end
         if out is not None:
             _checkpoint(
                 out,
                 _sums_dataset(model, heads, features, qk_sum, q_sum, k_sum, count, done, params),
             )
-        bar.update(n)
+        bar.update(end - start)
     bar.close()
     return _sums_dataset(model, heads, features, qk_sum, q_sum, k_sum, count, done, params)
+
+
+def _check_delta_counts(count: np.ndarray, features: list[str]) -> None:
+    for f, feature in enumerate(features):
+        for c, contrast in enumerate(CONTRASTS):
+            if count[0, f, c] == 0:
+                raise ValueError(
+                    f"No {contrast} pairs for feature {feature!r}: delta=True sums ΔC = C+ - C-, "
+                    f"which needs both kinds. Add {contrast} pairs for it (check its labels), or "
+                    "drop its labels."
+                )
 
 
 def _sums_dataset(
@@ -231,9 +370,13 @@ def _sums_dataset(
     from .qk import _head_coords
 
     dims = ("head", "feature", "contrast")
+    if qk_sum.ndim == 4:  # delta: ΔC per head and feature
+        qk_name, qk_dims = "delta_c", ("head", "feature", "dq", "dk")
+    else:
+        qk_name, qk_dims = "qk_sum", (*dims, "dq", "dk")
     return xr.Dataset(
         {
-            "qk_sum": ((*dims, "dq", "dk"), qk_sum.copy()),
+            qk_name: (qk_dims, qk_sum.copy()),
             "q_sum": ((*dims, "dq"), q_sum.copy()),
             "k_sum": ((*dims, "dk"), k_sum.copy()),
             "pair_count": (dims, count.copy()),
@@ -263,7 +406,8 @@ def _resume(out: str | Path | None, params: dict[str, Any]) -> tuple[int, xr.Dat
     stored = None if state is None else state.attrs.get("params")
     if isinstance(stored, str):
         stored = json.loads(stored)
-    if state is None or "qk_sum" not in state or not isinstance(stored, dict):
+    sums = state is not None and ("qk_sum" in state or "delta_c" in state)
+    if not sums or not isinstance(stored, dict):
         what = "batches of a capture" if state is None else f"variables {sorted(state.data_vars)}"
         raise ValueError(
             f"{out} is not a checkpoint of qktrace.reduce (it holds {what}, written by something "

@@ -27,6 +27,50 @@ PAPER_HEADS = {
 }
 
 
+# The default model: the organism shipped in data/organism (`qktrace.organism`), which runs
+# offline on a CPU. Its default sizes keep each study to a few minutes on 2 CPU cores (the
+# paper's 2000 / 1000 prompts are for 8B models on GPUs); the heads come from its heads.json.
+ORGANISM = "organism"
+ORGANISM_SIZES = {  # study -> (n_prompts, n_test)
+    "filter_heads": (900, 300),
+    "order_id": (900, 270),
+    "lexical": (900, 270),
+}
+PAPER_SIZES = {"filter_heads": (2000, 1000), "order_id": (2000, 500), "lexical": (2000, 500)}
+
+
+def default_model(model: ModelLike | None) -> ModelLike:
+    """`model`, or the shipped organism's checkpoint path when none is given."""
+    if model is not None:
+        return model
+    from qktrace import organism
+
+    return str(organism.path())
+
+
+def is_organism(model: ModelLike) -> bool:
+    """Whether `model` (loaded, or a path) is the organism shipped in data/organism."""
+    name = model.name if isinstance(model, Model) else os.fspath(model)
+    try:
+        from qktrace import organism
+
+        return Path(name).expanduser().resolve() == organism.path().resolve()
+    except (OSError, ValueError):
+        return False
+
+
+def sizes(
+    model: ModelLike, study: str, n_prompts: int | None, n_test: int | None
+) -> tuple[int, int]:
+    """(n_prompts, n_test): those given, else the organism's defaults or the paper's."""
+    table = ORGANISM_SIZES if is_organism(model) else PAPER_SIZES
+    default_prompts, default_test = table[study]
+    return (
+        default_prompts if n_prompts is None else n_prompts,
+        default_test if n_test is None else n_test,
+    )
+
+
 def open_model(model: ModelLike, remote: Remote) -> Model:
     """`model` itself if already loaded, else ``qktrace.load(model, remote=remote)``."""
     if isinstance(model, Model):
@@ -74,13 +118,18 @@ def resolve_heads(
     study: str,
     find: Callable[[], list[Head]] | None = None,
 ) -> list[Head]:
-    """The heads to study: those given; the paper's for its model; else `find()` if possible.
+    """The heads to study: those given; the organism's (data/organism/heads.json) for the
+    organism; the paper's for its model; else `find()` if possible.
 
     `find` runs `qktrace.heads.find_heads` on the study's own prompts; it is only called when
-    no heads are given and the model is not the paper's.
+    no heads are given and the model is neither the organism nor the paper's.
     """
     if heads is not None:
         parsed = parse_heads(heads)
+    elif is_organism(model):
+        from qktrace import organism
+
+        parsed = parse_heads(organism.heads(study))
     elif PAPER_MODEL in model.name.lower():
         parsed = parse_heads(PAPER_HEADS[study])
     elif find is not None and _has_find_heads():
@@ -96,9 +145,11 @@ def resolve_heads(
 
 
 def heads_source(model: Model, heads: str | Sequence[Any] | None) -> str:
-    """Where `resolve_heads` takes the heads from: "given", "paper" or "find_heads"."""
+    """Where `resolve_heads` takes the heads from: "given", "organism", "paper" or "find_heads"."""
     if heads is not None:
         return "given"
+    if is_organism(model):
+        return ORGANISM
     return "paper" if PAPER_MODEL in model.name.lower() else "find_heads"
 
 
@@ -200,6 +251,85 @@ def _remove_checkpoints(path: Path) -> None:
         shutil.rmtree(leftover)
 
 
+# --------------------------------------------------------------------------------------------
+# significance: the permutation null of ΔC
+
+N_PERMUTATIONS = 100
+NULL_QUANTILE = 0.95
+
+
+def null_test(
+    pairs: dict[tuple[str, str], tuple[np.ndarray, np.ndarray, np.ndarray]],
+    *,
+    seed: int,
+    threshold: float,
+    d_head: int,
+    n_permutations: int = N_PERMUTATIONS,
+    quantile: float = NULL_QUANTILE,
+) -> xr.Dataset:
+    """`qktrace.covariance.permutation_null` for every (head, feature): how many components are real.
+
+    `pairs` maps (head, feature) to (q [pairs, d], k [pairs, d], is_positive [pairs]); rows with
+    NaN are dropped. Returns ``null_rank (head, feature)``: the number of leading components of
+    the ΔC of these pairs whose singular value beats the `quantile` of the label-permutation
+    null (-1 where the pairs lack a positive or a negative); ``null_quantile (head, feature,
+    component)``: the cut-off each component was tested against (NaN past the first that
+    fails); ``null_singular_values (head, feature, component)``: the singular values tested.
+    """
+    from qktrace.covariance import permutation_null
+
+    heads = list(dict.fromkeys(h for h, _ in pairs))
+    features = list(dict.fromkeys(f for _, f in pairs))
+    rank = np.full((len(heads), len(features)), -1, dtype=np.int64)
+    cutoff = np.full((len(heads), len(features), d_head), np.nan)
+    values = np.full((len(heads), len(features), d_head), np.nan)
+    for (head, feature), (q, k, positive) in pairs.items():
+        q = np.asarray(q, dtype=np.float64).reshape(-1, d_head)
+        k = np.asarray(k, dtype=np.float64).reshape(-1, d_head)
+        positive = np.asarray(positive, dtype=bool).reshape(-1)
+        ok = ~(np.isnan(q).any(axis=1) | np.isnan(k).any(axis=1))
+        if positive[ok].all() or not positive[ok].any():
+            continue
+        null = permutation_null(
+            q[ok],
+            k[ok],
+            positive[ok],
+            n_permutations=n_permutations,
+            seed=seed,
+            threshold=threshold,
+            quantile=quantile,
+        )
+        i, j = heads.index(head), features.index(feature)
+        rank[i, j] = int(null["n_significant"])
+        cutoff[i, j] = null["null_quantile"].values
+        values[i, j] = null["singular_values"].values
+    dims = ("head", "feature")
+    return xr.Dataset(
+        {
+            "null_rank": (dims, rank),
+            "null_quantile": ((*dims, "component"), cutoff),
+            "null_singular_values": ((*dims, "component"), values),
+        },
+        coords={"head": heads, "feature": features, "component": np.arange(d_head)},
+        attrs={"null_quantile": quantile, "n_permutations": n_permutations},
+    )
+
+
+def captured_pairs(
+    captured: xr.Dataset, head: str, prompts: Sequence[int] | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(q, k, is_positive) of every (last-token query, key) pair of `captured` for one head.
+
+    Positive where the key's ``key_label`` coordinate is "positive"; `prompts` picks prompts.
+    """
+    ds = captured if prompts is None else captured.isel(prompt=list(prompts))
+    q = ds["q"].sel(head=head).isel(query=0).transpose("prompt", "d_head").values
+    k = ds["k"].sel(head=head).transpose("prompt", "key", "d_head").values
+    positive = ds["key_label"].transpose("prompt", "key").values == "positive"
+    n_keys = k.shape[1]
+    return np.repeat(q, n_keys, axis=0), k.reshape(-1, k.shape[-1]), positive.reshape(-1)
+
+
 # coordinates `qktrace.interventions` repeats from the captured Dataset of the same prompts
 _REPEATED = ("prompt_text", "n_tokens", "query_position", "key_position", "key_token")
 _SUMMARIES = (
@@ -245,6 +375,52 @@ def stack_heads(per_head: Sequence[xr.Dataset], heads: Sequence[str]) -> xr.Data
 # figures (drawn from stored data)
 
 
+def model_label(ds: xr.Dataset) -> str:
+    """A short name of the store's model for titles: "the organism", a hub id or a folder name."""
+    model = str(ds.attrs.get("model", ""))
+    if model and is_organism(model):
+        return "the organism"
+    path = Path(model).expanduser()
+    return path.name if model and path.is_absolute() else model
+
+
+def rank_figure(ds: xr.Dataset, what: str) -> Any:
+    """Per head and feature: the 99%-rule rank next to the permutation null's rank.
+
+    The right panel (``null_rank``) counts the leading components that beat the null's 95th
+    percentile; "-" where it was not tested (e.g. the order subspace in lexical.zarr).
+    """
+    from qktrace import plots
+
+    threshold = (ds.attrs.get("params") or {}).get("threshold", 0.99)
+    panels = {"rank": f"rank ({threshold:.0%} of sum S²)"}
+    if "null_rank" in ds:
+        untested = bool((ds["null_rank"] < 0).any())
+        panels["null_rank"] = "components above the null (95%)" + (
+            "\nblank: tested in order_id.zarr" if untested else ""
+        )
+    values = xr.concat(
+        [ds[name].astype(float).where(ds[name] >= 0) for name in panels],
+        dim=xr.DataArray(list(panels.values()), dims="measure", name="measure"),
+    ).transpose("measure", "head", "feature")
+    text = xr.apply_ufunc(
+        np.vectorize(lambda v: "-" if not np.isfinite(v) else f"{v:.0f}", otypes=[object]),
+        values,
+    )
+    return plots.heatmap_grid(
+        values,
+        x="feature",
+        y="head",
+        col="measure",
+        annot=text,
+        vmin=0,
+        cbar_label="components",
+        panel_title=lambda where: str(where["measure"]),
+        title=f"{what}, {model_label(ds)}",
+        panel_size=max(2.6, 0.7 * ds.sizes["feature"] + 1.2),
+    )
+
+
 def swap_bars(ds: xr.Dataset, name: str, title: str = "") -> Any:
     """Flip rate and mean change of p(target) per head: subspace `name` next to its random draws."""
     from qktrace import plots
@@ -274,22 +450,78 @@ def pca_figure(ds: xr.Dataset, hue: str, title: str = "", max_labels: int = 10) 
     """PCA of the stored keys (`key_pc`), one row per head, coloured by the key coordinate `hue`.
 
     Only the `max_labels` most frequent labels get their own colour; the rest are "other".
+    A rank-1 subspace has one coordinate: it is drawn as a strip per label instead.
     """
     from qktrace import plots
 
     points = ds["key_pc"].dropna("pc", how="all")
-    if points.sizes["pc"] < 2:  # a rank-1 subspace: show its one coordinate against 0
-        points = ds["key_pc"].isel(pc=slice(0, 2))
-        points = points.where(points["pc"] == points["pc"][0], 0.0).where(
-            points.isel(pc=0).notnull()
-        )
-    labels = ds[hue].broadcast_like(points.isel(pc=0, drop=True))
+    labels = ds[hue].broadcast_like(ds["key_pc"].isel(pc=0, drop=True))
     text = np.vectorize(str, otypes=[object])(labels.values)
     names, counts = np.unique(text, return_counts=True)
     if len(names) > max_labels:
         common = set(names[np.argsort(-counts, kind="stable")[: max_labels - 1]])
         text = np.where(np.isin(text, list(common)), text, "other").astype(object)
-    return plots.pca_scatter(points, hue=labels.copy(data=text), row="head", title=title)
+    if points.sizes["pc"] < 2:
+        return _strip_figure(ds["key_pc"].isel(pc=0), labels.copy(data=text), hue, title)
+    named = sorted({t for t in text.ravel() if t != "other"}, key=_label_key)
+    if len(named) > 12:  # many labels (pca_scatter colours them on a continuous scale)
+        palette: Any = "tab10"
+    else:  # one colour per label, "other" in light grey
+        import seaborn as sns
+
+        colours = sns.color_palette("tab10", max(len(named), 1))
+        palette = {**dict(zip(named, colours, strict=False)), "other": "#d0d0d0"}
+    return plots.pca_scatter(
+        points, hue=labels.copy(data=text), row="head", title=title, palette=palette
+    )
+
+
+def _strip_figure(coordinate: xr.DataArray, labels: xr.DataArray, hue: str, title: str) -> Any:
+    """Per head: the keys' one subspace coordinate (x) for each label (y), as a strip plot."""
+    import pandas as pd
+    import seaborn as sns
+    from matplotlib.figure import Figure
+
+    heads = [str(h) for h in coordinate["head"].values]
+    order = sorted(set(labels.values.ravel()), key=_label_key)
+    fig = Figure(figsize=(4.2 * len(heads) + 0.5, 0.32 * len(order) + 1.6), layout="constrained")
+    axes = fig.subplots(1, len(heads), squeeze=False, sharey=True)[0]
+    for ax, head in zip(axes, heads, strict=True):
+        frame = pd.DataFrame(
+            {
+                "x": coordinate.sel(head=head).values.ravel(),
+                hue: labels.sel(head=head).values.ravel().astype(str),
+            }
+        ).dropna()
+        sns.stripplot(
+            data=frame,
+            x="x",
+            y=hue,
+            order=[str(o) for o in order],
+            ax=ax,
+            size=2.5,
+            alpha=0.5,
+            jitter=0.3,
+            hue=hue,
+            palette="tab10",
+            legend=False,
+        )
+        ax.set_xlabel("coordinate on the subspace's one direction")
+        ax.set_title(f"head={head}", fontsize=9)
+    if title:
+        fig.suptitle(f"{title} (rank 1: one coordinate)")
+    return fig
+
+
+def _label_key(label: Any) -> tuple:
+    """Sort numeric labels by value, then text labels, with "other" last."""
+    text = str(label)
+    if text == "other":
+        return (2, 0.0, text)
+    try:
+        return (0, float(text), text)
+    except ValueError:
+        return (1, 0.0, text)
 
 
 def save_figures(figures: dict[str, Any], directory: Path) -> list[Path]:

@@ -11,7 +11,9 @@ models), whose token is the query. Spans: ``object`` (each object in the context
 are drawn without repetition per prompt; the answer's order index (its pair's position in the
 list) cycles through 0..n_pairs-1 so every position is asked equally often.
 
-`studies.order_id` and `studies.lexical` build on this module.
+The prompt builders (`boxes_prompt`, `build_prompts`) live in `qktrace.prompts` (as
+`boxes_prompt`, `boxes_prompts`), re-exported here; `studies.order_id` and `studies.lexical`
+build on this module.
 """
 
 from __future__ import annotations
@@ -23,37 +25,32 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from qktrace.prompts import Located, Prompt, PromptBuilder, load_box_letters, load_objects
-from studies._common import pca_figure, per_prompt, save_figures, stack_heads, swap_bars
+from qktrace.prompts import BOXES_ANSWER_PREFIX as ANSWER_PREFIX
+from qktrace.prompts import Located, Prompt, boxes_prompt, load_box_letters, load_objects
+from qktrace.prompts import boxes_prompts as build_prompts
+from studies._common import (
+    pca_figure,
+    per_prompt,
+    rank_figure,
+    save_figures,
+    stack_heads,
+    swap_bars,
+)
 
-ANSWER_PREFIX = "Box"
-
-
-def boxes_prompt(objects: Sequence[str], letters: Sequence[str], answer: int) -> Prompt:
-    """One boxes prompt asking where ``objects[answer]`` is.
-
-    Examples
-    --------
-    >>> boxes_prompt(["stone", "map"], ["K", "C"], 1).text
-    'The stone is in Box K, and the map is in Box C. Which box is the map in?'
-    """
-    if len(objects) != len(letters) or not objects:
-        raise ValueError("Give one letter per object, and at least one pair.")
-    if not 0 <= answer < len(objects):
-        raise ValueError(f"answer={answer} is not an index of the {len(objects)} pairs.")
-    b = PromptBuilder()
-    n = len(objects)
-    for i, (obj, letter) in enumerate(zip(objects, letters, strict=True)):
-        lead = "The " if i == 0 else (", and the " if i == n - 1 else ", the ")
-        b.add(lead).add(obj, "object").add(" is in Box ").add(letter, "box")
-    b.add(". Which box is the ").add(objects[answer], "query_object").add(" in?")
-    meta = {
-        "objects": list(objects),
-        "letters": list(letters),
-        "answer": int(answer),
-        "query_object": objects[answer],
-    }
-    return b.build(meta=meta, answer_prefix=ANSWER_PREFIX)
+# the builders live in `qktrace.prompts` (the organism's training data uses them too)
+__all__ = [
+    "ANSWER_PREFIX",
+    "boxes_prompt",
+    "build_prompts",
+    "check_pairs",
+    "counterfactuals",
+    "order_labels",
+    "key_labels",
+    "targets",
+    "swaps",
+    "find",
+    "plot",
+]
 
 
 def check_pairs(n_pairs: int) -> None:
@@ -65,46 +62,6 @@ def check_pairs(n_pairs: int) -> None:
             "boxes' keys are the negatives of the contrast and the targets of the swaps, and "
             f"there are {letters} box letters; pass e.g. n_pairs=9 (the paper's)."
         )
-
-
-def build_prompts(
-    n: int, n_pairs: int = 9, *, query_object: str | None = None, seed: int = 0
-) -> list[Prompt]:
-    """`n` boxes prompts with `n_pairs` pairs; the answer's order index cycles over the pairs.
-
-    Parameters
-    ----------
-    query_object
-        If given, every prompt asks about this same object, placed at the answer's position
-        (the order-ID design: only the position varies). Otherwise the queried object is the
-        random object at the answer's position.
-
-    Examples
-    --------
-    >>> ps = build_prompts(3, n_pairs=3, query_object="stone")
-    >>> [p.meta["answer"] for p in ps], {p.meta["query_object"] for p in ps}
-    ([0, 1, 2], {'stone'})
-    """
-    objects, letters = load_objects(), load_box_letters()
-    if not 1 <= n_pairs <= len(letters):
-        raise ValueError(f"n_pairs={n_pairs} must be between 1 and {len(letters)} (box letters).")
-    if n_pairs + 1 > len(objects):
-        raise ValueError(f"n_pairs={n_pairs} needs more objects than data/objects.json has.")
-    if query_object is not None and query_object not in objects:
-        raise ValueError(
-            f"query_object={query_object!r} is not in data/objects.json; pick one of {objects[:8]}..."
-        )
-    pool = [o for o in objects if o != query_object]
-    rng = np.random.default_rng(seed)
-    prompts = []
-    for i in range(n):
-        answer = i % n_pairs
-        chosen = [str(o) for o in rng.choice(pool, n_pairs, replace=False)]
-        if query_object is not None:
-            chosen[answer] = query_object
-        boxes = [str(x) for x in rng.choice(letters, n_pairs, replace=False)]
-        prompts.append(boxes_prompt(chosen, boxes, answer))
-    return prompts
 
 
 def counterfactuals(prompts: Sequence[Prompt], *, seed: int = 0) -> list[Prompt]:
@@ -234,15 +191,12 @@ def plot(path: str | Path, study: str, feature: str, hues: Sequence[str]) -> lis
     (box keys in the `feature` key subspace, coloured by order index or bound object; Fig 8)
     and ``_swap`` (the `feature` swap vs random subspaces; Fig 9).
     """
-    from qktrace import plots, store
+    from qktrace import store
 
     path = Path(path)
     ds = store.open(path).load()
-    model = ds.attrs.get("model", "")
     figures = {
-        f"{study}_ranks.png": plots.rank_heatmap(
-            ds["rank"], x="feature", y="head", title=f"Binding subspace ranks, {model}"
-        ),
+        f"{study}_ranks.png": rank_figure(ds, "Binding subspace ranks"),
         f"{study}_swap.png": swap_bars(
             ds, feature, title=f"Swap of {feature} key coordinates: answer box <-> another box"
         ),

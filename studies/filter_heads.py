@@ -13,6 +13,9 @@ Method
    are *negative*; so each category c gets one ΔC(c) = C+ - C- per head, summed inside the
    trace (`qktrace.sums`) and decomposed (`qktrace.decompose`): SVD, 99% rank rule, query
    and key bases. Positives are all items of the asked category for every question variant.
+   **Significance:** `qktrace.covariance.permutation_null` on the fresh prompts' (query, item)
+   pairs (labels shuffled 100 times): ``null_rank`` counts the leading components above the
+   null's 95th percentile.
 3. **Geometry (Fig 6).** On ``n_test`` fresh prompts, the item keys are captured and projected
    onto the union of all category key subspaces of the head; a PCA of those coordinates,
    coloured by item category, shows whether keys cluster by category.
@@ -46,19 +49,25 @@ import xarray as xr
 from qktrace.covariance import decompose
 from qktrace.interventions import intervene
 from qktrace.models import Remote, parse_heads
-from qktrace.prompts import Located, Prompt, PromptBuilder, load_categories, locate
+from qktrace.prompts import FILTER_CATEGORIES, FILTER_QUESTIONS, Located, Prompt, locate
+from qktrace.prompts import filter_prompts as build_prompts
 from qktrace.qk import capture
 from qktrace.sums import reduce
 from studies._common import (
     ModelLike,
+    captured_pairs,
     check_design,
     check_out,
+    default_model,
     heads_source,
+    null_test,
     open_model,
     pca_figure,
     per_prompt,
+    rank_figure,
     resolve_heads,
     save_figures,
+    sizes,
     stack_heads,
     subspace_pca,
     swap_bars,
@@ -68,95 +77,14 @@ from studies._common import (
 )
 
 STUDY = "filter_heads"
-CATEGORIES = ("animal", "fruit", "liquid", "vehicle", "country")
+CATEGORIES = FILTER_CATEGORIES
 SUMS = ["qk_sum", "q_sum", "k_sum"]  # kept in the store: ΔC can be recomputed (e.g. centered)
-QUESTIONS = {
-    "all": "What are the {plural} in the list?",
-    "first": "What is the first {singular} in the list?",
-    "last": "What is the last {singular} in the list?",
-}
+QUESTIONS = FILTER_QUESTIONS
 
 
 # --------------------------------------------------------------------------------------------
-# 1. prompts
-
-
-def build_prompts(
-    n: int,
-    *,
-    categories: Sequence[str] = CATEGORIES,
-    categories_per_list: int | None = None,
-    items_per_category: int = 5,
-    questions: Sequence[str] = ("all", "first", "last"),
-    seed: int = 0,
-) -> list[Prompt]:
-    """`n` list prompts; spans ``item`` (every list item) and ``category`` (the asked word).
-
-    Each list holds `items_per_category` items of `categories_per_list` categories (default:
-    3, or all if fewer): the asked one, which cycles through `categories`, and others drawn at
-    random.
-
-    ``meta``: ``asked`` (category), ``question`` ("all", "first" or "last"), ``items`` and
-    ``item_categories`` (in list order).
-
-    Examples
-    --------
-    >>> p = build_prompts(1, categories_per_list=2, items_per_category=1, questions=["all"])[0]
-    >>> p.meta["asked"], len(p.spans["item"])
-    ('animal', 2)
-    """
-    table = load_categories()
-    unknown = [c for c in categories if c not in table]
-    if unknown:
-        raise ValueError(f"Unknown categories {unknown}; choose from {sorted(table)}.")
-    if len(categories) < 2:
-        raise ValueError("Give at least two categories: negatives come from the other ones.")
-    if categories_per_list is None:
-        categories_per_list = min(3, len(categories))
-    if not 2 <= categories_per_list <= len(categories):
-        raise ValueError(
-            f"categories_per_list={categories_per_list} must be between 2 and the number of "
-            f"categories ({len(categories)})."
-        )
-    short = [c for c in categories if len(table[c]["items"]) < items_per_category]
-    if short:
-        raise ValueError(
-            f"Categories {short} have fewer than items_per_category={items_per_category} "
-            "items; lower items_per_category or add items to data/categories.json."
-        )
-    bad = [q for q in questions if q not in QUESTIONS]
-    if bad or not questions:
-        raise ValueError(f"questions {list(questions)}: use some of {list(QUESTIONS)}.")
-    rng = np.random.default_rng(seed)
-    prompts = []
-    for i in range(n):
-        asked = categories[i % len(categories)]
-        question = questions[(i // len(categories)) % len(questions)]
-        others = [c for c in categories if c != asked]
-        chosen = [asked, *rng.choice(others, categories_per_list - 1, replace=False)]
-        entries = [
-            (str(item), str(cat))
-            for cat in chosen
-            for item in rng.choice(table[cat]["items"], items_per_category, replace=False)
-        ]
-        entries = [entries[j] for j in rng.permutation(len(entries))]
-        b = PromptBuilder()
-        for item, _ in entries:
-            b.add("- ").add(item, "item").add("\n")
-        word = table[asked]["plural"] if question == "all" else asked
-        before, after = QUESTIONS[question].split("{plural}" if question == "all" else "{singular}")
-        b.add(before).add(word, "category").add(after)
-        prompts.append(
-            b.build(
-                meta={
-                    "asked": asked,
-                    "question": question,
-                    "items": [e[0] for e in entries],
-                    "item_categories": [e[1] for e in entries],
-                }
-            )
-        )
-    return prompts
+# 1. prompts: `build_prompts` is `qktrace.prompts.filter_prompts` (the library holds the
+# builder, so the organism's training data and this study share it); here, their labels
 
 
 def labels(prompts: Sequence[Prompt]) -> list[list[tuple[str, str]]]:
@@ -175,12 +103,12 @@ def labels(prompts: Sequence[Prompt]) -> list[list[tuple[str, str]]]:
 
 
 def run(
-    model: ModelLike,
+    model: ModelLike | None = None,
     *,
     out: str | Path,
     heads: str | Sequence[Any] | None = None,
-    n_prompts: int = 2000,
-    n_test: int = 1000,
+    n_prompts: int | None = None,
+    n_test: int | None = None,
     categories: Sequence[str] = CATEGORIES,
     categories_per_list: int | None = None,
     items_per_category: int = 5,
@@ -200,14 +128,17 @@ def run(
     Parameters
     ----------
     model
-        A `qktrace.load`-ed model, or a hub id / local path (loaded with `remote`).
+        A `qktrace.load`-ed model, or a hub id / local path (loaded with `remote`); default:
+        the organism shipped in data/organism (`qktrace.organism`).
     out
         Directory for ``filter_heads.zarr`` and the figures.
     heads
-        "16.19,20.26" or a list; default: the paper's heads for Llama-3.1-8B-Instruct, else
-        required (or found with `qktrace.find_heads` when available).
+        "16.19,20.26" or a list; default: the organism's heads (``organism.heads(study)``) on
+        the organism, the paper's for Llama-3.1-8B-Instruct, else found with
+        `qktrace.find_heads`.
     n_prompts, n_test
-        Prompts for the subspaces (paper 2000), fresh prompts for PCA and swaps (paper 1000).
+        Prompts for the subspaces, fresh prompts for PCA and swaps; default 2000 and 1000 (the
+        paper's), 900 and 300 on the organism (a few minutes on 2 CPU cores).
     categories, categories_per_list, items_per_category, questions
         Prompt design (see `build_prompts`).
     threshold
@@ -226,6 +157,8 @@ def run(
     -------
     Path of ``OUT/filter_heads.zarr``.
     """
+    model = default_model(model)
+    n_prompts, n_test = sizes(model, STUDY, n_prompts, n_test)
     check_design(
         n_prompts=n_prompts,
         n_test=n_test,
@@ -299,12 +232,28 @@ def run(
     )
     captured = captured.assign_coords(_key_labels(test))
     geometry = _pca(captured, subspaces)
+    # is each category's ΔC real? the permutation null on the fresh prompts' (query, item) pairs
+    asked = [p.meta["asked"] for p in test]
+    null = null_test(
+        {
+            (str(head), str(c)): captured_pairs(
+                captured, head, [i for i, a in enumerate(asked) if a == c]
+            )
+            for head in captured["head"].values
+            for c in subspaces["feature"].values
+        },
+        seed=seed,
+        threshold=threshold,
+        d_head=lm.d_head,
+    )
 
     # 4. category swap vs random subspaces of the same rank
     swaps = _swaps(lm, test, test_loc, captured, subspaces, n_random, seed, batch_size, progress)
 
     # 5. store, then figures from the store
-    ds = xr.merge([subspaces, captured, geometry, swaps], compat="override", combine_attrs="drop")
+    ds = xr.merge(
+        [subspaces, null, captured, geometry, swaps], compat="override", combine_attrs="drop"
+    )
     write(ds, path, study=STUDY, params=params, model=lm, seed=seed, overwrite=overwrite)
     if figures:
         plot(path)
@@ -457,15 +406,12 @@ def plot(path: str | Path) -> list[Path]:
     keys in the union of category key subspaces, coloured by category; Fig 6) and
     ``filter_heads_swap.png`` (category swap vs random subspaces; Fig 7).
     """
-    from qktrace import plots, store
+    from qktrace import store
 
     path = Path(path)
     ds = store.open(path).load()
-    model = ds.attrs.get("model", "")
     figures = {
-        "filter_heads_ranks.png": plots.rank_heatmap(
-            ds["rank"], x="feature", y="head", title=f"Category subspace ranks, {model}"
-        ),
+        "filter_heads_ranks.png": rank_figure(ds, "Category subspace ranks"),
         "filter_heads_pca.png": pca_figure(
             ds, "category", title="Item keys in the union of category key subspaces"
         ),

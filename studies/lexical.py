@@ -16,7 +16,9 @@ Method
    instead.) The pairs cross two prompts, so `qktrace.sums` (which pairs a query with keys of
    its own prompt) cannot sum them in the trace: the query and the one answer key per prompt are
    captured (`qktrace.qk`; d_head numbers per head and prompt) and summed here in float64
-   (`qktrace.covariance.add_pairs`), then decomposed (feature "lexical").
+   (`qktrace.covariance.add_pairs`), then decomposed (feature "lexical"). **Significance:**
+   `qktrace.covariance.permutation_null` on the same pairs: ``null_rank`` counts the leading
+   components above the null's 95th percentile.
 3. **Order subspace for the attribution.** Taken from ``OUT/order_id.zarr`` when it was made for
    the same model, heads, pairs, threshold and chat setting; otherwise computed here with the
    order-ID design (`studies.order_id.order_subspaces`).
@@ -42,6 +44,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import xarray as xr
 
 from qktrace.attribution import attribute
@@ -55,10 +58,14 @@ from studies._common import (
     check_design,
     check_out,
     checkpoint,
+    default_model,
     heads_source,
+    is_organism,
+    null_test,
     open_model,
     resolve_heads,
     save_figures,
+    sizes,
     write,
 )
 
@@ -66,27 +73,25 @@ STUDY = "lexical"
 NegativeQuery = Literal["original", "counterfactual"]
 
 
-def lexical_sums(
+def lexical_pairs(
     lm: Model,
     heads: Sequence[Head],
     *,
     n_prompts: int,
     n_pairs: int,
-    negative_query: NegativeQuery,
     batch_size: int,
     seed: int,
     chat: bool | None,
     checkpoints: Path | None = None,
     progress: bool = True,
-) -> xr.Dataset:
-    """Steps 1-2: covariance sums of original vs counterfactual answer keys (feature "lexical").
+) -> tuple[xr.Dataset, xr.Dataset]:
+    """Step 1: the query and the answer's box key of every original and counterfactual prompt.
 
-    With `checkpoints` (a store path), the two captures are kept batch by batch in
+    Returns (original, counterfactual) captures (`qktrace.capture`, one key per prompt). With
+    `checkpoints` (a store path), the two captures are kept batch by batch in
     ``<name>.original.zarr`` and ``<name>.counterfactual.zarr`` beside it, so a crashed run
     resumes.
     """
-    if negative_query not in ("original", "counterfactual"):
-        raise ValueError(f"negative_query={negative_query!r}: use 'original' or 'counterfactual'.")
     prompts = binding.build_prompts(n_prompts, n_pairs, seed=seed)
     flipped = binding.counterfactuals(prompts, seed=seed + 3)
     runs = []
@@ -107,27 +112,71 @@ def lexical_sums(
                 progress=progress,
             ).load()
         )
+    return runs[0], runs[1]
+
+
+def contrast_pairs(
+    original: xr.Dataset, counter: xr.Dataset, head: str, negative_query: NegativeQuery
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Step 2's (q, k, is_positive) pairs of one head: positives first, then negatives."""
+    q_o = original["q"].sel(head=head).isel(query=0).values
+    k_o = original["k"].sel(head=head).isel(key=0).values
+    q_c = counter["q"].sel(head=head).isel(query=0).values
+    k_c = counter["k"].sel(head=head).isel(key=0).values
+    q_neg = q_o if negative_query == "original" else q_c
+    positive = np.r_[np.ones(len(q_o), bool), np.zeros(len(q_neg), bool)]
+    return np.concatenate([q_o, q_neg]), np.concatenate([k_o, k_c]), positive
+
+
+def lexical_sums(
+    lm: Model,
+    heads: Sequence[Head],
+    *,
+    n_prompts: int,
+    n_pairs: int,
+    negative_query: NegativeQuery,
+    batch_size: int,
+    seed: int,
+    chat: bool | None,
+    checkpoints: Path | None = None,
+    progress: bool = True,
+    runs: tuple[xr.Dataset, xr.Dataset] | None = None,
+) -> xr.Dataset:
+    """Steps 1-2: covariance sums of original vs counterfactual answer keys (feature "lexical").
+
+    `runs`: the (original, counterfactual) captures of `lexical_pairs` if already made.
+    """
+    if negative_query not in ("original", "counterfactual"):
+        raise ValueError(f"negative_query={negative_query!r}: use 'original' or 'counterfactual'.")
+    if runs is None:
+        runs = lexical_pairs(
+            lm,
+            heads,
+            n_prompts=n_prompts,
+            n_pairs=n_pairs,
+            batch_size=batch_size,
+            seed=seed,
+            chat=chat,
+            checkpoints=checkpoints,
+            progress=progress,
+        )
     original, counter = runs
     sums = empty_sums(original["head"].values, ["lexical"], lm.d_head)
     for head in original["head"].values:
-        q_o = original["q"].sel(head=head).isel(query=0).values
-        k_o = original["k"].sel(head=head).isel(key=0).values
-        q_c = counter["q"].sel(head=head).isel(query=0).values
-        k_c = counter["k"].sel(head=head).isel(key=0).values
-        sums = add_pairs(sums, q_o, k_o, head, "lexical", "positive")
-        q_neg = q_o if negative_query == "original" else q_c
-        sums = add_pairs(sums, q_neg, k_c, head, "lexical", "negative")
+        q, k, positive = contrast_pairs(original, counter, head, negative_query)
+        sums = add_pairs(sums, q[positive], k[positive], head, "lexical", "positive")
+        sums = add_pairs(sums, q[~positive], k[~positive], head, "lexical", "negative")
     head_coords = {n: c for n, c in original.coords.items() if c.dims == ("head",)}
     return sums.assign_coords(head_coords).assign_attrs(n_prompts=n_prompts)
 
 
 def run(
-    model: ModelLike,
+    model: ModelLike | None = None,
     *,
     out: str | Path,
     heads: str | Sequence[Any] | None = None,
-    n_prompts: int = 2000,
-    n_test: int = 500,
+    n_prompts: int | None = None,
+    n_test: int | None = None,
     n_pairs: int = 9,
     negative_query: NegativeQuery = "original",
     threshold: float = 0.99,
@@ -156,6 +205,8 @@ def run(
     -------
     Path of ``OUT/lexical.zarr``.
     """
+    model = default_model(model)
+    n_prompts, n_test = sizes(model, STUDY, n_prompts, n_test)
     check_design(
         n_prompts=n_prompts,
         n_test=n_test,
@@ -187,6 +238,19 @@ def run(
     }
 
     # 1-2. lexical ΔC from original vs counterfactual answer keys
+    if negative_query not in ("original", "counterfactual"):
+        raise ValueError(f"negative_query={negative_query!r}: use 'original' or 'counterfactual'.")
+    runs = lexical_pairs(
+        lm,
+        head_list,
+        n_prompts=n_prompts,
+        n_pairs=n_pairs,
+        batch_size=batch_size,
+        seed=seed,
+        chat=chat,
+        checkpoints=path,
+        progress=progress,
+    )
     sums = lexical_sums(
         lm,
         head_list,
@@ -196,10 +260,16 @@ def run(
         batch_size=batch_size,
         seed=seed,
         chat=chat,
-        checkpoints=path,
-        progress=progress,
+        runs=runs,
     )
     lexical = decompose(sums, threshold=threshold).merge(sums[["qk_sum", "q_sum", "k_sum"]])
+    # is it real? the permutation null of the same pairs (order: -1, tested in order_id.zarr)
+    null = null_test(
+        {(h.label, "lexical"): contrast_pairs(*runs, h.label, negative_query) for h in head_list},
+        seed=seed,
+        threshold=threshold,
+        d_head=lm.d_head,
+    )
 
     # 3. the order-ID subspace, from order_id.zarr or computed with the order-ID design
     order, source = _order_subspace(
@@ -261,8 +331,11 @@ def run(
         {"component": "part", "rank": "part_rank"}
     )
 
+    null = null.reindex(feature=subspaces["feature"].values, fill_value={"null_rank": -1})
     ds = xr.merge(
-        [subspaces, captured, geometry, effects, parts], compat="override", combine_attrs="drop"
+        [subspaces, null, captured, geometry, effects, parts],
+        compat="override",
+        combine_attrs="drop",
     )
     params["order_subspace"] = source
     write(ds, path, study=STUDY, params=params, model=lm, seed=seed, overwrite=overwrite)
@@ -294,7 +367,7 @@ def _order_subspace(
         ds = store.open(stored)
         p = ds.attrs.get("params", {})
         if (
-            ds.attrs.get("model") == lm.name
+            _same_model(str(ds.attrs.get("model")), lm)
             and set(labels) <= set(map(str, ds["head"].values))
             and p.get("n_pairs") == n_pairs
             and p.get("threshold") == threshold
@@ -326,6 +399,11 @@ def _order_subspace(
         progress=progress,
     )
     return computed, "computed"
+
+
+def _same_model(stored: str, lm: Model) -> bool:
+    """Whether a store's model is `lm` (the organism matches however its path was written)."""
+    return stored == lm.name or (is_organism(stored) and is_organism(lm))
 
 
 def plot(path: str | Path) -> list[Path]:
@@ -376,7 +454,10 @@ def plot(path: str | Path) -> list[Path]:
             stack="part",
             row="head",
             ylabel="attention logit",
-            title=f"Prompt 0: {str(ds['text'].values[0])[:70]}...",
+            title=(
+                f"Prompt 0 ({ds.sizes['key']} boxes), asking for the "
+                f"{ds['query_object'].values[0]}: each box's logit split into parts"
+            ),
         ),
     }
     return paths + save_figures(figures, path.parent)

@@ -10,6 +10,8 @@ Method
 2. **Contrast.** Query: the last token ("Box"). Keys: the box-letter tokens. Positive: the key of
    the answer's box; negative: the keys of the other boxes. One ΔC per head (feature "order"),
    summed in the trace (`qktrace.sums`), then SVD and the 99% rank rule (`qktrace.decompose`).
+   **Significance:** `qktrace.covariance.permutation_null` on the fresh prompts' (query, box
+   key) pairs: ``null_rank`` counts the leading components above the null's 95th percentile.
 3. **Geometry (Fig 8).** On ``n_test`` fresh prompts the box keys are captured and projected on
    the order key subspace; their PCA, coloured by order index (and by bound object), shows
    whether keys line up by position.
@@ -41,11 +43,15 @@ from qktrace.sums import reduce
 from studies import binding
 from studies._common import (
     ModelLike,
+    captured_pairs,
     check_design,
     check_out,
+    default_model,
     heads_source,
+    null_test,
     open_model,
     resolve_heads,
+    sizes,
     subspace_pca,
     trimmed,
     write,
@@ -91,12 +97,12 @@ def order_subspaces(
 
 
 def run(
-    model: ModelLike,
+    model: ModelLike | None = None,
     *,
     out: str | Path,
     heads: str | Sequence[Any] | None = None,
-    n_prompts: int = 2000,
-    n_test: int = 500,
+    n_prompts: int | None = None,
+    n_test: int | None = None,
     n_pairs: int = 9,
     query_object: str | None = None,
     threshold: float = 0.99,
@@ -114,14 +120,16 @@ def run(
     Parameters
     ----------
     model
-        A `qktrace.load`-ed model, or a hub id / local path (loaded with `remote`).
+        A `qktrace.load`-ed model, or a hub id / local path (loaded with `remote`); default:
+        the organism shipped in data/organism (`qktrace.organism`).
     out
         Directory for ``order_id.zarr`` and its figures.
     heads
-        Default: the paper's binding heads for Llama-3.1-8B-Instruct; else required (or
-        found with `qktrace.find_heads` when available).
+        Default: the organism's binding heads on the organism, the paper's binding heads for
+        Llama-3.1-8B-Instruct, else found with `qktrace.find_heads`.
     n_prompts, n_test
-        Prompts for the subspace; fresh prompts for PCA and swaps.
+        Prompts for the subspace; fresh prompts for PCA and swaps. Default 2000 and 500; 900
+        and 270 on the organism (a few minutes on 2 CPU cores).
     n_pairs
         Object-box pairs per prompt (paper: 9).
     query_object
@@ -133,6 +141,8 @@ def run(
     -------
     Path of ``OUT/order_id.zarr``.
     """
+    model = default_model(model)
+    n_prompts, n_test = sizes(model, STUDY, n_prompts, n_test)
     check_design(
         n_prompts=n_prompts,
         n_test=n_test,
@@ -189,6 +199,12 @@ def run(
         progress=progress,
     ).assign_coords(binding.key_labels(test))
     geometry = pca(captured, subspaces, "order")
+    null = null_test(
+        {(str(h), "order"): captured_pairs(captured, h) for h in captured["head"].values},
+        seed=seed,
+        threshold=threshold,
+        d_head=lm.d_head,
+    )
 
     # 4. order swap vs random subspaces
     effects = binding.swaps(
@@ -203,7 +219,9 @@ def run(
         progress=progress,
     )
 
-    ds = xr.merge([subspaces, captured, geometry, effects], compat="override", combine_attrs="drop")
+    ds = xr.merge(
+        [subspaces, null, captured, geometry, effects], compat="override", combine_attrs="drop"
+    )
     write(ds, path, study=STUDY, params=params, model=lm, seed=seed, overwrite=overwrite)
     if figures:
         plot(path)

@@ -67,16 +67,19 @@ def settings(
 ) -> dict[str, Any]:
     """The study's parameters, with the defaults of a full or a `quick` run filled in.
 
-    Full: N, M in {3, 5, 7}, 3 seeds (seed, seed+1, seed+2), up to 1500 steps.
+    Full: N, M in {3, 5, 7}, 3 seeds (seed, seed+1, seed+2), up to 1200 steps.
     Quick: N, M in {3, 5}, one seed, up to 600 steps.
     """
     n_seeds = n_seeds if n_seeds is not None else (1 if quick else 3)
+    for name, value in (("n_seeds", n_seeds), ("max_steps", max_steps), ("n_pairs", n_pairs)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name}={value} (CLI --{name.replace('_', '-')}) must be >= 1.")
     return {
         "seeds": list(range(seed, seed + n_seeds)),
         "ranks": list(ranks if ranks is not None else ((3, 5) if quick else (3, 5, 7))),
         "d_heads": list(d_heads),
         "variants": list(variants),
-        "max_steps": max_steps if max_steps is not None else (600 if quick else 1500),
+        "max_steps": max_steps if max_steps is not None else (600 if quick else 1200),
         "lr": lr,
         "n_pairs": n_pairs,
         "threshold": threshold,
@@ -86,11 +89,24 @@ def settings(
 
 
 def run_cell(
-    variant: str, d_head: int, n: int, m: int, seed: int, params: dict[str, Any]
+    variant: str,
+    d_head: int,
+    n: int,
+    m: int,
+    seed: int,
+    params: dict[str, Any],
+    progress: bool = False,
 ) -> xr.Dataset:
     """Train one model and analyse it; the result carries the grid dims (length 1 each)."""
     task = PayloadTask(rank_z1=n, rank_z2=m, variant=variant, seed=seed)  # type: ignore[arg-type]
-    trained = train(task, d_head, seed=seed, max_steps=params["max_steps"], lr=params["lr"])
+    trained = train(
+        task,
+        d_head,
+        seed=seed,
+        max_steps=params["max_steps"],
+        lr=params["lr"],
+        progress=progress,
+    )
     cell = analyze(
         trained.model,
         task,
@@ -191,7 +207,7 @@ def _run_cells(
         try:
             results = []
             for cell in cells:
-                results.append(run_cell(*cell, params))
+                results.append(run_cell(*cell, params, progress=progress))
                 bar.update(1)
         finally:
             torch.set_num_threads(threads)
@@ -241,7 +257,10 @@ def draw_figures(ds: xr.Dataset, out: Path | str) -> list[Path]:
             row="variant",
             col="panel",
             average=["seed"],
-            title="Recovered ranks of z1 and z2 (mean over seeds); colour: recovered - true rank",
+            title=(
+                f"Recovered ranks of z1 (true: N) and z2 (true: M), mean over {ds.sizes['seed']} "
+                "seed(s); colour: recovered - true rank. Expect equality where N + M < d_head."
+            ),
         ),
         "pca.png": _pca_figure(ds),
         "intervention.png": plots.intervention_bars(
@@ -275,13 +294,22 @@ def _pca_figure(ds: xr.Dataset) -> Any:
     n = int(ds["N"].min())
     with_room = [int(m) for m in ds["M"].values if n + m < d_head]
     m = max(with_room) if with_room else int(ds["M"].min())
-    cell = ds.sel(d_head=d_head, N=n, M=m).isel(seed=0)
+    cell = ds.sel(d_head=d_head, N=n, M=m).isel(seed=0).load()
+    corner = cell["pca_corner"]
+    # points sorted by corner so that the legend lists the corners in order
+    order = np.argsort(corner.sel(role="query").transpose("variant", "point").values, axis=-1)
+    order = xr.DataArray(order, dims=("variant", "point"))
+    signs = np.array(["".join("-+"[c >> i & 1] for i in range(n)) for c in range(2**n)])
+    corner = corner.isel(point=order)
     return plots.pca_scatter(
-        cell["pca"].load(),
-        hue=cell["pca_corner"].load().rename("z1 corner"),
+        cell["pca"].isel(point=order),
+        hue=corner.copy(data=signs[corner.values]).rename("signs of z1"),
         style="role",
         row="variant",
-        title=f"Queries (o) and keys (x) on the recovered z1 subspace, PCA (N={n}, M={m}, d_head={d_head})",
+        title=(
+            f"Queries (o) and keys (x) on the recovered z1 subspace, PCA to 3-D (N={n}, M={m}, "
+            f"d_head={d_head})\ncolour: the cube corner (discrete) or octant (continuous) of z1"
+        ),
     )
 
 

@@ -49,6 +49,25 @@ def test_parts_sum_to_total(family, side):
     np.testing.assert_allclose(total, out.logit, atol=1e-5)
     # the total is the logit the model computed (capture checks that against eager attention)
     np.testing.assert_allclose(out.logit, ds.logit, rtol=1e-5, atol=1e-5)
+    # each part by hand: the projector onto span(first i bases) minus the one onto span(first
+    # i - 1), applied to the split side (so a later basis is credited only what it adds)
+    bases = list(overlapping_bases().values())
+    projectors = [np.zeros((16, 16))]
+    for i in range(len(bases)):
+        u, sv, _ = np.linalg.svd(np.concatenate(bases[: i + 1], axis=1), full_matrices=False)
+        u = u[:, sv > 1e-9 * sv[0]]
+        projectors.append(u @ u.T)
+    projectors.append(np.eye(16))  # the residual: everything the bases leave out
+    q = ds.q.values.astype(np.float64)  # [prompt, head, query, d]
+    k = ds.k.values.astype(np.float64)  # [prompt, head, key, d]
+    scale = ds["scaling"].values[None, :, None, None]
+    for c, name in enumerate(out.component.values):
+        piece = projectors[c + 1] - projectors[c]
+        # q·(P k) = (P q)·k: P is symmetric, so both sides give this number
+        want = np.einsum("phqd,de,phke->phqk", q, piece, k) * scale
+        np.testing.assert_allclose(
+            out.logit_part.sel(component=name), want, rtol=1e-6, atol=1e-6, err_msg=name
+        )
     # the shared direction is credited to "order": "lexical" keeps 3 of its 4 columns
     assert out["rank"].sel(component="lexical").values.tolist() == [3, 3, 3]
     assert (out["rank"].sum("component") == 16).all()

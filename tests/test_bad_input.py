@@ -8,6 +8,7 @@ exits non-zero with one ``Error: ...`` line on stderr and no traceback.
 from __future__ import annotations
 
 import re
+import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,14 +75,15 @@ class Row:
 
 
 def interrupt_reduce_at_batch(monkeypatch, k: int) -> None:
-    """Make the k-th in-trace reduce batch (1-based) raise KeyboardInterrupt, as Ctrl-C would."""
+    """Send this process a real SIGINT (Ctrl-C) in the k-th in-trace reduce batch (1-based)."""
     real = sums_module._reduce_batch
     calls = {"n": 0}
 
     def dies(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] == k:
-            raise KeyboardInterrupt
+            signal.raise_signal(signal.SIGINT)  # Python's handler raises KeyboardInterrupt
+            raise AssertionError("SIGINT did not interrupt the run")
         return real(*args, **kwargs)
 
     monkeypatch.setattr(sums_module, "_reduce_batch", dies)
@@ -107,6 +109,37 @@ def no_ndif_key(env, tmp_path, monkeypatch) -> list:
     monkeypatch.delenv("NDIF_API_KEY", raising=False)
     monkeypatch.setattr(nnsight.CONFIG.API, "APIKEY", None)
     return ["study", "order-id", "-m", env.checkpoint, "--heads", "1.0", "--remote", "-o", tmp_path]
+
+
+def ndif_key_rejected(env, tmp_path, monkeypatch) -> list:
+    import nnsight
+    from nnsight import ndif
+
+    monkeypatch.setenv("NDIF_API_KEY", "not-a-real-key")
+    monkeypatch.setattr(nnsight.CONFIG.API, "APIKEY", None)
+    monkeypatch.delenv("QKTRACE_SKIP_NDIF_CHECK", raising=False)
+    monkeypatch.setattr(ndif, "whoami", lambda *a, **k: {"email": None, "tags": []})
+    return ["study", "order-id", "-m", env.checkpoint, "--heads", "1.0", "--remote", "-o", tmp_path]
+
+
+def requests_keep_failing(env, tmp_path, monkeypatch) -> list:
+    """--remote-local, with the simulated NDIF answering the first request and failing all others."""
+    from nnsight.intervention.backends.local import LocalSimulationBackend
+    from nnsight.intervention.backends.remote import RemoteError
+
+    import qktrace.remote as remote_module
+
+    real, calls = LocalSimulationBackend.__call__, []
+
+    def call(self, tracer):
+        calls.append(1)
+        if len(calls) > 1:
+            raise RemoteError("simulated: job timed out on the server")
+        return real(self, tracer)
+
+    monkeypatch.setattr(LocalSimulationBackend, "__call__", call)
+    monkeypatch.setattr(remote_module.time, "sleep", lambda s: None)
+    return order_id_cli("--heads", "1.0", "--remote-local", *STUDY)(env, tmp_path, monkeypatch)
 
 
 def unknown_architecture(env, tmp_path, monkeypatch) -> None:
@@ -181,6 +214,13 @@ ROWS = [
         r"remote must be False, 'local' or True, not 'ndif'", ValueError),
     Row("ndif-key-missing", no_ndif_key,
         r"NDIF_API_KEY is not set\. Get a key at https://login\.ndif\.us.*--remote-local"),
+    Row("ndif-key-rejected", ndif_key_rejected,
+        r"NDIF did not accept the API key in NDIF_API_KEY \(for .*tiny-llama\)\. Check the key at "
+        r"https://login\.ndif\.us"),
+    Row("ndif-request-keeps-failing", requests_keep_failing,
+        r"The request for prompts 2\.\.3 failed 4 times; last error: simulated: job timed out on "
+        r"the server\. The sums of prompts 0\.\.1 are saved in .*order_id\.sums\.zarr: rerun the "
+        r"same call to resume\."),
     Row("model-path-missing", cli("study", "order-id", "-m", "./no-such-model", "--heads", "1.0",
                                   "-o", "out"),
         r"No model at \./no-such-model: the local path does not exist\. Check the path"),
@@ -250,6 +290,10 @@ ROWS = [
         r"Prompt 0 \(''\) has no tokens: remove it or give it text", ValueError),
     Row("empty-dataset", lambda *_: qktrace.decompose(xr.Dataset()),
         r"the sums have no pair count \(variables: \[\]\); expected 'pair_count'", KeyError),
+    Row("key-position-outside-prompt",
+        lambda env, *_: qktrace.capture(env.llama, PROMPTS, "1.0", keys=[[0], [99]]),
+        r"Key position 99 is outside prompt 1, which has \d+ tokens \(valid: 0\.\.\d+ or "
+        r"-\d+\.\.-1\)\. Check how the position was computed", ValueError),
     Row("prompt-longer-than-context",
         lambda env, *_: qktrace.capture(env.llama, ["ok", "apple " * 300], "1.0"),
         r"Prompt 1 has \d+ tokens, more than .* context of 256: shorten it", ValueError),
@@ -271,7 +315,8 @@ ROWS = [
     Row("threshold-zero", order_id_cli("--heads", "1.0", "--threshold", "0"),
         r"threshold=0\.0 \(CLI --threshold\) is outside \(0, 1\] .*; pass e\.g\. 0\.99"),
     Row("threshold-above-one", lambda *_: qktrace.covariance.rank_for_threshold([1.0], 1.5),
-        r"threshold=1\.5 is outside \(0, 1\]; pass e\.g\. threshold=0\.99", ValueError),
+        r"threshold=1\.5 is outside \(0, 1\]: it is the fraction of sum\(S\^2\) the kept "
+        r"components hold; pass e\.g\. threshold=0\.99", ValueError),
     Row("batch-size-zero", order_id_cli("--heads", "1.0", "--batch-size", "0"),
         r"batch_size=0 \(CLI --batch-size\) is below 1; pass e\.g\. 16"),
     Row("basis-wrong-shape",
@@ -282,6 +327,40 @@ ROWS = [
 ]  # fmt: skip
 
 
+def readme_table() -> str:
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    return readme.split("## Bad input and the errors it gets")[1].split("\n## ")[0]
+
+
+def readme_message(row_id: str) -> str:
+    """The message the README table quotes for a row: the first code span of its second cell."""
+    for line in readme_table().splitlines():
+        if f"`test_bad_input[{row_id}]`" in line:
+            cell = line.split(" | ")[1]
+            quoted = re.search(r"``(.+?)``|`([^`]+)`", cell)
+            assert quoted, f"the README row {row_id} quotes no message"
+            return quoted[1] or quoted[2]
+    raise AssertionError(f"no README row for test_bad_input[{row_id}]")
+
+
+def _plain(text: str) -> str:
+    """Paths cut to their last part, OUT/ dropped, whitespace collapsed: how the table quotes."""
+    text = re.sub(r"(?:/[^\s/:'\"]+)+/([^\s/:'\"]+)", r"\1", text).replace("OUT/", "")
+    return " ".join(text.split())
+
+
+def assert_quoted_in_readme(row_id: str, message: str) -> None:
+    """Every piece of the README's (abridged) quote is in the message the code gives now.
+
+    The quote is split where it abridges ("...", "…") or names a placeholder ("<model>").
+    """
+    actual = _plain(message)
+    for piece in re.split(r"\.\.\.|…|<[^>]+>", readme_message(row_id)):
+        piece = _plain(piece).strip(" .;:,")
+        if len(piece) >= 4:
+            assert piece in actual, f"README quotes {piece!r}; the code says {actual!r}"
+
+
 @pytest.mark.parametrize("row", ROWS, ids=[r.id for r in ROWS])
 def test_bad_input(row: Row, env, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # relative paths (CLI "out", "./no-such-model") land here
@@ -290,6 +369,7 @@ def test_bad_input(row: Row, env, tmp_path, monkeypatch):
             row.run(env, tmp_path, monkeypatch)
         message = err.value.args[0] if err.value.args else str(err.value)
         assert re.search(row.match, str(message)), message
+        assert_quoted_in_readme(row.id, str(message))
         return
     args = [str(a) for a in row.run(env, tmp_path, monkeypatch)]
     result = CliRunner().invoke(app, args)
@@ -298,9 +378,9 @@ def test_bad_input(row: Row, env, tmp_path, monkeypatch):
     errors = [line for line in result.stderr.splitlines() if line.startswith("Error: ")]
     assert len(errors) == 1, result.stderr
     assert re.search(row.match, errors[0]), errors[0]
+    assert_quoted_in_readme(row.id, result.stderr.split("Error: ", 1)[1])
 
 
 def test_every_row_is_in_the_readme_table():
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    table = readme.split("## Bad input and the errors it gets")[1].split("\n## ")[0]
-    assert sorted(re.findall(r"`test_bad_input\[([\w-]+)\]`", table)) == sorted(r.id for r in ROWS)
+    ids = re.findall(r"`test_bad_input\[([\w-]+)\]`", readme_table())
+    assert sorted(ids) == sorted(r.id for r in ROWS)

@@ -67,6 +67,21 @@ def test_rank_for_threshold_rejects_bad_threshold(threshold):
         rank_for_threshold([1.0, 0.5], threshold)
 
 
+@pytest.mark.parametrize("threshold", [0.0, -0.5, 99, 1.01, float("nan"), "0.99"])
+def test_decompose_rejects_bad_threshold(threshold):
+    rng = np.random.default_rng(0)
+    q, k = rng.normal(size=(50, 4)), rng.normal(size=(50, 4))
+    sums = add_pairs(empty_sums([0], ["z"], 4), q, q, 0, "z", "positive")
+    sums = add_pairs(sums, q, k, 0, "z", "negative")
+    for call in (
+        lambda: decompose(sums, threshold=threshold),
+        lambda: decompose_matrices(np.eye(4), np.zeros((4, 4)), threshold=threshold),
+        lambda: permutation_null(q, k, np.arange(50) < 25, threshold=threshold),
+    ):
+        with pytest.raises(ValueError, match=r"threshold=.*outside \(0, 1\].*threshold=0.99"):
+            call()
+
+
 def test_rank_for_threshold_rejects_unsorted_values():
     with pytest.raises(ValueError, match="decreasing"):
         rank_for_threshold([0.5, 1.0])

@@ -102,6 +102,29 @@ def test_ablating_everything_equalizes_logits(remote):
     assert not np.allclose(ds.logit_before, 0.0)
 
 
+def test_ablating_a_low_rank_subspace_that_holds_the_keys(remote):
+    """A rank-9 subspace spanned by the edited keys themselves: their logits become 0 (so equal),
+    every other key keeps its logit, and random rank-9 subspaces do not equalize anything."""
+    net, tok = tiny("qwen3")
+    m = load(net, tokenizer=tok, remote=remote)
+    at = [[1, 2, 3], [1, 4, 5], [2, 3, 6]]
+    keys = [row + [0, 7] for row in at]  # two keys that are not edited
+    cap = capture(m, PROMPTS, "1.2", keys=at, attention=False, progress=False)
+    v = np.linalg.qr(cap.k.values[:, 0].reshape(-1, 16).T.astype(np.float64))[0]  # [16, 9]
+    assert v.shape == (16, 9)
+    ds = intervene(
+        m, PROMPTS, "1.2", v, name="keys", mode="ablate", at=at, orig=[1, 1, 2],
+        target=[3, 5, 6], keys=keys, n_random=2, seed=0, verify=True, progress=False,
+    )  # fmt: skip
+    after = ds.logit_after.sel(subspace="keys").values
+    np.testing.assert_allclose(after[:, :3], 0.0, atol=1e-5)
+    np.testing.assert_allclose(after[:, 3:], ds.logit_before.values[:, 3:], atol=1e-5)
+    attention = ds.model_attention.values
+    np.testing.assert_allclose(attention[:, :3], attention[:, :1] * np.ones((1, 3)), rtol=1e-5)
+    for s in ("random_0", "random_1"):
+        assert np.abs(ds.logit_after.sel(subspace=s).values[:, :3]).max() > 1e-2
+
+
 def test_real_subspace_flips_random_ones_do_not():
     """Keys differ only inside a known subspace: swapping it exchanges them; random ones don't."""
     net, tok = tiny("llama")

@@ -11,6 +11,7 @@ rule cuts inside, not at exact zeros.
 from __future__ import annotations
 
 import copy
+import re
 
 import numpy as np
 import pytest
@@ -114,14 +115,30 @@ def overflows_on_prompt_3():
     handle.remove()
 
 
+def readme_nan_quotes() -> list[str]:
+    """The messages the README's bad-input table quotes for NaN/inf (capture, then reduce)."""
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    table = readme.split("## Bad input and the errors it gets")[1].split("\n## ")[0]
+    (row,) = [line for line in table.splitlines() if "`test_numerics.py`" in line]
+    return [q for q in re.findall(r"`([^`]+)`", row.split(" | ")[1]) if q.startswith("Captured")]
+
+
 @pytest.mark.parametrize("verb", ["capture", "reduce"])
 def test_nan_or_inf_names_the_prompt(overflows_on_prompt_3, verb):
     model = overflows_on_prompt_3
-    with pytest.raises(FloatingPointError, match=r"NaN/inf for prompt 3\b.*float32 or bfloat16"):
+    with pytest.raises(
+        FloatingPointError, match=r"NaN/inf for prompt 3\b.*float32 or bfloat16"
+    ) as err:
         if verb == "capture":
             qktrace.capture(model, PROMPTS, "1.0", keys=KEYS, batch_size=2, progress=False)
         else:
             qktrace.reduce(model, PROMPTS, "1.0", LABELS, keys=KEYS, batch_size=2, progress=False)
+    # the README table quotes this message (abridged with "...")
+    quote = readme_nan_quotes()[0 if verb == "capture" else 1]
+    for piece in quote.split("..."):
+        assert piece.strip() in str(err.value), (piece, str(err.value))
     # the other prompts are fine: without prompt 3 both verbs run
     rest = [p for i, p in enumerate(PROMPTS) if i != 3]
     out = qktrace.reduce(model, rest, "1.0", LABELS[:4], keys=KEYS[:4], progress=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -83,30 +84,49 @@ def test_capture_remote_local(lm):
     assert (att.argmax(-1) == answer).mean() >= 0.75
 
 
-def test_order_id_study_store_shape(lm, tmp_path):
-    from studies import order_id
+def test_study_without_model_runs_on_the_organism(tmp_path):
+    """`qktrace study order-id` with no --model and no --heads: the organism and its heads."""
+    from typer.testing import CliRunner
 
-    path = order_id.run(
-        lm,
-        out=tmp_path,
-        heads=organism.heads("order_id"),
-        n_prompts=18,
-        n_test=9,
-        n_pairs=9,
-        n_random=1,
-        figures=False,
-        progress=False,
-    )
-    ds = qktrace.open(path)
-    assert [str(h) for h in ds["head"].values] == organism.heads("binding").split(",")
-    assert ds.sizes["dk"] == lm.d_head and ds.sizes["dq"] == lm.d_head
-    assert "order" in [str(f) for f in ds["feature"].values]
+    from qktrace.cli import app
+
+    args = ["study", "order-id", "-o", tmp_path, "--n-prompts", 6, "--n-test", 3]
+    args += ["--n-pairs", 3, "--n-random", 1, "--no-figures", "--quiet"]
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    ds = qktrace.open(tmp_path / "order_id.zarr")
+    assert Path(ds.attrs["model"]).resolve() == organism.path().resolve()
+    params = ds.attrs["params"]
+    assert params["heads_from"] == "organism" and params["n_prompts"] == 6
+    assert params["heads"] == organism.heads("order_id").split(",")
+    # the store's shape: named dims, the organism's d_head, one feature "order"
+    assert [str(h) for h in ds["head"].values] == params["heads"]
+    assert [str(f) for f in ds["feature"].values] == ["order"]
+    assert ds.sizes["dq"] == ds.sizes["dk"] == 32 and ds.sizes["prompt"] == 3
+    assert ds["key_basis"].dims == ("head", "feature", "dk", "component")
+    assert ds["k"].dims == ("prompt", "head", "key", "d_head") and ds.sizes["key"] == 3
+    assert ds["flip_rate"].dims == ("head", "subspace") and ds.sizes["subspace"] == 2
+    assert ds["null_rank"].dims == ("head", "feature")
+    assert (ds["null_rank"].values >= 0).all() and "null_rank" in result.output
+
+
+def test_eval_command_prints_both_tasks():
+    from typer.testing import CliRunner
+
+    from qktrace.cli import app
+
+    args = ["organism", "eval", "--n", "4", "--groups", "boxes n=9,filter all"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    for text in ("boxes n=9", "filter all", "binding (boxes)", "filtering (lists)"):
+        assert text in result.output
+    assert "boxes n=3" not in result.output
 
 
 def test_card_and_heads_file():
     directory = organism.path()
     card = (directory / "CARD.md").read_text()
-    for fact in ("Held-out accuracy", "Seed", "python -m qktrace.organism.train"):
+    for fact in ("Held-out accuracy", "Seed", "python -m qktrace.organism.train", "Training aids"):
         assert fact in card
     table = json.loads((directory / "heads.json").read_text())
     assert table["heads"]["binding"] and table["heads"]["filter_heads"]

@@ -155,3 +155,36 @@ def test_data_lists():
     objects = load_objects()
     assert len(objects) >= 40 and len(set(objects)) == len(objects)
     assert load_box_letters() == [chr(c) for c in range(ord("A"), ord("Z") + 1)]
+
+
+def test_library_builds_the_studies_prompts_and_never_imports_studies():
+    """The prompt builders live in qktrace.prompts; studies re-export them (one source)."""
+    import ast
+    from pathlib import Path
+
+    import qktrace
+    from qktrace import prompts
+    from studies import binding, filter_heads
+
+    assert binding.build_prompts is prompts.boxes_prompts
+    assert binding.boxes_prompt is prompts.boxes_prompt
+    assert filter_heads.build_prompts is prompts.filter_prompts
+    assert filter_heads.QUESTIONS is prompts.FILTER_QUESTIONS
+    a, b = prompts.boxes_prompts(4, 3, seed=5), prompts.boxes_prompts(4, 3, seed=5)
+    assert [p.text for p in a] == [p.text for p in b]
+    # the library does not depend on the studies; only the CLI (the entry point that runs
+    # them) names the studies' registry
+    root = Path(qktrace.__file__).parent
+    offenders = []
+    for path in root.rglob("*.py"):
+        if path.name == "cli.py" and path.parent == root:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            if any(n == "studies" or n.startswith("studies.") for n in names):
+                offenders.append(f"{path.relative_to(root)}:{node.lineno}")
+    assert not offenders, offenders

@@ -172,3 +172,34 @@ def test_heads_given_out_of_layer_order_keep_their_labels(llama):
         np.testing.assert_allclose(
             sa.qk_sum.sel(head=head, feature="f", contrast="positive"), expected, rtol=1e-5
         )
+
+
+def test_bad_prompt_in_a_late_batch_fails_before_any_trace(llama, monkeypatch, tmp_path):
+    """Batches are tokenized as they run, but every prompt is checked before the first trace."""
+    import qktrace.qk as capture_module
+
+    calls = []
+    monkeypatch.setattr(capture_module, "_capture_batch", lambda *a, **k: calls.append(1))
+    prompts = ["ok", "fine", "good", "apple " * 300]
+    with pytest.raises(ValueError, match=r"Prompt 3 has \d+ tokens, more than .* context of 256"):
+        capture(llama, prompts, "1.0", batch_size=1, out=tmp_path / "c.zarr", progress=False)
+    with pytest.raises(ValueError, match=r"Prompt 2 \(''\) has no tokens"):
+        capture(llama, ["a", "b", ""], "1.0", batch_size=1, add_special_tokens=False)
+    assert calls == [] and not (tmp_path / "c.zarr").exists()
+
+
+def test_plan_tokenizes_one_batch_at_a_time(llama, monkeypatch):
+    import qktrace.qk as capture_module
+
+    plan = capture_module.prepare(llama, PROMPTS * 3, "last", "all", batch_size=2)
+    assert len(plan) == len(plan.starts()) == -(-len(PROMPTS * 3) // 2)
+    encoded = []
+    real = capture_module.encode
+    monkeypatch.setattr(
+        capture_module, "encode", lambda m, p, **k: encoded.append(len(p)) or real(m, p, **k)
+    )
+    batches = iter(plan)
+    first = next(batches)
+    assert encoded == [2] and first.key_index.shape[1] == plan.key_width
+    eager = capture_module.plan_batches(llama, PROMPTS * 3, "last", "all", batch_size=2)
+    assert [b.key_slots.tolist() for b in plan] == [b.key_slots.tolist() for b in eager]

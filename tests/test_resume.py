@@ -1,16 +1,22 @@
-"""An interrupted study, rerun with the same call, resumes from what it saved and ends identical.
+"""An interrupted run, rerun with the same call, resumes from what it saved and ends identical.
 
-Order-ID on a tiny Llama checkpoint: the run is interrupted (KeyboardInterrupt, as Ctrl-C raises)
-either in the in-trace covariance sums (batch 2 of 2) or later, in the interventions; the rerun
-must skip the saved batches and write the same store as a run that was never interrupted.
+Order-ID on a tiny Llama checkpoint: the run is interrupted (a real SIGINT, a KeyboardInterrupt as
+Ctrl-C raises, or any other error) either in the in-trace covariance sums (batch 2 of 2) or
+later, in the interventions; the rerun must skip the saved batches and write the same store as a
+run that was never interrupted. The same holds for `capture(out=)` and `reduce(out=)` killed
+after batch k: the store on disk equals the store of an uninterrupted run.
 """
 
 from __future__ import annotations
 
+import signal
+
 import pytest
 import xarray as xr
 
+import qktrace
 import qktrace.interventions as interventions_module
+import qktrace.qk as qk_module
 import qktrace.sums as sums_module
 import qktrace.testing as testing
 from qktrace import store
@@ -31,15 +37,29 @@ def uninterrupted(tmp_path_factory):
     return checkpoint, store.open(path).load()
 
 
-def counting(monkeypatch, module, name, fail_at=None):
-    """Wrap module.name: count its calls; raise KeyboardInterrupt at call `fail_at` (1-based)."""
+def sigint() -> None:
+    """Deliver a real SIGINT to this process (Python's handler raises KeyboardInterrupt)."""
+    signal.raise_signal(signal.SIGINT)
+    raise AssertionError("SIGINT did not interrupt the run")
+
+
+def crash() -> None:
+    raise RuntimeError("simulated crash in this batch")
+
+
+def ctrl_c() -> None:
+    raise KeyboardInterrupt
+
+
+def counting(monkeypatch, module, name, fail_at=None, fail=ctrl_c):
+    """Wrap module.name: count its calls; call `fail` (which raises) at call `fail_at` (1-based)."""
     real = getattr(module, name)
     calls = []
 
     def wrapper(*args, **kwargs):
         calls.append(1)
         if len(calls) == fail_at:
-            raise KeyboardInterrupt
+            fail()
         return real(*args, **kwargs)
 
     monkeypatch.setattr(module, name, wrapper)
@@ -47,21 +67,23 @@ def counting(monkeypatch, module, name, fail_at=None):
 
 
 @pytest.mark.parametrize(
-    "where, module, name, saved_prompts, reduce_calls_after",
+    "module, name, fail, error, saved_prompts, reduce_calls_after",
     [
-        ("sums batch 2", sums_module, "_reduce_batch", 3, 1),
-        ("interventions", interventions_module, "_intervene_batch", 6, 0),
+        (sums_module, "_reduce_batch", sigint, KeyboardInterrupt, 3, 1),
+        (sums_module, "_reduce_batch", crash, RuntimeError, 3, 1),
+        (interventions_module, "_intervene_batch", ctrl_c, KeyboardInterrupt, 6, 0),
     ],
-    ids=["in-sums", "in-interventions"],
+    ids=["sigint-in-sums", "error-in-sums", "ctrl-c-in-interventions"],
 )
 def test_interrupted_study_resumes_and_equals_uninterrupted(
-    uninterrupted, tmp_path, monkeypatch, where, module, name, saved_prompts, reduce_calls_after
-):
+    uninterrupted, tmp_path, monkeypatch, module, name, fail, error, saved_prompts,
+    reduce_calls_after,
+):  # fmt: skip
     checkpoint, whole = uninterrupted
     out = tmp_path / "run"
     with monkeypatch.context() as m:
-        counting(m, module, name, fail_at=2 if module is sums_module else 1)
-        with pytest.raises(KeyboardInterrupt):
+        counting(m, module, name, fail_at=2 if module is sums_module else 1, fail=fail)
+        with pytest.raises(error):
             order_id.run(checkpoint, out=out, **RUN)
     assert not (out / "order_id.zarr").exists()
     sums = store.open(out / "order_id.sums.zarr")  # what the interrupted run kept
@@ -77,3 +99,53 @@ def test_interrupted_study_resumes_and_equals_uninterrupted(
     assert resumed.attrs.pop("date")  # the only attr that may differ
     xr.testing.assert_identical(resumed, expected)
     assert sorted(p.name for p in out.glob("*.zarr")) == ["order_id.zarr"]  # checkpoint removed
+
+
+PROMPTS = [
+    "The apple is in Box A, the cat is in Box B",
+    "Which box is the cat in? Box",
+    "the ship is in Box C, and the cat is in Box A",
+    "- apple\n- horse\n- water",
+    "What are the fruits in the list?",
+]
+KEYS = [[1, 2, 3], [2, 4, 5], [0, 1, 2], [1, 3, 5], [0, 2, 4]]
+LABELS = [[("f", "positive"), ("f", "negative"), ("g", "positive")]] * 5
+
+
+def run_verb(model, verb: str, out):
+    """capture or reduce of PROMPTS in 3 batches (2, 2, 1), written to `out`."""
+    if verb == "capture":
+        return qktrace.capture(
+            model, PROMPTS, "1.0,0.3", keys=KEYS, batch_size=2, out=out, progress=False
+        )
+    return qktrace.reduce(
+        model, PROMPTS, "1.0,0.3", LABELS, keys=KEYS, batch_size=2, out=out, progress=False
+    )
+
+
+def without_date(ds: xr.Dataset) -> xr.Dataset:
+    ds = ds.copy()
+    ds.attrs = {k: v for k, v in ds.attrs.items() if k != "date"}
+    return ds
+
+
+@pytest.mark.parametrize("verb", ["capture", "reduce"])
+@pytest.mark.parametrize("fail", [sigint, crash], ids=["sigint", "error"])
+def test_killed_after_batch_k_resumes_to_the_uninterrupted_store(
+    llama, tmp_path, monkeypatch, verb, fail
+):
+    """Killed in batch 3 (after batches 1-2 completed), resumed: the store is the same store."""
+    module, name = (
+        (qk_module, "_capture_batch") if verb == "capture" else (sums_module, "_reduce_batch")
+    )
+    run_verb(llama, verb, tmp_path / "whole.zarr")
+    with monkeypatch.context() as m:
+        counting(m, module, name, fail_at=3, fail=fail)
+        with pytest.raises(KeyboardInterrupt if fail is sigint else RuntimeError):
+            run_verb(llama, verb, tmp_path / "run.zarr")
+    calls = counting(monkeypatch, module, name)
+    run_verb(llama, verb, tmp_path / "run.zarr")
+    assert len(calls) == 1  # only batch 3 ran again: nothing lost, nothing recomputed twice
+    resumed = store.open(tmp_path / "run.zarr").load()
+    whole = store.open(tmp_path / "whole.zarr").load()
+    xr.testing.assert_identical(without_date(resumed), without_date(whole))

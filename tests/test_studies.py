@@ -89,6 +89,9 @@ def test_filter_heads_local_and_remote_local_agree(checkpoint, tmp_path):
     assert counts.sel(contrast="negative").values.tolist() == [16 * 5, 16 * 5]
     last_char_in_token(a, a["item"].values)
     assert ((a["rank"] >= 1) & (a["rank"] <= 16)).all()
+    # the permutation null of every category's ΔC, on the fresh prompts' pairs
+    assert a["null_rank"].dims == ("head", "feature") and (a["null_rank"] >= 0).all()
+    assert a["null_quantile"].dims == ("head", "feature", "component")
 
     # the simulated NDIF request gives the same sums, subspaces and interventions
     np.testing.assert_allclose(a["qk_sum"].values, b["qk_sum"].values, rtol=1e-4, atol=1e-6)
@@ -137,6 +140,10 @@ def test_binding_studies_local_and_remote_local_agree(checkpoint, tmp_path):
         lex["k_sum"].sel(contrast="positive"), lex["k_sum"].sel(contrast="negative")
     )
     assert la.attrs["params"]["order_subspace"].endswith("order_id.zarr")
+    # the permutation null: tested for lexical here, for order in order_id.zarr
+    assert la["null_rank"].sel(feature="order").values.tolist() == [-1]
+    assert (la["null_rank"].sel(feature="lexical") >= 0).all()
+    assert (oa["null_rank"] >= 0).all()
     assert lb.attrs["params"]["order_subspace"] == "computed"
     np.testing.assert_allclose(
         la["qk_sum"].sel(feature="order").values, oa["qk_sum"].sel(feature="order").values
@@ -217,6 +224,17 @@ def test_heads_default_to_the_papers_for_its_model_else_need_a_choice():
     assert [h.label for h in found] == ["1.2"]
     with pytest.raises(ValueError, match="out of range"):
         resolve_heads(lm, "5.1", "binding")
+
+
+def test_default_sizes_organism_and_paper(checkpoint):
+    from qktrace import organism
+    from studies._common import ORGANISM_SIZES, PAPER_SIZES, is_organism, sizes
+
+    assert is_organism(str(organism.path())) and not is_organism(checkpoint)
+    for study in ("filter_heads", "order_id", "lexical"):
+        assert sizes(str(organism.path()), study, None, None) == ORGANISM_SIZES[study]
+        assert sizes(checkpoint, study, None, None) == PAPER_SIZES[study]
+        assert sizes(checkpoint, study, 7, None) == (7, PAPER_SIZES[study][1])
 
 
 def test_cli_refuses_bad_input_with_the_fix(tmp_path, checkpoint):

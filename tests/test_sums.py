@@ -99,3 +99,82 @@ def test_bad_labels(llama):
         )
     with pytest.raises(ValueError, match="No labelled keys"):
         reduce(llama, PROMPTS[:1], "1.0", [[None, None, None]], keys=KEYS[:1], progress=False)
+
+
+@pytest.mark.parametrize("per_request", [2, 0])
+def test_several_batches_per_request_equal_one_per_request(per_request, remote):
+    """A session of several traces (sums added on the model side) gives the same sums."""
+    net, tok = tiny("llama")
+    m = load(net, tokenizer=tok, remote=remote)
+    one = reduce(m, PROMPTS, HEADS, LABELS, keys=KEYS, batch_size=2, progress=False)
+    many = reduce(
+        m, PROMPTS, HEADS, LABELS, keys=KEYS, batch_size=2, batches_per_request=per_request,
+        progress=False,
+    )  # fmt: skip
+    for name in ("qk_sum", "q_sum", "k_sum", "pair_count"):
+        np.testing.assert_allclose(many[name].values, one[name].values, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("wire, tolerance", [("float32", 1e-6), ("float16", 1e-3)])
+def test_delta_equals_delta_c_from_full_sums(remote, wire, tolerance):
+    """delta=True sums ΔC = C+ - C- with ±1/n pair weights and returns it (float32/16 on the wire)."""
+    from qktrace.covariance import decompose
+
+    net, tok = tiny("llama")
+    m = load(net, tokenizer=tok, remote=remote)
+    sums = reduce(m, PROMPTS, HEADS, LABELS, keys=KEYS, batch_size=2, progress=False)
+    delta = reduce(
+        m, PROMPTS, HEADS, LABELS, keys=KEYS, batch_size=2, batches_per_request=0, delta=True,
+        delta_dtype=wire, progress=False,
+    )  # fmt: skip
+    assert "qk_sum" not in delta and delta.delta_c.dims == ("head", "feature", "dq", "dk")
+    expected = decompose(sums).delta_c.transpose("head", "feature", "dq", "dk").values
+    rel = np.abs(delta.delta_c.values - expected).max() / np.abs(expected).max()
+    assert rel < tolerance
+    np.testing.assert_allclose(delta.q_sum.values, sums.q_sum.values, rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(delta.pair_count.values, sums.pair_count.values)
+
+
+def test_delta_needs_both_contrasts(llama):
+    labels = [[("fruit", "positive"), ("fruit", "positive"), None]]
+    with pytest.raises(ValueError, match="No negative pairs for feature 'fruit': delta=True"):
+        reduce(llama, PROMPTS[:1], "1.0", labels, keys=KEYS[:1], delta=True, progress=False)
+
+
+def test_delta_resumes_with_several_batches_per_request(llama, tmp_path, monkeypatch):
+    import qktrace.sums as reduce_module
+
+    args = dict(keys=KEYS, batch_size=1, batches_per_request=2, delta=True, progress=False)
+    whole = reduce(llama, PROMPTS, HEADS, LABELS, **args)
+    real = reduce_module._reduce_batch
+    calls = []
+
+    def dies_on_second_request(*a, **k):
+        calls.append(len(a[1]))  # batches in this request
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(reduce_module, "_reduce_batch", dies_on_second_request)
+    out = tmp_path / "delta.zarr"
+    with pytest.raises(KeyboardInterrupt):
+        reduce(llama, PROMPTS, HEADS, LABELS, out=out, **args)
+    assert calls == [2, 2]
+    monkeypatch.setattr(reduce_module, "_reduce_batch", real)
+    resumed = reduce(llama, PROMPTS, HEADS, LABELS, out=out, **args)
+    np.testing.assert_allclose(resumed.delta_c.values, whole.delta_c.values, rtol=1e-12)
+
+
+def test_bad_prompt_in_a_late_batch_fails_before_any_trace(llama, monkeypatch):
+    """Batches are tokenized when they run, but every prompt is checked before the first one."""
+    import qktrace.sums as reduce_module
+
+    calls = []
+    monkeypatch.setattr(reduce_module, "_reduce_batch", lambda *a, **k: calls.append(1))
+    keys = [*KEYS[:-1], [0, 2, 99]]
+    with pytest.raises(ValueError, match=r"Key position 99 is outside prompt 4, which has"):
+        reduce(llama, PROMPTS, HEADS, LABELS, keys=keys, batch_size=1, progress=False)
+    labels = [*LABELS[:-1], LABELS[-1][:2]]
+    with pytest.raises(ValueError, match="Prompt 4 has 3 key positions but 2 labels"):
+        reduce(llama, PROMPTS, HEADS, labels, keys=KEYS, batch_size=1, progress=False)
+    assert calls == []

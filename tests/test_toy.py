@@ -10,7 +10,7 @@ import torch
 import xarray as xr
 from typer.testing import CliRunner
 
-from qktrace import store
+from qktrace import plots, store
 from qktrace.cli import app
 from qktrace.toy.analysis import diagonal_dominance, interaction_matrix, swap_effects
 from qktrace.toy.data import PayloadTask
@@ -231,5 +231,29 @@ def test_cli_help_teaches():
 
 def test_cli_refuses_existing_store(toy_store):
     result = CliRunner().invoke(app, ["toy", "--out", str(toy_store.parent), "--quick"])
-    assert result.exit_code != 0
-    assert "overwrite" in result.output
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: --out:"), result.output
+    assert "--overwrite" in lines[0] and "Traceback" not in result.output
+
+
+def test_cli_rejects_zero_seeds(tmp_path):
+    result = CliRunner().invoke(app, ["toy", "--out", str(tmp_path), "--n-seeds", "0"])
+    assert result.exit_code == 2
+    assert result.output.strip() == "Error: n_seeds=0 (CLI --n-seeds) must be >= 1."
+
+
+# ------------------------------------------------------------------------------------------
+# figures
+
+
+def test_intervention_bars_draws_an_all_nan_panel():
+    values = np.array([[[0.9, 0.1], [0.8, 0.3]], [[np.nan] * 2] * 2])
+    ds = xr.Dataset(
+        {"flip_rate": (("regime", "seed", "subspace"), values)},
+        coords={"regime": ["room", "superposition"], "subspace": ["both", "random_both"]},
+    )
+    fig = plots.intervention_bars(ds, ["flip_rate"], row="regime")
+    empty = fig.axes[1]
+    assert "no data" in " ".join(text.get_text() for text in empty.texts)
+    assert [t.get_text() for t in empty.get_xticklabels()] == ["both", "random_both"]

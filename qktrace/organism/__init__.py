@@ -14,7 +14,10 @@ prompts (`qktrace.organism.data`): the boxes binding task and list filtering. It
 Commands::
 
     python -m qktrace.organism.train --out data/organism   # retrain (seeded, ~10 min, 2 cores)
-    python -m qktrace.organism eval                        # held-out accuracy of the shipped one
+    qktrace organism eval                                  # held-out accuracy of the shipped one
+    python -m qktrace.organism eval                        # the same
+
+It is the default model of ``qktrace study ...`` (no ``--model``), with these heads.
 
 ``HEADS`` holds the heads whose last-token attention goes to the answer (found with
 `qktrace.find_heads`, see ``data/organism/CARD.md``), the organism's defaults for the studies.

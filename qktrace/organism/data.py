@@ -1,12 +1,12 @@
 """Training and evaluation data of the organism, made by the studies' own prompt builders.
 
 The organism must find the studies' prompts in-distribution, so its data comes from the same
-code: `studies.binding.boxes_prompt` / `studies.binding.build_prompts` (boxes task) and
-`studies.filter_heads.build_prompts` (list filtering), rendered with the organism tokenizer's
+code: `qktrace.prompts.boxes_prompt` (boxes task, as `studies.binding`) and
+`qktrace.prompts.filter_prompts` (list filtering, as `studies.filter_heads`), rendered with the
+organism tokenizer's
 chat template exactly as `qktrace.prompts.locate` renders them (the user message, the
 generation prompt, then the prompt's answer prefix: "Box" for boxes, nothing for lists).
-(This is the one place where `qktrace` imports `studies`: only when data is made, for training
-and evaluation; loading the shipped checkpoint does not need it.)
+(The builders live in `qktrace.prompts`, so the library never imports `studies`.)
 
 Targets (next tokens)
 ---------------------
@@ -44,13 +44,16 @@ import numpy as np
 import torch
 
 from qktrace.prompts import (
+    FILTER_QUESTIONS,
     Prompt,
+    boxes_prompt,
     load_box_letters,
     load_categories,
     load_objects,
     render,
     span_token,
 )
+from qktrace.prompts import filter_prompts as build_filter_prompts
 
 __all__ = [
     "Batch",
@@ -88,9 +91,7 @@ class Batch:
 
 
 def boxes_prompts(rng: np.random.Generator, n: int, n_pairs: Sequence[int]) -> list[Prompt]:
-    """`n` boxes prompts (`studies.binding.boxes_prompt`), n_pairs drawn from `n_pairs`."""
-    from studies.binding import boxes_prompt
-
+    """`n` boxes prompts (`qktrace.prompts.boxes_prompt`), n_pairs drawn from `n_pairs`."""
     objects, letters = load_objects(), load_box_letters()
     out = []
     for _ in range(n):
@@ -111,15 +112,13 @@ def filter_prompts(
     default_share: float = 0.5,
     chunk: int = 16,
 ) -> list[Prompt]:
-    """`n` list prompts from `studies.filter_heads.build_prompts` with varied list shapes.
+    """`n` list prompts from `qktrace.prompts.filter_prompts` with varied list shapes.
 
     A share `default_share` of them use the studies' default shape (3 categories x 5 items);
     the rest draw categories per list and items per category from the given ranges. The
     category order is shuffled per call, so the builder's cycling over asked categories does
     not favour any of them. Each `chunk` of prompts shares one list shape.
     """
-    from studies.filter_heads import build_prompts
-
     out: list[Prompt] = []
     while len(out) < n:
         if rng.random() < default_share:
@@ -128,7 +127,7 @@ def filter_prompts(
             per_list = int(rng.choice(categories_per_list))
             items = int(rng.choice(items_per_category))
         cats = [str(c) for c in rng.permutation(list(categories))]
-        out += build_prompts(
+        out += build_filter_prompts(
             min(n - len(out), chunk),
             categories=cats,
             categories_per_list=min(per_list, len(cats)),
@@ -164,22 +163,18 @@ def follow_ups(prompt: Prompt, rng: np.random.Generator, extra: int) -> list[tup
     meta = prompt.meta
     out = []
     if "letters" in meta:
-        from studies.binding import boxes_prompt
-
         others = [j for j in range(len(meta["letters"])) if j != meta["answer"]]
         for j in rng.permutation(others)[:extra]:
             text = boxes_prompt(meta["objects"], meta["letters"], int(j)).text
             out.append((text[text.rindex(". ") + 2 :], [meta["letters"][int(j)]]))
         return out
-    from studies.filter_heads import QUESTIONS
-
     table = load_categories()
     present = list(dict.fromkeys(meta["item_categories"]))
     for _ in range(extra):
         asked = str(rng.choice(present))
-        question = str(rng.choice(list(QUESTIONS)))
+        question = str(rng.choice(list(FILTER_QUESTIONS)))
         word = table[asked]["plural"] if question == "all" else asked
-        text = QUESTIONS[question].format(plural=word, singular=word)
+        text = FILTER_QUESTIONS[question].format(plural=word, singular=word)
         out.append((text, _filter_answers(meta, asked, question)))
     return out
 
@@ -341,8 +336,6 @@ def tokenizer_corpus(seed: int = 0) -> list[str]:
     rng = np.random.default_rng(seed)
     texts = [p.text for p in boxes_prompts(rng, 50, [1, 2, 9])]
     texts += [p.text for p in filter_prompts(rng, 60, default_share=0.0)]
-    from studies.filter_heads import QUESTIONS
-
-    texts += [q.format(plural="fruits", singular="fruit") for q in QUESTIONS.values()]
+    texts += [q.format(plural="fruits", singular="fruit") for q in FILTER_QUESTIONS.values()]
     texts.append("Box . , ; : ! ? ' \" - ( ) Which item in the list is a")
     return texts

@@ -1,13 +1,15 @@
 """Held-out accuracy of the organism, on prompts made and located exactly as the studies do.
 
-Held-out prompts come from the studies' own `build_prompts` (seeds >= 10_000, which the
+Held-out prompts come from the studies' own builders (`qktrace.prompts`) (seeds >= 10_000, which the
 training run never uses) and are tokenized by `qktrace.prompts.locate`, chat template applied:
 the very path a study takes. A prediction is the greedy next token at the last position.
 
 Groups reported:
-- ``boxes n=K``: `studies.binding.build_prompts(n, K)`, K = 2..10 pairs, every position asked;
+- ``boxes n=K``: `qktrace.prompts.boxes_prompts(n, K)` (= `studies.binding.build_prompts`),
+  K = 2..10 pairs, every position asked;
 - ``order-id n=9``: the order-ID design (same queried object "stone" in every prompt);
-- ``filter <question>``: `studies.filter_heads.build_prompts` with its defaults (the five paper
+- ``filter <question>``: `qktrace.prompts.filter_prompts` (= `studies.filter_heads.build_prompts`)
+  with its defaults (the five paper
   categories, 3 categories x 5 items) per question ("all": argmax is any item of the asked
   category; "first"/"last": that item);
 - ``filter11 c=C``: all eleven categories, C categories per list (5 items each), all questions;
@@ -23,7 +25,7 @@ from typing import Any
 
 import torch
 
-from qktrace.prompts import Prompt, load_categories, locate
+from qktrace.prompts import Prompt, boxes_prompts, filter_prompts, load_categories, locate
 
 from .data import targets
 
@@ -32,30 +34,26 @@ __all__ = ["evaluate", "accuracy", "heldout_sets", "main"]
 
 def heldout_sets(n: int = 200, seed: int = 10_000) -> dict[str, tuple[list[Prompt], bool]]:
     """Group name -> (prompts, chat) for the held-out evaluation."""
-    from studies import binding, filter_heads
-
     sets: dict[str, tuple[list[Prompt], bool]] = {}
     for k in range(2, 11):
-        sets[f"boxes n={k}"] = (binding.build_prompts(n, k, seed=seed + k), True)
+        sets[f"boxes n={k}"] = (boxes_prompts(n, k, seed=seed + k), True)
     sets["order-id n=9"] = (
-        binding.build_prompts(n, 9, query_object="stone", seed=seed + 20),
+        boxes_prompts(n, 9, query_object="stone", seed=seed + 20),
         True,
     )
     for q in ("all", "first", "last"):
         sets[f"filter {q}"] = (
-            filter_heads.build_prompts(n, questions=[q], seed=seed + 30 + len(q)),
+            filter_prompts(n, questions=[q], seed=seed + 30 + len(q)),
             True,
         )
     every = list(load_categories())
     for c in (2, 3, 4, 5):
         sets[f"filter11 c={c}"] = (
-            filter_heads.build_prompts(
-                n, categories=every, categories_per_list=c, seed=seed + 40 + c
-            ),
+            filter_prompts(n, categories=every, categories_per_list=c, seed=seed + 40 + c),
             True,
         )
-    sets["plain boxes n=9"] = (binding.build_prompts(n, 9, seed=seed + 50), False)
-    sets["plain filter"] = (filter_heads.build_prompts(n, seed=seed + 51), False)
+    sets["plain boxes n=9"] = (boxes_prompts(n, 9, seed=seed + 50), False)
+    sets["plain filter"] = (filter_prompts(n, seed=seed + 51), False)
     return sets
 
 

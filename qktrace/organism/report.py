@@ -8,9 +8,9 @@ Head search
 Through `qktrace.load(out)` (the path every study takes) and `qktrace.find_heads`, every head
 of every layer is scored on held-out study prompts (seeds 30_000+), from the last token:
 
-- binding: `studies.binding.build_prompts(n, 9)`; candidates: the box letters; answer: the
+- binding: `qktrace.prompts.boxes_prompts(n, 9)`; candidates: the box letters; answer: the
   asked box's letter;
-- filter: `studies.filter_heads.build_prompts(n)` (defaults); candidates: the list items;
+- filter: `qktrace.prompts.filter_prompts(n)` (defaults); candidates: the list items;
   answer: the first item of the asked category ("all", "first") or its last ("last"), as
   `studies.filter_heads` does; plus ``category_share``: the share of the attention on the
   items that goes to items of the asked category (from `qktrace.capture`).
@@ -36,10 +36,9 @@ TOP = 3
 
 def _binding_scores(model: Any, n: int, seed: int) -> Any:
     from qktrace import find_heads
-    from qktrace.prompts import locate
-    from studies import binding
+    from qktrace.prompts import boxes_prompts, locate
 
-    prompts = binding.build_prompts(n, 9, seed=seed)
+    prompts = boxes_prompts(n, 9, seed=seed)
     loc = locate(model.tokenizer, prompts)
     boxes = loc.positions["box"]
     answer = [row[p.meta["answer"]] for row, p in zip(boxes, prompts, strict=True)]
@@ -48,10 +47,9 @@ def _binding_scores(model: Any, n: int, seed: int) -> Any:
 
 def _filter_scores(model: Any, n: int, seed: int) -> Any:
     from qktrace import capture, find_heads
-    from qktrace.prompts import locate
-    from studies import filter_heads
+    from qktrace.prompts import filter_prompts, locate
 
-    prompts = filter_heads.build_prompts(n, seed=seed)
+    prompts = filter_prompts(n, seed=seed)
     loc = locate(model.tokenizer, prompts)
     items = loc.positions["item"]
     answer, positive = [], []
@@ -139,8 +137,9 @@ one token per word, item, object, letter and punctuation mark; multi-word items 
 added tokens; chat template `<s><|user|>` message `<|end|><|assistant|>`).
 
 ## Data
-Made by the studies' own builders (`studies.binding.boxes_prompt`,
-`studies.filter_heads.build_prompts`), chat template applied as `qktrace.prompts.locate` does,
+Made by the studies' own builders (`qktrace.prompts.boxes_prompt`,
+`qktrace.prompts.filter_prompts`, which `studies.binding` and `studies.filter_heads` use),
+chat template applied as `qktrace.prompts.locate` does,
 {o["plain"]:.0%} without it. Boxes: 2..{o["max_pairs"]} pairs (curriculum: the largest number
 starts at 3 and grows when mastered, reaching {o["max_pairs"]} by {o["ramp"]:.0%} of the
 steps at the latest), {o["boxes_share_early"]:.0%} of batches in the first {o["early_share"]:.0%}
@@ -152,14 +151,28 @@ study prompt is the conversation's prefix up to its first answer, token for toke
 answer tokens only; for "all" questions the target is uniform over the asked category's items
 (correct when the argmax is one of them). See `qktrace/organism/data.py`.
 
-Training-only aids (`qktrace/organism/train.py`; all off before the end, the saved model is a
-plain Llama with standard attention): layer 0 restricted to the last {o["local0"]} tokens for the
-first {o["local0_share"]:.0%} of the steps; until {o["aux_share"]:.0%} of the steps, deep supervision
-(weight {o["aux_weight"]}: after layer {o["aux_layer"] if o["aux_layer"] >= 0 else config["num_hidden_layers"] - 2}
-each box letter should name its object, each item its category, the query the asked one) and
-attention supervision (weight {o["attn_weight"]}: the last layer's head that attends most from
-the query to the answer's keys is pushed to attend there). Without them binding stayed at
-chance (the first layer copied all letters to the query and training never left that state).
+## Training aids (disclosure: they shape where the mechanism lives)
+Three training-only aids (`qktrace/organism/train.py`) were needed; all are off before the end
+and the saved model is a plain Llama with standard causal attention, but they decided where
+and how the model solves the tasks:
+
+1. **local attention window early**: layer 0 may only attend to the last {o["local0"]} tokens
+   for the first {o["local0_share"]:.0%} of the steps;
+2. **middle-layer supervision** (weight {o["aux_weight"]}, until {o["aux_share"]:.0%} of the
+   steps): after layer {o["aux_layer"] if o["aux_layer"] >= 0 else config["num_hidden_layers"] - 2}, read through the final norm and the unembedding, each box
+   letter should name its object, each list item its category, and the query the asked
+   object or category;
+3. **last-layer attention supervision** (weight {o["attn_weight"]}, until {o["aux_share"]:.0%}
+   of the steps): the last layer's head that attends most from the query to the answer's keys
+   (the asked box letter; the asked category's items) is pushed to attend there.
+
+Without them binding stayed at chance (the first layer copied all letters to the query and
+training never left that state; without 3 the model bound the answer through the comma after
+each letter). Consequences for the studies: the retrieval heads sit in the last layer by
+construction, and aid 2 writes the bound object's identity (and each item's category) into
+the keys' residual stream, which favours a lexical match of query and key over an order-ID
+mechanism. What the studies find on the organism is about this organism, trained this way,
+not about pretrained LLMs in general.
 
 ## Training
 Seed {o["seed"]}; {o["steps"]} steps of batch {o["batch"]}; AdamW lr {o["lr"]} (warm-up
@@ -175,7 +188,7 @@ Command (the defaults are these values):
 ## Held-out accuracy
 Greedy next token on fresh prompts from the studies' `build_prompts` (seeds >= 10000),
 located with `qktrace.prompts.locate`; {200} prompts per row. Reproduce with
-`python -m qktrace.organism eval`.
+`qktrace organism eval` (or `python -m qktrace.organism eval`).
 
 | group | accuracy |
 |---|---|
