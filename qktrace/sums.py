@@ -16,7 +16,8 @@ and returns it as float32, a quarter of the bytes of both contrasts' float64 sum
 `delta_dtype="float16"`: an eighth). Labels travel as one int8 group index per key.
 
 The result is the "covariance sums" Dataset of `qktrace.covariance` (`qk_sum`, `q_sum`,
-`k_sum`, `count` over head, feature, contrast), ready for `qktrace.decompose`.
+`k_sum`, `pair_count` over head, feature, contrast), ready for `qktrace.decompose`; with
+`delta=True` it holds `delta_c` (head, feature, dq, dk) instead of `qk_sum`.
 """
 
 from __future__ import annotations
@@ -216,7 +217,8 @@ def reduce(
     batches_per_request
         Batches run as one request: one nnsight session whose traces add their sums on the
         model side, so one round trip returns one set of sums (0 = all batches in one request).
-        Cuts round trips and bytes returned with ``remote=True``; locally it changes little.
+        Cuts round trips and bytes returned with ``remote=True``; locally it changes little. A
+        request carries (and holds in memory) the inputs of all its batches.
     delta
         Sum ΔC = C+ - C- directly (each pair weighted ±1/n of its feature and contrast, the
         counts being known from `labels`); the model side returns it, and the q and k sums, as

@@ -258,8 +258,9 @@ def draw_figures(ds: xr.Dataset, out: Path | str) -> list[Path]:
             col="panel",
             average=["seed"],
             title=(
-                f"Recovered ranks of z1 (true: N) and z2 (true: M), mean over {ds.sizes['seed']} "
-                "seed(s); colour: recovered - true rank. Expect equality where N + M < d_head."
+                "Recovered ranks of z1 (true: N) and z2 (true: M), "
+                + (f"mean over {ds.sizes['seed']} seeds" if ds.sizes["seed"] > 1 else "one seed")
+                + "; colour: recovered - true rank. Expect equality where N + M < d_head."
             ),
         ),
         "pca.png": _pca_figure(ds),

@@ -78,6 +78,7 @@ def test_filter_heads_local_and_remote_local_agree(checkpoint, tmp_path):
     assert set(a["subspace"].values) == {"category", "random_0", "random_1"}
     assert a["flip_rate"].dims == ("head", "subspace")
     assert a.attrs["study"] == "filter_heads" and a.attrs["remote"] == "local"
+    assert all("<|assistant|>" in str(t) for t in a["prompt_text"].values)  # chat template
     assert b.attrs["remote"] == "remote-local" and a.attrs["params"]["heads"] == [HEAD]
 
     # labels: positives are exactly the asked category's items, 5 per prompt
@@ -125,6 +126,7 @@ def test_binding_studies_local_and_remote_local_agree(checkpoint, tmp_path):
     count = oa["pair_count"].sel(head=HEAD, feature="order")
     assert count.values.tolist() == [32, 32 * (N_PAIRS - 1)]
     last_char_in_token(oa, oa["box"].values)
+    assert all("<|assistant|>" in str(t) for t in oa["prompt_text"].values)  # chat template
     for name in ("order", "object", "box", "key_label", "key_token"):
         assert oa[name].dims == ("prompt", "key")
 

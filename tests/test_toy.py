@@ -8,13 +8,21 @@ import numpy as np
 import pytest
 import torch
 import xarray as xr
+from scipy.linalg import subspace_angles
 from typer.testing import CliRunner
 
 from qktrace import plots, store
 from qktrace.cli import app
-from qktrace.toy.analysis import diagonal_dominance, interaction_matrix, swap_effects
+from qktrace.covariance import Subspace
+from qktrace.toy.analysis import (
+    diagonal_dominance,
+    interaction_matrix,
+    recover_subspaces,
+    swap_effects,
+)
 from qktrace.toy.data import PayloadTask
 from qktrace.toy.model import PayloadRetrievalHead
+from qktrace.toy.train import train
 from studies import STUDIES
 from studies import toy as toy_study
 
@@ -145,6 +153,27 @@ def assert_both_swap_beats_random(ds: xr.Dataset) -> None:
     random = flips.sel(subspace="random_both")
     assert bool(((both - random) > 0.2).where(room, True).all()), (both - random).values
     assert float(both.mean()) > 0.9
+
+
+def test_recovered_subspaces_are_the_latent_directions():
+    """The key basis of z_i spans W_K A_i and the query basis W_Q B_i (ΔC ∝ W_Q B_i A_i^T W_K^T)."""
+    task = PayloadTask(rank_z1=3, rank_z2=4, variant="discrete", seed=0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the model is tiny: more threads only add overhead
+    try:
+        trained = train(task, 16, seed=0, max_steps=600)
+    finally:
+        torch.set_num_threads(threads)
+    assert trained.val_accuracy > 0.95
+    subspaces = recover_subspaces(trained.model, task, n_pairs=20_000)
+    e = task.encoders
+    for latent, a, b in (("z1", "A1", "B1"), ("z2", "A2", "B2")):
+        sub = Subspace.from_dataset(subspaces.sel(feature=latent))
+        with torch.no_grad():
+            keys = (trained.model.W_K.weight @ e[a]).double().numpy()
+            queries = (trained.model.W_Q.weight @ e[b]).double().numpy()
+        assert np.degrees(subspace_angles(sub.key_basis, keys).max()) < 1.0, latent
+        assert np.degrees(subspace_angles(sub.query_basis, queries).max()) < 5.0, latent
 
 
 def test_recovered_ranks_equal_latent_ranks(toy_store):
