@@ -384,7 +384,8 @@ def decompose(sums: xr.Dataset, *, threshold: float = 0.99, centered: bool = Fal
     Parameters
     ----------
     sums : xr.Dataset
-        Covariance sums (`empty_sums` + `add_pairs`, or `qktrace.sums`).
+        Covariance sums (`empty_sums` + `add_pairs`, or `qktrace.reduce`), or the ΔC that
+        `qktrace.reduce(..., delta=True)` returns (`delta_c` instead of `qk_sum`).
     threshold : float, default 0.99
         See `rank_for_threshold`.
     centered : bool, default False
@@ -424,13 +425,17 @@ def decompose(sums: xr.Dataset, *, threshold: float = 0.99, centered: bool = Fal
     n = count.values.astype(np.float64)
     _check_counts(count)
 
-    c = sums["qk_sum"].transpose(*outer, "contrast", "dq", "dk").values / n[..., None, None]
+    pos, neg = CONTRASTS.index("positive"), CONTRASTS.index("negative")
+    if "qk_sum" in sums:
+        c = sums["qk_sum"].transpose(*outer, "contrast", "dq", "dk").values / n[..., None, None]
+        delta_c = c[..., pos, :, :] - c[..., neg, :, :]
+    else:  # `qktrace.reduce(..., delta=True)` summed ΔC itself
+        delta_c = sums["delta_c"].transpose(*outer, "dq", "dk").values.astype(np.float64)
     if centered:
         q_mean = sums["q_sum"].transpose(*outer, "contrast", "dq").values / n[..., None]
         k_mean = sums["k_sum"].transpose(*outer, "contrast", "dk").values / n[..., None]
-        c = c - q_mean[..., :, None] * k_mean[..., None, :]
-    pos, neg = CONTRASTS.index("positive"), CONTRASTS.index("negative")
-    delta_c = c[..., pos, :, :] - c[..., neg, :, :]
+        outer_means = q_mean[..., :, None] * k_mean[..., None, :]
+        delta_c = delta_c - (outer_means[..., pos, :, :] - outer_means[..., neg, :, :])
 
     u, s, vt = np.linalg.svd(delta_c, full_matrices=False)
     rank = _ranks(s, threshold)

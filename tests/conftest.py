@@ -12,6 +12,7 @@ from qktrace.models import load
 warnings.filterwarnings("ignore", message=".*deprecated.*")
 
 _CACHE: dict[tuple, tuple] = {}
+_PADDING_SIDE: dict[tuple, str] = {}
 
 
 def tiny(family: str = "llama", tokenizer_style: str = "bpe", **overrides):
@@ -19,6 +20,7 @@ def tiny(family: str = "llama", tokenizer_style: str = "bpe", **overrides):
     key = (family, tokenizer_style, tuple(sorted(overrides.items())))
     if key not in _CACHE:
         _CACHE[key] = testing.model(family, tokenizer_style=tokenizer_style, **overrides)
+        _PADDING_SIDE[key] = _CACHE[key][1].padding_side
     return _CACHE[key]
 
 
@@ -31,3 +33,11 @@ def llama():
 @pytest.fixture(params=[False, "local"], ids=["local", "remote-local"])
 def remote(request):
     return request.param
+
+
+@pytest.fixture(autouse=True)
+def _restore_padding_side():
+    """Tests may set a cached tokenizer's padding side; give every test the default again."""
+    yield
+    for key, (_, tok) in _CACHE.items():
+        tok.padding_side = _PADDING_SIDE[key]

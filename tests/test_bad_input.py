@@ -139,6 +139,7 @@ def requests_keep_failing(env, tmp_path, monkeypatch) -> list:
 
     monkeypatch.setattr(LocalSimulationBackend, "__call__", call)
     monkeypatch.setattr(remote_module.time, "sleep", lambda s: None)
+    monkeypatch.setattr("qktrace.sums.REMOTE_BATCHES_PER_REQUEST", 1)  # one batch a request
     return order_id_cli("--heads", "1.0", "--remote-local", *STUDY)(env, tmp_path, monkeypatch)
 
 
@@ -220,7 +221,7 @@ ROWS = [
     Row("ndif-request-keeps-failing", requests_keep_failing,
         r"The request for prompts 2\.\.3 failed 4 times; last error: simulated: job timed out on "
         r"the server\. The sums of prompts 0\.\.1 are saved in .*order_id\.sums\.zarr: rerun the "
-        r"same call to resume\."),
+        r"same call \(CLI: the same command\) to resume\."),
     Row("model-path-missing", cli("study", "order-id", "-m", "./no-such-model", "--heads", "1.0",
                                   "-o", "out"),
         r"No model at \./no-such-model: the local path does not exist\. Check the path"),

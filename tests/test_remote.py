@@ -89,9 +89,10 @@ def test_intervene_and_find_heads_retry_then_stop_clearly(flaky_backend):
         find_heads(m, PROMPTS, [2, 3, 3], keys=keys, progress=False)
 
 
-def test_study_stops_after_saved_batches_and_resumes(flaky_backend, tmp_path):
+def test_study_stops_after_saved_batches_and_resumes(flaky_backend, tmp_path, monkeypatch):
     """A --remote-local study whose requests fail from batch 2 on: it stops with batch 1 saved,
     says how to resume, and the rerun equals a run that never failed."""
+    monkeypatch.setattr("qktrace.sums.REMOTE_BATCHES_PER_REQUEST", 1)  # one batch a request
     checkpoint = testing.save_checkpoint(tmp_path / "tiny-llama", "llama")
     run = dict(
         heads="1.0", n_prompts=6, n_test=2, n_pairs=3, n_random=1, batch_size=3,
@@ -117,7 +118,8 @@ def test_persistent_failure_stops_with_saved_batches_and_resume_hint(flaky_backe
     keys = [[1, 2]] * 3
     labels = [[("a", "positive"), ("a", "negative")]] * 3
     out = tmp_path / "sums.zarr"
-    whole = reduce(m, PROMPTS, "1.0", labels, keys=keys, batch_size=1, progress=False)
+    one = {"batch_size": 1, "batches_per_request": 1, "progress": False}
+    whole = reduce(m, PROMPTS, "1.0", labels, keys=keys, **one)
 
     flaky_backend["fail"] = 10**6
     real = remote_module.with_retries
@@ -134,9 +136,9 @@ def test_persistent_failure_stops_with_saved_batches_and_resume_hint(flaky_backe
 
         mp.setattr(reduce_module, "with_retries", first_batch_gets_through)
         with pytest.raises(RuntimeError, match=r"prompts 1\.\.1 failed 4 times.*saved in .*rerun"):
-            reduce(m, PROMPTS, "1.0", labels, keys=keys, batch_size=1, out=out, progress=False)
+            reduce(m, PROMPTS, "1.0", labels, keys=keys, out=out, **one)
     flaky_backend["fail"] = 0
-    resumed = reduce(m, PROMPTS, "1.0", labels, keys=keys, batch_size=1, out=out, progress=False)
+    resumed = reduce(m, PROMPTS, "1.0", labels, keys=keys, out=out, **one)
     np.testing.assert_allclose(resumed.qk_sum.values, whole.qk_sum.values, rtol=1e-12)
 
 

@@ -133,6 +133,14 @@ def test_delta_equals_delta_c_from_full_sums(remote, wire, tolerance):
     assert rel < tolerance
     np.testing.assert_allclose(delta.q_sum.values, sums.q_sum.values, rtol=1e-6, atol=1e-7)
     np.testing.assert_array_equal(delta.pair_count.values, sums.pair_count.values)
+    # decompose takes the ΔC as it comes back, centered or not
+    for centered in (False, True):
+        full, small = decompose(sums, centered=centered), decompose(delta, centered=centered)
+        ref = full.delta_c.transpose("head", "feature", "dq", "dk").values
+        got = small.delta_c.transpose("head", "feature", "dq", "dk").values
+        assert np.abs(got - ref).max() / np.abs(ref).max() < tolerance
+        s_ref, s_got = full.singular_values.values, small.singular_values.values
+        assert np.abs(s_got - s_ref).max() / s_ref.max() < 10 * tolerance
 
 
 def test_delta_needs_both_contrasts(llama):
