@@ -62,6 +62,7 @@ DEFAULTS: dict[str, Any] = dict(
     aux_weight=1.0,
     aux_share=0.75,
     aux_layer=-1,
+    aux_tasks="boxes,filter",
     attn_weight=0.5,
     extra=3,
     min_pairs=2,
@@ -113,7 +114,8 @@ def make_model(
 # 2. deep supervision (`aux_weight`, until `aux_share`): after layer `aux_layer` the residual
 #    stream, read through the final norm and the unembedding, should name each box letter's
 #    object and the asked object at the query (list items: their category, and the asked
-#    category), i.e. what a retrieval head needs to match query and keys;
+#    category), i.e. what a retrieval head needs to match query and keys; only on the batches
+#    of the tasks in `aux_tasks` (comma-separated: boxes, filter);
 # 3. attention supervision (`attn_weight`, until `aux_share`): in the last layer, the head that
 #    attends most from the query to the answer's keys (the asked box letter; the asked
 #    category's items) is pushed to attend there, -log(max over heads of that attention).
@@ -315,7 +317,7 @@ def train(out: str | Path, **options: Any) -> dict[str, Any]:
             batch,
             opts["lm_weight"],
             tokenizer.pad_token_id,
-            opts["aux_weight"] if shaping else 0.0,
+            opts["aux_weight"] if shaping and task in opts["aux_tasks"].split(",") else 0.0,
             aux_layer,
             opts["attn_weight"] if shaping else 0.0,
         )
