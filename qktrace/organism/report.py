@@ -171,7 +171,11 @@ training never left that state; without 3 the model bound the answer through the
 each letter). Consequences for the studies: the retrieval heads sit in the last layer by
 construction, and aid 2 writes the bound object's identity (and each item's category) into
 the keys' residual stream, which favours a lexical match of query and key over an order-ID
-mechanism. What the studies find on the organism is about this organism, trained this way,
+mechanism. Retrained variants (one seed each): without aid 2 on the boxes task
+(`--aux-tasks filter`) binding stayed at chance; with aid 2 at the query only (`--aux-keys
+filter`) binding reached 100% held-out and the order-ID study still found the queried object's
+identity, not an order ID, so aid 2 on the keys is not the only reason for the lexical match.
+What the studies find on the organism is about this organism, trained this way,
 not about pretrained LLMs in general.
 
 ## Training

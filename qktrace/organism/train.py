@@ -18,6 +18,7 @@ What it does, in order (all seeded; the defaults made the shipped checkpoint):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -63,6 +64,7 @@ DEFAULTS: dict[str, Any] = dict(
     aux_share=0.75,
     aux_layer=-1,
     aux_tasks="boxes,filter",
+    aux_keys="boxes,filter",
     attn_weight=0.5,
     extra=3,
     min_pairs=2,
@@ -115,7 +117,8 @@ def make_model(
 #    stream, read through the final norm and the unembedding, should name each box letter's
 #    object and the asked object at the query (list items: their category, and the asked
 #    category), i.e. what a retrieval head needs to match query and keys; only on the batches
-#    of the tasks in `aux_tasks` (comma-separated: boxes, filter);
+#    of the tasks in `aux_tasks` (comma-separated: boxes, filter), and for tasks not in
+#    `aux_keys` at the query only (the box letters / list items get no target);
 # 3. attention supervision (`attn_weight`, until `aux_share`): in the last layer, the head that
 #    attends most from the query to the answer's keys (the asked box letter; the asked
 #    category's items) is pushed to attend there, -log(max over heads of that attention).
@@ -240,6 +243,20 @@ def loss_and_accuracy(
     return loss, float(np.mean(hits))
 
 
+def _query_aux_only(batch: data.Batch) -> data.Batch:
+    """The batch with deep-supervision targets at the query (first answer) positions only."""
+    firsts = zip(batch.rows.tolist(), batch.cols.tolist(), batch.first.tolist(), strict=True)
+    query = {(r, c) for r, c, f in firsts if f}
+    pairs = zip(batch.aux_rows.tolist(), batch.aux_cols.tolist(), strict=True)
+    keep = torch.tensor([pair in query for pair in pairs])
+    return dataclasses.replace(
+        batch,
+        aux_rows=batch.aux_rows[keep],
+        aux_cols=batch.aux_cols[keep],
+        aux_ids=batch.aux_ids[keep],
+    )
+
+
 def train(out: str | Path, **options: Any) -> dict[str, Any]:
     """Train, save to `out`, evaluate, find heads; returns the run's log."""
     opts = {**DEFAULTS, **options}
@@ -309,6 +326,8 @@ def train(out: str | Path, **options: Any) -> dict[str, Any]:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, opts["warmup"], opts["lr"])
         shaping = step < opts["aux_share"] * steps
+        if shaping and task not in opts["aux_keys"].split(","):
+            batch = _query_aux_only(batch)
         if step == int(opts["aux_share"] * steps):
             _shaping(net, window=0, stash_layer=-1)
             print(f"step {step}: deep and attention supervision off", flush=True)
