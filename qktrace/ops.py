@@ -12,21 +12,6 @@ from __future__ import annotations
 import torch
 
 
-def outer_sums(
-    q: torch.Tensor, k: torch.Tensor, groups: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-group float64 sums of q k^T, q and k over pairs.
-
-    q [pairs, dq], k [pairs, dk], groups [pairs, G] one-hot (or weights).
-    Returns (qk [G, dq, dk], q_sum [G, dq], k_sum [G, dk]).
-    """
-    g = groups.to(torch.float64)
-    q64 = q.to(torch.float64)
-    k64 = k.to(torch.float64)
-    qk = torch.einsum("pg,pi,pj->gij", g, q64, k64)
-    return qk, g.T @ q64, g.T @ k64
-
-
 def coordinates(x: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
     """Coordinates of vectors x [..., d] in an orthonormal basis [d, r]: x @ basis."""
     return x @ basis.to(x.dtype)
@@ -126,13 +111,6 @@ def vector_sums(
     return q_sum, k_sum
 
 
-def pair_sums(
-    q_sel: torch.Tensor, k_sel: torch.Tensor, weights: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`qk_sums` and `vector_sums` together: (qk [h, G, dq, dk], q [h, G, dq], k [h, G, dk])."""
-    return (qk_sums(q_sel, k_sel, weights), *vector_sums(q_sel, k_sel, weights))
-
-
 def label_weights(labels: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """Pair weights [batch, keys, G] from integer labels [batch, keys] and a table [L, G].
 
@@ -155,6 +133,30 @@ def scaled(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Ten
 def finite_rows(x: torch.Tensor) -> torch.Tensor:
     """Per batch row of x [batch, ...]: True where every value is finite (no NaN/inf)."""
     return x.isfinite().flatten(1).all(1)
+
+
+def labelled_sums(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_heads: list[int],
+    kv_heads: list[int],
+    query_index: torch.Tensor,
+    key_index: torch.Tensor,
+    labels: torch.Tensor,
+    qk_table: torch.Tensor,
+    vector_table: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One layer's sums for `qktrace.reduce`, from the attention call's q and k.
+
+    q [batch, heads, tokens, d], k [batch, kv_heads, tokens, d]; one query per prompt; labels
+    [batch, keys] as for `label_weights`. Returns (qk [h, G, dq, dk], q [h, 2F, dq],
+    k [h, 2F, dk], finite [batch]: whether the prompt's selected q and k are all finite).
+    """
+    q_sel = gather_heads(q, q_heads, query_index)[:, :, 0]
+    k_sel = gather_heads(k, kv_heads, key_index)
+    qk = qk_sums(q_sel, k_sel, label_weights(labels, qk_table))
+    q_sum, k_sum = vector_sums(q_sel, k_sel, label_weights(labels, vector_table))
+    return qk, q_sum, k_sum, finite_rows(q_sel) & finite_rows(k_sel)
 
 
 def edit_in_subspace(

@@ -124,11 +124,10 @@ def _reduce_batch(
             saved = nnsight.save([])
             for layer, q_heads, kv_heads in plan:
                 args, _ = calls[layer].inputs
-                q_sel = ops.gather_heads(args[1], q_heads, query_index)[:, :, 0]
-                k_sel = ops.gather_heads(args[2], kv_heads, key_index)
-                qk = ops.qk_sums(q_sel, k_sel, ops.label_weights(labels, qk_table))
-                q, k = ops.vector_sums(q_sel, k_sel, ops.label_weights(labels, vector_table))
-                finite = ops.finite_rows(q_sel) & ops.finite_rows(k_sel)
+                qk, q, k, finite = ops.labelled_sums(
+                    args[1], args[2], q_heads, kv_heads, query_index, key_index, labels,
+                    qk_table, vector_table,
+                )  # fmt: skip
                 if wire is None:
                     saved.append([qk, torch.ones((*qk.shape[:2], 1, 1)), q, k, finite])
                 else:
@@ -144,13 +143,10 @@ def _reduce_batch(
                 with lm.trace(inputs):
                     for i, (layer, q_heads, kv_heads) in enumerate(plan):
                         args, _ = calls[layer].inputs
-                        q_sel = ops.gather_heads(args[1], q_heads, query_index)[:, :, 0]
-                        k_sel = ops.gather_heads(args[2], kv_heads, key_index)
-                        qk = ops.qk_sums(q_sel, k_sel, ops.label_weights(labels, qk_table))
-                        q, k = ops.vector_sums(
-                            q_sel, k_sel, ops.label_weights(labels, vector_table)
-                        )
-                        finite = ops.finite_rows(q_sel) & ops.finite_rows(k_sel)
+                        qk, q, k, finite = ops.labelled_sums(
+                            args[1], args[2], q_heads, kv_heads, query_index, key_index,
+                            labels, qk_table, vector_table,
+                        )  # fmt: skip
                         if i == len(totals):
                             totals.append([qk, q, k, [finite]])
                         else:
