@@ -113,7 +113,7 @@ def toy(
 
 _STUDY_EXAMPLES = """Examples (each command on one line):
 
-On the shipped model organism (the default model; offline, a few minutes each on a CPU):
+On the shipped model organism (the default model; offline, under a minute each on a 2-core CPU):
 
   qktrace study filter-heads -o out/organism
 
@@ -191,8 +191,7 @@ def study(
         typer.Option(
             "--n-prompts",
             help="Prompts for the subspaces [default: 2000, as the paper; on the organism "
-            "900 (each study), so each study takes a few "
-            "minutes on 2 CPU cores].",
+            "900 (each study), so each study runs in under a minute on 2 CPU cores].",
         ),
     ] = None,
     n_test: Annotated[

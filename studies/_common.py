@@ -28,7 +28,7 @@ PAPER_HEADS = {
 
 
 # The default model: the organism shipped in data/organism (`qktrace.organism`), which runs
-# offline on a CPU. Its default sizes keep each study to a few minutes on 2 CPU cores (the
+# offline on a CPU. Its default sizes keep each study under a minute on 2 idle CPU cores (the
 # paper's 2000 / 1000 prompts are for 8B models on GPUs); the heads come from its heads.json.
 ORGANISM = "organism"
 ORGANISM_SIZES = {  # study -> (n_prompts, n_test)

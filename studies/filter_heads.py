@@ -138,7 +138,7 @@ def run(
         `qktrace.find_heads`.
     n_prompts, n_test
         Prompts for the subspaces, fresh prompts for PCA and swaps; default 2000 and 1000 (the
-        paper's), 900 and 300 on the organism (a few minutes on 2 CPU cores).
+        paper's), 900 and 300 on the organism (11-29 s each on 2 idle CPU cores).
     categories, categories_per_list, items_per_category, questions
         Prompt design (see `build_prompts`).
     threshold

@@ -129,7 +129,7 @@ def run(
         Llama-3.1-8B-Instruct, else found with `qktrace.find_heads`.
     n_prompts, n_test
         Prompts for the subspace; fresh prompts for PCA and swaps. Default 2000 and 500; 900
-        and 270 on the organism (a few minutes on 2 CPU cores).
+        and 270 on the organism (11-29 s each on 2 idle CPU cores).
     n_pairs
         Object-box pairs per prompt (paper: 9).
     query_object
