@@ -21,6 +21,7 @@ import qktrace.sums as sums_module
 import qktrace.testing as testing
 from qktrace import store
 from studies import order_id
+from tests.test_sums import KEYS, PROMPTS  # the same five prompts and key positions
 
 # heads out of layer order on purpose; 6 prompts in 2 reduce batches of 3
 RUN = dict(
@@ -101,14 +102,6 @@ def test_interrupted_study_resumes_and_equals_uninterrupted(
     assert sorted(p.name for p in out.glob("*.zarr")) == ["order_id.zarr"]  # checkpoint removed
 
 
-PROMPTS = [
-    "The apple is in Box A, the cat is in Box B",
-    "Which box is the cat in? Box",
-    "the ship is in Box C, and the cat is in Box A",
-    "- apple\n- horse\n- water",
-    "What are the fruits in the list?",
-]
-KEYS = [[1, 2, 3], [2, 4, 5], [0, 1, 2], [1, 3, 5], [0, 2, 4]]
 LABELS = [[("f", "positive"), ("f", "negative"), ("g", "positive")]] * 5
 
 
