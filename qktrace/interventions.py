@@ -46,6 +46,7 @@ dominate whole rows; a prompt flips when orig was the argmax before and target i
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import nnsight
@@ -60,7 +61,7 @@ from .models import Model, parse_heads
 from .qk import Batch, Positions, Prompt, encode, plan_batches, resolve_positions
 from .remote import with_retries
 
-__all__ = ["intervene"]
+__all__ = ["intervene", "intervene_captured"]
 
 Mode = Literal["swap", "ablate", "patch"]
 Side = Literal["key", "query"]
@@ -295,6 +296,184 @@ def intervene(
     )
 
 
+def intervene_captured(
+    captured: xr.Dataset,
+    head: Any,
+    basis: Any,
+    *,
+    orig: Sequence[int],
+    target: Sequence[int],
+    mode: Mode = "swap",
+    at: Sequence[Sequence[int]] | None = None,
+    source: Any = None,
+    name: str | None = None,
+    n_random: int = 10,
+    seed: int = 0,
+) -> xr.Dataset:
+    """`intervene`'s key-side metrics, computed from a capture with no forward pass.
+
+    A key edit changes only the logits of the edited keys, so the head's attention after the
+    edit follows from the captured q, k, logits and attention (`qktrace.capture` with
+    ``attention=True``): the edited keys' logits are recomputed with the head's scaling and
+    soft cap (coordinates ``scaling``, ``softcap``), and the softmax normalizer is corrected
+    for them (log Z = capped logit - log attention of the most attended candidate). Keys the
+    model's mask hides (zero attention although their logit is not negligible: a sliding
+    window) stay hidden. The candidate keys are the captured keys; orig, target and `at` must
+    be among them. The Dataset is the one `intervene` returns for ``side="key"``, equal to its
+    in-trace values to float precision (tests/test_interventions.py); use `intervene` for query
+    edits and `intervene_answers` for what the model then says.
+
+    Parameters
+    ----------
+    captured
+        From `qktrace.capture` (one query per prompt, ``attention=True``), with `head`.
+    head, basis, orig, target, mode, source, name, n_random, seed
+        As in `intervene` (key side); `source` is [n_prompts, d_head] or [n_prompts, n_at,
+        d_head].
+    at
+        Key positions to edit per prompt for "ablate"/"patch" (default: orig).
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, not {mode!r}.")
+    if mode == "swap" and at is not None:
+        raise ValueError("mode='swap' edits the keys at orig and target: drop at=.")
+    if (mode == "patch") != (source is not None):
+        raise ValueError("source= is needed by mode='patch' and only by it.")
+    if n_random < 0:
+        raise ValueError(f"n_random must be >= 0, got {n_random}.")
+    for var in ("q", "k", "logit", "attention"):
+        if var not in captured:
+            raise ValueError(
+                f"captured has no {var!r}: pass a `qktrace.capture` result made with "
+                "attention=True."
+            )
+    if "softcap" not in captured.coords:
+        raise ValueError(
+            "captured has no 'softcap' coordinate (made by an older qktrace): capture again."
+        )
+    label = parse_heads([head] if isinstance(head, tuple) else head)[0].label
+    if label not in captured["head"].values:
+        raise ValueError(
+            f"head {label!r} is not in captured (heads {list(map(str, captured['head'].values))})"
+            ": capture it too."
+        )
+    ds = captured.sel(head=label)
+    if ds.sizes["query"] != 1:
+        raise ValueError("intervene_captured takes one query per prompt: capture with query='last'.")
+    ds = ds.isel(query=0)
+    n, d_head = ds.sizes["prompt"], ds.sizes["d_head"]
+    for what, spec in (("orig", orig), ("target", target)):
+        if isinstance(spec, str) or len(spec) != n:
+            raise ValueError(
+                f"{what} must give one key position per prompt ({n} prompts), got {spec!r}."
+            )
+    if name is None:
+        feature = getattr(basis, "coords", {}).get("feature")
+        name = str(feature.item()) if feature is not None and feature.ndim == 0 else "subspace"
+    v = orthogonalize([as_basis(basis, d_head, what=f"Basis {name!r}", head=label)])[0]
+    rank = v.shape[1]
+    if rank == 0:
+        raise ValueError(f"Basis {name!r} is numerically zero: give it non-zero columns.")
+    from .covariance import random_subspaces
+
+    bases = [v] + (list(random_subspaces(d_head, rank, n_random, seed)) if n_random else [])
+    slots = ds["key_position"].transpose("prompt", "key").values
+    n_tokens = ds["n_tokens"].values
+
+    def slot_of(p: int, position: int, what: str) -> int:
+        pos = position + int(n_tokens[p]) if position < 0 else position
+        row = slots[p].tolist()
+        if pos not in row:
+            raise ValueError(
+                f"Prompt {p}: the {what} position {position} is not among its captured keys "
+                f"{[s for s in row if s >= 0]}: capture that key too."
+            )
+        return row.index(pos)
+
+    orig_slot = np.array([slot_of(p, o, "orig") for p, o in enumerate(orig)])
+    target_slot = np.array([slot_of(p, t, "target") for p, t in enumerate(target)])
+    if (orig_slot == target_slot).any():
+        p = int(np.argmax(orig_slot == target_slot))
+        raise ValueError(f"Prompt {p}: orig and target are the same key; name two keys.")
+    if mode == "swap":
+        edit = [[o, t] for o, t in zip(orig_slot, target_slot, strict=True)]
+    elif at is None:
+        edit = [[o] for o in orig_slot]
+    else:
+        if len(at) != n:
+            raise ValueError(f"at= must give key positions for each of the {n} prompts.")
+        edit = [
+            [slot_of(p, int(x), "at=") for x in ([row] if isinstance(row, int) else row)]
+            for p, row in enumerate(at)
+        ]
+        if any(len(set(r)) != len(r) or not r for r in edit):
+            raise ValueError("at= must give each prompt one or more distinct key positions.")
+    width = max(len(r) for r in edit)
+    edit_slot = np.array([[r[min(j, len(r) - 1)] for j in range(width)] for r in edit])
+    first = np.array([[j < len(r) for j in range(width)] for r in edit])  # not a repeat
+    src = None
+    if mode == "patch":
+        array = _source_array(source, n, d_head)
+        if array.shape[1] == 1:
+            array = np.repeat(array, width, axis=1)
+        src = torch.tensor(array[:, :width], dtype=torch.float64)
+
+    q = torch.tensor(ds["q"].transpose("prompt", "d_head").values, dtype=torch.float64)
+    k = torch.tensor(ds["k"].transpose("prompt", "key", "d_head").values, dtype=torch.float64)
+    logit = ds["logit"].transpose("prompt", "key").values.astype(np.float64)
+    attention = ds["attention"].transpose("prompt", "key").values.astype(np.float64)
+    scaling = float(ds["scaling"])
+    softcap = float(ds["softcap"])
+    cap = (lambda x: x) if not np.isfinite(softcap) else (lambda x: np.tanh(x / softcap) * softcap)
+
+    rows = np.arange(n)[:, None]
+    picked = k[torch.arange(n)[:, None], torch.tensor(edit_slot)]  # [prompt, m, d]
+    stack = torch.tensor(np.stack(bases), dtype=torch.float64)[:, None]  # [S, 1, d, r]
+    edited = ops.edit_in_subspace(picked, stack, mode, src)  # [S, prompt, m, d]
+    new_logit = ((edited @ q[:, :, None])[..., 0] * scaling).numpy()  # [S, prompt, m]
+
+    a = np.where(slots >= 0, attention, np.nan)
+    best = np.nanargmax(np.where(np.isfinite(a), a, -1.0), axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        log_z = cap(logit[np.arange(n), best]) - np.log(a[np.arange(n), best])
+        allowed = (a > 0) | (cap(logit) - log_z[:, None] < -80.0)
+        # every key the edit changes leaves the normalizer, then comes back with its new logit
+        allowed_e = allowed[rows, edit_slot] & first
+        removed = np.where(allowed_e, a[rows, edit_slot], 0.0).sum(-1)
+        new_weight = np.where(allowed_e, np.exp(cap(new_logit) - log_z[:, None]), 0.0)
+        denom = 1.0 - removed + new_weight.sum(-1)  # [S, prompt]
+        logit_after = np.repeat(logit[None], len(bases), axis=0)
+        weight_after = np.repeat(np.where(allowed, a, 0.0)[None], len(bases), axis=0)
+        for j in range(width):
+            logit_after[:, np.arange(n), edit_slot[:, j]] = new_logit[:, :, j]
+            weight_after[:, np.arange(n), edit_slot[:, j]] = new_weight[:, :, j] + np.where(
+                first[:, j], 0.0, weight_after[:, np.arange(n), edit_slot[:, j]]
+            )
+        attention_after = weight_after / denom[:, :, None]
+    values = {
+        "logit_before": logit,
+        "attention_before": attention,
+        "logit_after": logit_after.transpose(1, 0, 2),
+        "attention_after": attention_after.transpose(1, 0, 2),
+    }
+    tokens = ds["key_token"].transpose("prompt", "key").values if "key_token" in ds else None
+    keys = _Keys(
+        slots=slots,
+        tokens=tokens if tokens is not None else np.full(slots.shape, "", dtype=object),
+        texts=ds["prompt_text"].values,
+        n_tokens=n_tokens,
+        query_position=ds["query_position"].values,
+    )
+    names = [name] + [f"random_{i}" for i in range(n_random)]
+    out = _metrics(keys, values, orig_slot, target_slot, names).assign_coords(
+        prompt=ds["prompt"].values
+    )
+    return out.assign(basis=(("d_head", "component"), v.astype(np.float32))).assign_attrs(
+        head=label, name=name, side="key", mode=mode, rank=rank, n_random=n_random, seed=seed,
+        forward_passes=0,
+    )  # fmt: skip
+
+
 def _source_array(source: Any, n_prompts: int, d_head: int) -> np.ndarray:
     """Patch sources as float32 [n_prompts, m, d_head]."""
     if isinstance(source, xr.DataArray):
@@ -470,20 +649,62 @@ def _dataset(
     names: list[str],
     verify: bool,
 ) -> xr.Dataset:
-    """Per-prompt arrays -> the labelled Dataset with the metrics."""
+    """Per-batch arrays of a traced run -> the labelled Dataset with the metrics."""
     cat = lambda key: np.concatenate([r[0][key] for r in results])  # noqa: E731
-    slots = np.concatenate([b.key_slots for b in plan])
-    valid = slots >= 0
+    tokens = np.array(
+        [
+            [b.encoded.tokens[i][p] if p >= 0 else "" for p in row]
+            for b in plan
+            for i, row in enumerate(b.key_slots)
+        ],
+        dtype=object,
+    )
+    keys = _Keys(
+        slots=np.concatenate([b.key_slots for b in plan]),
+        tokens=tokens,
+        texts=np.array([t for b in plan for t in b.texts], dtype=object),
+        n_tokens=np.array([n for b in plan for n in b.encoded.lengths]),
+        query_position=np.concatenate([b.query_slots[:, 0] for b in plan]),
+    )
+    values = {k: cat(k) for k in results[0][0]}
     orig_slot = np.concatenate([r[1] for r in results])
     target_slot = np.concatenate([r[2] for r in results])
+    return _metrics(keys, values, orig_slot, target_slot, names)
+
+
+@dataclass
+class _Keys:
+    """The candidate keys of every prompt: positions (-1 = none), tokens, and prompt facts."""
+
+    slots: np.ndarray
+    tokens: np.ndarray
+    texts: np.ndarray
+    n_tokens: np.ndarray
+    query_position: np.ndarray
+
+
+def _metrics(
+    keys: _Keys,
+    values: dict[str, np.ndarray],
+    orig_slot: np.ndarray,
+    target_slot: np.ndarray,
+    names: list[str],
+) -> xr.Dataset:
+    """Per-prompt logits/attention at the candidate keys -> the labelled Dataset with the metrics.
+
+    values: ``logit_before``/``attention_before`` [prompt, key], ``logit_after``/
+    ``attention_after`` [prompt, subspace, key], optionally ``model_attention`` [prompt, key].
+    """
+    slots = keys.slots
+    valid = slots >= 0
     rows = np.arange(len(slots))
 
     def hide(x: np.ndarray) -> np.ndarray:
         return np.where(valid if x.ndim == 2 else valid[:, None], x, np.nan)
 
-    a_before = hide(cat("attention_before"))  # [prompt, key]
-    a_after = hide(cat("attention_after"))  # [prompt, subspace, key]
-    l_before, l_after = hide(cat("logit_before")), hide(cat("logit_after"))
+    a_before = hide(values["attention_before"])  # [prompt, key]
+    a_after = hide(values["attention_after"])  # [prompt, subspace, key]
+    l_before, l_after = hide(values["logit_before"]), hide(values["logit_after"])
 
     def p_target(a: np.ndarray) -> np.ndarray:
         o, t = a[rows, ..., orig_slot], a[rows, ..., target_slot]
@@ -501,14 +722,6 @@ def _dataset(
     at_before = a_before[rows, target_slot]
     at_after = a_after[rows, :, target_slot]
 
-    tokens = np.array(
-        [
-            [b.encoded.tokens[i][p] if p >= 0 else "" for p in row]
-            for b in plan
-            for i, row in enumerate(b.key_slots)
-        ],
-        dtype=object,
-    )
     role = np.full(slots.shape, "", dtype=object)
     role[rows, orig_slot] = "orig"
     role[rows, target_slot] = "target"
@@ -533,19 +746,19 @@ def _dataset(
         "mean_attention_target_before": ((), float(np.nanmean(at_before))),
         "mean_attention_target_after": ("subspace", np.nanmean(at_after, axis=0)),
     }
-    if verify:
-        data["model_attention"] = (("prompt", "key"), hide(cat("model_attention")))
+    if "model_attention" in values:
+        data["model_attention"] = (("prompt", "key"), hide(values["model_attention"]))
     coords = {
         "subspace": names,
         "random": ("subspace", np.array([False] + [True] * (len(names) - 1))),
         "prompt": np.arange(len(slots)),
-        "prompt_text": ("prompt", np.array([t for b in plan for t in b.texts], dtype=object)),
-        "n_tokens": ("prompt", np.array([n for b in plan for n in b.encoded.lengths])),
-        "query_position": ("prompt", np.concatenate([b.query_slots[:, 0] for b in plan])),
+        "prompt_text": ("prompt", keys.texts),
+        "n_tokens": ("prompt", keys.n_tokens),
+        "query_position": ("prompt", keys.query_position),
         "orig_position": ("prompt", slots[rows, orig_slot]),
         "target_position": ("prompt", slots[rows, target_slot]),
         "key_position": (("prompt", "key"), slots),
-        "key_token": (("prompt", "key"), tokens),
+        "key_token": (("prompt", "key"), keys.tokens),
         "key_role": (("prompt", "key"), role),
     }
     return xr.Dataset(data, coords=coords)

@@ -487,6 +487,8 @@ def _head_coords(model: Model, heads: list[Head]) -> dict[str, Any]:
         "q_head": ("head", [h.head for h in heads]),
         "kv_head": ("head", [model.kv_head(h.head) for h in heads]),
         "scaling": ("head", [model.scaling(h.layer) for h in heads]),
+        # NaN where the family has no attention-logit soft cap (all but Gemma 2)
+        "softcap": ("head", [model.softcap(h.layer) or np.nan for h in heads]),
     }
 
 

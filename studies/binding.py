@@ -125,7 +125,7 @@ def targets(prompts: Sequence[Prompt], *, seed: int = 0) -> list[int]:
 
 
 def swaps(
-    lm: Any,
+    captured: xr.Dataset,
     prompts: Sequence[Prompt],
     loc: Located,
     subspaces: xr.Dataset,
@@ -133,37 +133,32 @@ def swaps(
     *,
     n_random: int,
     seed: int,
-    batch_size: int,
-    progress: bool = True,
 ) -> xr.Dataset:
     """Per head: swap `feature` key coordinates between the answer's box and another box.
 
     The orig key is the answer's box letter, the target a random other box letter (the same for
     every head); the effect of the swap is compared with `n_random` random subspaces of the
-    same rank. Returns per-prompt effects stacked over heads, with per-head summaries.
+    same rank. Computed from the captured box keys (`captured`, with attention) with no
+    forward pass (`qktrace.interventions.intervene_captured`, equal to the in-trace edit).
+    Returns per-prompt effects stacked over heads, with per-head summaries.
     """
-    from qktrace.interventions import intervene
+    from qktrace.interventions import intervene_captured
 
     boxes = loc.positions["box"]
     answer = [p.meta["answer"] for p in prompts]
     target = targets(prompts, seed=seed + 2)
     per_head = []
     for head in subspaces["head"].values:
-        fx = intervene(
-            lm,
-            loc.ids,
+        fx = intervene_captured(
+            captured,
             str(head),
             subspaces["key_basis"].sel(head=head, feature=feature),
             name=feature,
             orig=[row[a] for row, a in zip(boxes, answer, strict=True)],
             target=[row[t] for row, t in zip(boxes, target, strict=True)],
-            keys=boxes,
             mode="swap",
-            side="key",
             n_random=n_random,
             seed=seed,
-            batch_size=batch_size,
-            progress=progress,
         )
         per_head.append(per_prompt(fx))
     return stack_heads(per_head, [str(h) for h in subspaces["head"].values])

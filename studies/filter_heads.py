@@ -47,7 +47,7 @@ import numpy as np
 import xarray as xr
 
 from qktrace.covariance import decompose
-from qktrace.interventions import intervene
+from qktrace.interventions import intervene_captured
 from qktrace.models import Remote, parse_heads
 from qktrace.prompts import FILTER_CATEGORIES, FILTER_QUESTIONS, Located, Prompt, locate
 from qktrace.prompts import filter_prompts as build_prompts
@@ -345,9 +345,10 @@ def _swaps(
 ) -> xr.Dataset:
     """Swap asked-category key coordinates between the attended item and another category's item.
 
-    Per head and asked category, one `intervene` call on the prompts asking for it; the
-    subspace is named "category" (the prompt's `asked` coordinate says which), the baselines
-    are random subspaces of the same rank.
+    Per head and asked category, on the prompts asking for it, computed from the captured q and
+    k with no forward pass (`qktrace.interventions.intervene_captured`, equal to the in-trace
+    edit); the subspace is named "category" (the prompt's `asked` coordinate says which), the
+    baselines are random subspaces of the same rank.
     """
     rng = np.random.default_rng(seed + 2)
     cats = [p.meta["item_categories"] for p in prompts]
@@ -374,21 +375,16 @@ def _swaps(
                 )
                 for i in chosen
             ]
-            fx = intervene(
-                lm,
-                [loc.ids[i] for i in chosen],
+            fx = intervene_captured(
+                captured.isel(prompt=chosen),
                 str(head),
                 subspaces["key_basis"].sel(head=head, feature=category),
                 name="category",
                 orig=[items[i][s] for i, s in zip(chosen, orig_slot, strict=True)],
                 target=[items[i][target_slot[i]] for i in chosen],
-                keys=[items[i] for i in chosen],
                 mode="swap",
-                side="key",
                 n_random=n_random,
                 seed=seed,
-                batch_size=batch_size,
-                progress=progress,
             )
             parts.append(per_prompt(fx).assign_coords(prompt=chosen))
         per_head.append(xr.concat(parts, dim="prompt").sortby("prompt"))

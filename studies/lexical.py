@@ -307,15 +307,7 @@ def run(
 
     # 5. lexical swap vs random subspaces
     effects = binding.swaps(
-        lm,
-        test,
-        test_loc,
-        subspaces,
-        "lexical",
-        n_random=n_random,
-        seed=seed,
-        batch_size=batch_size,
-        progress=progress,
+        captured, test, test_loc, subspaces, "lexical", n_random=n_random, seed=seed
     )
 
     # 6. attention-logit attribution to order, lexical and the residual (Fig 10)

@@ -208,15 +208,7 @@ def run(
 
     # 4. order swap vs random subspaces
     effects = binding.swaps(
-        lm,
-        test,
-        test_loc,
-        subspaces,
-        "order",
-        n_random=n_random,
-        seed=seed,
-        batch_size=batch_size,
-        progress=progress,
+        captured, test, test_loc, subspaces, "order", n_random=n_random, seed=seed
     )
 
     ds = xr.merge(

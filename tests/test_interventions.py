@@ -264,3 +264,66 @@ def test_errors_name_the_fix(llama):
             intervene(load(net, tokenizer=tok), PROMPTS, "1.0", basis(), verify=True, **kw)
         finally:
             net.config._attn_implementation = "eager"
+
+
+CAPTURED_METRICS = (
+    "attention_before", "attention_after", "logit_after", "p_target_after", "delta_p_target",
+    "attention_target_after", "flip", "argmax_after",
+)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "family,keys,mode",
+    [
+        ("llama", "all", "swap"),
+        ("qwen3", "items", "swap"),
+        ("gemma2", "all", "swap"),  # soft cap and a sliding window that hides early keys
+        ("gpt2", "items", "ablate"),
+        ("mistral", "items", "patch"),
+    ],
+)
+def test_captured_metrics_equal_the_in_trace_edit(family, keys, mode):
+    """No forward pass: attention after a key edit, from the capture, = the traced edit's."""
+    from qktrace.interventions import intervene_captured
+
+    net, tok = tiny(family)
+    m = load(net, tokenizer=tok)
+    candidates = "all" if keys == "all" else [[1, 2, 3, 4, 5], [1, 2, 3, 4, 5], [1, 2, 3, 4, 6]]
+    orig, target = ([1, 2, 4], [3, 5, 6]) if keys != "all" else (ORIG, TARGET)
+    v = basis(r=3, seed=4)
+    extra: dict = {}
+    if mode == "patch":
+        extra["source"] = np.random.default_rng(0).normal(size=(3, 16)).astype(np.float32)
+    kwargs = dict(orig=orig, target=target, mode=mode, name="f", n_random=3, seed=5, **extra)
+    for layer in range(2):
+        head = f"{layer}.1"
+        traced = intervene(
+            m, PROMPTS, head, v, keys=candidates, batch_size=2, progress=False, **kwargs
+        )
+        cap = capture(m, PROMPTS, head, keys=candidates, progress=False)
+        free = intervene_captured(cap, head, v, **kwargs)
+        for var in CAPTURED_METRICS:
+            a, b = traced[var].values, free[var].values
+            if a.dtype == bool or var == "argmax_after":
+                np.testing.assert_array_equal(a, b, err_msg=var)
+            else:
+                np.testing.assert_allclose(a, b, atol=1e-5, err_msg=var)
+        assert free.attrs["forward_passes"] == 0
+        # the edit moves attention (so equality is not of two unedited rows)
+        moved = np.abs(free.attention_after.values - free.attention_before.values[None])
+        assert np.nanmax(moved) > 1e-3
+
+
+def test_captured_metrics_refuse_bad_input():
+    from qktrace.interventions import intervene_captured
+
+    net, tok = tiny("llama")
+    m = load(net, tokenizer=tok)
+    cap = capture(m, PROMPTS, "1.1", keys=[[1, 2]] * 3, progress=False)
+    with pytest.raises(ValueError, match="not among its captured keys"):
+        intervene_captured(cap, "1.1", basis(), orig=[1, 1, 1], target=[3, 2, 2])
+    with pytest.raises(ValueError, match="not in captured"):
+        intervene_captured(cap, "0.1", basis(), orig=[1, 1, 1], target=[2, 2, 2])
+    no_attention = capture(m, PROMPTS, "1.1", keys=[[1, 2]] * 3, attention=False, progress=False)
+    with pytest.raises(ValueError, match="attention=True"):
+        intervene_captured(no_attention, "1.1", basis(), orig=[1, 1, 1], target=[2, 2, 2])

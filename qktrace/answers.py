@@ -1,0 +1,401 @@
+"""Edit query-key subspaces of one or more heads in the trace and read what the model then says.
+
+`qktrace.intervene` measures where one head's attention goes after an edit; this asks the next
+question: does the model's *answer* change? `intervene_answers` writes the edit into the traced
+q and/or k of every chosen head (several heads of a layer, or heads across layers), lets the
+model run on, and reads its next-token distribution at the query position (the last token,
+where the answer starts).
+
+It is a separate verb, not an option of `intervene`, because it edits several heads at once
+and its result is about the model's output, not one head's attention row.
+
+Sharing forward passes
+----------------------
+Each batch of b prompts is stacked S = 2 + n_random times into ONE trace of S·b rows: copy 0 is
+left alone (the answer before), copy 1 gets the recovered subspaces' edit, copies 2.. get the
+same edit in random subspaces of the same rank (per head, seeded). The edit of copy s is
+x + (new - c) V_s^T with V_s the copy's basis; copy 0's basis is zero, so it is not edited.
+So a study's answer-level effects cost one forward pass of S·b rows per batch.
+
+Metrics
+-------
+Per prompt, over the candidate answers' tokens (``candidate`` dim): ``answer_logit`` and
+``answer_prob`` (the softmax over the whole vocabulary) before and after; ``p_answer`` and
+``p_target_answer`` (the answer's and the target's answer's probability) before/after;
+``answer_logit_diff`` = logit(answer) - logit(target's answer) before/after and its change;
+``answer_flip``: the argmax among the candidates was the answer before and is the target's
+answer after; ``answer_flip_rate`` counts flips among prompts answered correctly before
+(``answer_correct``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import nnsight
+import numpy as np
+import torch
+import xarray as xr
+from tqdm.auto import tqdm
+
+from . import ops
+from .attribution import as_basis, orthogonalize
+from .models import Head, Model, parse_heads
+from .qk import Batch, Prompt, encode, plan_batches, resolve_positions
+from .remote import with_retries
+
+__all__ = ["intervene_answers"]
+
+Side = Literal["key", "query", "both"]
+
+
+def intervene_answers(
+    model: Model,
+    prompts: Sequence[Prompt],
+    bases: Mapping[Any, Any],
+    *,
+    candidates: Sequence[Sequence[int | str]],
+    answer: Sequence[int],
+    target_answer: Sequence[int],
+    orig: Sequence[int] | None = None,
+    target: Sequence[int] | None = None,
+    mode: Literal["swap", "ablate"] = "swap",
+    side: Side = "key",
+    at: Sequence[Sequence[int]] | None = None,
+    name: str = "subspace",
+    n_random: int = 3,
+    seed: int = 0,
+    batch_size: int = 8,
+    add_special_tokens: bool = True,
+    progress: bool = True,
+) -> xr.Dataset:
+    """Edit the subspaces of several heads inside the trace; compare the model's answers before/after.
+
+    Parameters
+    ----------
+    model
+        From `qktrace.load`; local, `remote="local"` or NDIF.
+    prompts
+        Strings or token-id lists; the answer is the next token after the last one.
+    bases
+        Head -> subspace: ``{"16.19": V, "20.26": V2}``, each [d_head, r] or a `decompose`
+        DataArray (NaN columns dropped). For ``side="both"`` each value is a pair
+        ``(key_basis, query_basis)``. Heads may share a layer or a key head; their edits are
+        applied in the order given.
+    candidates
+        Per prompt, the candidate answers: token ids, or strings whose first token counts (e.g.
+        the box letters as they appear in the prompt).
+    answer, target_answer
+        Per prompt, the index in `candidates` of the correct answer and of the answer the edit
+        should lead to (the target key's answer).
+    orig, target
+        Per prompt, the key positions whose coordinates "swap" exchanges (negative counts from
+        the end); "ablate" on keys ablates orig unless `at` is given.
+    mode
+        "swap" (keys only) or "ablate" (project the subspace out).
+    side
+        "key", "query" (ablate only: the query at the last token) or "both" (ablate only).
+    at
+        Key positions per prompt to ablate (default: orig).
+    name
+        The recovered subspaces' name in the ``subspace`` coordinate.
+    n_random, seed
+        Random orthonormal subspaces of each head's rank (seed + the head's index), edited in
+        copies of the batch in the same trace.
+
+    Returns
+    -------
+    xr.Dataset
+        Coordinates ``subspace`` (`name`, "random_0", ...; bool ``random``), ``prompt``,
+        ``candidate`` (with ``candidate_token`` per prompt). Variables named with ``answer``:
+        ``answer_logit_before``/``answer_prob_before`` (prompt, candidate),
+        ``answer_logit_after``/``answer_prob_after`` (subspace, prompt, candidate);
+        ``p_answer_before``, ``p_target_answer_before``, ``answer_logit_diff_before``,
+        ``answer_argmax_before``, ``answer_correct`` (prompt); ``p_answer_after``,
+        ``p_target_answer_after``, ``delta_p_answer``, ``delta_p_target_answer``,
+        ``answer_logit_diff_after``, ``delta_answer_logit_diff``, ``answer_argmax_after``,
+        ``answer_flip`` (subspace, prompt); summaries over prompts ``answer_flip_rate``,
+        ``mean_delta_p_answer``, ``mean_delta_p_target_answer``,
+        ``mean_delta_answer_logit_diff`` (subspace). attrs: heads, side, mode, ranks,
+        forward_passes (traces run) and rows (prompt copies run).
+
+    Examples
+    --------
+    >>> fx = qktrace.intervene_answers(model, prompts, {"2.1": V}, candidates=letters,
+    ...        answer=ans, target_answer=other, orig=ans_pos, target=other_pos)  # doctest: +SKIP
+    >>> fx.answer_flip_rate.to_series()  # doctest: +SKIP
+    """
+    if mode not in ("swap", "ablate"):
+        raise ValueError(f"mode must be 'swap' or 'ablate', not {mode!r}.")
+    if side not in ("key", "query", "both"):
+        raise ValueError(f"side must be 'key', 'query' or 'both', not {side!r}.")
+    if mode == "swap" and side != "key":
+        raise ValueError("mode='swap' exchanges two keys' coordinates: use side='key'.")
+    if n_random < 0:
+        raise ValueError(f"n_random must be >= 0, got {n_random}.")
+    if not bases:
+        raise ValueError("bases is empty: give at least one head -> subspace, e.g. {'2.1': V}.")
+    n = len(prompts)
+    heads: list[Head] = []
+    key_v: list[np.ndarray | None] = []
+    query_v: list[np.ndarray | None] = []
+    for spec, value in bases.items():
+        (h,) = parse_heads([spec] if isinstance(spec, tuple) else spec)
+        heads.append(h)
+        if side == "both":
+            if not (isinstance(value, tuple) and len(value) == 2):
+                raise ValueError(
+                    f"side='both' needs bases[{h.label!r}] = (key_basis, query_basis), got "
+                    f"{type(value).__name__}."
+                )
+            kb, qb = value
+        else:
+            kb, qb = (value, None) if side == "key" else (None, value)
+        for which, b, out in (("key", kb, key_v), ("query", qb, query_v)):
+            out.append(
+                None
+                if b is None
+                else orthogonalize([as_basis(b, model.d_head, what=f"{which} basis", head=h.label)])[0]
+            )
+    model.check_heads(heads)
+    for what, spec in (("candidates", candidates), ("answer", answer), ("target_answer", target_answer)):
+        if isinstance(spec, str) or len(spec) != n:
+            raise ValueError(f"{what} must give one entry per prompt ({n} prompts).")
+    ids = _candidate_ids(model, candidates)
+    n_cand = ids.shape[1]
+    answer_i, target_i = np.asarray(answer, dtype=int), np.asarray(target_answer, dtype=int)
+    if ((answer_i < 0) | (answer_i >= n_cand) | (target_i < 0) | (target_i >= n_cand)).any():
+        raise ValueError(f"answer and target_answer must index the {n_cand} candidates.")
+    lengths = encode(model, prompts, add_special_tokens=add_special_tokens).lengths
+    key_edit = _key_positions(mode, side, orig, target, at, lengths)
+
+    # per head: stacked bases [S, d, r] (copy 0 zero, 1 the recovered subspace, 2.. random)
+    from .covariance import random_subspaces
+
+    def stacked(v: np.ndarray | None, i: int) -> torch.Tensor | None:
+        if v is None:
+            return None
+        rand = list(random_subspaces(model.d_head, v.shape[1], n_random, seed + i)) if n_random else []
+        return torch.tensor(np.stack([np.zeros_like(v), v, *rand]), dtype=torch.float32)
+
+    key_stack = [stacked(v, i) for i, v in enumerate(key_v)]
+    query_stack = [stacked(v, i) for i, v in enumerate(query_v)]
+    copies = 2 + n_random
+    plan = plan_batches(model, prompts, "last", "last", batch_size, add_special_tokens)
+    results = []
+    bar = tqdm(total=n, desc="answers", unit="prompt", disable=not progress)
+    for batch in plan:
+        rows = slice(batch.start, batch.start + len(batch.texts))
+        edit_index = None
+        if key_edit is not None:
+            edit_index = torch.tensor(
+                [[batch.encoded.padded(i, p) for p in r] for i, r in enumerate(key_edit[rows])]
+            )
+        values = with_retries(
+            _answers_batch,
+            model,
+            batch,
+            heads,
+            key_stack,
+            query_stack,
+            edit_index,
+            mode,
+            torch.tensor(ids[rows]),
+            copies,
+            what=f"prompts {batch.start}..{batch.start + len(batch.texts) - 1}",
+            resume_hint="intervene_answers keeps no partial results: rerun it.",
+        )
+        results.append(values)
+        bar.update(len(batch.texts))
+    bar.close()
+    logits = np.concatenate([r[0] for r in results], axis=1)  # [S, prompt, candidate]
+    logprobs = np.concatenate([r[1] for r in results], axis=1)
+    names = [name] + [f"random_{i}" for i in range(n_random)]
+    ds = _answer_metrics(logits, logprobs, answer_i, target_i, names)
+    tokens = np.array(
+        [model.tokenizer.convert_ids_to_tokens([int(t) for t in row]) for row in ids], dtype=object
+    )
+    from .store import provenance
+
+    params = {
+        "heads": [h.label for h in heads],
+        "name": name,
+        "mode": mode,
+        "side": side,
+        "n_random": n_random,
+        "n_prompts": n,
+    }
+    attrs = provenance(
+        "intervene_answers", params, model=model.name, revision=model.revision,
+        remote=model.remote, seed=seed,
+    )  # fmt: skip
+    ranks = [int((k if k is not None else q).shape[1]) for k, q in zip(key_v, query_v, strict=True)]
+    return ds.assign_coords(candidate_token=(("prompt", "candidate"), tokens)).assign_attrs(
+        attrs, heads=[h.label for h in heads], side=side, mode=mode, ranks=ranks,
+        forward_passes=len(plan), rows=copies * n,
+    )  # fmt: skip
+
+
+def _candidate_ids(model: Model, candidates: Sequence[Sequence[int | str]]) -> np.ndarray:
+    """Candidate answers as token ids [prompt, candidate] (a string counts by its first token)."""
+    rows = []
+    for p, row in enumerate(candidates):
+        ids = []
+        for c in row:
+            if isinstance(c, str):
+                tokens = model.tokenizer(c, add_special_tokens=False)["input_ids"]
+                if not tokens:
+                    raise ValueError(f"Prompt {p}: candidate {c!r} has no tokens.")
+                ids.append(int(tokens[0]))
+            else:
+                ids.append(int(c))
+        rows.append(ids)
+    widths = {len(r) for r in rows}
+    if len(widths) != 1 or 0 in widths:
+        raise ValueError(
+            f"candidates must give every prompt the same number (>= 1) of answers, got {widths}."
+        )
+    return np.array(rows, dtype=np.int64)
+
+
+def _key_positions(
+    mode: str,
+    side: str,
+    orig: Sequence[int] | None,
+    target: Sequence[int] | None,
+    at: Sequence[Sequence[int]] | None,
+    lengths: list[int],
+) -> np.ndarray | None:
+    """Key positions to edit per prompt [prompt, m] (resolved), or None for query-only edits."""
+    if side == "query":
+        return None
+    if mode == "swap":
+        if orig is None or target is None:
+            raise ValueError("mode='swap' needs orig= and target=: the two keys per prompt.")
+        spec = [[o, t] for o, t in zip(orig, target, strict=True)]
+    elif at is not None:
+        spec = [list(r) if not isinstance(r, int) else [r] for r in at]
+    elif orig is not None:
+        spec = [[o] for o in orig]
+    else:
+        raise ValueError("Key ablation needs at= (positions per prompt) or orig=.")
+    rows = resolve_positions(spec, lengths, "Edit")
+    for p, r in enumerate(rows):
+        if len(set(r)) != len(r):
+            raise ValueError(f"Prompt {p}: the edited key positions {r} repeat; give distinct ones.")
+    widths = {len(r) for r in rows}
+    if len(widths) != 1:
+        raise ValueError("Give every prompt the same number of key positions to edit.")
+    return np.array(rows)
+
+
+def _answers_batch(
+    model: Model,
+    batch: Batch,
+    heads: list[Head],
+    key_stack: list[torch.Tensor | None],
+    query_stack: list[torch.Tensor | None],
+    edit_index: torch.Tensor | None,
+    mode: str,
+    candidate_ids: torch.Tensor,
+    copies: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """One trace of `copies` stacked copies of the batch: candidate logits/log-probs [S, b, C]."""
+    b = len(batch.texts)
+    inputs = {k: v.repeat(copies, 1) for k, v in batch.encoded.inputs.items()}
+    last = batch.query_index[:, 0].repeat(copies)  # [S*b]
+    query_index = last[:, None]
+    ids = candidate_ids.repeat(copies, 1)
+    index = None if edit_index is None else edit_index.repeat(copies, 1)
+
+    def per_row(stack: torch.Tensor) -> torch.Tensor:  # [S, d, r] -> [S*b, d, r]
+        return stack.repeat_interleave(b, dim=0)
+
+    order = sorted(range(len(heads)), key=lambda i: heads[i].layer)
+    layers = list(dict.fromkeys(heads[i].layer for i in order))
+    with torch.inference_mode(), model.trace(inputs):
+        for layer in layers:
+            args, _ = model.attention_call(layer).inputs
+            q, k = args[1], args[2]
+            for i in order:
+                h = heads[i]
+                if h.layer != layer:
+                    continue
+                if key_stack[i] is not None:
+                    rows = k[:, model.kv_head(h.head)]  # a view [S*b, tokens, d]
+                    picked = ops.gather_positions(rows, index).float()
+                    edited = ops.edit_in_subspace(picked, per_row(key_stack[i]), mode)
+                    ops.put_positions(rows, index, edited, inplace=True)
+                if query_stack[i] is not None:
+                    rows = q[:, h.head]
+                    picked = ops.gather_positions(rows, query_index).float()
+                    edited = ops.edit_in_subspace(picked, per_row(query_stack[i]), "ablate")
+                    ops.put_positions(rows, query_index, edited, inplace=True)
+        out = model.lm.output.logits  # [S*b, tokens, vocab]
+        at_last = out[torch.arange(copies * b), last].float()
+        logprobs = torch.log_softmax(at_last, dim=-1)
+        saved = nnsight.save([at_last.gather(1, ids), logprobs.gather(1, ids)])
+    logit, logprob = (s.float().cpu().numpy().reshape(copies, b, -1) for s in saved)
+    return logit, logprob
+
+
+def _answer_metrics(
+    logits: np.ndarray,
+    logprobs: np.ndarray,
+    answer: np.ndarray,
+    target: np.ndarray,
+    names: list[str],
+) -> xr.Dataset:
+    """Candidate logits/log-probs [S, prompt, C] (copy 0 unedited) -> the labelled metrics."""
+    rows = np.arange(logits.shape[1])
+    prob = np.exp(logprobs)
+    before_l, after_l = logits[0], logits[1:]
+    before_p, after_p = prob[0], prob[1:]
+    diff_before = before_l[rows, answer] - before_l[rows, target]
+    diff_after = after_l[:, rows, answer] - after_l[:, rows, target]
+    argmax_before = before_l.argmax(-1)
+    argmax_after = after_l.argmax(-1)
+    correct = argmax_before == answer
+    flip = correct[None] & (argmax_after == target[None])
+    n_correct = int(correct.sum())
+    ps, pc = ("subspace", "prompt"), ("prompt", "candidate")
+    p_answer_after = after_p[:, rows, answer]
+    p_target_after = after_p[:, rows, target]
+    data = {
+        "answer_logit_before": (pc, before_l),
+        "answer_prob_before": (pc, before_p),
+        "answer_logit_after": (("subspace", *pc), after_l),
+        "answer_prob_after": (("subspace", *pc), after_p),
+        "p_answer_before": ("prompt", before_p[rows, answer]),
+        "p_target_answer_before": ("prompt", before_p[rows, target]),
+        "answer_logit_diff_before": ("prompt", diff_before),
+        "answer_argmax_before": ("prompt", argmax_before),
+        "answer_correct": ("prompt", correct),
+        "p_answer_after": (ps, p_answer_after),
+        "p_target_answer_after": (ps, p_target_after),
+        "delta_p_answer": (ps, p_answer_after - before_p[rows, answer]),
+        "delta_p_target_answer": (ps, p_target_after - before_p[rows, target]),
+        "answer_logit_diff_after": (ps, diff_after),
+        "delta_answer_logit_diff": (ps, diff_after - diff_before),
+        "answer_argmax_after": (ps, argmax_after),
+        "answer_flip": (ps, flip),
+        "answer_flip_rate": (
+            "subspace",
+            flip.sum(1) / n_correct if n_correct else np.full(len(names), np.nan),
+        ),
+        "mean_delta_p_answer": ("subspace", (p_answer_after - before_p[rows, answer]).mean(1)),
+        "mean_delta_p_target_answer": (
+            "subspace",
+            (p_target_after - before_p[rows, target]).mean(1),
+        ),
+        "mean_delta_answer_logit_diff": ("subspace", (diff_after - diff_before).mean(1)),
+    }
+    coords = {
+        "subspace": names,
+        "random": ("subspace", np.array([False] + [True] * (len(names) - 1))),
+        "prompt": rows,
+        "answer_index": ("prompt", answer),
+        "target_answer_index": ("prompt", target),
+    }
+    return xr.Dataset(data, coords=coords)
