@@ -8,6 +8,7 @@ The verbs a study needs, from a notebook or a script::
     sums = qktrace.reduce(model, prompts, "16.19", labels, keys=positions)  # C+ / C- sums, in-trace
     sub = qktrace.decompose(sums)                                           # ΔC, SVD, ranks, bases
     fx = qktrace.intervene(model, prompts, "16.19", basis, orig=..., target=..., keys=...)
+    said = qktrace.intervene_answers(model, prompts, {"16.19": basis}, candidates=..., ...)
     parts = qktrace.attribute(ds, {"order": U_order, "lexical": U_lex})
     qktrace.save(ds, "run.zarr"); qktrace.open("run.zarr")
 
@@ -20,6 +21,7 @@ __version__ = "0.1.0"
 
 # Imported eagerly on purpose: `capture`, `reduce` and `intervene` are both verbs and module
 # names, and a lazily imported submodule would replace the verb on the package.
+from .answers import intervene_answers
 from .attribution import attribute
 from .covariance import decompose
 from .heads import find_heads
@@ -36,6 +38,7 @@ __all__ = [
     "reduce",
     "decompose",
     "intervene",
+    "intervene_answers",
     "attribute",
     "find_heads",
     "save",

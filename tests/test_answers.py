@@ -1,0 +1,141 @@
+"""Answer-level effects: the edit written into the traced q/k is what changes the model's output."""
+
+import numpy as np
+import pytest
+import torch
+import transformers.models.llama.modeling_llama as modeling_llama
+
+from qktrace.answers import intervene_answers
+from qktrace.covariance import random_subspaces
+from qktrace.models import load
+from qktrace.qk import encode
+from qktrace.testing import model as fresh_model
+from tests.conftest import tiny
+
+PROMPTS = [
+    "The apple is in Box A, the cat is in Box B.",
+    "Which box is the cat in? Box",
+    "- apple\n- horse\n- water\nWhat are the fruits in the list?",
+]
+ORIG, TARGET = [1, 2, 3], [4, 5, -2]
+CANDIDATES = [[10, 11, 12, 13]] * 3
+ANSWER, TARGET_ANSWER = [0, 1, 2], [1, 2, 3]
+
+
+def basis(d=16, r=8, seed=3):
+    return np.linalg.qr(np.random.default_rng(seed).normal(size=(d, r)))[0]
+
+
+def manual_logits(net, tok, prompt, edits, monkeypatch):
+    """Last-token logits of `net` (a plain model, never traced: nnsight rewrites a traced
+    module's forward, which would bypass the wrapper) with the edits applied by a plain wrapper of the eager attention function.
+
+    edits: {(layer, kv_head): (basis, kind, positions)}; kind "swap" (two key positions) or
+    "ablate_query" (the last token's query of query head kv_head).
+    """
+    original = modeling_llama.eager_attention_forward
+
+    def edited(module, query, key, value, *args, **kwargs):
+        key, query = key.clone(), query.clone()
+        for (layer, head), (v, kind, pos) in edits.items():
+            if layer != module.layer_idx:
+                continue
+            v = torch.tensor(v, dtype=key.dtype)
+            if kind == "swap":
+                o, t = pos
+                delta = (key[0, head, t] @ v - key[0, head, o] @ v) @ v.T
+                key[0, head, o] += delta
+                key[0, head, t] -= delta
+            else:
+                query[0, head, -1] -= (query[0, head, -1] @ v) @ v.T
+        return original(module, query, key, value, *args, **kwargs)
+
+    monkeypatch.setattr(modeling_llama, "eager_attention_forward", edited)
+    try:
+        ids = torch.tensor([tok(prompt)["input_ids"]])
+        with torch.inference_mode():
+            return net(ids).logits[0, -1].float().numpy()
+    finally:
+        monkeypatch.setattr(modeling_llama, "eager_attention_forward", original)
+
+
+@pytest.mark.parametrize("remote", [False, "local"], ids=["local", "remote-local"])
+def test_key_swap_in_two_layers_matches_a_manual_edit(remote, monkeypatch):
+    net, tok = tiny("llama")
+    m = load(net, tokenizer=tok, remote=remote)
+    bases = {"1.1": basis(seed=3), "0.2": basis(seed=4)}  # two layers; 1.1 reads key head 0
+    fx = intervene_answers(
+        m, PROMPTS, bases, candidates=CANDIDATES, answer=ANSWER, target_answer=TARGET_ANSWER,
+        orig=ORIG, target=TARGET, n_random=2, seed=9, batch_size=2, progress=False,
+    )  # fmt: skip
+    lengths = encode(m, PROMPTS).lengths
+    randoms = {
+        label: random_subspaces(16, 8, 2, 9 + i) for i, label in enumerate(bases)
+    }  # per head: seed + its index
+    plain, _ = fresh_model("llama")  # the same weights (seeded), never wrapped by nnsight
+    for p, prompt in enumerate(PROMPTS):
+        pos = (ORIG[p] % lengths[p], TARGET[p] % lengths[p])
+        clean = manual_logits(plain, tok, prompt, {}, monkeypatch)
+        np.testing.assert_allclose(
+            fx.answer_logit_before.values[p], clean[CANDIDATES[p]], atol=1e-5
+        )
+        for s, choose in (("subspace", lambda lab: bases[lab]), ("random_1", None)):
+            pick = choose or (lambda lab: randoms[lab][1])
+            edits = {(1, m.kv_head(1)): (pick("1.1"), "swap", pos),
+                     (0, m.kv_head(2)): (pick("0.2"), "swap", pos)}  # fmt: skip
+            want = manual_logits(plain, tok, prompt, edits, monkeypatch)[CANDIDATES[p]]
+            got = fx.answer_logit_after.sel(subspace=s).values[p]
+            np.testing.assert_allclose(got, want, atol=1e-5, err_msg=f"{s} {p}")
+            # the edit really changed the answer logits (so the check above can fail)
+            assert np.abs(want - clean[CANDIDATES[p]]).max() > 1e-4
+    assert fx.attrs["forward_passes"] == 2 and fx.attrs["rows"] == 4 * len(PROMPTS)
+    log_p = np.log(fx.answer_prob_after.values)
+    np.testing.assert_allclose(  # probabilities are over the whole vocabulary: log-softmax
+        log_p - fx.answer_logit_after.values,
+        (log_p - fx.answer_logit_after.values)[..., :1] * np.ones((1, 1, 4)),
+        atol=1e-4,
+    )
+
+
+def test_query_ablation_matches_a_manual_edit(monkeypatch):
+    net, tok = tiny("llama")
+    m = load(net, tokenizer=tok)
+    v = basis(r=12, seed=5)
+    fx = intervene_answers(
+        m, PROMPTS, {"1.3": v}, candidates=CANDIDATES, answer=ANSWER,
+        target_answer=TARGET_ANSWER, mode="ablate", side="query", n_random=1, progress=False,
+    )  # fmt: skip
+    plain, _ = fresh_model("llama")
+    for p, prompt in enumerate(PROMPTS):
+        want = manual_logits(plain, tok, prompt, {(1, 3): (v, "ablate_query", None)}, monkeypatch)
+        clean = manual_logits(plain, tok, prompt, {}, monkeypatch)
+        assert np.abs(want - clean).max() > 1e-4
+        got = fx.answer_logit_after.sel(subspace="subspace").values[p]
+        np.testing.assert_allclose(got, want[CANDIDATES[p]], atol=1e-5)
+
+
+def test_metrics_follow_the_logits():
+    """Flip, p(answer) and logit differences are read off the candidates' logits correctly."""
+    from qktrace.answers import _answer_metrics
+
+    logits = np.array([[[3.0, 1.0, 0.0]], [[0.0, 2.0, 1.0]], [[2.0, 1.0, 0.0]]])  # S=3, 1 prompt
+    logprobs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    ds = _answer_metrics(logits, logprobs, np.array([0]), np.array([1]), ["real", "random_0"])
+    assert ds.answer_correct.item() and list(ds.answer_flip.values[:, 0]) == [True, False]
+    np.testing.assert_allclose(ds.delta_answer_logit_diff.values[:, 0], [-4.0, -1.0])
+    assert list(ds.answer_flip_rate.values) == [1.0, 0.0]
+
+
+def test_bad_input_names_the_fix():
+    net, tok = tiny("llama")
+    m = load(net, tokenizer=tok)
+    kw = dict(candidates=CANDIDATES, answer=ANSWER, target_answer=TARGET_ANSWER, progress=False)
+    with pytest.raises(ValueError, match="side='key'"):
+        intervene_answers(m, PROMPTS, {"1.1": basis()}, side="query", **kw)
+    with pytest.raises(ValueError, match="orig= and target="):
+        intervene_answers(m, PROMPTS, {"1.1": basis()}, **kw)
+    with pytest.raises(ValueError, match="index the 4 candidates"):
+        intervene_answers(
+            m, PROMPTS, {"1.1": basis()}, orig=ORIG, target=TARGET,
+            **{**kw, "answer": [0, 1, 7]},
+        )  # fmt: skip
