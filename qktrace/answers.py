@@ -156,10 +156,16 @@ def intervene_answers(
             out.append(
                 None
                 if b is None
-                else orthogonalize([as_basis(b, model.d_head, what=f"{which} basis", head=h.label)])[0]
+                else orthogonalize(
+                    [as_basis(b, model.d_head, what=f"{which} basis", head=h.label)]
+                )[0]
             )
     model.check_heads(heads)
-    for what, spec in (("candidates", candidates), ("answer", answer), ("target_answer", target_answer)):
+    for what, spec in (
+        ("candidates", candidates),
+        ("answer", answer),
+        ("target_answer", target_answer),
+    ):
         if isinstance(spec, str) or len(spec) != n:
             raise ValueError(f"{what} must give one entry per prompt ({n} prompts).")
     ids = _candidate_ids(model, candidates)
@@ -176,7 +182,9 @@ def intervene_answers(
     def stacked(v: np.ndarray | None, i: int) -> torch.Tensor | None:
         if v is None:
             return None
-        rand = list(random_subspaces(model.d_head, v.shape[1], n_random, seed + i)) if n_random else []
+        rand = (
+            list(random_subspaces(model.d_head, v.shape[1], n_random, seed + i)) if n_random else []
+        )
         return torch.tensor(np.stack([np.zeros_like(v), v, *rand]), dtype=torch.float32)
 
     key_stack = [stacked(v, i) for i, v in enumerate(key_v)]
@@ -283,7 +291,9 @@ def _key_positions(
     rows = resolve_positions(spec, lengths, "Edit")
     for p, r in enumerate(rows):
         if len(set(r)) != len(r):
-            raise ValueError(f"Prompt {p}: the edited key positions {r} repeat; give distinct ones.")
+            raise ValueError(
+                f"Prompt {p}: the edited key positions {r} repeat; give distinct ones."
+            )
     widths = {len(r) for r in rows}
     if len(widths) != 1:
         raise ValueError("Give every prompt the same number of key positions to edit.")

@@ -359,7 +359,9 @@ def intervene_captured(
         )
     ds = captured.sel(head=label)
     if ds.sizes["query"] != 1:
-        raise ValueError("intervene_captured takes one query per prompt: capture with query='last'.")
+        raise ValueError(
+            "intervene_captured takes one query per prompt: capture with query='last'."
+        )
     ds = ds.isel(query=0)
     n, d_head = ds.sizes["prompt"], ds.sizes["d_head"]
     for what, spec in (("orig", orig), ("target", target)):
