@@ -81,8 +81,10 @@ def intervene_answers(
     bases
         Head -> subspace: ``{"16.19": V, "20.26": V2}``, each [d_head, r] or a `decompose`
         DataArray (NaN columns dropped). For ``side="both"`` each value is a pair
-        ``(key_basis, query_basis)``. Heads may share a layer or a key head; their edits are
-        applied in the order given.
+        ``(key_basis, query_basis)``. Heads may share a layer. Heads that read the same key
+        head (grouped-query attention) get one key edit in the union of their key subspaces
+        (two swaps in one subspace would undo each other); random draws then have the union's
+        rank.
     candidates
         Per prompt, the candidate answers: token ids, or strings whose first token counts (e.g.
         the box letters as they appear in the prompt).
@@ -101,8 +103,9 @@ def intervene_answers(
     name
         The recovered subspaces' name in the ``subspace`` coordinate.
     n_random, seed
-        Random orthonormal subspaces of each head's rank (seed + the head's index), edited in
-        copies of the batch in the same trace.
+        Random orthonormal subspaces of each edit's rank (seed + the index of the edit's first
+        head; query edits seed + n_heads + index), edited in copies of the batch in the same
+        trace.
 
     Returns
     -------
@@ -179,16 +182,26 @@ def intervene_answers(
     # per head: stacked bases [S, d, r] (copy 0 zero, 1 the recovered subspace, 2.. random)
     from .covariance import random_subspaces
 
-    def stacked(v: np.ndarray | None, i: int) -> torch.Tensor | None:
-        if v is None:
-            return None
-        rand = (
-            list(random_subspaces(model.d_head, v.shape[1], n_random, seed + i)) if n_random else []
-        )
+    def stacked(v: np.ndarray, seed_i: int) -> torch.Tensor:
+        rank = v.shape[1]
+        rand = list(random_subspaces(model.d_head, rank, n_random, seed_i)) if n_random else []
         return torch.tensor(np.stack([np.zeros_like(v), v, *rand]), dtype=torch.float32)
 
-    key_stack = [stacked(v, i) for i, v in enumerate(key_v)]
-    query_stack = [stacked(v, i) for i, v in enumerate(query_v)]
+    # heads that read one key head (grouped-query attention) get ONE key edit, in the union of
+    # their key subspaces: two swaps in the same subspace would undo each other
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, (h, v) in enumerate(zip(heads, key_v, strict=True)):
+        if v is not None:
+            groups.setdefault((h.layer, model.kv_head(h.head)), []).append(i)
+    key_edits = [
+        (layer, kv, stacked(_union([key_v[i] for i in members]), seed + members[0]))
+        for (layer, kv), members in groups.items()
+    ]
+    query_edits = [
+        (h.layer, h.head, stacked(v, seed + len(heads) + i))
+        for i, (h, v) in enumerate(zip(heads, query_v, strict=True))
+        if v is not None
+    ]
     copies = 2 + n_random
     plan = plan_batches(model, prompts, "last", "last", batch_size, add_special_tokens)
     results = []
@@ -204,9 +217,8 @@ def intervene_answers(
             _answers_batch,
             model,
             batch,
-            heads,
-            key_stack,
-            query_stack,
+            key_edits,
+            query_edits,
             edit_index,
             mode,
             torch.tensor(ids[rows]),
@@ -239,10 +251,20 @@ def intervene_answers(
         remote=model.remote, seed=seed,
     )  # fmt: skip
     ranks = [int((k if k is not None else q).shape[1]) for k, q in zip(key_v, query_v, strict=True)]
+    key_ranks = {f"{layer}.kv{kv}": int(stack.shape[-1]) for layer, kv, stack in key_edits}
     return ds.assign_coords(candidate_token=(("prompt", "candidate"), tokens)).assign_attrs(
         attrs, heads=[h.label for h in heads], side=side, mode=mode, ranks=ranks,
+        key_edit_ranks=key_ranks,
         forward_passes=len(plan), rows=copies * n,
     )  # fmt: skip
+
+
+def _union(bases: list[np.ndarray], tol: float = 1e-6) -> np.ndarray:
+    """An orthonormal basis of the span of several orthonormal bases [d, r_i]."""
+    if len(bases) == 1:
+        return bases[0]
+    u, sv, _ = np.linalg.svd(np.concatenate(bases, axis=1), full_matrices=False)
+    return u[:, sv > tol * sv[0]]
 
 
 def _candidate_ids(model: Model, candidates: Sequence[Sequence[int | str]]) -> np.ndarray:
@@ -303,9 +325,8 @@ def _key_positions(
 def _answers_batch(
     model: Model,
     batch: Batch,
-    heads: list[Head],
-    key_stack: list[torch.Tensor | None],
-    query_stack: list[torch.Tensor | None],
+    key_edits: list[tuple[int, int, torch.Tensor]],
+    query_edits: list[tuple[int, int, torch.Tensor]],
     edit_index: torch.Tensor | None,
     mode: str,
     candidate_ids: torch.Tensor,
@@ -322,26 +343,21 @@ def _answers_batch(
     def per_row(stack: torch.Tensor) -> torch.Tensor:  # [S, d, r] -> [S*b, d, r]
         return stack.repeat_interleave(b, dim=0)
 
-    order = sorted(range(len(heads)), key=lambda i: heads[i].layer)
-    layers = list(dict.fromkeys(heads[i].layer for i in order))
+    layers = sorted({e[0] for e in key_edits} | {e[0] for e in query_edits})
     with torch.inference_mode(), model.trace(inputs):
         for layer in layers:
             args, _ = model.attention_call(layer).inputs
             q, k = args[1], args[2]
-            for i in order:
-                h = heads[i]
-                if h.layer != layer:
-                    continue
-                if key_stack[i] is not None:
-                    rows = k[:, model.kv_head(h.head)]  # a view [S*b, tokens, d]
-                    picked = ops.gather_positions(rows, index).float()
-                    edited = ops.edit_in_subspace(picked, per_row(key_stack[i]), mode)
-                    ops.put_positions(rows, index, edited, inplace=True)
-                if query_stack[i] is not None:
-                    rows = q[:, h.head]
-                    picked = ops.gather_positions(rows, query_index).float()
-                    edited = ops.edit_in_subspace(picked, per_row(query_stack[i]), "ablate")
-                    ops.put_positions(rows, query_index, edited, inplace=True)
+            for _, kv, stack in (e for e in key_edits if e[0] == layer):
+                rows = k[:, kv]  # a view [S*b, tokens, d]: the write reaches the model
+                picked = ops.gather_positions(rows, index).float()
+                edited = ops.edit_in_subspace(picked, per_row(stack), mode)
+                ops.put_positions(rows, index, edited, inplace=True)
+            for _, head, stack in (e for e in query_edits if e[0] == layer):
+                rows = q[:, head]
+                picked = ops.gather_positions(rows, query_index).float()
+                edited = ops.edit_in_subspace(picked, per_row(stack), "ablate")
+                ops.put_positions(rows, query_index, edited, inplace=True)
         out = model.lm.output.logits  # [S*b, tokens, vocab]
         at_last = out[torch.arange(copies * b), last].float()
         logprobs = torch.log_softmax(at_last, dim=-1)

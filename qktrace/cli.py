@@ -233,6 +233,15 @@ def study(
         int | None,
         typer.Option("--n-random", help="Random subspaces per intervention [default: 10]."),
     ] = None,
+    n_random_answers: Annotated[
+        int | None,
+        typer.Option(
+            "--n-random-answers",
+            help="Random subspaces per head for the answer-level swaps (the swap written into "
+            "the model; each adds one copy of every test prompt to the answer traces) "
+            "[default: 3].",
+        ),
+    ] = None,
     threshold: Annotated[
         float | None,
         typer.Option("--threshold", help="Rank rule: fraction of sum(S^2) kept [default: 0.99]."),
@@ -299,6 +308,7 @@ def study(
         "categories": categories.split(",") if categories else None,
         "batch_size": batch_size,
         "n_random": n_random,
+        "n_random_answers": n_random_answers,
         "threshold": threshold,
         "chat": chat,
     }

@@ -11,6 +11,9 @@ appear when the store has what they need:
   before and after the edit (``mean_attention_target_before/after``) per subspace, the recovered subspace
   next to the mean and spread of its random baselines (``random`` coordinate, or labels
   ``random_*``);
+- answers: ``answer_flip_rate``, the mean changes of p(answer), p(target's answer) and of the
+  logit difference per edited head set (``answer_heads``) and subspace (``answer_subspace``),
+  recovered next to random (`qktrace.intervene_answers`, the studies' answer-level swaps);
 - attribution: the mean explained fraction per head (``explained``);
 - the list of variables with their dims.
 """
@@ -27,6 +30,12 @@ __all__ = ["summarize"]
 
 _PROVENANCE = ("study", "model", "revision", "remote", "seed", "date")
 _VERSIONS = ("qktrace_version", "nnsight_version", "torch_version", "transformers_version")
+_ANSWER_METRICS = {
+    "answer_flip_rate": "answer flip rate",
+    "mean_delta_p_answer": "mean Δp(answer)",
+    "mean_delta_p_target_answer": "mean Δp(target's answer)",
+    "mean_delta_answer_logit_diff": "mean Δ logit diff",
+}
 _METRICS = {
     "flip_rate": "flip rate",
     "mean_delta_p_target": "mean Δp(target)",
@@ -49,7 +58,13 @@ def summarize(
     study filter_heads | model m
     """
     with pd.option_context("display.width", max_width, "display.max_columns", 20):
-        sections = [_provenance(ds, path), _ranks(ds), _interventions(ds), _explained(ds)]
+        sections = [
+            _provenance(ds, path),
+            _ranks(ds),
+            _interventions(ds),
+            _answers(ds),
+            _explained(ds),
+        ]
         if variables:
             sections.append(_variables(ds))
     return "\n\n".join(s for s in sections if s)
@@ -106,18 +121,37 @@ def _table(da: xr.DataArray) -> str:
     return da.to_pandas().to_string()
 
 
-def _interventions(ds: xr.Dataset) -> str:
-    metrics = [m for m in _METRICS if m in ds and "subspace" in ds[m].dims]
+def _answers(ds: xr.Dataset) -> str:
+    """The answer-level table: what the edit written into the model does to its answer."""
+    table = _interventions(ds, _ANSWER_METRICS, "answer_subspace", "answer_random")
+    if not table:
+        return ""
+    extra = ""
+    if "answer_correct" in ds:
+        extra = f"\nanswered correctly before the edit: {float(ds['answer_correct'].mean()):.3f}"
+    head = "Answers: the edit written into the model (per edited head; 'all' = all heads at once)"
+    return f"{head}, recovered subspace vs random subspaces of equal rank\n{table}{extra}"
+
+
+def _interventions(
+    ds: xr.Dataset,
+    table: dict[str, str] | None = None,
+    subspace: str = "subspace",
+    random: str = "random",
+) -> str:
+    answers = table is not None
+    table = _METRICS if table is None else table
+    metrics = [m for m in table if m in ds and subspace in ds[m].dims]
     if not metrics:
         return ""
-    names = [str(s) for s in ds["subspace"].values]
-    if "random" in ds.coords:
-        is_random = np.asarray(ds["random"].values, dtype=bool)
+    names = [str(s) for s in ds[subspace].values]
+    if random in ds.coords:
+        is_random = np.asarray(ds[random].values, dtype=bool)
     else:
         is_random = np.array([n.startswith("random_") for n in names])
     recovered = [n for n, r in zip(names, is_random, strict=True) if not r]
     randoms = [n for n, r in zip(names, is_random, strict=True) if r]
-    outer = [d for d in ds[metrics[0]].dims if d != "subspace"]
+    outer = [d for d in ds[metrics[0]].dims if d != subspace]
     keep = _kept_dims(ds, outer)
     averaged = [d for d in outer if d not in keep]
     rows = []
@@ -132,13 +166,13 @@ def _interventions(ds: xr.Dataset) -> str:
             for name in recovered:
                 # a baseline named after its subspace (toy: random_z1), else all random draws
                 own = [r for r in randoms if r == f"random_{name}"] or randoms
-                baseline = cell.sel(subspace=own).values if own else np.array([np.nan])
+                baseline = cell.sel({subspace: own}).values if own else np.array([np.nan])
                 rows.append(
                     {
                         **{str(d): v for d, v in zip(keep, label, strict=False)},
                         "subspace": name,
-                        "metric": _METRICS[metric],
-                        "value": float(cell.sel(subspace=name)),
+                        "metric": table[metric],
+                        "value": float(cell.sel({subspace: name})),
                         "random mean": float(np.nanmean(baseline)),
                         "random sd": float(np.nanstd(baseline)),
                     }
@@ -147,6 +181,8 @@ def _interventions(ds: xr.Dataset) -> str:
     index = [*map(str, keep), "subspace", "metric"]
     frame = frame.sort_values(index[:-1], kind="stable").set_index(index).round(3)
     note = f" (mean over {', '.join(map(str, averaged))})" if averaged else ""
+    if answers:
+        return frame.to_string()
     before = ""
     if (
         "mean_attention_target_before" in ds

@@ -372,6 +372,99 @@ def stack_heads(per_head: Sequence[xr.Dataset], heads: Sequence[str]) -> xr.Data
 
 
 # --------------------------------------------------------------------------------------------
+# answer-level effects: does the model say something else when the subspace is edited?
+
+N_RANDOM_ANSWERS = 3
+ALL_HEADS = "all"
+
+
+def answer_effects(
+    lm: Model,
+    ids: Sequence[Sequence[int]],
+    bases: dict[str, np.ndarray],
+    *,
+    candidates: Sequence[Sequence[int]],
+    answer: Sequence[int],
+    target_answer: Sequence[int],
+    orig: Sequence[int],
+    target: Sequence[int],
+    name: str,
+    n_random: int,
+    seed: int,
+    batch_size: int,
+    progress: bool,
+) -> xr.Dataset:
+    """Swap the subspace coordinates of orig and target keys in each head alone and in all heads
+    together (`qktrace.intervene_answers`), and read the model's answer.
+
+    Returns answer-level variables over ``answer_heads`` (each head's label, then "all"),
+    ``answer_subspace`` (`name`, then random draws; bool ``answer_random``), ``prompt`` and
+    ``answer_candidate``: everything `intervene_answers` returns, its dims renamed so they do
+    not collide with the attention-level ``subspace`` (which has more random draws).
+    """
+    from qktrace.answers import intervene_answers
+
+    sets = {label: {label: basis} for label, basis in bases.items()}
+    if len(bases) > 1:
+        sets[ALL_HEADS] = dict(bases)
+    parts = []
+    for chosen in sets.values():
+        fx = intervene_answers(
+            lm,
+            ids,
+            chosen,
+            candidates=candidates,
+            answer=answer,
+            target_answer=target_answer,
+            orig=orig,
+            target=target,
+            mode="swap",
+            side="key",
+            name=name,
+            n_random=n_random,
+            seed=seed,
+            batch_size=batch_size,
+            progress=progress,
+        )
+        parts.append(fx.drop_attrs())
+    out = xr.concat(parts, dim="answer_heads", data_vars="all", coords="different", compat="equals")
+    return out.assign_coords(answer_heads=list(sets)).rename(
+        {
+            "subspace": "answer_subspace",
+            "random": "answer_random",
+            "candidate": "answer_candidate",
+            "candidate_token": "answer_candidate_token",
+        }
+    )
+
+
+def answer_summary(effects: xr.Dataset) -> xr.Dataset:
+    """Per head set and subspace: answer flip rate and mean changes, over the prompts given."""
+    correct = effects["answer_correct"]
+    return xr.Dataset(
+        {
+            "answer_flip_rate": effects["answer_flip"].sum("prompt") / correct.sum("prompt"),
+            "mean_delta_p_answer": effects["delta_p_answer"].mean("prompt"),
+            "mean_delta_p_target_answer": effects["delta_p_target_answer"].mean("prompt"),
+            "mean_delta_answer_logit_diff": effects["delta_answer_logit_diff"].mean("prompt"),
+        }
+    )
+
+
+_ANSWER_SUMMARIES = (
+    "answer_flip_rate",
+    "mean_delta_p_answer",
+    "mean_delta_p_target_answer",
+    "mean_delta_answer_logit_diff",
+)
+
+
+def answer_per_prompt(effects: xr.Dataset) -> xr.Dataset:
+    """An `answer_effects` result without its summaries (recomputed over all prompts later)."""
+    return effects.drop_vars([n for n in _ANSWER_SUMMARIES if n in effects])
+
+
+# --------------------------------------------------------------------------------------------
 # figures (drawn from stored data)
 
 
@@ -421,28 +514,56 @@ def rank_figure(ds: xr.Dataset, what: str) -> Any:
     )
 
 
-def swap_bars(ds: xr.Dataset, name: str, title: str = "") -> Any:
-    """Flip rate and mean change of p(target) per head: subspace `name` next to its random draws."""
+def swap_bars(
+    ds: xr.Dataset,
+    name: str,
+    title: str = "",
+    *,
+    metrics: Sequence[str] = ("mean_delta_p_target", "flip_rate"),
+    labels: dict[str, str] | None = None,
+    row: str = "head",
+    subspace: str = "subspace",
+    random: str = "random",
+) -> Any:
+    """Metrics per `row` (head): subspace `name` next to its random draws (mean, spread, dots)."""
     from qktrace import plots
 
-    metrics = ["mean_delta_p_target", "flip_rate"]
-    randoms = [str(s) for s, r in zip(ds["subspace"].values, ds["random"].values, strict=True) if r]
-    labels = [name] + ([f"random_{name}"] if randoms else [])
-    n_heads = ds.sizes["head"]
+    is_random = ds[random].values
+    randoms = [str(s) for s, r in zip(ds[subspace].values, is_random, strict=True) if r]
+    names = [name] + ([f"random_{name}"] if randoms else [])
+    n_rows = ds.sizes[row]
     data = {}
     for metric in metrics:
-        values = np.full((n_heads, len(labels), max(1, len(randoms))), np.nan)
-        values[:, 0, 0] = ds[metric].sel(subspace=name).values
+        values = np.full((n_rows, len(names), max(1, len(randoms))), np.nan)
+        values[:, 0, 0] = ds[metric].sel({subspace: name}).transpose(row).values
         if randoms:
-            values[:, 1, :] = ds[metric].sel(subspace=randoms).transpose("head", "subspace").values
-        data[metric] = (("head", "subspace", "draw"), values)
-    summary = xr.Dataset(data, coords={"head": ds["head"].values, "subspace": labels})
+            values[:, 1, :] = ds[metric].sel({subspace: randoms}).transpose(row, subspace).values
+        data[metric] = ((row, "subspace", "draw"), values)
+    summary = xr.Dataset(data, coords={row: ds[row].values, "subspace": names})
     return plots.intervention_bars(
         summary,
-        metrics,
-        row="head",
-        labels={"mean_delta_p_target": "mean Δ p(target)", "flip_rate": "flip rate"},
+        list(metrics),
+        row=row,
+        labels=labels or {"mean_delta_p_target": "mean Δ p(target)", "flip_rate": "flip rate"},
         title=title,
+    )
+
+
+def answer_bars(ds: xr.Dataset, name: str, title: str = "") -> Any:
+    """Answer-level effects per edited head and for all heads together, vs random subspaces."""
+    return swap_bars(
+        ds,
+        name,
+        title,
+        metrics=("answer_flip_rate", "mean_delta_p_target_answer", "mean_delta_answer_logit_diff"),
+        labels={
+            "answer_flip_rate": "answer flip rate",
+            "mean_delta_p_target_answer": "mean Δ p(target's answer)",
+            "mean_delta_answer_logit_diff": "mean Δ logit(answer) - logit(target's)",
+        },
+        row="answer_heads",
+        subspace="answer_subspace",
+        random="answer_random",
     )
 
 

@@ -29,12 +29,17 @@ from qktrace.prompts import BOXES_ANSWER_PREFIX as ANSWER_PREFIX
 from qktrace.prompts import Located, Prompt, boxes_prompt, load_box_letters, load_objects
 from qktrace.prompts import boxes_prompts as build_prompts
 from studies._common import (
+    answer_bars,
+    answer_effects,
+    answer_per_prompt,
+    answer_summary,
     pca_figure,
     per_prompt,
     rank_figure,
     save_figures,
     stack_heads,
     swap_bars,
+    trimmed,
 )
 
 # the builders live in `qktrace.prompts` (the organism's training data uses them too)
@@ -48,6 +53,7 @@ __all__ = [
     "key_labels",
     "targets",
     "swaps",
+    "answer_swaps",
     "find",
     "plot",
 ]
@@ -164,6 +170,54 @@ def swaps(
     return stack_heads(per_head, [str(h) for h in subspaces["head"].values])
 
 
+def answer_swaps(
+    lm: Any,
+    prompts: Sequence[Prompt],
+    loc: Located,
+    subspaces: xr.Dataset,
+    feature: str,
+    *,
+    n_random: int,
+    seed: int,
+    batch_size: int,
+    progress: bool = True,
+) -> xr.Dataset:
+    """The same swap as `swaps` (answer box <-> target box, in the `feature` key subspace),
+    written into the model, per head and in all heads together: does its answer move to the
+    target's letter?
+
+    The candidate answers are the box letters' tokens as they appear in the prompt (the
+    model continues "Box" with one of them); the answer is the queried box's letter, the
+    target's answer the target box's letter. Returns per-prompt answer-level effects with their
+    summaries (`studies._common.answer_effects`).
+    """
+    boxes = loc.positions["box"]
+    answer = [p.meta["answer"] for p in prompts]
+    target = targets(prompts, seed=seed + 2)
+    bases = {
+        str(h): trimmed(
+            subspaces["key_basis"].sel(head=h, feature=feature).transpose("dk", "component").values
+        )
+        for h in subspaces["head"].values
+    }
+    effects = answer_effects(
+        lm,
+        loc.ids,
+        bases,
+        candidates=[[ids[pos] for pos in row] for ids, row in zip(loc.ids, boxes, strict=True)],
+        answer=answer,
+        target_answer=target,
+        orig=[row[a] for row, a in zip(boxes, answer, strict=True)],
+        target=[row[t] for row, t in zip(boxes, target, strict=True)],
+        name=feature,
+        n_random=n_random,
+        seed=seed,
+        batch_size=batch_size,
+        progress=progress,
+    )
+    return answer_per_prompt(effects).merge(answer_summary(effects))
+
+
 def find(
     lm: Any, prompts: Sequence[Prompt], loc: Located, batch_size: int, progress: bool = True
 ) -> list:
@@ -183,8 +237,9 @@ def plot(path: str | Path, study: str, feature: str, hues: Sequence[str]) -> lis
     """Figures of a binding store, saved next to it as ``<study>_<what>.png``.
 
     ``_ranks`` (rank per head and feature), ``_pca_<hue>`` for each key coordinate in `hues`
-    (box keys in the `feature` key subspace, coloured by order index or bound object; Fig 8)
-    and ``_swap`` (the `feature` swap vs random subspaces; Fig 9).
+    (box keys in the `feature` key subspace, coloured by order index or bound object; Fig 8),
+    ``_swap`` (the `feature` swap vs random subspaces; Fig 9) and ``_answer`` (what the
+    swap does to the model's answer, per head and in all heads together, vs random subspaces).
     """
     from qktrace import store
 
@@ -196,6 +251,12 @@ def plot(path: str | Path, study: str, feature: str, hues: Sequence[str]) -> lis
             ds, feature, title=f"Swap of {feature} key coordinates: answer box <-> another box"
         ),
     }
+    if "answer_flip_rate" in ds:
+        figures[f"{study}_answer.png"] = answer_bars(
+            ds,
+            feature,
+            title=f"The model's answer after the {feature} swap (answer <-> another box)",
+        )
     for hue in hues:
         figures[f"{study}_pca_{hue}.png"] = pca_figure(
             ds, hue, title=f"Box keys in the {feature} key subspace, coloured by {hue}"

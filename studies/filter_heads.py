@@ -54,7 +54,12 @@ from qktrace.prompts import filter_prompts as build_prompts
 from qktrace.qk import capture
 from qktrace.sums import reduce
 from studies._common import (
+    N_RANDOM_ANSWERS,
     ModelLike,
+    answer_bars,
+    answer_effects,
+    answer_per_prompt,
+    answer_summary,
     captured_pairs,
     check_design,
     check_out,
@@ -115,6 +120,7 @@ def run(
     questions: Sequence[str] = ("all", "first", "last"),
     threshold: float = 0.99,
     n_random: int = 10,
+    n_random_answers: int = N_RANDOM_ANSWERS,
     batch_size: int = 16,
     seed: int = 0,
     remote: Remote = False,
@@ -144,7 +150,11 @@ def run(
     threshold
         Rank rule: fraction of sum(S^2) kept.
     n_random
-        Random subspaces of equal rank per swap, the baseline.
+        Random subspaces of equal rank per swap, the baseline (attention level; computed from
+        the capture, no forward pass).
+    n_random_answers
+        Random subspaces per head for the answer-level swaps (each costs one more copy of
+        every test prompt in the answer traces).
     batch_size, seed, remote, chat
         Batching; seed of prompts and random subspaces; local/"local"/NDIF; chat template
         (None: use it when the tokenizer has one).
@@ -186,6 +196,7 @@ def run(
         "questions": list(questions),
         "threshold": threshold,
         "n_random": n_random,
+        "n_random_answers": n_random_answers,
         "batch_size": batch_size,
         "chat": chat,
     }
@@ -247,12 +258,19 @@ def run(
         d_head=lm.d_head,
     )
 
-    # 4. category swap vs random subspaces of the same rank
+    # 4. category swap vs random subspaces of the same rank: attention (from the capture, no
+    # forward pass), then the model's answer (the swap written into the model)
     swaps = _swaps(lm, test, test_loc, captured, subspaces, n_random, seed, batch_size, progress)
+    first = locate(lm.tokenizer, test, chat=chat, which="first")
+    answers = _answer_swaps(
+        lm, test, test_loc, first, captured, subspaces, n_random_answers, seed, batch_size, progress
+    )
 
     # 5. store, then figures from the store
     ds = xr.merge(
-        [subspaces, null, captured, geometry, swaps], compat="override", combine_attrs="drop"
+        [subspaces, null, captured, geometry, swaps, answers],
+        compat="override",
+        combine_attrs="drop",
     )
     write(ds, path, study=STUDY, params=params, model=lm, seed=seed, overwrite=overwrite)
     if figures:
@@ -391,6 +409,82 @@ def _swaps(
     return stack_heads(per_head, [str(h) for h in captured["head"].values])
 
 
+def _answer_swaps(
+    lm: Any,
+    prompts: list[Prompt],
+    loc: Located,
+    first: Located,
+    captured: xr.Dataset,
+    subspaces: xr.Dataset,
+    n_random: int,
+    seed: int,
+    batch_size: int,
+    progress: bool,
+) -> xr.Dataset:
+    """The category swap written into the model, per head and in all heads together: does the
+    model's answer move from the attended item to the other category's item?
+
+    Per prompt, orig is the asked category's item that the chosen heads attend to most in
+    total (one item for every head set), target the same other-category item as `_swaps`. The
+    candidate answers are the items' first tokens as they appear in the list; the answer is
+    orig's, the target's answer target's.
+    """
+    rng = np.random.default_rng(seed + 2)  # the same targets as `_swaps`
+    cats = [p.meta["item_categories"] for p in prompts]
+    asked = [p.meta["asked"] for p in prompts]
+    target_slot = [
+        int(rng.choice([j for j, c in enumerate(row) if c != a]))
+        for row, a in zip(cats, asked, strict=True)
+    ]
+    attention = captured["attention"].isel(query=0).sum("head").transpose("prompt", "key").values
+    items = loc.positions["item"]
+    candidates = [
+        [ids[pos] for pos in row]
+        for ids, row in zip(first.ids, first.positions["item"], strict=True)
+    ]
+    parts = []
+    for category in subspaces["feature"].values:
+        chosen = [i for i, a in enumerate(asked) if a == category]
+        if not chosen:
+            continue
+        orig_slot = [
+            max(
+                (j for j, c in enumerate(cats[i]) if c == category),
+                key=lambda j, i=i: attention[i, j],
+            )
+            for i in chosen
+        ]
+        bases = {
+            str(h): trimmed(
+                subspaces["key_basis"]
+                .sel(head=h, feature=category)
+                .transpose("dk", "component")
+                .values
+            )
+            for h in captured["head"].values
+        }
+        fx = answer_effects(
+            lm,
+            [loc.ids[i] for i in chosen],
+            bases,
+            candidates=[candidates[i] for i in chosen],
+            answer=orig_slot,
+            target_answer=[target_slot[i] for i in chosen],
+            orig=[items[i][s] for i, s in zip(chosen, orig_slot, strict=True)],
+            target=[items[i][target_slot[i]] for i in chosen],
+            name="category",
+            n_random=n_random,
+            seed=seed,
+            batch_size=batch_size,
+            progress=progress,
+        )
+        parts.append(answer_per_prompt(fx).assign_coords(prompt=chosen))
+    per_prompt_fx = xr.concat(parts, dim="prompt", data_vars="all", coords="different").sortby(
+        "prompt"
+    )
+    return per_prompt_fx.merge(answer_summary(per_prompt_fx))
+
+
 # --------------------------------------------------------------------------------------------
 # figures, from the store
 
@@ -400,7 +494,9 @@ def plot(path: str | Path) -> list[Path]:
 
     ``filter_heads_ranks.png`` (rank per head and category), ``filter_heads_pca.png`` (item
     keys in the union of category key subspaces, coloured by category; Fig 6) and
-    ``filter_heads_swap.png`` (category swap vs random subspaces; Fig 7).
+    ``filter_heads_swap.png`` (category swap vs random subspaces; Fig 7) and
+    ``filter_heads_answer.png`` (what that swap does to the model's answer, per head and in all
+    heads together, vs random subspaces).
     """
     from qktrace import store
 
@@ -415,4 +511,8 @@ def plot(path: str | Path) -> list[Path]:
             ds, "category", title="Swap of the asked category's key coordinates"
         ),
     }
+    if "answer_flip_rate" in ds:
+        figures["filter_heads_answer.png"] = answer_bars(
+            ds, "category", title="The model's answer after the category swap"
+        )
     return save_figures(figures, path.parent)

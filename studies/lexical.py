@@ -54,6 +54,7 @@ from qktrace.prompts import locate
 from qktrace.qk import capture
 from studies import binding, order_id
 from studies._common import (
+    N_RANDOM_ANSWERS,
     ModelLike,
     check_design,
     check_out,
@@ -181,6 +182,7 @@ def run(
     negative_query: NegativeQuery = "original",
     threshold: float = 0.99,
     n_random: int = 10,
+    n_random_answers: int = N_RANDOM_ANSWERS,
     batch_size: int = 16,
     seed: int = 0,
     remote: Remote = False,
@@ -198,7 +200,7 @@ def run(
     negative_query
         "original" (default): negative pairs use the original prompt's query with the
         counterfactual's key; "counterfactual": the counterfactual's own query.
-    threshold, n_random, batch_size, seed, remote, chat, figures, overwrite
+    threshold, n_random, n_random_answers, batch_size, seed, remote, chat, figures, overwrite
         As in `studies.filter_heads.run`.
 
     Returns
@@ -233,6 +235,7 @@ def run(
         "negative_query": negative_query,
         "threshold": threshold,
         "n_random": n_random,
+        "n_random_answers": n_random_answers,
         "batch_size": batch_size,
         "chat": chat,
     }
@@ -309,6 +312,18 @@ def run(
     effects = binding.swaps(
         captured, test, test_loc, subspaces, "lexical", n_random=n_random, seed=seed
     )
+    # what the swap does to the model's answer, per head and in all heads together
+    answers = binding.answer_swaps(
+        lm,
+        test,
+        test_loc,
+        subspaces,
+        "lexical",
+        n_random=n_random_answers,
+        seed=seed,
+        batch_size=batch_size,
+        progress=progress,
+    )
 
     # 6. attention-logit attribution to order, lexical and the residual (Fig 10)
     parts = attribute(
@@ -325,7 +340,7 @@ def run(
 
     null = null.reindex(feature=subspaces["feature"].values, fill_value={"null_rank": -1})
     ds = xr.merge(
-        [subspaces, null, captured, geometry, effects, parts],
+        [subspaces, null, captured, geometry, effects, answers, parts],
         compat="override",
         combine_attrs="drop",
     )

@@ -42,6 +42,7 @@ from qktrace.qk import capture
 from qktrace.sums import reduce
 from studies import binding
 from studies._common import (
+    N_RANDOM_ANSWERS,
     ModelLike,
     captured_pairs,
     check_design,
@@ -107,6 +108,7 @@ def run(
     query_object: str | None = None,
     threshold: float = 0.99,
     n_random: int = 10,
+    n_random_answers: int = N_RANDOM_ANSWERS,
     batch_size: int = 16,
     seed: int = 0,
     remote: Remote = False,
@@ -134,7 +136,7 @@ def run(
         Object-box pairs per prompt (paper: 9).
     query_object
         The object every prompt asks about (default: drawn from the objects with `seed`).
-    threshold, n_random, batch_size, seed, remote, chat, figures, overwrite
+    threshold, n_random, n_random_answers, batch_size, seed, remote, chat, figures, overwrite
         As in `studies.filter_heads.run`.
 
     Returns
@@ -170,6 +172,7 @@ def run(
         "query_object": query_object,
         "threshold": threshold,
         "n_random": n_random,
+        "n_random_answers": n_random_answers,
         "batch_size": batch_size,
         "chat": chat,
     }
@@ -210,9 +213,23 @@ def run(
     effects = binding.swaps(
         captured, test, test_loc, subspaces, "order", n_random=n_random, seed=seed
     )
+    # what the swap does to the model's answer, per head and in all heads together
+    answers = binding.answer_swaps(
+        lm,
+        test,
+        test_loc,
+        subspaces,
+        "order",
+        n_random=n_random_answers,
+        seed=seed,
+        batch_size=batch_size,
+        progress=progress,
+    )
 
     ds = xr.merge(
-        [subspaces, null, captured, geometry, effects], compat="override", combine_attrs="drop"
+        [subspaces, null, captured, geometry, effects, answers],
+        compat="override",
+        combine_attrs="drop",
     )
     write(ds, path, study=STUDY, params=params, model=lm, seed=seed, overwrite=overwrite)
     if figures:

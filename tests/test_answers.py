@@ -139,3 +139,32 @@ def test_bad_input_names_the_fix():
             m, PROMPTS, {"1.1": basis()}, orig=ORIG, target=TARGET,
             **{**kw, "answer": [0, 1, 7]},
         )  # fmt: skip
+
+
+def test_heads_sharing_a_key_head_get_one_edit_in_the_union():
+    """1.0 and 1.1 read key head 0: swapping the same subspace for both is ONE swap (two
+    sequential swaps would undo each other), and two different subspaces swap their union."""
+    net, tok = tiny("llama")
+    m = load(net, tokenizer=tok)
+    v, w = basis(r=4, seed=1), basis(r=4, seed=2)
+    kw = dict(
+        candidates=CANDIDATES, answer=ANSWER, target_answer=TARGET_ANSWER, orig=ORIG,
+        target=TARGET, n_random=1, progress=False,
+    )  # fmt: skip
+    one = intervene_answers(m, PROMPTS, {"1.0": v}, **kw)
+    both = intervene_answers(m, PROMPTS, {"1.0": v, "1.1": v}, **kw)
+    real = "subspace"
+    np.testing.assert_allclose(
+        both.answer_logit_after.sel(subspace=real), one.answer_logit_after.sel(subspace=real),
+        atol=1e-6,
+    )  # fmt: skip
+    moved = one.answer_logit_after.sel(subspace=real) - one.answer_logit_before
+    assert float(np.abs(moved).max()) > 1e-4
+    union = np.linalg.qr(np.concatenate([v, w], axis=1))[0]
+    pair = intervene_answers(m, PROMPTS, {"1.0": v, "1.1": w}, **kw)
+    merged = intervene_answers(m, PROMPTS, {"1.0": union}, **kw)
+    np.testing.assert_allclose(
+        pair.answer_logit_after.sel(subspace=real), merged.answer_logit_after.sel(subspace=real),
+        atol=1e-5,
+    )  # fmt: skip
+    assert pair.attrs["key_edit_ranks"] == {"1.kv0": 8}
