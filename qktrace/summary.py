@@ -173,8 +173,8 @@ def _interventions(
                         "subspace": name,
                         "metric": table[metric],
                         "value": float(cell.sel({subspace: name})),
-                        "random mean": float(np.nanmean(baseline)),
-                        "random sd": float(np.nanstd(baseline)),
+                        "random mean": _nan_safe(np.nanmean, baseline),
+                        "random sd": _nan_safe(np.nanstd, baseline),
                     }
                 )
     frame = pd.DataFrame(rows)
@@ -197,6 +197,12 @@ def _interventions(
         f"Interventions: recovered subspace vs {len(randoms)} random subspaces of equal rank"
         f"{note}\n{frame.to_string()}{before}"
     )
+
+
+def _nan_safe(reduce: Any, values: np.ndarray) -> float:
+    """`reduce` (nanmean, nanstd) of `values`, NaN without a warning when all are NaN."""
+    finite = values[np.isfinite(values)]
+    return float(reduce(finite)) if finite.size else float("nan")
 
 
 def _kept_dims(ds: xr.Dataset, dims: list) -> list:

@@ -24,7 +24,7 @@ from studies._common import resolve_heads
 
 FAMILIES = {"llama": "bpe", "qwen3": "metaspace"}
 HEAD = "1.3"  # Qwen3 tiny: 4 query heads share 2 key heads, so this one reads key head 1
-FAST = {"n_prompts": 32, "n_test": 8, "n_random": 2, "batch_size": 32}
+FAST = {"n_prompts": 32, "n_test": 8, "n_random": 2, "n_random_answers": 1, "batch_size": 32}
 CATEGORIES = ["fruit", "animal"]
 N_PAIRS = 3
 
@@ -52,6 +52,27 @@ def last_char_in_token(ds, spans) -> None:
         for j in range(ds.sizes["key"]):
             token = str(ds["key_token"].values[p, j]).replace("Ġ", " ").replace("▁", " ")
             assert spans[p][j][-1] in token, (p, j, token, spans[p][j])
+
+
+def check_answers(a, b, name: str) -> None:
+    """Answer-level variables: labelled dims, probabilities, and remote-local = local."""
+    assert list(a["answer_heads"].values) == [HEAD]  # one head: no "all" set
+    assert list(a["answer_subspace"].values) == [name, "random_0"]
+    assert a["answer_random"].values.tolist() == [False, True]
+    assert a["answer_prob_after"].dims == (
+        "answer_heads",
+        "answer_subspace",
+        "prompt",
+        "answer_candidate",
+    )
+    assert a["answer_flip"].dims == ("answer_heads", "answer_subspace", "prompt")
+    assert a["answer_flip_rate"].dims == ("answer_heads", "answer_subspace")
+    assert ((a["answer_prob_before"] > 0) & (a["answer_prob_before"] <= 1)).all()
+    assert (a["answer_prob_before"].sum("answer_candidate") <= 1 + 1e-5).all()
+    diff = a["answer_logit_diff_after"] - a["answer_logit_diff_before"]
+    np.testing.assert_allclose(diff, a["delta_answer_logit_diff"], atol=1e-5)
+    np.testing.assert_allclose(a["answer_logit_after"], b["answer_logit_after"], atol=1e-4)
+    assert int(a["answer_correct"].sum()) == 0 or np.isfinite(a["answer_flip_rate"]).all()
 
 
 def test_filter_heads_local_and_remote_local_agree(checkpoint, tmp_path):
@@ -98,7 +119,11 @@ def test_filter_heads_local_and_remote_local_agree(checkpoint, tmp_path):
     np.testing.assert_allclose(a["qk_sum"].values, b["qk_sum"].values, rtol=1e-4, atol=1e-6)
     assert (a["rank"].values == b["rank"].values).all()
     np.testing.assert_allclose(a["flip_rate"].values, b["flip_rate"].values)
-    for png in ("ranks", "pca", "swap"):
+    check_answers(a, b, "category")
+    # the candidate answers are the items' first tokens; the answer is an asked-category item
+    answered = a["answer_index"].values
+    assert (a["category"].values[np.arange(8), answered] == a["asked"].values).all()
+    for png in ("ranks", "pca", "swap", "answer"):
         assert (tmp_path / "a" / f"filter_heads_{png}.png").stat().st_size > 0
     assert not list((tmp_path / "b").glob("*.png"))
     assert not list((tmp_path / "a").glob("filter_heads.*.zarr"))  # checkpoints cleaned up
@@ -163,6 +188,14 @@ def test_binding_studies_local_and_remote_local_agree(checkpoint, tmp_path):
         np.testing.assert_allclose(a["qk_sum"].values, b["qk_sum"].values, rtol=1e-4, atol=1e-6)
         assert (a["rank"].values == b["rank"].values).all()
         np.testing.assert_allclose(a["flip_rate"].values, b["flip_rate"].values)
+    check_answers(oa, ob, "order")
+    check_answers(la, lb, "lexical")
+    # candidates: the box letters' tokens; the answer is the queried box
+    assert (oa["answer_index"].values == oa["answer"].values).all()
+    for p in range(8):
+        tokens = [str(t).replace("Ġ", " ").replace("▁", " ") for t in oa["key_token"].values[p]]
+        assert list(oa["answer_candidate_token"].values[p]) == list(oa["key_token"].values[p])
+        assert all(box in t for box, t in zip(oa["box"].values[p], tokens, strict=True))
     for out in ("a", "b"):  # resumable checkpoints are gone once the stores are written
         assert sorted(p.name for p in (tmp_path / out).glob("*.zarr")) == [
             "lexical.zarr",
@@ -172,7 +205,7 @@ def test_binding_studies_local_and_remote_local_agree(checkpoint, tmp_path):
     assert {"order_id_pca_order.png", "lexical_attribution.png", "lexical_swap.png"} <= pngs
 
     shown = cli("show", lexical_path)
-    for text in ("study lexical", "Ranks", "Interventions", "explained", HEAD, "Variables"):
+    for text in ("study lexical", "Ranks", "Interventions", "Answers", "answer flip rate", HEAD):
         assert text in shown
 
 

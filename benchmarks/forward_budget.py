@@ -1,0 +1,280 @@
+"""Forward passes a study runs, and its time against a bare forward of its minimum prompts.
+
+Each study needs, at the least, one forward pass of every prompt whose q/k it reads: filter-heads
+and order-id n_prompts (covariance sums) + n_test (the capture for geometry, null test and
+attention-level swaps, which `intervene_captured` computes from that capture with no further
+pass); lexical 2 x n_prompts (original and counterfactual) + n_test, plus n_prompts when it
+cannot reuse order_id.zarr for the order subspace. Answer-level swaps (`intervene_answers`) come
+on top: one trace per batch of (2 + n_random_answers) stacked copies of the test prompts, per
+edited head set (each head, then all heads together).
+
+For every study this script runs ``studies.<study>.run`` (figures off, progress off) while it
+counts every ``Model.trace`` (traces and prompt rows; those inside `intervene_answers` apart),
+then times a bare Hugging Face forward (no nnsight) of the same inputs as the study's minimum
+rows, with the same batches, in the same process. It prints
+
+- traces / rows outside the answer-level step and the minimum rows (goal: equal);
+- wall and CPU time of the study without its answer step, divided by the bare forward's
+  (goal <= 1.15: subspaces + geometry cost little more than reading the model once);
+- the answer step's traces, rows and time;
+
+and with ``--remote-local`` (nnsight's offline simulation of NDIF) the requests (round trips),
+bytes of the serialized requests, bytes of the arrays the requests return, and the raw q/k bytes
+(every token's q and k of the studied heads in the same traces) they stand against (goal <= 1%).
+
+    python benchmarks/forward_budget.py                       # the organism, its default sizes
+    python benchmarks/forward_budget.py --studies order_id --n-prompts 300 --n-test 90
+    python benchmarks/forward_budget.py --remote-local         # + requests and bytes
+
+Prints figures only; asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from _common import human, machine, table, versions
+
+STUDIES = ("filter_heads", "order_id", "lexical")
+
+
+class Counter:
+    """Counts traces/rows and (optionally) request and returned bytes while a study runs."""
+
+    def __init__(self) -> None:
+        self.inputs: list[dict[str, Any]] = []  # non-answer traces, in order
+        self.answer_traces = 0
+        self.answer_rows = 0
+        self.answer_wall = 0.0
+        self.answer_cpu = 0.0
+        self.in_answers = False
+        self.requests: list[int] = []
+        self.returned = 0
+        self.raw_qk = 0
+        self.heads = 0
+        self.d_head = 0
+        self.originals: list[tuple[Any, str, Any]] = []  # (owner, name, original)
+
+    def patch(self, owner: Any, name: str, new: Any) -> None:
+        self.originals.append((owner, name, getattr(owner, name)))
+        setattr(owner, name, new)
+
+    def uninstall(self) -> None:
+        for owner, name, original in reversed(self.originals):
+            setattr(owner, name, original)
+        self.originals.clear()
+
+    def install(self) -> None:
+        import qktrace.answers as answers
+        import qktrace.qk as qk
+        import qktrace.sums as sums
+        from qktrace.models import Model
+
+        counter = self
+        trace = Model.trace
+
+        def counted(model: Any, inputs: Any, **kwargs: Any) -> Any:
+            rows, width = inputs["input_ids"].shape
+            if counter.in_answers:
+                counter.answer_traces += 1
+                counter.answer_rows += rows
+            else:
+                counter.inputs.append({k: v.clone() for k, v in inputs.items()})
+                counter.raw_qk += rows * width * counter.heads * 2 * counter.d_head * 4
+            return trace(model, inputs, **kwargs)
+
+        self.patch(Model, "trace", counted)
+        run_answers = answers.intervene_answers
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            counter.in_answers = True
+            wall, cpu = time.perf_counter(), time.process_time()
+            try:
+                return run_answers(*args, **kwargs)
+            finally:
+                counter.answer_wall += time.perf_counter() - wall
+                counter.answer_cpu += time.process_time() - cpu
+                counter.in_answers = False
+
+        self.patch(answers, "intervene_answers", timed)
+        for mod, name in (
+            (qk, "_capture_batch"),
+            (sums, "_reduce_batch"),
+            (answers, "_answers_batch"),
+        ):
+            fn = getattr(mod, name)
+
+            def wrapped(*args: Any, _fn: Any = fn, **kwargs: Any) -> Any:
+                out = _fn(*args, **kwargs)
+                counter.returned += _nbytes(out)
+                return out
+
+            self.patch(mod, name, wrapped)
+        from nnsight.schema.request import RequestModel
+
+        serialize = RequestModel.serialize
+
+        def recorded(tracer: Any, compress: bool = False) -> bytes:
+            blob = serialize(tracer, compress)
+            counter.requests.append(len(blob))
+            return blob
+
+        self.patch(RequestModel, "serialize", recorded)
+
+
+def _nbytes(value: Any) -> int:
+    if hasattr(value, "nbytes"):
+        return int(value.nbytes)
+    if isinstance(value, dict):
+        return sum(_nbytes(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return sum(_nbytes(v) for v in value)
+    return 0
+
+
+def minimum_rows(study: str, n_prompts: int, n_test: int, order_reused: bool) -> int:
+    if study == "lexical":
+        return 2 * n_prompts + n_test + (0 if order_reused else n_prompts)
+    return n_prompts + n_test
+
+
+def bare_forward(net: Any, inputs: list[dict[str, Any]], rows: int) -> tuple[float, float, int]:
+    """Wall and CPU seconds of plain forwards of the first `rows` rows of the recorded batches."""
+    import torch
+
+    done, wall, cpu = 0, 0.0, 0.0
+    with torch.inference_mode():
+        for batch in inputs:
+            if done >= rows:
+                break
+            take = min(rows - done, batch["input_ids"].shape[0])
+            part = {k: v[:take] for k, v in batch.items()}
+            t0, c0 = time.perf_counter(), time.process_time()
+            net(**part)
+            wall += time.perf_counter() - t0
+            cpu += time.process_time() - c0
+            done += take
+    return wall, cpu, done
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--studies", default=",".join(STUDIES), help="comma-separated studies")
+    parser.add_argument("--model", default=None, help="checkpoint path [default: the organism]")
+    parser.add_argument(
+        "--heads", default=None, help="heads (needed for a model other than the organism)"
+    )
+    parser.add_argument("--n-prompts", type=int, default=None, help="[default: the study's]")
+    parser.add_argument("--n-test", type=int, default=None, help="[default: the study's]")
+    parser.add_argument("--n-random-answers", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--remote-local", action="store_true", help="run with remote='local'")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier)")
+    args = parser.parse_args()
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from qktrace import organism
+    from qktrace.models import load, parse_heads
+    from studies._common import resolve_heads, sizes
+
+    torch.set_num_threads(args.threads)
+    print(machine())
+    print(versions())
+    path = args.model or str(organism.path())
+    remote = "local" if args.remote_local else False
+    lm = load(path, remote=remote)
+    net = AutoModelForCausalLM.from_pretrained(path).eval()
+    rows_out, bytes_out = [], []
+    for study in args.studies.split(","):
+        module = importlib.import_module(f"studies.{study}")
+        n_prompts, n_test = sizes(path, study, args.n_prompts, args.n_test)
+        heads = resolve_heads(lm, args.heads, "binding" if study != "filter_heads" else study)
+        counter = Counter()
+        counter.heads, counter.d_head = len(parse_heads([h.label for h in heads])), lm.d_head
+        counter.install()
+        with tempfile.TemporaryDirectory() as out:
+            t0, c0 = time.perf_counter(), time.process_time()
+            module.run(
+                lm,
+                out=Path(out),
+                heads=args.heads,
+                n_prompts=n_prompts,
+                n_test=n_test,
+                n_random_answers=args.n_random_answers,
+                batch_size=args.batch_size,
+                figures=False,
+                progress=False,
+            )
+            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        counter.uninstall()
+        minimum = minimum_rows(study, n_prompts, n_test, order_reused=False)
+        bare_wall, bare_cpu, bare_rows = bare_forward(net, counter.inputs, minimum)
+        rows = sum(b["input_ids"].shape[0] for b in counter.inputs)
+        study_wall, study_cpu = wall - counter.answer_wall, cpu - counter.answer_cpu
+        rows_out.append(
+            [
+                study,
+                f"{n_prompts}/{n_test}",
+                len(counter.inputs),
+                rows,
+                minimum,
+                f"{study_wall:.1f}",
+                f"{bare_wall:.1f}",
+                f"{study_wall / bare_wall:.2f}",
+                f"{study_cpu / bare_cpu:.2f}",
+                counter.answer_traces,
+                counter.answer_rows,
+                f"{counter.answer_wall:.1f}",
+            ]
+        )
+        if args.remote_local:
+            bytes_out.append(
+                [
+                    study,
+                    len(counter.requests),
+                    human(sum(counter.requests)),
+                    human(counter.returned),
+                    human(counter.raw_qk),
+                    f"{100 * counter.returned / counter.raw_qk:.2f}%",
+                ]
+            )
+        print(f"{study}: done ({wall:.0f} s; bare forwards of {bare_rows} rows)", flush=True)
+    print()
+    print(
+        table(
+            rows_out,
+            [
+                "study", "prompts/test", "traces", "rows", "min rows", "wall s", "bare s",
+                "wall/bare", "cpu/bare", "answer traces", "answer rows", "answer s",
+            ],
+        )
+    )  # fmt: skip
+    print(
+        "\ntraces, rows, wall s: the study without its answer-level step; bare s: a plain HF "
+        "forward of its min rows (same batches); answer *: intervene_answers (each head, then all)"
+    )
+    if bytes_out:
+        print()
+        print(
+            table(
+                bytes_out,
+                ["study", "requests", "request bytes", "returned", "raw q/k", "returned / raw"],
+            )
+        )
+        print(
+            "raw q/k: every token's q and k of the studied heads in the same traces (float32); "
+            "returned: the arrays all requests sent back (answer step included)"
+        )
+
+
+if __name__ == "__main__":
+    main()
