@@ -27,6 +27,11 @@ Edits, with V an orthonormal basis [d_head, r] of the subspace and c = x V the c
   counterfactual prompt (`qktrace.capture(...).k`). Keys carry their position's rotary phase:
   patch from the same position of another prompt unless you mean to move it.
 
+No forward pass is needed for key edits: a key edit changes only the edited keys' logits, so
+`intervene_captured` computes the same metrics from a `qktrace.capture` (q, k, logits and
+attention at the candidate keys), equal to the traced edit's to float precision; the studies use
+it. What the edit does to the model's *answer* is `qktrace.intervene_answers`.
+
 Only the span of `basis` matters (it is orthonormalized here). With grouped-query attention
 several query heads read one key head: editing a key edits it for the whole group (the query
 heads in attr ``heads_sharing_key``), and the model's downstream computation sees that. Query
