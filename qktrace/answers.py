@@ -24,8 +24,9 @@ Per prompt, over the candidate answers' tokens (``candidate`` dim): ``answer_log
 ``p_target_answer`` (the answer's and the target's answer's probability) before/after;
 ``answer_logit_diff`` = logit(answer) - logit(target's answer) before/after and its change;
 ``answer_flip``: the argmax among the candidates was the answer before and is the target's
-answer after; ``answer_flip_rate`` counts flips among prompts answered correctly before
-(``answer_correct``).
+answer after; ``answer_moved``: it was the answer before and is another candidate after; the
+rates ``answer_flip_rate`` and ``answer_moved_rate`` count among the prompts answered correctly
+before (``answer_correct``).
 """
 
 from __future__ import annotations
@@ -118,7 +119,8 @@ def intervene_answers(
         ``answer_argmax_before``, ``answer_correct`` (prompt); ``p_answer_after``,
         ``p_target_answer_after``, ``delta_p_answer``, ``delta_p_target_answer``,
         ``answer_logit_diff_after``, ``delta_answer_logit_diff``, ``answer_argmax_after``,
-        ``answer_flip`` (subspace, prompt); summaries over prompts ``answer_flip_rate``,
+        ``answer_flip``, ``answer_moved`` (subspace, prompt); summaries over prompts
+        ``answer_flip_rate``, ``answer_moved_rate``,
         ``mean_delta_p_answer``, ``mean_delta_p_target_answer``,
         ``mean_delta_answer_logit_diff`` (subspace). attrs: heads, side, mode, ranks,
         forward_passes (traces run) and rows (prompt copies run).
@@ -384,6 +386,7 @@ def _answer_metrics(
     argmax_after = after_l.argmax(-1)
     correct = argmax_before == answer
     flip = correct[None] & (argmax_after == target[None])
+    moved = correct[None] & (argmax_after != answer[None])
     n_correct = int(correct.sum())
     ps, pc = ("subspace", "prompt"), ("prompt", "candidate")
     p_answer_after = after_p[:, rows, answer]
@@ -406,9 +409,14 @@ def _answer_metrics(
         "delta_answer_logit_diff": (ps, diff_after - diff_before),
         "answer_argmax_after": (ps, argmax_after),
         "answer_flip": (ps, flip),
+        "answer_moved": (ps, moved),
         "answer_flip_rate": (
             "subspace",
             flip.sum(1) / n_correct if n_correct else np.full(len(names), np.nan),
+        ),
+        "answer_moved_rate": (
+            "subspace",
+            moved.sum(1) / n_correct if n_correct else np.full(len(names), np.nan),
         ),
         "mean_delta_p_answer": ("subspace", (p_answer_after - before_p[rows, answer]).mean(1)),
         "mean_delta_p_target_answer": (

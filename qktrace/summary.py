@@ -32,6 +32,7 @@ _PROVENANCE = ("study", "model", "revision", "remote", "seed", "date")
 _VERSIONS = ("qktrace_version", "nnsight_version", "torch_version", "transformers_version")
 _ANSWER_METRICS = {
     "answer_flip_rate": "answer flip rate",
+    "answer_moved_rate": "answer moved rate",
     "mean_delta_p_answer": "mean Δp(answer)",
     "mean_delta_p_target_answer": "mean Δp(target's answer)",
     "mean_delta_answer_logit_diff": "mean Δ logit diff",

@@ -427,7 +427,13 @@ def answer_effects(
             progress=progress,
         )
         parts.append(fx.drop_attrs())
-    out = xr.concat(parts, dim="answer_heads", data_vars="all", coords="different", compat="equals")
+    # the unedited copy is the same model on the same prompts for every head set: keep one
+    before = [n for n in parts[0].data_vars if "subspace" not in parts[0][n].dims]
+    edited = [p.drop_vars(before) for p in parts]
+    out = xr.concat(
+        edited, dim="answer_heads", data_vars="all", coords="different", compat="equals"
+    )
+    out = out.merge(parts[0][before])
     return out.assign_coords(answer_heads=list(sets)).rename(
         {
             "subspace": "answer_subspace",
@@ -444,6 +450,7 @@ def answer_summary(effects: xr.Dataset) -> xr.Dataset:
     return xr.Dataset(
         {
             "answer_flip_rate": effects["answer_flip"].sum("prompt") / correct.sum("prompt"),
+            "answer_moved_rate": effects["answer_moved"].sum("prompt") / correct.sum("prompt"),
             "mean_delta_p_answer": effects["delta_p_answer"].mean("prompt"),
             "mean_delta_p_target_answer": effects["delta_p_target_answer"].mean("prompt"),
             "mean_delta_answer_logit_diff": effects["delta_answer_logit_diff"].mean("prompt"),
@@ -453,6 +460,7 @@ def answer_summary(effects: xr.Dataset) -> xr.Dataset:
 
 _ANSWER_SUMMARIES = (
     "answer_flip_rate",
+    "answer_moved_rate",
     "mean_delta_p_answer",
     "mean_delta_p_target_answer",
     "mean_delta_answer_logit_diff",
@@ -555,9 +563,15 @@ def answer_bars(ds: xr.Dataset, name: str, title: str = "") -> Any:
         ds,
         name,
         title,
-        metrics=("answer_flip_rate", "mean_delta_p_target_answer", "mean_delta_answer_logit_diff"),
+        metrics=(
+            "answer_flip_rate",
+            "answer_moved_rate",
+            "mean_delta_p_target_answer",
+            "mean_delta_answer_logit_diff",
+        ),
         labels={
-            "answer_flip_rate": "answer flip rate",
+            "answer_flip_rate": "answer flip rate (to the target's)",
+            "answer_moved_rate": "answer moved (to any other)",
             "mean_delta_p_target_answer": "mean Δ p(target's answer)",
             "mean_delta_answer_logit_diff": "mean Δ logit(answer) - logit(target's)",
         },

@@ -124,6 +124,13 @@ def test_metrics_follow_the_logits():
     assert ds.answer_correct.item() and list(ds.answer_flip.values[:, 0]) == [True, False]
     np.testing.assert_allclose(ds.delta_answer_logit_diff.values[:, 0], [-4.0, -1.0])
     assert list(ds.answer_flip_rate.values) == [1.0, 0.0]
+    assert list(ds.answer_moved.values[:, 0]) == [True, False]
+    other = _answer_metrics(
+        logits[:, :, ::-1], logprobs[:, :, ::-1], np.array([2]), np.array([0]), ["r", "q"]
+    )
+    # before: argmax 2 (the answer); after "r": argmax 1, neither answer nor target: moved, no flip
+    assert list(other.answer_moved.values[:, 0]) == [True, False]
+    assert not other.answer_flip.values.any()
 
 
 def test_bad_input_names_the_fix():
