@@ -2,7 +2,7 @@
 
 Order-ID on a tiny Llama checkpoint: the run is interrupted (a real SIGINT, a KeyboardInterrupt as
 Ctrl-C raises, or any other error) either in the in-trace covariance sums (batch 2 of 2) or
-later, in the interventions; the rerun must skip the saved batches and write the same store as a
+later, in the answer-level swaps (the last forward passes); the rerun must skip the saved batches and write the same store as a
 run that was never interrupted. The same holds for `capture(out=)` and `reduce(out=)` killed
 after batch k: the store on disk equals the store of an uninterrupted run.
 """
@@ -15,7 +15,7 @@ import pytest
 import xarray as xr
 
 import qktrace
-import qktrace.interventions as interventions_module
+import qktrace.answers as answers_module
 import qktrace.qk as qk_module
 import qktrace.sums as sums_module
 import qktrace.testing as testing
@@ -72,9 +72,9 @@ def counting(monkeypatch, module, name, fail_at=None, fail=ctrl_c):
     [
         (sums_module, "_reduce_batch", sigint, KeyboardInterrupt, 3, 1),
         (sums_module, "_reduce_batch", crash, RuntimeError, 3, 1),
-        (interventions_module, "_intervene_batch", ctrl_c, KeyboardInterrupt, 6, 0),
+        (answers_module, "_answers_batch", ctrl_c, KeyboardInterrupt, 6, 0),
     ],
-    ids=["sigint-in-sums", "error-in-sums", "ctrl-c-in-interventions"],
+    ids=["sigint-in-sums", "error-in-sums", "ctrl-c-in-answer-swaps"],
 )
 def test_interrupted_study_resumes_and_equals_uninterrupted(
     uninterrupted, tmp_path, monkeypatch, module, name, fail, error, saved_prompts,
