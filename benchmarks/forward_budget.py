@@ -137,6 +137,40 @@ def _nbytes(value: Any) -> int:
     return 0
 
 
+def larger_model(shape: str) -> str:
+    """Save a random-weight Llama of `shape` with the organism's tokenizer; return its path."""
+    import shutil
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from qktrace import organism
+
+    layers, d_model, heads, kv_heads = (int(x) for x in shape.split(","))
+    source = organism.path()
+    config = AutoConfig.from_pretrained(source)
+    config.update(
+        {
+            "num_hidden_layers": layers,
+            "hidden_size": d_model,
+            "num_attention_heads": heads,
+            "num_key_value_heads": kv_heads,
+            "head_dim": d_model // heads,
+            "intermediate_size": 8 * d_model // 3,
+        }
+    )
+    torch.manual_seed(0)
+    net = AutoModelForCausalLM.from_config(config).eval()
+    out = Path(tempfile.mkdtemp(prefix="forward_budget_")) / "model"
+    net.save_pretrained(out)
+    for f in source.iterdir():
+        if f.name.startswith(("tokenizer", "chat_template", "special_tokens")):
+            shutil.copy(f, out / f.name)
+    n = sum(p.numel() for p in net.parameters())
+    print(f"larger model: random Llama {shape} (layers,d_model,heads,kv), {n / 1e6:.1f}M params")
+    return str(out)
+
+
 def minimum_rows(study: str, n_prompts: int, n_test: int, order_reused: bool) -> int:
     if study == "lexical":
         return 2 * n_prompts + n_test + (0 if order_reused else n_prompts)
@@ -177,6 +211,13 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--remote-local", action="store_true", help="run with remote='local'")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier)")
+    parser.add_argument(
+        "--larger",
+        default=None,
+        metavar="LAYERS,D_MODEL,HEADS,KV_HEADS",
+        help="instead of the organism, a random-weight Llama of this shape with the organism's "
+        "tokenizer and chat template (e.g. 12,384,6,2); --heads default: 3 heads of its last layer",
+    )
     args = parser.parse_args()
 
     import torch
@@ -190,6 +231,11 @@ def main() -> None:
     print(machine())
     print(versions())
     path = args.model or str(organism.path())
+    if args.larger:
+        path = larger_model(args.larger)
+        args.heads = args.heads or ",".join(
+            f"{int(args.larger.split(',')[0]) - 1}.{h}" for h in range(3)
+        )
     remote = "local" if args.remote_local else False
     lm = load(path, remote=remote)
     net = AutoModelForCausalLM.from_pretrained(path).eval()

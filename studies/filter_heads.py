@@ -479,9 +479,9 @@ def _answer_swaps(
             progress=progress,
         )
         parts.append(answer_per_prompt(fx).assign_coords(prompt=chosen))
-    per_prompt_fx = xr.concat(parts, dim="prompt", data_vars="all", coords="different").sortby(
-        "prompt"
-    )
+    per_prompt_fx = xr.concat(
+        parts, dim="prompt", data_vars="all", coords="different", compat="equals"
+    ).sortby("prompt")
     return per_prompt_fx.merge(answer_summary(per_prompt_fx))
 
 
