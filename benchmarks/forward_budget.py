@@ -9,9 +9,9 @@ on top: one trace per batch of (2 + n_random_answers) stacked copies of the test
 edited head set (each head, then all heads together).
 
 For every study this script runs ``studies.<study>.run`` (figures off, progress off) while it
-counts every ``Model.trace`` (traces and prompt rows; those inside `intervene_answers` apart),
-then times a bare Hugging Face forward (no nnsight) of the same inputs as the study's minimum
-rows, with the same batches, in the same process. It prints
+counts the forward passes (traces) and prompt rows of its per-batch functions (capture, reduce;
+the answer step apart), then times a bare Hugging Face forward (no nnsight) of the same inputs
+as the study's minimum rows, with the same batches, in the same process. It prints
 
 - traces / rows outside the answer-level step and the minimum rows (goal: equal);
 - wall and CPU time of the study without its answer step, divided by the bare forward's
@@ -52,10 +52,11 @@ class Counter:
         self.answer_rows = 0
         self.answer_wall = 0.0
         self.answer_cpu = 0.0
-        self.in_answers = False
         self.requests: list[int] = []
         self.returned = 0
         self.raw_qk = 0
+        self.answer_returned = 0
+        self.answer_raw_qk = 0
         self.heads = 0
         self.d_head = 0
         self.originals: list[tuple[Any, str, Any]] = []  # (owner, name, original)
@@ -73,48 +74,57 @@ class Counter:
         import qktrace.answers as answers
         import qktrace.qk as qk
         import qktrace.sums as sums
-        from qktrace.models import Model
 
         counter = self
-        trace = Model.trace
 
-        def counted(model: Any, inputs: Any, **kwargs: Any) -> Any:
+        def record(inputs: dict[str, Any], answer_copies: int = 0) -> None:
             rows, width = inputs["input_ids"].shape
-            if counter.in_answers:
+            raw = rows * width * counter.heads * 2 * counter.d_head * 4
+            if answer_copies:
                 counter.answer_traces += 1
-                counter.answer_rows += rows
+                counter.answer_rows += rows * answer_copies
+                counter.answer_raw_qk += raw * answer_copies
             else:
                 counter.inputs.append({k: v.clone() for k, v in inputs.items()})
-                counter.raw_qk += rows * width * counter.heads * 2 * counter.d_head * 4
-            return trace(model, inputs, **kwargs)
+                counter.raw_qk += raw
 
-        self.patch(Model, "trace", counted)
         run_answers = answers.intervene_answers
 
         def timed(*args: Any, **kwargs: Any) -> Any:
-            counter.in_answers = True
             wall, cpu = time.perf_counter(), time.process_time()
             try:
                 return run_answers(*args, **kwargs)
             finally:
                 counter.answer_wall += time.perf_counter() - wall
                 counter.answer_cpu += time.process_time() - cpu
-                counter.in_answers = False
 
         self.patch(answers, "intervene_answers", timed)
-        for mod, name in (
-            (qk, "_capture_batch"),
-            (sums, "_reduce_batch"),
-            (answers, "_answers_batch"),
-        ):
+
+        def wrap(mod: Any, name: str, inputs_of: Any, answer: bool = False) -> None:
             fn = getattr(mod, name)
 
-            def wrapped(*args: Any, _fn: Any = fn, **kwargs: Any) -> Any:
-                out = _fn(*args, **kwargs)
-                counter.returned += _nbytes(out)
+            def wrapped(*args: Any, **kwargs: Any) -> Any:
+                for inputs, copies in inputs_of(*args, **kwargs):
+                    record(inputs, copies)
+                out = fn(*args, **kwargs)
+                if answer:
+                    counter.answer_returned += _nbytes(out)
+                else:
+                    counter.returned += _nbytes(out)
                 return out
 
             self.patch(mod, name, wrapped)
+
+        # the per-batch functions run the forward passes: one trace per batch (reduce: per
+        # batch of its request)
+        wrap(qk, "_capture_batch", lambda model, enc, *a, **k: [(enc.inputs, 0)])
+        wrap(sums, "_reduce_batch", lambda model, work, *a, **k: [(w[0], 0) for w in work])
+        wrap(
+            answers,
+            "_answers_batch",
+            lambda model, batch, *a, **k: [(batch.encoded.inputs, a[-1])],
+            answer=True,
+        )
         from nnsight.schema.request import RequestModel
 
         serialize = RequestModel.serialize
@@ -291,6 +301,9 @@ def main() -> None:
                     human(counter.returned),
                     human(counter.raw_qk),
                     f"{100 * counter.returned / counter.raw_qk:.2f}%",
+                    human(counter.answer_returned),
+                    human(counter.answer_raw_qk),
+                    f"{100 * counter.answer_returned / max(counter.answer_raw_qk, 1):.3f}%",
                 ]
             )
         print(f"{study}: done ({wall:.0f} s; bare forwards of {bare_rows} rows)", flush=True)
@@ -313,12 +326,22 @@ def main() -> None:
         print(
             table(
                 bytes_out,
-                ["study", "requests", "request bytes", "returned", "raw q/k", "returned / raw"],
+                [
+                    "study",
+                    "requests",
+                    "request bytes",
+                    "returned",
+                    "raw q/k",
+                    "returned/raw",
+                    "answer returned",
+                    "answer raw q/k",
+                    "answer returned/raw",
+                ],
             )
         )
         print(
-            "raw q/k: every token's q and k of the studied heads in the same traces (float32); "
-            "returned: the arrays all requests sent back (answer step included)"
+            "raw q/k: every token's q and k of the studied heads in the same forward passes "
+            "(float32); returned: the arrays the requests sent back; answer *: the answer step"
         )
 
 
