@@ -48,7 +48,7 @@ from .interventions import intervene
 from .models import Head, Model, Remote, parse_heads
 from .prompts import Prompt
 from .qk import capture
-from .study_prompts import Label, Prepared, StudyError, check_contrasts, prepare
+from .study_prompts import Label, Prepared, StudyError, prepare
 from .study_tools import (
     ModelLike,
     captured_pairs,
@@ -211,7 +211,6 @@ def run_study(
     # 1. prompts, token positions, labels and swaps: every declaration checked, no forward pass
     train = prepare(study, lm.tokenizer, n_prompts, seed, chat, "subspace")
     test = prepare(study, lm.tokenizer, n_test, seed + 1, chat, "fresh")
-    check_contrasts(study, train)
     head_list, heads_from = resolve_heads(study, lm, heads, test, batch_size, progress)
     params = {
         "study_source": study.source,
@@ -271,9 +270,12 @@ def run_study(
     ds = xr.merge(
         [subspaces, null, captured, geometry, effects], compat="override", combine_attrs="drop"
     )
-    if study.analysis is not None:
-        ds = ds.merge(study.analysis(ds), compat="override")
-    write(ds, path, study=study.name, params=params, model=lm, seed=seed, overwrite=overwrite)
+
+    def save(ds: xr.Dataset) -> Path:
+        return write(ds, path, study=study.name, params=params, model=lm, seed=seed,
+                     overwrite=overwrite)  # fmt: skip
+
+    save(with_analysis(study, ds, save))
     if figures:
         plot(study, path)
     return path
@@ -311,6 +313,23 @@ def resolve_heads(
         chosen, source = parse_heads(list(found["head"].values)), "find_heads"
     lm.check_heads(chosen)
     return chosen, source
+
+
+def with_analysis(study: Study, ds: xr.Dataset, save: Callable[[xr.Dataset], Path]) -> xr.Dataset:
+    """`ds` with the study's own analysis merged in; if it fails, the store is kept without it."""
+    if study.analysis is None:
+        return ds
+    try:
+        extra = study.analysis(ds)
+        if not isinstance(extra, xr.Dataset):
+            raise TypeError(f"it returned a {type(extra).__name__}, not an xarray.Dataset")
+        return ds.merge(extra, compat="override")
+    except Exception as err:
+        path = save(ds)
+        raise StudyError(
+            f"Study {study.name!r}: analysis(dataset) failed ({type(err).__name__}: {err}). "
+            f"Everything else is saved in {path}; fix the analysis and rerun with --overwrite."
+        ) from err
 
 
 def key_pca(captured: xr.Dataset, subspaces: xr.Dataset, n_pc: int = 3) -> xr.Dataset:
@@ -429,24 +448,11 @@ def load_study(spec: str | Path) -> Study:
     Without ``:attr``, the module's ``study`` attribute, else its only `Study`. The returned
     study's `source` records where it came from (with the file's SHA-256), for provenance.
     """
-    text = str(spec)
-    where, _, attr = text.partition(":") if not re.match(r"^[A-Za-z]:\\", text) else (text, "", "")
+    where, sep, attr = str(spec).rpartition(":")
+    if not (sep and attr.isidentifier()):
+        where, attr = str(spec), ""
     if where.endswith(".py") or Path(where).exists():
-        file = Path(where).expanduser()
-        if not file.is_file():
-            raise StudyError(
-                f"Study file {file} does not exist; pass the path of a .py file that defines "
-                "study = qktrace.pipeline.Study(...), or a module:attr."
-            )
-        module_name = (
-            f"qktrace_user_study_{hashlib.sha256(str(file.resolve()).encode()).hexdigest()[:12]}"
-        )
-        loader_spec = importlib.util.spec_from_file_location(module_name, file)
-        module = importlib.util.module_from_spec(loader_spec)
-        sys.modules[module_name] = module  # dataclasses and pickling look the module up
-        loader_spec.loader.exec_module(module)
-        digest = hashlib.sha256(file.read_bytes()).hexdigest()[:16]
-        source = f"{file.resolve()} (sha256 {digest})"
+        module, source = _import_file(Path(where).expanduser())
     else:
         try:
             module = importlib.import_module(where)
@@ -476,3 +482,28 @@ def load_study(spec: str | Path) -> Study:
             "labels=...) at its top level (see examples/gender_agreement.py)."
         )
     return dataclasses.replace(study, source=f"{source}:{attr}" if attr else source)
+
+
+def _import_file(file: Path) -> tuple[Any, str]:
+    """Import a study file as a module of its own; (module, its path with a SHA-256)."""
+    if not file.is_file():
+        raise StudyError(
+            f"Study file {file} does not exist; pass the path of a .py file that defines "
+            "study = qktrace.pipeline.Study(...), or module:attr."
+        )
+    name = f"qktrace_study_{hashlib.sha256(str(file.resolve()).encode()).hexdigest()[:12]}"
+    spec = importlib.util.spec_from_file_location(name, file)
+    if spec is None or spec.loader is None:
+        raise StudyError(f"{file} cannot be imported as Python; pass a .py file.")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the file runs
+    try:
+        spec.loader.exec_module(module)
+    except Exception as err:
+        del sys.modules[name]
+        raise StudyError(
+            f"Study file {file} raised {type(err).__name__} while it was imported: {err}; fix "
+            "the file (run `python FILE` to see the traceback)."
+        ) from err
+    digest = hashlib.sha256(file.read_bytes()).hexdigest()[:16]
+    return module, f"{file.resolve()} (sha256 {digest})"

@@ -73,7 +73,11 @@ class At:
 def prepare(
     study: Study, tokenizer: Any, n: int, seed: int, chat: bool | None, role: str
 ) -> Prepared:
-    """Make `n` prompts of `study` with `seed` and resolve its declarations, checking each."""
+    """Make `n` prompts of `study` with `seed` and resolve its declarations, checking each.
+
+    `role` "subspace" (the prompts whose contrasts give ΔC) also checks that every feature has
+    positive and negative keys; "fresh" prompts need not.
+    """
     try:
         prompts = study.prompts(n, seed)
     except Exception as err:
@@ -112,12 +116,16 @@ def prepare(
     _check_known_tokens(study, tokenizer, prompts, loc.ids, keys)
     query = "last" if study.query == "last" else [row[0] for row in loc.positions[study.query]]
 
-    rng = np.random.default_rng(seed + 2)
-    labels, answer, swap = [], [], []
+    labels = []
     for i, p in enumerate(prompts):
         at = At(study, i, p)
-        row = _labels(at, at.call("labels(prompt)", study.labels, p), len(keys[i]))
-        labels.append(row)
+        labels.append(_labels(at, at.call("labels(prompt)", study.labels, p), len(keys[i])))
+    if role == "subspace":
+        check_contrasts(study, labels)
+    rng = np.random.default_rng(seed + 2)
+    answer, swap = [], []
+    for i, (p, row) in enumerate(zip(prompts, labels, strict=True)):
+        at = At(study, i, p)
         answer.append(_answer(at, row))
         if study.swap is None:
             others = [j for j in range(len(row)) if j != answer[-1]]
@@ -129,14 +137,14 @@ def prepare(
     return Prepared(list(prompts), loc.ids, keys, query, labels, answer, swap, coords)
 
 
-def check_contrasts(study: Study, prepared: Prepared) -> None:
+def check_contrasts(study: Study, labels: list[list[Label]]) -> None:
     """Every feature needs positive and negative pairs among the subspace prompts."""
     count: dict[str, dict[str, int]] = {}
-    for row in prepared.labels:
+    for row in labels:
         for label in row:
             if label is not None:
                 count.setdefault(label[0], dict.fromkeys(CONTRASTS, 0))[label[1]] += 1
-    n = len(prepared.prompts)
+    n = len(labels)
     if not count:
         raise StudyError(
             f"Study {study.name!r}: labels(prompt) left every key of the {n} subspace prompts "
