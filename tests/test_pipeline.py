@@ -174,8 +174,13 @@ BAD = {
     ),
     "labels not matching the keys": (
         dict(labels=lambda p: [("gender", "positive")] * 3),
-        ["'bad'", "prompt 0 ('Mary and John", "3 labels", "2 keys ['Mary', 'John']",
-         "one label per key span"],
+        [
+            "'bad'",
+            "prompt 0 ('Mary and John",
+            "3 labels",
+            "2 keys ['Mary', 'John']",
+            "one label per key span",
+        ],
     ),  # fmt: skip
     "a label that is not a contrast": (
         dict(labels=lambda p: [("gender", "yes"), None]),
@@ -224,7 +229,9 @@ def test_a_key_the_tokenizer_does_not_know_is_refused(gender):
     from qktrace.study_prompts import prepare
 
     tok = AutoTokenizer.from_pretrained(organism.path())
-    with pytest.raises(StudyError, match=r"gender_agreement.*prompt 0.*unknown token.*another model"):
+    with pytest.raises(
+        StudyError, match=r"gender_agreement.*prompt 0.*unknown token.*another model"
+    ):
         prepare(gender, tok, 4, 0, None, "subspace")
 
 
