@@ -98,7 +98,7 @@ class Study:
         first positive key.
     swap : callable (prompt, rng) -> (orig, target), optional
         Key indices whose coordinates a swap exchanges, in the subspace of the orig key's
-        feature; default: the answer and another key drawn with `rng`.
+        feature; default: the answer and another key, drawn with `rng` (seeded ``seed + 2``).
     coords : callable (prompt) -> dict, optional
         Coordinates stored with the fresh prompts: a scalar per prompt, or a list with one
         value per key. Default: the prompt's ``meta`` entries of either shape.
@@ -210,7 +210,7 @@ def run_study(
 
     # 1. prompts, token positions, labels and swaps: every declaration checked, no forward pass
     train = prepare(study, lm.tokenizer, n_prompts, seed, chat, "subspace")
-    test = prepare(study, lm.tokenizer, n_test, seed + 1, chat, "fresh")
+    test = prepare(study, lm.tokenizer, n_test, seed, chat, "fresh")
     head_list, heads_from = resolve_heads(study, lm, heads, test, batch_size, progress)
     params = {
         "study_source": study.source,

@@ -73,11 +73,13 @@ class At:
 def prepare(
     study: Study, tokenizer: Any, n: int, seed: int, chat: bool | None, role: str
 ) -> Prepared:
-    """Make `n` prompts of `study` with `seed` and resolve its declarations, checking each.
+    """Make `n` prompts of `study` and resolve its declarations, checking each.
 
-    `role` "subspace" (the prompts whose contrasts give ΔC) also checks that every feature has
-    positive and negative keys; "fresh" prompts need not.
+    `role` "subspace": the prompts whose contrasts give ΔC, drawn with `seed` (the run's),
+    and every feature must have positive and negative keys; "fresh": the prompts of the
+    checks, drawn with ``seed + 1``. Default swap targets are drawn with ``seed + 2``.
     """
+    run_seed, seed = seed, seed + (role == "fresh")
     try:
         prompts = study.prompts(n, seed)
     except Exception as err:
@@ -122,7 +124,7 @@ def prepare(
         labels.append(_labels(at, at.call("labels(prompt)", study.labels, p), len(keys[i])))
     if role == "subspace":
         check_contrasts(study, labels)
-    rng = np.random.default_rng(seed + 2)
+    rng = np.random.default_rng(run_seed + 2)
     answer, swap = [], []
     for i, (p, row) in enumerate(zip(prompts, labels, strict=True)):
         at = At(study, i, p)
