@@ -266,3 +266,32 @@ def test_study_is_a_value():
     assert dataclasses.replace(study, n_prompts=8).n_prompts == 8
     with pytest.raises(StudyError, match="cannot name a store file"):
         dataclasses.replace(study, name="my study/1")
+
+
+def test_the_studys_own_analysis_and_figures_join_the_store(gender, tmp_path):
+    def analysis(ds):
+        agrees = ds["key_label"] == "positive"
+        attention = ds["attention"].isel(query=0)
+        return attention.where(agrees).sum("key").mean("prompt").to_dataset(name="agree_attention")
+
+    def figures(ds):
+        from matplotlib.figure import Figure
+
+        fig = Figure()
+        fig.subplots().bar(ds["head"].values, ds["agree_attention"].values)
+        return {"agree_attention": fig}
+
+    net, tok = testing.model("llama")
+    lm = load(net, tokenizer=tok)
+    study = dataclasses.replace(gender, analysis=analysis, figures=figures)
+    settings = dict(heads=HEAD, n_random=0, progress=False, n_prompts=8, n_test=4)
+    ds = store.open(study.run(lm, out=tmp_path / "a", **settings)).load()
+    expected = ds["attention"].isel(query=0).where(ds["key_label"] == "positive").sum("key")
+    np.testing.assert_allclose(ds["agree_attention"].values, expected.mean("prompt").values)
+    assert (tmp_path / "a" / "gender_agreement_agree_attention.png").stat().st_size > 0
+
+    broken = dataclasses.replace(gender, analysis=lambda ds: ds["no_such_variable"])
+    with pytest.raises(StudyError, match=r"analysis\(dataset\) failed.*Everything else is saved"):
+        broken.run(lm, out=tmp_path / "b", **settings)
+    kept = store.open(tmp_path / "b" / "gender_agreement.zarr")
+    assert "qk_sum" in kept and "flip_rate" in kept  # the run's results are not lost
