@@ -32,6 +32,7 @@ import dataclasses
 import hashlib
 import importlib
 import importlib.util
+import inspect
 import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -116,6 +117,8 @@ class Study:
         Extra variables computed from the assembled store, merged into it before it is saved.
     figures : callable (dataset) -> dict of name -> matplotlib Figure, optional
         Extra figures drawn from the saved store, saved as PNGs beside it.
+    options : mapping
+        The study's own settings (e.g. ``{"n_pairs": 9}``), kept in the store's parameters.
     source : str
         Where the study was defined (set by `load_study`); kept in the store's parameters.
     """
@@ -135,6 +138,7 @@ class Study:
     n_test: int = 500
     analysis: Callable[[xr.Dataset], xr.Dataset] | None = None
     figures: Callable[[xr.Dataset], Mapping[str, Any]] | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
     source: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
@@ -149,6 +153,13 @@ class Study:
                     f"Study {self.name!r}: {what} must be a function, not "
                     f"{type(getattr(self, what)).__name__}; see help(qktrace.pipeline.Study)."
                 )
+
+        taken = sorted(set(self.options) & set(inspect.signature(run_study).parameters))
+        if taken:
+            raise StudyError(
+                f"Study {self.name!r}: options {taken} have the names of run settings, which "
+                "the store records itself; rename them."
+            )
 
     def run(self, model: ModelLike | None = None, **settings: Any) -> Path:
         """Run this study: ``run_study(self, model, **settings)``."""
@@ -213,6 +224,7 @@ def run_study(
     test = prepare(study, lm.tokenizer, n_test, seed, chat, "fresh")
     head_list, heads_from = resolve_heads(study, lm, heads, test, batch_size, progress)
     params = {
+        **study.options,
         "study_source": study.source,
         "heads": [h.label for h in head_list],
         "heads_from": heads_from,

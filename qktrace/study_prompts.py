@@ -170,6 +170,8 @@ def _short(text: str, n: int = 70) -> str:
 
 def _labels(at: At, given: Any, n_keys: int) -> list[Label]:
     spans = at.prompt.span_texts(at.study.keys)
+    if not isinstance(given, Sequence) or isinstance(given, str):
+        raise at.error(f"got {given!r} from labels(prompt)", "return a list, one label per key")
     row = list(given)
     if len(row) != n_keys:
         raise at.error(

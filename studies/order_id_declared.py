@@ -64,6 +64,7 @@ def order_id(n_pairs: int = 9, query_object: str | None = None, seed: int = 0) -
         heads=heads,
         n_prompts=2000,
         n_test=500,
+        options={"n_pairs": n_pairs, "query_object": asked},
     )
 
 

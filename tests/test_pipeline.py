@@ -295,3 +295,25 @@ def test_the_studys_own_analysis_and_figures_join_the_store(gender, tmp_path):
         broken.run(lm, out=tmp_path / "b", **settings)
     kept = store.open(tmp_path / "b" / "gender_agreement.zarr")
     assert "qk_sum" in kept and "flip_rate" in kept  # the run's results are not lost
+
+
+def test_order_id_declared_gives_the_old_studys_store_on_the_organism(tmp_path):
+    """The order-ID study as a Study: every variable of the old store, equal, plus a few."""
+    from studies import order_id
+    from studies.order_id_declared import order_id as declared
+
+    sizes = dict(n_prompts=36, n_test=9, n_random=2, progress=False, figures=False)
+    old = store.open(order_id.run(out=tmp_path / "old", **sizes)).load()
+    new = store.open(declared().run(out=tmp_path / "new", **sizes)).load()
+    assert set(old.variables) <= set(new.variables)
+    assert set(new.variables) - set(old.variables) == {
+        "answer_text", "key_feature", "swap_feature", "union_rank"
+    }  # fmt: skip
+    for name in old.variables:
+        a, b = old[name], new[name].transpose(*old[name].dims)
+        if a.dtype.kind == "f":
+            np.testing.assert_allclose(b.values, a.values, rtol=1e-9, atol=1e-12, err_msg=name)
+        else:
+            assert (a.values == b.values).all(), name
+    assert new.attrs["params"]["n_pairs"] == 9 and new.attrs["params"]["query_object"] == "towel"
+    assert new.attrs["params"]["heads"] == old.attrs["params"]["heads"]
