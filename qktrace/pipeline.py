@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from .covariance import decompose
+from .covariance import add_pairs, decompose, empty_sums
 from .heads import find_heads
 from .interventions import intervene
 from .models import Head, Model, Remote, parse_heads
@@ -55,6 +55,7 @@ from .study_tools import (
     captured_pairs,
     check_design,
     check_out,
+    checkpoint,
     default_model,
     null_test,
     open_model,
@@ -92,6 +93,11 @@ class Study:
     labels : callable (prompt) -> list of (feature, "positive" | "negative") or None
         One label per key, in span order: a key positive for a feature is one the query should
         pick for it; None leaves the key out of every contrast.
+    counterfactual : callable (prompt, rng) -> Prompt, optional
+        For a contrast across prompts: the prompt with the answer's feature changed and all
+        else kept (rng seeded ``seed + 3``). Then positive is the query with the answer key,
+        negative the same query with the counterfactual's key in the answer's slot, and
+        labels(prompt) need only mark the answer key positive (as the lexical study does).
     query : str
         "last" (the last token, default) or a span name marking one query token per prompt.
     answer : callable (prompt) -> int, optional
@@ -127,6 +133,7 @@ class Study:
     prompts: Callable[[int, int], Sequence[Prompt]]
     keys: str
     labels: Callable[[Prompt], Sequence[Label]]
+    counterfactual: Callable[[Prompt, np.random.Generator], Prompt] | None = None
     query: str = "last"
     answer: Callable[[Prompt], int] | None = None
     swap: Callable[[Prompt, np.random.Generator], tuple[int, int]] | None = None
@@ -239,17 +246,21 @@ def run_study(
     }
 
     # 2. contrastive covariance: C+ and C- summed in the trace (resumable), ΔC, SVD, rank rule
-    sums = reduce(
-        lm,
-        train.ids,
-        head_list,
-        train.labels,
-        keys=train.keys,
-        query=train.query,
-        batch_size=batch_size,
-        out=sums_checkpoint,
-        progress=progress,
-    )
+    if study.counterfactual is None:
+        sums = reduce(
+            lm,
+            train.ids,
+            head_list,
+            train.labels,
+            keys=train.keys,
+            query=train.query,
+            batch_size=batch_size,
+            out=sums_checkpoint,
+            progress=progress,
+        )
+    else:  # pairs across prompts: captured (resumable) and summed here
+        pairs = counterfactual_pairs(lm, train, head_list, path, batch_size, progress)
+        sums = pair_sums(pairs, lm.d_head)
     subspaces = decompose(sums, threshold=threshold).merge(sums[SUMS])
     features = [str(f) for f in subspaces["feature"].values]
 
@@ -264,13 +275,13 @@ def run_study(
         progress=progress,
     ).assign_coords(test.coords)
 
-    # 4. is each ΔC real? the permutation null on the fresh prompts' labelled pairs
-    null = null_test(
-        {(h.label, f): captured_pairs(captured, h.label, f) for h in head_list for f in features},
-        seed=seed,
-        threshold=threshold,
-        d_head=lm.d_head,
-    )
+    # 4. is each ΔC real? the permutation null on the fresh prompts' labelled pairs (or on the
+    #    counterfactual pairs)
+    if study.counterfactual is None:
+        pairs = {
+            (h.label, f): captured_pairs(captured, h.label, f) for h in head_list for f in features
+        }
+    null = null_test(pairs, seed=seed, threshold=threshold, d_head=lm.d_head)
 
     # 5. geometry: PCA of the keys inside the union of the features' key subspaces
     geometry = key_pca(captured, subspaces)
@@ -325,6 +336,50 @@ def resolve_heads(
         chosen, source = parse_heads(list(found["head"].values)), "find_heads"
     lm.check_heads(chosen)
     return chosen, source
+
+
+def counterfactual_pairs(
+    lm: Model, train: Prepared, heads: list[Head], path: Path, batch_size: int, progress: bool
+) -> dict[tuple[str, str], tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Per (head, feature): (q, k, is_positive) of the original query with the answer key of the
+    original prompt (positive) and of its counterfactual (negative).
+
+    Both captures are kept batch by batch beside the store (``<name>.original.zarr``,
+    ``<name>.counterfactual.zarr``), so a crashed run resumes.
+    """
+    runs = []
+    for what, ids, keys, query in (
+        ("original", train.ids, train.keys, train.query),
+        ("counterfactual", train.counterfactual_ids, train.counterfactual_keys, "last"),
+    ):  # only the original's query is used
+        answer_keys = [[row[a]] for row, a in zip(keys, train.answer, strict=True)]
+        runs.append(
+            capture(lm, ids, heads, query=query, keys=answer_keys, attention=False,
+                    batch_size=batch_size, out=checkpoint(path, what), progress=progress).load()
+        )  # fmt: skip
+    original, counter = runs
+    feature = np.array([row[a][0] for row, a in zip(train.labels, train.answer, strict=True)])
+    pairs = {}
+    for h in heads:
+        q = original["q"].sel(head=h.label).isel(query=0).values
+        k_pos = original["k"].sel(head=h.label).isel(key=0).values
+        k_neg = counter["k"].sel(head=h.label).isel(key=0).values
+        for f in dict.fromkeys(feature):
+            mine = feature == f
+            positive = np.r_[np.ones(mine.sum(), bool), np.zeros(mine.sum(), bool)]
+            pairs[(h.label, str(f))] = (np.r_[q[mine], q[mine]], np.r_[k_pos[mine], k_neg[mine]],
+                                        positive)  # fmt: skip
+    return pairs
+
+
+def pair_sums(pairs: Mapping[tuple[str, str], tuple], d_head: int) -> xr.Dataset:
+    """The covariance sums of `decompose` from (head, feature) -> (q, k, is_positive) pairs."""
+    heads = list(dict.fromkeys(h for h, _ in pairs))
+    sums = empty_sums(heads, list(dict.fromkeys(f for _, f in pairs)), d_head)
+    for (head, feature), (q, k, positive) in pairs.items():
+        for contrast, rows in (("positive", positive), ("negative", ~positive)):
+            sums = add_pairs(sums, q[rows], k[rows], head, feature, contrast)
+    return sums
 
 
 def with_analysis(study: Study, ds: xr.Dataset, save: Callable[[xr.Dataset], Path]) -> xr.Dataset:

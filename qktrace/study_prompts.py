@@ -41,6 +41,8 @@ class Prepared:
     answer: list[int]  # per prompt, index of the answer key
     swap: list[tuple[int, int, str]]  # per prompt, (orig key, target key, feature swapped)
     coords: dict[str, Any]
+    counterfactual_ids: list[list[int]] | None = None  # subspace prompts of a counterfactual study
+    counterfactual_keys: list[list[int]] | None = None
 
 
 @dataclass
@@ -93,6 +95,66 @@ def prepare(
             f"Study {study.name!r}: prompts(n={n}, seed={seed}) returned {got} instead of a "
             f"list of {n} Prompt objects; build each with qktrace.prompts.PromptBuilder."
         )
+    loc, keys, query = _tokenize(study, tokenizer, prompts, chat, f"{role} prompts")
+
+    labels = []
+    for i, p in enumerate(prompts):
+        at = At(study, i, p)
+        labels.append(_labels(at, at.call("labels(prompt)", study.labels, p), len(keys[i])))
+    if role == "subspace" and study.counterfactual is None:
+        check_contrasts(study, labels)
+    rng = np.random.default_rng(run_seed + 2)
+    answer, swap = [], []
+    for i, (p, row) in enumerate(zip(prompts, labels, strict=True)):
+        at = At(study, i, p)
+        answer.append(_answer(at, row))
+        if study.swap is None:
+            others = [j for j in range(len(row)) if j != answer[-1]]
+            pair: Any = (answer[-1], int(rng.choice(others)))
+        else:
+            pair = at.call("swap(prompt, rng)", study.swap, p, rng)
+        swap.append(_swap(at, pair, row))
+    coords = _coords(study, prompts, keys, labels, swap)
+    prepared = Prepared(list(prompts), loc.ids, keys, query, labels, answer, swap, coords)
+    if role == "subspace" and study.counterfactual is not None:
+        _add_counterfactuals(study, tokenizer, prepared, chat, run_seed)
+    return prepared
+
+
+def _add_counterfactuals(
+    study: Study, tokenizer: Any, prepared: Prepared, chat: bool | None, seed: int
+) -> None:
+    """Each subspace prompt's counterfactual (drawn with ``seed + 3``), located and checked."""
+    rng = np.random.default_rng(seed + 3)
+    flipped = []
+    for i, p in enumerate(prepared.prompts):
+        at = At(study, i, p)
+        label = prepared.labels[i][prepared.answer[i]]
+        if label is None or label[1] != "positive":
+            raise at.error(
+                f"has answer key {prepared.answer[i]} labelled {label!r}; a counterfactual study "
+                "contrasts the answer key with its counterfactual",
+                "label the answer key (feature, 'positive')",
+            )
+        other = at.call("counterfactual(prompt, rng)", study.counterfactual, p, rng)
+        if not isinstance(other, Prompt):
+            raise at.error(f"got a {type(other).__name__} from counterfactual(prompt, rng)",
+                           "return a Prompt (PromptBuilder)")  # fmt: skip
+        n, m = len(p.spans[study.keys]), len(other.spans.get(study.keys, []))
+        if m != n:
+            raise at.error(
+                f"has {n} keys but its counterfactual ({_short(other.text)}) has {m}",
+                "keep every key span in the counterfactual; change only the feature",
+            )
+        flipped.append(other)
+    loc, keys, _ = _tokenize(study, tokenizer, flipped, chat, "counterfactual prompts")
+    prepared.counterfactual_ids, prepared.counterfactual_keys = loc.ids, keys
+
+
+def _tokenize(
+    study: Study, tokenizer: Any, prompts: Sequence[Any], chat: bool | None, what: str
+) -> tuple[Any, list[list[int]], str | list[int]]:
+    """(located prompts, key positions, query) after checking every prompt's spans."""
     for i, p in enumerate(prompts):
         at = At(study, i, p)
         if not isinstance(p, Prompt):
@@ -113,30 +175,12 @@ def prepare(
     try:
         loc = locate(tokenizer, prompts, chat=chat)
     except ValueError as err:
-        raise StudyError(f"Study {study.name!r} ({role} prompts): {err}") from err
+        raise StudyError(f"Study {study.name!r} ({what}): {err}") from err
     keys = loc.positions[study.keys]
     _check_known_tokens(study, tokenizer, prompts, loc.ids, keys)
     query = "last" if study.query == "last" else [row[0] for row in loc.positions[study.query]]
 
-    labels = []
-    for i, p in enumerate(prompts):
-        at = At(study, i, p)
-        labels.append(_labels(at, at.call("labels(prompt)", study.labels, p), len(keys[i])))
-    if role == "subspace":
-        check_contrasts(study, labels)
-    rng = np.random.default_rng(run_seed + 2)
-    answer, swap = [], []
-    for i, (p, row) in enumerate(zip(prompts, labels, strict=True)):
-        at = At(study, i, p)
-        answer.append(_answer(at, row))
-        if study.swap is None:
-            others = [j for j in range(len(row)) if j != answer[-1]]
-            pair: Any = (answer[-1], int(rng.choice(others)))
-        else:
-            pair = at.call("swap(prompt, rng)", study.swap, p, rng)
-        swap.append(_swap(at, pair, row))
-    coords = _coords(study, prompts, keys, labels, swap)
-    return Prepared(list(prompts), loc.ids, keys, query, labels, answer, swap, coords)
+    return loc, keys, query
 
 
 def check_contrasts(study: Study, labels: list[list[Label]]) -> None:

@@ -317,3 +317,51 @@ def test_order_id_declared_gives_the_old_studys_store_on_the_organism(tmp_path):
             assert (a.values == b.values).all(), name
     assert new.attrs["params"]["n_pairs"] == 9 and new.attrs["params"]["query_object"] == "towel"
     assert new.attrs["params"]["heads"] == old.attrs["params"]["heads"]
+
+
+def test_a_counterfactual_study_contrasts_the_answer_key_with_its_counterfactual(gender, tmp_path):
+    """Positive: the pronoun's query with the agreeing name; negative: the same query with the
+    key of the name that replaces it in the counterfactual (a name of the other gender)."""
+    import runpy
+
+    names = runpy.run_path(str(EXAMPLE))["NAMES"]
+
+    def replace_agreeing_name(prompt, rng):
+        meta = prompt.meta
+        j = meta["gender"].index(meta["pronoun"])
+        other = "male" if meta["pronoun"] == "female" else "female"
+        new = list(meta["name"])
+        new[j] = str(rng.choice([n for n in names[other] if n not in new]))
+        b = PromptBuilder().add(new[0], "name").add(" and ").add(new[1], "name")
+        rest = prompt.text[prompt.spans["name"][1][1] : prompt.spans["pronoun"][0][0]]
+        b.add(rest).add(prompt.span_texts("pronoun")[0], "pronoun")
+        return b.build(meta={**meta, "name": new})
+
+    study = dataclasses.replace(gender, counterfactual=replace_agreeing_name)
+    net, tok = testing.model("llama")
+    lm = load(net, tokenizer=tok)
+    path = study.run(lm, out=tmp_path, heads=HEAD, figures=False, progress=False, **FAST)
+    ds = store.open(path).load()
+    n = FAST["n_prompts"]
+    assert ds["pair_count"].sel(head=HEAD, feature="gender").values.tolist() == [n, n]
+    assert ds["null_rank"].sel(head=HEAD, feature="gender") >= 0  # tested on these pairs
+    assert not list(tmp_path.glob("gender_agreement.*.zarr"))  # capture checkpoints removed
+
+    # the sums by hand: the same query, the agreeing name's key, then its replacement's key
+    prompts = study.prompts(n, 0)
+    rng = np.random.default_rng(3)  # the pipeline draws counterfactuals with seed + 3
+    flipped = [replace_agreeing_name(p, rng) for p in prompts]
+    answer = [[g == p.meta["pronoun"] for g in p.meta["gender"]].index(True) for p in prompts]
+    sums = ds["qk_sum"].sel(head=HEAD, feature="gender")
+    loc = locate(tok, prompts)
+    query = [row[0] for row in loc.positions["pronoun"]]
+    for contrast, group in (("positive", prompts), ("negative", flipped)):
+        located = locate(tok, group)
+        keys = [[row[a]] for row, a in zip(located.positions["name"], answer, strict=True)]
+        k = qktrace.capture(lm, located.ids, HEAD, keys=keys, attention=False, progress=False)
+        q = qktrace.capture(lm, loc.ids, HEAD, query=query, keys=keys if contrast == "positive"
+                            else [[0]] * n, attention=False, progress=False)  # fmt: skip
+        q = q["q"].sel(head=HEAD).isel(query=0).values.astype(np.float64)
+        k = k["k"].sel(head=HEAD).isel(key=0).values.astype(np.float64)
+        np.testing.assert_allclose(sums.sel(contrast=contrast).values, q.T @ k, rtol=1e-4,
+                                   atol=1e-5)  # fmt: skip
