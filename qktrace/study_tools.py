@@ -376,11 +376,15 @@ def pca_figure(ds: xr.Dataset, hue: str, title: str = "", max_labels: int = 10) 
     """PCA of the stored keys (`key_pc`), one row per head, coloured by the key coordinate `hue`.
 
     Only the `max_labels` most frequent labels get their own colour; the rest are "other".
-    A rank-1 subspace has one coordinate: it is drawn as a strip per label instead.
+    A rank-1 subspace has one coordinate: it is drawn as a strip per label instead. A head whose
+    subspace has fewer components than another's has coordinate 0 on the ones it lacks.
     """
     from qktrace import plots
 
     points = ds["key_pc"].dropna("pc", how="all")
+    if "pc_variance_ratio" in ds:  # beyond a head's rank: 0 (padding keys stay NaN)
+        beyond = ds["pc_variance_ratio"].sel(pc=points["pc"]).isnull()
+        points = points.where(~beyond | points.isel(pc=0).isnull(), 0.0)
     labels = ds[hue].broadcast_like(ds["key_pc"].isel(pc=0, drop=True))
     text = np.vectorize(str, otypes=[object])(labels.values)
     names, counts = np.unique(text, return_counts=True)

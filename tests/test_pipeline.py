@@ -365,3 +365,25 @@ def test_a_counterfactual_study_contrasts_the_answer_key_with_its_counterfactual
         k = k["k"].sel(head=HEAD).isel(key=0).values.astype(np.float64)
         np.testing.assert_allclose(sums.sel(contrast=contrast).values, q.T @ k, rtol=1e-4,
                                    atol=1e-5)  # fmt: skip
+
+
+def test_pca_figure_draws_every_head_when_ranks_differ():
+    """A rank-2 head next to a rank-3 head: its keys are drawn too (0 on the missing PC)."""
+    import xarray as xr
+
+    from qktrace.study_tools import pca_figure
+
+    rng = np.random.default_rng(0)
+    points = rng.normal(size=(2, 5, 2, 3))
+    points[1, :, :, 2] = np.nan  # head "b" has rank 2
+    points[:, 4, 1, :] = np.nan  # a padding key
+    ratio = np.array([[0.5, 0.3, 0.2], [0.6, 0.4, np.nan]])
+    ds = xr.Dataset(
+        {"key_pc": (("head", "prompt", "key", "pc"), points),
+         "pc_variance_ratio": (("head", "pc"), ratio)},
+        coords={"head": ["a", "b"], "pc": [1, 2, 3],
+                "gender": (("prompt", "key"), np.array([["f", "m"]] * 5, dtype=object))},
+    )  # fmt: skip
+    fig = pca_figure(ds, "gender")
+    drawn = [sum(len(c.get_offsets()) for c in ax.collections) for ax in fig.axes[:6]]
+    assert drawn == [9, 9, 9, 9, 9, 9]  # 10 keys, one of them padding, in every panel
