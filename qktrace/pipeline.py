@@ -3,8 +3,8 @@
 Why a frozen dataclass of functions
 -----------------------------------
 Two studies differ in a handful of things: their prompts (text with marked spans), which token
-is the query and which are the keys, how the keys are labelled into contrasts, and which keys
-a swap exchanges. Everything else is the same method: sizes and seeds, the model and its heads,
+is the query and which are the keys, how the keys are labelled into contrasts (within a prompt,
+or against a counterfactual prompt), and which keys a swap exchanges. Everything else is the same method: sizes and seeds, the model and its heads,
 C+ and C- summed in the trace (resumable), ΔC and its SVD, the permutation null, fresh prompts
 captured for PCA, swaps against random subspaces, the store with provenance, the figures. So
 a study is a `Study` value whose fields are those few things, as plain functions of one
