@@ -201,7 +201,8 @@ def study(
         typer.Option(
             "--n-prompts",
             help="Prompts for the subspaces [default: 2000, as the paper; on the organism "
-            "900 (each study), so each study runs in under a minute on 2 CPU cores].",
+            "900 (each study), so each study runs in under a minute on 2 CPU cores; your own "
+            "study: its n_prompts].",
         ),
     ] = None,
     n_test: Annotated[

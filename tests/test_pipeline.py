@@ -261,6 +261,12 @@ def test_help_says_how_to_run_your_own_study():
     assert code == 0 and "qktrace.pipeline.Study" in output and ".py" in output
 
 
+def test_a_study_by_module_and_a_built_in_only_option():
+    assert load_study("studies.order_id_declared:study").name == "order_id"
+    code, output = cli("study", EXAMPLE, "--n-pairs", "3", "-o", "never-written")
+    assert code == 2 and "--n-pairs is not an option of" in output and "--n-prompts" in output
+
+
 def test_study_is_a_value():
     study = load_study(EXAMPLE)
     assert dataclasses.replace(study, n_prompts=8).n_prompts == 8
