@@ -108,3 +108,16 @@ def test_repository_is_self_contained():
     for path in files:
         for name in ("DESIGN.md", "METHOD.md"):
             assert name not in path.read_text(), f"{path.relative_to(ROOT)} cites {name}"
+
+
+def python_blocks(page: str) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", (ROOT / "docs" / page).read_text(), re.S)
+
+
+def test_guide_examples_run_as_written():
+    """The capture-and-reduce page's examples, then decompose's first, run on the organism."""
+    code = "\n".join([*python_blocks("guide/capture.md"), python_blocks("guide/decompose.md")[0]])
+    scope: dict = {}
+    exec(compile(code, "docs/guide examples", "exec"), scope)
+    assert scope["sums"]["qk_sum"].dims == ("head", "feature", "contrast", "dq", "dk")
+    assert int(scope["sub"]["rank"].sel(head="2.1", feature="fruit")) >= 1
