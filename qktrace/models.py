@@ -384,18 +384,17 @@ def _converted(
     if isinstance(model, torch.nn.Module):
         return None, model
     name = os.fspath(model)
-    named = name in checkpoints.NAMED
-    if not (named or gguf_file is not None or name.lower().endswith(".gguf")):
+    if not checkpoints.is_convertible(name, gguf_file):
         return None, model
     if remote is True:
         raise ValueError(
             f"{name!r} is a local checkpoint (converted from GGUF), which NDIF does not host: "
             "load it with remote=False, or remote='local' to simulate the NDIF request offline."
         )
-    if named:
-        return name, str(checkpoints.named_checkpoint(name))
-    converted = checkpoints.gguf_checkpoint(name, gguf_file)
-    return str(Path(name) / gguf_file if gguf_file else Path(name)), str(converted)
+    converted = str(checkpoints.local_checkpoint(name, gguf_file))
+    if name in checkpoints.NAMED:
+        return name, converted
+    return str(Path(name) / gguf_file if gguf_file else Path(name)), converted
 
 
 def _converted_revision(name: str) -> str:

@@ -37,6 +37,9 @@ ORGANISM_SIZES = {  # study -> (n_prompts, n_test)
     "lexical": (900, 270),
 }
 PAPER_SIZES = {"filter_heads": (2000, 1000), "order_id": (2000, 500), "lexical": (2000, 500)}
+# Named models that run on a CPU (`qktrace.checkpoints.NAMED`, e.g. smollm2, 135M parameters):
+# sizes that finish in a few minutes per study on 2 idle cores.
+CPU_MODEL_SIZES = {"filter_heads": (300, 100), "order_id": (300, 100), "lexical": (300, 100)}
 
 
 def default_model(model: ModelLike | None) -> ModelLike:
@@ -63,7 +66,15 @@ def sizes(
     model: ModelLike, study: str, n_prompts: int | None, n_test: int | None
 ) -> tuple[int, int]:
     """(n_prompts, n_test): those given, else the organism's defaults or the paper's."""
-    table = ORGANISM_SIZES if is_organism(model) else PAPER_SIZES
+    from qktrace.checkpoints import NAMED
+
+    name = model.name if isinstance(model, Model) else os.fspath(model)
+    if is_organism(model):
+        table = ORGANISM_SIZES
+    elif name in NAMED:
+        table = CPU_MODEL_SIZES
+    else:
+        table = PAPER_SIZES
     default_prompts, default_test = table[study]
     return (
         default_prompts if n_prompts is None else n_prompts,

@@ -252,7 +252,9 @@ def run(
 
     # 5. store, then figures from the store
     ds = xr.merge(
-        [subspaces, null, captured, geometry, swaps, ranking], compat="override", combine_attrs="drop"
+        [subspaces, null, captured, geometry, swaps, ranking],
+        compat="override",
+        combine_attrs="drop",
     )
     params.update(ranking.attrs)  # how the heads were ranked, when find_heads chose them
     write(ds, path, study=STUDY, params=params, model=lm, seed=seed, overwrite=overwrite)

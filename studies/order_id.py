@@ -220,7 +220,9 @@ def run(
     )
 
     ds = xr.merge(
-        [subspaces, null, captured, geometry, effects, ranking], compat="override", combine_attrs="drop"
+        [subspaces, null, captured, geometry, effects, ranking],
+        compat="override",
+        combine_attrs="drop",
     )
     params.update(ranking.attrs)  # how the heads were ranked, when find_heads chose them
     write(ds, path, study=STUDY, params=params, model=lm, seed=seed, overwrite=overwrite)
