@@ -260,7 +260,8 @@ def _check_architecture(file: Path) -> None:
 
     arch = gguf_architecture(file)
     traceable = {t for a in ADAPTERS for t in a.model_types}
-    usable = sorted(a for a in GGUF_CONFIG_MAPPING if _GGUF_MODEL_TYPES.get(a, a) in traceable)
+    readable = set(GGUF_CONFIG_MAPPING) | set(_GGUF_MODEL_TYPES)
+    usable = sorted(a for a in readable if _GGUF_MODEL_TYPES.get(a, a) in traceable)
     if arch not in usable:
         raise ValueError(
             f"Unsupported GGUF architecture {arch!r} in {file}: qktrace opens GGUF files of "
