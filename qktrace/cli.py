@@ -430,12 +430,13 @@ def evaluate(
 
         model = str(organism.path())
     mode: bool | str = True if remote else "local" if remote_local else False
+    pair_counts = _parse_pairs(pairs)
     try:
         lm = load(model, remote=mode)
         ds = run_eval(
             lm,
             n=n,
-            pairs=_parse_pairs(pairs),
+            pairs=pair_counts,
             groups=[g.strip() for g in groups.split(",")] if groups else None,
             chat=chat,
             batch_size=batch_size,
