@@ -145,8 +145,11 @@ def evaluate(
             )
     rows = []
     bar = tqdm(total=sum(len(p) for p in sets.values()), desc="eval", disable=not progress)
-    for prompts in sets.values():
+    for name, prompts in sets.items():
         rows.append(_score(model, prompts, chat=chat, batch_size=batch_size, bar=bar))
+        if progress:  # each task's line as soon as it is known (a long run shows results early)
+            accuracy, chance, mass = rows[-1]
+            tqdm.write(f"{name:<16} {accuracy:8.1%} {chance:7.1%} {mass:8.3f}")
     bar.close()
     names = list(sets)
     from .store import provenance
