@@ -271,14 +271,12 @@ def _check_architecture(file: Path) -> None:
 
 
 def _complete(directory: Path) -> bool:
-    return (directory / "config.json").exists() and (directory / "model.safetensors").exists()
+    """A finished conversion (renamed into place whole; large models save sharded weights)."""
+    return (directory / "config.json").exists() and (directory / "SOURCE.txt").exists()
 
 
 def _convert(file: Path, converted: Path, *, expected_sha256: str | None, source: str) -> Path:
-    """Dequantize `file` with transformers, save float32 safetensors + tokenizer at `converted`."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    """Check `file`, then dequantize it into `converted` (once, under a file lock)."""
     if expected_sha256 is not None:
         got = sha256_of(file)
         if got != expected_sha256:
@@ -291,6 +289,21 @@ def _convert(file: Path, converted: Path, *, expected_sha256: str | None, source
     _check_architecture(file)
     _writable_cache(f"store the dequantized {source}")
     converted.parent.mkdir(parents=True, exist_ok=True)
+    from filelock import FileLock
+
+    # one conversion at a time: a second process waits, then finds the finished copy
+    with FileLock(str(converted) + ".lock"):
+        if _complete(converted):
+            return converted
+        _dequantize(file, converted, source)
+    return converted
+
+
+def _dequantize(file: Path, converted: Path, source: str) -> None:
+    """Load `file` with transformers, save float32 safetensors + tokenizer at `converted`."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     print(f"qktrace: dequantizing {file.name} once into {converted} ...", flush=True)
     tokenizer = AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name)
     loaded = AutoModelForCausalLM.from_pretrained(
@@ -313,4 +326,3 @@ def _convert(file: Path, converted: Path, *, expected_sha256: str | None, source
         os.replace(staging, converted)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return converted
