@@ -140,6 +140,11 @@ The exact NDIF request, simulated offline on a local checkpoint:
 
   qktrace study lexical -m ./my-checkpoint --heads 1.2 --remote-local --n-prompts 64 -o out/try
 
+Your own study: a .py file that defines study = qktrace.pipeline.Study(...) (prompts with
+marked spans, the key span, labels per key), or module:attr; the pipeline does the rest:
+
+  qktrace study examples/gender_agreement.py -m ./my-checkpoint -o out/gender
+
 Then: qktrace show out/binding/order_id.zarr
 """
 
@@ -160,7 +165,12 @@ def _model_studies() -> dict[str, str]:
 @app.command(epilog=_STUDY_EXAMPLES)
 def study(
     name: Annotated[
-        str, typer.Argument(help="The study: filter-heads, order-id or lexical.", metavar="NAME")
+        str,
+        typer.Argument(
+            help="The study: filter-heads, order-id, lexical, or your own: a .py file that "
+            "defines study = qktrace.pipeline.Study(...) (path[:attr]), or module:attr.",
+            metavar="NAME|FILE.py",
+        ),
     ],
     out: Annotated[
         Path,
@@ -194,7 +204,7 @@ def study(
             "--n-prompts",
             help="Prompts for the subspaces [default: 2000, as the paper; on the organism "
             "900 (each study), so each study runs in under a minute on 2 CPU cores; on "
-            "smollm2 300].",
+            "smollm2 300; your own study: its n_prompts].",
         ),
     ] = None,
     n_test: Annotated[
@@ -261,24 +271,38 @@ def study(
     subspaces and (lexical) attention-logit attribution.
 
     filter-heads: categories of list items (paper §3.1). order-id: which position a box is
-    in (§3.2). lexical: which object a box holds (§3.3, Fig 10). Writes OUT/NAME.zarr
-    (labelled, with provenance) and PNG figures beside it, then prints a summary. A crashed
-    run resumes when rerun with the same arguments.
+    in (§3.2). lexical: which object a box holds (§3.3, Fig 10). Your own study: a file
+    defining a `qktrace.pipeline.Study` runs through the same pipeline (docs/guide/own-study.md).
+    Writes OUT/NAME.zarr (labelled, with provenance) and PNG figures beside it, then prints a
+    summary. A crashed run resumes when rerun with the same arguments.
     """
+    import functools
     import inspect
 
     known = _model_studies()
-    if name not in known:
+    store_name = name.replace("-", "_")
+    if name not in known and (name.endswith(".py") or ":" in name or Path(name).exists()):
+        from qktrace.pipeline import StudyError, load_study, run_study
+
+        try:
+            own = load_study(name)
+        except StudyError as err:
+            _fail(str(err), 2)
+        run = functools.partial(run_study, own)
+        store_name = own.name
+    elif name not in known:
         import difflib
 
         close = difflib.get_close_matches(name, list(known), n=1)
         _fail(
             f"unknown study {name!r}"
             + (f" (did you mean {close[0]!r}?)" if close else "")
-            + f"; choose one of {', '.join(known)} (the toy model has its own command: "
-            "qktrace toy).",
+            + f"; choose one of {', '.join(known)}, or pass a .py file defining a "
+            "qktrace.pipeline.Study (the toy model has its own command: qktrace toy).",
             2,
         )
+    else:
+        run = importlib.import_module(known[name]).run
     if remote and remote_local:
         _fail(
             "--remote (run on NDIF) and --remote-local (simulate the NDIF request offline) "
@@ -293,7 +317,6 @@ def study(
         except ValueError as err:
             _fail(f"--heads: {err}", 2)
     mode: bool | str = True if remote else "local" if remote_local else False
-    module = importlib.import_module(known[name])
     given = {
         "heads": heads,
         "n_prompts": n_prompts,
@@ -305,7 +328,7 @@ def study(
         "threshold": threshold,
         "chat": chat,
     }
-    accepted = inspect.signature(module.run).parameters
+    accepted = inspect.signature(run).parameters
     for key, value in given.items():
         if value is not None and key not in accepted:
             flag = "--" + key.replace("_", "-")
@@ -314,7 +337,7 @@ def study(
     kwargs = {k: v for k, v in given.items() if v is not None}
     start = time.perf_counter()
     try:
-        path = module.run(
+        path = run(
             model,
             out=out,
             seed=seed,
@@ -329,7 +352,7 @@ def study(
     except KeyboardInterrupt:
         _fail(
             "interrupted. Completed batches are kept next to "
-            f"{out / name.replace('-', '_')}.zarr; rerun the same command to resume.",
+            f"{out / store_name}.zarr; rerun the same command to resume.",
             130,
         )
     except (ValueError, RuntimeError, OSError, FloatingPointError, KeyError) as err:
