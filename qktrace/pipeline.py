@@ -38,20 +38,26 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import xarray as xr
 
 from .covariance import add_pairs, decompose, empty_sums
 from .heads import find_heads
-from .interventions import intervene
+from .interventions import intervene_captured
 from .models import Head, Model, Remote, parse_heads
 from .prompts import Prompt
 from .qk import capture
 from .study_prompts import Label, Prepared, StudyError, prepare
 from .study_tools import (
+    N_FOUND_HEADS,
+    N_RANDOM_ANSWERS,
     ModelLike,
+    answer_bars,
+    answer_effects,
+    answer_per_prompt,
+    answer_summary,
     captured_pairs,
     check_design,
     check_out,
@@ -62,6 +68,7 @@ from .study_tools import (
     pca_figure,
     per_prompt,
     rank_figure,
+    ranking_variables,
     save_figures,
     stack_heads,
     subspace_pca,
@@ -109,9 +116,13 @@ class Study:
     coords : callable (prompt) -> dict, optional
         Coordinates stored with the fresh prompts: a scalar per prompt, or a list with one
         value per key. Default: the prompt's ``meta`` entries of either shape.
-    answers : callable (prompt) -> list of str, optional
-        The answer the model would give for each key (e.g. the name); stored as the key
-        coordinate ``answer_text`` for answer-level checks.
+    answers : callable (prompt) -> list of str, or "keys", optional
+        The answer the model would give after the prompt if it picked each key, as the model
+        writes it (e.g. " Mary", with its space; the first token counts), stored as the key
+        coordinate ``answer_text``; or "keys": each key's own token in the prompt (box
+        letters). With answers and ``query="last"`` (the answer is the next token), the swap is
+        also written into the model to see whether its answer moves from the orig key's answer
+        to the target's (``answer_*`` variables, `qktrace.intervene_answers`).
     hues : sequence of str
         Key coordinates to colour the PCA figures by (``key_label`` is always drawn).
     heads : callable (model) -> str or None, optional
@@ -138,7 +149,7 @@ class Study:
     answer: Callable[[Prompt], int] | None = None
     swap: Callable[[Prompt, np.random.Generator], tuple[int, int]] | None = None
     coords: Callable[[Prompt], Mapping[str, Any]] | None = None
-    answers: Callable[[Prompt], Sequence[str]] | None = None
+    answers: Callable[[Prompt], Sequence[str]] | Literal["keys"] | None = None
     hues: Sequence[str] = ()
     heads: Callable[[Model], str | None] | None = None
     n_prompts: int = 2000
@@ -161,6 +172,11 @@ class Study:
                     f"{type(getattr(self, what)).__name__}; see help(qktrace.pipeline.Study)."
                 )
 
+        if not (self.answers is None or self.answers == "keys" or callable(self.answers)):
+            raise StudyError(
+                f'Study {self.name!r}: answers must be a function of the prompt, "keys" or '
+                f"None, not {self.answers!r}."
+            )
         taken = sorted(set(self.options) & set(inspect.signature(run_study).parameters))
         if taken:
             raise StudyError(
@@ -183,6 +199,7 @@ def run_study(
     n_test: int | None = None,
     threshold: float = 0.99,
     n_random: int = 10,
+    n_random_answers: int = N_RANDOM_ANSWERS,
     batch_size: int = 16,
     seed: int = 0,
     remote: Remote = False,
@@ -207,10 +224,14 @@ def run_study(
         "L.H,..."; default: ``study.heads(model)``, else the 3 found by `qktrace.find_heads`.
     n_prompts, n_test
         Subspace prompts and fresh prompts (PCA, null, swaps); default: the study's.
-    threshold, n_random, batch_size, seed, remote, chat, figures, overwrite, progress
-        The 99% rank rule, random subspaces per swap, prompts per trace, seed of prompts and
-        random draws, NDIF mode, chat template (None: when the tokenizer has one), PNGs,
-        replace an existing store, progress bars.
+    n_random, n_random_answers
+        Random subspaces of the same rank per swap: for the attention-level swap (no forward
+        pass), and for the answer-level swap (each costs one more copy of every fresh prompt
+        in the answer traces).
+    threshold, batch_size, seed, remote, chat, figures, overwrite, progress
+        The 99% rank rule, prompts per trace, seed of prompts and random draws, NDIF mode,
+        chat template (None: when the tokenizer has one), PNGs, replace an existing store,
+        progress bars.
     """
     # 0. settings and output, refused before any model work
     n_prompts = study.n_prompts if n_prompts is None else n_prompts
@@ -222,6 +243,10 @@ def run_study(
         n_random=n_random,
         batch_size=batch_size,
     )
+    if n_random_answers < 0:
+        raise ValueError(
+            f"n_random_answers={n_random_answers} is negative; pass 0 (no baseline) or more."
+        )
     path = Path(out) / f"{study.name}.zarr"
     sums_checkpoint = check_out(path, overwrite)
     lm = open_model(default_model(model), remote)
@@ -229,7 +254,7 @@ def run_study(
     # 1. prompts, token positions, labels and swaps: every declaration checked, no forward pass
     train = prepare(study, lm.tokenizer, n_prompts, seed, chat, "subspace")
     test = prepare(study, lm.tokenizer, n_test, seed, chat, "fresh")
-    head_list, heads_from = resolve_heads(study, lm, heads, test, batch_size, progress)
+    head_list, heads_from, ranking = resolve_heads(study, lm, heads, test, batch_size, progress)
     params = {
         **study.options,
         "study_source": study.source,
@@ -241,8 +266,10 @@ def run_study(
         "query": study.query,
         "threshold": threshold,
         "n_random": n_random,
+        "n_random_answers": n_random_answers,
         "batch_size": batch_size,
         "chat": chat,
+        **ranking.attrs,  # how the heads were ranked, when find_heads chose them
     }
 
     # 2. contrastive covariance: C+ and C- summed in the trace (resumable), ΔC, SVD, rank rule
@@ -286,12 +313,16 @@ def run_study(
     # 5. geometry: PCA of the keys inside the union of the features' key subspaces
     geometry = key_pca(captured, subspaces)
 
-    # 6. causal check: swap key coordinates orig <-> target, against random subspaces
-    effects = swaps(lm, test, subspaces, n_random, seed, batch_size, progress)
+    # 6. causal check: swap key coordinates orig <-> target, against random subspaces: where
+    #    the attention goes, then (the swap written into the model) what the model answers
+    effects = swaps(captured, test, subspaces, n_random, seed)
+    answers = answer_swaps(study, lm, test, subspaces, n_random_answers, seed, batch_size, progress)
 
     # 7. the study's own analysis; the store with provenance; figures drawn from the store
     ds = xr.merge(
-        [subspaces, null, captured, geometry, effects], compat="override", combine_attrs="drop"
+        [subspaces, null, captured, geometry, effects, answers, ranking],
+        compat="override",
+        combine_attrs="drop",
     )
 
     def save(ds: xr.Dataset) -> Path:
@@ -315,8 +346,11 @@ def resolve_heads(
     test: Prepared,
     batch_size: int,
     progress: bool,
-) -> tuple[list[Head], str]:
-    """(heads, where from): those given, the study's for this model, else found on `test`."""
+) -> tuple[list[Head], str, xr.Dataset]:
+    """(heads, where from, ranking): those given, the study's for this model, else the best
+    `N_FOUND_HEADS` found on `test` (the `find_heads` ranking of every head as store variables,
+    `ranking_variables`; an empty Dataset when no search ran)."""
+    ranking = xr.Dataset()
     if heads is not None:
         chosen, source = parse_heads(heads), "given"
     elif study.heads is not None and (spec := study.heads(lm)):
@@ -329,13 +363,15 @@ def resolve_heads(
             answer,
             keys=test.keys,
             query=test.query,
-            top=3,
+            top=None,
             batch_size=batch_size,
             progress=progress,
         )
-        chosen, source = parse_heads(list(found["head"].values)), "find_heads"
+        ranking = ranking_variables(found)
+        chosen = parse_heads(list(found["head"].values[:N_FOUND_HEADS]))
+        source = "find_heads"
     lm.check_heads(chosen)
-    return chosen, source
+    return chosen, source, ranking
 
 
 def counterfactual_pairs(
@@ -430,19 +466,14 @@ def key_pca(captured: xr.Dataset, subspaces: xr.Dataset, n_pc: int = 3) -> xr.Da
 
 
 def swaps(
-    lm: Model,
-    test: Prepared,
-    subspaces: xr.Dataset,
-    n_random: int,
-    seed: int,
-    batch_size: int,
-    progress: bool,
+    captured: xr.Dataset, test: Prepared, subspaces: xr.Dataset, n_random: int, seed: int
 ) -> xr.Dataset:
     """Per head: swap the orig and target keys' coordinates in the orig key's feature subspace.
 
-    One `intervene` call per head and feature (on the prompts whose swap is in it), against
-    `n_random` random subspaces of the same rank. The subspace is named after the feature when
-    the study has one, else "feature" (the prompt coordinate ``swap_feature`` says which).
+    Computed from the capture with no forward pass (`intervene_captured`, equal to the in-trace
+    edit), per head and feature on the prompts whose swap is in it, against `n_random` random
+    subspaces of the same rank. The subspace is named after the feature when the study has
+    one, else "feature" (the prompt coordinate ``swap_feature`` says which).
     """
     features = [str(f) for f in subspaces["feature"].values]
     name = features[0] if len(features) == 1 else "feature"
@@ -453,24 +484,82 @@ def swaps(
             chosen = [i for i, s in enumerate(test.swap) if s[2] == feature]
             if not chosen:
                 continue
-            fx = intervene(
-                lm,
-                [test.ids[i] for i in chosen],
+            fx = intervene_captured(
+                captured.isel(prompt=chosen),
                 str(head),
                 subspaces["key_basis"].sel(head=head, feature=feature),
                 name=name,
                 orig=[test.keys[i][test.swap[i][0]] for i in chosen],
                 target=[test.keys[i][test.swap[i][1]] for i in chosen],
-                keys=[test.keys[i] for i in chosen],
-                query=test.query if test.query == "last" else [test.query[i] for i in chosen],
+                mode="swap",
                 n_random=n_random,
                 seed=seed,
-                batch_size=batch_size,
-                progress=progress,
             )
             parts.append(per_prompt(fx).assign_coords(prompt=chosen))
         per_head.append(xr.concat(parts, dim="prompt").sortby("prompt"))
     return stack_heads(per_head, [str(h) for h in subspaces["head"].values])
+
+
+def answer_swaps(
+    study: Study,
+    lm: Model,
+    test: Prepared,
+    subspaces: xr.Dataset,
+    n_random: int,
+    seed: int,
+    batch_size: int,
+    progress: bool,
+) -> xr.Dataset:
+    """The swap of `swaps` written into the model, in each head alone and in all heads
+    together: does the model's answer move from the orig key's answer to the target key's?
+
+    The candidate answers of a prompt are ``study.answers(prompt)`` (a string counts by its
+    first token), one per key, else the key tokens as they appear in the prompt (box letters,
+    names); the answer is the orig key's, the target's answer the target key's. One
+    `answer_effects` call per feature, on the prompts whose swap is in it.
+    """
+    features = [str(f) for f in subspaces["feature"].values]
+    name = features[0] if len(features) == 1 else "feature"
+    if callable(study.answers):
+        candidates: list[list[Any]] = [list(study.answers(p)) for p in test.prompts]
+    else:  # "keys"
+        candidates = [
+            [ids[pos] for pos in row] for ids, row in zip(test.ids, test.keys, strict=True)
+        ]
+    parts = []
+    for feature in features:
+        chosen = [i for i, s in enumerate(test.swap) if s[2] == feature]
+        if not chosen:
+            continue
+        bases = {
+            str(h): trimmed(
+                subspaces["key_basis"]
+                .sel(head=h, feature=feature)
+                .transpose("dk", "component")
+                .values
+            )
+            for h in subspaces["head"].values
+        }
+        fx = answer_effects(
+            lm,
+            [test.ids[i] for i in chosen],
+            bases,
+            candidates=[candidates[i] for i in chosen],
+            answer=[test.swap[i][0] for i in chosen],
+            target_answer=[test.swap[i][1] for i in chosen],
+            orig=[test.keys[i][test.swap[i][0]] for i in chosen],
+            target=[test.keys[i][test.swap[i][1]] for i in chosen],
+            name=name,
+            n_random=n_random,
+            seed=seed,
+            batch_size=batch_size,
+            progress=progress,
+        )
+        parts.append(answer_per_prompt(fx).assign_coords(prompt=chosen))
+    effects = xr.concat(
+        parts, dim="prompt", data_vars="all", coords="different", compat="equals"
+    ).sortby("prompt")
+    return effects.merge(answer_summary(effects))
 
 
 def plot(study: Study, path: str | Path) -> list[Path]:
@@ -478,7 +567,9 @@ def plot(study: Study, path: str | Path) -> list[Path]:
 
     ``_ranks`` (99%-rule rank next to the permutation null's), ``_pca_<hue>`` (keys in the
     union of the feature key subspaces, for ``key_label`` and each of the study's `hues`),
-    ``_swap`` (the swap against its random subspaces), then the study's own `figures`.
+    ``_swap`` (the swap against its random subspaces), ``_answer`` (the model's answer after
+    the swap, per head and in all heads together, when the store has it), then the study's
+    own `figures`.
     """
     from . import store
 
@@ -491,6 +582,10 @@ def plot(study: Study, path: str | Path) -> list[Path]:
             ds, swapped, title=f"{study.name}: swap of key coordinates, orig <-> target"
         ),
     }
+    if "answer_flip_rate" in ds:
+        figures[f"{study.name}_answer.png"] = answer_bars(
+            ds, swapped, title=f"{study.name}: the model's answer after the swap"
+        )
     for hue in dict.fromkeys(["key_label", *study.hues]):
         figures[f"{study.name}_pca_{hue}.png"] = pca_figure(
             ds, hue, title=f"{study.name}: keys in the feature key subspaces, by {hue}"

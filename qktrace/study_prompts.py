@@ -298,7 +298,7 @@ def _coords(
     for i, p in enumerate(prompts):
         at, n_keys = At(study, i, p), len(keys[i])
         given = p.meta if study.coords is None else at.call("coords(prompt)", study.coords, p)
-        if study.answers is not None:
+        if callable(study.answers):
             answers = list(at.call("answers(prompt)", study.answers, p))
             if len(answers) != n_keys or not all(isinstance(a, str) and a for a in answers):
                 raise at.error(f"got {answers!r} from answers(prompt)", "give one string per key")

@@ -1,8 +1,7 @@
 """The shared steps of a study: output and checkpoints, significance, PCA, swap summaries, figures.
 
-`qktrace.pipeline` runs these for every declared study. They came from ``studies/_common.py``
-(where the paper's three studies still have their own copies until they are ported onto the
-pipeline); the library must not import `studies`, so their home is here.
+`qktrace.pipeline` runs these for every declared study, and the studies in ``studies/`` import
+them from here (the library never imports `studies`).
 """
 
 from __future__ import annotations
@@ -238,14 +237,19 @@ def null_test(
 
 
 def captured_pairs(
-    captured: xr.Dataset, head: str, feature: str | None = None
+    captured: xr.Dataset,
+    head: str,
+    feature: str | None = None,
+    prompts: Sequence[int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(q, k, is_positive) of every labelled (query, key) pair of `captured` for one head.
 
     Positive where the key's ``key_label`` coordinate is "positive", negative where it is
     "negative"; other keys (unlabelled, padding) are left out. With `feature`, only the keys
-    whose ``key_feature`` coordinate is `feature`.
+    whose ``key_feature`` coordinate is `feature`; with `prompts`, only those prompts.
     """
+    if prompts is not None:
+        captured = captured.isel(prompt=list(prompts))
     q = captured["q"].sel(head=head).isel(query=0).transpose("prompt", "d_head").values
     k = captured["k"].sel(head=head).transpose("prompt", "key", "d_head").values
     label = captured["key_label"].transpose("prompt", "key").values
@@ -298,6 +302,129 @@ def stack_heads(per_head: Sequence[xr.Dataset], heads: Sequence[str]) -> xr.Data
 
 
 # --------------------------------------------------------------------------------------------
+# heads found by search: the ranking kept in the store
+
+# how many heads a study takes from the find_heads ranking when none are given
+N_FOUND_HEADS = 3
+
+
+def ranking_variables(found: xr.Dataset) -> xr.Dataset:
+    """A `find_heads` result as store variables over ``ranked_head`` (best first)."""
+    from qktrace.heads import SCORES
+
+    labels = [str(h) for h in found["head"].values]
+    return xr.Dataset(
+        {f"find_{name}": ("ranked_head", found[name].values) for name in SCORES},
+        coords={"ranked_head": labels},
+        attrs={
+            "find_heads_by": found.attrs.get("by", ""),
+            "find_heads_n_prompts": found.attrs.get("n_prompts", 0),
+        },
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# answer-level effects: does the model say something else when the subspace is edited?
+
+N_RANDOM_ANSWERS = 3
+ALL_HEADS = "all"
+
+
+def answer_effects(
+    lm: Model,
+    ids: Sequence[Sequence[int]],
+    bases: dict[str, np.ndarray],
+    *,
+    candidates: Sequence[Sequence[int]],
+    answer: Sequence[int],
+    target_answer: Sequence[int],
+    orig: Sequence[int],
+    target: Sequence[int],
+    name: str,
+    n_random: int,
+    seed: int,
+    batch_size: int,
+    progress: bool,
+) -> xr.Dataset:
+    """Swap the subspace coordinates of orig and target keys in each head alone and in all heads
+    together (`qktrace.intervene_answers`), and read the model's answer.
+
+    Returns answer-level variables over ``answer_heads`` (each head's label, then "all"),
+    ``answer_subspace`` (`name`, then random draws; bool ``answer_random``), ``prompt`` and
+    ``answer_candidate``: everything `intervene_answers` returns, its dims renamed so they do
+    not collide with the attention-level ``subspace`` (which has more random draws).
+    """
+    from qktrace.answers import intervene_answers
+
+    sets = {label: {label: basis} for label, basis in bases.items()}
+    if len(bases) > 1:
+        sets[ALL_HEADS] = dict(bases)
+    parts = []
+    for chosen in sets.values():
+        fx = intervene_answers(
+            lm,
+            ids,
+            chosen,
+            candidates=candidates,
+            answer=answer,
+            target_answer=target_answer,
+            orig=orig,
+            target=target,
+            mode="swap",
+            side="key",
+            name=name,
+            n_random=n_random,
+            seed=seed,
+            batch_size=batch_size,
+            progress=progress,
+        )
+        parts.append(fx.drop_attrs())
+    # the unedited copy is the same model on the same prompts for every head set: keep one
+    before = [n for n in parts[0].data_vars if "subspace" not in parts[0][n].dims]
+    edited = [p.drop_vars(before) for p in parts]
+    out = xr.concat(
+        edited, dim="answer_heads", data_vars="all", coords="different", compat="equals"
+    )
+    out = out.merge(parts[0][before])
+    return out.assign_coords(answer_heads=list(sets)).rename(
+        {
+            "subspace": "answer_subspace",
+            "random": "answer_random",
+            "candidate": "answer_candidate",
+            "candidate_token": "answer_candidate_token",
+        }
+    )
+
+
+def answer_summary(effects: xr.Dataset) -> xr.Dataset:
+    """Per head set and subspace: answer flip rate and mean changes, over the prompts given."""
+    correct = effects["answer_correct"]
+    return xr.Dataset(
+        {
+            "answer_flip_rate": effects["answer_flip"].sum("prompt") / correct.sum("prompt"),
+            "answer_moved_rate": effects["answer_moved"].sum("prompt") / correct.sum("prompt"),
+            "mean_delta_p_answer": effects["delta_p_answer"].mean("prompt"),
+            "mean_delta_p_target_answer": effects["delta_p_target_answer"].mean("prompt"),
+            "mean_delta_answer_logit_diff": effects["delta_answer_logit_diff"].mean("prompt"),
+        }
+    )
+
+
+_ANSWER_SUMMARIES = (
+    "answer_flip_rate",
+    "answer_moved_rate",
+    "mean_delta_p_answer",
+    "mean_delta_p_target_answer",
+    "mean_delta_answer_logit_diff",
+)
+
+
+def answer_per_prompt(effects: xr.Dataset) -> xr.Dataset:
+    """An `answer_effects` result without its summaries (recomputed over all prompts later)."""
+    return effects.drop_vars([n for n in _ANSWER_SUMMARIES if n in effects])
+
+
+# --------------------------------------------------------------------------------------------
 # figures (drawn from stored data)
 
 
@@ -347,28 +474,62 @@ def rank_figure(ds: xr.Dataset, what: str) -> Any:
     )
 
 
-def swap_bars(ds: xr.Dataset, name: str, title: str = "") -> Any:
-    """Flip rate and mean change of p(target) per head: subspace `name` next to its random draws."""
+def swap_bars(
+    ds: xr.Dataset,
+    name: str,
+    title: str = "",
+    *,
+    metrics: Sequence[str] = ("mean_delta_p_target", "flip_rate"),
+    labels: dict[str, str] | None = None,
+    row: str = "head",
+    subspace: str = "subspace",
+    random: str = "random",
+) -> Any:
+    """Metrics per `row` (head): subspace `name` next to its random draws (mean, spread, dots)."""
     from qktrace import plots
 
-    metrics = ["mean_delta_p_target", "flip_rate"]
-    randoms = [str(s) for s, r in zip(ds["subspace"].values, ds["random"].values, strict=True) if r]
-    labels = [name] + ([f"random_{name}"] if randoms else [])
-    n_heads = ds.sizes["head"]
+    is_random = ds[random].values
+    randoms = [str(s) for s, r in zip(ds[subspace].values, is_random, strict=True) if r]
+    names = [name] + ([f"random_{name}"] if randoms else [])
+    n_rows = ds.sizes[row]
     data = {}
     for metric in metrics:
-        values = np.full((n_heads, len(labels), max(1, len(randoms))), np.nan)
-        values[:, 0, 0] = ds[metric].sel(subspace=name).values
+        values = np.full((n_rows, len(names), max(1, len(randoms))), np.nan)
+        values[:, 0, 0] = ds[metric].sel({subspace: name}).transpose(row).values
         if randoms:
-            values[:, 1, :] = ds[metric].sel(subspace=randoms).transpose("head", "subspace").values
-        data[metric] = (("head", "subspace", "draw"), values)
-    summary = xr.Dataset(data, coords={"head": ds["head"].values, "subspace": labels})
+            values[:, 1, :] = ds[metric].sel({subspace: randoms}).transpose(row, subspace).values
+        data[metric] = ((row, "subspace", "draw"), values)
+    summary = xr.Dataset(data, coords={row: ds[row].values, "subspace": names})
     return plots.intervention_bars(
         summary,
-        metrics,
-        row="head",
-        labels={"mean_delta_p_target": "mean Δ p(target)", "flip_rate": "flip rate"},
+        list(metrics),
+        row=row,
+        labels=labels or {"mean_delta_p_target": "mean Δ p(target)", "flip_rate": "flip rate"},
         title=title,
+    )
+
+
+def answer_bars(ds: xr.Dataset, name: str, title: str = "") -> Any:
+    """Answer-level effects per edited head and for all heads together, vs random subspaces."""
+    return swap_bars(
+        ds,
+        name,
+        title,
+        metrics=(
+            "answer_flip_rate",
+            "answer_moved_rate",
+            "mean_delta_p_target_answer",
+            "mean_delta_answer_logit_diff",
+        ),
+        labels={
+            "answer_flip_rate": "answer flip rate (to the target's)",
+            "answer_moved_rate": "answer moved (to any other)",
+            "mean_delta_p_target_answer": "mean Δ p(target's answer)",
+            "mean_delta_answer_logit_diff": "mean Δ logit(answer) - logit(target's)",
+        },
+        row="answer_heads",
+        subspace="answer_subspace",
+        random="answer_random",
     )
 
 

@@ -28,7 +28,7 @@ import xarray as xr
 from qktrace.prompts import BOXES_ANSWER_PREFIX as ANSWER_PREFIX
 from qktrace.prompts import Located, Prompt, boxes_prompt, load_box_letters, load_objects
 from qktrace.prompts import boxes_prompts as build_prompts
-from studies._common import (
+from qktrace.study_tools import (
     answer_bars,
     answer_effects,
     answer_per_prompt,

@@ -52,8 +52,7 @@ from qktrace.models import Remote
 from qktrace.prompts import FILTER_CATEGORIES, FILTER_QUESTIONS, Located, Prompt, locate
 from qktrace.prompts import filter_prompts as build_prompts
 from qktrace.qk import capture
-from qktrace.sums import reduce
-from studies._common import (
+from qktrace.study_tools import (
     N_RANDOM_ANSWERS,
     ModelLike,
     answer_bars,
@@ -63,16 +62,13 @@ from studies._common import (
     captured_pairs,
     check_design,
     check_out,
-    choose_heads,
     default_model,
-    heads_source,
     null_test,
     open_model,
     pca_figure,
     per_prompt,
     rank_figure,
     save_figures,
-    sizes,
     stack_heads,
     subspace_pca,
     swap_bars,
@@ -80,6 +76,8 @@ from studies._common import (
     union_basis,
     write,
 )
+from qktrace.sums import reduce
+from studies._common import choose_heads, heads_source, sizes
 
 STUDY = "filter_heads"
 CATEGORIES = FILTER_CATEGORIES

@@ -52,23 +52,21 @@ from qktrace.covariance import add_pairs, decompose, empty_sums
 from qktrace.models import Head, Model, Remote
 from qktrace.prompts import locate
 from qktrace.qk import capture
-from studies import binding, order_id
-from studies._common import (
+from qktrace.study_tools import (
     N_RANDOM_ANSWERS,
     ModelLike,
     check_design,
     check_out,
     checkpoint,
-    choose_heads,
     default_model,
-    heads_source,
     is_organism,
     null_test,
     open_model,
     save_figures,
-    sizes,
     write,
 )
+from studies import binding, order_id
+from studies._common import choose_heads, heads_source, sizes
 
 STUDY = "lexical"
 NegativeQuery = Literal["original", "counterfactual"]

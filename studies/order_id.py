@@ -39,24 +39,22 @@ from qktrace.covariance import decompose
 from qktrace.models import Head, Model, Remote
 from qktrace.prompts import load_objects, locate
 from qktrace.qk import capture
-from qktrace.sums import reduce
-from studies import binding
-from studies._common import (
+from qktrace.study_tools import (
     N_RANDOM_ANSWERS,
     ModelLike,
     captured_pairs,
     check_design,
     check_out,
-    choose_heads,
     default_model,
-    heads_source,
     null_test,
     open_model,
-    sizes,
     subspace_pca,
     trimmed,
     write,
 )
+from qktrace.sums import reduce
+from studies import binding
+from studies._common import choose_heads, heads_source, sizes
 
 STUDY = "order_id"
 

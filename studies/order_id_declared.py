@@ -17,8 +17,9 @@ from typing import Any
 from qktrace.models import Model
 from qktrace.pipeline import Study
 from qktrace.prompts import Prompt
+from qktrace.study_tools import is_organism
 from studies import binding
-from studies._common import PAPER_HEADS, PAPER_MODEL, is_organism
+from studies._common import PAPER_HEADS, PAPER_MODEL
 from studies.order_id import default_query_object
 
 
@@ -59,7 +60,7 @@ def order_id(n_pairs: int = 9, query_object: str | None = None, seed: int = 0) -
         keys="box",
         labels=labels,
         coords=coords,
-        answers=lambda prompt: prompt.meta["letters"],
+        answers="keys",  # the box letters as the prompt writes them
         hues=("order", "object"),
         heads=heads,
         n_prompts=2000,
