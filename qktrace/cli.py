@@ -338,7 +338,11 @@ def study(
         "threshold": threshold,
         "chat": chat,
     }
-    accepted = inspect.signature(run).parameters
+    accepted = set(inspect.signature(run).parameters)
+    if any(p.kind is p.VAR_KEYWORD for p in inspect.signature(run).parameters.values()):
+        from qktrace.pipeline import run_study
+
+        accepted |= set(inspect.signature(run_study).parameters)  # a declared study's run
     for key, value in given.items():
         if value is not None and key not in accepted:
             flag = "--" + key.replace("_", "-")

@@ -113,23 +113,32 @@ class Study:
     swap : callable (prompt, rng) -> (orig, target), optional
         Key indices whose coordinates a swap exchanges, in the subspace of the orig key's
         feature; default: the answer and another key, drawn with `rng` (seeded ``seed + 2``).
+        `orig` may be a list of key indices: the one the head attends to most is swapped (for
+        the answer-level swap, the one the heads attend to most in total).
+    subspace : str, optional
+        The swapped subspace's name in the store's ``subspace`` coordinate; default: the
+        feature's name when the study has one, else "feature".
     coords : callable (prompt) -> dict, optional
         Coordinates stored with the fresh prompts: a scalar per prompt, or a list with one
         value per key. Default: the prompt's ``meta`` entries of either shape.
     answers : callable (prompt) -> list of str, or "keys", optional
         The answer the model would give after the prompt if it picked each key, as the model
         writes it (e.g. " Mary", with its space; the first token counts), stored as the key
-        coordinate ``answer_text``; or "keys": each key's own token in the prompt (box
-        letters). With answers and ``query="last"`` (the answer is the next token), the swap is
+        coordinate ``answer_text``; or "keys": the first token of each key's span as the
+        prompt writes it (box letters, items). With answers and ``query="last"`` (the answer is the next token), the swap is
         also written into the model to see whether its answer moves from the orig key's answer
         to the target's (``answer_*`` variables, `qktrace.intervene_answers`).
     hues : sequence of str
         Key coordinates to colour the PCA figures by (``key_label`` is always drawn).
-    heads : callable (model) -> str or None, optional
-        Default heads for a model ("L.H,..."); None, or no function: `qktrace.find_heads`
+    heads : callable (model) -> str or (str, str) or None, optional
+        Default heads for a model ("L.H,...", or with where they come from, stored as
+        ``heads_from``: ("2.1,2.3", "organism")); None, or no function: `qktrace.find_heads`
         picks the 3 heads that attend most to the answer.
     n_prompts, n_test : int
         Default numbers of subspace prompts and fresh prompts.
+    sizes : callable (model) -> (n_prompts, n_test), optional
+        Defaults that depend on the model (a hub id, path or loaded model), e.g. fewer prompts
+        for a small model on a CPU; default: `n_prompts`, `n_test`.
     analysis : callable (dataset) -> dataset, optional
         Extra variables computed from the assembled store, merged into it before it is saved.
     figures : callable (dataset) -> dict of name -> matplotlib Figure, optional
@@ -149,11 +158,13 @@ class Study:
     answer: Callable[[Prompt], int] | None = None
     swap: Callable[[Prompt, np.random.Generator], tuple[int, int]] | None = None
     coords: Callable[[Prompt], Mapping[str, Any]] | None = None
+    subspace: str | None = None
     answers: Callable[[Prompt], Sequence[str]] | Literal["keys"] | None = None
     hues: Sequence[str] = ()
-    heads: Callable[[Model], str | None] | None = None
+    heads: Callable[[Model], str | tuple[str, str] | None] | None = None
     n_prompts: int = 2000
     n_test: int = 500
+    sizes: Callable[[ModelLike], tuple[int, int]] | None = None
     analysis: Callable[[xr.Dataset], xr.Dataset] | None = None
     figures: Callable[[xr.Dataset], Mapping[str, Any]] | None = None
     options: Mapping[str, Any] = field(default_factory=dict)
@@ -234,8 +245,10 @@ def run_study(
         progress bars.
     """
     # 0. settings and output, refused before any model work
-    n_prompts = study.n_prompts if n_prompts is None else n_prompts
-    n_test = study.n_test if n_test is None else n_test
+    model = default_model(model)
+    default_sizes = (study.n_prompts, study.n_test) if study.sizes is None else study.sizes(model)
+    n_prompts = default_sizes[0] if n_prompts is None else n_prompts
+    n_test = default_sizes[1] if n_test is None else n_test
     check_design(
         n_prompts=n_prompts,
         n_test=n_test,
@@ -249,7 +262,7 @@ def run_study(
         )
     path = Path(out) / f"{study.name}.zarr"
     sums_checkpoint = check_out(path, overwrite)
-    lm = open_model(default_model(model), remote)
+    lm = open_model(model, remote)
 
     # 1. prompts, token positions, labels and swaps: every declaration checked, no forward pass
     train = prepare(study, lm.tokenizer, n_prompts, seed, chat, "subspace")
@@ -315,8 +328,12 @@ def run_study(
 
     # 6. causal check: swap key coordinates orig <-> target, against random subspaces: where
     #    the attention goes, then (the swap written into the model) what the model answers
-    effects = swaps(captured, test, subspaces, n_random, seed)
-    answers = answer_swaps(study, lm, test, subspaces, n_random_answers, seed, batch_size, progress)
+    effects = swaps(study, captured, test, subspaces, n_random, seed)
+    answers = xr.Dataset()
+    if study.answers is not None and study.query == "last":  # the answer is the next token
+        answers = answer_swaps(
+            study, lm, test, captured, subspaces, n_random_answers, seed, batch_size, progress
+        )
 
     # 7. the study's own analysis; the store with provenance; figures drawn from the store
     ds = xr.merge(
@@ -354,7 +371,8 @@ def resolve_heads(
     if heads is not None:
         chosen, source = parse_heads(heads), "given"
     elif study.heads is not None and (spec := study.heads(lm)):
-        chosen, source = parse_heads(spec), "study"
+        spec, source = spec if isinstance(spec, tuple) else (spec, "study")
+        chosen = parse_heads(spec)
     else:
         answer = [row[a] for row, a in zip(test.keys, test.answer, strict=True)]
         found = find_heads(
@@ -466,7 +484,12 @@ def key_pca(captured: xr.Dataset, subspaces: xr.Dataset, n_pc: int = 3) -> xr.Da
 
 
 def swaps(
-    captured: xr.Dataset, test: Prepared, subspaces: xr.Dataset, n_random: int, seed: int
+    study: Study,
+    captured: xr.Dataset,
+    test: Prepared,
+    subspaces: xr.Dataset,
+    n_random: int,
+    seed: int,
 ) -> xr.Dataset:
     """Per head: swap the orig and target keys' coordinates in the orig key's feature subspace.
 
@@ -476,9 +499,11 @@ def swaps(
     one, else "feature" (the prompt coordinate ``swap_feature`` says which).
     """
     features = [str(f) for f in subspaces["feature"].values]
-    name = features[0] if len(features) == 1 else "feature"
+    name = swapped_name(study, features)
     per_head = []
     for head in subspaces["head"].values:
+        attention = captured["attention"].sel(head=head).isel(query=0).transpose("prompt", "key")
+        orig = orig_keys(test, attention.values)
         parts = []
         for feature in features:
             chosen = [i for i, s in enumerate(test.swap) if s[2] == feature]
@@ -489,7 +514,7 @@ def swaps(
                 str(head),
                 subspaces["key_basis"].sel(head=head, feature=feature),
                 name=name,
-                orig=[test.keys[i][test.swap[i][0]] for i in chosen],
+                orig=[test.keys[i][orig[i]] for i in chosen],
                 target=[test.keys[i][test.swap[i][1]] for i in chosen],
                 mode="swap",
                 n_random=n_random,
@@ -500,10 +525,27 @@ def swaps(
     return stack_heads(per_head, [str(h) for h in subspaces["head"].values])
 
 
+def swapped_name(study: Study, features: Sequence[str]) -> str:
+    """The swapped subspace's name: the study's, else the feature's (one), else "feature"."""
+    if study.subspace:
+        return study.subspace
+    return features[0] if len(features) == 1 else "feature"
+
+
+def orig_keys(test: Prepared, attention: np.ndarray) -> list[int]:
+    """Per prompt, the swap's orig key index: the declared one, or the most attended of its
+    choices (`attention` [prompt, key]; the first of equals)."""
+    return [
+        swap[0] if choices is None else max(choices, key=lambda j, i=i: attention[i, j])
+        for i, (swap, choices) in enumerate(zip(test.swap, test.orig_choices, strict=True))
+    ]
+
+
 def answer_swaps(
     study: Study,
     lm: Model,
     test: Prepared,
+    captured: xr.Dataset,
     subspaces: xr.Dataset,
     n_random: int,
     seed: int,
@@ -519,13 +561,15 @@ def answer_swaps(
     `answer_effects` call per feature, on the prompts whose swap is in it.
     """
     features = [str(f) for f in subspaces["feature"].values]
-    name = features[0] if len(features) == 1 else "feature"
+    name = swapped_name(study, features)
     if callable(study.answers):
         candidates: list[list[Any]] = [list(study.answers(p)) for p in test.prompts]
     else:  # "keys"
         candidates = [
-            [ids[pos] for pos in row] for ids, row in zip(test.ids, test.keys, strict=True)
+            [ids[pos] for pos in row] for ids, row in zip(test.ids, test.first_keys, strict=True)
         ]
+    attention = captured["attention"].isel(query=0).sum("head").transpose("prompt", "key")
+    orig = orig_keys(test, attention.values)
     parts = []
     for feature in features:
         chosen = [i for i, s in enumerate(test.swap) if s[2] == feature]
@@ -545,9 +589,9 @@ def answer_swaps(
             [test.ids[i] for i in chosen],
             bases,
             candidates=[candidates[i] for i in chosen],
-            answer=[test.swap[i][0] for i in chosen],
+            answer=[orig[i] for i in chosen],
             target_answer=[test.swap[i][1] for i in chosen],
-            orig=[test.keys[i][test.swap[i][0]] for i in chosen],
+            orig=[test.keys[i][orig[i]] for i in chosen],
             target=[test.keys[i][test.swap[i][1]] for i in chosen],
             name=name,
             n_random=n_random,

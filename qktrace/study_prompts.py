@@ -41,6 +41,9 @@ class Prepared:
     answer: list[int]  # per prompt, index of the answer key
     swap: list[tuple[int, int, str]]  # per prompt, (orig key, target key, feature swapped)
     coords: dict[str, Any]
+    first_keys: list[list[int]]  # per prompt, the position of each key span's first token
+    # per prompt, the keys of which the most attended is the swap's orig (None: swap[i][0])
+    orig_choices: list[list[int] | None]
     counterfactual_ids: list[list[int]] | None = None  # subspace prompts of a counterfactual study
     counterfactual_keys: list[list[int]] | None = None
 
@@ -96,6 +99,7 @@ def prepare(
             f"list of {n} Prompt objects; build each with qktrace.prompts.PromptBuilder."
         )
     loc, keys, query = _tokenize(study, tokenizer, prompts, chat, f"{role} prompts")
+    first_keys = locate(tokenizer, prompts, chat=chat, which="first").positions[study.keys]
 
     labels = []
     for i, p in enumerate(prompts):
@@ -104,7 +108,7 @@ def prepare(
     if role == "subspace" and study.counterfactual is None:
         check_contrasts(study, labels)
     rng = np.random.default_rng(run_seed + 2)
-    answer, swap = [], []
+    answer, swap, choices = [], [], []
     for i, (p, row) in enumerate(zip(prompts, labels, strict=True)):
         at = At(study, i, p)
         answer.append(_answer(at, row))
@@ -113,9 +117,23 @@ def prepare(
             pair: Any = (answer[-1], int(rng.choice(others)))
         else:
             pair = at.call("swap(prompt, rng)", study.swap, p, rng)
+        if isinstance(pair, tuple | list) and len(pair) == 2 and isinstance(pair[0], list):
+            choices.append(pair[0])  # the most attended of these is the orig key
+            pair = (pair[0][0] if pair[0] else None, pair[1])
+        else:
+            choices.append(None)
         swap.append(_swap(at, pair, row))
+        if choices[-1] is not None and (set(choices[-1]) - set(range(len(row))) or
+                                        swap[-1][1] in choices[-1]):  # fmt: skip
+            raise at.error(
+                f"got swap {choices[-1]!r} -> {swap[-1][1]}: orig choices must be key indices, "
+                "without the target",
+                "return ([keys the orig is the most attended of], target)",
+            )
     coords = _coords(study, prompts, keys, labels, swap)
-    prepared = Prepared(list(prompts), loc.ids, keys, query, labels, answer, swap, coords)
+    prepared = Prepared(
+        list(prompts), loc.ids, keys, query, labels, answer, swap, coords, first_keys, choices
+    )
     if role == "subspace" and study.counterfactual is not None:
         _add_counterfactuals(study, tokenizer, prepared, chat, run_seed)
     return prepared
@@ -254,7 +272,8 @@ def _swap(at: At, pair: Any, labels: list[Label]) -> tuple[int, int, str]:
     if not ok or not all(isinstance(x, int | np.integer) and 0 <= x < n for x in pair):
         raise at.error(
             f"got swap {pair!r}, not two key indices in 0..{n - 1}",
-            "return (orig, target): the attended key and the key to move attention to",
+            "return (orig, target): the attended key (or a list of keys, of which the most "
+            "attended counts) and the key to move attention to",
         )
     orig, target = int(pair[0]), int(pair[1])
     if orig == target:

@@ -125,3 +125,15 @@ def _has_find_heads() -> bool:
     except ImportError:
         return False
     return True
+
+
+def paper_heads(model: Model, study: str) -> tuple[str, str] | None:
+    """(heads, where from) for a declared study's ``heads`` hook: the organism's heads on the
+    organism, the paper's for its model, else None (the pipeline then runs `find_heads`)."""
+    if is_organism(model):
+        from qktrace import organism
+
+        return organism.heads(study), ORGANISM
+    if PAPER_MODEL in model.name.lower():
+        return PAPER_HEADS[study], "paper"
+    return None

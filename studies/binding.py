@@ -25,8 +25,10 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
+from qktrace.covariance import decompose
+from qktrace.models import Head, Model
 from qktrace.prompts import BOXES_ANSWER_PREFIX as ANSWER_PREFIX
-from qktrace.prompts import Located, Prompt, boxes_prompt, load_box_letters, load_objects
+from qktrace.prompts import Located, Prompt, boxes_prompt, load_box_letters, load_objects, locate
 from qktrace.prompts import boxes_prompts as build_prompts
 from qktrace.study_tools import (
     answer_bars,
@@ -38,9 +40,11 @@ from qktrace.study_tools import (
     rank_figure,
     save_figures,
     stack_heads,
+    subspace_pca,
     swap_bars,
     trimmed,
 )
+from qktrace.sums import reduce
 
 # the builders live in `qktrace.prompts` (the organism's training data uses them too)
 __all__ = [
@@ -216,6 +220,59 @@ def answer_swaps(
         progress=progress,
     )
     return answer_per_prompt(effects).merge(answer_summary(effects))
+
+
+def order_subspaces(
+    lm: Model,
+    heads: Sequence[Head],
+    *,
+    n_prompts: int,
+    n_pairs: int,
+    query_object: str,
+    threshold: float,
+    batch_size: int,
+    seed: int,
+    chat: bool | None,
+    sums_out: Path | None = None,
+    progress: bool = True,
+) -> xr.Dataset:
+    """Steps 1-2: the order-ID ΔC of every head, decomposed (feature "order"), with its sums."""
+    prompts = build_prompts(n_prompts, n_pairs, query_object=query_object, seed=seed)
+    loc = locate(lm.tokenizer, prompts, chat=chat)
+    sums = reduce(
+        lm,
+        loc.ids,
+        list(heads),
+        order_labels(prompts),
+        keys=loc.positions["box"],
+        batch_size=batch_size,
+        out=sums_out,
+        progress=progress,
+    )
+    return decompose(sums, threshold=threshold).merge(sums[["qk_sum", "q_sum", "k_sum"]])
+
+
+def pca(captured: xr.Dataset, subspaces: xr.Dataset, feature: str, n_pc: int = 3) -> xr.Dataset:
+    """Per head: PCA of the captured keys inside the key subspace of `feature`."""
+    projections, ratios = [], []
+    for head in captured["head"].values:
+        basis = trimmed(
+            subspaces["key_basis"]
+            .sel(head=head, feature=feature)
+            .transpose("dk", "component")
+            .values
+        )
+        keys = captured["k"].sel(head=head).transpose("prompt", "key", "d_head").values
+        proj, ratio = subspace_pca(keys.astype(np.float64), basis, n_pc)
+        projections.append(proj)
+        ratios.append(ratio)
+    return xr.Dataset(
+        {
+            "key_pc": (("head", "prompt", "key", "pc"), np.stack(projections)),
+            "pc_variance_ratio": (("head", "pc"), np.stack(ratios)),
+        },
+        coords={"head": captured["head"].values, "pc": np.arange(1, n_pc + 1)},
+    )
 
 
 def find(

@@ -25,8 +25,12 @@ Method
    key subspace are swapped (`qktrace.interventions`, mode "swap", key side), and the change of
    p(target | {orig, target}) and the flip rate (attention argmax moves from orig to target)
    are compared with random subspaces of the same rank.
+   The same swap is then written into the model (`qktrace.intervene_answers`), per head and in
+   all heads together (orig: the item the heads attend to most in total): does the model's
+   answer move from the attended item to the target item (their first tokens as candidates)?
 5. **Store.** Everything lands in ``OUT/filter_heads.zarr`` (labelled, with provenance); the
-   figures are drawn from that store and saved beside it.
+   figures are drawn from that store and saved beside it. Steps 2-5 are the shared pipeline's
+   (`qktrace.pipeline`); this file declares the prompts, labels, answer key and swap.
 
 Paper settings: Llama-3.1-8B-Instruct, heads 16.19, 20.26, 20.14; 2000 prompts for the
 subspaces and 1000 for the interventions; five items per category.
@@ -44,50 +48,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import xarray as xr
 
-from qktrace.covariance import decompose
-from qktrace.interventions import intervene_captured
-from qktrace.models import Remote
-from qktrace.prompts import FILTER_CATEGORIES, FILTER_QUESTIONS, Located, Prompt, locate
+from qktrace.pipeline import Study
+from qktrace.prompts import FILTER_CATEGORIES, FILTER_QUESTIONS, Prompt
 from qktrace.prompts import filter_prompts as build_prompts
-from qktrace.qk import capture
-from qktrace.study_tools import (
-    N_RANDOM_ANSWERS,
-    ModelLike,
-    answer_bars,
-    answer_effects,
-    answer_per_prompt,
-    answer_summary,
-    captured_pairs,
-    check_design,
-    check_out,
-    default_model,
-    null_test,
-    open_model,
-    pca_figure,
-    per_prompt,
-    rank_figure,
-    save_figures,
-    stack_heads,
-    subspace_pca,
-    swap_bars,
-    trimmed,
-    union_basis,
-    write,
-)
-from qktrace.sums import reduce
-from studies._common import choose_heads, heads_source, sizes
+from qktrace.study_tools import ModelLike
+from studies._common import paper_heads, sizes
 
 STUDY = "filter_heads"
 CATEGORIES = FILTER_CATEGORIES
-SUMS = ["qk_sum", "q_sum", "k_sum"]  # kept in the store: ΔC can be recomputed (e.g. centered)
 QUESTIONS = FILTER_QUESTIONS
-
-
-# --------------------------------------------------------------------------------------------
-# 1. prompts: `build_prompts` is `qktrace.prompts.filter_prompts` (the library holds the
-# builder, so the organism's training data and this study share it); here, their labels
 
 
 def labels(prompts: Sequence[Prompt]) -> list[list[tuple[str, str]]]:
@@ -101,416 +71,83 @@ def labels(prompts: Sequence[Prompt]) -> list[list[tuple[str, str]]]:
     ]
 
 
-# --------------------------------------------------------------------------------------------
-# the study
+def filter_heads(
+    categories: Sequence[str] = CATEGORIES,
+    categories_per_list: int | None = None,
+    items_per_category: int = 5,
+    questions: Sequence[str] = QUESTIONS,
+) -> Study:
+    """The filter-heads study with this prompt design (see `build_prompts`)."""
+    design = dict(
+        categories=list(categories),
+        categories_per_list=min(3, len(categories)) if categories_per_list is None
+        else categories_per_list,
+        items_per_category=items_per_category,
+        questions=list(questions),
+    )  # fmt: skip
+
+    def of_asked(prompt: Prompt) -> list[int]:
+        meta = prompt.meta
+        return [j for j, c in enumerate(meta["item_categories"]) if c == meta["asked"]]
+
+    def answer(prompt: Prompt) -> int:
+        """The answered item: the asked category's first ("all", "first") or last ("last")."""
+        return of_asked(prompt)[-1 if prompt.meta["question"] == "last" else 0]
+
+    def swap(prompt: Prompt, rng: np.random.Generator) -> tuple[list[int], int]:
+        """Orig: the asked category's item attended most; target: another category's item."""
+        asked = of_asked(prompt)
+        others = [j for j in range(len(prompt.meta["items"])) if j not in asked]
+        return asked, int(rng.choice(others))
+
+    def coords(prompt: Prompt) -> dict[str, Any]:
+        meta = prompt.meta
+        return {"item": meta["items"], "category": meta["item_categories"],
+                "asked": meta["asked"], "question": meta["question"]}  # fmt: skip
+
+    return Study(
+        name=STUDY,
+        prompts=lambda n, seed: build_prompts(n, seed=seed, **design),
+        keys="item",
+        labels=lambda prompt: labels([prompt])[0],
+        answer=answer,
+        swap=swap,
+        subspace="category",
+        coords=coords,
+        answers="keys",  # each item's first token, as the list writes it
+        hues=("category",),
+        heads=lambda model: paper_heads(model, STUDY),
+        sizes=lambda model: sizes(model, STUDY, None, None),
+        options=design,
+    )
 
 
 def run(
     model: ModelLike | None = None,
     *,
     out: str | Path,
-    heads: str | Sequence[Any] | None = None,
-    n_prompts: int | None = None,
-    n_test: int | None = None,
     categories: Sequence[str] = CATEGORIES,
     categories_per_list: int | None = None,
     items_per_category: int = 5,
-    questions: Sequence[str] = ("all", "first", "last"),
-    threshold: float = 0.99,
-    n_random: int = 10,
-    n_random_answers: int = N_RANDOM_ANSWERS,
-    batch_size: int = 16,
-    seed: int = 0,
-    remote: Remote = False,
-    chat: bool | None = None,
-    figures: bool = True,
-    overwrite: bool = False,
-    progress: bool = True,
+    questions: Sequence[str] = QUESTIONS,
+    n_prompts: int | None = None,
+    **settings: Any,
 ) -> Path:
     """Find each category's query/key subspace in filter heads; check it by PCA and by swaps.
 
-    Parameters
-    ----------
-    model
-        A `qktrace.load`-ed model, or a hub id / local path (loaded with `remote`); default:
-        the organism shipped in data/organism (`qktrace.organism`).
-    out
-        Directory for ``filter_heads.zarr`` and the figures.
-    heads
-        "16.19,20.26" or a list; default: the organism's heads (``organism.heads(study)``) on
-        the organism, the paper's for Llama-3.1-8B-Instruct, else found with
-        `qktrace.find_heads`.
-    n_prompts, n_test
-        Prompts for the subspaces, fresh prompts for PCA and swaps; default 2000 and 1000 (the
-        paper's), 900 and 300 on the organism (11-29 s each on 2 idle CPU cores).
-    categories, categories_per_list, items_per_category, questions
-        Prompt design (see `build_prompts`).
-    threshold
-        Rank rule: fraction of sum(S^2) kept.
-    n_random
-        Random subspaces of equal rank per swap, the baseline (attention level; computed from
-        the capture, no forward pass).
-    n_random_answers
-        Random subspaces per head for the answer-level swaps (each costs one more copy of
-        every test prompt in the answer traces).
-    batch_size, seed, remote, chat
-        Batching; seed of prompts and random subspaces; local/"local"/NDIF; chat template
-        (None: use it when the tokenizer has one).
-    figures
-        Draw the PNG figures from the store.
-    overwrite
-        Replace an existing ``filter_heads.zarr``.
-
-    Returns
-    -------
-    Path of ``OUT/filter_heads.zarr``.
+    Heads: the organism's on the organism, the paper's (16.19, 20.26, 20.14) for
+    Llama-3.1-8B-Instruct, else found with `qktrace.find_heads`. Sizes: 900 / 300 on the
+    organism, 300 / 100 on smollm2, else the paper's 2000 / 1000. The other settings are
+    `qktrace.pipeline.run_study`'s. Returns the path of ``OUT/filter_heads.zarr``.
     """
-    model = default_model(model)
-    n_prompts, n_test = sizes(model, STUDY, n_prompts, n_test)
-    check_design(
-        n_prompts=n_prompts,
-        n_test=n_test,
-        threshold=threshold,
-        n_random=n_random,
-        batch_size=batch_size,
-        min_prompts=len(categories),
-        why=(
-            f": the asked category cycles through the {len(categories)} categories, so fewer "
-            "prompts leave a category without positive keys (no subspace)"
-        ),
-    )
-    out = Path(out)
-    path = out / f"{STUDY}.zarr"
-    checkpoint = check_out(path, overwrite)
-    if categories_per_list is None:
-        categories_per_list = min(3, len(categories))
-    params = {
-        "heads": heads if heads is None or isinstance(heads, str) else [str(h) for h in heads],
-        "n_prompts": n_prompts,
-        "n_test": n_test,
-        "categories": list(categories),
-        "categories_per_list": categories_per_list,
-        "items_per_category": items_per_category,
-        "questions": list(questions),
-        "threshold": threshold,
-        "n_random": n_random,
-        "n_random_answers": n_random_answers,
-        "batch_size": batch_size,
-        "chat": chat,
-    }
-    design = dict(
-        categories=categories,
-        categories_per_list=categories_per_list,
-        items_per_category=items_per_category,
-        questions=questions,
-    )
-
-    # 1. prompts: one set for the subspaces, a fresh one for geometry and interventions
-    train = build_prompts(n_prompts, seed=seed, **design)
-    test = build_prompts(n_test, seed=seed + 1, **design)
-    lm = open_model(model, remote)
-    train_loc = locate(lm.tokenizer, train, chat=chat)
-    test_loc = locate(lm.tokenizer, test, chat=chat)
-    head_list, ranking = choose_heads(
-        lm, heads, STUDY, find=lambda: _find_heads(lm, test, test_loc, batch_size, progress)
-    )
-    params["heads"] = [h.label for h in head_list]
-    params["heads_from"] = heads_source(lm, heads)
-
-    # 2. contrastive covariances, summed in the trace, then SVD and the rank rule
-    sums = reduce(
-        lm,
-        train_loc.ids,
-        head_list,
-        labels(train),
-        keys=train_loc.positions["item"],
-        batch_size=batch_size,
-        out=checkpoint,
-        progress=progress,
-    )
-    subspaces = decompose(sums, threshold=threshold).merge(sums[SUMS])
-
-    # 3. item keys of fresh prompts, and their PCA in the union of category key subspaces
-    captured = capture(
-        lm,
-        test_loc.ids,
-        head_list,
-        keys=test_loc.positions["item"],
-        batch_size=batch_size,
-        progress=progress,
-    )
-    captured = captured.assign_coords(_key_labels(test))
-    geometry = _pca(captured, subspaces)
-    # is each category's ΔC real? the permutation null on the fresh prompts' (query, item) pairs
-    asked = [p.meta["asked"] for p in test]
-    null = null_test(
-        {
-            (str(head), str(c)): captured_pairs(
-                captured, head, [i for i, a in enumerate(asked) if a == c]
-            )
-            for head in captured["head"].values
-            for c in subspaces["feature"].values
-        },
-        seed=seed,
-        threshold=threshold,
-        d_head=lm.d_head,
-    )
-
-    # 4. category swap vs random subspaces of the same rank: attention (from the capture, no
-    # forward pass), then the model's answer (the swap written into the model)
-    swaps = _swaps(lm, test, test_loc, captured, subspaces, n_random, seed, batch_size, progress)
-    first = locate(lm.tokenizer, test, chat=chat, which="first")
-    answers = _answer_swaps(
-        lm, test, test_loc, first, captured, subspaces, n_random_answers, seed, batch_size, progress
-    )
-
-    # 5. store, then figures from the store
-    ds = xr.merge(
-        [subspaces, null, captured, geometry, swaps, answers, ranking],
-        compat="override",
-        combine_attrs="drop",
-    )
-    params.update(ranking.attrs)  # how the heads were ranked, when find_heads chose them
-    write(ds, path, study=STUDY, params=params, model=lm, seed=seed, overwrite=overwrite)
-    if figures:
-        plot(path)
-    return path
-
-
-def _find_heads(
-    lm: Any, prompts: list[Prompt], loc: Located, batch_size: int, progress: bool
-) -> xr.Dataset:
-    """Every head ranked by how much its last-token query attends to the answered item.
-
-    The answered item is the first item of the asked category ("all" and "first" questions)
-    or its last one ("last" questions); the candidates are all items.
-    """
-    from qktrace.heads import find_heads
-
-    answer = []
-    for row, p in zip(loc.positions["item"], prompts, strict=True):
-        hits = [
-            pos
-            for pos, c in zip(row, p.meta["item_categories"], strict=True)
-            if c == p.meta["asked"]
-        ]
-        answer.append(hits[-1] if p.meta["question"] == "last" else hits[0])
-    return find_heads(
-        lm,
-        loc.ids,
-        answer,
-        keys=loc.positions["item"],
-        top=None,
-        batch_size=batch_size,
-        progress=progress,
-    )
-
-
-def _key_labels(prompts: Sequence[Prompt]) -> dict[str, Any]:
-    """Coordinates naming every item key: its item, category and positive/negative label."""
-    items = np.array([p.meta["items"] for p in prompts], dtype=object)
-    cats = np.array([p.meta["item_categories"] for p in prompts], dtype=object)
-    asked = np.array([p.meta["asked"] for p in prompts], dtype=object)
-    label = np.where(cats == asked[:, None], "positive", "negative").astype(object)
-    return {
-        "item": (("prompt", "key"), items),
-        "category": (("prompt", "key"), cats),
-        "key_label": (("prompt", "key"), label),
-        "asked": ("prompt", asked),
-        "text": ("prompt", np.array([p.text for p in prompts], dtype=object)),
-        "question": ("prompt", np.array([p.meta["question"] for p in prompts], dtype=object)),
-    }
-
-
-def _pca(captured: xr.Dataset, subspaces: xr.Dataset, n_pc: int = 3) -> xr.Dataset:
-    """Per head: PCA of item keys inside the union of all category key subspaces."""
-    projections, ratios, dims = [], [], []
-    for head in captured["head"].values:
-        bases = [
-            trimmed(
-                subspaces["key_basis"].sel(head=head, feature=f).transpose("dk", "component").values
-            )
-            for f in subspaces["feature"].values
-        ]
-        basis = union_basis(bases)
-        keys = captured["k"].sel(head=head).transpose("prompt", "key", "d_head").values
-        proj, ratio = subspace_pca(keys.astype(np.float64), basis, n_pc)
-        projections.append(proj)
-        ratios.append(ratio)
-        dims.append(basis.shape[1])
-    return xr.Dataset(
-        {
-            "key_pc": (("head", "prompt", "key", "pc"), np.stack(projections)),
-            "pc_variance_ratio": (("head", "pc"), np.stack(ratios)),
-            "union_rank": ("head", np.array(dims)),
-        },
-        coords={"head": captured["head"].values, "pc": np.arange(1, n_pc + 1)},
-    )
-
-
-def _swaps(
-    lm: Any,
-    prompts: list[Prompt],
-    loc: Located,
-    captured: xr.Dataset,
-    subspaces: xr.Dataset,
-    n_random: int,
-    seed: int,
-    batch_size: int,
-    progress: bool,
-) -> xr.Dataset:
-    """Swap asked-category key coordinates between the attended item and another category's item.
-
-    Per head and asked category, on the prompts asking for it, computed from the captured q and
-    k with no forward pass (`qktrace.interventions.intervene_captured`, equal to the in-trace
-    edit); the subspace is named "category" (the prompt's `asked` coordinate says which), the
-    baselines are random subspaces of the same rank.
-    """
-    rng = np.random.default_rng(seed + 2)
-    cats = [p.meta["item_categories"] for p in prompts]
-    asked = [p.meta["asked"] for p in prompts]
-    items = loc.positions["item"]
-    # the target: one item of another category per prompt, the same for every head
-    target_slot = [
-        int(rng.choice([j for j, c in enumerate(row) if c != a]))
-        for row, a in zip(cats, asked, strict=True)
-    ]
-    per_head = []
-    for head in captured["head"].values:
-        attention = captured["attention"].sel(head=head).isel(query=0).values  # [prompt, key]
-        parts = []
-        for category in subspaces["feature"].values:
-            chosen = [i for i, a in enumerate(asked) if a == category]
-            if not chosen:
-                continue
-            # the attended item: the asked category's item with the most attention
-            orig_slot = [
-                max(
-                    (j for j, c in enumerate(cats[i]) if c == category),
-                    key=lambda j, i=i: attention[i, j],
-                )
-                for i in chosen
-            ]
-            fx = intervene_captured(
-                captured.isel(prompt=chosen),
-                str(head),
-                subspaces["key_basis"].sel(head=head, feature=category),
-                name="category",
-                orig=[items[i][s] for i, s in zip(chosen, orig_slot, strict=True)],
-                target=[items[i][target_slot[i]] for i in chosen],
-                mode="swap",
-                n_random=n_random,
-                seed=seed,
-            )
-            parts.append(per_prompt(fx).assign_coords(prompt=chosen))
-        per_head.append(xr.concat(parts, dim="prompt").sortby("prompt"))
-    return stack_heads(per_head, [str(h) for h in captured["head"].values])
-
-
-def _answer_swaps(
-    lm: Any,
-    prompts: list[Prompt],
-    loc: Located,
-    first: Located,
-    captured: xr.Dataset,
-    subspaces: xr.Dataset,
-    n_random: int,
-    seed: int,
-    batch_size: int,
-    progress: bool,
-) -> xr.Dataset:
-    """The category swap written into the model, per head and in all heads together: does the
-    model's answer move from the attended item to the other category's item?
-
-    Per prompt, orig is the asked category's item that the chosen heads attend to most in
-    total (one item for every head set), target the same other-category item as `_swaps`. The
-    candidate answers are the items' first tokens as they appear in the list; the answer is
-    orig's, the target's answer target's.
-    """
-    rng = np.random.default_rng(seed + 2)  # the same targets as `_swaps`
-    cats = [p.meta["item_categories"] for p in prompts]
-    asked = [p.meta["asked"] for p in prompts]
-    target_slot = [
-        int(rng.choice([j for j, c in enumerate(row) if c != a]))
-        for row, a in zip(cats, asked, strict=True)
-    ]
-    attention = captured["attention"].isel(query=0).sum("head").transpose("prompt", "key").values
-    items = loc.positions["item"]
-    candidates = [
-        [ids[pos] for pos in row]
-        for ids, row in zip(first.ids, first.positions["item"], strict=True)
-    ]
-    parts = []
-    for category in subspaces["feature"].values:
-        chosen = [i for i, a in enumerate(asked) if a == category]
-        if not chosen:
-            continue
-        orig_slot = [
-            max(
-                (j for j, c in enumerate(cats[i]) if c == category),
-                key=lambda j, i=i: attention[i, j],
-            )
-            for i in chosen
-        ]
-        bases = {
-            str(h): trimmed(
-                subspaces["key_basis"]
-                .sel(head=h, feature=category)
-                .transpose("dk", "component")
-                .values
-            )
-            for h in captured["head"].values
-        }
-        fx = answer_effects(
-            lm,
-            [loc.ids[i] for i in chosen],
-            bases,
-            candidates=[candidates[i] for i in chosen],
-            answer=orig_slot,
-            target_answer=[target_slot[i] for i in chosen],
-            orig=[items[i][s] for i, s in zip(chosen, orig_slot, strict=True)],
-            target=[items[i][target_slot[i]] for i in chosen],
-            name="category",
-            n_random=n_random,
-            seed=seed,
-            batch_size=batch_size,
-            progress=progress,
+    if n_prompts is not None and n_prompts < len(categories):
+        raise ValueError(
+            f"n_prompts={n_prompts} (CLI --n-prompts) is too few: the asked category cycles "
+            f"through the {len(categories)} categories, so fewer prompts leave a category "
+            f"without positive keys (no subspace); pass n_prompts >= {len(categories)}."
         )
-        parts.append(answer_per_prompt(fx).assign_coords(prompt=chosen))
-    per_prompt_fx = xr.concat(
-        parts, dim="prompt", data_vars="all", coords="different", compat="equals"
-    ).sortby("prompt")
-    return per_prompt_fx.merge(answer_summary(per_prompt_fx))
+    study = filter_heads(categories, categories_per_list, items_per_category, questions)
+    return study.run(model, out=out, n_prompts=n_prompts, **settings)
 
 
-# --------------------------------------------------------------------------------------------
-# figures, from the store
-
-
-def plot(path: str | Path) -> list[Path]:
-    """Draw the study's figures from ``filter_heads.zarr``; PNGs are saved next to it.
-
-    ``filter_heads_ranks.png`` (rank per head and category), ``filter_heads_pca.png`` (item
-    keys in the union of category key subspaces, coloured by category; Fig 6) and
-    ``filter_heads_swap.png`` (category swap vs random subspaces; Fig 7) and
-    ``filter_heads_answer.png`` (what that swap does to the model's answer, per head and in all
-    heads together, vs random subspaces).
-    """
-    from qktrace import store
-
-    path = Path(path)
-    ds = store.open(path).load()
-    figures = {
-        "filter_heads_ranks.png": rank_figure(ds, "Category subspace ranks"),
-        "filter_heads_pca.png": pca_figure(
-            ds, "category", title="Item keys in the union of category key subspaces"
-        ),
-        "filter_heads_swap.png": swap_bars(
-            ds, "category", title="Swap of the asked category's key coordinates"
-        ),
-    }
-    if "answer_flip_rate" in ds:
-        figures["filter_heads_answer.png"] = answer_bars(
-            ds, "category", title="The model's answer after the category swap"
-        )
-    return save_figures(figures, path.parent)
+study = filter_heads()  # the default design, for load_study("studies.filter_heads")

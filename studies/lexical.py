@@ -21,7 +21,7 @@ Method
    components above the null's 95th percentile.
 3. **Order subspace for the attribution.** Taken from ``OUT/order_id.zarr`` when it was made for
    the same model, heads, pairs, threshold and chat setting; otherwise computed here with the
-   order-ID design (`studies.order_id.order_subspaces`).
+   order-ID design (`studies.binding.order_subspaces`).
 4. **Geometry.** Fresh prompts' box keys projected on the lexical key subspace, PCA coloured by
    the object bound to each box (and by order index).
 5. **Causal check (Fig 9).** Swap lexical-subspace key coordinates between the answer's box and
@@ -304,7 +304,7 @@ def run(
         batch_size=batch_size,
         progress=progress,
     ).assign_coords(binding.key_labels(test))
-    geometry = order_id.pca(captured, subspaces, "lexical")
+    geometry = binding.pca(captured, subspaces, "lexical")
 
     # 5. lexical swap vs random subspaces
     effects = binding.swaps(
@@ -391,7 +391,7 @@ def _order_subspace(
                 "k_sum",
             ]
             return ds[keep].sel(head=labels).load(), str(stored)
-    computed = order_id.order_subspaces(
+    computed = binding.order_subspaces(
         lm,
         heads,
         n_prompts=n_prompts,

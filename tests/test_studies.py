@@ -123,7 +123,7 @@ def test_filter_heads_local_and_remote_local_agree(checkpoint, tmp_path):
     # the candidate answers are the items' first tokens; the answer is an asked-category item
     answered = a["answer_index"].values
     assert (a["category"].values[np.arange(8), answered] == a["asked"].values).all()
-    for png in ("ranks", "pca", "swap", "answer"):
+    for png in ("ranks", "pca_category", "swap", "answer"):
         assert (tmp_path / "a" / f"filter_heads_{png}.png").stat().st_size > 0
     assert not list((tmp_path / "b").glob("*.png"))
     assert not list((tmp_path / "a").glob("filter_heads.*.zarr"))  # checkpoints cleaned up
