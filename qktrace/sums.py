@@ -414,7 +414,7 @@ def _resume(out: str | Path | None, params: dict[str, Any]) -> tuple[int, xr.Dat
     from . import store
 
     batches = (Path(out) / store.MANIFEST).is_file()  # a capture (BatchWriter) store
-    state = None if batches else store.open(out)
+    state = None if batches else store.open(out, checksums=True)
     stored = None if state is None else state.attrs.get("params")
     if isinstance(stored, str):
         stored = json.loads(stored)

@@ -48,6 +48,7 @@ import xarray as xr
 
 from qktrace.covariance import decompose
 from qktrace.interventions import intervene
+from qktrace.locks import one_writer
 from qktrace.models import Remote, parse_heads
 from qktrace.prompts import FILTER_CATEGORIES, FILTER_QUESTIONS, Located, Prompt, locate
 from qktrace.prompts import filter_prompts as build_prompts
@@ -102,6 +103,7 @@ def labels(prompts: Sequence[Prompt]) -> list[list[tuple[str, str]]]:
 # the study
 
 
+@one_writer(f"{STUDY}.zarr")
 def run(
     model: ModelLike | None = None,
     *,

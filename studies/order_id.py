@@ -36,6 +36,7 @@ import numpy as np
 import xarray as xr
 
 from qktrace.covariance import decompose
+from qktrace.locks import one_writer
 from qktrace.models import Head, Model, Remote
 from qktrace.prompts import load_objects, locate
 from qktrace.qk import capture
@@ -96,6 +97,7 @@ def order_subspaces(
     return decompose(sums, threshold=threshold).merge(sums[["qk_sum", "q_sum", "k_sum"]])
 
 
+@one_writer(f"{STUDY}.zarr")
 def run(
     model: ModelLike | None = None,
     *,

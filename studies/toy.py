@@ -42,6 +42,7 @@ import xarray as xr
 from tqdm.auto import tqdm
 
 from qktrace import plots, store
+from qktrace.locks import one_writer
 from qktrace.toy.analysis import analyze
 from qktrace.toy.data import VARIANTS, PayloadTask
 from qktrace.toy.train import train
@@ -123,6 +124,7 @@ def run_cell(
     return cell.expand_dims(variant=[variant], d_head=[d_head], N=[n], M=[m], seed=[seed])
 
 
+@one_writer(STORE)
 def run(
     out: Path | str,
     *,
