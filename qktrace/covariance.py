@@ -430,6 +430,12 @@ def decompose(sums: xr.Dataset, *, threshold: float = 0.99, centered: bool = Fal
         c = sums["qk_sum"].transpose(*outer, "contrast", "dq", "dk").values / n[..., None, None]
         delta_c = c[..., pos, :, :] - c[..., neg, :, :]
     else:  # `qktrace.reduce(..., delta=True)` summed ΔC itself
+        if sums.attrs.get("partial"):
+            raise ValueError(
+                f"these ΔC sums are {sums.attrs['partial']}. With delta=True each pair was "
+                "weighted by the full run's counts, so a partial ΔC is scaled wrong; finish the "
+                "run before decompose."
+            )
         delta_c = sums["delta_c"].transpose(*outer, "dq", "dk").values.astype(np.float64)
     if centered:
         q_mean = sums["q_sum"].transpose(*outer, "contrast", "dq").values / n[..., None]

@@ -42,6 +42,11 @@ Label = tuple[str, str] | None
 # Batches per NDIF request by default: 16x fewer round trips and returned sums, while a failed
 # request loses (and a resume repeats) at most 16 batches.
 REMOTE_BATCHES_PER_REQUEST = 16
+# attrs["partial"] of a checkpoint that holds the sums of the first prompts only
+PARTIAL = (
+    "partial ({done} of {total} prompts): `pair_count` and `n_prompts` count the {done} summed; "
+    "rerun the same call (CLI: the same command) to resume and sum the rest"
+)
 
 
 def _groups(labels: Sequence[Sequence[Label]]) -> list[str]:
@@ -256,11 +261,13 @@ def reduce(
     features = _groups(labels)
     d = model.d_head
     shape = (len(heads), len(features), 2)
-    count = np.zeros(shape, dtype=np.int64)
-    for row in labels:
+    # pairs per prompt, so a checkpoint counts exactly the prompts it has summed
+    per_prompt = np.zeros((len(prompts), len(features), 2), dtype=np.int64)
+    for i, row in enumerate(labels):
         for label in row:
             if label is not None:
-                count[:, features.index(label[0]), CONTRASTS.index(label[1])] += 1
+                per_prompt[i, features.index(label[0]), CONTRASTS.index(label[1])] += 1
+    count = np.broadcast_to(per_prompt.sum(axis=0), shape).copy()
     if delta:
         _check_delta_counts(count, features)
     qk_sum = np.zeros((len(heads), len(features), d, d) if delta else (*shape, d, d))
@@ -336,9 +343,10 @@ def reduce(
         k_sum += k.reshape(k_sum.shape)
         done = end
         if out is not None:
+            summed = np.broadcast_to(per_prompt[:done].sum(axis=0), shape)
             _checkpoint(
                 out,
-                _sums_dataset(model, heads, features, qk_sum, q_sum, k_sum, count, done, params),
+                _sums_dataset(model, heads, features, qk_sum, q_sum, k_sum, summed, done, params),
             )
         bar.update(end - start)
     bar.close()
@@ -387,8 +395,10 @@ def _sums_dataset(
             "remote": model.remote_label,
             "n_prompts": done,
             "params": params,
+            **({"partial": PARTIAL.format(done=done, total=params["n_prompts"])}
+               if done < params["n_prompts"] else {}),
         },
-    )
+    )  # fmt: skip
 
 
 def _resume_hint(out: str | Path | None, start: int) -> str:

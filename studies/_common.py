@@ -247,8 +247,15 @@ def checkpoint(path: Path, what: str) -> Path:
 
 
 def _remove_checkpoints(path: Path) -> None:
-    for leftover in path.parent.glob(f"{path.stem}.*.zarr"):
-        shutil.rmtree(leftover)
+    """Delete the run's checkpoints, and the hidden copies killed writes left of them or of
+    the store (``.<name>.zarr.old-*`` / ``.tmp-*``, see `qktrace.store`)."""
+    import re
+
+    leftovers = [*path.parent.glob(f"{path.stem}.*.zarr"), *path.parent.glob(f".{path.stem}.*")]
+    hidden = re.compile(r"^\..+\.zarr\.(tmp|old)-[0-9a-f]{8}$")
+    for leftover in leftovers:
+        if not leftover.name.startswith(".") or hidden.match(leftover.name):
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------
