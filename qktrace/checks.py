@@ -144,7 +144,7 @@ def prompts(name: str, value: Any) -> Sequence[Any]:
     return value
 
 
-def positions(name: str, value: Any, n_prompts: int) -> Any:
+def positions(name: str, value: Any, n_prompts: int, first: int = 0) -> Any:
     """Token positions per prompt: "last", "all", one int per prompt, or a list of ints each.
 
     Floats are refused even when whole: a position computed as 1.9 or 0.5 is a bug upstream,
@@ -163,7 +163,7 @@ def positions(name: str, value: Any, n_prompts: int) -> Any:
         )
     if len(value) != n_prompts:
         raise BadArgument(
-            f"{name} positions were given for {len(value)} prompts but there are {n_prompts}: "
+            f"{name}: positions were given for {len(value)} prompts but there are {n_prompts}: "
             "pass one position (or one list of positions) per prompt."
         )
     for i, row in enumerate(value):
@@ -171,7 +171,8 @@ def positions(name: str, value: Any, n_prompts: int) -> Any:
         for p in items:
             if isinstance(p, bool) or not isinstance(p, numbers.Integral):
                 raise BadArgumentType(
-                    f"{name}[{i}] holds {_shown(p)} ({type(p).__name__}), not a token position; "
+                    f"{name}[{first + i}] holds {_shown(p)} ({type(p).__name__}), not a token "
+                    "position; "
                     "positions are ints (negative counts from the end), e.g. "
                     f"{name}=[[1, 4], [2]]; round or fix how they were computed."
                 )
@@ -182,10 +183,19 @@ def finite(name: str, values: Any, fix: str) -> None:
     """Refuse NaN or inf anywhere in `values` (an array or DataArray)."""
     array = np.asarray(getattr(values, "values", values))
     if array.dtype.kind in "fc" and not np.isfinite(array).all():
-        bad = np.argwhere(~np.isfinite(array))[0]
+        bad = tuple(int(b) for b in np.argwhere(~np.isfinite(array))[0])
+        where = f"index {bad}"
+        dims = getattr(values, "dims", None)
+        if dims is not None:  # a DataArray: say where by its labels
+            labels = []
+            for dim, i in zip(dims, bad, strict=True):
+                coord = values.indexes[dim][i] if dim in values.indexes else i
+                labels.append(f"{dim}={getattr(coord, 'item', lambda c=coord: c)()!r}")
+            where = ", ".join(labels)
+        n_bad = int((~np.isfinite(array)).sum())
         raise BadArgument(
-            f"{name} holds {array[tuple(bad)].item()!r} (at index {tuple(int(b) for b in bad)}, "
-            f"{int((~np.isfinite(array)).sum())} non-finite values in all); {fix}."
+            f"{name} holds {array[bad].item()!r} at {where} ({n_bad} non-finite "
+            f"value{'s' if n_bad > 1 else ''} in all); {fix}."
         )
 
 

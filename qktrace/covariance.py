@@ -50,6 +50,8 @@ from dataclasses import dataclass
 import numpy as np
 import xarray as xr
 
+from . import checks
+
 __all__ = [
     "CONTRASTS",
     "Subspace",
@@ -106,9 +108,13 @@ def rank_for_threshold(
 
 def _check_threshold(threshold: float) -> None:
     """Raise unless 0 < `threshold` <= 1 (a fraction of sum(S^2), not a percentage)."""
-    if not isinstance(threshold, numbers.Real) or not 0.0 < threshold <= 1.0:
+    if (
+        isinstance(threshold, bool)
+        or not isinstance(threshold, numbers.Real)
+        or not 0.0 < threshold <= 1.0
+    ):
         shown = float(threshold) if isinstance(threshold, numbers.Real) else repr(threshold)
-        raise ValueError(
+        raise checks.BadArgument(
             f"threshold={shown} is outside (0, 1]: it is the fraction of sum(S^2) the kept "
             "components hold; pass e.g. threshold=0.99 (not 99)."
         )
@@ -418,7 +424,21 @@ def decompose(sums: xr.Dataset, *, threshold: float = 0.99, centered: bool = Fal
     4
     """
     _check_threshold(threshold)
+    if not isinstance(sums, xr.Dataset):
+        raise checks.BadArgumentType(
+            f"sums is a {type(sums).__name__}; pass the Dataset of qktrace.reduce (or of "
+            "empty_sums + add_pairs)."
+        )
     count_name = _count_name(sums)
+    for name in ("qk_sum", "delta_c", "q_sum", "k_sum", count_name):
+        if name in sums:
+            checks.finite(
+                f"sums[{name!r}]",
+                sums[name],
+                "an SVD of it would be meaningless (LAPACK fails or returns garbage). Find where "
+                "it came from (a float16 overflow in the model, a NaN prompt, a hand-edited "
+                "store) and recompute the sums",
+            )
     sums = sums.transpose(..., "contrast", "dq", "dk")
     count = sums[count_name].transpose(..., "contrast")
     outer = [d for d in count.dims if d != "contrast"]

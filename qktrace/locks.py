@@ -68,17 +68,23 @@ def writing(path: str | os.PathLike) -> Iterator[None]:
         lock.release()
 
 
-def one_writer(store: str) -> Callable[[F], F]:
-    """Decorate a study's ``run(..., out, ...)``: it holds the lock on ``out/<store>`` throughout."""
+def one_writer(store: str | None = None) -> Callable[[F], F]:
+    """Decorate a function with an ``out`` argument: it holds the lock on its output throughout.
 
-    def decorate(run: F) -> F:
-        signature = inspect.signature(run)
+    The output is ``out/<store>`` for a study's ``run`` (``out`` is a folder), else ``out``
+    itself (a store path, as for `qktrace.reduce`); nothing is locked while ``out`` is None.
+    """
 
-        @functools.wraps(run)
+    def decorate(function: F) -> F:
+        signature = inspect.signature(function)
+
+        @functools.wraps(function)
         def locked(*args: Any, **kwargs: Any) -> Any:
-            out = signature.bind(*args, **kwargs).arguments["out"]
-            with writing(Path(out) / store):
-                return run(*args, **kwargs)
+            out = signature.bind(*args, **kwargs).arguments.get("out")
+            if out is None:
+                return function(*args, **kwargs)
+            with writing(Path(out) / store if store else Path(out)):
+                return function(*args, **kwargs)
 
         return locked  # type: ignore[return-value]
 

@@ -32,7 +32,8 @@ import torch
 import xarray as xr
 from tqdm.auto import tqdm
 
-from . import ops
+from . import checks, ops
+from .locks import one_writer
 from .models import Head, Model, parse_heads
 from .qk import Check, Positions, Prompt, _by_layer, _given_order, prepare
 from .remote import with_retries
@@ -190,6 +191,7 @@ def _check_labels(labels: Sequence[Sequence[Label]]) -> Check:
     return check
 
 
+@one_writer()
 def reduce(
     model: Model,
     prompts: Sequence[Prompt],
@@ -242,8 +244,12 @@ def reduce(
     """
     heads = parse_heads(heads)
     model.check_heads(heads)
-    if len(prompts) == 0:
-        raise ValueError("No prompts given: pass a non-empty list of strings (or token-id lists).")
+    checks.prompts("prompts", prompts)
+    if isinstance(labels, str) or not isinstance(labels, Sequence):
+        raise checks.BadArgumentType(
+            f"labels is a {type(labels).__name__}; pass one list per prompt of "
+            "(feature, 'positive' | 'negative') pairs or None."
+        )
     if len(labels) != len(prompts):
         raise ValueError(
             f"labels has {len(labels)} rows for {len(prompts)} prompts: give one row per prompt."

@@ -86,26 +86,31 @@ def check_design(
     threshold: float,
     n_random: int,
     batch_size: int,
+    seed: int = 0,
     min_prompts: int = 1,
     why: str = "",
 ) -> None:
     """Refuse impossible study settings before any model work, naming the argument and flag."""
+    from qktrace import checks
 
     def bad(name: str, value: object, rule: str, fix: str) -> ValueError:
         flag = "--" + name.replace("_", "-")
-        return ValueError(f"{name}={value!r} (CLI {flag}) {rule}; {fix}.")
+        return checks.BadArgument(f"{name}={value!r} (CLI {flag}) {rule}; {fix}.")
+
+    for name, value in (("n_prompts", n_prompts), ("n_test", n_test), ("n_random", n_random),
+                        ("batch_size", batch_size), ("seed", seed)):  # fmt: skip
+        checks.integer(name, value, flag="--" + name.replace("_", "-"))
+    checks.number(
+        "threshold", threshold, low=0, high=1, low_open=True, flag="--threshold",
+        meaning="the fraction of sum(S^2) the kept components hold", example="0.99",
+    )  # fmt: skip
+    if seed < 0:
+        raise bad("seed", seed, "is negative (numpy seeds are >= 0)", "pass e.g. 0")
 
     if n_prompts < min_prompts:
         raise bad("n_prompts", n_prompts, f"is too few{why}", f"pass n_prompts >= {min_prompts}")
     if n_test < 1:
         raise bad("n_test", n_test, "leaves no fresh prompts for PCA and swaps", "pass >= 1")
-    if not 0.0 < threshold <= 1.0:
-        raise bad(
-            "threshold",
-            threshold,
-            "is outside (0, 1] (the fraction of sum(S^2) the kept components hold)",
-            "pass e.g. 0.99",
-        )
     if n_random < 0:
         raise bad("n_random", n_random, "is negative", "pass 0 (no baseline) or more")
     if batch_size < 1:

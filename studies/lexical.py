@@ -215,6 +215,7 @@ def run(
         threshold=threshold,
         n_random=n_random,
         batch_size=batch_size,
+        seed=seed,
     )
     binding.check_pairs(n_pairs)
     out = Path(out)

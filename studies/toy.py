@@ -41,7 +41,7 @@ import torch
 import xarray as xr
 from tqdm.auto import tqdm
 
-from qktrace import plots, store
+from qktrace import checks, plots, store
 from qktrace.locks import one_writer
 from qktrace.toy.analysis import analyze
 from qktrace.toy.data import VARIANTS, PayloadTask
@@ -72,9 +72,13 @@ def settings(
     Quick: N, M in {3, 5}, one seed, up to 600 steps.
     """
     n_seeds = n_seeds if n_seeds is not None else (1 if quick else 3)
+    checks.integer("seed", seed, low=0, flag="--seed", example="0")
     for name, value in (("n_seeds", n_seeds), ("max_steps", max_steps), ("n_pairs", n_pairs)):
-        if value is not None and value < 1:
-            raise ValueError(f"{name}={value} (CLI --{name.replace('_', '-')}) must be >= 1.")
+        if value is not None:
+            checks.integer(name, value, low=1, flag=f"--{name.replace('_', '-')}", example="1")
+    checks.integer("n_random", n_random, low=0, example="10")
+    checks.number("threshold", threshold, low=0, high=1, low_open=True, example="0.99")
+    checks.number("lr", lr, low=0, high=1, low_open=True, example="1e-3")
     return {
         "seeds": list(range(seed, seed + n_seeds)),
         "ranks": list(ranks if ranks is not None else ((3, 5) if quick else (3, 5, 7))),
