@@ -122,7 +122,10 @@ def _check_threshold(threshold: float) -> None:
 
 def _ranks(singular_values: np.ndarray, threshold: float) -> np.ndarray:
     """Vectorised rank rule over the leading axes of `singular_values` [..., n]."""
-    energy = np.cumsum(np.nan_to_num(singular_values) ** 2, axis=-1)
+    s = np.nan_to_num(singular_values)
+    largest = np.abs(s).max(axis=-1, keepdims=True)
+    # scaled by the largest value, so that S^2 cannot overflow (the rule is scale-free)
+    energy = np.cumsum((s / np.where(largest > 0, largest, 1.0)) ** 2, axis=-1)
     total = energy[..., -1:]
     # a tiny relative tolerance so that exactly-at-threshold spectra are not pushed up by rounding
     reached = energy >= threshold * total * (1 - 1e-12)
