@@ -91,7 +91,7 @@ def _out_dir(out: str, store_name: str) -> Path:
     return path
 
 
-def _run(job: Callable[[], Path], ctx: typer.Context, kept: str) -> Path:
+def _run(job: Callable[[], Path], ctx: typer.Context, kept: str | Callable[[], str]) -> Path:
     """Run a job, mapping every failure to one ``Error:`` line and its exit status.
 
     2: a bad argument (`qktrace.checks`) or an --out that cannot be used; 1: a run that cannot
@@ -105,7 +105,8 @@ def _run(job: Callable[[], Path], ctx: typer.Context, kept: str) -> Path:
         with store.rewritten_by(_command_line(ctx)):
             return job()
     except KeyboardInterrupt:
-        _fail(f"interrupted. {kept}; rerun the same command to resume.", 130)
+        said = kept() if callable(kept) else kept
+        _fail(f"interrupted. {said}; rerun the same command to resume.", 130)
     except OutputBusy as err:
         _fail(str(err), 1)
     except (checks.BadArgument, checks.BadArgumentType) as err:
@@ -154,6 +155,9 @@ def toy(
     workers: Annotated[
         int, typer.Option("--workers", help="Processes training models side by side (1: none).")
     ] = 2,
+    figures: Annotated[
+        bool, typer.Option("--figures/--no-figures", help="Draw the PNG figures.")
+    ] = True,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace an existing toy.zarr in --out.")
     ] = False,
@@ -166,7 +170,8 @@ def toy(
     subspaces, and the latent interaction matrix G.
 
     Writes OUT/toy.zarr and OUT/rank_grid.png, pca.png, intervention.png, interaction.png, and
-    prints a summary table. The full run takes several minutes on 2 CPU cores.
+    prints a summary table. The full run takes several minutes on 2 CPU cores. Ctrl-C stops it
+    at once and keeps the finished models in OUT/toy.cells; the same command resumes.
     """
     directory = _out_dir(out, "toy.zarr")
     start = time.perf_counter()
@@ -175,12 +180,21 @@ def toy(
     }
     path = _run(
         lambda: _study("toy").run(
-            directory, quick=quick, seed=seed, overwrite=overwrite, workers=workers, **overrides
-        ),
+            directory, quick=quick, seed=seed, overwrite=overwrite, workers=workers,
+            figures=figures, **overrides,
+        ),  # fmt: skip
         ctx,
-        f"Finished models are kept in {directory / 'toy.cells.zarr'}",
+        lambda: _toy_kept(directory),
     )
-    typer.echo(f"wrote {path} and figures in {directory} ({time.perf_counter() - start:.0f} s)")
+    where = f" and figures in {directory}" if figures else ""
+    typer.echo(f"wrote {path}{where} ({time.perf_counter() - start:.0f} s)")
+
+
+def _toy_kept(directory: Path) -> str:
+    from studies.toy import CELLS
+
+    n = len(list((directory / CELLS).glob("cell-*.zarr")))
+    return f"{n} finished model{'s' if n != 1 else ''} kept in {directory / CELLS}"
 
 
 _STUDY_EXAMPLES = """Examples (each command on one line):

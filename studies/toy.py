@@ -29,9 +29,11 @@ Run it with ``qktrace toy --out DIR`` (``--quick`` for a one-seed, 2 x 2 grid).
 
 from __future__ import annotations
 
+import json
 import multiprocessing
+import shutil
+import signal
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +50,7 @@ from qktrace.toy.data import VARIANTS, PayloadTask
 from qktrace.toy.train import train
 
 STORE = "toy.zarr"
+CELLS = "toy.cells"  # finished models of an unfinished run (see `Cells`)
 FIGURES = ("rank_grid.png", "pca.png", "intervention.png", "interaction.png")
 ORDER = ("variant", "d_head", "N", "M", "latent", "seed")
 
@@ -175,6 +178,7 @@ def run(
         raise FileExistsError(
             f"{path} exists; pass overwrite=True (CLI: --overwrite) or another --out."
         )
+    checks.integer("workers", workers, low=1, flag="--workers", example="2")
     params = settings(quick=quick, seed=seed, **overrides)
     cells = [
         (variant, d_head, n, m, s)
@@ -185,12 +189,15 @@ def run(
         for s in params["seeds"]
     ]
     start = time.perf_counter()
-    results = _run_cells(cells, params, workers=workers, progress=progress)
+    kept = Cells(out / CELLS, params, discard=overwrite)
+    results = _run_cells(cells, params, kept, workers=workers, progress=progress)
     ds = xr.combine_by_coords(results, combine_attrs="drop")
     ds = ds.sel(variant=params["variants"], d_head=params["d_heads"]).transpose(*ORDER, ...)
     ds.attrs["seconds"] = round(time.perf_counter() - start, 1)
     ds.attrs["workers"] = workers
+    ds.attrs["models_resumed"] = kept.n_resumed  # finished by an earlier, interrupted run
     store.save(ds, path, attrs=store.provenance("toy", params, seed=seed), overwrite=overwrite)
+    kept.remove()  # what they held is in the store now
     if figures:
         draw_figures(store.open(path), out)
     if progress:
@@ -198,36 +205,115 @@ def run(
     return path
 
 
+Cell = tuple[str, int, int, int, int]
+
+
+class Cells:
+    """Finished models of a run, one store each in ``out/toy.cells/``, so an interrupted run
+    keeps them and a rerun with the same parameters trains only the others."""
+
+    def __init__(self, folder: Path, params: dict[str, Any], *, discard: bool = False) -> None:
+        self.folder = folder
+        stamp = folder / "params.json"
+        wanted = json.dumps(store.provenance("toy", params)["params"], sort_keys=True)
+        if folder.exists() and (discard or not stamp.is_file()):
+            shutil.rmtree(folder)
+        elif folder.exists() and stamp.read_text() != wanted:
+            raise ValueError(
+                f"{folder} holds the finished models of a run with other parameters; rerun with "
+                "the same options to resume it, or pass overwrite=True (CLI: --overwrite) to "
+                "discard them."
+            )
+        folder.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(wanted)
+        self.n_resumed = 0
+
+    def path(self, cell: Cell) -> Path:
+        return self.folder / ("cell-" + "-".join(map(str, cell)) + ".zarr")
+
+    def load(self, cell: Cell) -> xr.Dataset | None:
+        """The stored result of `cell`, or None if it has not finished."""
+        path = self.path(cell)
+        if not path.exists():
+            return None
+        self.n_resumed += 1
+        return store.open(path, checksums=True).load()
+
+    def keep(self, cell: Cell, result: xr.Dataset) -> None:
+        store.save(result, self.path(cell), overwrite=True)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
 def _run_cells(
-    cells: list[tuple[str, int, int, int, int]],
+    cells: list[Cell],
     params: dict[str, Any],
+    kept: Cells,
     *,
     workers: int,
     progress: bool,
 ) -> list[xr.Dataset]:
-    """`run_cell` for every cell, in this process or in `workers` single-threaded processes."""
-    bar = tqdm(total=len(cells), desc="toy models", unit="model", disable=not progress)
-    if workers <= 1:
+    """`run_cell` for every cell not kept yet, in this process or in `workers` processes.
+
+    Each result is kept (`Cells`) as soon as it arrives. Ctrl-C (or any error) terminates the
+    workers at once, so nothing is left running and the finished cells stay on disk.
+    """
+    done = {cell: kept.load(cell) for cell in cells}
+    todo = [cell for cell in cells if done[cell] is None]
+    bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc="toy models",
+               unit="model", disable=not progress)  # fmt: skip
+    if workers <= 1 or len(todo) <= 1:
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            results = []
-            for cell in cells:
-                results.append(run_cell(*cell, params, progress=progress))
+            for cell in todo:
+                done[cell] = run_cell(*cell, params, progress=progress)
+                kept.keep(cell, done[cell])
                 bar.update(1)
         finally:
             torch.set_num_threads(threads)
-    else:
-        context = multiprocessing.get_context("spawn")  # no fork of a process running torch
-        with ProcessPoolExecutor(
-            workers, mp_context=context, initializer=torch.set_num_threads, initargs=(1,)
-        ) as pool:
-            futures = [pool.submit(run_cell, *cell, params) for cell in cells]
-            for _ in as_completed(futures):
+    elif todo:
+        pool = _pool(min(workers, len(todo)))
+        try:
+            for cell, result in pool.imap_unordered(_run_one, [(c, params) for c in todo]):
+                done[cell] = result
+                kept.keep(cell, result)
                 bar.update(1)
-            results = [future.result() for future in futures]
+        except BaseException:
+            pool.terminate()  # SIGTERM: a worker stops mid-training, nothing waits for it
+            raise
+        else:
+            pool.close()
+        finally:
+            pool.join()
     bar.close()
-    return results
+    return [done[cell] for cell in cells]
+
+
+def _pool(workers: int) -> Any:
+    """A pool of single-threaded spawned workers that ignore SIGINT.
+
+    Ctrl-C reaches every process of the terminal's group; the workers ignore it (from the
+    start: the disposition is inherited while they import torch) and the main process, which
+    gets KeyboardInterrupt, terminates them. Spawned, not forked: no fork of a process running
+    torch.
+    """
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        return multiprocessing.get_context("spawn").Pool(workers, initializer=_worker_init)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _worker_init() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    torch.set_num_threads(1)
+
+
+def _run_one(job: tuple[Cell, dict[str, Any]]) -> tuple[Cell, xr.Dataset]:
+    cell, params = job
+    return cell, run_cell(*cell, params)
 
 
 # ------------------------------------------------------------------------------------------
