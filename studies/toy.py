@@ -31,9 +31,11 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import queue
 import shutil
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -274,46 +276,85 @@ def _run_cells(
         finally:
             torch.set_num_threads(threads)
     elif todo:
-        pool = _pool(min(workers, len(todo)))
-        try:
-            for cell, result in pool.imap_unordered(_run_one, [(c, params) for c in todo]):
-                done[cell] = result
-                kept.keep(cell, result)
-                bar.update(1)
-        except BaseException:
-            pool.terminate()  # SIGTERM: a worker stops mid-training, nothing waits for it
-            raise
-        else:
-            pool.close()
-        finally:
-            pool.join()
+
+        def finished(cell: Cell, result: xr.Dataset) -> None:
+            done[cell] = result
+            kept.keep(cell, result)
+            bar.update(1)
+
+        _in_workers(todo, params, workers, finished)
     bar.close()
     return [done[cell] for cell in cells]
 
 
-def _pool(workers: int) -> Any:
-    """A pool of single-threaded spawned workers that ignore SIGINT.
+def _in_workers(
+    todo: list[Cell],
+    params: dict[str, Any],
+    workers: int,
+    finished: Callable[[Cell, xr.Dataset], None],
+) -> None:
+    """`run_cell` for each cell in `workers` spawned single-threaded processes; `finished` is
+    called here, in the main process, with each result as it arrives.
 
-    Ctrl-C reaches every process of the terminal's group; the workers ignore it (from the
-    start: the disposition is inherited while they import torch) and the main process, which
-    gets KeyboardInterrupt, terminates them. Spawned, not forked: no fork of a process running
-    torch.
+    Ctrl-C reaches every process of the terminal's group: the workers ignore it (from their
+    start, as the disposition is inherited while they import torch), and the main process, which
+    gets KeyboardInterrupt, kills them and waits for them, which takes a moment. Plain processes
+    and queues rather than `multiprocessing.Pool`, whose terminate() can wait forever on a lock
+    held by an idle worker. Spawned, not forked: no fork of a process running torch.
     """
+    context = multiprocessing.get_context("spawn")
+    tasks, results = context.Queue(), context.Queue()
+    for cell in todo:
+        tasks.put(cell)
+    for _ in range(workers):
+        tasks.put(None)  # one stop sign per worker
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        return multiprocessing.get_context("spawn").Pool(workers, initializer=_worker_init)
+        processes = [
+            context.Process(target=_worker, args=(tasks, results, params), daemon=True)
+            for _ in range(min(workers, len(todo)))
+        ]
+        for process in processes:
+            process.start()
     finally:
         signal.signal(signal.SIGINT, previous)
+    try:
+        for _ in todo:
+            while True:
+                try:
+                    status, cell, payload = results.get(timeout=1.0)
+                    break
+                except queue.Empty:
+                    dead = [p.exitcode for p in processes if p.exitcode not in (None, 0)]
+                    if dead:
+                        raise RuntimeError(
+                            f"a toy worker process died (exit code {dead[0]}; -9 is usually the "
+                            "out-of-memory killer); rerun with --workers 1, or the same command "
+                            "to resume from the finished models."
+                        ) from None
+            if status == "error":
+                raise RuntimeError(f"training the toy model {cell} failed: {payload}")
+            finished(cell, payload)
+    finally:
+        for process in processes:
+            if process.is_alive():
+                process.kill()
+        for process in processes:
+            process.join()
+        for q in (tasks, results):  # never wait at exit on a pipe nobody reads any more
+            q.cancel_join_thread()
+            q.close()
 
 
-def _worker_init() -> None:
+def _worker(tasks: Any, results: Any, params: dict[str, Any]) -> None:
+    """A worker's loop: train and analyse cells until the stop sign (None)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(1)
-
-
-def _run_one(job: tuple[Cell, dict[str, Any]]) -> tuple[Cell, xr.Dataset]:
-    cell, params = job
-    return cell, run_cell(*cell, params)
+    while (cell := tasks.get()) is not None:
+        try:
+            results.put(("ok", cell, run_cell(*cell, params)))
+        except Exception as err:  # reported, and raised, in the main process
+            results.put(("error", cell, f"{type(err).__name__}: {err}"))
 
 
 # ------------------------------------------------------------------------------------------
