@@ -34,8 +34,10 @@ import multiprocessing
 import queue
 import shutil
 import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -271,7 +273,8 @@ def _run_cells(
         try:
             for cell in todo:
                 done[cell] = run_cell(*cell, params, progress=progress)
-                kept.keep(cell, done[cell])
+                with _sigint_after():
+                    kept.keep(cell, done[cell])
                 bar.update(1)
         finally:
             torch.set_num_threads(threads)
@@ -296,9 +299,10 @@ def _in_workers(
     """`run_cell` for each cell in `workers` spawned single-threaded processes; `finished` is
     called here, in the main process, with each result as it arrives.
 
-    Ctrl-C reaches every process of the terminal's group: the workers ignore it (from their
-    start, as the disposition is inherited while they import torch), and the main process, which
-    gets KeyboardInterrupt, kills them and waits for them, which takes a moment. Plain processes
+    Ctrl-C reaches every process of the terminal's group: the workers never see it (they start
+    with SIGINT blocked), and the main process, which gets KeyboardInterrupt, kills them and
+    waits for them, which takes a moment. A result being written when Ctrl-C comes is written
+    whole first. Plain processes
     and queues rather than `multiprocessing.Pool`, whose terminate() can wait forever on a lock
     held by an idle worker. Spawned, not forked: no fork of a process running torch.
     """
@@ -308,17 +312,19 @@ def _in_workers(
         tasks.put(cell)
     for _ in range(workers):
         tasks.put(None)  # one stop sign per worker
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    processes: list[Any] = []
     try:
-        processes = [
-            context.Process(target=_worker, args=(tasks, results, params), daemon=True)
-            for _ in range(min(workers, len(todo)))
-        ]
-        for process in processes:
-            process.start()
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    try:
+        # Started with SIGINT blocked, which they inherit: Ctrl-C never reaches them, not even
+        # while they import torch. Here a SIGINT waits (pending) until the mask is lifted.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            for _ in range(min(workers, len(todo))):
+                process = context.Process(target=_worker, args=(tasks, results, params))
+                process.daemon = True
+                process.start()
+                processes.append(process)
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
         for _ in todo:
             while True:
                 try:
@@ -334,7 +340,8 @@ def _in_workers(
                         ) from None
             if status == "error":
                 raise RuntimeError(f"training the toy model {cell} failed: {payload}")
-            finished(cell, payload)
+            with _sigint_after():  # a model being kept is kept whole
+                finished(cell, payload)
     finally:
         for process in processes:
             if process.is_alive():
@@ -344,6 +351,22 @@ def _in_workers(
         for q in (tasks, results):  # never wait at exit on a pipe nobody reads any more
             q.cancel_join_thread()
             q.close()
+
+
+@contextmanager
+def _sigint_after() -> Iterator[None]:
+    """Hold back Ctrl-C (KeyboardInterrupt) until the block is done; in the main thread only."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda number, frame: caught.append(number))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
 
 
 def _worker(tasks: Any, results: Any, params: dict[str, Any]) -> None:
