@@ -31,13 +31,13 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import queue
 import shutil
 import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from multiprocessing import connection
 from pathlib import Path
 from typing import Any
 
@@ -267,6 +267,24 @@ def _run_cells(
     todo = [cell for cell in cells if done[cell] is None]
     bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc="toy models",
                unit="model", disable=not progress)  # fmt: skip
+    try:
+        _train_cells(todo, params, kept, done, bar, workers=workers, progress=progress)
+    finally:
+        bar.close()  # before any error is printed
+    return [done[cell] for cell in cells]
+
+
+def _train_cells(
+    todo: list[Cell],
+    params: dict[str, Any],
+    kept: Cells,
+    done: dict[Cell, xr.Dataset | None],
+    bar: Any,
+    *,
+    workers: int,
+    progress: bool,
+) -> None:
+    """Train the cells of `todo`, keeping each result in `kept` and `done` as it comes."""
     if workers <= 1 or len(todo) <= 1:
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
@@ -286,8 +304,6 @@ def _run_cells(
             bar.update(1)
 
         _in_workers(todo, params, workers, finished)
-    bar.close()
-    return [done[cell] for cell in cells]
 
 
 def _in_workers(
@@ -302,55 +318,57 @@ def _in_workers(
     Ctrl-C reaches every process of the terminal's group: the workers never see it (they start
     with SIGINT blocked), and the main process, which gets KeyboardInterrupt, kills them and
     waits for them, which takes a moment. A result being written when Ctrl-C comes is written
-    whole first. Plain processes
-    and queues rather than `multiprocessing.Pool`, whose terminate() can wait forever on a lock
-    held by an idle worker. Spawned, not forked: no fork of a process running torch.
+    whole first. One pipe per worker, no queues: nothing (no lock, no feeder thread, no
+    semaphore) is left for a killed worker to hold. Plain processes
+    rather than `multiprocessing.Pool`, whose terminate() can wait forever on a lock held by an
+    idle worker. Spawned, not forked: no fork of a process running torch.
     """
     context = multiprocessing.get_context("spawn")
-    tasks, results = context.Queue(), context.Queue()
-    for cell in todo:
-        tasks.put(cell)
-    for _ in range(workers):
-        tasks.put(None)  # one stop sign per worker
-    processes: list[Any] = []
+    pending = list(todo)
+    workers_at: dict[Any, Any] = {}  # our end of each worker's pipe -> its process
+    busy: dict[Any, Cell] = {}  # pipe -> the cell its worker is on
     try:
         # Started with SIGINT blocked, which they inherit: Ctrl-C never reaches them, not even
         # while they import torch. Here a SIGINT waits (pending) until the mask is lifted.
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         try:
             for _ in range(min(workers, len(todo))):
-                process = context.Process(target=_worker, args=(tasks, results, params))
-                process.daemon = True
+                here, there = context.Pipe()
+                process = context.Process(target=_worker, args=(there, params), daemon=True)
                 process.start()
-                processes.append(process)
+                there.close()
+                workers_at[here] = process
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-        for _ in todo:
-            while True:
+        for pipe in workers_at:
+            busy[pipe] = pending.pop(0)
+            pipe.send(busy[pipe])
+        while busy:
+            for pipe in connection.wait(list(busy), timeout=1.0):
                 try:
-                    status, cell, payload = results.get(timeout=1.0)
-                    break
-                except queue.Empty:
-                    dead = [p.exitcode for p in processes if p.exitcode not in (None, 0)]
-                    if dead:
-                        raise RuntimeError(
-                            f"a toy worker process died (exit code {dead[0]}; -9 is usually the "
-                            "out-of-memory killer); rerun with --workers 1, or the same command "
-                            "to resume from the finished models."
-                        ) from None
-            if status == "error":
-                raise RuntimeError(f"training the toy model {cell} failed: {payload}")
-            with _sigint_after():  # a model being kept is kept whole
-                finished(cell, payload)
+                    status, cell, payload = pipe.recv()
+                except EOFError:
+                    code = workers_at[pipe].exitcode
+                    raise RuntimeError(
+                        f"a toy worker process died (exit code {code}; -9 is usually the "
+                        "out-of-memory killer); rerun with --workers 1, or the same command to "
+                        "resume from the finished models."
+                    ) from None
+                del busy[pipe]
+                if status == "error":
+                    raise RuntimeError(f"training the toy model {cell} failed: {payload}")
+                with _sigint_after():  # a model being kept is kept whole
+                    finished(cell, payload)
+                if pending:
+                    busy[pipe] = pending.pop(0)
+                    pipe.send(busy[pipe])
     finally:
-        for process in processes:
-            if process.is_alive():
+        for pipe, process in workers_at.items():
+            pipe.close()  # an idle worker's recv() ends: it returns
+            if busy or pending:  # stopped early: do not wait for any work in progress
                 process.kill()
-        for process in processes:
+        for process in workers_at.values():
             process.join()
-        for q in (tasks, results):  # never wait at exit on a pipe nobody reads any more
-            q.cancel_join_thread()
-            q.close()
 
 
 @contextmanager
@@ -369,15 +387,22 @@ def _sigint_after() -> Iterator[None]:
         raise KeyboardInterrupt
 
 
-def _worker(tasks: Any, results: Any, params: dict[str, Any]) -> None:
-    """A worker's loop: train and analyse cells until the stop sign (None)."""
+def _worker(pipe: Any, params: dict[str, Any]) -> None:
+    """A worker's loop: train and analyse the cells sent on `pipe` until it is closed."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(1)
-    while (cell := tasks.get()) is not None:
+    # tqdm's default lock is a named multiprocessing semaphore; a killed worker could not
+    # release it and Python's resource tracker would warn about it on stderr
+    tqdm.set_lock(threading.RLock())
+    while True:
         try:
-            results.put(("ok", cell, run_cell(*cell, params)))
+            cell = pipe.recv()
+        except EOFError:
+            return
+        try:
+            pipe.send(("ok", cell, run_cell(*cell, params)))
         except Exception as err:  # reported, and raised, in the main process
-            results.put(("error", cell, f"{type(err).__name__}: {err}"))
+            pipe.send(("error", cell, f"{type(err).__name__}: {err}"))
 
 
 # ------------------------------------------------------------------------------------------

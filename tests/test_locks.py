@@ -80,6 +80,7 @@ def test_the_cli_refuses_a_second_run_on_the_same_output(tmp_path):
     result = CliRunner().invoke(app, [str(a) for a in args])
     assert result.exit_code == 0, result.output
     assert "wrote" in result.stdout
+    assert "figures in" not in result.stdout  # --no-figures: no figures to speak of
 
 
 def test_other_outputs_are_not_locked(tmp_path):
