@@ -225,6 +225,11 @@ The exact NDIF request, simulated offline on a local checkpoint:
 
   qktrace study lexical -m ./my-checkpoint --heads 1.2 --remote-local --n-prompts 64 -o out/try
 
+Your own study: a .py file that defines study = qktrace.pipeline.Study(...) (prompts with
+marked spans, the key span, labels per key), or module:attr; the pipeline does the rest:
+
+  qktrace study examples/gender_agreement.py -m ./my-checkpoint -o out/gender
+
 Then: qktrace show out/binding/order_id.zarr
 """
 
@@ -246,7 +251,12 @@ def _model_studies() -> dict[str, str]:
 def study(
     ctx: typer.Context,
     name: Annotated[
-        str, typer.Argument(help="The study: filter-heads, order-id or lexical.", metavar="NAME")
+        str,
+        typer.Argument(
+            help="The study: filter-heads, order-id, lexical, or your own: a .py file that "
+            "defines study = qktrace.pipeline.Study(...) (path[:attr]), or module:attr.",
+            metavar="NAME|FILE.py",
+        ),
     ],
     out: Annotated[
         str,
@@ -283,7 +293,8 @@ def study(
         typer.Option(
             "--n-prompts",
             help="Prompts for the subspaces [default: 2000, as the paper; on the organism "
-            "900 (each study), so each study runs in under a minute on 2 CPU cores].",
+            "900 (each study), so each study runs in under a minute on 2 CPU cores; your own "
+            "study: its n_prompts].",
         ),
     ] = None,
     n_test: Annotated[
@@ -350,24 +361,38 @@ def study(
     subspaces and (lexical) attention-logit attribution.
 
     filter-heads: categories of list items (paper §3.1). order-id: which position a box is
-    in (§3.2). lexical: which object a box holds (§3.3, Fig 10). Writes OUT/NAME.zarr
-    (labelled, with provenance) and PNG figures beside it, then prints a summary. A crashed
-    run resumes when rerun with the same arguments.
+    in (§3.2). lexical: which object a box holds (§3.3, Fig 10). Your own study: a file
+    defining a `qktrace.pipeline.Study` runs through the same pipeline (docs/guide/own-study.md).
+    Writes OUT/NAME.zarr (labelled, with provenance) and PNG figures beside it, then prints a
+    summary. A crashed run resumes when rerun with the same arguments.
     """
+    import functools
     import inspect
 
     known = _model_studies()
-    if name not in known:
+    store_name = name.replace("-", "_")
+    if name not in known and (name.endswith(".py") or ":" in name or Path(name).exists()):
+        from qktrace.pipeline import StudyError, load_study, run_study
+
+        try:
+            own = load_study(name)
+        except StudyError as err:
+            _fail(str(err), 2)
+        run = functools.partial(run_study, own)
+        store_name = own.name
+    elif name not in known:
         import difflib
 
         close = difflib.get_close_matches(name, list(known), n=1)
         _fail(
             f"unknown study {name!r}"
             + (f" (did you mean {close[0]!r}?)" if close else "")
-            + f"; choose one of {', '.join(known)} (the toy model has its own command: "
-            "qktrace toy).",
+            + f"; choose one of {', '.join(known)}, or pass a .py file defining a "
+            "qktrace.pipeline.Study (the toy model has its own command: qktrace toy).",
             2,
         )
+    else:
+        run = importlib.import_module(known[name]).run
     if remote and remote_local:
         _fail(
             "--remote (run on NDIF) and --remote-local (simulate the NDIF request offline) "
@@ -382,9 +407,7 @@ def study(
         except ValueError as err:
             _fail(f"--heads: {err}", 2)
     mode: bool | str = True if remote else "local" if remote_local else False
-    module = importlib.import_module(known[name])
-    store_name = f"{name.replace('-', '_')}.zarr"
-    directory = _out_dir(out, store_name)
+    directory = _out_dir(out, f"{store_name}.zarr")
     given = {
         "heads": heads,
         "n_prompts": n_prompts,
@@ -396,7 +419,7 @@ def study(
         "threshold": threshold,
         "chat": chat,
     }
-    accepted = inspect.signature(module.run).parameters
+    accepted = inspect.signature(run).parameters
     for key, value in given.items():
         if value is not None and key not in accepted:
             flag = "--" + key.replace("_", "-")
@@ -405,7 +428,7 @@ def study(
     kwargs = {k: v for k, v in given.items() if v is not None}
     start = time.perf_counter()
     path = _run(
-        lambda: module.run(
+        lambda: run(
             model,
             out=directory,
             seed=seed,
@@ -416,7 +439,7 @@ def study(
             **kwargs,
         ),
         ctx,
-        f"Completed batches are kept next to {directory / store_name}",
+        f"Completed batches are kept next to {directory / store_name}.zarr",
     )
     from qktrace import store
     from qktrace.summary import summarize

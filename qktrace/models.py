@@ -6,8 +6,8 @@ calls one attention function, ``attention_interface(self, query, key, value, mas
 The *inputs of that call* are exactly what the softmax sees, in every family: post-RoPE for
 Llama/Qwen/Mistral/Gemma, partially rotated for GPT-NeoX, un-rotated for GPT-2. qktrace reads and
 edits q and k there, through nnsight's ``.source`` view of the attention forward, so one code path
-serves all families (DESIGN.md suggested the rotary call's output; that misses GPT-2, which has no
-rotary call, and the mask and scaling the attention function is given).
+serves all families (the rotary call's output would miss GPT-2, which has no rotary call, and the
+mask and scaling the attention function is given).
 
 An `Adapter` records where a family keeps its decoder layers and attention module. Adding a family
 is one `register_adapter(Adapter(...))` call.

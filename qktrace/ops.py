@@ -22,7 +22,7 @@ def swap_in_subspace(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exchange the coordinates of x_a and x_b inside span(basis); keep the rest of each.
 
-    With c = x V: x_a + (c_b - c_a) V^T and x_b + (c_a - c_b) V^T (METHOD.md, Fig 4).
+    With c = x V: x_a + (c_b - c_a) V^T and x_b + (c_a - c_b) V^T (the paper's Fig 4).
     """
     v = basis.to(x_a.dtype)
     delta = (x_b @ v - x_a @ v) @ v.T

@@ -1,4 +1,6 @@
-"""Toy study: the payload-retrieval model of METHOD.md §2, over the grid of latent ranks.
+"""Toy study: the payload-retrieval model of the paper's §2, over the grid of latent ranks.
+
+What it reproduces and what it found: docs/results/toy.md.
 
 For every variant (discrete, continuous), head width d_head (16, 8), latent ranks N, M in
 {3, 5, 7} and seed: train the one-head model, recover the z1 and z2 subspaces with

@@ -1,7 +1,7 @@
 """Every bad input a researcher might give gets an error that says what is wrong and names the fix.
 
-One test per row of the README table "Bad input and the errors it gets" (the test id is the
-row's name). API rows check the exception type and message; CLI rows check that the command
+One test per row of the table in docs/errors.md, "Bad input and the errors it gets" (the test
+id is the row's name). API rows check the exception type and message; CLI rows check that the command
 exits non-zero with one ``Error: ...`` line on stderr and no traceback.
 """
 
@@ -430,20 +430,19 @@ ROWS = [
 ]  # fmt: skip
 
 
-def readme_table() -> str:
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    return readme.split("## Bad input and the errors it gets")[1].split("\n## ")[0]
+def errors_table() -> str:
+    return (Path(__file__).parents[1] / "docs" / "errors.md").read_text()
 
 
-def readme_message(row_id: str) -> str:
-    """The message the README table quotes for a row: the first code span of its second cell."""
-    for line in readme_table().splitlines():
+def quoted_message(row_id: str) -> str:
+    """The message docs/errors.md quotes for a row: the first code span of its second cell."""
+    for line in errors_table().splitlines():
         if f"`test_bad_input[{row_id}]`" in line:
             cell = line.split(" | ")[1]
             quoted = re.search(r"``(.+?)``|`([^`]+)`", cell)
-            assert quoted, f"the README row {row_id} quotes no message"
+            assert quoted, f"the docs/errors.md row {row_id} quotes no message"
             return quoted[1] or quoted[2]
-    raise AssertionError(f"no README row for test_bad_input[{row_id}]")
+    raise AssertionError(f"no docs/errors.md row for test_bad_input[{row_id}]")
 
 
 def _plain(text: str) -> str:
@@ -452,16 +451,16 @@ def _plain(text: str) -> str:
     return " ".join(text.split())
 
 
-def assert_quoted_in_readme(row_id: str, message: str) -> None:
-    """Every piece of the README's (abridged) quote is in the message the code gives now.
+def assert_quoted_in_docs(row_id: str, message: str) -> None:
+    """Every piece of the page's (abridged) quote is in the message the code gives now.
 
     The quote is split where it abridges ("...", "…") or names a placeholder ("<model>").
     """
     actual = _plain(message)
-    for piece in re.split(r"\.\.\.|…|<[^>]+>", readme_message(row_id)):
+    for piece in re.split(r"\.\.\.|…|<[^>]+>", quoted_message(row_id)):
         piece = _plain(piece).strip(" .;:,")
         if len(piece) >= 4:
-            assert piece in actual, f"README quotes {piece!r}; the code says {actual!r}"
+            assert piece in actual, f"docs/errors.md quotes {piece!r}; the code says {actual!r}"
 
 
 @pytest.mark.parametrize("row", ROWS, ids=[r.id for r in ROWS])
@@ -472,7 +471,7 @@ def test_bad_input(row: Row, env, tmp_path, monkeypatch):
             row.run(env, tmp_path, monkeypatch)
         message = err.value.args[0] if err.value.args else str(err.value)
         assert re.search(row.match, str(message)), message
-        assert_quoted_in_readme(row.id, str(message))
+        assert_quoted_in_docs(row.id, str(message))
         return
     args = [str(a) for a in row.run(env, tmp_path, monkeypatch)]
     result = CliRunner().invoke(app, args)
@@ -481,9 +480,9 @@ def test_bad_input(row: Row, env, tmp_path, monkeypatch):
     errors = [line for line in result.stderr.splitlines() if line.startswith("Error: ")]
     assert len(errors) == 1, result.stderr
     assert re.search(row.match, errors[0]), errors[0]
-    assert_quoted_in_readme(row.id, result.stderr.split("Error: ", 1)[1])
+    assert_quoted_in_docs(row.id, result.stderr.split("Error: ", 1)[1])
 
 
-def test_every_row_is_in_the_readme_table():
-    ids = re.findall(r"`test_bad_input\[([\w-]+)\]`", readme_table())
+def test_every_row_is_in_the_errors_table():
+    ids = re.findall(r"`test_bad_input\[([\w-]+)\]`", errors_table())
     assert sorted(ids) == sorted(r.id for r in ROWS)

@@ -1,5 +1,6 @@
-"""The payload-retrieval toy model (METHOD.md §2): a one-head model whose feature subspaces
-are known by construction, so the contrastive-covariance method can be checked against them.
+"""The payload-retrieval toy model (the paper's §2; docs/results/toy.md): a one-head model whose
+feature subspaces are known by construction, so the contrastive-covariance method can be checked
+against them.
 
 - `data`: the task (latents z1, z2, payloads, fixed random encoders) and its contrast sets;
 - `model`: the single attention head with a linear read-out;

@@ -1,4 +1,4 @@
-"""Data of the payload-retrieval task (METHOD.md §2): episodes and contrast sets.
+"""Data of the payload-retrieval task (the paper's §2; docs/results/toy.md): episodes and contrast sets.
 
 An episode has `n_context` context tokens and one query token. Context token i carries two
 latent variables, z1_i (rank N) and z2_i (rank M), and a payload class y_i::
@@ -21,7 +21,7 @@ can carry the same (z1, z2) corner, and then no model can tell which payload is 
 of any other token that collides with the target, so the task always has one right answer and
 accuracy measures learning rather than ambiguity. The contrast sets do not depend on it.
 
-The contrast sets (`contrast_inputs`) are those of METHOD.md §2: for latent z1, each query
+The contrast sets (`contrast_inputs`) are the paper's (§2): for latent z1, each query
 gets a positive key that shares its z1 and a negative key with a fresh z1 (a different
 one), and both keys carry the same freshly drawn z2 and random payloads. Symmetrically for z2.
 """

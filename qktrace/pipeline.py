@@ -1,0 +1,576 @@
+"""One pipeline for every study: a study declares what is its own, the pipeline runs the method.
+
+Why a frozen dataclass of functions
+-----------------------------------
+Two studies differ in a handful of things: their prompts (text with marked spans), which token
+is the query and which are the keys, how the keys are labelled into contrasts (within a prompt,
+or against a counterfactual prompt), and which keys a swap exchanges. Everything else is the same method: sizes and seeds, the model and its heads,
+C+ and C- summed in the trace (resumable), ΔC and its SVD, the permutation null, fresh prompts
+captured for PCA, swaps against random subspaces, the store with provenance, the figures. So
+a study is a `Study` value whose fields are those few things, as plain functions of one
+prompt, and `run_study` owns the rest, as an lm-evaluation-harness task file declares its data,
+prompt and metric and the harness owns batching and reporting. A dataclass says the whole
+contract in its fields (your editor lists them; a misspelt one fails at once), a study is a
+value (``dataclasses.replace(study, n_prompts=64)`` is a variant), and there is no step to
+override, which keeps every study's store comparable with every other's. The functions are
+ordinary Python, testable without a model.
+
+Everything a study declares is checked before any forward pass, and an error names the study,
+the prompt and the fix (`StudyError`).
+
+Examples
+--------
+A study file (see ``examples/gender_agreement.py``) defines ``study = Study(...)``; run it::
+
+    qktrace study ./my_study.py -m MODEL -o OUT
+    python -c "from qktrace.pipeline import load_study; load_study('my_study.py').run(out='OUT')"
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import importlib.util
+import inspect
+import re
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from .covariance import add_pairs, decompose, empty_sums
+from .heads import find_heads
+from .interventions import intervene
+from .models import Head, Model, Remote, parse_heads
+from .prompts import Prompt
+from .qk import capture
+from .study_prompts import Label, Prepared, StudyError, prepare
+from .study_tools import (
+    ModelLike,
+    captured_pairs,
+    check_design,
+    check_out,
+    checkpoint,
+    default_model,
+    null_test,
+    open_model,
+    pca_figure,
+    per_prompt,
+    rank_figure,
+    save_figures,
+    stack_heads,
+    subspace_pca,
+    swap_bars,
+    trimmed,
+    union_basis,
+    write,
+)
+from .sums import reduce
+
+__all__ = ["Study", "StudyError", "run_study", "load_study", "plot"]
+
+SUMS = ["qk_sum", "q_sum", "k_sum"]
+
+
+@dataclass(frozen=True)
+class Study:
+    """What a study declares; `run_study` does the rest (see the module docstring).
+
+    Attributes
+    ----------
+    name : str
+        The store's name: ``OUT/<name>.zarr`` (letters, digits, ``_`` and ``-``).
+    prompts : callable (n, seed) -> list of Prompt
+        `n` prompts with marked spans (`qktrace.prompts.PromptBuilder`), drawn with `seed`;
+        called with ``seed`` for the subspace prompts and ``seed + 1`` for fresh ones.
+    keys : str
+        The span name whose tokens are the keys (each span's last token).
+    labels : callable (prompt) -> list of (feature, "positive" | "negative") or None
+        One label per key, in span order: a key positive for a feature is one the query should
+        pick for it; None leaves the key out of every contrast.
+    counterfactual : callable (prompt, rng) -> Prompt, optional
+        For a contrast across prompts: the prompt with the answer's feature changed and all
+        else kept (rng seeded ``seed + 3``). Then positive is the query with the answer key,
+        negative the same query with the counterfactual's key in the answer's slot, and
+        labels(prompt) need only mark the answer key positive (as the lexical study does).
+    query : str
+        "last" (the last token, default) or a span name marking one query token per prompt.
+    answer : callable (prompt) -> int, optional
+        Index of the key the query attends to (head search, the swap's orig key); default: the
+        first positive key.
+    swap : callable (prompt, rng) -> (orig, target), optional
+        Key indices whose coordinates a swap exchanges, in the subspace of the orig key's
+        feature; default: the answer and another key, drawn with `rng` (seeded ``seed + 2``).
+    coords : callable (prompt) -> dict, optional
+        Coordinates stored with the fresh prompts: a scalar per prompt, or a list with one
+        value per key. Default: the prompt's ``meta`` entries of either shape.
+    answers : callable (prompt) -> list of str, optional
+        The answer the model would give for each key (e.g. the name); stored as the key
+        coordinate ``answer_text`` for answer-level checks.
+    hues : sequence of str
+        Key coordinates to colour the PCA figures by (``key_label`` is always drawn).
+    heads : callable (model) -> str or None, optional
+        Default heads for a model ("L.H,..."); None, or no function: `qktrace.find_heads`
+        picks the 3 heads that attend most to the answer.
+    n_prompts, n_test : int
+        Default numbers of subspace prompts and fresh prompts.
+    analysis : callable (dataset) -> dataset, optional
+        Extra variables computed from the assembled store, merged into it before it is saved.
+    figures : callable (dataset) -> dict of name -> matplotlib Figure, optional
+        Extra figures drawn from the saved store, saved as PNGs beside it.
+    options : mapping
+        The study's own settings (e.g. ``{"n_pairs": 9}``), kept in the store's parameters.
+    source : str
+        Where the study was defined (set by `load_study`); kept in the store's parameters.
+    """
+
+    name: str
+    prompts: Callable[[int, int], Sequence[Prompt]]
+    keys: str
+    labels: Callable[[Prompt], Sequence[Label]]
+    counterfactual: Callable[[Prompt, np.random.Generator], Prompt] | None = None
+    query: str = "last"
+    answer: Callable[[Prompt], int] | None = None
+    swap: Callable[[Prompt, np.random.Generator], tuple[int, int]] | None = None
+    coords: Callable[[Prompt], Mapping[str, Any]] | None = None
+    answers: Callable[[Prompt], Sequence[str]] | None = None
+    hues: Sequence[str] = ()
+    heads: Callable[[Model], str | None] | None = None
+    n_prompts: int = 2000
+    n_test: int = 500
+    analysis: Callable[[xr.Dataset], xr.Dataset] | None = None
+    figures: Callable[[xr.Dataset], Mapping[str, Any]] | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+    source: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_-]*", str(self.name)):
+            raise StudyError(
+                f"Study name {self.name!r} cannot name a store file: use letters, digits, '_' "
+                "and '-', e.g. name='gender_agreement'."
+            )
+        for what in ("prompts", "labels"):
+            if not callable(getattr(self, what)):
+                raise StudyError(
+                    f"Study {self.name!r}: {what} must be a function, not "
+                    f"{type(getattr(self, what)).__name__}; see help(qktrace.pipeline.Study)."
+                )
+
+        taken = sorted(set(self.options) & set(inspect.signature(run_study).parameters))
+        if taken:
+            raise StudyError(
+                f"Study {self.name!r}: options {taken} have the names of run settings, which "
+                "the store records itself; rename them."
+            )
+
+    def run(self, model: ModelLike | None = None, **settings: Any) -> Path:
+        """Run this study: ``run_study(self, model, **settings)``."""
+        return run_study(self, model, **settings)
+
+
+def run_study(
+    study: Study,
+    model: ModelLike | None = None,
+    *,
+    out: str | Path,
+    heads: str | Sequence[Any] | None = None,
+    n_prompts: int | None = None,
+    n_test: int | None = None,
+    threshold: float = 0.99,
+    n_random: int = 10,
+    batch_size: int = 16,
+    seed: int = 0,
+    remote: Remote = False,
+    chat: bool | None = None,
+    figures: bool = True,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Run a declared study end to end; return the path of ``OUT/<name>.zarr``.
+
+    Parameters
+    ----------
+    study
+        The `Study`.
+    model
+        A `qktrace.load`-ed model, or a hub id / local path (loaded with `remote`); default:
+        the organism shipped in data/organism.
+    out
+        Directory for the store and its figures; a crashed run resumes its covariance sums
+        when rerun with the same arguments.
+    heads
+        "L.H,..."; default: ``study.heads(model)``, else the 3 found by `qktrace.find_heads`.
+    n_prompts, n_test
+        Subspace prompts and fresh prompts (PCA, null, swaps); default: the study's.
+    threshold, n_random, batch_size, seed, remote, chat, figures, overwrite, progress
+        The 99% rank rule, random subspaces per swap, prompts per trace, seed of prompts and
+        random draws, NDIF mode, chat template (None: when the tokenizer has one), PNGs,
+        replace an existing store, progress bars.
+    """
+    # 0. settings and output, refused before any model work
+    n_prompts = study.n_prompts if n_prompts is None else n_prompts
+    n_test = study.n_test if n_test is None else n_test
+    check_design(
+        n_prompts=n_prompts,
+        n_test=n_test,
+        threshold=threshold,
+        n_random=n_random,
+        batch_size=batch_size,
+    )
+    path = Path(out) / f"{study.name}.zarr"
+    sums_checkpoint = check_out(path, overwrite)
+    lm = open_model(default_model(model), remote)
+
+    # 1. prompts, token positions, labels and swaps: every declaration checked, no forward pass
+    train = prepare(study, lm.tokenizer, n_prompts, seed, chat, "subspace")
+    test = prepare(study, lm.tokenizer, n_test, seed, chat, "fresh")
+    head_list, heads_from = resolve_heads(study, lm, heads, test, batch_size, progress)
+    params = {
+        **study.options,
+        "study_source": study.source,
+        "heads": [h.label for h in head_list],
+        "heads_from": heads_from,
+        "n_prompts": n_prompts,
+        "n_test": n_test,
+        "keys": study.keys,
+        "query": study.query,
+        "threshold": threshold,
+        "n_random": n_random,
+        "batch_size": batch_size,
+        "chat": chat,
+    }
+
+    # 2. contrastive covariance: C+ and C- summed in the trace (resumable), ΔC, SVD, rank rule
+    if study.counterfactual is None:
+        sums = reduce(
+            lm,
+            train.ids,
+            head_list,
+            train.labels,
+            keys=train.keys,
+            query=train.query,
+            batch_size=batch_size,
+            out=sums_checkpoint,
+            progress=progress,
+        )
+    else:  # pairs across prompts: captured (resumable) and summed here
+        pairs = counterfactual_pairs(lm, train, head_list, path, batch_size, progress)
+        sums = pair_sums(pairs, lm.d_head)
+    subspaces = decompose(sums, threshold=threshold).merge(sums[SUMS])
+    features = [str(f) for f in subspaces["feature"].values]
+
+    # 3. fresh prompts: q, k and attention of every key, named by the study's coordinates
+    captured = capture(
+        lm,
+        test.ids,
+        head_list,
+        query=test.query,
+        keys=test.keys,
+        batch_size=batch_size,
+        progress=progress,
+    ).assign_coords(test.coords)
+
+    # 4. is each ΔC real? the permutation null on the fresh prompts' labelled pairs (or on the
+    #    counterfactual pairs)
+    if study.counterfactual is None:
+        pairs = {
+            (h.label, f): captured_pairs(captured, h.label, f) for h in head_list for f in features
+        }
+    null = null_test(pairs, seed=seed, threshold=threshold, d_head=lm.d_head)
+
+    # 5. geometry: PCA of the keys inside the union of the features' key subspaces
+    geometry = key_pca(captured, subspaces)
+
+    # 6. causal check: swap key coordinates orig <-> target, against random subspaces
+    effects = swaps(lm, test, subspaces, n_random, seed, batch_size, progress)
+
+    # 7. the study's own analysis; the store with provenance; figures drawn from the store
+    ds = xr.merge(
+        [subspaces, null, captured, geometry, effects], compat="override", combine_attrs="drop"
+    )
+
+    def save(ds: xr.Dataset) -> Path:
+        return write(ds, path, study=study.name, params=params, model=lm, seed=seed,
+                     overwrite=overwrite)  # fmt: skip
+
+    save(with_analysis(study, ds, save))
+    if figures:
+        plot(study, path)
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# the other steps
+
+
+def resolve_heads(
+    study: Study,
+    lm: Model,
+    heads: str | Sequence[Any] | None,
+    test: Prepared,
+    batch_size: int,
+    progress: bool,
+) -> tuple[list[Head], str]:
+    """(heads, where from): those given, the study's for this model, else found on `test`."""
+    if heads is not None:
+        chosen, source = parse_heads(heads), "given"
+    elif study.heads is not None and (spec := study.heads(lm)):
+        chosen, source = parse_heads(spec), "study"
+    else:
+        answer = [row[a] for row, a in zip(test.keys, test.answer, strict=True)]
+        found = find_heads(
+            lm,
+            test.ids,
+            answer,
+            keys=test.keys,
+            query=test.query,
+            top=3,
+            batch_size=batch_size,
+            progress=progress,
+        )
+        chosen, source = parse_heads(list(found["head"].values)), "find_heads"
+    lm.check_heads(chosen)
+    return chosen, source
+
+
+def counterfactual_pairs(
+    lm: Model, train: Prepared, heads: list[Head], path: Path, batch_size: int, progress: bool
+) -> dict[tuple[str, str], tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Per (head, feature): (q, k, is_positive) of the original query with the answer key of the
+    original prompt (positive) and of its counterfactual (negative).
+
+    Both captures are kept batch by batch beside the store (``<name>.original.zarr``,
+    ``<name>.counterfactual.zarr``), so a crashed run resumes.
+    """
+    runs = []
+    for what, ids, keys, query in (
+        ("original", train.ids, train.keys, train.query),
+        ("counterfactual", train.counterfactual_ids, train.counterfactual_keys, "last"),
+    ):  # only the original's query is used
+        answer_keys = [[row[a]] for row, a in zip(keys, train.answer, strict=True)]
+        runs.append(
+            capture(lm, ids, heads, query=query, keys=answer_keys, attention=False,
+                    batch_size=batch_size, out=checkpoint(path, what), progress=progress).load()
+        )  # fmt: skip
+    original, counter = runs
+    feature = np.array([row[a][0] for row, a in zip(train.labels, train.answer, strict=True)])
+    pairs = {}
+    for h in heads:
+        q = original["q"].sel(head=h.label).isel(query=0).values
+        k_pos = original["k"].sel(head=h.label).isel(key=0).values
+        k_neg = counter["k"].sel(head=h.label).isel(key=0).values
+        for f in dict.fromkeys(feature):
+            mine = feature == f
+            positive = np.r_[np.ones(mine.sum(), bool), np.zeros(mine.sum(), bool)]
+            pairs[(h.label, str(f))] = (np.r_[q[mine], q[mine]], np.r_[k_pos[mine], k_neg[mine]],
+                                        positive)  # fmt: skip
+    return pairs
+
+
+def pair_sums(pairs: Mapping[tuple[str, str], tuple], d_head: int) -> xr.Dataset:
+    """The covariance sums of `decompose` from (head, feature) -> (q, k, is_positive) pairs."""
+    heads = list(dict.fromkeys(h for h, _ in pairs))
+    sums = empty_sums(heads, list(dict.fromkeys(f for _, f in pairs)), d_head)
+    for (head, feature), (q, k, positive) in pairs.items():
+        for contrast, rows in (("positive", positive), ("negative", ~positive)):
+            sums = add_pairs(sums, q[rows], k[rows], head, feature, contrast)
+    return sums
+
+
+def with_analysis(study: Study, ds: xr.Dataset, save: Callable[[xr.Dataset], Path]) -> xr.Dataset:
+    """`ds` with the study's own analysis merged in; if it fails, the store is kept without it."""
+    if study.analysis is None:
+        return ds
+    try:
+        extra = study.analysis(ds)
+        if not isinstance(extra, xr.Dataset):
+            raise TypeError(f"it returned a {type(extra).__name__}, not an xarray.Dataset")
+        return ds.merge(extra, compat="override")
+    except Exception as err:
+        path = save(ds)
+        raise StudyError(
+            f"Study {study.name!r}: analysis(dataset) failed ({type(err).__name__}: {err}). "
+            f"Everything else is saved in {path}; fix the analysis and rerun with --overwrite."
+        ) from err
+
+
+def key_pca(captured: xr.Dataset, subspaces: xr.Dataset, n_pc: int = 3) -> xr.Dataset:
+    """Per head: PCA of the captured keys inside the union of all features' key subspaces."""
+    projections, ratios, ranks = [], [], []
+    for head in captured["head"].values:
+        basis = union_basis(
+            [
+                trimmed(
+                    subspaces["key_basis"]
+                    .sel(head=head, feature=f)
+                    .transpose("dk", "component")
+                    .values
+                )
+                for f in subspaces["feature"].values
+            ]
+        )
+        keys = captured["k"].sel(head=head).transpose("prompt", "key", "d_head").values
+        proj, ratio = subspace_pca(keys.astype(np.float64), basis, n_pc)
+        projections.append(proj)
+        ratios.append(ratio)
+        ranks.append(basis.shape[1])
+    return xr.Dataset(
+        {
+            "key_pc": (("head", "prompt", "key", "pc"), np.stack(projections)),
+            "pc_variance_ratio": (("head", "pc"), np.stack(ratios)),
+            "union_rank": ("head", np.array(ranks)),
+        },
+        coords={"head": captured["head"].values, "pc": np.arange(1, n_pc + 1)},
+    )
+
+
+def swaps(
+    lm: Model,
+    test: Prepared,
+    subspaces: xr.Dataset,
+    n_random: int,
+    seed: int,
+    batch_size: int,
+    progress: bool,
+) -> xr.Dataset:
+    """Per head: swap the orig and target keys' coordinates in the orig key's feature subspace.
+
+    One `intervene` call per head and feature (on the prompts whose swap is in it), against
+    `n_random` random subspaces of the same rank. The subspace is named after the feature when
+    the study has one, else "feature" (the prompt coordinate ``swap_feature`` says which).
+    """
+    features = [str(f) for f in subspaces["feature"].values]
+    name = features[0] if len(features) == 1 else "feature"
+    per_head = []
+    for head in subspaces["head"].values:
+        parts = []
+        for feature in features:
+            chosen = [i for i, s in enumerate(test.swap) if s[2] == feature]
+            if not chosen:
+                continue
+            fx = intervene(
+                lm,
+                [test.ids[i] for i in chosen],
+                str(head),
+                subspaces["key_basis"].sel(head=head, feature=feature),
+                name=name,
+                orig=[test.keys[i][test.swap[i][0]] for i in chosen],
+                target=[test.keys[i][test.swap[i][1]] for i in chosen],
+                keys=[test.keys[i] for i in chosen],
+                query=test.query if test.query == "last" else [test.query[i] for i in chosen],
+                n_random=n_random,
+                seed=seed,
+                batch_size=batch_size,
+                progress=progress,
+            )
+            parts.append(per_prompt(fx).assign_coords(prompt=chosen))
+        per_head.append(xr.concat(parts, dim="prompt").sortby("prompt"))
+    return stack_heads(per_head, [str(h) for h in subspaces["head"].values])
+
+
+def plot(study: Study, path: str | Path) -> list[Path]:
+    """The study's figures from its store, saved beside it as ``<name>_<what>.png``.
+
+    ``_ranks`` (99%-rule rank next to the permutation null's), ``_pca_<hue>`` (keys in the
+    union of the feature key subspaces, for ``key_label`` and each of the study's `hues`),
+    ``_swap`` (the swap against its random subspaces), then the study's own `figures`.
+    """
+    from . import store
+
+    path = Path(path)
+    ds = store.open(path).load()
+    swapped = str(ds["subspace"].values[0])
+    figures = {
+        f"{study.name}_ranks.png": rank_figure(ds, f"{study.name}: subspace ranks"),
+        f"{study.name}_swap.png": swap_bars(
+            ds, swapped, title=f"{study.name}: swap of key coordinates, orig <-> target"
+        ),
+    }
+    for hue in dict.fromkeys(["key_label", *study.hues]):
+        figures[f"{study.name}_pca_{hue}.png"] = pca_figure(
+            ds, hue, title=f"{study.name}: keys in the feature key subspaces, by {hue}"
+        )
+    if study.figures is not None:
+        figures.update(
+            {
+                f"{study.name}_{k.removesuffix('.png')}.png": fig
+                for k, fig in study.figures(ds).items()
+            }
+        )
+    return save_figures(figures, path.parent)
+
+
+# --------------------------------------------------------------------------------------------
+# a user's study file
+
+
+def load_study(spec: str | Path) -> Study:
+    """The `Study` defined by a file or module: ``path/to/study.py[:attr]`` or ``module[:attr]``.
+
+    Without ``:attr``, the module's ``study`` attribute, else its only `Study`. The returned
+    study's `source` records where it came from (with the file's SHA-256), for provenance.
+    """
+    where, sep, attr = str(spec).rpartition(":")
+    if not (sep and attr.isidentifier()):
+        where, attr = str(spec), ""
+    if where.endswith(".py") or Path(where).exists():
+        module, source = _import_file(Path(where).expanduser())
+    else:
+        try:
+            module = importlib.import_module(where)
+        except ImportError as err:
+            raise StudyError(
+                f"Cannot import {where!r} as a study module ({err}); pass a path to a .py file "
+                "(./my_study.py) or an importable module:attr."
+            ) from err
+        source = where
+    found = {k: v for k, v in vars(module).items() if isinstance(v, Study)}
+    if attr:
+        study = getattr(module, attr, None)
+        if not isinstance(study, Study):
+            raise StudyError(
+                f"{where} has no Study named {attr!r} (its studies: {sorted(found) or 'none'}); "
+                f"pass {where}:NAME with one of them."
+            )
+    elif isinstance(getattr(module, "study", None), Study):
+        study = module.study
+    elif len(found) == 1:
+        (study,) = found.values()
+    else:
+        raise StudyError(
+            f"{where} defines no study to run"
+            + (f" (it defines several: {sorted(found)}; pass {where}:NAME)" if found else "")
+            + ": define study = qktrace.pipeline.Study(name=..., prompts=..., keys=..., "
+            "labels=...) at its top level (see examples/gender_agreement.py)."
+        )
+    return dataclasses.replace(study, source=f"{source}:{attr}" if attr else source)
+
+
+def _import_file(file: Path) -> tuple[Any, str]:
+    """Import a study file as a module of its own; (module, its path with a SHA-256)."""
+    if not file.is_file():
+        raise StudyError(
+            f"Study file {file} does not exist; pass the path of a .py file that defines "
+            "study = qktrace.pipeline.Study(...), or module:attr."
+        )
+    name = f"qktrace_study_{hashlib.sha256(str(file.resolve()).encode()).hexdigest()[:12]}"
+    spec = importlib.util.spec_from_file_location(name, file)
+    if spec is None or spec.loader is None:
+        raise StudyError(f"{file} cannot be imported as Python; pass a .py file.")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the file runs
+    try:
+        spec.loader.exec_module(module)
+    except Exception as err:
+        del sys.modules[name]
+        raise StudyError(
+            f"Study file {file} raised {type(err).__name__} while it was imported: {err}; fix "
+            "the file (run `python FILE` to see the traceback)."
+        ) from err
+    digest = hashlib.sha256(file.read_bytes()).hexdigest()[:16]
+    return module, f"{file.resolve()} (sha256 {digest})"

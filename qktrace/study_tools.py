@@ -1,0 +1,464 @@
+"""The shared steps of a study: output and checkpoints, significance, PCA, swap summaries, figures.
+
+`qktrace.pipeline` runs these for every declared study. They came from ``studies/_common.py``
+(where the paper's three studies still have their own copies until they are ported onto the
+pipeline); the library must not import `studies`, so their home is here.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from qktrace.models import Model, Remote, load
+
+ModelLike = Model | str | os.PathLike
+
+
+def default_model(model: ModelLike | None) -> ModelLike:
+    """`model`, or the shipped organism's checkpoint path when none is given."""
+    if model is not None:
+        return model
+    from qktrace import organism
+
+    return str(organism.path())
+
+
+def is_organism(model: ModelLike) -> bool:
+    """Whether `model` (loaded, or a path) is the organism shipped in data/organism."""
+    name = model.name if isinstance(model, Model) else os.fspath(model)
+    try:
+        from qktrace import organism
+
+        return Path(name).expanduser().resolve() == organism.path().resolve()
+    except (OSError, ValueError):
+        return False
+
+
+def open_model(model: ModelLike, remote: Remote) -> Model:
+    """`model` itself if already loaded, else ``qktrace.load(model, remote=remote)``."""
+    if isinstance(model, Model):
+        return model
+    lm = load(model, remote=remote)
+    return lm
+
+
+def check_design(
+    *,
+    n_prompts: int,
+    n_test: int,
+    threshold: float,
+    n_random: int,
+    batch_size: int,
+    min_prompts: int = 1,
+    why: str = "",
+) -> None:
+    """Refuse impossible study settings before any model work, naming the argument and flag."""
+
+    def bad(name: str, value: object, rule: str, fix: str) -> ValueError:
+        flag = "--" + name.replace("_", "-")
+        return ValueError(f"{name}={value!r} (CLI {flag}) {rule}; {fix}.")
+
+    if n_prompts < min_prompts:
+        raise bad("n_prompts", n_prompts, f"is too few{why}", f"pass n_prompts >= {min_prompts}")
+    if n_test < 1:
+        raise bad("n_test", n_test, "leaves no fresh prompts for PCA and swaps", "pass >= 1")
+    if not 0.0 < threshold <= 1.0:
+        raise bad(
+            "threshold",
+            threshold,
+            "is outside (0, 1] (the fraction of sum(S^2) the kept components hold)",
+            "pass e.g. 0.99",
+        )
+    if n_random < 0:
+        raise bad("n_random", n_random, "is negative", "pass 0 (no baseline) or more")
+    if batch_size < 1:
+        raise bad("batch_size", batch_size, "is below 1", "pass e.g. 16")
+
+
+def union_basis(bases: Sequence[np.ndarray], tol: float = 1e-6) -> np.ndarray:
+    """An orthonormal basis [d, r] of the span of several bases [d, r_i] (NaN columns dropped)."""
+    columns = [b[:, ~np.isnan(b).any(axis=0)] for b in bases]
+    stacked = np.concatenate(columns, axis=1)
+    if stacked.shape[1] == 0:
+        return stacked
+    u, s, _ = np.linalg.svd(stacked, full_matrices=False)
+    return u[:, s > tol * s[0]]
+
+
+def subspace_pca(
+    vectors: np.ndarray, basis: np.ndarray, n_pc: int = 3
+) -> tuple[np.ndarray, np.ndarray]:
+    """Coordinates of `vectors` [..., d] in `basis` [d, r], then their top principal components.
+
+    Returns (projections [..., n_pc], explained variance ratio [n_pc]); NaN vectors (padding)
+    stay NaN, and components beyond the subspace's rank are NaN.
+    """
+    shape = vectors.shape[:-1]
+    flat = vectors.reshape(-1, vectors.shape[-1])
+    ok = ~np.isnan(flat).any(axis=1)
+    out = np.full((flat.shape[0], n_pc), np.nan)
+    ratio = np.full(n_pc, np.nan)
+    if basis.shape[1] == 0 or not ok.any():
+        return out.reshape(*shape, n_pc), ratio
+    coords = flat[ok] @ basis
+    centered = coords - coords.mean(axis=0)
+    _, s, vt = np.linalg.svd(centered, full_matrices=False)
+    k = min(n_pc, vt.shape[0])
+    out[ok, :k] = centered @ vt[:k].T
+    total = float((s**2).sum())
+    if total > 0:
+        ratio[:k] = s[:k] ** 2 / total
+    return out.reshape(*shape, n_pc), ratio
+
+
+def trimmed(basis: np.ndarray) -> np.ndarray:
+    """A basis from a `decompose` result [d, component] without its NaN (beyond-rank) columns."""
+    return basis[:, ~np.isnan(basis).any(axis=0)]
+
+
+def write(
+    ds: xr.Dataset,
+    path: Path,
+    *,
+    study: str,
+    params: dict[str, Any],
+    model: Model,
+    seed: int,
+    overwrite: bool,
+) -> Path:
+    """Save `ds` at `path` with provenance attrs (study, parameters, model, mode, seed)."""
+    from qktrace import store
+
+    attrs = store.provenance(
+        study, params, model=model.name, revision=model.revision, remote=model.remote, seed=seed
+    )
+    store.save(ds, path, attrs=attrs, overwrite=overwrite)
+    _remove_checkpoints(path)  # what they held is in the store now
+    return path
+
+
+def check_out(path: Path, overwrite: bool) -> Path:
+    """Refuse early (before any model work) to overwrite a result; the sums checkpoint's path.
+
+    Until its store is written, a run keeps checkpoints next to it (``<name>.sums.zarr``, the
+    running covariance sums of `qktrace.sums`, and ``<name>.<what>.zarr`` captures), so a
+    crashed run resumes when rerun with the same arguments. With `overwrite`, checkpoints left
+    by an earlier run are discarded.
+    """
+    if path.exists() and any(path.iterdir()) and not overwrite:
+        raise FileExistsError(
+            f"{path} already exists; pass overwrite=True (CLI: --overwrite) to replace it, or "
+            "choose another out directory."
+        )
+    if overwrite:
+        _remove_checkpoints(path)
+    return checkpoint(path, "sums")
+
+
+def checkpoint(path: Path, what: str) -> Path:
+    """The checkpoint ``<name>.<what>.zarr`` next to the store `path`."""
+    return path.with_name(f"{path.stem}.{what}.zarr")
+
+
+def _remove_checkpoints(path: Path) -> None:
+    for leftover in path.parent.glob(f"{path.stem}.*.zarr"):
+        shutil.rmtree(leftover)
+
+
+# --------------------------------------------------------------------------------------------
+# significance: the permutation null of ΔC
+
+
+N_PERMUTATIONS = 100
+NULL_QUANTILE = 0.95
+
+
+def null_test(
+    pairs: dict[tuple[str, str], tuple[np.ndarray, np.ndarray, np.ndarray]],
+    *,
+    seed: int,
+    threshold: float,
+    d_head: int,
+    n_permutations: int = N_PERMUTATIONS,
+    quantile: float = NULL_QUANTILE,
+) -> xr.Dataset:
+    """`qktrace.covariance.permutation_null` for every (head, feature): how many components are real.
+
+    `pairs` maps (head, feature) to (q [pairs, d], k [pairs, d], is_positive [pairs]); rows with
+    NaN are dropped. Returns ``null_rank (head, feature)``: the number of leading components of
+    the ΔC of these pairs whose singular value beats the `quantile` of the label-permutation
+    null (-1 where the pairs lack a positive or a negative); ``null_quantile (head, feature,
+    component)``: the cut-off each component was tested against (NaN past the first that
+    fails); ``null_singular_values (head, feature, component)``: the singular values tested.
+    """
+    from qktrace.covariance import permutation_null
+
+    heads = list(dict.fromkeys(h for h, _ in pairs))
+    features = list(dict.fromkeys(f for _, f in pairs))
+    rank = np.full((len(heads), len(features)), -1, dtype=np.int64)
+    cutoff = np.full((len(heads), len(features), d_head), np.nan)
+    values = np.full((len(heads), len(features), d_head), np.nan)
+    for (head, feature), (q, k, positive) in pairs.items():
+        q = np.asarray(q, dtype=np.float64).reshape(-1, d_head)
+        k = np.asarray(k, dtype=np.float64).reshape(-1, d_head)
+        positive = np.asarray(positive, dtype=bool).reshape(-1)
+        ok = ~(np.isnan(q).any(axis=1) | np.isnan(k).any(axis=1))
+        if positive[ok].all() or not positive[ok].any():
+            continue
+        null = permutation_null(
+            q[ok],
+            k[ok],
+            positive[ok],
+            n_permutations=n_permutations,
+            seed=seed,
+            threshold=threshold,
+            quantile=quantile,
+        )
+        i, j = heads.index(head), features.index(feature)
+        rank[i, j] = int(null["n_significant"])
+        cutoff[i, j] = null["null_quantile"].values
+        values[i, j] = null["singular_values"].values
+    dims = ("head", "feature")
+    return xr.Dataset(
+        {
+            "null_rank": (dims, rank),
+            "null_quantile": ((*dims, "component"), cutoff),
+            "null_singular_values": ((*dims, "component"), values),
+        },
+        coords={"head": heads, "feature": features, "component": np.arange(d_head)},
+        attrs={"null_quantile": quantile, "n_permutations": n_permutations},
+    )
+
+
+def captured_pairs(
+    captured: xr.Dataset, head: str, feature: str | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(q, k, is_positive) of every labelled (query, key) pair of `captured` for one head.
+
+    Positive where the key's ``key_label`` coordinate is "positive", negative where it is
+    "negative"; other keys (unlabelled, padding) are left out. With `feature`, only the keys
+    whose ``key_feature`` coordinate is `feature`.
+    """
+    q = captured["q"].sel(head=head).isel(query=0).transpose("prompt", "d_head").values
+    k = captured["k"].sel(head=head).transpose("prompt", "key", "d_head").values
+    label = captured["key_label"].transpose("prompt", "key").values
+    keep = np.isin(label, ["positive", "negative"])
+    if feature is not None:
+        keep &= captured["key_feature"].transpose("prompt", "key").values == feature
+    rows, cols = np.nonzero(keep)
+    return q[rows], k[rows, cols], label[rows, cols] == "positive"
+
+
+# coordinates `qktrace.interventions` repeats from the captured Dataset of the same prompts
+_REPEATED = ("prompt_text", "n_tokens", "query_position", "key_position", "key_token")
+_SUMMARIES = (
+    "basis",
+    "mean_delta_p_target",
+    "flip_rate",
+    "mean_attention_target_before",
+    "mean_attention_target_after",
+)
+
+
+def per_prompt(effects: xr.Dataset) -> xr.Dataset:
+    """An `intervene` result without its summaries, basis and coordinates the store has already."""
+    drop = [n for n in (*_REPEATED, *_SUMMARIES) if n in effects.variables]
+    return effects.drop_vars(drop).drop_attrs()
+
+
+def swap_summary(effects: xr.Dataset) -> xr.Dataset:
+    """Per head and subspace: flip rate, mean change of p(target) and mean target attention.
+
+    `effects` holds per-prompt `intervene` results stacked over heads (see `per_prompt`).
+    """
+    attends = effects["attends_orig"]
+    return xr.Dataset(
+        {
+            "flip_rate": effects["flip"].sum("prompt") / attends.sum("prompt"),
+            "mean_delta_p_target": effects["delta_p_target"].mean("prompt"),
+            "mean_attention_target_after": effects["attention_target_after"].mean("prompt"),
+            "mean_attention_target_before": effects["attention_target_before"].mean("prompt"),
+        }
+    )
+
+
+def stack_heads(per_head: Sequence[xr.Dataset], heads: Sequence[str]) -> xr.Dataset:
+    """Per-head `intervene` results (each from `per_prompt`) along a ``head`` dim, with summaries."""
+    stacked = xr.concat(
+        list(per_head), dim="head", data_vars="all", coords="different", compat="equals"
+    ).assign_coords(head=list(heads))
+    return stacked.merge(swap_summary(stacked))
+
+
+# --------------------------------------------------------------------------------------------
+# figures (drawn from stored data)
+
+
+def model_label(ds: xr.Dataset) -> str:
+    """A short name of the store's model for titles: "the organism", a hub id or a folder name."""
+    model = str(ds.attrs.get("model", ""))
+    if model and is_organism(model):
+        return "the organism"
+    path = Path(model).expanduser()
+    return path.name if model and path.is_absolute() else model
+
+
+def rank_figure(ds: xr.Dataset, what: str) -> Any:
+    """Per head and feature: the 99%-rule rank next to the permutation null's rank.
+
+    The right panel (``null_rank``) counts the leading components that beat the null's 95th
+    percentile; "-" where it was not tested (e.g. the order subspace in lexical.zarr).
+    """
+    from qktrace import plots
+
+    threshold = (ds.attrs.get("params") or {}).get("threshold", 0.99)
+    panels = {"rank": f"rank ({threshold:.0%} of sum S²)"}
+    if "null_rank" in ds:
+        untested = bool((ds["null_rank"] < 0).any())
+        panels["null_rank"] = "components above the null (95%)" + (
+            "\nblank: tested in order_id.zarr" if untested else ""
+        )
+    values = xr.concat(
+        [ds[name].astype(float).where(ds[name] >= 0) for name in panels],
+        dim=xr.DataArray(list(panels.values()), dims="measure", name="measure"),
+    ).transpose("measure", "head", "feature")
+    text = xr.apply_ufunc(
+        np.vectorize(lambda v: "-" if not np.isfinite(v) else f"{v:.0f}", otypes=[object]),
+        values,
+    )
+    return plots.heatmap_grid(
+        values,
+        x="feature",
+        y="head",
+        col="measure",
+        annot=text,
+        vmin=0,
+        cbar_label="components",
+        panel_title=lambda where: str(where["measure"]),
+        title=f"{what}, {model_label(ds)}",
+        panel_size=max(2.6, 0.7 * ds.sizes["feature"] + 1.2),
+    )
+
+
+def swap_bars(ds: xr.Dataset, name: str, title: str = "") -> Any:
+    """Flip rate and mean change of p(target) per head: subspace `name` next to its random draws."""
+    from qktrace import plots
+
+    metrics = ["mean_delta_p_target", "flip_rate"]
+    randoms = [str(s) for s, r in zip(ds["subspace"].values, ds["random"].values, strict=True) if r]
+    labels = [name] + ([f"random_{name}"] if randoms else [])
+    n_heads = ds.sizes["head"]
+    data = {}
+    for metric in metrics:
+        values = np.full((n_heads, len(labels), max(1, len(randoms))), np.nan)
+        values[:, 0, 0] = ds[metric].sel(subspace=name).values
+        if randoms:
+            values[:, 1, :] = ds[metric].sel(subspace=randoms).transpose("head", "subspace").values
+        data[metric] = (("head", "subspace", "draw"), values)
+    summary = xr.Dataset(data, coords={"head": ds["head"].values, "subspace": labels})
+    return plots.intervention_bars(
+        summary,
+        metrics,
+        row="head",
+        labels={"mean_delta_p_target": "mean Δ p(target)", "flip_rate": "flip rate"},
+        title=title,
+    )
+
+
+def pca_figure(ds: xr.Dataset, hue: str, title: str = "", max_labels: int = 10) -> Any:
+    """PCA of the stored keys (`key_pc`), one row per head, coloured by the key coordinate `hue`.
+
+    Only the `max_labels` most frequent labels get their own colour; the rest are "other".
+    A rank-1 subspace has one coordinate: it is drawn as a strip per label instead. A head whose
+    subspace has fewer components than another's has coordinate 0 on the ones it lacks.
+    """
+    from qktrace import plots
+
+    points = ds["key_pc"].dropna("pc", how="all")
+    if "pc_variance_ratio" in ds:  # beyond a head's rank: 0 (padding keys stay NaN)
+        beyond = ds["pc_variance_ratio"].sel(pc=points["pc"]).isnull()
+        points = points.where(~beyond | points.isel(pc=0).isnull(), 0.0)
+    labels = ds[hue].broadcast_like(ds["key_pc"].isel(pc=0, drop=True))
+    text = np.vectorize(str, otypes=[object])(labels.values)
+    names, counts = np.unique(text, return_counts=True)
+    if len(names) > max_labels:
+        common = set(names[np.argsort(-counts, kind="stable")[: max_labels - 1]])
+        text = np.where(np.isin(text, list(common)), text, "other").astype(object)
+    if points.sizes["pc"] < 2:
+        return _strip_figure(ds["key_pc"].isel(pc=0), labels.copy(data=text), hue, title)
+    named = sorted({t for t in text.ravel() if t != "other"}, key=_label_key)
+    if len(named) > 12:  # many labels (pca_scatter colours them on a continuous scale)
+        palette: Any = "tab10"
+    else:  # one colour per label, "other" in light grey
+        import seaborn as sns
+
+        colours = sns.color_palette("tab10", max(len(named), 1))
+        palette = {**dict(zip(named, colours, strict=False)), "other": "#d0d0d0"}
+    return plots.pca_scatter(
+        points, hue=labels.copy(data=text), row="head", title=title, palette=palette
+    )
+
+
+def _strip_figure(coordinate: xr.DataArray, labels: xr.DataArray, hue: str, title: str) -> Any:
+    """Per head: the keys' one subspace coordinate (x) for each label (y), as a strip plot."""
+    import pandas as pd
+    import seaborn as sns
+    from matplotlib.figure import Figure
+
+    heads = [str(h) for h in coordinate["head"].values]
+    order = sorted(set(labels.values.ravel()), key=_label_key)
+    fig = Figure(figsize=(4.2 * len(heads) + 0.5, 0.32 * len(order) + 1.6), layout="constrained")
+    axes = fig.subplots(1, len(heads), squeeze=False, sharey=True)[0]
+    for ax, head in zip(axes, heads, strict=True):
+        frame = pd.DataFrame(
+            {
+                "x": coordinate.sel(head=head).values.ravel(),
+                hue: labels.sel(head=head).values.ravel().astype(str),
+            }
+        ).dropna()
+        sns.stripplot(
+            data=frame,
+            x="x",
+            y=hue,
+            order=[str(o) for o in order],
+            ax=ax,
+            size=2.5,
+            alpha=0.5,
+            jitter=0.3,
+            hue=hue,
+            palette="tab10",
+            legend=False,
+        )
+        ax.set_xlabel("coordinate on the subspace's one direction")
+        ax.set_title(f"head={head}", fontsize=9)
+    if title:
+        fig.suptitle(f"{title} (rank 1: one coordinate)")
+    return fig
+
+
+def _label_key(label: Any) -> tuple:
+    """Sort numeric labels by value, then text labels, with "other" last."""
+    text = str(label)
+    if text == "other":
+        return (2, 0.0, text)
+    try:
+        return (0, float(text), text)
+    except ValueError:
+        return (1, 0.0, text)
+
+
+def save_figures(figures: dict[str, Any], directory: Path) -> list[Path]:
+    """Save matplotlib figures as PNGs in `directory`; returns their paths."""
+    paths = []
+    for name, fig in figures.items():
+        path = directory / name
+        fig.savefig(path, dpi=110)
+        paths.append(path)
+    return paths
