@@ -68,11 +68,14 @@ def writing(path: str | os.PathLike) -> Iterator[None]:
         lock.release()
 
 
-def one_writer(store: str | None = None) -> Callable[[F], F]:
+def one_writer(
+    store: str | Callable[[dict[str, Any]], str] | None = None,
+) -> Callable[[F], F]:
     """Decorate a function with an ``out`` argument: it holds the lock on its output throughout.
 
-    The output is ``out/<store>`` for a study's ``run`` (``out`` is a folder), else ``out``
-    itself (a store path, as for `qktrace.reduce`); nothing is locked while ``out`` is None.
+    The output is ``out/<store>`` for a study's ``run`` (``out`` is a folder; `store` may be a
+    function of the call's arguments by name), else ``out`` itself (a store path, as for
+    `qktrace.reduce`); nothing is locked while ``out`` is None.
     """
 
     def decorate(function: F) -> F:
@@ -80,10 +83,12 @@ def one_writer(store: str | None = None) -> Callable[[F], F]:
 
         @functools.wraps(function)
         def locked(*args: Any, **kwargs: Any) -> Any:
-            out = signature.bind(*args, **kwargs).arguments.get("out")
+            arguments = signature.bind(*args, **kwargs).arguments
+            out = arguments.get("out")
             if out is None:
                 return function(*args, **kwargs)
-            with writing(Path(out) / store if store else Path(out)):
+            name = store(arguments) if callable(store) else store
+            with writing(Path(out) / name if name else Path(out)):
                 return function(*args, **kwargs)
 
         return locked  # type: ignore[return-value]
