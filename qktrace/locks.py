@@ -6,7 +6,7 @@ printing "wrote"), so a run first takes ``.<store>.lock`` beside its store with 
 `OutputBusy`. The lock belongs to the open file, so the operating system releases it when the
 holding process dies, however it dies (``kill -9`` included): a lock left by a killed run is
 never in the way, and there is nothing stale to clean up by hand. The lock file holds the
-holder's process id, which the error quotes.
+holder's process id, which the error quotes, and is removed when the run ends.
 
 Limits: flock is advisory and local; on some network file systems (older NFS) it may not be
 enforced across machines.
@@ -65,6 +65,9 @@ def writing(path: str | os.PathLike) -> Iterator[None]:
     try:
         yield
     finally:
+        # removed while still held: a run that opened the old file finds, once it gets the
+        # lock, that the path no longer names it, and filelock makes it try again
+        where.unlink(missing_ok=True)
         lock.release()
 
 

@@ -179,11 +179,8 @@ def _remove_checkpoints(path: Path) -> None:
 
     leftovers = [*path.parent.glob(f"{path.stem}.*.zarr"), *path.parent.glob(f".{path.stem}.*")]
     hidden = re.compile(r"^\..+\.zarr\.(tmp|old)-[0-9a-f]{8}$")
-    checkpoint_lock = re.compile(rf"^\.{re.escape(path.stem)}\.\w+\.zarr\.lock$")  # released
     for leftover in leftovers:
-        if checkpoint_lock.match(leftover.name):
-            leftover.unlink(missing_ok=True)
-        elif not leftover.name.startswith(".") or hidden.match(leftover.name):
+        if not leftover.name.startswith(".") or hidden.match(leftover.name):
             shutil.rmtree(leftover, ignore_errors=True)
 
 

@@ -55,6 +55,7 @@ def test_a_second_writer_stops_at_once_and_a_killed_writer_frees_the_output(tmp_
     assert holder.returncode == -signal.SIGKILL
     with writing(path):  # the dead holder's lock is gone with it
         assert lock_path(path).exists()
+    assert not lock_path(path).exists()  # removed when the run ends
 
 
 ORDER_ID = ["--heads", "1.0", "--n-prompts", "4", "--n-test", "2", "--n-pairs", "2"]

@@ -21,8 +21,11 @@ import pytest
 import qktrace
 
 ROOT = Path(__file__).parents[1]
+# SIGINT handled as in a terminal's foreground job even when this test runs where it is ignored
+# (a background job of a non-interactive shell passes SIG_IGN on, and Python then keeps it)
 TINY_GRID = """
-import functools, sys
+import functools, signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from studies import toy
 toy.settings = functools.partial(toy.settings, ranks=(3,), d_heads=(8,), variants=("discrete",),
                                  n_pairs=1000, n_random=1)
