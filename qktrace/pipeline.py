@@ -43,9 +43,11 @@ from typing import Any, Literal
 import numpy as np
 import xarray as xr
 
+from . import checks
 from .covariance import add_pairs, decompose, empty_sums
 from .heads import find_heads
 from .interventions import intervene_captured
+from .locks import one_writer
 from .models import Head, Model, Remote, parse_heads
 from .prompts import Prompt
 from .qk import capture
@@ -200,6 +202,7 @@ class Study:
         return run_study(self, model, **settings)
 
 
+@one_writer(lambda arguments: f"{arguments['study'].name}.zarr")
 def run_study(
     study: Study,
     model: ModelLike | None = None,
@@ -255,11 +258,9 @@ def run_study(
         threshold=threshold,
         n_random=n_random,
         batch_size=batch_size,
+        seed=seed,
     )
-    if n_random_answers < 0:
-        raise ValueError(
-            f"n_random_answers={n_random_answers} is negative; pass 0 (no baseline) or more."
-        )
+    checks.integer("n_random_answers", n_random_answers, low=0, flag="--n-random-answers")
     path = Path(out) / f"{study.name}.zarr"
     sums_checkpoint = check_out(path, overwrite)
     lm = open_model(model, remote)

@@ -33,7 +33,8 @@ import torch
 import xarray as xr
 from tqdm.auto import tqdm
 
-from . import ops
+from . import checks, ops
+from .locks import one_writer
 from .models import Head, Model, parse_heads
 from .qk import Check, Positions, Prompt, _by_layer, _given_order, prepare
 from .remote import with_retries
@@ -47,6 +48,11 @@ REMOTE_BATCHES_PER_REQUEST = 16
 # interrupted or a request fails): writing the store after every batch cost a third of a
 # study's time on a small model.
 CHECKPOINT_SECONDS = 10.0
+# attrs["partial"] of a checkpoint that holds the sums of the first prompts only
+PARTIAL = (
+    "partial ({done} of {total} prompts): `pair_count` and `n_prompts` count the {done} summed; "
+    "rerun the same call (CLI: the same command) to resume and sum the rest"
+)
 
 
 def _groups(labels: Sequence[Sequence[Label]]) -> list[str]:
@@ -190,6 +196,7 @@ def _check_labels(labels: Sequence[Sequence[Label]]) -> Check:
     return check
 
 
+@one_writer()
 def reduce(
     model: Model,
     prompts: Sequence[Prompt],
@@ -242,8 +249,12 @@ def reduce(
     """
     heads = parse_heads(heads)
     model.check_heads(heads)
-    if len(prompts) == 0:
-        raise ValueError("No prompts given: pass a non-empty list of strings (or token-id lists).")
+    checks.prompts("prompts", prompts)
+    if isinstance(labels, str) or not isinstance(labels, Sequence):
+        raise checks.BadArgumentType(
+            f"labels is a {type(labels).__name__}; pass one list per prompt of "
+            "(feature, 'positive' | 'negative') pairs or None."
+        )
     if len(labels) != len(prompts):
         raise ValueError(
             f"labels has {len(labels)} rows for {len(prompts)} prompts: give one row per prompt."
@@ -261,11 +272,13 @@ def reduce(
     features = _groups(labels)
     d = model.d_head
     shape = (len(heads), len(features), 2)
-    count = np.zeros(shape, dtype=np.int64)
-    for row in labels:
+    # pairs per prompt, so a checkpoint counts exactly the prompts it has summed
+    per_prompt = np.zeros((len(prompts), len(features), 2), dtype=np.int64)
+    for i, row in enumerate(labels):
         for label in row:
             if label is not None:
-                count[:, features.index(label[0]), CONTRASTS.index(label[1])] += 1
+                per_prompt[i, features.index(label[0]), CONTRASTS.index(label[1])] += 1
+    count = np.broadcast_to(per_prompt.sum(axis=0), shape).copy()
     if delta:
         _check_delta_counts(count, features)
     qk_sum = np.zeros((len(heads), len(features), d, d) if delta else (*shape, d, d))
@@ -304,7 +317,8 @@ def reduce(
 
     def save(upto: int) -> None:
         nonlocal saved, last_saved
-        sums = _sums_dataset(model, heads, features, qk_sum, q_sum, k_sum, count, upto, params)
+        summed = np.broadcast_to(per_prompt[:upto].sum(axis=0), shape)  # the first `upto`
+        sums = _sums_dataset(model, heads, features, qk_sum, q_sum, k_sum, summed, upto, params)
         _checkpoint(out, sums)
         saved, last_saved = upto, time.monotonic()
 
@@ -411,8 +425,10 @@ def _sums_dataset(
             "remote": model.remote_label,
             "n_prompts": done,
             "params": params,
+            **({"partial": PARTIAL.format(done=done, total=params["n_prompts"])}
+               if done < params["n_prompts"] else {}),
         },
-    )
+    )  # fmt: skip
 
 
 def _resume_hint(out: str | Path | None, start: int) -> str:
@@ -438,7 +454,7 @@ def _resume(out: str | Path | None, params: dict[str, Any]) -> tuple[int, xr.Dat
     from . import store
 
     batches = (Path(out) / store.MANIFEST).is_file()  # a capture (BatchWriter) store
-    state = None if batches else store.open(out)
+    state = None if batches else store.open(out, checksums=True)
     stored = None if state is None else state.attrs.get("params")
     if isinstance(stored, str):
         stored = json.loads(stored)

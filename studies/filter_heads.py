@@ -49,6 +49,7 @@ from typing import Any
 
 import numpy as np
 
+from qktrace import checks
 from qktrace.pipeline import Study
 from qktrace.prompts import FILTER_CATEGORIES, FILTER_QUESTIONS, Prompt
 from qktrace.prompts import filter_prompts as build_prompts
@@ -140,8 +141,14 @@ def run(
     organism, 300 / 100 on smollm2, else the paper's 2000 / 1000. The other settings are
     `qktrace.pipeline.run_study`'s. Returns the path of ``OUT/filter_heads.zarr``.
     """
+    if isinstance(categories, str):
+        raise checks.BadArgumentType(
+            f"categories={categories!r} is one string; pass a list, e.g. "
+            f"categories={categories.split(',')!r} (CLI: --categories fruit,animal)."
+        )
+    categories = checks.unique("categories", list(categories), flag="--categories")
     if n_prompts is not None and n_prompts < len(categories):
-        raise ValueError(
+        raise checks.BadArgument(
             f"n_prompts={n_prompts} (CLI --n-prompts) is too few: the asked category cycles "
             f"through the {len(categories)} categories, so fewer prompts leave a category "
             f"without positive keys (no subspace); pass n_prompts >= {len(categories)}."
