@@ -81,7 +81,7 @@ from .study_tools import (
 )
 from .sums import reduce
 
-__all__ = ["Study", "StudyError", "run_study", "load_study", "plot"]
+__all__ = ["Run", "Study", "StudyError", "run_study", "load_study", "plot"]
 
 SUMS = ["qk_sum", "q_sum", "k_sum"]
 
@@ -107,6 +107,9 @@ class Study:
         else kept (rng seeded ``seed + 3``). Then positive is the query with the answer key,
         negative the same query with the counterfactual's key in the answer's slot, and
         labels(prompt) need only mark the answer key positive (as the lexical study does).
+    negative_query : "original" or "counterfactual"
+        With `counterfactual`: the query of the negative pairs, the original prompt's (default:
+        only the key differs) or the counterfactual's own.
     query : str
         "last" (the last token, default) or a span name marking one query token per prompt.
     answer : callable (prompt) -> int, optional
@@ -141,8 +144,11 @@ class Study:
     sizes : callable (model) -> (n_prompts, n_test), optional
         Defaults that depend on the model (a hub id, path or loaded model), e.g. fewer prompts
         for a small model on a CPU; default: `n_prompts`, `n_test`.
-    analysis : callable (dataset) -> dataset, optional
-        Extra variables computed from the assembled store, merged into it before it is saved.
+    analysis : callable (dataset) or (dataset, run) -> dataset, optional
+        Variables computed from the assembled store, merged into it before it is saved (a
+        variable it returns replaces the store's of that name). With a second parameter it
+        also gets the `Run` (model, store path, parameters to add to, settings), for an
+        analysis that needs the model.
     figures : callable (dataset) -> dict of name -> matplotlib Figure, optional
         Extra figures drawn from the saved store, saved as PNGs beside it.
     options : mapping
@@ -156,6 +162,7 @@ class Study:
     keys: str
     labels: Callable[[Prompt], Sequence[Label]]
     counterfactual: Callable[[Prompt, np.random.Generator], Prompt] | None = None
+    negative_query: Literal["original", "counterfactual"] = "original"
     query: str = "last"
     answer: Callable[[Prompt], int] | None = None
     swap: Callable[[Prompt, np.random.Generator], tuple[int, int]] | None = None
@@ -300,7 +307,8 @@ def run_study(
             progress=progress,
         )
     else:  # pairs across prompts: captured (resumable) and summed here
-        pairs = counterfactual_pairs(lm, train, head_list, path, batch_size, progress)
+        pairs = counterfactual_pairs(lm, train, head_list, path, batch_size, progress,
+                                     study.negative_query)  # fmt: skip
         sums = pair_sums(pairs, lm.d_head)
     subspaces = decompose(sums, threshold=threshold).merge(sums[SUMS])
     features = [str(f) for f in subspaces["feature"].values]
@@ -347,7 +355,8 @@ def run_study(
         return write(ds, path, study=study.name, params=params, model=lm, seed=seed,
                      overwrite=overwrite)  # fmt: skip
 
-    save(with_analysis(study, ds, save))
+    run = Run(lm, path, params, seed, batch_size, chat, progress, sums_checkpoint)
+    save(with_analysis(study, ds, save, run))
     if figures:
         plot(study, path)
     return path
@@ -394,7 +403,13 @@ def resolve_heads(
 
 
 def counterfactual_pairs(
-    lm: Model, train: Prepared, heads: list[Head], path: Path, batch_size: int, progress: bool
+    lm: Model,
+    train: Prepared,
+    heads: list[Head],
+    path: Path,
+    batch_size: int,
+    progress: bool,
+    negative_query: str = "original",
 ) -> dict[tuple[str, str], tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Per (head, feature): (q, k, is_positive) of the original query with the answer key of the
     original prompt (positive) and of its counterfactual (negative).
@@ -406,7 +421,7 @@ def counterfactual_pairs(
     for what, ids, keys, query in (
         ("original", train.ids, train.keys, train.query),
         ("counterfactual", train.counterfactual_ids, train.counterfactual_keys, "last"),
-    ):  # only the original's query is used
+    ):  # the counterfactual's query: its last token (used with negative_query="counterfactual")
         answer_keys = [[row[a]] for row, a in zip(keys, train.answer, strict=True)]
         runs.append(
             capture(lm, ids, heads, query=query, keys=answer_keys, attention=False,
@@ -419,10 +434,15 @@ def counterfactual_pairs(
         q = original["q"].sel(head=h.label).isel(query=0).values
         k_pos = original["k"].sel(head=h.label).isel(key=0).values
         k_neg = counter["k"].sel(head=h.label).isel(key=0).values
+        q_neg = (
+            q
+            if negative_query == "original"
+            else counter["q"].sel(head=h.label).isel(query=0).values
+        )
         for f in dict.fromkeys(feature):
             mine = feature == f
             positive = np.r_[np.ones(mine.sum(), bool), np.zeros(mine.sum(), bool)]
-            pairs[(h.label, str(f))] = (np.r_[q[mine], q[mine]], np.r_[k_pos[mine], k_neg[mine]],
+            pairs[(h.label, str(f))] = (np.r_[q[mine], q_neg[mine]], np.r_[k_pos[mine], k_neg[mine]],
                                         positive)  # fmt: skip
     return pairs
 
@@ -437,15 +457,36 @@ def pair_sums(pairs: Mapping[tuple[str, str], tuple], d_head: int) -> xr.Dataset
     return sums
 
 
-def with_analysis(study: Study, ds: xr.Dataset, save: Callable[[xr.Dataset], Path]) -> xr.Dataset:
+@dataclass
+class Run:
+    """What a study's analysis may need of its run: the model, the store's path, the parameters
+    the store records (add to them), the settings, and a free checkpoint path beside the store."""
+
+    model: Model
+    path: Path
+    params: dict[str, Any]
+    seed: int
+    batch_size: int
+    chat: bool | None
+    progress: bool
+    checkpoint: Path
+
+
+def with_analysis(
+    study: Study, ds: xr.Dataset, save: Callable[[xr.Dataset], Path], run: Run
+) -> xr.Dataset:
     """`ds` with the study's own analysis merged in; if it fails, the store is kept without it."""
     if study.analysis is None:
         return ds
     try:
-        extra = study.analysis(ds)
+        takes_run = len(inspect.signature(study.analysis).parameters) > 1
+        extra = study.analysis(ds, run) if takes_run else study.analysis(ds)
         if not isinstance(extra, xr.Dataset):
             raise TypeError(f"it returned a {type(extra).__name__}, not an xarray.Dataset")
-        return ds.merge(extra, compat="override")
+        replaced = [name for name in extra.data_vars if name in ds.data_vars]
+        return xr.merge(
+            [extra, ds.drop_vars(replaced)], compat="override", join="outer", combine_attrs="drop"
+        )
     except Exception as err:
         path = save(ds)
         raise StudyError(

@@ -89,6 +89,8 @@ def check_design(
 def union_basis(bases: Sequence[np.ndarray], tol: float = 1e-6) -> np.ndarray:
     """An orthonormal basis [d, r] of the span of several bases [d, r_i] (NaN columns dropped)."""
     columns = [b[:, ~np.isnan(b).any(axis=0)] for b in bases]
+    if len(columns) == 1:  # an orthonormal basis is its own union (kept as is: same PCA signs)
+        return columns[0]
     stacked = np.concatenate(columns, axis=1)
     if stacked.shape[1] == 0:
         return stacked

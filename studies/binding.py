@@ -82,15 +82,16 @@ def counterfactuals(prompts: Sequence[Prompt], *, seed: int = 0) -> list[Prompt]
 
     Everything else (the other objects, every letter, the answer's position) stays the same.
     """
-    objects = load_objects()
     rng = np.random.default_rng(seed)
-    out = []
-    for p in prompts:
-        unused = [o for o in objects if o not in p.meta["objects"]]
-        swapped = list(p.meta["objects"])
-        swapped[p.meta["answer"]] = str(rng.choice(unused))
-        out.append(boxes_prompt(swapped, p.meta["letters"], p.meta["answer"]))
-    return out
+    return [counterfactual(p, rng) for p in prompts]
+
+
+def counterfactual(prompt: Prompt, rng: np.random.Generator) -> Prompt:
+    """`prompt` with its queried object replaced by one it does not use, drawn with `rng`."""
+    unused = [o for o in load_objects() if o not in prompt.meta["objects"]]
+    swapped = list(prompt.meta["objects"])
+    swapped[prompt.meta["answer"]] = str(rng.choice(unused))
+    return boxes_prompt(swapped, prompt.meta["letters"], prompt.meta["answer"])
 
 
 def order_labels(prompts: Sequence[Prompt]) -> list[list[tuple[str, str]]]:

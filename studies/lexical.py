@@ -30,7 +30,9 @@ Method
    order-ID and lexical query subspaces plus a residual (`qktrace.attribute`, lexical made
    orthogonal to order), and the explained fraction 1 - ||resid||^2 / ||total||^2.
 7. **Store** ``OUT/lexical.zarr`` (feature "lexical", plus the "order" subspace used); figures
-   drawn from it, saved beside it.
+   drawn from it, saved beside it. Steps 1-2 (counterfactual pairs), 4-5 and the store are
+   the shared pipeline's (`qktrace.pipeline`); this file declares the prompts, the
+   counterfactual, and the analysis of steps 3 and 6.
 
 Example
 -------
@@ -40,394 +42,130 @@ Example
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import xarray as xr
 
 from qktrace.attribution import attribute
-from qktrace.covariance import add_pairs, decompose, empty_sums
-from qktrace.locks import one_writer
-from qktrace.models import Head, Model, Remote
-from qktrace.prompts import locate
-from qktrace.qk import capture
-from qktrace.study_tools import (
-    N_RANDOM_ANSWERS,
-    ModelLike,
-    check_design,
-    check_out,
-    checkpoint,
-    default_model,
-    is_organism,
-    null_test,
-    open_model,
-    save_figures,
-    write,
-)
+from qktrace.models import parse_heads
+from qktrace.pipeline import Run, Study
+from qktrace.prompts import Prompt
+from qktrace.study_tools import ModelLike, is_organism
 from studies import binding, order_id
-from studies._common import choose_heads, heads_source, sizes
+from studies._common import paper_heads, sizes
 
 STUDY = "lexical"
 NegativeQuery = Literal["original", "counterfactual"]
+SUBSPACE = ["delta_c", "singular_values", "query_basis", "key_basis", "rank", "pair_count",
+            "qk_sum", "q_sum", "k_sum"]  # fmt: skip
 
 
-def lexical_pairs(
-    lm: Model,
-    heads: Sequence[Head],
-    *,
-    n_prompts: int,
-    n_pairs: int,
-    batch_size: int,
-    seed: int,
-    chat: bool | None,
-    checkpoints: Path | None = None,
-    progress: bool = True,
-) -> tuple[xr.Dataset, xr.Dataset]:
-    """Step 1: the query and the answer's box key of every original and counterfactual prompt.
-
-    Returns (original, counterfactual) captures (`qktrace.capture`, one key per prompt). With
-    `checkpoints` (a store path), the two captures are kept batch by batch in
-    ``<name>.original.zarr`` and ``<name>.counterfactual.zarr`` beside it, so a crashed run
-    resumes.
-    """
-    prompts = binding.build_prompts(n_prompts, n_pairs, seed=seed)
-    flipped = binding.counterfactuals(prompts, seed=seed + 3)
-    runs = []
-    for what, group in (("original", prompts), ("counterfactual", flipped)):
-        loc = locate(lm.tokenizer, group, chat=chat)
-        answer = [
-            [row[p.meta["answer"]]] for row, p in zip(loc.positions["box"], group, strict=True)
-        ]
-        runs.append(
-            capture(
-                lm,
-                loc.ids,
-                list(heads),
-                keys=answer,
-                attention=False,
-                batch_size=batch_size,
-                out=None if checkpoints is None else checkpoint(checkpoints, what),
-                progress=progress,
-            ).load()
-        )
-    return runs[0], runs[1]
-
-
-def contrast_pairs(
-    original: xr.Dataset, counter: xr.Dataset, head: str, negative_query: NegativeQuery
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Step 2's (q, k, is_positive) pairs of one head: positives first, then negatives."""
-    q_o = original["q"].sel(head=head).isel(query=0).values
-    k_o = original["k"].sel(head=head).isel(key=0).values
-    q_c = counter["q"].sel(head=head).isel(query=0).values
-    k_c = counter["k"].sel(head=head).isel(key=0).values
-    q_neg = q_o if negative_query == "original" else q_c
-    positive = np.r_[np.ones(len(q_o), bool), np.zeros(len(q_neg), bool)]
-    return np.concatenate([q_o, q_neg]), np.concatenate([k_o, k_c]), positive
-
-
-def lexical_sums(
-    lm: Model,
-    heads: Sequence[Head],
-    *,
-    n_prompts: int,
-    n_pairs: int,
-    negative_query: NegativeQuery,
-    batch_size: int,
-    seed: int,
-    chat: bool | None,
-    checkpoints: Path | None = None,
-    progress: bool = True,
-    runs: tuple[xr.Dataset, xr.Dataset] | None = None,
-) -> xr.Dataset:
-    """Steps 1-2: covariance sums of original vs counterfactual answer keys (feature "lexical").
-
-    `runs`: the (original, counterfactual) captures of `lexical_pairs` if already made.
-    """
+def lexical(n_pairs: int = 9, negative_query: NegativeQuery = "original") -> Study:
+    """The lexical study: `n_pairs` boxes per prompt; the negative pairs' query (step 2)."""
+    binding.check_pairs(n_pairs)
     if negative_query not in ("original", "counterfactual"):
         raise ValueError(f"negative_query={negative_query!r}: use 'original' or 'counterfactual'.")
-    if runs is None:
-        runs = lexical_pairs(
-            lm,
-            heads,
-            n_prompts=n_prompts,
-            n_pairs=n_pairs,
-            batch_size=batch_size,
-            seed=seed,
-            chat=chat,
-            checkpoints=checkpoints,
-            progress=progress,
-        )
-    original, counter = runs
-    sums = empty_sums(original["head"].values, ["lexical"], lm.d_head)
-    for head in original["head"].values:
-        q, k, positive = contrast_pairs(original, counter, head, negative_query)
-        sums = add_pairs(sums, q[positive], k[positive], head, "lexical", "positive")
-        sums = add_pairs(sums, q[~positive], k[~positive], head, "lexical", "negative")
-    head_coords = {n: c for n, c in original.coords.items() if c.dims == ("head",)}
-    return sums.assign_coords(head_coords).assign_attrs(n_prompts=n_prompts)
+
+    def labels(prompt: Prompt) -> list[tuple[str, str]]:
+        answer = prompt.meta["answer"]
+        return [("lexical", "positive" if j == answer else "negative")
+                for j in range(len(prompt.meta["letters"]))]  # fmt: skip
+
+    def coords(prompt: Prompt) -> dict[str, Any]:
+        meta = prompt.meta
+        return {"order": list(range(len(meta["letters"]))), "object": meta["objects"],
+                "box": meta["letters"], "answer": meta["answer"],
+                "query_object": meta["query_object"]}  # fmt: skip
+
+    return Study(
+        name=STUDY,
+        prompts=lambda n, seed: binding.build_prompts(n, n_pairs, seed=seed),
+        keys="box",
+        labels=labels,
+        counterfactual=binding.counterfactual,
+        negative_query=negative_query,
+        coords=coords,
+        answers="keys",  # the box letters as the prompt writes them
+        hues=("object", "order"),
+        heads=lambda model: paper_heads(model, "binding"),
+        sizes=lambda model: sizes(model, STUDY, None, None),
+        analysis=attribution,
+        figures=attribution_figures,
+        options={"n_pairs": n_pairs, "negative_query": negative_query},
+    )
 
 
-@one_writer(f"{STUDY}.zarr")
+def attribution(ds: xr.Dataset, run: Run) -> xr.Dataset:
+    """Steps 3 and 6: the order subspace joins the store (its null tested in order_id.zarr:
+    ``null_rank`` -1), and each box key's logit is split into order, lexical and the rest."""
+    order, run.params["order_subspace"] = order_subspace(ds, run)
+    lexical = ds[SUBSPACE]
+    subspaces = xr.concat(
+        [lexical, order.drop_vars([v for v in order.coords if v not in lexical.coords])],
+        dim="feature", data_vars="all", coords="minimal", compat="override",
+        combine_attrs="drop",
+    )  # fmt: skip
+    null = ds[["null_rank", "null_quantile", "null_singular_values"]]
+    null = null.reindex(feature=subspaces["feature"].values, fill_value={"null_rank": -1})
+    bases = {f: subspaces["query_basis"].sel(feature=f) for f in ("order", "lexical")}
+    parts = attribute(ds, bases, side="query")[["logit_part", "explained", "rank"]]
+    parts = parts.rename({"component": "part", "rank": "part_rank"})
+    return xr.merge([subspaces, null, parts], compat="override", combine_attrs="drop")
+
+
+def order_subspace(ds: xr.Dataset, run: Run) -> tuple[xr.Dataset, str]:
+    """The order-ID subspace: reused from OUT/order_id.zarr if it matches, else computed."""
+    from qktrace import store
+
+    stored = run.path.parent / f"{order_id.STUDY}.zarr"
+    labels = [str(h) for h in ds["head"].values]
+    p, lm = run.params, run.model
+    if stored.exists():
+        old = store.open(stored, checksums=True)
+        q = old.attrs.get("params", {})
+        model = str(old.attrs.get("model"))
+        if (
+            (model == lm.name or (is_organism(model) and is_organism(lm)))
+            and set(labels) <= set(map(str, old["head"].values))
+            and (q.get("n_pairs"), q.get("threshold"), q.get("chat"))
+            == (p["n_pairs"], p["threshold"], p["chat"])
+        ):
+            return old[SUBSPACE].sel(head=labels).load(), str(stored)
+    computed = binding.order_subspaces(
+        lm, parse_heads(labels),
+        n_prompts=p["n_prompts"], n_pairs=p["n_pairs"],
+        query_object=order_id.default_query_object(run.seed), threshold=p["threshold"],
+        batch_size=run.batch_size, seed=run.seed, chat=run.chat, sums_out=run.checkpoint,
+        progress=run.progress,
+    )  # fmt: skip
+    return computed, "computed"
+
+
 def run(
     model: ModelLike | None = None,
     *,
     out: str | Path,
-    heads: str | Sequence[Any] | None = None,
-    n_prompts: int | None = None,
-    n_test: int | None = None,
     n_pairs: int = 9,
     negative_query: NegativeQuery = "original",
-    threshold: float = 0.99,
-    n_random: int = 10,
-    n_random_answers: int = N_RANDOM_ANSWERS,
-    batch_size: int = 16,
-    seed: int = 0,
-    remote: Remote = False,
-    chat: bool | None = None,
-    figures: bool = True,
-    overwrite: bool = False,
-    progress: bool = True,
+    **settings: Any,
 ) -> Path:
     """Find the lexical subspace of binding heads; PCA, swaps, and the order/lexical attribution.
 
-    Parameters
-    ----------
-    model, out, heads, n_prompts, n_test, n_pairs
-        As in `studies.order_id.run` (the paper's attribution figure used ``n_pairs=4``).
-    negative_query
-        "original" (default): negative pairs use the original prompt's query with the
-        counterfactual's key; "counterfactual": the counterfactual's own query.
-    threshold, n_random, n_random_answers, batch_size, seed, remote, chat, figures, overwrite
-        As in `studies.filter_heads.run`.
-
-    Returns
-    -------
-    Path of ``OUT/lexical.zarr``.
+    `n_pairs` as in `studies.order_id.run` (the paper's attribution figure used 4);
+    `negative_query`: "original" (default), the negative pairs use the original prompt's query
+    with the counterfactual's key; "counterfactual", the counterfactual's own query. The other
+    settings are `qktrace.pipeline.run_study`'s. Returns the path of ``OUT/lexical.zarr``.
     """
-    model = default_model(model)
-    n_prompts, n_test = sizes(model, STUDY, n_prompts, n_test)
-    check_design(
-        n_prompts=n_prompts,
-        n_test=n_test,
-        threshold=threshold,
-        n_random=n_random,
-        batch_size=batch_size,
-        seed=seed,
-    )
-    binding.check_pairs(n_pairs)
-    out = Path(out)
-    path = out / f"{STUDY}.zarr"
-    sums_checkpoint = check_out(path, overwrite)
-    test = binding.build_prompts(n_test, n_pairs, seed=seed + 1)
-    lm = open_model(model, remote)
-    test_loc = locate(lm.tokenizer, test, chat=chat)
-    head_list, ranking = choose_heads(
-        lm, heads, "binding", find=lambda: binding.find(lm, test, test_loc, batch_size, progress)
-    )
-    params = {
-        "heads": [h.label for h in head_list],
-        "heads_from": heads_source(lm, heads),
-        "n_prompts": n_prompts,
-        "n_test": n_test,
-        "n_pairs": n_pairs,
-        "negative_query": negative_query,
-        "threshold": threshold,
-        "n_random": n_random,
-        "n_random_answers": n_random_answers,
-        "batch_size": batch_size,
-        "chat": chat,
-    }
-
-    # 1-2. lexical ΔC from original vs counterfactual answer keys
-    if negative_query not in ("original", "counterfactual"):
-        raise ValueError(f"negative_query={negative_query!r}: use 'original' or 'counterfactual'.")
-    runs = lexical_pairs(
-        lm,
-        head_list,
-        n_prompts=n_prompts,
-        n_pairs=n_pairs,
-        batch_size=batch_size,
-        seed=seed,
-        chat=chat,
-        checkpoints=path,
-        progress=progress,
-    )
-    sums = lexical_sums(
-        lm,
-        head_list,
-        n_prompts=n_prompts,
-        n_pairs=n_pairs,
-        negative_query=negative_query,
-        batch_size=batch_size,
-        seed=seed,
-        chat=chat,
-        runs=runs,
-    )
-    lexical = decompose(sums, threshold=threshold).merge(sums[["qk_sum", "q_sum", "k_sum"]])
-    # is it real? the permutation null of the same pairs (order: -1, tested in order_id.zarr)
-    null = null_test(
-        {(h.label, "lexical"): contrast_pairs(*runs, h.label, negative_query) for h in head_list},
-        seed=seed,
-        threshold=threshold,
-        d_head=lm.d_head,
-    )
-
-    # 3. the order-ID subspace, from order_id.zarr or computed with the order-ID design
-    order, source = _order_subspace(
-        lm,
-        head_list,
-        out,
-        sums_checkpoint,
-        n_prompts=n_prompts,
-        n_pairs=n_pairs,
-        threshold=threshold,
-        batch_size=batch_size,
-        seed=seed,
-        chat=chat,
-        progress=progress,
-    )
-    subspaces = xr.concat(
-        [lexical, order.drop_vars([v for v in order.coords if v not in lexical.coords])],
-        dim="feature",
-        data_vars="all",
-        coords="minimal",
-        compat="override",
-        combine_attrs="drop",
-    )
-
-    # 4. box keys of fresh prompts in the lexical subspace
-    captured = capture(
-        lm,
-        test_loc.ids,
-        head_list,
-        keys=test_loc.positions["box"],
-        batch_size=batch_size,
-        progress=progress,
-    ).assign_coords(binding.key_labels(test))
-    geometry = binding.pca(captured, subspaces, "lexical")
-
-    # 5. lexical swap vs random subspaces
-    effects = binding.swaps(
-        captured, test, test_loc, subspaces, "lexical", n_random=n_random, seed=seed
-    )
-    # what the swap does to the model's answer, per head and in all heads together
-    answers = binding.answer_swaps(
-        lm,
-        test,
-        test_loc,
-        subspaces,
-        "lexical",
-        n_random=n_random_answers,
-        seed=seed,
-        batch_size=batch_size,
-        progress=progress,
-    )
-
-    # 6. attention-logit attribution to order, lexical and the residual (Fig 10)
-    parts = attribute(
-        captured,
-        {
-            "order": subspaces["query_basis"].sel(feature="order"),
-            "lexical": subspaces["query_basis"].sel(feature="lexical"),
-        },
-        side="query",
-    )
-    parts = parts[["logit_part", "explained", "rank"]].rename(
-        {"component": "part", "rank": "part_rank"}
-    )
-
-    null = null.reindex(feature=subspaces["feature"].values, fill_value={"null_rank": -1})
-    ds = xr.merge(
-        [subspaces, null, captured, geometry, effects, answers, parts, ranking],
-        compat="override",
-        combine_attrs="drop",
-    )
-    params["order_subspace"] = source
-    params.update(ranking.attrs)  # how the heads were ranked, when find_heads chose them
-    write(ds, path, study=STUDY, params=params, model=lm, seed=seed, overwrite=overwrite)
-    if figures:
-        plot(path)
-    return path
+    return lexical(n_pairs, negative_query).run(model, out=out, **settings)
 
 
-def _order_subspace(
-    lm: Model,
-    heads: list[Head],
-    out: Path,
-    sums_out: Path,
-    *,
-    n_prompts: int,
-    n_pairs: int,
-    threshold: float,
-    batch_size: int,
-    seed: int,
-    chat: bool | None,
-    progress: bool,
-) -> tuple[xr.Dataset, str]:
-    """The order-ID subspace: reused from OUT/order_id.zarr if it matches, else computed."""
-    from qktrace import store
+def attribution_figures(ds: xr.Dataset) -> dict[str, Any]:
+    """The attribution (Fig 10): ``lexical_attribution.png``, each key's logit split into
+    order, lexical and residual parts, averaged over prompts for the answer's box and the other
+    boxes; ``lexical_attribution_example.png``, the same for the first prompt."""
+    from qktrace import plots
 
-    stored = out / f"{order_id.STUDY}.zarr"
-    labels = [h.label for h in heads]
-    if stored.exists():
-        ds = store.open(stored, checksums=True)
-        p = ds.attrs.get("params", {})
-        if (
-            _same_model(str(ds.attrs.get("model")), lm)
-            and set(labels) <= set(map(str, ds["head"].values))
-            and p.get("n_pairs") == n_pairs
-            and p.get("threshold") == threshold
-            and p.get("chat") == chat
-        ):
-            keep = [
-                "delta_c",
-                "singular_values",
-                "query_basis",
-                "key_basis",
-                "rank",
-                "pair_count",
-                "qk_sum",
-                "q_sum",
-                "k_sum",
-            ]
-            return ds[keep].sel(head=labels).load(), str(stored)
-    computed = binding.order_subspaces(
-        lm,
-        heads,
-        n_prompts=n_prompts,
-        n_pairs=n_pairs,
-        query_object=order_id.default_query_object(seed),
-        threshold=threshold,
-        batch_size=batch_size,
-        seed=seed,
-        chat=chat,
-        sums_out=sums_out,
-        progress=progress,
-    )
-    return computed, "computed"
-
-
-def _same_model(stored: str, lm: Model) -> bool:
-    """Whether a store's model is `lm` (the organism matches however its path was written)."""
-    return stored == lm.name or (is_organism(stored) and is_organism(lm))
-
-
-def plot(path: str | Path) -> list[Path]:
-    """Draw the lexical figures from ``lexical.zarr``; PNGs are saved next to it.
-
-    The binding figures of `studies.binding.plot` (ranks, PCA by object and by order, lexical
-    swap vs random) and the attribution (Fig 10): ``lexical_attribution.png``, each key's
-    logit split into order, lexical and residual parts, averaged over prompts for the answer's
-    box and the other boxes; ``lexical_attribution_example.png``, the same for the first prompt.
-    """
-    from qktrace import plots, store
-
-    path = Path(path)
-    paths = binding.plot(path, STUDY, "lexical", hues=("object", "order"))
-    ds = store.open(path).load()
     explained = ds["explained"].isel(query=0).mean("prompt")
     parts = ds["logit_part"].isel(query=0)
     answer = ds["key_label"] == "positive"
@@ -469,4 +207,7 @@ def plot(path: str | Path) -> list[Path]:
             ),
         ),
     }
-    return paths + save_figures(figures, path.parent)
+    return {name.removeprefix("lexical_"): fig for name, fig in figures.items()}
+
+
+study = lexical()  # the default design, for load_study("studies.lexical")

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from qktrace import checks
 from qktrace.pipeline import Study
 from qktrace.prompts import Prompt, load_objects
 from qktrace.study_tools import ModelLike
@@ -47,6 +48,9 @@ def order_id(n_pairs: int = 9, query_object: str | None = None, seed: int = 0) -
     """The order-ID study: `n_pairs` boxes per prompt, every prompt asking for one object
     (default: the one drawn with `seed`)."""
     binding.check_pairs(n_pairs)
+    if not query_object and seed < 0:  # refused here, before numpy refuses to draw with it
+        raise checks.BadArgument(f"seed={seed} (CLI --seed) is negative (numpy seeds are >= 0); "
+                                 "pass e.g. 0.")  # fmt: skip
     asked = query_object or default_query_object(seed)
 
     def prompts(n: int, seed: int) -> list[Prompt]:
