@@ -312,7 +312,7 @@ def test_the_studys_own_analysis_and_figures_join_the_store(gender, tmp_path):
 # The stores the built-in studies wrote before they were declared Studies (at these sizes, on
 # the organism), as fingerprints (tests/store_fingerprint.py): their rewrite on the pipeline must
 # write every variable again, with the same values.
-PORTED = ["order_id", "filter_heads"]
+PORTED = ["order_id", "filter_heads", "lexical"]
 SMALL = dict(n_prompts=36, n_test=9, n_random=2, n_random_answers=1, progress=False,
              figures=False)  # fmt: skip
 
