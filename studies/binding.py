@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import xarray as xr
@@ -114,3 +115,54 @@ def order_subspaces(
         progress=progress,
     )
     return decompose(sums, threshold=threshold).merge(sums[["qk_sum", "q_sum", "k_sum"]])
+
+
+def attribution_figures(ds: xr.Dataset) -> dict[str, Any]:
+    """Figures of a boxes store with a logit attribution (``logit_part``, ``explained``; the
+    lexical study's Fig 10), as {name: Figure}: ``attribution``, each key's logit split into
+    order, lexical and residual parts, averaged over prompts for the answer's box and the other
+    boxes; ``attribution_example``, the same for the first prompt."""
+    from qktrace import plots
+
+    explained = ds["explained"].isel(query=0).mean("prompt")
+    parts = ds["logit_part"].isel(query=0)
+    answer = ds["key_label"] == "positive"
+    mean_parts = xr.concat(
+        [parts.where(answer).mean(["prompt", "key"]), parts.where(~answer).mean(["prompt", "key"])],
+        dim=xr.DataArray(["answer box", "other boxes"], dims="key", name="key"),
+    )
+
+    def title(head: str) -> str:
+        return f"head {head}: explained {float(explained.sel(head=head)):.2f}"
+
+    example = ds["logit_part"].isel(query=0, prompt=0)
+    letters = [
+        f"{box} ({order})" + (" answer" if label == "positive" else "")
+        for box, order, label in zip(
+            ds["box"].values[0], ds["order"].values[0], ds["key_label"].values[0], strict=True
+        )
+    ]
+    example = example.assign_coords(key=letters)
+    figures = {
+        "attribution": plots.stacked_bars(
+            mean_parts.transpose("head", "key", "part"),
+            x="key",
+            stack="part",
+            row="head",
+            panel_title=title,
+            ylabel="attention logit",
+            title="Attention logits split into order, lexical and residual parts",
+        ),
+        "attribution_example": plots.stacked_bars(
+            example.transpose("head", "key", "part"),
+            x="key",
+            stack="part",
+            row="head",
+            ylabel="attention logit",
+            title=(
+                f"Prompt 0 ({ds.sizes['key']} boxes), asking for the "
+                f"{ds['query_object'].values[0]}: each box's logit split into parts"
+            ),
+        ),
+    }
+    return figures

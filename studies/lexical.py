@@ -3,36 +3,23 @@
 Method
 ------
 1. **Prompts** (`studies.binding`): boxes prompts with ``n_pairs`` pairs; the queried object
-   and its position vary from prompt to prompt. **Counterfactual:** the same prompt with the
-   queried object replaced, in the context and in the question, by an object the prompt does
-   not use; the position, the letters and the other objects stay the same.
-2. **Contrast.** Query: the last token ("Box"). Key: the answer's box letter.
-   Positive: q · k of the answer's box key in the original prompt. Negative: the same query with
-   the answer's box key of the counterfactual, which differs from the original key only in the
-   identity of the object bound to that box (the key precedes the question, so replacing the
-   object in the question does not change it). This holds the query, the position and the
-   letter fixed and varies only the lexical match, so ΔC isolates it. (With
-   ``negative_query="counterfactual"`` the negative uses the counterfactual's own query
-   instead.) The pairs cross two prompts, so `qktrace.sums` (which pairs a query with keys of
-   its own prompt) cannot sum them in the trace: the query and the one answer key per prompt are
-   captured (`qktrace.qk`; d_head numbers per head and prompt) and summed here in float64
-   (`qktrace.covariance.add_pairs`), then decomposed (feature "lexical"). **Significance:**
-   `qktrace.covariance.permutation_null` on the same pairs: ``null_rank`` counts the leading
-   components above the null's 95th percentile.
-3. **Order subspace for the attribution.** Taken from ``OUT/order_id.zarr`` when it was made for
-   the same model, heads, pairs, threshold and chat setting; otherwise computed here with the
-   order-ID design (`studies.binding.order_subspaces`).
-4. **Geometry.** Fresh prompts' box keys projected on the lexical key subspace, PCA coloured by
-   the object bound to each box (and by order index).
-5. **Causal check (Fig 9).** Swap lexical-subspace key coordinates between the answer's box and
-   another box, against random subspaces of the same rank (`qktrace.interventions`).
-6. **Attribution (Fig 10).** Each box key's attention logit split into the parts carried by the
-   order-ID and lexical query subspaces plus a residual (`qktrace.attribute`, lexical made
-   orthogonal to order), and the explained fraction 1 - ||resid||^2 / ||total||^2.
-7. **Store** ``OUT/lexical.zarr`` (feature "lexical", plus the "order" subspace used); figures
-   drawn from it, saved beside it. Steps 1-2 (counterfactual pairs), 4-5 and the store are
-   the shared pipeline's (`qktrace.pipeline`); this file declares the prompts, the
-   counterfactual, and the analysis of steps 3 and 6.
+   and its position vary. **Counterfactual:** the same prompt with the queried object replaced,
+   in the context and in the question, by one the prompt does not use; all else stays.
+2. **Contrast.** Query: the last token ("Box"). Positive: q · k of the answer's box key;
+   negative: the same query with the counterfactual's answer box key, which differs only in the
+   object bound to that box. So ΔC isolates the lexical match (feature "lexical"; with
+   ``negative_query="counterfactual"`` the negative uses the counterfactual's own query). The
+   pairs cross two prompts: captured (resumable) and summed in float64 by the pipeline, which
+   also runs the permutation null on them, the PCA of fresh box keys (by object and order), the
+   swap of the answer's box key with another against random subspaces (attention and answer).
+3. **Order subspace** (`attribution`): from ``OUT/order_id.zarr`` when it was made for the same
+   model, heads, pairs, threshold and chat setting, else computed with the order-ID design; it
+   joins the store as feature "order" (``null_rank`` -1: tested in order_id.zarr).
+4. **Attribution (Fig 10).** Each box key's attention logit split into the parts carried by the
+   order and lexical query subspaces plus a residual (`qktrace.attribute`), and the explained
+   fraction 1 - ||resid||^2 / ||total||^2; figures ``lexical_attribution*.png``.
+
+Store ``OUT/lexical.zarr`` (features "lexical" and "order"), figures beside it.
 
 Example
 -------
@@ -91,7 +78,7 @@ def lexical(n_pairs: int = 9, negative_query: NegativeQuery = "original") -> Stu
         heads=lambda model: paper_heads(model, "binding"),
         sizes=lambda model: sizes(model, STUDY, None, None),
         analysis=attribution,
-        figures=attribution_figures,
+        figures=binding.attribution_figures,
         options={"n_pairs": n_pairs, "negative_query": negative_query},
     )
 
@@ -158,56 +145,6 @@ def run(
     settings are `qktrace.pipeline.run_study`'s. Returns the path of ``OUT/lexical.zarr``.
     """
     return lexical(n_pairs, negative_query).run(model, out=out, **settings)
-
-
-def attribution_figures(ds: xr.Dataset) -> dict[str, Any]:
-    """The attribution (Fig 10): ``lexical_attribution.png``, each key's logit split into
-    order, lexical and residual parts, averaged over prompts for the answer's box and the other
-    boxes; ``lexical_attribution_example.png``, the same for the first prompt."""
-    from qktrace import plots
-
-    explained = ds["explained"].isel(query=0).mean("prompt")
-    parts = ds["logit_part"].isel(query=0)
-    answer = ds["key_label"] == "positive"
-    mean_parts = xr.concat(
-        [parts.where(answer).mean(["prompt", "key"]), parts.where(~answer).mean(["prompt", "key"])],
-        dim=xr.DataArray(["answer box", "other boxes"], dims="key", name="key"),
-    )
-
-    def title(head: str) -> str:
-        return f"head {head}: explained {float(explained.sel(head=head)):.2f}"
-
-    example = ds["logit_part"].isel(query=0, prompt=0)
-    letters = [
-        f"{box} ({order})" + (" answer" if label == "positive" else "")
-        for box, order, label in zip(
-            ds["box"].values[0], ds["order"].values[0], ds["key_label"].values[0], strict=True
-        )
-    ]
-    example = example.assign_coords(key=letters)
-    figures = {
-        "lexical_attribution.png": plots.stacked_bars(
-            mean_parts.transpose("head", "key", "part"),
-            x="key",
-            stack="part",
-            row="head",
-            panel_title=title,
-            ylabel="attention logit",
-            title="Attention logits split into order, lexical and residual parts",
-        ),
-        "lexical_attribution_example.png": plots.stacked_bars(
-            example.transpose("head", "key", "part"),
-            x="key",
-            stack="part",
-            row="head",
-            ylabel="attention logit",
-            title=(
-                f"Prompt 0 ({ds.sizes['key']} boxes), asking for the "
-                f"{ds['query_object'].values[0]}: each box's logit split into parts"
-            ),
-        ),
-    }
-    return {name.removeprefix("lexical_"): fig for name, fig in figures.items()}
 
 
 study = lexical()  # the default design, for load_study("studies.lexical")
