@@ -45,7 +45,7 @@ import xarray as xr
 
 from .covariance import add_pairs, decompose, empty_sums
 from .heads import find_heads
-from .interventions import intervene
+from .interventions import intervene_captured
 from .models import Head, Model, Remote, parse_heads
 from .prompts import Prompt
 from .qk import capture
@@ -287,7 +287,7 @@ def run_study(
     geometry = key_pca(captured, subspaces)
 
     # 6. causal check: swap key coordinates orig <-> target, against random subspaces
-    effects = swaps(lm, test, subspaces, n_random, seed, batch_size, progress)
+    effects = swaps(captured, test, subspaces, n_random, seed)
 
     # 7. the study's own analysis; the store with provenance; figures drawn from the store
     ds = xr.merge(
@@ -430,17 +430,16 @@ def key_pca(captured: xr.Dataset, subspaces: xr.Dataset, n_pc: int = 3) -> xr.Da
 
 
 def swaps(
-    lm: Model,
+    captured: xr.Dataset,
     test: Prepared,
     subspaces: xr.Dataset,
     n_random: int,
     seed: int,
-    batch_size: int,
-    progress: bool,
 ) -> xr.Dataset:
     """Per head: swap the orig and target keys' coordinates in the orig key's feature subspace.
 
-    One `intervene` call per head and feature (on the prompts whose swap is in it), against
+    Computed from the test capture with no forward pass (`intervene_captured`, equal to the
+    in-trace edit), per head and feature (on the prompts whose swap is in it), against
     `n_random` random subspaces of the same rank. The subspace is named after the feature when
     the study has one, else "feature" (the prompt coordinate ``swap_feature`` says which).
     """
@@ -453,20 +452,15 @@ def swaps(
             chosen = [i for i, s in enumerate(test.swap) if s[2] == feature]
             if not chosen:
                 continue
-            fx = intervene(
-                lm,
-                [test.ids[i] for i in chosen],
+            fx = intervene_captured(
+                captured.isel(prompt=chosen),
                 str(head),
                 subspaces["key_basis"].sel(head=head, feature=feature),
                 name=name,
                 orig=[test.keys[i][test.swap[i][0]] for i in chosen],
                 target=[test.keys[i][test.swap[i][1]] for i in chosen],
-                keys=[test.keys[i] for i in chosen],
-                query=test.query if test.query == "last" else [test.query[i] for i in chosen],
                 n_random=n_random,
                 seed=seed,
-                batch_size=batch_size,
-                progress=progress,
             )
             parts.append(per_prompt(fx).assign_coords(prompt=chosen))
         per_head.append(xr.concat(parts, dim="prompt").sortby("prompt"))
