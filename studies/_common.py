@@ -37,6 +37,9 @@ ORGANISM_SIZES = {  # study -> (n_prompts, n_test)
     "lexical": (900, 270),
 }
 PAPER_SIZES = {"filter_heads": (2000, 1000), "order_id": (2000, 500), "lexical": (2000, 500)}
+# Named models that run on a CPU (`qktrace.checkpoints.NAMED`, e.g. smollm2, 135M parameters):
+# sizes that finish in a few minutes per study on 2 idle cores.
+CPU_MODEL_SIZES = {"filter_heads": (300, 100), "order_id": (300, 100), "lexical": (300, 100)}
 
 
 def default_model(model: ModelLike | None) -> ModelLike:
@@ -63,7 +66,15 @@ def sizes(
     model: ModelLike, study: str, n_prompts: int | None, n_test: int | None
 ) -> tuple[int, int]:
     """(n_prompts, n_test): those given, else the organism's defaults or the paper's."""
-    table = ORGANISM_SIZES if is_organism(model) else PAPER_SIZES
+    from qktrace.checkpoints import NAMED
+
+    name = model.name if isinstance(model, Model) else os.fspath(model)
+    if is_organism(model):
+        table = ORGANISM_SIZES
+    elif name in NAMED:
+        table = CPU_MODEL_SIZES
+    else:
+        table = PAPER_SIZES
     default_prompts, default_test = table[study]
     return (
         default_prompts if n_prompts is None else n_prompts,
@@ -112,18 +123,38 @@ def check_design(
         raise bad("batch_size", batch_size, "is below 1", "pass e.g. 16")
 
 
+# how many heads a study takes from the find_heads ranking when none are given
+N_FOUND_HEADS = 3
+
+
 def resolve_heads(
     model: Model,
     heads: str | Sequence[Any] | None,
     study: str,
-    find: Callable[[], list[Head]] | None = None,
+    find: Callable[[], list[Head] | xr.Dataset] | None = None,
 ) -> list[Head]:
     """The heads to study: those given; the organism's (data/organism/heads.json) for the
-    organism; the paper's for its model; else `find()` if possible.
+    organism; the paper's for its model; else the best `N_FOUND_HEADS` from `find()`.
 
     `find` runs `qktrace.heads.find_heads` on the study's own prompts; it is only called when
     no heads are given and the model is neither the organism nor the paper's.
     """
+    return choose_heads(model, heads, study, find)[0]
+
+
+def choose_heads(
+    model: Model,
+    heads: str | Sequence[Any] | None,
+    study: str,
+    find: Callable[[], list[Head] | xr.Dataset] | None = None,
+) -> tuple[list[Head], xr.Dataset]:
+    """`resolve_heads`, plus the `find_heads` ranking as store variables when it ran.
+
+    `find` may return heads, or a `find_heads` Dataset ranking every head (best first); the
+    ranking comes back as ``find_answer_attention``, ``find_answer_share``,
+    ``find_answer_argmax`` over dim ``ranked_head`` (an empty Dataset when no search ran).
+    """
+    ranking = xr.Dataset()
     if heads is not None:
         parsed = parse_heads(heads)
     elif is_organism(model):
@@ -133,7 +164,11 @@ def resolve_heads(
     elif PAPER_MODEL in model.name.lower():
         parsed = parse_heads(PAPER_HEADS[study])
     elif find is not None and _has_find_heads():
-        parsed = find()
+        found = find()
+        if isinstance(found, xr.Dataset):
+            ranking = ranking_variables(found)
+            found = parse_heads(list(found["head"].values[:N_FOUND_HEADS]))
+        parsed = found
     else:
         raise ValueError(
             f"No heads given for {model.name}, and the paper only lists heads for "
@@ -141,7 +176,22 @@ def resolve_heads(
             "16.19,20.26); qktrace.find_heads can rank the heads of a new model."
         )
     model.check_heads(parsed)
-    return parsed
+    return parsed, ranking
+
+
+def ranking_variables(found: xr.Dataset) -> xr.Dataset:
+    """A `find_heads` result as store variables over ``ranked_head`` (best first)."""
+    from qktrace.heads import SCORES
+
+    labels = [str(h) for h in found["head"].values]
+    return xr.Dataset(
+        {f"find_{name}": ("ranked_head", found[name].values) for name in SCORES},
+        coords={"ranked_head": labels},
+        attrs={
+            "find_heads_by": found.attrs.get("by", ""),
+            "find_heads_n_prompts": found.attrs.get("n_prompts", 0),
+        },
+    )
 
 
 def heads_source(model: Model, heads: str | Sequence[Any] | None) -> str:

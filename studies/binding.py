@@ -220,17 +220,15 @@ def answer_swaps(
 
 def find(
     lm: Any, prompts: Sequence[Prompt], loc: Located, batch_size: int, progress: bool = True
-) -> list:
-    """The 3 heads whose last-token query attends most to the answer's box letter."""
+) -> xr.Dataset:
+    """Every head ranked by how much its last-token query attends to the answer's box letter."""
     from qktrace.heads import find_heads
-    from qktrace.models import parse_heads
 
     boxes = loc.positions["box"]
     answer = [row[p.meta["answer"]] for row, p in zip(boxes, prompts, strict=True)]
-    found = find_heads(
-        lm, loc.ids, answer, keys=boxes, top=3, batch_size=batch_size, progress=progress
+    return find_heads(
+        lm, loc.ids, answer, keys=boxes, top=None, batch_size=batch_size, progress=progress
     )
-    return parse_heads(list(found["head"].values))
 
 
 def plot(path: str | Path, study: str, feature: str, hues: Sequence[str]) -> list[Path]:

@@ -48,7 +48,7 @@ import xarray as xr
 
 from qktrace.covariance import decompose
 from qktrace.interventions import intervene_captured
-from qktrace.models import Remote, parse_heads
+from qktrace.models import Remote
 from qktrace.prompts import FILTER_CATEGORIES, FILTER_QUESTIONS, Located, Prompt, locate
 from qktrace.prompts import filter_prompts as build_prompts
 from qktrace.qk import capture
@@ -63,6 +63,7 @@ from studies._common import (
     captured_pairs,
     check_design,
     check_out,
+    choose_heads,
     default_model,
     heads_source,
     null_test,
@@ -70,7 +71,6 @@ from studies._common import (
     pca_figure,
     per_prompt,
     rank_figure,
-    resolve_heads,
     save_figures,
     sizes,
     stack_heads,
@@ -213,7 +213,7 @@ def run(
     lm = open_model(model, remote)
     train_loc = locate(lm.tokenizer, train, chat=chat)
     test_loc = locate(lm.tokenizer, test, chat=chat)
-    head_list = resolve_heads(
+    head_list, ranking = choose_heads(
         lm, heads, STUDY, find=lambda: _find_heads(lm, test, test_loc, batch_size, progress)
     )
     params["heads"] = [h.label for h in head_list]
@@ -268,10 +268,11 @@ def run(
 
     # 5. store, then figures from the store
     ds = xr.merge(
-        [subspaces, null, captured, geometry, swaps, answers],
+        [subspaces, null, captured, geometry, swaps, ranking, answers],
         compat="override",
         combine_attrs="drop",
     )
+    params.update(ranking.attrs)  # how the heads were ranked, when find_heads chose them
     write(ds, path, study=STUDY, params=params, model=lm, seed=seed, overwrite=overwrite)
     if figures:
         plot(path)
@@ -280,8 +281,8 @@ def run(
 
 def _find_heads(
     lm: Any, prompts: list[Prompt], loc: Located, batch_size: int, progress: bool
-) -> list:
-    """The 3 heads whose last-token query attends most to the answered item.
+) -> xr.Dataset:
+    """Every head ranked by how much its last-token query attends to the answered item.
 
     The answered item is the first item of the asked category ("all" and "first" questions)
     or its last one ("last" questions); the candidates are all items.
@@ -296,16 +297,15 @@ def _find_heads(
             if c == p.meta["asked"]
         ]
         answer.append(hits[-1] if p.meta["question"] == "last" else hits[0])
-    found = find_heads(
+    return find_heads(
         lm,
         loc.ids,
         answer,
         keys=loc.positions["item"],
-        top=3,
+        top=None,
         batch_size=batch_size,
         progress=progress,
     )
-    return parse_heads(list(found["head"].values))
 
 
 def _key_labels(prompts: Sequence[Prompt]) -> dict[str, Any]:

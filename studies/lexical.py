@@ -59,12 +59,12 @@ from studies._common import (
     check_design,
     check_out,
     checkpoint,
+    choose_heads,
     default_model,
     heads_source,
     is_organism,
     null_test,
     open_model,
-    resolve_heads,
     save_figures,
     sizes,
     write,
@@ -223,7 +223,7 @@ def run(
     test = binding.build_prompts(n_test, n_pairs, seed=seed + 1)
     lm = open_model(model, remote)
     test_loc = locate(lm.tokenizer, test, chat=chat)
-    head_list = resolve_heads(
+    head_list, ranking = choose_heads(
         lm, heads, "binding", find=lambda: binding.find(lm, test, test_loc, batch_size, progress)
     )
     params = {
@@ -345,6 +345,7 @@ def run(
         combine_attrs="drop",
     )
     params["order_subspace"] = source
+    params.update(ranking.attrs)  # how the heads were ranked, when find_heads chose them
     write(ds, path, study=STUDY, params=params, model=lm, seed=seed, overwrite=overwrite)
     if figures:
         plot(path)

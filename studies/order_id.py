@@ -47,11 +47,11 @@ from studies._common import (
     captured_pairs,
     check_design,
     check_out,
+    choose_heads,
     default_model,
     heads_source,
     null_test,
     open_model,
-    resolve_heads,
     sizes,
     subspace_pca,
     trimmed,
@@ -160,7 +160,7 @@ def run(
     test = binding.build_prompts(n_test, n_pairs, query_object=query_object, seed=seed + 1)
     lm = open_model(model, remote)
     test_loc = locate(lm.tokenizer, test, chat=chat)
-    head_list = resolve_heads(
+    head_list, ranking = choose_heads(
         lm, heads, "binding", find=lambda: binding.find(lm, test, test_loc, batch_size, progress)
     )
     params = {
@@ -227,10 +227,11 @@ def run(
     )
 
     ds = xr.merge(
-        [subspaces, null, captured, geometry, effects, answers],
+        [subspaces, null, captured, geometry, effects, ranking, answers],
         compat="override",
         combine_attrs="drop",
     )
+    params.update(ranking.attrs)  # how the heads were ranked, when find_heads chose them
     write(ds, path, study=STUDY, params=params, model=lm, seed=seed, overwrite=overwrite)
     if figures:
         plot(path)

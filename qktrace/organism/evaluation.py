@@ -99,6 +99,10 @@ def evaluate(
 
         model = path()
     if isinstance(model, (str, os.PathLike)):
+        from qktrace.checkpoints import is_convertible, local_checkpoint
+
+        if is_convertible(model):  # a named model (smollm2) or a .gguf file
+            model = local_checkpoint(model)
         tokenizer = tokenizer or AutoTokenizer.from_pretrained(model)
         model = AutoModelForCausalLM.from_pretrained(model)
     net = model.eval()
