@@ -340,7 +340,7 @@ def run(
 
     null = null.reindex(feature=subspaces["feature"].values, fill_value={"null_rank": -1})
     ds = xr.merge(
-        [subspaces, null, captured, geometry, effects, answers, parts],
+        [subspaces, null, captured, geometry, effects, answers, parts, ranking],
         compat="override",
         combine_attrs="drop",
     )
