@@ -14,7 +14,9 @@ Studies are found through the registry `studies.STUDIES` (name -> module with a 
 from __future__ import annotations
 
 import importlib
+import shlex
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, NoReturn
 
@@ -51,6 +53,71 @@ def _fail(message: str, code: int = 1) -> NoReturn:
     raise typer.Exit(code)
 
 
+def _command_line(ctx: typer.Context) -> str:
+    """This command as a user would retype it to rewrite its output: the options given, then
+    ``--overwrite`` (recorded in the stores it writes, and quoted if one is found damaged)."""
+    words = ["qktrace", str(ctx.info_name)]
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if param.param_type_name == "argument":
+            words.append(str(value))
+        elif value is not None and value != param.default and param.name != "overwrite":
+            if getattr(param, "is_flag", False):
+                words.append(param.opts[0] if value else param.secondary_opts[0])
+            else:
+                words += [param.opts[0], str(value)]
+    return shlex.join([*words, "--overwrite"])
+
+
+def _out_dir(out: str, store_name: str) -> Path:
+    """--out as a directory to write ``store_name`` in; refuse what would misplace the results."""
+    from qktrace import store
+
+    if not out.strip():
+        _fail("--out is empty; pass a directory for the results, e.g. -o out/organism.", 2)
+    path = Path(out)
+    if path.is_file() or (path.exists() and not path.is_dir()):
+        _fail(
+            f"--out {out} is a file; pass a directory (created if missing) for {store_name} "
+            "and its figures, e.g. -o out/organism.",
+            2,
+        )
+    if store.is_store(path):
+        _fail(
+            f"--out {out} is itself a qktrace store; pass the folder that holds it "
+            f"(-o {path.parent}, with --overwrite to replace it) or a new folder, so the new "
+            "store is not written inside the old one.",
+            2,
+        )
+    return path
+
+
+def _run(job: Callable[[], Path], ctx: typer.Context, kept: str | Callable[[], str]) -> Path:
+    """Run a job, mapping every failure to one ``Error:`` line and its exit status.
+
+    2: a bad argument (`qktrace.checks`) or an --out that cannot be used; 1: a run that cannot
+    be done (another run holds the output, a damaged store, a failing model or server);
+    130: Ctrl-C, after saying what is kept (`kept`).
+    """
+    from qktrace import checks, store
+    from qktrace.locks import OutputBusy
+
+    try:
+        with store.rewritten_by(_command_line(ctx)):
+            return job()
+    except KeyboardInterrupt:
+        said = kept() if callable(kept) else kept
+        _fail(f"interrupted. {said}; rerun the same command to resume.", 130)
+    except OutputBusy as err:
+        _fail(str(err), 1)
+    except (checks.BadArgument, checks.BadArgumentType) as err:
+        _fail(str(err), 2)
+    except FileExistsError as err:
+        _fail(f"--out: {err}", 2)
+    except (ValueError, RuntimeError, OSError, FloatingPointError, KeyError, TypeError) as err:
+        _fail(str(err).strip("'\""))
+
+
 def _study(name: str):  # noqa: ANN202 - a module
     from studies import STUDIES
 
@@ -59,9 +126,15 @@ def _study(name: str):  # noqa: ANN202 - a module
 
 @app.command()
 def toy(
+    ctx: typer.Context,
     out: Annotated[
-        Path,
-        typer.Option("--out", "-o", help="Output directory: toy.zarr and the PNG figures go here."),
+        str,
+        typer.Option(
+            "--out",
+            "-o",
+            metavar="DIR",
+            help="Output directory: toy.zarr and the PNG figures go here.",
+        ),
     ],
     quick: Annotated[
         bool, typer.Option("--quick", help="One seed, N, M in {3, 5}, fewer steps: under a minute.")
@@ -83,6 +156,9 @@ def toy(
     workers: Annotated[
         int, typer.Option("--workers", help="Processes training models side by side (1: none).")
     ] = 2,
+    figures: Annotated[
+        bool, typer.Option("--figures/--no-figures", help="Draw the PNG figures.")
+    ] = True,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace an existing toy.zarr in --out.")
     ] = False,
@@ -95,21 +171,31 @@ def toy(
     subspaces, and the latent interaction matrix G.
 
     Writes OUT/toy.zarr and OUT/rank_grid.png, pca.png, intervention.png, interaction.png, and
-    prints a summary table. The full run takes several minutes on 2 CPU cores.
+    prints a summary table. The full run takes several minutes on 2 CPU cores. Ctrl-C stops it
+    at once and keeps the finished models in OUT/toy.cells; the same command resumes.
     """
+    directory = _out_dir(out, "toy.zarr")
     start = time.perf_counter()
     overrides = {
         k: v for k, v in {"n_seeds": n_seeds, "max_steps": max_steps}.items() if v is not None
     }
-    try:
-        path = _study("toy").run(
-            out, quick=quick, seed=seed, overwrite=overwrite, workers=workers, **overrides
-        )
-    except FileExistsError as err:
-        _fail(f"--out: {err}", 2)
-    except ValueError as err:
-        _fail(str(err), 2)
-    typer.echo(f"wrote {path} and figures in {out} ({time.perf_counter() - start:.0f} s)")
+    path = _run(
+        lambda: _study("toy").run(
+            directory, quick=quick, seed=seed, overwrite=overwrite, workers=workers,
+            figures=figures, **overrides,
+        ),  # fmt: skip
+        ctx,
+        lambda: _toy_kept(directory),
+    )
+    where = f" and figures in {directory}" if figures else ""
+    typer.echo(f"wrote {path}{where} ({time.perf_counter() - start:.0f} s)")
+
+
+def _toy_kept(directory: Path) -> str:
+    from studies.toy import CELLS
+
+    n = len(list((directory / CELLS).glob("cell-*.zarr")))
+    return f"{n} finished model{'s' if n != 1 else ''} kept in {directory / CELLS}"
 
 
 _STUDY_EXAMPLES = """Examples (each command on one line):
@@ -164,6 +250,7 @@ def _model_studies() -> dict[str, str]:
 
 @app.command(epilog=_STUDY_EXAMPLES)
 def study(
+    ctx: typer.Context,
     name: Annotated[
         str,
         typer.Argument(
@@ -173,8 +260,13 @@ def study(
         ),
     ],
     out: Annotated[
-        Path,
-        typer.Option("--out", "-o", help="Output directory: NAME.zarr and PNG figures go here."),
+        str,
+        typer.Option(
+            "--out",
+            "-o",
+            metavar="DIR",
+            help="Output directory: NAME.zarr and PNG figures go here.",
+        ),
     ],
     model: Annotated[
         str | None,
@@ -326,6 +418,7 @@ def study(
         except ValueError as err:
             _fail(f"--heads: {err}", 2)
     mode: bool | str = True if remote else "local" if remote_local else False
+    directory = _out_dir(out, f"{store_name}.zarr")
     given = {
         "heads": heads,
         "n_prompts": n_prompts,
@@ -346,32 +439,26 @@ def study(
             _fail(f"{flag} is not an option of {name}; its options: {', '.join(options)}.", 2)
     kwargs = {k: v for k, v in given.items() if v is not None}
     start = time.perf_counter()
-    try:
-        path = run(
+    path = _run(
+        lambda: run(
             model,
-            out=out,
+            out=directory,
             seed=seed,
             remote=mode,
             figures=figures,
             overwrite=overwrite,
             progress=not quiet,
             **kwargs,
-        )
-    except FileExistsError as err:
-        _fail(f"--out: {err}", 2)
-    except KeyboardInterrupt:
-        _fail(
-            "interrupted. Completed batches are kept next to "
-            f"{out / store_name}.zarr; rerun the same command to resume.",
-            130,
-        )
-    except (ValueError, RuntimeError, OSError, FloatingPointError, KeyError) as err:
-        _fail(str(err).strip("'\""))
+        ),
+        ctx,
+        f"Completed batches are kept next to {directory / store_name}.zarr",
+    )
     from qktrace import store
     from qktrace.summary import summarize
 
     typer.echo(summarize(store.open(path), path, variables=False))
-    typer.echo(f"\nwrote {path} and figures in {out} ({time.perf_counter() - start:.0f} s)")
+    where = f" and figures in {directory}" if figures else ""
+    typer.echo(f"\nwrote {path}{where} ({time.perf_counter() - start:.0f} s)")
 
 
 def _parse_pairs(spec: str) -> list[int]:
@@ -561,7 +648,9 @@ def show(
     from qktrace.summary import summarize
 
     try:
-        ds = store.open(path)
+        ds = store.open(path, checksums=True)
+    except store.StoreDamagedError as err:
+        _fail(str(err), 1)
     except (OSError, ValueError) as err:
         _fail(str(err), 2)
     if not ds.data_vars:

@@ -50,6 +50,8 @@ from dataclasses import dataclass
 import numpy as np
 import xarray as xr
 
+from . import checks
+
 __all__ = [
     "CONTRASTS",
     "Subspace",
@@ -106,9 +108,13 @@ def rank_for_threshold(
 
 def _check_threshold(threshold: float) -> None:
     """Raise unless 0 < `threshold` <= 1 (a fraction of sum(S^2), not a percentage)."""
-    if not isinstance(threshold, numbers.Real) or not 0.0 < threshold <= 1.0:
+    if (
+        isinstance(threshold, bool)
+        or not isinstance(threshold, numbers.Real)
+        or not 0.0 < threshold <= 1.0
+    ):
         shown = float(threshold) if isinstance(threshold, numbers.Real) else repr(threshold)
-        raise ValueError(
+        raise checks.BadArgument(
             f"threshold={shown} is outside (0, 1]: it is the fraction of sum(S^2) the kept "
             "components hold; pass e.g. threshold=0.99 (not 99)."
         )
@@ -116,7 +122,10 @@ def _check_threshold(threshold: float) -> None:
 
 def _ranks(singular_values: np.ndarray, threshold: float) -> np.ndarray:
     """Vectorised rank rule over the leading axes of `singular_values` [..., n]."""
-    energy = np.cumsum(np.nan_to_num(singular_values) ** 2, axis=-1)
+    s = np.nan_to_num(singular_values)
+    largest = np.abs(s).max(axis=-1, keepdims=True)
+    # scaled by the largest value, so that S^2 cannot overflow (the rule is scale-free)
+    energy = np.cumsum((s / np.where(largest > 0, largest, 1.0)) ** 2, axis=-1)
     total = energy[..., -1:]
     # a tiny relative tolerance so that exactly-at-threshold spectra are not pushed up by rounding
     reached = energy >= threshold * total * (1 - 1e-12)
@@ -418,7 +427,21 @@ def decompose(sums: xr.Dataset, *, threshold: float = 0.99, centered: bool = Fal
     4
     """
     _check_threshold(threshold)
+    if not isinstance(sums, xr.Dataset):
+        raise checks.BadArgumentType(
+            f"sums is a {type(sums).__name__}; pass the Dataset of qktrace.reduce (or of "
+            "empty_sums + add_pairs)."
+        )
     count_name = _count_name(sums)
+    for name in ("qk_sum", "delta_c", "q_sum", "k_sum", count_name):
+        if name in sums:
+            checks.finite(
+                f"sums[{name!r}]",
+                sums[name],
+                "an SVD of it would be meaningless (LAPACK fails or returns garbage). Find where "
+                "it came from (a float16 overflow in the model, a NaN prompt, a hand-edited "
+                "store) and recompute the sums",
+            )
     sums = sums.transpose(..., "contrast", "dq", "dk")
     count = sums[count_name].transpose(..., "contrast")
     outer = [d for d in count.dims if d != "contrast"]
@@ -430,6 +453,12 @@ def decompose(sums: xr.Dataset, *, threshold: float = 0.99, centered: bool = Fal
         c = sums["qk_sum"].transpose(*outer, "contrast", "dq", "dk").values / n[..., None, None]
         delta_c = c[..., pos, :, :] - c[..., neg, :, :]
     else:  # `qktrace.reduce(..., delta=True)` summed ΔC itself
+        if sums.attrs.get("partial"):
+            raise ValueError(
+                f"these ΔC sums are {sums.attrs['partial']}. With delta=True each pair was "
+                "weighted by the full run's counts, so a partial ΔC is scaled wrong; finish the "
+                "run before decompose."
+            )
         delta_c = sums["delta_c"].transpose(*outer, "dq", "dk").values.astype(np.float64)
     if centered:
         q_mean = sums["q_sum"].transpose(*outer, "contrast", "dq").values / n[..., None]

@@ -26,6 +26,8 @@ from typing import Any, Literal, NamedTuple
 import nnsight
 import torch
 
+from . import checks
+
 Remote = bool | Literal["local"]
 
 
@@ -63,7 +65,7 @@ def adapter_for(model_type: str) -> Adapter:
         if model_type in adapter.model_types:
             return adapter
     supported = ", ".join(sorted(t for a in ADAPTERS for t in a.model_types))
-    raise ValueError(
+    raise checks.BadArgument(
         f"Unsupported architecture model_type={model_type!r}. Supported: {supported}. "
         "To add one, point qktrace at its decoder layers and attention module, e.g. "
         "qktrace.models.register_adapter(qktrace.models.Adapter('myfam', ('my_model_type',), "
@@ -94,9 +96,9 @@ def parse_heads(spec: str | tuple[int, int] | Sequence[str | tuple[int, int] | H
         spec = [spec]
     how = "write heads as LAYER.HEAD (two integers), comma-separated, e.g. --heads 16.19,20.26"
     if isinstance(spec, str) and not spec.strip():
-        raise ValueError(f"No heads given (got {spec!r}): {how}.")
+        raise checks.BadArgument(f"No heads given (got {spec!r}): {how}.")
     if not isinstance(spec, str | Iterable):
-        raise ValueError(f"Heads {spec!r} are not a head spec: {how} (or a list of (layer, head)).")
+        raise checks.BadArgument(f"Heads {spec!r} are not a head spec: {how} (or a list of (layer, head)).")
     items = spec.split(",") if isinstance(spec, str) else list(spec)
     heads: list[Head] = []
     for item in items:
@@ -105,7 +107,7 @@ def parse_heads(spec: str | tuple[int, int] | Sequence[str | tuple[int, int] | H
             if not match:
                 what = "an empty entry" if not item.strip() else f"{item.strip()!r}"
                 given = f" in {spec!r}" if isinstance(spec, str) and spec != item else ""
-                raise ValueError(f"Malformed head: {what}{given}; {how}.")
+                raise checks.BadArgument(f"Malformed head: {what}{given}; {how}.")
             heads.append(Head(int(match[1]), int(match[2])))
         elif (
             isinstance(item, Sequence)
@@ -115,12 +117,12 @@ def parse_heads(spec: str | tuple[int, int] | Sequence[str | tuple[int, int] | H
             layer, head = item
             heads.append(Head(int(layer), int(head)))
         else:
-            raise ValueError(
+            raise checks.BadArgument(
                 f"Malformed head {item!r}: give a (layer, head) pair of non-negative ints, or a "
                 f"string; {how}."
             )
     if not heads:
-        raise ValueError(f"No heads given (got {spec!r}): {how}.")
+        raise checks.BadArgument(f"No heads given (got {spec!r}): {how}.")
     return list(dict.fromkeys(heads))
 
 
@@ -207,7 +209,7 @@ class Model:
 
     def check_layer(self, layer: int) -> None:
         if not 0 <= layer < self.n_layers:
-            raise ValueError(
+            raise checks.BadArgument(
                 f"Layer {layer} is out of range: {self.name} has layers 0..{self.n_layers - 1}; "
                 f"pick a layer in that range (heads run from 0.0 to {self._last_head})."
             )
@@ -217,7 +219,7 @@ class Model:
         for h in heads:
             self.check_layer(h.layer)
             if not 0 <= h.head < self.n_heads:
-                raise ValueError(
+                raise checks.BadArgument(
                     f"Head {h.label} is out of range: {self.name} has heads 0..{self.n_heads - 1} "
                     f"in each of its {self.n_layers} layers; pick heads from 0.0 to "
                     f"{self._last_head}."
@@ -296,11 +298,11 @@ def load(
     """
     from transformers import AutoTokenizer
 
-    from . import ops
+    from . import checks, ops
     from .remote import preflight
 
     if remote not in (False, True, "local"):
-        raise ValueError(f"remote must be False, 'local' or True, not {remote!r}.")
+        raise checks.BadArgument(f"remote must be False, 'local' or True, not {remote!r}.")
     display_name, model = _converted(model, gguf_file, remote)
     if display_name is not None and revision is None:
         revision = _converted_revision(display_name)
@@ -351,9 +353,19 @@ def load(
         if device_map is not None:
             kwargs["device_map"] = device_map
         # On NDIF the weights stay on the server: only config and tokenizer are read here.
-        lm = nnsight.TransformersModel(
-            name, task="text-generation", tokenizer=tokenizer, dispatch=remote is not True, **kwargs
-        )
+        if remote is not True and local and "gguf_file" not in kwargs:
+            _check_weights_present(Path(name).expanduser())
+        try:
+            lm = nnsight.TransformersModel(
+                name, task="text-generation", tokenizer=tokenizer, dispatch=remote is not True,
+                **kwargs,
+            )  # fmt: skip
+        except Exception as err:  # transformers' and safetensors' own error types vary
+            raise OSError(
+                f"Cannot load the weights of {name}: {_root_error(err)}. A truncated or damaged "
+                "weights file (an interrupted download or copy) gives this: download or save the "
+                "model again (model.save_pretrained(path))."
+            ) from None
         config = lm.config
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
@@ -370,6 +382,29 @@ def load(
         remote=remote,
         revision=revision,
     )
+
+
+_WEIGHTS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json", "*.pt")
+
+
+def _check_weights_present(path: Path) -> None:
+    """Refuse a local model folder without weight files before transformers tries them."""
+    if path.is_dir() and not any(any(path.glob(p)) for p in _WEIGHTS):
+        raise FileNotFoundError(
+            f"No weights in {path}: it has {sorted(f.name for f in path.iterdir())[:8]} but no "
+            "model.safetensors (or pytorch_model.bin, or shards with an index). Save the model "
+            "there with model.save_pretrained(path), or pass the folder that holds its weights."
+        )
+
+
+def _root_error(err: BaseException) -> str:
+    """The innermost error of a transformers/safetensors load failure, as one line."""
+    import re
+
+    text = str(err)
+    inner = re.findall(r"^\s*(\w+(?:Error|Exception): .+)$", text, flags=re.MULTILINE)
+    line = inner[-1] if inner else text.strip().splitlines()[0] if text.strip() else ""
+    return f"{type(err).__name__}: {line.strip()}" if not inner else line.strip()
 
 
 def _converted(
@@ -423,6 +458,6 @@ def _check_before_loading(name: str, config: Any, tokenizer: Any) -> None:
 def iter_batches(items: Sequence[Any], batch_size: int) -> Iterator[tuple[int, Sequence[Any]]]:
     """(start index, slice) pairs over `items` in batches of `batch_size`."""
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+        raise checks.BadArgument(f"batch_size must be >= 1, got {batch_size}.")
     for start in range(0, len(items), batch_size):
         yield start, items[start : start + batch_size]

@@ -46,6 +46,7 @@ import xarray as xr
 from .covariance import add_pairs, decompose, empty_sums
 from .heads import find_heads
 from .interventions import intervene_captured
+from .locks import one_writer
 from .models import Head, Model, Remote, parse_heads
 from .prompts import Prompt
 from .qk import capture
@@ -173,6 +174,7 @@ class Study:
         return run_study(self, model, **settings)
 
 
+@one_writer(lambda arguments: f"{arguments['study'].name}.zarr")
 def run_study(
     study: Study,
     model: ModelLike | None = None,
@@ -221,6 +223,7 @@ def run_study(
         threshold=threshold,
         n_random=n_random,
         batch_size=batch_size,
+        seed=seed,
     )
     path = Path(out) / f"{study.name}.zarr"
     sums_checkpoint = check_out(path, overwrite)

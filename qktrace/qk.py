@@ -31,11 +31,14 @@ import torch
 import xarray as xr
 from tqdm.auto import tqdm
 
-from . import ops
+from . import checks, ops
+from .locks import one_writer
 from .models import Head, Model, iter_batches, parse_heads
 from .remote import with_retries
 
 Positions = Literal["last", "all"] | Sequence[int] | Sequence[Sequence[int]]
+# the argument a position spec came from, named in errors
+_ARGUMENT = {"Query": "query", "Key": "keys", "Orig": "orig", "Target": "target", "Edit (at=)": "at"}
 Prompt = str | Sequence[int]
 
 
@@ -76,8 +79,7 @@ def encode(
     model: Model, prompts: Sequence[Prompt], *, add_special_tokens: bool = True, first: int = 0
 ) -> Encoded:
     """Tokenize and pad a batch the way qktrace traces it (tokenizer's padding side)."""
-    if len(prompts) == 0:
-        raise ValueError("No prompts given: pass a non-empty list of strings (or token-id lists).")
+    checks.prompts("prompts", prompts)
     tokenizer = model.tokenizer
     ids = _token_ids(model, prompts, add_special_tokens, first)
     lengths = [len(r) for r in ids]
@@ -124,6 +126,7 @@ def resolve_positions(
             f"{what} positions were given for {len(spec)} prompts but there are {len(lengths)}: "
             "pass one position (or one list of positions) per prompt."
         )
+    checks.positions(_ARGUMENT.get(what, what), spec, len(lengths), first)
     resolved = []
     for i, (item, n) in enumerate(zip(spec, lengths, strict=True)):
         row = [int(item)] if isinstance(item, int | np.integer) else [int(p) for p in item]
@@ -226,6 +229,7 @@ def _capture_batch(
     return out
 
 
+@one_writer()
 def capture(
     model: Model,
     prompts: Sequence[Prompt],
@@ -414,9 +418,10 @@ def prepare(
     import hashlib
     import json
 
-    if len(prompts) == 0:
-        raise ValueError("No prompts given: pass a non-empty list of strings (or token-id lists).")
+    checks.prompts("prompts", prompts)
+    checks.integer("batch_size", batch_size, low=1, example="16")
     for spec, what in ((query, "Query"), (keys, "Key")):
+        checks.positions(_ARGUMENT[what], spec, len(prompts))
         if not isinstance(spec, str) and len(spec) != len(prompts):
             raise ValueError(
                 f"{what} positions were given for {len(spec)} prompts but there are "

@@ -25,6 +25,19 @@ A `BatchWriter` store is a directory::
       final.zarr/              optional reduced results from `BatchWriter.finalize`
       .batch-000002.zarr.tmp-1a2b3c4d/   batch being written (or left by a crash)
 
+Integrity
+---------
+zarr reads a missing chunk as the fill value by design, so a store with a deleted variable
+folder or chunk would read back as NaN or 0 without a word. Every store `save` writes (and every
+batch and final store of a `BatchWriter`) therefore records, in ``qktrace_integrity.json`` inside
+it, what it held when finished: its variables with their shapes and chunk counts, and every file
+with its size and CRC-32. `open` compares the sizes with the record (one ``stat`` per file) and
+raises `StoreDamagedError` naming the store, the variable and the command that rewrites it;
+``open(path, checksums=True)`` also compares the CRC-32s (one read of the whole store), as
+`qktrace show` and the reuse of stored results (a resumed sums checkpoint, lexical's
+order_id.zarr) do. The command is the CLI command that wrote the store (recorded through
+`rewritten_by`), else a hint from its provenance attrs.
+
 What is atomic
 --------------
 Each store (a `save`, a batch, the final results) is first written in full to a temporary
@@ -52,7 +65,9 @@ aligned by label (ordered union), dims without one by position.
 
 Limits
 ------
-- One writer per store at a time; two processes appending to the same path can collide.
+- One writer per store at a time; two processes appending to the same path can collide (the
+  CLI's runs hold a lock on their output, see `qktrace.locks`). A successful write deletes the
+  ``.<name>.tmp-*`` / ``.<name>.old-*`` copies that killed writers left beside it.
 - Atomic against process crashes (exceptions, kill, out of memory). Data is not fsync'ed, so an
   operating-system crash or power loss on some file systems can still lose the latest writes.
 - A crash in the instant between the two renames of an overwrite leaves the old store at
@@ -65,13 +80,17 @@ from __future__ import annotations
 
 import datetime as _dt
 import enum
+import glob
 import json
 import math
 import os
 import re
 import shutil
 import uuid
-from collections.abc import Mapping
+import zlib
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -81,12 +100,16 @@ import xarray as xr
 
 import qktrace
 
-__all__ = ["provenance", "save", "open", "BatchWriter"]
+__all__ = ["provenance", "save", "open", "BatchWriter", "StoreDamagedError", "rewritten_by"]
 
 MANIFEST = "qktrace_batches.json"
+# what a finished zarr store holds: every file with its size and CRC-32 (see "Integrity")
+INTEGRITY = "qktrace_integrity.json"
 FINAL = "final.zarr"
 _BATCH_RE = re.compile(r"^batch-(\d+)\.zarr$")
 _TMP_RE = re.compile(r"^\..+\.(tmp|old)-[0-9a-f]{8}$")
+# the command that (re)writes the stores written now; set by the CLI around a run
+_COMMAND: ContextVar[str | None] = ContextVar("qktrace_store_command", default=None)
 _ZARR_FORMAT = 2
 _REMOTE_MODES = {False: "local", "local": "remote-local", True: "ndif"}
 # attrs that identify a run: a resumed run must agree on them (when both runs give them)
@@ -265,8 +288,13 @@ def save(
     return path
 
 
-def open(path: str | os.PathLike, *, final: bool = False) -> xr.Dataset:
+def open(path: str | os.PathLike, *, final: bool = False, checksums: bool = False) -> xr.Dataset:
     """Open a store lazily: variables are dask arrays, loaded only when sliced and computed.
+
+    A store written by qktrace is first checked against the record of what it held when
+    written (see "Integrity" in the module docstring): a missing variable folder or chunk, or a
+    chunk of another size (empty, truncated), raises `StoreDamagedError` instead of reading
+    back as fill values.
 
     Parameters
     ----------
@@ -275,6 +303,9 @@ def open(path: str | os.PathLike, *, final: bool = False) -> xr.Dataset:
     final : bool, default False
         For a `BatchWriter` store, open the reduced results written by
         `BatchWriter.finalize` instead of the batches.
+    checksums : bool, default False
+        Also compare every file's CRC-32 with the record (reads the whole store once; what
+        `qktrace show` and the reuse of a stored result do).
 
     Returns
     -------
@@ -289,6 +320,9 @@ def open(path: str | os.PathLike, *, final: bool = False) -> xr.Dataset:
         If nothing is at `path`, or `final` is True but the run has no final results.
     ValueError
         If `path` is not a store, or a `BatchWriter` store holds no complete batch yet.
+    StoreDamagedError
+        (a ValueError) If a piece the store recorded is missing or changed; the message names
+        the store, the variable and the command that rewrites it.
 
     Examples
     --------
@@ -314,14 +348,14 @@ def open(path: str | os.PathLike, *, final: bool = False) -> xr.Dataset:
                     "call BatchWriter.finalize(extra) with the reduced Dataset, or open the "
                     "batches with open(path)."
                 )
-            return _open_zarr(final_path)
-        return _open_batches(path)
+            return _open_zarr(final_path, checksums)
+        return _open_batches(path, checksums)
     if final:
         raise ValueError(
             f"{path} is a single store written by save(), not a BatchWriter store, so it has no "
             "final results; call open(path) without final=True."
         )
-    return _open_zarr(path)
+    return _open_zarr(path, checksums)
 
 
 def _exists_not_empty(path: Path) -> bool:
@@ -329,6 +363,11 @@ def _exists_not_empty(path: Path) -> bool:
     if path.is_dir() and not path.is_symlink():
         return any(path.iterdir())
     return path.exists() or path.is_symlink()
+
+
+def is_store(path: str | os.PathLike) -> bool:
+    """Whether `path` is a store `open` reads (a zarr store or a BatchWriter directory)."""
+    return _kind(Path(path)) is not None
 
 
 def _kind(path: Path) -> str | None:
@@ -362,7 +401,8 @@ def _not_a_store(path: Path) -> Exception:
     )
 
 
-def _open_zarr(path: Path) -> xr.Dataset:
+def _open_zarr(path: Path, checksums: bool = False) -> xr.Dataset:
+    _verify(path, checksums)
     try:
         return xr.open_zarr(path, chunks={})
     except (OSError, ValueError, KeyError, TypeError) as err:  # damaged metadata
@@ -387,6 +427,7 @@ def _write_atomic(ds: xr.Dataset, path: Path) -> None:
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
         out.to_zarr(tmp, mode="w-", zarr_format=_ZARR_FORMAT, consolidated=True)
+        _record_integrity(tmp, out.attrs)
         if path.exists() or path.is_symlink():
             old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
             os.rename(path, old)
@@ -398,9 +439,115 @@ def _write_atomic(ds: xr.Dataset, path: Path) -> None:
             shutil.rmtree(old)
         else:
             os.rename(tmp, path)
+        # `path` is complete: copies left beside it by killed writers are obsolete
+        for leftover in path.parent.glob(f".{glob.escape(path.name)}.*-*"):
+            if _TMP_RE.match(leftover.name):
+                shutil.rmtree(leftover, ignore_errors=True)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------
+# integrity
+
+
+class StoreDamagedError(ValueError):
+    """A store lacks a piece it held when written, or holds a changed copy of one."""
+
+
+@contextmanager
+def rewritten_by(command: str) -> Iterator[None]:
+    """Record `command` as the way to rewrite the stores written inside this block.
+
+    A damaged store's `StoreDamagedError` then quotes it; the CLI wraps each run in it.
+    """
+    token = _COMMAND.set(command)
+    try:
+        yield
+    finally:
+        _COMMAND.reset(token)
+
+
+def _record_integrity(root: Path, attrs: Mapping[str, Any]) -> None:
+    """Write `INTEGRITY` in the finished zarr store `root`: its variables and every file."""
+    files: dict[str, list[int]] = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and p.name != INTEGRITY:
+            data = p.read_bytes()
+            files[p.relative_to(root).as_posix()] = [len(data), zlib.crc32(data)]
+    variables = {}
+    for rel in files:
+        if rel.endswith("/.zarray"):
+            name = rel.rsplit("/", 1)[0]
+            chunks = [f for f in files if f.startswith(name + "/") and "/." not in f]
+            shape = json.loads((root / rel).read_text())["shape"]
+            variables[name] = {"shape": shape, "chunks": len(chunks)}
+    record = {
+        "format": "qktrace-integrity",
+        "version": 1,
+        "command": _COMMAND.get() or _rewrite_hint(attrs),
+        "variables": variables,
+        "files": files,
+    }
+    (root / INTEGRITY).write_text(json.dumps(record, indent=1) + "\n")
+
+
+def _rewrite_hint(attrs: Mapping[str, Any]) -> str:
+    """How to rewrite a store written outside the CLI, from its provenance attrs."""
+    study = attrs.get("study")
+    if study == "toy":
+        return "qktrace toy -o <its folder> --overwrite (with the options it was run with)"
+    if isinstance(study, str):
+        return (
+            f"qktrace study {study.replace('_', '-')} -o <its folder> --overwrite (with the "
+            "options in its attrs['params']), or the call that wrote it with overwrite=True"
+        )
+    return "the call that wrote it, with overwrite=True"
+
+
+def _verify(root: Path, checksums: bool) -> None:
+    """Raise StoreDamagedError if a file `root` recorded when written is missing or changed.
+
+    Stores written without a record (older qktrace, other tools) are not checked.
+    """
+    record_path = root / INTEGRITY
+    if not record_path.is_file():
+        return
+    try:
+        record = json.loads(record_path.read_text())
+        files = record["files"]
+    except (OSError, ValueError, KeyError) as err:
+        raise StoreDamagedError(
+            f"{root} is damaged: its record {INTEGRITY} cannot be read ({err}). Rewrite the "
+            "store (e.g. rerun the command that wrote it with --overwrite)."
+        ) from err
+    problems: dict[str, str] = {}
+    for rel, (size, crc) in files.items():
+        var, _, name = rel.rpartition("/")
+        where = f"variable {var!r}" if var else "the store's metadata"
+        if where in problems:
+            continue
+        path = root / rel
+        if var and not (root / var).is_dir():
+            problems[where] = "its folder is missing"
+        elif not path.is_file():
+            problems[where] = f"file {name} is missing"
+        elif (actual := path.stat().st_size) != size:
+            problems[where] = (
+                f"file {name} is empty (0 of {size} bytes)"
+                if actual == 0
+                else f"file {name} has {actual} of the {size} bytes written"
+            )
+        elif checksums and zlib.crc32(path.read_bytes()) != crc:
+            problems[where] = f"file {name} changed since it was written (CRC-32 differs)"
+    if problems:
+        what = "; ".join(f"{k}: {v}" for k, v in problems.items())
+        raise StoreDamagedError(
+            f"{root} is damaged: {what}. Read as is, the missing pieces would come back as fill "
+            f"values (NaN or 0) or fail to decompress, so it is refused. Rewrite it with: "
+            f"{record.get('command') or 'the command that wrote it, with --overwrite'}"
+        )
 
 
 def _even_chunks(ds: xr.Dataset) -> xr.Dataset:
@@ -498,6 +645,8 @@ class BatchWriter:
             for leftover in self.path.iterdir():  # partial writes of a crashed run
                 if _TMP_RE.match(leftover.name):
                     _remove(leftover)
+            for batch in _batch_paths(self.path):  # a resume builds on them: check them whole
+                _verify(batch, checksums=True)
         elif kind == "zarr":
             raise FileExistsError(
                 f"{self.path} holds a single dataset written by save(), not a BatchWriter store; "
@@ -684,10 +833,10 @@ def _schema(ds: xr.Dataset) -> dict[str, tuple[tuple[str, ...], str]]:
     return {str(k): (tuple(map(str, v.dims)), kind(v.dtype)) for k, v in ds.variables.items()}
 
 
-def _open_batches(path: Path) -> xr.Dataset:
+def _open_batches(path: Path, checksums: bool = False) -> xr.Dataset:
     manifest = _read_manifest(path)
     dim = manifest["dim"]
-    batches = [_open_zarr(p) for p in _batch_paths(path)]
+    batches = [_open_zarr(p, checksums) for p in _batch_paths(path)]
     if not batches:
         raise ValueError(
             f"{path} holds no complete batch yet; run the study (or let it finish its first "

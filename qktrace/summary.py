@@ -78,6 +78,8 @@ def _provenance(ds: xr.Dataset, path: Any) -> str:
         f"{shown.get(k, k)} {attrs[k]}" for k in _PROVENANCE if attrs.get(k) is not None
     )
     lines = [f"{path}" if path is not None else "", head]
+    if attrs.get("partial"):  # a checkpoint of qktrace.sums that holds the first prompts only
+        lines.append(str(attrs["partial"]))
     versions = ", ".join(
         f"{k.removesuffix('_version')} {attrs[k]}" for k in _VERSIONS if attrs.get(k)
     )

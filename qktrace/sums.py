@@ -22,7 +22,6 @@ The result is the "covariance sums" Dataset of `qktrace.covariance` (`qk_sum`, `
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,8 @@ import torch
 import xarray as xr
 from tqdm.auto import tqdm
 
-from . import ops
+from . import checks, ops
+from .locks import one_writer
 from .models import Head, Model, parse_heads
 from .qk import Check, Positions, Prompt, _by_layer, _given_order, prepare
 from .remote import with_retries
@@ -43,10 +43,11 @@ Label = tuple[str, str] | None
 # Batches per NDIF request by default: 16x fewer round trips and returned sums, while a failed
 # request loses (and a resume repeats) at most 16 batches.
 REMOTE_BATCHES_PER_REQUEST = 16
-# With out=, the running sums are saved at most this often (and at the end, and when a run is
-# interrupted or a request fails): writing the store after every batch cost a third of a
-# study's time on a small model.
-CHECKPOINT_SECONDS = 10.0
+# attrs["partial"] of a checkpoint that holds the sums of the first prompts only
+PARTIAL = (
+    "partial ({done} of {total} prompts): `pair_count` and `n_prompts` count the {done} summed; "
+    "rerun the same call (CLI: the same command) to resume and sum the rest"
+)
 
 
 def _groups(labels: Sequence[Sequence[Label]]) -> list[str]:
@@ -190,6 +191,7 @@ def _check_labels(labels: Sequence[Sequence[Label]]) -> Check:
     return check
 
 
+@one_writer()
 def reduce(
     model: Model,
     prompts: Sequence[Prompt],
@@ -242,8 +244,12 @@ def reduce(
     """
     heads = parse_heads(heads)
     model.check_heads(heads)
-    if len(prompts) == 0:
-        raise ValueError("No prompts given: pass a non-empty list of strings (or token-id lists).")
+    checks.prompts("prompts", prompts)
+    if isinstance(labels, str) or not isinstance(labels, Sequence):
+        raise checks.BadArgumentType(
+            f"labels is a {type(labels).__name__}; pass one list per prompt of "
+            "(feature, 'positive' | 'negative') pairs or None."
+        )
     if len(labels) != len(prompts):
         raise ValueError(
             f"labels has {len(labels)} rows for {len(prompts)} prompts: give one row per prompt."
@@ -261,11 +267,13 @@ def reduce(
     features = _groups(labels)
     d = model.d_head
     shape = (len(heads), len(features), 2)
-    count = np.zeros(shape, dtype=np.int64)
-    for row in labels:
+    # pairs per prompt, so a checkpoint counts exactly the prompts it has summed
+    per_prompt = np.zeros((len(prompts), len(features), 2), dtype=np.int64)
+    for i, row in enumerate(labels):
         for label in row:
             if label is not None:
-                count[:, features.index(label[0]), CONTRASTS.index(label[1])] += 1
+                per_prompt[i, features.index(label[0]), CONTRASTS.index(label[1])] += 1
+    count = np.broadcast_to(per_prompt.sum(axis=0), shape).copy()
     if delta:
         _check_delta_counts(count, features)
     qk_sum = np.zeros((len(heads), len(features), d, d) if delta else (*shape, d, d))
@@ -300,71 +308,53 @@ def reduce(
 
     todo = [(start, n) for start, n in plan.starts() if start >= done]
     per = batches_per_request or len(todo) or 1
-    saved, last_saved = done, time.monotonic()
-
-    def save(upto: int) -> None:
-        nonlocal saved, last_saved
-        sums = _sums_dataset(model, heads, features, qk_sum, q_sum, k_sum, count, upto, params)
-        _checkpoint(out, sums)
-        saved, last_saved = upto, time.monotonic()
-
-    try:
-        bar = tqdm(
-            total=len(prompts), initial=done, desc="reduce", unit="prompt", disable=not progress
+    bar = tqdm(total=len(prompts), initial=done, desc="reduce", unit="prompt", disable=not progress)
+    for r in range(0, len(todo), per):
+        request = todo[r : r + per]
+        start = request[0][0]
+        end = request[-1][0] + request[-1][1]
+        work = []
+        for first, n in request:
+            batch = plan.batch(first)
+            index = _label_index(labels[first : first + n], features, batch.key_index.shape[1])
+            work.append((batch.encoded.inputs, batch.query_index, batch.key_index, index))
+        del batch
+        qk, scale, q, k, finite = with_retries(
+            _reduce_batch,
+            model,
+            work,
+            heads,
+            qk_table,
+            vector_table,
+            wires[delta_dtype] if delta else None,
+            what=f"prompts {start}..{end - 1}",
+            resume_hint=_resume_hint(out, start),
         )
-        for r in range(0, len(todo), per):
-            request = todo[r : r + per]
-            start = request[0][0]
-            end = request[-1][0] + request[-1][1]
-            work = []
-            for first, n in request:
-                batch = plan.batch(first)
-                index = _label_index(labels[first : first + n], features, batch.key_index.shape[1])
-                work.append((batch.encoded.inputs, batch.query_index, batch.key_index, index))
-            del batch
-            qk, scale, q, k, finite = with_retries(
-                _reduce_batch,
-                model,
-                work,
-                heads,
-                qk_table,
-                vector_table,
-                wires[delta_dtype] if delta else None,
-                what=f"prompts {start}..{end - 1}",
-                resume_hint=_resume_hint(out, start),
-            )
-            del work
-            if not finite.all() or not np.isfinite(qk).all():
-                bad = start + int(np.argmin(finite)) if not finite.all() else None
-                where = f"prompt {bad}" if bad is not None else f"prompts {start}..{end - 1}"
-                raise FloatingPointError(
-                    f"Captured q/k have NaN/inf for {where}, so the q k^T sums would be NaN. The "
-                    "model overflowed on it: run in float32 or bfloat16 instead of float16, or drop "
-                    "that prompt."
-                    + (
-                        f" The sums of prompts 0..{start - 1} are saved in {out}."
-                        if start and out is not None
-                        else ""
-                    )
+        del work
+        if not finite.all() or not np.isfinite(qk).all():
+            bad = start + int(np.argmin(finite)) if not finite.all() else None
+            where = f"prompt {bad}" if bad is not None else f"prompts {start}..{end - 1}"
+            raise FloatingPointError(
+                f"Captured q/k have NaN/inf for {where}, so the q k^T sums would be NaN. The "
+                "model overflowed on it: run in float32 or bfloat16 instead of float16, or drop "
+                "that prompt."
+                + (
+                    f" The sums of prompts 0..{start - 1} are saved in {out}."
+                    if start and out is not None
+                    else ""
                 )
-            # new arrays, bound together: an interrupt never sees half-added sums
-            qk_sum, q_sum, k_sum, done = (
-                qk_sum + (qk.astype(np.float64) * scale).reshape(qk_sum.shape),
-                q_sum + q.reshape(q_sum.shape),
-                k_sum + k.reshape(k_sum.shape),
-                end,
             )
-            if out is not None and (
-                time.monotonic() - last_saved >= CHECKPOINT_SECONDS or done == len(prompts)
-            ):
-                save(done)
-            bar.update(end - start)
-    except BaseException:
-        # an interrupt or a failed request: keep what is summed (a hard kill loses at most
-        # CHECKPOINT_SECONDS of work)
-        if out is not None and done > saved:
-            save(done)
-        raise
+        qk_sum += (qk.astype(np.float64) * scale).reshape(qk_sum.shape)
+        q_sum += q.reshape(q_sum.shape)
+        k_sum += k.reshape(k_sum.shape)
+        done = end
+        if out is not None:
+            summed = np.broadcast_to(per_prompt[:done].sum(axis=0), shape)
+            _checkpoint(
+                out,
+                _sums_dataset(model, heads, features, qk_sum, q_sum, k_sum, summed, done, params),
+            )
+        bar.update(end - start)
     bar.close()
     return _sums_dataset(model, heads, features, qk_sum, q_sum, k_sum, count, done, params)
 
@@ -411,8 +401,10 @@ def _sums_dataset(
             "remote": model.remote_label,
             "n_prompts": done,
             "params": params,
+            **({"partial": PARTIAL.format(done=done, total=params["n_prompts"])}
+               if done < params["n_prompts"] else {}),
         },
-    )
+    )  # fmt: skip
 
 
 def _resume_hint(out: str | Path | None, start: int) -> str:
@@ -438,7 +430,7 @@ def _resume(out: str | Path | None, params: dict[str, Any]) -> tuple[int, xr.Dat
     from . import store
 
     batches = (Path(out) / store.MANIFEST).is_file()  # a capture (BatchWriter) store
-    state = None if batches else store.open(out)
+    state = None if batches else store.open(out, checksums=True)
     stored = None if state is None else state.attrs.get("params")
     if isinstance(stored, str):
         stored = json.loads(stored)

@@ -97,26 +97,31 @@ def check_design(
     threshold: float,
     n_random: int,
     batch_size: int,
+    seed: int = 0,
     min_prompts: int = 1,
     why: str = "",
 ) -> None:
     """Refuse impossible study settings before any model work, naming the argument and flag."""
+    from qktrace import checks
 
     def bad(name: str, value: object, rule: str, fix: str) -> ValueError:
         flag = "--" + name.replace("_", "-")
-        return ValueError(f"{name}={value!r} (CLI {flag}) {rule}; {fix}.")
+        return checks.BadArgument(f"{name}={value!r} (CLI {flag}) {rule}; {fix}.")
+
+    for name, value in (("n_prompts", n_prompts), ("n_test", n_test), ("n_random", n_random),
+                        ("batch_size", batch_size), ("seed", seed)):  # fmt: skip
+        checks.integer(name, value, flag="--" + name.replace("_", "-"))
+    checks.number(
+        "threshold", threshold, low=0, high=1, low_open=True, flag="--threshold",
+        meaning="the fraction of sum(S^2) the kept components hold", example="0.99",
+    )  # fmt: skip
+    if seed < 0:
+        raise bad("seed", seed, "is negative (numpy seeds are >= 0)", "pass e.g. 0")
 
     if n_prompts < min_prompts:
         raise bad("n_prompts", n_prompts, f"is too few{why}", f"pass n_prompts >= {min_prompts}")
     if n_test < 1:
         raise bad("n_test", n_test, "leaves no fresh prompts for PCA and swaps", "pass >= 1")
-    if not 0.0 < threshold <= 1.0:
-        raise bad(
-            "threshold",
-            threshold,
-            "is outside (0, 1] (the fraction of sum(S^2) the kept components hold)",
-            "pass e.g. 0.99",
-        )
     if n_random < 0:
         raise bad("n_random", n_random, "is negative", "pass 0 (no baseline) or more")
     if batch_size < 1:
@@ -297,8 +302,15 @@ def checkpoint(path: Path, what: str) -> Path:
 
 
 def _remove_checkpoints(path: Path) -> None:
-    for leftover in path.parent.glob(f"{path.stem}.*.zarr"):
-        shutil.rmtree(leftover)
+    """Delete the run's checkpoints, and the hidden copies killed writes left of them or of
+    the store (``.<name>.zarr.old-*`` / ``.tmp-*``, see `qktrace.store`)."""
+    import re
+
+    leftovers = [*path.parent.glob(f"{path.stem}.*.zarr"), *path.parent.glob(f".{path.stem}.*")]
+    hidden = re.compile(r"^\..+\.zarr\.(tmp|old)-[0-9a-f]{8}$")
+    for leftover in leftovers:
+        if not leftover.name.startswith(".") or hidden.match(leftover.name):
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------

@@ -61,9 +61,12 @@ __all__ = [
 
 def check_pairs(n_pairs: int) -> None:
     """The binding contrasts need a second box: its key is the negative, and the swap target."""
+    from qktrace import checks
+
     letters = len(load_box_letters())
+    checks.integer("n_pairs", n_pairs, flag="--n-pairs", example="9")
     if not 2 <= n_pairs <= letters:
-        raise ValueError(
+        raise checks.BadArgument(
             f"n_pairs={n_pairs} (CLI --n-pairs) must be between 2 and {letters}: the other "
             "boxes' keys are the negatives of the contrast and the targets of the swaps, and "
             f"there are {letters} box letters; pass e.g. n_pairs=9 (the paper's)."

@@ -46,8 +46,10 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
+from qktrace import checks
 from qktrace.covariance import decompose
 from qktrace.interventions import intervene_captured
+from qktrace.locks import one_writer
 from qktrace.models import Remote
 from qktrace.prompts import FILTER_CATEGORIES, FILTER_QUESTIONS, Located, Prompt, locate
 from qktrace.prompts import filter_prompts as build_prompts
@@ -107,6 +109,7 @@ def labels(prompts: Sequence[Prompt]) -> list[list[tuple[str, str]]]:
 # the study
 
 
+@one_writer(f"{STUDY}.zarr")
 def run(
     model: ModelLike | None = None,
     *,
@@ -169,12 +172,19 @@ def run(
     """
     model = default_model(model)
     n_prompts, n_test = sizes(model, STUDY, n_prompts, n_test)
+    if isinstance(categories, str):
+        raise checks.BadArgumentType(
+            f"categories={categories!r} is one string; pass a list, e.g. "
+            f"categories={categories.split(',')!r} (CLI: --categories fruit,animal)."
+        )
+    categories = checks.unique("categories", list(categories), flag="--categories")
     check_design(
         n_prompts=n_prompts,
         n_test=n_test,
         threshold=threshold,
         n_random=n_random,
         batch_size=batch_size,
+        seed=seed,
         min_prompts=len(categories),
         why=(
             f": the asked category cycles through the {len(categories)} categories, so fewer "

@@ -49,6 +49,7 @@ import xarray as xr
 
 from qktrace.attribution import attribute
 from qktrace.covariance import add_pairs, decompose, empty_sums
+from qktrace.locks import one_writer
 from qktrace.models import Head, Model, Remote
 from qktrace.prompts import locate
 from qktrace.qk import capture
@@ -171,6 +172,7 @@ def lexical_sums(
     return sums.assign_coords(head_coords).assign_attrs(n_prompts=n_prompts)
 
 
+@one_writer(f"{STUDY}.zarr")
 def run(
     model: ModelLike | None = None,
     *,
@@ -215,6 +217,7 @@ def run(
         threshold=threshold,
         n_random=n_random,
         batch_size=batch_size,
+        seed=seed,
     )
     binding.check_pairs(n_pairs)
     out = Path(out)
@@ -372,7 +375,7 @@ def _order_subspace(
     stored = out / f"{order_id.STUDY}.zarr"
     labels = [h.label for h in heads]
     if stored.exists():
-        ds = store.open(stored)
+        ds = store.open(stored, checksums=True)
         p = ds.attrs.get("params", {})
         if (
             _same_model(str(ds.attrs.get("model")), lm)

@@ -36,6 +36,7 @@ import numpy as np
 import xarray as xr
 
 from qktrace.covariance import decompose
+from qktrace.locks import one_writer
 from qktrace.models import Head, Model, Remote
 from qktrace.prompts import load_objects, locate
 from qktrace.qk import capture
@@ -97,6 +98,7 @@ def order_subspaces(
     return decompose(sums, threshold=threshold).merge(sums[["qk_sum", "q_sum", "k_sum"]])
 
 
+@one_writer(f"{STUDY}.zarr")
 def run(
     model: ModelLike | None = None,
     *,
@@ -151,6 +153,7 @@ def run(
         threshold=threshold,
         n_random=n_random,
         batch_size=batch_size,
+        seed=seed,
     )
     binding.check_pairs(n_pairs)
     out = Path(out)

@@ -31,9 +31,15 @@ Run it with ``qktrace toy --out DIR`` (``--quick`` for a one-seed, 2 x 2 grid).
 
 from __future__ import annotations
 
+import json
 import multiprocessing
+import shutil
+import signal
+import threading
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from multiprocessing import connection
 from pathlib import Path
 from typing import Any
 
@@ -43,12 +49,14 @@ import torch
 import xarray as xr
 from tqdm.auto import tqdm
 
-from qktrace import plots, store
+from qktrace import checks, plots, store
+from qktrace.locks import one_writer
 from qktrace.toy.analysis import analyze
 from qktrace.toy.data import VARIANTS, PayloadTask
 from qktrace.toy.train import train
 
 STORE = "toy.zarr"
+CELLS = "toy.cells"  # finished models of an unfinished run (see `Cells`)
 FIGURES = ("rank_grid.png", "pca.png", "intervention.png", "interaction.png")
 ORDER = ("variant", "d_head", "N", "M", "latent", "seed")
 
@@ -73,9 +81,13 @@ def settings(
     Quick: N, M in {3, 5}, one seed, up to 600 steps.
     """
     n_seeds = n_seeds if n_seeds is not None else (1 if quick else 3)
+    checks.integer("seed", seed, low=0, flag="--seed", example="0")
     for name, value in (("n_seeds", n_seeds), ("max_steps", max_steps), ("n_pairs", n_pairs)):
-        if value is not None and value < 1:
-            raise ValueError(f"{name}={value} (CLI --{name.replace('_', '-')}) must be >= 1.")
+        if value is not None:
+            checks.integer(name, value, low=1, flag=f"--{name.replace('_', '-')}", example="1")
+    checks.integer("n_random", n_random, low=0, example="10")
+    checks.number("threshold", threshold, low=0, high=1, low_open=True, example="0.99")
+    checks.number("lr", lr, low=0, high=1, low_open=True, example="1e-3")
     return {
         "seeds": list(range(seed, seed + n_seeds)),
         "ranks": list(ranks if ranks is not None else ((3, 5) if quick else (3, 5, 7))),
@@ -125,6 +137,7 @@ def run_cell(
     return cell.expand_dims(variant=[variant], d_head=[d_head], N=[n], M=[m], seed=[seed])
 
 
+@one_writer(STORE)
 def run(
     out: Path | str,
     *,
@@ -171,6 +184,7 @@ def run(
         raise FileExistsError(
             f"{path} exists; pass overwrite=True (CLI: --overwrite) or another --out."
         )
+    checks.integer("workers", workers, low=1, flag="--workers", example="2")
     params = settings(quick=quick, seed=seed, **overrides)
     cells = [
         (variant, d_head, n, m, s)
@@ -181,12 +195,15 @@ def run(
         for s in params["seeds"]
     ]
     start = time.perf_counter()
-    results = _run_cells(cells, params, workers=workers, progress=progress)
+    kept = Cells(out / CELLS, params, discard=overwrite)
+    results = _run_cells(cells, params, kept, workers=workers, progress=progress)
     ds = xr.combine_by_coords(results, combine_attrs="drop")
     ds = ds.sel(variant=params["variants"], d_head=params["d_heads"]).transpose(*ORDER, ...)
     ds.attrs["seconds"] = round(time.perf_counter() - start, 1)
     ds.attrs["workers"] = workers
+    ds.attrs["models_resumed"] = kept.n_resumed  # finished by an earlier, interrupted run
     store.save(ds, path, attrs=store.provenance("toy", params, seed=seed), overwrite=overwrite)
+    kept.remove()  # what they held is in the store now
     if figures:
         draw_figures(store.open(path), out)
     if progress:
@@ -194,36 +211,200 @@ def run(
     return path
 
 
+Cell = tuple[str, int, int, int, int]
+
+
+class Cells:
+    """Finished models of a run, one store each in ``out/toy.cells/``, so an interrupted run
+    keeps them and a rerun with the same parameters trains only the others."""
+
+    def __init__(self, folder: Path, params: dict[str, Any], *, discard: bool = False) -> None:
+        self.folder = folder
+        stamp = folder / "params.json"
+        wanted = json.dumps(store.provenance("toy", params)["params"], sort_keys=True)
+        if folder.exists() and (discard or not stamp.is_file()):
+            shutil.rmtree(folder)
+        elif folder.exists() and stamp.read_text() != wanted:
+            raise ValueError(
+                f"{folder} holds the finished models of a run with other parameters; rerun with "
+                "the same options to resume it, or pass overwrite=True (CLI: --overwrite) to "
+                "discard them."
+            )
+        folder.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(wanted)
+        self.n_resumed = 0
+
+    def path(self, cell: Cell) -> Path:
+        return self.folder / ("cell-" + "-".join(map(str, cell)) + ".zarr")
+
+    def load(self, cell: Cell) -> xr.Dataset | None:
+        """The stored result of `cell`, or None if it has not finished."""
+        path = self.path(cell)
+        if not path.exists():
+            return None
+        self.n_resumed += 1
+        return store.open(path, checksums=True).load()
+
+    def keep(self, cell: Cell, result: xr.Dataset) -> None:
+        store.save(result, self.path(cell), overwrite=True)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
 def _run_cells(
-    cells: list[tuple[str, int, int, int, int]],
+    cells: list[Cell],
     params: dict[str, Any],
+    kept: Cells,
     *,
     workers: int,
     progress: bool,
 ) -> list[xr.Dataset]:
-    """`run_cell` for every cell, in this process or in `workers` single-threaded processes."""
-    bar = tqdm(total=len(cells), desc="toy models", unit="model", disable=not progress)
-    if workers <= 1:
+    """`run_cell` for every cell not kept yet, in this process or in `workers` processes.
+
+    Each result is kept (`Cells`) as soon as it arrives. Ctrl-C (or any error) terminates the
+    workers at once, so nothing is left running and the finished cells stay on disk.
+    """
+    done = {cell: kept.load(cell) for cell in cells}
+    todo = [cell for cell in cells if done[cell] is None]
+    bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc="toy models",
+               unit="model", disable=not progress)  # fmt: skip
+    try:
+        _train_cells(todo, params, kept, done, bar, workers=workers, progress=progress)
+    finally:
+        bar.close()  # before any error is printed
+    return [done[cell] for cell in cells]
+
+
+def _train_cells(
+    todo: list[Cell],
+    params: dict[str, Any],
+    kept: Cells,
+    done: dict[Cell, xr.Dataset | None],
+    bar: Any,
+    *,
+    workers: int,
+    progress: bool,
+) -> None:
+    """Train the cells of `todo`, keeping each result in `kept` and `done` as it comes."""
+    if workers <= 1 or len(todo) <= 1:
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            results = []
-            for cell in cells:
-                results.append(run_cell(*cell, params, progress=progress))
+            for cell in todo:
+                done[cell] = run_cell(*cell, params, progress=progress)
+                with _sigint_after():
+                    kept.keep(cell, done[cell])
                 bar.update(1)
         finally:
             torch.set_num_threads(threads)
-    else:
-        context = multiprocessing.get_context("spawn")  # no fork of a process running torch
-        with ProcessPoolExecutor(
-            workers, mp_context=context, initializer=torch.set_num_threads, initargs=(1,)
-        ) as pool:
-            futures = [pool.submit(run_cell, *cell, params) for cell in cells]
-            for _ in as_completed(futures):
-                bar.update(1)
-            results = [future.result() for future in futures]
-    bar.close()
-    return results
+    elif todo:
+
+        def finished(cell: Cell, result: xr.Dataset) -> None:
+            done[cell] = result
+            kept.keep(cell, result)
+            bar.update(1)
+
+        _in_workers(todo, params, workers, finished)
+
+
+def _in_workers(
+    todo: list[Cell],
+    params: dict[str, Any],
+    workers: int,
+    finished: Callable[[Cell, xr.Dataset], None],
+) -> None:
+    """`run_cell` for each cell in `workers` spawned single-threaded processes; `finished` is
+    called here, in the main process, with each result as it arrives.
+
+    Ctrl-C reaches every process of the terminal's group: the workers never see it (they start
+    with SIGINT blocked), and the main process, which gets KeyboardInterrupt, kills them and
+    waits for them, which takes a moment. A result being written when Ctrl-C comes is written
+    whole first. One pipe per worker, no queues: nothing (no lock, no feeder thread, no
+    semaphore) is left for a killed worker to hold. Plain processes
+    rather than `multiprocessing.Pool`, whose terminate() can wait forever on a lock held by an
+    idle worker. Spawned, not forked: no fork of a process running torch.
+    """
+    context = multiprocessing.get_context("spawn")
+    pending = list(todo)
+    workers_at: dict[Any, Any] = {}  # our end of each worker's pipe -> its process
+    busy: dict[Any, Cell] = {}  # pipe -> the cell its worker is on
+    try:
+        # Started with SIGINT blocked, which they inherit: Ctrl-C never reaches them, not even
+        # while they import torch. Here a SIGINT waits (pending) until the mask is lifted.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            for _ in range(min(workers, len(todo))):
+                here, there = context.Pipe()
+                process = context.Process(target=_worker, args=(there, params), daemon=True)
+                process.start()
+                there.close()
+                workers_at[here] = process
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        for pipe in workers_at:
+            busy[pipe] = pending.pop(0)
+            pipe.send(busy[pipe])
+        while busy:
+            for pipe in connection.wait(list(busy), timeout=1.0):
+                try:
+                    status, cell, payload = pipe.recv()
+                except EOFError:
+                    code = workers_at[pipe].exitcode
+                    raise RuntimeError(
+                        f"a toy worker process died (exit code {code}; -9 is usually the "
+                        "out-of-memory killer); rerun with --workers 1, or the same command to "
+                        "resume from the finished models."
+                    ) from None
+                del busy[pipe]
+                if status == "error":
+                    raise RuntimeError(f"training the toy model {cell} failed: {payload}")
+                with _sigint_after():  # a model being kept is kept whole
+                    finished(cell, payload)
+                if pending:
+                    busy[pipe] = pending.pop(0)
+                    pipe.send(busy[pipe])
+    finally:
+        for pipe, process in workers_at.items():
+            pipe.close()  # an idle worker's recv() ends: it returns
+            if busy or pending:  # stopped early: do not wait for any work in progress
+                process.kill()
+        for process in workers_at.values():
+            process.join()
+
+
+@contextmanager
+def _sigint_after() -> Iterator[None]:
+    """Hold back Ctrl-C (KeyboardInterrupt) until the block is done; in the main thread only."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda number, frame: caught.append(number))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
+
+
+def _worker(pipe: Any, params: dict[str, Any]) -> None:
+    """A worker's loop: train and analyse the cells sent on `pipe` until it is closed."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    torch.set_num_threads(1)
+    # tqdm's default lock is a named multiprocessing semaphore; a killed worker could not
+    # release it and Python's resource tracker would warn about it on stderr
+    tqdm.set_lock(threading.RLock())
+    while True:
+        try:
+            cell = pipe.recv()
+        except EOFError:
+            return
+        try:
+            pipe.send(("ok", cell, run_cell(*cell, params)))
+        except Exception as err:  # reported, and raised, in the main process
+            pipe.send(("error", cell, f"{type(err).__name__}: {err}"))
 
 
 # ------------------------------------------------------------------------------------------

@@ -177,6 +177,52 @@ def open_a_file(env, tmp_path, monkeypatch) -> None:
     qktrace.open(tmp_path / "x.zarr")
 
 
+def damaged_store(env, tmp_path, monkeypatch) -> list:
+    """`qktrace show` of a store with a variable folder deleted (zarr would read it as zeros)."""
+    import shutil
+
+    copy = tmp_path / "sums.zarr"
+    shutil.copytree(env.sums_store, copy)
+    shutil.rmtree(copy / "pair_count")
+    return ["show", copy]
+
+
+def model_folder(env, tmp_path, how: str) -> Path:
+    """A copy of the tiny checkpoint without its weights, or with them cut in half."""
+    import shutil
+
+    folder = tmp_path / f"model-{how}"
+    shutil.copytree(env.checkpoint, folder)
+    weights = folder / "model.safetensors"
+    if how == "no-weights":
+        weights.unlink()
+    else:
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    return folder
+
+
+_HELD: list = []  # locks held for the rest of the session (each on its own tmp_path)
+
+
+def output_busy(env, tmp_path, monkeypatch) -> list:
+    """A second run on an output another live run is writing: this process holds its lock."""
+    from qktrace.locks import writing
+
+    lock = writing(tmp_path / "order_id.zarr")
+    lock.__enter__()
+    _HELD.append(lock)
+    return order_id_cli("--heads", "1.0", *STUDY)(env, tmp_path, monkeypatch)
+
+
+def sums_with(value: float):
+    def run(env, *_):
+        sums = qktrace.reduce(env.llama, PROMPTS, "1.0", LABELS, keys=KEYS, progress=False)
+        sums["qk_sum"][0, 0, 1, 2, 3] = value
+        qktrace.decompose(sums)
+
+    return run
+
+
 def cli(*args: Any) -> Callable[..., list]:
     return lambda env, tmp_path, monkeypatch: [
         getattr(env, a[1:]) if isinstance(a, str) and a.startswith("@") else a for a in args
@@ -204,7 +250,7 @@ ROWS = [
     Row("layer-out-of-range", lambda env, *_: qktrace.capture(env.llama, PROMPTS, "7.0"),
         r"Layer 7 is out of range: .* has layers 0\.\.1; pick a layer .* 0\.0 to 1\.3", ValueError),
     Row("head-out-of-range", order_id_cli("--heads", "1.9", *STUDY),
-        r"Head 1\.9 is out of range: .* heads 0\.\.3 .*; pick heads from 0\.0 to 1\.3"),
+        r"Head 1\.9 is out of range: .* heads 0\.\.3 .*; pick heads from 0\.0 to 1\.3", code=2),
     # command line
     Row("unknown-study", cli("study", "orderid", "-m", "x", "-o", "out"),
         r"unknown study 'orderid' \(did you mean 'order-id'\?\); choose one of filter-heads, "
@@ -309,22 +355,78 @@ ROWS = [
         lambda env, tmp_path, _: ["study", "filter-heads", "-m", env.checkpoint, "--heads", "1.0",
                                   "--n-prompts", "3", "-o", tmp_path],
         r"n_prompts=3 \(CLI --n-prompts\) is too few: .* 5 categories, .* without positive keys"
-        r".*; pass n_prompts >= 5"),
+        r".*; pass n_prompts >= 5", code=2),
     Row("one-box-pair", order_id_cli("--heads", "1.0", "--n-pairs", "1"),
         r"n_pairs=1 \(CLI --n-pairs\) must be between 2 and 26: the other boxes' keys are the "
-        "negatives"),
+        "negatives", code=2),
     Row("threshold-zero", order_id_cli("--heads", "1.0", "--threshold", "0"),
-        r"threshold=0\.0 \(CLI --threshold\) is outside \(0, 1\] .*; pass e\.g\. 0\.99"),
+        r"threshold=0\.0 \(CLI --threshold\) is outside \(0, 1\] .*; pass e\.g\. 0\.99", code=2),
     Row("threshold-above-one", lambda *_: qktrace.covariance.rank_for_threshold([1.0], 1.5),
         r"threshold=1\.5 is outside \(0, 1\]: it is the fraction of sum\(S\^2\) the kept "
         r"components hold; pass e\.g\. threshold=0\.99", ValueError),
     Row("batch-size-zero", order_id_cli("--heads", "1.0", "--batch-size", "0"),
-        r"batch_size=0 \(CLI --batch-size\) is below 1; pass e\.g\. 16"),
+        r"batch_size=0 \(CLI --batch-size\) is below 1; pass e\.g\. 16", code=2),
     Row("basis-wrong-shape",
         lambda env, *_: qktrace.intervene(env.llama, PROMPTS, "1.0", np.ones((2, 16, 3)),
                                           orig=[1, 1], target=[2, 2]),
         r"has shape \(2, 16, 3\); expected \[d_head, r\] = \[16, r\] .* not their transposes",
         ValueError),
+    # argument checks (qktrace.checks): wrong types and values at every public verb
+    Row("prompts-a-string", lambda env, *_: qktrace.capture(env.llama, "The cat sat", "1.0"),
+        r"prompts is a single str \('The cat sat'\), not a list of prompts: iterating it would "
+        r"run one prompt per character; pass \['The cat sat'\] for one prompt", TypeError),
+    Row("reduce-prompts-a-string",
+        lambda env, *_: qktrace.reduce(env.llama, "The cat sat", "1.0", LABELS, keys=KEYS),
+        r"prompts is a single str", TypeError),
+    Row("key-position-not-integer",
+        lambda env, *_: qktrace.capture(env.llama, PROMPTS, "1.0", keys=[[1.9], [1]]),
+        r"keys\[0\] holds 1\.9 \(float\), not a token position; positions are ints", TypeError),
+    Row("key-position-half",
+        lambda env, *_: qktrace.capture(env.llama, PROMPTS, "1.0", keys=[[0.5], [1]]),
+        r"keys\[0\] holds 0\.5 \(float\), not a token position", TypeError),
+    Row("query-position-float",
+        lambda env, *_: qktrace.capture(env.llama, PROMPTS, "1.0", query=[1.5, 2], keys=KEYS),
+        r"query\[0\] holds 1\.5 \(float\), not a token position", TypeError),
+    Row("sums-with-inf", sums_with(np.inf),
+        r"sums\['qk_sum'\] holds inf at head='1\.0', feature='fruit', contrast='negative', dq=2, "
+        r"dk=3 \(1 non-finite value in all\); an SVD of it would be meaningless", ValueError),
+    Row("sums-with-nan", sums_with(np.nan),
+        r"sums\['qk_sum'\] holds nan at head='1\.0'.*recompute the sums", ValueError),
+    Row("seed-negative", order_id_cli("--heads", "1.0", "--seed", "-1"),
+        r"seed=-1 \(CLI --seed\) is negative \(numpy seeds are >= 0\); pass e\.g\. 0", code=2),
+    Row("toy-seed-negative", cli("toy", "-o", "out", "--seed", "-1"),
+        r"seed=-1 \(CLI --seed\) must be >= 0; pass e\.g\. 0", code=2),
+    Row("categories-duplicate",
+        lambda env, tmp_path, _: ["study", "filter-heads", "-m", env.checkpoint, "--heads", "1.0",
+                                  "--categories", "fruit,animal,fruit", "-o", tmp_path],
+        r"categories \(CLI --categories\) lists 'fruit' more than once \(\['fruit', 'animal', "
+        r"'fruit'\]\); give each once", code=2),
+    # --out
+    Row("out-empty", lambda env, tmp_path, _: ["study", "order-id", "-m", env.checkpoint, "-o", ""],
+        r"--out is empty; pass a directory for the results", code=2),
+    Row("out-a-file",
+        lambda env, tmp_path, _: (tmp_path / "afile").write_text("x") and
+        ["study", "order-id", "-m", env.checkpoint, "-o", tmp_path / "afile"],
+        r"--out .*afile is a file; pass a directory \(created if missing\)", code=2),
+    Row("out-a-store", lambda env, tmp_path, _: ["study", "order-id", "-m", env.checkpoint,
+                                                 "-o", env.sums_store],
+        r"--out .*sums\.zarr is itself a qktrace store; pass the folder that holds it", code=2),
+    Row("out-busy", output_busy,
+        r"another run is writing .*order_id\.zarr \(process \d+ holds \.order_id\.zarr\.lock\); "
+        r"wait for it to finish, or pass another output folder"),
+    # models and stores that are damaged
+    Row("model-without-weights",
+        lambda env, tmp_path, _: ["study", "order-id", "-m", model_folder(env, tmp_path, "no-weights"),
+                                  "--heads", "1.0", "-o", tmp_path / "out"],
+        r"No weights in .*model-no-weights: it has \[.*\] but no model\.safetensors"),
+    Row("model-weights-truncated",
+        lambda env, tmp_path, _: ["study", "order-id", "-m", model_folder(env, tmp_path, "cut"),
+                                  "--heads", "1.0", "-o", tmp_path / "out"],
+        r"Cannot load the weights of .*model-cut: SafetensorError: .*A truncated or damaged "
+        r"weights file"),
+    Row("show-store-variable-deleted", damaged_store,
+        r"sums\.zarr is damaged: variable 'pair_count': its folder is missing\. Read as is, the "
+        r"missing pieces would come back as fill values .*Rewrite it with: "),
 ]  # fmt: skip
 
 

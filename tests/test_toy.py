@@ -269,7 +269,7 @@ def test_cli_refuses_existing_store(toy_store):
 def test_cli_rejects_zero_seeds(tmp_path):
     result = CliRunner().invoke(app, ["toy", "--out", str(tmp_path), "--n-seeds", "0"])
     assert result.exit_code == 2
-    assert result.output.strip() == "Error: n_seeds=0 (CLI --n-seeds) must be >= 1."
+    assert result.output.strip() == "Error: n_seeds=0 (CLI --n-seeds) must be >= 1; pass e.g. 1."
 
 
 # ------------------------------------------------------------------------------------------

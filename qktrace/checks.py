@@ -1,0 +1,211 @@
+"""Argument checks shared by every public verb and CLI option: one message shape for all.
+
+Each check takes the argument's name (as the caller typed it: ``"keys"``, ``"n_prompts"``), the
+value, and returns the value in canonical form or raises `BadArgument` (a ValueError) or
+`BadArgumentType` (a TypeError). The message names the argument, what was given, and what to
+pass; with ``flag=`` it also names the CLI option (``n_prompts=0 (CLI --n-prompts) ...``).
+The CLI exits 2 for these errors (a bad argument) and 1 for any other failure (a run that
+cannot be done), so raising through this module is what makes an error an argument error.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "BadArgument",
+    "BadArgumentType",
+    "finite",
+    "integer",
+    "number",
+    "positions",
+    "prompts",
+    "unique",
+]
+
+
+class BadArgument(ValueError):
+    """An argument has a wrong value; the message names it, what was given and what to pass."""
+
+
+class BadArgumentType(TypeError):
+    """An argument has a wrong type; the message names it, what was given and what to pass."""
+
+
+def _name(name: str, flag: str | None) -> str:
+    return f"{name} (CLI {flag})" if flag else name
+
+
+def _shown(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def integer(
+    name: str,
+    value: Any,
+    *,
+    low: int | None = None,
+    high: int | None = None,
+    flag: str | None = None,
+    example: str | None = None,
+) -> int:
+    """`value` as an int in [low, high]; bools, floats and strings are refused."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise BadArgumentType(
+            f"{name}={_shown(value)} ({type(value).__name__}) is not an integer; pass an int"
+            + (f", e.g. {name}={example}" if example else "")
+            + "."
+        )
+    value = int(value)
+    if (low is not None and value < low) or (high is not None and value > high):
+        if high is None:
+            rule = f"must be >= {low}"
+        elif low is None:
+            rule = f"must be <= {high}"
+        else:
+            rule = f"must be between {low} and {high}"
+        fix = f"pass e.g. {example}" if example else f"pass {low if low is not None else high}"
+        cli = f"(CLI {flag}) " if flag else ""
+        raise BadArgument(f"{name}={value} {cli}{rule}; {fix}.")
+    return value
+
+
+def number(
+    name: str,
+    value: Any,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    flag: str | None = None,
+    meaning: str = "",
+    example: str | None = None,
+) -> float:
+    """`value` as a finite float in [low, high] (or (low, high] with `low_open`)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise BadArgumentType(
+            f"{name}={_shown(value)} ({type(value).__name__}) is not a number; pass a float"
+            + (f", e.g. {name}={example}" if example else "")
+            + "."
+        )
+    value = float(value)
+    below = low is not None and (value <= low if low_open else value < low)
+    above = high is not None and value > high
+    if not math.isfinite(value) or below or above:
+        interval = f"{'(' if low_open else '['}{low}, {high}]"
+        raise BadArgument(
+            f"{name}={value!r} {'(CLI ' + flag + ') ' if flag else ''}is outside {interval}"
+            + (f" ({meaning})" if meaning else "")
+            + (f"; pass e.g. {example}." if example else ".")
+        )
+    return value
+
+
+def prompts(name: str, value: Any) -> Sequence[Any]:
+    """A non-empty list of prompts: each a string or a list of token ids.
+
+    A bare string is refused: iterating it would make one prompt per character.
+    """
+    if isinstance(value, (str, bytes)):
+        raise BadArgumentType(
+            f"{name} is a single {type(value).__name__} ({_shown(value)}), not a list of "
+            f"prompts: iterating it would run one prompt per character; pass [{_shown(value)}] "
+            "for one prompt."
+        )
+    if not isinstance(value, Sequence) and not isinstance(value, np.ndarray):
+        raise BadArgumentType(
+            f"{name} is a {type(value).__name__}, not a list of prompts; pass a list of strings "
+            "(or of token-id lists)."
+        )
+    if len(value) == 0:
+        raise BadArgument(
+            "No prompts given: pass a non-empty list of strings (or token-id lists)."
+        )
+    for i, prompt in enumerate(value):
+        if isinstance(prompt, str):
+            continue
+        if isinstance(prompt, bytes) or not isinstance(prompt, (Sequence, np.ndarray)):
+            raise BadArgumentType(
+                f"{name}[{i}] is a {type(prompt).__name__} ({_shown(prompt)}); each prompt must "
+                "be a string or a list of token ids (ints)."
+            )
+        for token in prompt:
+            if isinstance(token, bool) or not isinstance(token, numbers.Integral):
+                raise BadArgumentType(
+                    f"{name}[{i}] holds {_shown(token)} ({type(token).__name__}); a prompt given "
+                    "as tokens must be a list of token ids (ints)."
+                )
+    return value
+
+
+def positions(name: str, value: Any, n_prompts: int, first: int = 0) -> Any:
+    """Token positions per prompt: "last", "all", one int per prompt, or a list of ints each.
+
+    Floats are refused even when whole: a position computed as 1.9 or 0.5 is a bug upstream,
+    and truncating it silently would read another token.
+    """
+    if isinstance(value, str):
+        if value in ("last", "all"):
+            return value
+        raise BadArgument(
+            f"{name}={value!r}: positions must be 'last', 'all' or a list per prompt."
+        )
+    if isinstance(value, (bytes, dict, set)) or not isinstance(value, (Sequence, np.ndarray)):
+        raise BadArgumentType(
+            f"{name} is a {type(value).__name__} ({_shown(value)}); pass 'last', 'all', or one "
+            "int (or list of ints) per prompt."
+        )
+    if len(value) != n_prompts:
+        raise BadArgument(
+            f"{name}: positions were given for {len(value)} prompts but there are {n_prompts}: "
+            "pass one position (or one list of positions) per prompt."
+        )
+    for i, row in enumerate(value):
+        items = [row] if not isinstance(row, (Sequence, np.ndarray)) or isinstance(row, str) else row
+        for p in items:
+            if isinstance(p, bool) or not isinstance(p, numbers.Integral):
+                raise BadArgumentType(
+                    f"{name}[{first + i}] holds {_shown(p)} ({type(p).__name__}), not a token "
+                    "position; "
+                    "positions are ints (negative counts from the end), e.g. "
+                    f"{name}=[[1, 4], [2]]; round or fix how they were computed."
+                )
+    return value
+
+
+def finite(name: str, values: Any, fix: str) -> None:
+    """Refuse NaN or inf anywhere in `values` (an array or DataArray)."""
+    array = np.asarray(getattr(values, "values", values))
+    if array.dtype.kind in "fc" and not np.isfinite(array).all():
+        bad = tuple(int(b) for b in np.argwhere(~np.isfinite(array))[0])
+        where = f"index {bad}"
+        dims = getattr(values, "dims", None)
+        if dims is not None:  # a DataArray: say where by its labels
+            labels = []
+            for dim, i in zip(dims, bad, strict=True):
+                coord = values.indexes[dim][i] if dim in values.indexes else i
+                labels.append(f"{dim}={getattr(coord, 'item', lambda c=coord: c)()!r}")
+            where = ", ".join(labels)
+        n_bad = int((~np.isfinite(array)).sum())
+        raise BadArgument(
+            f"{name} holds {array[bad].item()!r} at {where} ({n_bad} non-finite "
+            f"value{'s' if n_bad > 1 else ''} in all); {fix}."
+        )
+
+
+def unique(name: str, values: Sequence[Any], flag: str | None = None) -> list[Any]:
+    """`values` as a list, refusing duplicates."""
+    seen: set[Any] = set()
+    repeated = [v for v in values if v in seen or seen.add(v)]  # type: ignore[func-returns-value]
+    if repeated:
+        raise BadArgument(
+            f"{_name(name, flag)} lists {repeated[0]!r} more than once ({list(values)}); "
+            "give each once."
+        )
+    return list(values)
