@@ -171,7 +171,11 @@ def larger_model(shape: str) -> str:
     )
     torch.manual_seed(0)
     net = AutoModelForCausalLM.from_config(config).eval()
-    out = Path(tempfile.mkdtemp(prefix="forward_budget_")) / "model"
+    folder = tempfile.mkdtemp(prefix="forward_budget_")
+    import atexit
+
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)  # the model is only for this run
+    out = Path(folder) / "model"
     net.save_pretrained(out)
     for f in source.iterdir():
         if f.name.startswith(("tokenizer", "chat_template", "special_tokens")):

@@ -22,7 +22,6 @@ The result is the "covariance sums" Dataset of `qktrace.covariance` (`qk_sum`, `
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -44,10 +43,6 @@ Label = tuple[str, str] | None
 # Batches per NDIF request by default: 16x fewer round trips and returned sums, while a failed
 # request loses (and a resume repeats) at most 16 batches.
 REMOTE_BATCHES_PER_REQUEST = 16
-# With out=, the running sums are saved at most this often (and at the end, and when a run is
-# interrupted or a request fails): writing the store after every batch cost a third of a
-# study's time on a small model.
-CHECKPOINT_SECONDS = 10.0
 # attrs["partial"] of a checkpoint that holds the sums of the first prompts only
 PARTIAL = (
     "partial ({done} of {total} prompts): `pair_count` and `n_prompts` count the {done} summed; "
@@ -313,72 +308,53 @@ def reduce(
 
     todo = [(start, n) for start, n in plan.starts() if start >= done]
     per = batches_per_request or len(todo) or 1
-    saved, last_saved = done, time.monotonic()
-
-    def save(upto: int) -> None:
-        nonlocal saved, last_saved
-        summed = np.broadcast_to(per_prompt[:upto].sum(axis=0), shape)  # the first `upto`
-        sums = _sums_dataset(model, heads, features, qk_sum, q_sum, k_sum, summed, upto, params)
-        _checkpoint(out, sums)
-        saved, last_saved = upto, time.monotonic()
-
-    try:
-        bar = tqdm(
-            total=len(prompts), initial=done, desc="reduce", unit="prompt", disable=not progress
+    bar = tqdm(total=len(prompts), initial=done, desc="reduce", unit="prompt", disable=not progress)
+    for r in range(0, len(todo), per):
+        request = todo[r : r + per]
+        start = request[0][0]
+        end = request[-1][0] + request[-1][1]
+        work = []
+        for first, n in request:
+            batch = plan.batch(first)
+            index = _label_index(labels[first : first + n], features, batch.key_index.shape[1])
+            work.append((batch.encoded.inputs, batch.query_index, batch.key_index, index))
+        del batch
+        qk, scale, q, k, finite = with_retries(
+            _reduce_batch,
+            model,
+            work,
+            heads,
+            qk_table,
+            vector_table,
+            wires[delta_dtype] if delta else None,
+            what=f"prompts {start}..{end - 1}",
+            resume_hint=_resume_hint(out, start),
         )
-        for r in range(0, len(todo), per):
-            request = todo[r : r + per]
-            start = request[0][0]
-            end = request[-1][0] + request[-1][1]
-            work = []
-            for first, n in request:
-                batch = plan.batch(first)
-                index = _label_index(labels[first : first + n], features, batch.key_index.shape[1])
-                work.append((batch.encoded.inputs, batch.query_index, batch.key_index, index))
-            del batch
-            qk, scale, q, k, finite = with_retries(
-                _reduce_batch,
-                model,
-                work,
-                heads,
-                qk_table,
-                vector_table,
-                wires[delta_dtype] if delta else None,
-                what=f"prompts {start}..{end - 1}",
-                resume_hint=_resume_hint(out, start),
-            )
-            del work
-            if not finite.all() or not np.isfinite(qk).all():
-                bad = start + int(np.argmin(finite)) if not finite.all() else None
-                where = f"prompt {bad}" if bad is not None else f"prompts {start}..{end - 1}"
-                raise FloatingPointError(
-                    f"Captured q/k have NaN/inf for {where}, so the q k^T sums would be NaN. The "
-                    "model overflowed on it: run in float32 or bfloat16 instead of float16, or drop "
-                    "that prompt."
-                    + (
-                        f" The sums of prompts 0..{start - 1} are saved in {out}."
-                        if start and out is not None
-                        else ""
-                    )
+        del work
+        if not finite.all() or not np.isfinite(qk).all():
+            bad = start + int(np.argmin(finite)) if not finite.all() else None
+            where = f"prompt {bad}" if bad is not None else f"prompts {start}..{end - 1}"
+            raise FloatingPointError(
+                f"Captured q/k have NaN/inf for {where}, so the q k^T sums would be NaN. The "
+                "model overflowed on it: run in float32 or bfloat16 instead of float16, or drop "
+                "that prompt."
+                + (
+                    f" The sums of prompts 0..{start - 1} are saved in {out}."
+                    if start and out is not None
+                    else ""
                 )
-            # new arrays, bound together: an interrupt never sees half-added sums
-            qk_sum, q_sum, k_sum, done = (
-                qk_sum + (qk.astype(np.float64) * scale).reshape(qk_sum.shape),
-                q_sum + q.reshape(q_sum.shape),
-                k_sum + k.reshape(k_sum.shape),
-                end,
             )
-            if out is not None and (
-                time.monotonic() - last_saved >= CHECKPOINT_SECONDS or done == len(prompts)
-            ):
-                save(done)
-            bar.update(end - start)
-    except BaseException:
-        # an interrupt or a failed request: keep what is summed (a hard kill loses at most
-        # CHECKPOINT_SECONDS of work)
-        if out is not None and done > saved:
-            save(done)
-        raise
+        qk_sum += (qk.astype(np.float64) * scale).reshape(qk_sum.shape)
+        q_sum += q.reshape(q_sum.shape)
+        k_sum += k.reshape(k_sum.shape)
+        done = end
+        if out is not None:
+            summed = np.broadcast_to(per_prompt[:done].sum(axis=0), shape)
+            _checkpoint(
+                out,
+                _sums_dataset(model, heads, features, qk_sum, q_sum, k_sum, summed, done, params),
+            )
+        bar.update(end - start)
     bar.close()
     return _sums_dataset(model, heads, features, qk_sum, q_sum, k_sum, count, done, params)
 
