@@ -51,6 +51,7 @@ from .locks import one_writer
 from .models import Head, Model, Remote, parse_heads
 from .prompts import Prompt
 from .qk import capture
+from .store import StoreDamagedError
 from .study_prompts import Label, Prepared, StudyError, prepare
 from .study_tools import (
     N_FOUND_HEADS,
@@ -487,6 +488,8 @@ def with_analysis(
         return xr.merge(
             [extra, ds.drop_vars(replaced)], compat="override", join="outer", combine_attrs="drop"
         )
+    except StoreDamagedError:
+        raise  # a damaged input (e.g. a reused store): nothing of this run is written
     except Exception as err:
         path = save(ds)
         raise StudyError(
