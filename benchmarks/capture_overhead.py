@@ -85,6 +85,7 @@ def main() -> None:
     import torch
 
     capture_mod = importlib.import_module("qktrace.qk")  # the module behind qktrace.capture
+    batching_mod = importlib.import_module("qktrace.batching")  # tokenizing and batch planning
     from qktrace.models import load
     from qktrace.qk import capture
     from qktrace.sums import reduce
@@ -327,14 +328,14 @@ def main() -> None:
 
     reduce_mod = importlib.import_module("qktrace.sums")  # the module behind qktrace.reduce
     planning = [
-        (capture_mod, "_token_ids", 1),
-        (capture_mod, "encode", 1),
-        (capture_mod, "resolve_positions", 1),
-        (capture_mod, "_index_tensor", 1),
+        (batching_mod, "_token_ids", 1),
+        (batching_mod, "encode", 1),
+        (batching_mod, "resolve_positions", 1),
+        (batching_mod, "_index_tensor", 1),
     ]
     capture_pieces = [
-        (capture_mod, "prepare", 0),
-        (capture_mod.Plan, "batch", 0),
+        (capture_mod, "prepare", 0),  # the name qk.capture calls
+        (batching_mod.Plan, "batch", 0),
         *planning,
         (capture_mod, "_capture_batch", 0),
         (ops, "gather_heads", 1),
@@ -344,7 +345,7 @@ def main() -> None:
     ]
     reduce_pieces = [
         (reduce_mod, "prepare", 0),
-        (capture_mod.Plan, "batch", 0),
+        (batching_mod.Plan, "batch", 0),
         *planning,
         (reduce_mod, "_label_index", 0),
         (reduce_mod, "_reduce_batch", 0),

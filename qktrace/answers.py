@@ -42,8 +42,8 @@ from tqdm.auto import tqdm
 
 from . import ops
 from .attribution import as_basis, orthogonalize
+from .batching import Batch, Prompt, encode, plan_batches, resolve_positions
 from .models import Head, Model, parse_heads
-from .qk import Batch, Prompt, encode, plan_batches, resolve_positions
 from .remote import with_retries
 
 __all__ = ["intervene_answers"]

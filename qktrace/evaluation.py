@@ -36,9 +36,9 @@ import torch
 import xarray as xr
 from tqdm.auto import tqdm
 
+from .batching import encode
 from .models import Model, iter_batches
 from .prompts import Prompt, boxes_prompts, filter_prompts, locate
-from .qk import encode
 
 __all__ = ["evaluate", "task_sets", "candidates", "format_table"]
 

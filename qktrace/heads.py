@@ -29,8 +29,8 @@ import xarray as xr
 from tqdm.auto import tqdm
 
 from . import ops
+from .batching import Batch, Positions, Prompt, head_coords, plan_batches, resolve_positions
 from .models import Head, Model
-from .qk import Batch, Positions, Prompt, _head_coords, plan_batches, resolve_positions
 from .remote import with_retries
 
 __all__ = ["find_heads"]
@@ -148,7 +148,7 @@ def find_heads(
     params = {"layers": layers, "by": by, "top": top, "n_prompts": len(prompts)}
     return xr.Dataset(
         {name: ("head", values[order]) for name, values in scores.items()},
-        coords={**_head_coords(model, chosen), "ranking": ("head", np.arange(1, len(order) + 1))},
+        coords={**head_coords(model, chosen), "ranking": ("head", np.arange(1, len(order) + 1))},
         attrs={
             **provenance("find_heads", params, model=model.name, remote=model.remote),
             "by": by,

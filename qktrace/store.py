@@ -699,7 +699,7 @@ class BatchWriter:
         if self._schema is not None and schema != self._schema:
             raise ValueError(
                 f"batch {self.n_done} does not match batch 0 of {self.path}:\n"
-                + _diff_lines(self._schema, schema, "variable", "batch 0", "this batch")
+                + diff_lines(self._schema, schema, "variable", "batch 0", "this batch")
                 + "\nEvery batch must have the same variables, with the same dims and kind of "
                 "dtype; fix the producer, or write this run to a new path."
             )
@@ -807,13 +807,14 @@ def _check_same_run(path: Path, stored: dict, new: dict) -> None:
     if old != cur:
         raise ValueError(
             f"{path} holds a run with different parameters:\n"
-            + _diff_lines(old, cur, "", "stored", "now")
+            + diff_lines(old, cur, "", "stored", "now")
             + "\nResume only with the same parameters. To start a new run, write to a new path "
             f"(e.g. a new --out), or delete {path} to discard its batches."
         )
 
 
-def _diff_lines(old: dict, new: dict, noun: str, old_name: str, new_name: str) -> str:
+def diff_lines(old: dict, new: dict, noun: str, old_name: str, new_name: str) -> str:
+    """One line per key whose value differs between `old` and `new`, for "same run?" errors."""
     missing = "<missing>"
     lines = []
     for key in list(old) + [k for k in new if k not in old]:

@@ -33,9 +33,9 @@ import xarray as xr
 from tqdm.auto import tqdm
 
 from . import checks, ops
+from .batching import Check, Positions, Prompt, by_layer, given_order, head_coords, prepare
 from .locks import one_writer
 from .models import Head, Model, parse_heads
-from .qk import Check, Positions, Prompt, _by_layer, _given_order, prepare
 from .remote import with_retries
 
 CONTRASTS = ("positive", "negative")
@@ -118,7 +118,7 @@ def _reduce_batch(
     q and k [h, 2 x features, d], per prompt whether all its q and k were finite), each in
     the dtype it travelled in.
     """
-    layers = _by_layer(model, heads)
+    layers = by_layer(model, heads)
     plan = [
         (layer, [h.head for h in hs], [model.kv_head(h.head) for h in hs])
         for layer, hs in layers.items()
@@ -166,7 +166,7 @@ def _reduce_batch(
                     for t in totals
                 ]
             )
-    order = _given_order(layers, heads)
+    order = given_order(layers, heads)
     qk, scale, q, k = (
         np.concatenate([s[i].cpu().numpy() for s in saved], axis=0)[order] for i in range(4)
     )
@@ -381,8 +381,6 @@ def _sums_dataset(
     done: int,
     params: dict[str, Any],
 ) -> xr.Dataset:
-    from .qk import _head_coords
-
     dims = ("head", "feature", "contrast")
     if qk_sum.ndim == 4:  # delta: ΔC per head and feature
         qk_name, qk_dims = "delta_c", ("head", "feature", "dq", "dk")
@@ -395,7 +393,7 @@ def _sums_dataset(
             "k_sum": ((*dims, "dk"), k_sum.copy()),
             "pair_count": (dims, count.copy()),
         },
-        coords={**_head_coords(model, heads), "feature": features, "contrast": list(CONTRASTS)},
+        coords={**head_coords(model, heads), "feature": features, "contrast": list(CONTRASTS)},
         attrs={
             "model": model.name,
             "remote": model.remote_label,
@@ -443,7 +441,7 @@ def _resume(out: str | Path | None, params: dict[str, Any]) -> tuple[int, xr.Dat
         )
     if stored != params:
         keys = [k for k in dict.fromkeys([*stored, *params]) if stored.get(k) != params.get(k)]
-        diff = store._diff_lines(stored, params, "", "stored", "now")
+        diff = store.diff_lines(stored, params, "", "stored", "now")
         raise ValueError(
             f"{out} holds sums from a run with different parameters ({', '.join(keys)}):\n"
             f"{diff}\n"

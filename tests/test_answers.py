@@ -6,9 +6,9 @@ import torch
 import transformers.models.llama.modeling_llama as modeling_llama
 
 from qktrace.answers import intervene_answers
+from qktrace.batching import encode
 from qktrace.covariance import random_subspaces
 from qktrace.models import load
-from qktrace.qk import encode
 from qktrace.testing import model as fresh_model
 from tests.conftest import tiny
 

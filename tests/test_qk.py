@@ -189,17 +189,17 @@ def test_bad_prompt_in_a_late_batch_fails_before_any_trace(llama, monkeypatch, t
 
 
 def test_plan_tokenizes_one_batch_at_a_time(llama, monkeypatch):
-    import qktrace.qk as capture_module
+    import qktrace.batching as batching
 
-    plan = capture_module.prepare(llama, PROMPTS * 3, "last", "all", batch_size=2)
+    plan = batching.prepare(llama, PROMPTS * 3, "last", "all", batch_size=2)
     assert len(plan) == len(plan.starts()) == -(-len(PROMPTS * 3) // 2)
     encoded = []
-    real = capture_module.encode
+    real = batching.encode
     monkeypatch.setattr(
-        capture_module, "encode", lambda m, p, **k: encoded.append(len(p)) or real(m, p, **k)
+        batching, "encode", lambda m, p, **k: encoded.append(len(p)) or real(m, p, **k)
     )
     batches = iter(plan)
     first = next(batches)
     assert encoded == [2] and first.key_index.shape[1] == plan.key_width
-    eager = capture_module.plan_batches(llama, PROMPTS * 3, "last", "all", batch_size=2)
+    eager = batching.plan_batches(llama, PROMPTS * 3, "last", "all", batch_size=2)
     assert [b.key_slots.tolist() for b in plan] == [b.key_slots.tolist() for b in eager]

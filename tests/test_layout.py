@@ -1,0 +1,77 @@
+"""The package's seams: no qktrace module reaches into another module's private names."""
+
+import ast
+from pathlib import Path
+
+import qktrace
+
+PACKAGE = Path(qktrace.__file__).parent
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
+def _module_of(path: Path, node: ast.ImportFrom) -> str:
+    """Dotted name of the module an `import from` names (relative imports resolved)."""
+    if node.level == 0:
+        return node.module or ""
+    parts = ["qktrace", *path.relative_to(PACKAGE).with_suffix("").parts]
+    base = parts[: len(parts) - node.level]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
+def _is_module(dotted: str) -> bool:
+    rel = Path(*dotted.split(".")[1:])
+    return (PACKAGE / rel).with_suffix(".py").exists() or (PACKAGE / rel / "__init__.py").exists()
+
+
+def private_imports(path: Path) -> list[str]:
+    """`file:line name` for each private name of another qktrace module that `path` uses."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    own = ".".join(["qktrace", *path.relative_to(PACKAGE).with_suffix("").parts])
+    modules: set[str] = set()  # local names bound to qktrace modules
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            source = _module_of(path, node)
+            if not source.startswith("qktrace") or source == own.removesuffix(".__init__"):
+                continue
+            for alias in node.names:
+                if _is_module(f"{source}.{alias.name}"):
+                    modules.add(alias.asname or alias.name)
+                elif _private(alias.name):
+                    found.append(f"{path.name}:{node.lineno} {source}.{alias.name}")
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.startswith("qktrace") and alias.asname:
+                    modules.add(alias.asname)
+    for node in ast.walk(tree):
+        if (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name)
+            and node.value.id in modules
+            and _private(node.attr)
+        ):
+            found.append(f"{path.name}:{node.lineno} {node.value.id}.{node.attr}")
+    return found
+
+
+def test_no_module_imports_another_modules_private_names():
+    files = sorted(PACKAGE.rglob("*.py"))
+    assert len(files) > 20  # the whole package was read
+    found = [hit for path in files for hit in private_imports(path)]
+    assert not found, "Private names used across modules (give them a public name):\n" + "\n".join(
+        found
+    )
+
+
+def test_the_check_sees_both_kinds_of_reach(tmp_path, monkeypatch):
+    """The check itself fails on `from .x import _y` and on `x._y` after `from . import x`."""
+    fake = PACKAGE / "sums.py"
+    source = "from . import store\nfrom .qk import _capture_batch\nstore._schema({})\n"
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: source)
+    assert private_imports(fake) == [
+        "sums.py:2 qktrace.qk._capture_batch",
+        "sums.py:3 store._schema",
+    ]
