@@ -5,6 +5,7 @@ import pytest
 import torch
 import xarray as xr
 
+import qktrace.testing as testing
 from qktrace.covariance import random_subspaces
 from qktrace.interventions import intervene
 from qktrace.models import load
@@ -207,15 +208,12 @@ def test_query_patch_from_other_prompts():
 
 
 def test_half_precision_edit_reaches_the_model():
-    net, tok = tiny("qwen3")
+    net, tok = testing.model("qwen3")  # its own: a bfloat16 round trip would round the cached one
     m = load(net.to(torch.bfloat16), tokenizer=tok)
-    try:
-        ds = intervene(
-            m, PROMPTS, "1.0", basis(), orig=ORIG, target=TARGET, keys="all", n_random=2,
-            verify=True, progress=False,
-        )  # fmt: skip
-    finally:
-        net.to(torch.float32)
+    ds = intervene(
+        m, PROMPTS, "1.0", basis(), orig=ORIG, target=TARGET, keys="all", n_random=2,
+        verify=True, progress=False,
+    )  # fmt: skip
     after = ds.attention_after.sel(subspace="subspace")
     assert after.dtype == np.float32
     np.testing.assert_allclose(ds.model_attention, after, atol=1e-2)
