@@ -239,7 +239,7 @@ def main() -> None:
 
     from qktrace import organism
     from qktrace.models import load, parse_heads
-    from studies._common import resolve_heads, sizes
+    from qktrace.studies._common import resolve_heads, sizes
 
     torch.set_num_threads(args.threads)
     print(machine())
@@ -255,7 +255,7 @@ def main() -> None:
     net = AutoModelForCausalLM.from_pretrained(path).eval()
     rows_out, bytes_out = [], []
     for study in args.studies.split(","):
-        module = importlib.import_module(f"studies.{study}")
+        module = importlib.import_module(f"qktrace.studies.{study}")
         n_prompts, n_test = sizes(path, study, args.n_prompts, args.n_test)
         heads = resolve_heads(lm, args.heads, "binding" if study != "filter_heads" else study)
         counter = Counter()

@@ -119,7 +119,7 @@ def _run(job: Callable[[], Path], ctx: typer.Context, kept: str | Callable[[], s
 
 
 def _study(name: str):  # noqa: ANN202 - a module
-    from studies import STUDIES
+    from qktrace.studies import STUDIES
 
     return importlib.import_module(STUDIES[name])
 
@@ -192,7 +192,7 @@ def toy(
 
 
 def _toy_kept(directory: Path) -> str:
-    from studies.toy import CELLS
+    from qktrace.studies.toy import CELLS
 
     n = len(list((directory / CELLS).glob("cell-*.zarr")))
     return f"{n} finished model{'s' if n != 1 else ''} kept in {directory / CELLS}"
@@ -239,7 +239,7 @@ def _model_studies() -> dict[str, str]:
     """Registered studies that run on a language model (their ``run`` takes a model)."""
     import inspect
 
-    from studies import STUDIES
+    from qktrace.studies import STUDIES
 
     return {
         name: module

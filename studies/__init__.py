@@ -5,9 +5,9 @@ has a ``run(out, ...)`` function. Add a study by adding its module here.
 """
 
 STUDIES: dict[str, str] = {
-    "toy": "studies.toy",
+    "toy": "qktrace.studies.toy",
     # language-model studies: ``run(model, *, out, heads, n_prompts, ...)``, `qktrace study NAME`
-    "filter-heads": "studies.filter_heads",
-    "order-id": "studies.order_id",
-    "lexical": "studies.lexical",
+    "filter-heads": "qktrace.studies.filter_heads",
+    "order-id": "qktrace.studies.order_id",
+    "lexical": "qktrace.studies.lexical",
 }

@@ -54,7 +54,7 @@ from qktrace.pipeline import Study
 from qktrace.prompts import FILTER_CATEGORIES, FILTER_QUESTIONS, Prompt
 from qktrace.prompts import filter_prompts as build_prompts
 from qktrace.study_tools import ModelLike
-from studies._common import paper_heads, sizes
+from ._common import paper_heads, sizes
 
 STUDY = "filter_heads"
 CATEGORIES = FILTER_CATEGORIES
@@ -157,4 +157,4 @@ def run(
     return study.run(model, out=out, n_prompts=n_prompts, **settings)
 
 
-study = filter_heads()  # the default design, for load_study("studies.filter_heads")
+study = filter_heads()  # the default design, for load_study("qktrace.studies.filter_heads")

@@ -39,8 +39,8 @@ from qktrace.models import parse_heads
 from qktrace.pipeline import Run, Study
 from qktrace.prompts import Prompt
 from qktrace.study_tools import ModelLike, is_organism
-from studies import binding, order_id
-from studies._common import paper_heads, sizes
+from . import binding, order_id
+from ._common import paper_heads, sizes
 
 STUDY = "lexical"
 NegativeQuery = Literal["original", "counterfactual"]
@@ -147,4 +147,4 @@ def run(
     return lexical(n_pairs, negative_query).run(model, out=out, **settings)
 
 
-study = lexical()  # the default design, for load_study("studies.lexical")
+study = lexical()  # the default design, for load_study("qktrace.studies.lexical")

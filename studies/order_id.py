@@ -32,8 +32,8 @@ from qktrace import checks
 from qktrace.pipeline import Study
 from qktrace.prompts import Prompt, load_objects
 from qktrace.study_tools import ModelLike
-from studies import binding
-from studies._common import paper_heads, sizes
+from . import binding
+from ._common import paper_heads, sizes
 
 STUDY = "order_id"
 
@@ -101,4 +101,4 @@ def run(
     return study.run(model, out=out, seed=seed, **settings)
 
 
-study = order_id()  # the default design, for load_study("studies.order_id")
+study = order_id()  # the default design, for load_study("qktrace.studies.order_id")

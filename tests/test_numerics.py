@@ -21,7 +21,7 @@ import qktrace
 import qktrace.testing as testing
 from qktrace.models import load
 from qktrace.prompts import locate
-from studies import binding
+from qktrace.studies import binding
 
 PLANTED = ["1.2", "1.3"]
 D_HEAD = 16

@@ -55,7 +55,7 @@ def test_loads_through_qktrace_load(lm):
 
 
 def test_answers_a_boxes_and_a_filter_question(lm):
-    from studies import binding, filter_heads
+    from qktrace.studies import binding, filter_heads
 
     boxes = binding.build_prompts(3, 9, seed=123)
     lists = filter_heads.build_prompts(3, seed=123)  # all, first, last questions
@@ -69,7 +69,7 @@ def test_answers_a_boxes_and_a_filter_question(lm):
 
 
 def test_capture_remote_local(lm):
-    from studies import binding
+    from qktrace.studies import binding
 
     prompts = binding.build_prompts(4, 4, seed=7)
     loc = locate(lm.tokenizer, prompts)

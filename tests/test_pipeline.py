@@ -268,7 +268,7 @@ def test_help_says_how_to_run_your_own_study():
 
 
 def test_a_study_by_module_and_a_built_in_only_option():
-    assert load_study("studies.order_id:study").name == "order_id"
+    assert load_study("qktrace.studies.order_id:study").name == "order_id"
     code, output = cli("study", EXAMPLE, "--n-pairs", "3", "-o", "never-written")
     assert code == 2 and "--n-pairs is not an option of" in output and "--n-prompts" in output
 
@@ -325,7 +325,7 @@ def test_a_built_in_study_writes_the_store_it_wrote_before_the_pipeline(name, tm
     from store_fingerprint import differences
 
     expected = json.loads((Path(__file__).parent / "data" / f"{name}.fingerprint.json").read_text())
-    module = importlib.import_module(f"studies.{name}")
+    module = importlib.import_module(f"qktrace.studies.{name}")
     ds = store.open(module.run(out=tmp_path, **SMALL)).load()
     assert differences(expected, ds) == []
     added = set(map(str, ds.variables)) - set(expected)

@@ -24,7 +24,7 @@ from qktrace.interventions import intervene
 from qktrace.models import load
 from qktrace.qk import capture
 from qktrace.sums import reduce
-from studies import order_id
+from qktrace.studies import order_id
 from tests.conftest import tiny
 
 PROMPTS = ["The apple is in Box A", "Which box is the cat in? Box", "the ship is in Box C"]

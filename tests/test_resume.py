@@ -20,7 +20,7 @@ import qktrace.qk as qk_module
 import qktrace.sums as sums_module
 import qktrace.testing as testing
 from qktrace import store
-from studies import order_id
+from qktrace.studies import order_id
 from tests.test_sums import KEYS, PROMPTS  # the same five prompts and key positions
 
 # heads out of layer order on purpose; 6 prompts in 2 reduce batches of 3

@@ -145,7 +145,7 @@ def test_spans_land_on_their_tokens(smollm2, builder):
 
 
 def test_each_study_runs_end_to_end(smollm2, tmp_path):
-    from studies import filter_heads, lexical, order_id
+    from qktrace.studies import filter_heads, lexical, order_id
 
     out = tmp_path / "smollm2"
     filter_path = filter_heads.run(smollm2, out=out, progress=False, figures=False, **TINY)

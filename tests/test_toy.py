@@ -23,8 +23,8 @@ from qktrace.toy.analysis import (
 from qktrace.toy.data import PayloadTask
 from qktrace.toy.model import PayloadRetrievalHead
 from qktrace.toy.train import train
-from studies import STUDIES
-from studies import toy as toy_study
+from qktrace.studies import STUDIES
+from qktrace.studies import toy as toy_study
 
 # ------------------------------------------------------------------------------------------
 # data
@@ -255,7 +255,7 @@ def test_cli_help_teaches():
     assert result.exit_code == 0
     for option in ("--out", "--quick", "--seed", "--overwrite"):
         assert option in result.output
-    assert STUDIES["toy"] == "studies.toy"
+    assert STUDIES["toy"] == "qktrace.studies.toy"
 
 
 def test_cli_refuses_existing_store(toy_store):

@@ -26,7 +26,7 @@ ROOT = Path(__file__).parents[1]
 TINY_GRID = """
 import functools, signal, sys
 signal.signal(signal.SIGINT, signal.default_int_handler)
-from studies import toy
+from qktrace.studies import toy
 toy.settings = functools.partial(toy.settings, ranks=(3,), d_heads=(8,), variants=("discrete",),
                                  n_pairs=1000, n_random=1)
 from qktrace.cli import app
@@ -94,7 +94,7 @@ def test_ctrl_c_stops_at_once_keeps_finished_models_and_resumes(tmp_path):
 
 
 def test_a_kept_model_of_other_parameters_is_refused(tmp_path):
-    from studies import toy as toy_study
+    from qktrace.studies import toy as toy_study
 
     small = dict(ranks=(3,), d_heads=(8,), variants=("discrete",), n_pairs=500, n_random=1)
     kept = toy_study.Cells(tmp_path / "toy.cells", toy_study.settings(max_steps=5, **small))
