@@ -5,8 +5,9 @@ to the sums of the pair's group: a feature value (e.g. "fruit") and a contrast (
 "negative"). The sums are computed in float64 inside the nnsight trace, so a batch sends back
 [heads, groups, d_head, d_head] numbers whatever its number of prompts and tokens; batches
 are added here in float64. Memory is O(heads x features x d_head^2), independent of the number
-of prompts. Pass `out=` to keep the running sums on disk after every request: a rerun of the same
-call resumes after the last request that was saved.
+of prompts. Pass `out=` to keep the running sums on disk (every `CHECKPOINT_EVERY_S` seconds,
+and when the call ends or stops with an error or Ctrl-C): a rerun of the same call resumes
+after the last request that was saved.
 
 Round trips and bytes. One batch is one trace, which with `remote=True` is one request that
 returns heads x 2 features x (d_head^2 + 2 d_head) float64 numbers. `batches_per_request=K`
@@ -23,6 +24,7 @@ The result is the "covariance sums" Dataset of `qktrace.covariance` (`qk_sum`, `
 from __future__ import annotations
 
 from collections.abc import Sequence
+import time
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +45,11 @@ Label = tuple[str, str] | None
 # Batches per NDIF request by default: 16x fewer round trips and returned sums, while a failed
 # request loses (and a resume repeats) at most 16 batches.
 REMOTE_BATCHES_PER_REQUEST = 16
+# `reduce(out=)` writes its running sums at most this often (and when it stops, for whatever
+# reason Python sees): a checkpoint costs about as much as a batch of a small model, so writing
+# one per batch doubled the organism's reduce. A kill that Python cannot see (SIGKILL, power
+# loss) loses at most the batches of the last CHECKPOINT_EVERY_S seconds.
+CHECKPOINT_EVERY_S = 30.0
 # attrs["partial"] of a checkpoint that holds the sums of the first prompts only
 PARTIAL = (
     "partial ({done} of {total} prompts): `pair_count` and `n_prompts` count the {done} summed; "
@@ -217,8 +224,10 @@ def reduce(
     labels
         Per prompt, per key slot: `(feature, "positive" | "negative")`, or None to skip the key.
     out
-        A zarr path for the running sums, saved after every request. A rerun with the same
-        arguments resumes after the last saved request; a run with different arguments refuses
+        A zarr path for the running sums, saved at most every `CHECKPOINT_EVERY_S` (30) seconds
+        and when the call ends, fails or is interrupted (a hard kill, e.g. SIGKILL, loses the
+        requests since the last save). A rerun with the same arguments resumes after the last
+        saved request; a run with different arguments refuses
         it (name another path).
     batches_per_request
         Batches run as one request: one nnsight session whose traces add their sums on the
@@ -309,52 +318,67 @@ def reduce(
     todo = [(start, n) for start, n in plan.starts() if start >= done]
     per = batches_per_request or len(todo) or 1
     bar = tqdm(total=len(prompts), initial=done, desc="reduce", unit="prompt", disable=not progress)
-    for r in range(0, len(todo), per):
-        request = todo[r : r + per]
-        start = request[0][0]
-        end = request[-1][0] + request[-1][1]
-        work = []
-        for first, n in request:
-            batch = plan.batch(first)
-            index = _label_index(labels[first : first + n], features, batch.key_index.shape[1])
-            work.append((batch.encoded.inputs, batch.query_index, batch.key_index, index))
-        del batch
-        qk, scale, q, k, finite = with_retries(
-            _reduce_batch,
-            model,
-            work,
-            heads,
-            qk_table,
-            vector_table,
-            wires[delta_dtype] if delta else None,
-            what=f"prompts {start}..{end - 1}",
-            resume_hint=_resume_hint(out, start),
-        )
-        del work
-        if not finite.all() or not np.isfinite(qk).all():
-            bad = start + int(np.argmin(finite)) if not finite.all() else None
-            where = f"prompt {bad}" if bad is not None else f"prompts {start}..{end - 1}"
-            raise FloatingPointError(
-                f"Captured q/k have NaN/inf for {where}, so the q k^T sums would be NaN. The "
-                "model overflowed on it: run in float32 or bfloat16 instead of float16, or drop "
-                "that prompt."
-                + (
-                    f" The sums of prompts 0..{start - 1} are saved in {out}."
-                    if start and out is not None
-                    else ""
+    # (prompts summed, their sums): replaced whole, so an interrupt never sees half an update
+    state = (done, qk_sum, q_sum, k_sum)
+    saved, last_save = done, time.monotonic()
+
+    def save() -> None:
+        nonlocal saved, last_save
+        summed_to, *arrays = state
+        if out is None or summed_to == saved:
+            return
+        summed = np.broadcast_to(per_prompt[:summed_to].sum(axis=0), shape)
+        _checkpoint(out, _sums_dataset(model, heads, features, *arrays, summed, summed_to, params))
+        saved, last_save = summed_to, time.monotonic()
+
+    try:
+        for r in range(0, len(todo), per):
+            request = todo[r : r + per]
+            start = request[0][0]
+            end = request[-1][0] + request[-1][1]
+            work = []
+            for first, n in request:
+                batch = plan.batch(first)
+                index = _label_index(labels[first : first + n], features, batch.key_index.shape[1])
+                work.append((batch.encoded.inputs, batch.query_index, batch.key_index, index))
+            del batch
+            qk, scale, q, k, finite = with_retries(
+                _reduce_batch,
+                model,
+                work,
+                heads,
+                qk_table,
+                vector_table,
+                wires[delta_dtype] if delta else None,
+                what=f"prompts {start}..{end - 1}",
+                resume_hint=_resume_hint(out, start),
+            )
+            del work
+            if not finite.all() or not np.isfinite(qk).all():
+                bad = start + int(np.argmin(finite)) if not finite.all() else None
+                where = f"prompt {bad}" if bad is not None else f"prompts {start}..{end - 1}"
+                raise FloatingPointError(
+                    f"Captured q/k have NaN/inf for {where}, so the q k^T sums would be NaN. The "
+                    "model overflowed on it: run in float32 or bfloat16 instead of float16, or "
+                    "drop that prompt."
+                    + (
+                        f" The sums of prompts 0..{start - 1} are saved in {out}."
+                        if start and out is not None
+                        else ""
+                    )
                 )
+            state = (
+                end,
+                qk_sum + (qk.astype(np.float64) * scale).reshape(qk_sum.shape),
+                q_sum + q.reshape(q_sum.shape),
+                k_sum + k.reshape(k_sum.shape),
             )
-        qk_sum += (qk.astype(np.float64) * scale).reshape(qk_sum.shape)
-        q_sum += q.reshape(q_sum.shape)
-        k_sum += k.reshape(k_sum.shape)
-        done = end
-        if out is not None:
-            summed = np.broadcast_to(per_prompt[:done].sum(axis=0), shape)
-            _checkpoint(
-                out,
-                _sums_dataset(model, heads, features, qk_sum, q_sum, k_sum, summed, done, params),
-            )
-        bar.update(end - start)
+            done, qk_sum, q_sum, k_sum = state
+            if time.monotonic() - last_save >= CHECKPOINT_EVERY_S:
+                save()
+            bar.update(end - start)
+    finally:  # finished, or stopped by an error or Ctrl-C: keep every summed request
+        save()
     bar.close()
     return _sums_dataset(model, heads, features, qk_sum, q_sum, k_sum, count, done, params)
 

@@ -94,3 +94,57 @@ def test_leftover_copies_are_cleaned_by_the_next_successful_run(tmp_path):
     assert not any(p.exists() for p in leftovers)
     assert keep.exists()
     assert {p.name for p in out.iterdir()} == {"order_id.zarr", keep.name}
+
+
+# A run killed where no Python code runs after it (SIGKILL, a power cut), in its 3rd batch of 2.
+HARD_KILL = """
+import json, os, signal, sys
+import qktrace, qktrace.sums as sums, qktrace.testing as testing
+from qktrace.models import load
+out, every, prompts, keys, labels = json.loads(sys.argv[1])
+sums.CHECKPOINT_EVERY_S = every
+real, calls = sums._reduce_batch, []
+def dies(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(*args, **kwargs)
+sums._reduce_batch = dies
+net, tok = testing.model("llama")
+labels = [[tuple(x) if x else None for x in row] for row in labels]
+qktrace.reduce(load(net, tokenizer=tok), prompts, "1.0", labels, keys=keys, batch_size=2,
+               out=out, progress=False)
+"""
+
+
+@pytest.mark.parametrize(
+    "every, saved_prompts", [(0.0, 4), (1e9, 0)], ids=["every-batch", "not-yet"]
+)
+def test_a_hard_kill_loses_at_most_the_batches_since_the_last_checkpoint(
+    llama, tmp_path, monkeypatch, every, saved_prompts
+):
+    """The running sums are written every `CHECKPOINT_EVERY_S` seconds, not every batch: a kill
+    that Python never sees loses the batches summed since the last write, and no more. With
+    writes due every batch, batches 1-2 (4 prompts) survive; with none due yet, nothing does,
+    and the rerun sums everything again. (A Ctrl-C or an error is saved on the way out: above.)"""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "sums.zarr"
+    args = json.dumps([str(out), every, PROMPTS, KEYS, LABELS])
+    killed = subprocess.run([sys.executable, "-c", HARD_KILL, args], capture_output=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()[-2000:]
+    if saved_prompts:
+        assert qktrace.open(out).attrs["n_prompts"] == saved_prompts
+    else:
+        assert not out.exists()
+    real, calls = sums_module._reduce_batch, []
+    monkeypatch.setattr(
+        sums_module, "_reduce_batch", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
+    resumed = qktrace.reduce(llama, PROMPTS, "1.0", LABELS, keys=KEYS, batch_size=2, out=out,
+                             progress=False)  # fmt: skip
+    assert len(calls) == (1 if saved_prompts else 3)  # the lost batches, and only they, rerun
+    whole = qktrace.reduce(llama, PROMPTS, "1.0", LABELS, keys=KEYS, batch_size=2, progress=False)
+    np.testing.assert_allclose(resumed["qk_sum"].values, whole["qk_sum"].values, rtol=1e-12)
