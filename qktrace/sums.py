@@ -23,8 +23,8 @@ The result is the "covariance sums" Dataset of `qktrace.covariance` (`qk_sum`, `
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
