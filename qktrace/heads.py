@@ -33,7 +33,7 @@ from .batching import Batch, Positions, Prompt, head_coords, plan_batches, resol
 from .models import Head, Model
 from .remote import with_retries
 
-__all__ = ["find_heads"]
+__all__ = ["find_heads", "rank_heads"]
 
 Score = Literal["answer_attention", "answer_share", "answer_argmax"]
 SCORES = ("answer_attention", "answer_share", "answer_argmax")
@@ -127,7 +127,25 @@ def find_heads(
     attention = np.concatenate(parts)  # [prompt, head, key], heads layer-major
     valid = np.concatenate([b.key_slots for b in plan]) >= 0
     attention = np.where(valid[:, None, :], attention, np.nan)
+    return rank_heads(model, layers, attention, answer_slot, by=by, top=top)
 
+
+def rank_heads(
+    model: Model,
+    layers: Sequence[int],
+    attention: np.ndarray,
+    answer_slot: np.ndarray,
+    *,
+    by: Score = "answer_attention",
+    top: int | None = 5,
+) -> xr.Dataset:
+    """`find_heads`'s ranking from the attention of every head of `layers` at the candidate keys.
+
+    `attention` [prompt, head (layer-major, every head of each layer), key] (NaN where a prompt
+    has no key in that slot), `answer_slot` [prompt] the answer's slot among the keys; `by` and
+    `top` as for `find_heads`. Shared with the studies' head search, which reads the attention
+    from the capture of the fresh prompts instead of a pass of its own.
+    """
     rows = np.arange(len(answer_slot))
     on_answer = attention[rows, :, answer_slot]  # [prompt, head]
     share = on_answer / np.nansum(attention, axis=-1)
@@ -145,14 +163,15 @@ def find_heads(
     chosen = [heads[i] for i in order]
     from .store import provenance
 
-    params = {"layers": layers, "by": by, "top": top, "n_prompts": len(prompts)}
+    n_prompts = len(answer_slot)
+    params = {"layers": list(layers), "by": by, "top": top, "n_prompts": n_prompts}
     return xr.Dataset(
         {name: ("head", values[order]) for name, values in scores.items()},
         coords={**head_coords(model, chosen), "ranking": ("head", np.arange(1, len(order) + 1))},
         attrs={
             **provenance("find_heads", params, model=model.name, remote=model.remote),
             "by": by,
-            "n_prompts": len(prompts),
+            "n_prompts": n_prompts,
         },
     )
 

@@ -45,7 +45,7 @@ import xarray as xr
 
 from . import checks
 from .covariance import add_pairs, decompose, empty_sums
-from .heads import find_heads
+from .head_search import search_and_capture
 from .interventions import intervene_captured
 from .locks import one_writer
 from .models import Head, Model, Remote, parse_heads
@@ -276,7 +276,9 @@ def run_study(
     # 1. prompts, token positions, labels and swaps: every declaration checked, no forward pass
     train = prepare(study, lm.tokenizer, n_prompts, seed, chat, "subspace")
     test = prepare(study, lm.tokenizer, n_test, seed, chat, "fresh")
-    head_list, heads_from, ranking = resolve_heads(study, lm, heads, test, batch_size, progress)
+    head_list, heads_from, ranking, captured = resolve_heads(
+        study, lm, heads, test, batch_size, progress
+    )
     params = {
         **study.options,
         "study_source": study.source,
@@ -315,15 +317,18 @@ def run_study(
     features = [str(f) for f in subspaces["feature"].values]
 
     # 3. fresh prompts: q, k and attention of every key, named by the study's coordinates
-    captured = capture(
-        lm,
-        test.ids,
-        head_list,
-        query=test.query,
-        keys=test.keys,
-        batch_size=batch_size,
-        progress=progress,
-    ).assign_coords(test.coords)
+    #    (already captured when the head search ran, in the same pass)
+    if captured is None:
+        captured = capture(
+            lm,
+            test.ids,
+            head_list,
+            query=test.query,
+            keys=test.keys,
+            batch_size=batch_size,
+            progress=progress,
+        )
+    captured = captured.assign_coords(test.coords)
 
     # 4. is each ΔC real? the permutation null on the fresh prompts' labelled pairs (or on the
     #    counterfactual pairs)
@@ -374,33 +379,26 @@ def resolve_heads(
     test: Prepared,
     batch_size: int,
     progress: bool,
-) -> tuple[list[Head], str, xr.Dataset]:
-    """(heads, where from, ranking): those given, the study's for this model, else the best
-    `N_FOUND_HEADS` found on `test` (the `find_heads` ranking of every head as store variables,
-    `ranking_variables`; an empty Dataset when no search ran)."""
-    ranking = xr.Dataset()
+) -> tuple[list[Head], str, xr.Dataset, xr.Dataset | None]:
+    """(heads, where from, ranking, capture): those given, the study's for this model, else the
+    best `N_FOUND_HEADS` found on `test` (the `find_heads` ranking of every head as store
+    variables, `ranking_variables`, with attrs ``find_heads_pass``; an empty Dataset when no
+    search ran). The search shares its pass with the capture of `test`
+    (`qktrace.head_search`), which it then returns; None when the caller must capture."""
+    ranking, captured = xr.Dataset(), None
     if heads is not None:
         chosen, source = parse_heads(heads), "given"
     elif study.heads is not None and (spec := study.heads(lm)):
         spec, source = spec if isinstance(spec, tuple) else (spec, "study")
         chosen = parse_heads(spec)
     else:
-        answer = [row[a] for row, a in zip(test.keys, test.answer, strict=True)]
-        found = find_heads(
-            lm,
-            test.ids,
-            answer,
-            keys=test.keys,
-            query=test.query,
-            top=None,
-            batch_size=batch_size,
-            progress=progress,
-        )
+        found, captured, how = search_and_capture(lm, test, N_FOUND_HEADS, batch_size, progress)
         ranking = ranking_variables(found)
+        ranking.attrs["find_heads_pass"] = how
         chosen = parse_heads(list(found["head"].values[:N_FOUND_HEADS]))
         source = "find_heads"
     lm.check_heads(chosen)
-    return chosen, source, ranking
+    return chosen, source, ranking, captured
 
 
 def counterfactual_pairs(
