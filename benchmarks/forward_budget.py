@@ -72,6 +72,7 @@ class Counter:
 
     def install(self) -> None:
         import qktrace.answers as answers
+        import qktrace.heads as heads_module
         import qktrace.qk as qk
         import qktrace.sums as sums
 
@@ -119,6 +120,8 @@ class Counter:
         # batch of its request)
         wrap(qk, "_capture_batch", lambda model, enc, *a, **k: [(enc.inputs, 0)])
         wrap(sums, "_reduce_batch", lambda model, work, *a, **k: [(w[0], 0) for w in work])
+        # head search in a pass of its own (find_heads), when it cannot share the capture's
+        wrap(heads_module, "_scan_batch", lambda model, batch, *a, **k: [(batch.encoded.inputs, 0)])
         wrap(
             answers,
             "_answers_batch",
@@ -224,6 +227,12 @@ def main() -> None:
     parser.add_argument("--n-random-answers", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--remote-local", action="store_true", help="run with remote='local'")
+    parser.add_argument(
+        "--search",
+        action="store_true",
+        help="give the studies no heads, so that they search them (find_heads) on their fresh "
+        "prompts; for a model other than the organism (e.g. with --larger)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier)")
     parser.add_argument(
         "--larger",
@@ -235,11 +244,12 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
+    from qktrace.studies._common import resolve_heads, sizes
     from transformers import AutoModelForCausalLM
 
     from qktrace import organism
     from qktrace.models import load, parse_heads
-    from qktrace.studies._common import resolve_heads, sizes
+    from qktrace.study_tools import N_FOUND_HEADS
 
     torch.set_num_threads(args.threads)
     print(machine())
@@ -247,9 +257,12 @@ def main() -> None:
     path = args.model or str(organism.path())
     if args.larger:
         path = larger_model(args.larger)
-        args.heads = args.heads or ",".join(
-            f"{int(args.larger.split(',')[0]) - 1}.{h}" for h in range(3)
-        )
+        if not args.search:
+            args.heads = args.heads or ",".join(
+                f"{int(args.larger.split(',')[0]) - 1}.{h}" for h in range(3)
+            )
+    if args.search and (args.heads or not (args.model or args.larger)):
+        parser.error("--search: pass --model or --larger, and no --heads")
     remote = "local" if args.remote_local else False
     lm = load(path, remote=remote)
     net = AutoModelForCausalLM.from_pretrained(path).eval()
@@ -257,9 +270,13 @@ def main() -> None:
     for study in args.studies.split(","):
         module = importlib.import_module(f"qktrace.studies.{study}")
         n_prompts, n_test = sizes(path, study, args.n_prompts, args.n_test)
-        heads = resolve_heads(lm, args.heads, "binding" if study != "filter_heads" else study)
+        if args.search:
+            n_heads = N_FOUND_HEADS
+        else:
+            kind = "binding" if study != "filter_heads" else study
+            n_heads = len(parse_heads([h.label for h in resolve_heads(lm, args.heads, kind)]))
         counter = Counter()
-        counter.heads, counter.d_head = len(parse_heads([h.label for h in heads])), lm.d_head
+        counter.heads, counter.d_head = n_heads, lm.d_head
         counter.install()
         with tempfile.TemporaryDirectory() as out:
             t0, c0 = time.perf_counter(), time.process_time()

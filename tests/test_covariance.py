@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
+import scipy.linalg
 import xarray as xr
 from scipy.linalg import subspace_angles
 
@@ -16,6 +19,7 @@ from qktrace.covariance import (
     permutation_null,
     random_subspaces,
     rank_for_threshold,
+    svd,
 )
 
 
@@ -361,3 +365,59 @@ def test_sums_dataset_layout():
     assert sums["pair_count"].dims == ("head", "feature", "contrast")
     with pytest.raises(ValueError, match="distinct"):
         empty_sums([0, 0], ["a"], 2)
+
+
+# A 64 x 64 ΔC (filter-heads, head 11.0, "country") of a random-weight 12-layer Llama on which
+# LAPACK's gesdd, numpy's SVD driver, raises "SVD did not converge" (numpy 2.4 / OpenBLAS here).
+GESDD_FAILS = np.load(Path(__file__).parent / "data" / "gesdd_fails.npy")
+
+
+def _svd_fails_on(monkeypatch, bad: np.ndarray) -> list[int]:
+    """numpy's SVD raising LinAlgError on any stack holding `bad`, as gesdd does; the calls."""
+    real, calls = np.linalg.svd, []
+
+    def gesdd(a, *args, **kwargs):
+        calls.append(1)
+        a = np.asarray(a)
+        if any(np.array_equal(m, bad) for m in a.reshape(-1, *a.shape[-2:])):
+            raise np.linalg.LinAlgError("SVD did not converge")
+        return real(a, *args, **kwargs)
+
+    monkeypatch.setattr(np.linalg, "svd", gesdd)
+    return calls
+
+
+@pytest.mark.parametrize("mock", [False, True], ids=["real-matrix", "mock-gesdd"])
+def test_decompose_survives_an_svd_that_does_not_converge(monkeypatch, mock):
+    """decompose of ΔCs one of which gesdd cannot do: redone with gesvd, the same subspaces."""
+    rng = np.random.default_rng(0)
+    others = rng.normal(size=(2, 64, 64)) * 0.05
+    delta = np.stack([others[0], GESDD_FAILS, others[1]])
+    if mock:  # whatever this machine's LAPACK does with the real matrix
+        calls = _svd_fails_on(monkeypatch, GESDD_FAILS)
+    sums = empty_sums(["0.0"], ["a", "b", "c"], 64)
+    sums["qk_sum"].loc[{"contrast": "positive"}] = delta[None]
+    sums["pair_count"][:] = 1
+    out = decompose(sums)
+    if mock:
+        assert len(calls) >= 2  # the batch failed, then each matrix alone
+    u = out["query_basis"].sel(head="0.0").transpose("feature", "dq", "component").values
+    s = out["singular_values"].sel(head="0.0").values
+    v = out["key_basis"].sel(head="0.0").transpose("feature", "dk", "component").values
+    for f in range(3):
+        ref = scipy.linalg.svd(delta[f], lapack_driver="gesvd", compute_uv=False)
+        np.testing.assert_allclose(s[f], ref, atol=1e-12)
+        r = int(out["rank"].sel(head="0.0").values[f])
+        kept = s[f, :r] ** 2
+        assert kept.sum() / (s[f] ** 2).sum() >= 0.99 > kept[:-1].sum() / (s[f] ** 2).sum()
+        # the kept bases reproduce ΔC's best rank-r approximation
+        approx = u[f, :, :r] * s[f, :r] @ v[f, :, :r].T
+        u0, s0, vt0 = scipy.linalg.svd(delta[f], lapack_driver="gesvd")
+        np.testing.assert_allclose(approx, u0[:, :r] * s0[:r] @ vt0[:r], atol=1e-10)
+
+
+def test_svd_of_nan_says_what_is_wrong():
+    bad = GESDD_FAILS.copy()
+    bad[3, 5] = np.nan
+    with pytest.raises(ValueError, match="NaN or inf.*pair_count"):
+        svd(bad)
