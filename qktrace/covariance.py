@@ -633,14 +633,17 @@ def permutation_null(
     u, s, vt = svd(real)
 
     rng = np.random.default_rng(seed)
-    chunk = max(1, int(2**25 // max(q.size, 1)))  # at most ~256 MB of float64 per chunk
-    null_parts = []
-    for start in range(0, n_permutations, chunk):
-        masks = np.stack(
-            [rng.permutation(labels) for _ in range(min(chunk, n_permutations - start))]
-        ).astype(np.float64)  # [c, pairs]
-        null_parts.append(delta_c(np.matmul(q.T[None] * masks[:, None, :], k)))  # [c, dq, dk]
-    null = np.concatenate(null_parts)
+    masks = np.stack([rng.permutation(labels) for _ in range(n_permutations)]).astype(np.float64)
+    # every permutation's positive sum at once: masks [perm, pairs] @ the pairs' q k^T
+    # [pairs, dq dk], one matrix product per chunk of pairs (at most ~256 MB of outer products)
+    d_q, d_k = q.shape[1], k.shape[1]
+    positive = np.zeros((n_permutations, d_q * d_k))
+    step = max(1, 2**25 // (d_q * d_k))
+    for start in range(0, labels.size, step):
+        rows = slice(start, start + step)
+        outer = (q[rows, :, None] * k[rows, None, :]).reshape(-1, d_q * d_k)
+        positive += masks[:, rows] @ outer
+    null = delta_c(positive.reshape(n_permutations, d_q, d_k))
     null_sv = svd(null, compute_uv=False)
 
     cutoff = np.full(s.size, np.nan)
