@@ -228,6 +228,11 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--remote-local", action="store_true", help="run with remote='local'")
     parser.add_argument(
+        "--skip-answers",
+        action="store_true",
+        help="leave out the answer-level step (its passes are counted apart anyway): quicker",
+    )
+    parser.add_argument(
         "--search",
         action="store_true",
         help="give the studies no heads, so that they search them (find_heads) on their fresh "
@@ -278,6 +283,12 @@ def main() -> None:
         counter = Counter()
         counter.heads, counter.d_head = n_heads, lm.d_head
         counter.install()
+        if args.skip_answers:
+            import xarray as xr
+
+            import qktrace.pipeline as pipeline
+
+            counter.patch(pipeline, "answer_swaps", lambda *a, **k: xr.Dataset())
         with tempfile.TemporaryDirectory() as out:
             t0, c0 = time.perf_counter(), time.process_time()
             module.run(
