@@ -9,8 +9,8 @@ on top: one trace per batch of (2 + n_random_answers) stacked copies of the test
 edited head set (each head, then all heads together).
 
 For every study this script runs ``studies.<study>.run`` (figures off, progress off) while it
-counts the forward passes (traces) and prompt rows of its per-batch functions (capture, reduce;
-the answer step apart), then times a bare Hugging Face forward (no nnsight) of the same inputs
+counts the forward passes (traces) and prompt rows of its per-batch functions (capture, reduce,
+find_heads; the answer step apart), then times a bare Hugging Face forward (no nnsight) of the same inputs
 as the study's minimum rows, with the same batches, in the same process. It prints
 
 - traces / rows outside the answer-level step and the minimum rows (goal: equal);
@@ -25,6 +25,15 @@ bytes of the serialized requests, bytes of the arrays the requests return, and t
     python benchmarks/forward_budget.py                       # the organism, its default sizes
     python benchmarks/forward_budget.py --studies order_id --n-prompts 300 --n-test 90
     python benchmarks/forward_budget.py --remote-local         # + requests and bytes
+    python benchmarks/forward_budget.py --larger 12,384,6,2 --skip-answers   # a 19M random Llama
+    python benchmarks/forward_budget.py --larger 12,384,6,2 --search --studies order_id
+
+With ``--search`` the studies get no heads and search them (`qktrace.find_heads`'s ranking) on
+their fresh prompts; the search shares the capture's pass, so the rows stay at the minimum
+(a search in a pass of its own, over `qktrace.head_search.MAX_BYTES`, adds n_test rows).
+The machine is often shared: the ratios are measured in one process, but the bare forward runs
+after the study, so a change of load between them moves the wall ratio (CPU / bare less so);
+run twice and report both.
 
 Prints figures only; asserts nothing.
 """

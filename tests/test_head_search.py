@@ -82,3 +82,24 @@ def test_head_search_shares_the_fresh_prompts_pass(tmp_path, monkeypatch, shared
                     batch_size=SIZES["batch_size"], progress=False)  # fmt: skip
     for name in ("q", "k", "attention"):
         np.testing.assert_allclose(ds[name].values, alone[name].values, rtol=1e-5, atol=1e-6)
+
+
+def test_a_remote_run_shares_the_pass_only_under_its_own_cap(monkeypatch):
+    """What a shared search keeps travels back from NDIF: a remote model has a smaller cap."""
+    study = load_study(EXAMPLE)
+    net, tok = testing.model("llama")
+    lm = load(net, tokenizer=tok, remote="local")
+    test = prepare(study, lm.tokenizer, 3, 0, None, "fresh")
+    need = head_search.capture_bytes(lm, test, lm.n_layers * lm.n_heads)
+    monkeypatch.setattr(head_search, "MAX_BYTES", need)  # would share, were it local
+    monkeypatch.setattr(head_search, "MAX_REMOTE_BYTES", need - 1)
+    ranking, captured, how = head_search.search_and_capture(lm, test, 3, 4, False)
+    assert captured is None and how.startswith("separate") and "remote" in how
+    monkeypatch.setattr(head_search, "MAX_REMOTE_BYTES", need)
+    shared_ranking, captured, how = head_search.search_and_capture(lm, test, 3, 4, False)
+    assert how.startswith("shared") and list(captured["head"].values) == list(
+        ranking["head"].values[:3]
+    )
+    np.testing.assert_allclose(
+        shared_ranking["answer_attention"].values, ranking["answer_attention"].values, rtol=1e-6
+    )
