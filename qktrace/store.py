@@ -81,16 +81,19 @@ from __future__ import annotations
 import datetime as _dt
 import enum
 import glob
+import itertools
 import json
 import math
 import os
 import re
 import shutil
 import uuid
+import warnings
 import zlib
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -111,6 +114,8 @@ _TMP_RE = re.compile(r"^\..+\.(tmp|old)-[0-9a-f]{8}$")
 # the command that (re)writes the stores written now; set by the CLI around a run
 _COMMAND: ContextVar[str | None] = ContextVar("qktrace_store_command", default=None)
 _ZARR_FORMAT = 2
+# manifest version of a BatchWriter store: 1 = one zarr store per batch (read only), 2 = one store
+_BATCHES_VERSION = 2
 _REMOTE_MODES = {False: "local", "local": "remote-local", True: "ndif"}
 # attrs that identify a run: a resumed run must agree on them (when both runs give them)
 _IDENTITY_ATTRS = ("study", "model", "revision", "seed")
@@ -401,8 +406,10 @@ def _not_a_store(path: Path) -> Exception:
     )
 
 
-def _open_zarr(path: Path, checksums: bool = False) -> xr.Dataset:
-    _verify(path, checksums)
+def _open_zarr(
+    path: Path, checksums: bool = False, record: Mapping[str, Any] | None = None
+) -> xr.Dataset:
+    _verify(path, checksums, record)
     try:
         return xr.open_zarr(path, chunks={})
     except (OSError, ValueError, KeyError, TypeError) as err:  # damaged metadata
@@ -411,6 +418,25 @@ def _open_zarr(path: Path, checksums: bool = False) -> xr.Dataset:
             "is damaged or incomplete (e.g. a copy that was cut short). Rerun the command that "
             "wrote it, or restore it from a backup."
         ) from err
+
+
+def _open_batches(path: Path, checksums: bool = False) -> xr.Dataset:
+    """A BatchWriter store: its one zarr group, cut to the complete rows (O(1) in batches)."""
+    manifest = _read_manifest(path)
+    if manifest.get("version", 1) < _BATCHES_VERSION:
+        return _open_legacy_batches(path, checksums)
+    dim, rows = manifest["dim"], manifest["rows"]
+    if not rows:
+        raise ValueError(
+            f"{path} holds no complete batch yet; run the study (or let it finish its first "
+            "batch) before opening it."
+        )
+    ds = _open_zarr(path, checksums, record=manifest)
+    if ds.sizes[dim] != rows:  # planned or grown beyond the complete rows
+        ds = ds.isel({dim: slice(0, rows)})
+    ds.attrs.update(manifest["attrs"])
+    ds.attrs["batch_dim"] = dim
+    return ds
 
 
 def _write_atomic(ds: xr.Dataset, path: Path) -> None:
@@ -506,22 +532,29 @@ def _rewrite_hint(attrs: Mapping[str, Any]) -> str:
     return "the call that wrote it, with overwrite=True"
 
 
-def _verify(root: Path, checksums: bool) -> None:
+def _verify(root: Path, checksums: bool, record: Mapping[str, Any] | None = None) -> None:
     """Raise StoreDamagedError if a file `root` recorded when written is missing or changed.
 
-    Stores written without a record (older qktrace, other tools) are not checked.
+    The record is `root`'s ``INTEGRITY`` file, or `record` (a batch store's manifest). Stores
+    written without a record (older qktrace, other tools) are not checked.
     """
-    record_path = root / INTEGRITY
-    if not record_path.is_file():
-        return
-    try:
-        record = json.loads(record_path.read_text())
-        files = record["files"]
-    except (OSError, ValueError, KeyError) as err:
+    if record is None:
+        record_path = root / INTEGRITY
+        if not record_path.is_file():
+            return
+        try:
+            record = json.loads(record_path.read_text())
+        except (OSError, ValueError) as err:
+            raise StoreDamagedError(
+                f"{root} is damaged: its record {INTEGRITY} cannot be read ({err}). Rewrite the "
+                "store (e.g. rerun the command that wrote it with --overwrite)."
+            ) from err
+    files = record.get("files")
+    if not isinstance(files, dict):
         raise StoreDamagedError(
-            f"{root} is damaged: its record {INTEGRITY} cannot be read ({err}). Rewrite the "
-            "store (e.g. rerun the command that wrote it with --overwrite)."
-        ) from err
+            f"{root} is damaged: its record of files cannot be read. Rewrite the store (e.g. "
+            "rerun the command that wrote it with --overwrite)."
+        )
     problems: dict[str, str] = {}
     for rel, (size, crc) in files.items():
         var, _, name = rel.rpartition("/")
@@ -567,12 +600,15 @@ def _even_chunks(ds: xr.Dataset) -> xr.Dataset:
 
 
 class BatchWriter:
-    """Append one Dataset per batch to a store; resume an interrupted run where it stopped.
+    """Append one Dataset per batch to ONE zarr store; resume an interrupted run where it stopped.
 
-    Each `append` writes one complete zarr store ``batch-NNNNNN.zarr`` inside `path` (written
-    under a temporary name, then renamed), so a crash at any point leaves the store at the last
-    complete batch. Reopening the same `path` with the same parameters resumes: `n_done` says
-    how many batches are stored, and the loop skips them.
+    The first batch creates the store's arrays, sized along `dim` to the run's planned total
+    (``sizes[dim]``; without it they grow by doubling) and padded in the other dims to
+    ``sizes`` (or the first batch's sizes); each later batch is written into its rows. The
+    manifest records how many rows and batches are complete, with the size and CRC-32 of every
+    file they are in, and is replaced atomically only after the batch's data is on disk: a crash
+    at any point leaves the store at the last complete batch. Reopening the same `path` with the
+    same parameters resumes: `n_done` says how many batches are stored, and the loop skips them.
 
     Parameters
     ----------
@@ -587,6 +623,11 @@ class BatchWriter:
         The run's attrs, usually from `provenance`. Recorded when the store is created (with
         ``attrs["params"] = params``); on reopen they are kept from the first run, and
         ``study``, ``model``, ``revision`` and ``seed`` must agree where both runs give them.
+    sizes : mapping of str to int, optional
+        Planned sizes: ``sizes[dim]`` the run's total along `dim` (e.g. the number of prompts),
+        any other dim the largest size a batch can have (e.g. the key width of the batch plan).
+        Batches smaller in another dim are padded (see the module docstring); larger ones are
+        refused. A dim not given takes the first batch's size.
 
     Attributes
     ----------
@@ -594,6 +635,8 @@ class BatchWriter:
     dim : str
     n_done : int
         Number of complete batches in the store.
+    rows : int
+        Number of complete rows along `dim` (the batches' sizes summed).
 
     Examples
     --------
@@ -602,7 +645,7 @@ class BatchWriter:
     >>> from qktrace import store
     >>> path = Path(tempfile.mkdtemp()) / "run.zarr"
     >>> batches = [np.arange(2.0), np.arange(3.0)]
-    >>> w = store.BatchWriter(path, params={"n": 5})
+    >>> w = store.BatchWriter(path, params={"n": 5}, sizes={"prompt": 5})
     >>> for i, b in enumerate(batches):
     ...     if i < w.n_done:  # skip batches stored by an earlier, interrupted run
     ...         continue
@@ -618,11 +661,13 @@ class BatchWriter:
         params: dict,
         dim: str = "prompt",
         attrs: dict | None = None,
+        sizes: Mapping[str, int] | None = None,
     ) -> None:
         self.path = Path(path)
         self.dim = dim
         params = _jsonable(params)
         attrs = _jsonable(dict(attrs or {}))
+        sizes = {str(d): int(n) for d, n in (sizes or {}).items()}
         if "params" in attrs and attrs["params"] != params:
             raise ValueError(
                 f"attrs['params'] ({attrs['params']!r}) differs from params ({params!r}); "
@@ -631,22 +676,38 @@ class BatchWriter:
         attrs["params"] = params
         manifest = {
             "format": "qktrace-batches",
-            "version": 1,
+            "version": _BATCHES_VERSION,
             "dim": dim,
             "params": params,
             "attrs": attrs,
             "finalized": False,
+            "sizes": sizes,
+            "n_batches": 0,
+            "rows": 0,
+            "command": _COMMAND.get() or _rewrite_hint(attrs),
+            "files": {},
         }
 
         kind = _kind(self.path)
         if kind == "batches":
-            self._manifest = _read_manifest(self.path)
-            _check_same_run(self.path, self._manifest, manifest)
-            for leftover in self.path.iterdir():  # partial writes of a crashed run
-                if _TMP_RE.match(leftover.name):
-                    _remove(leftover)
-            for batch in _batch_paths(self.path):  # a resume builds on them: check them whole
-                _verify(batch, checksums=True)
+            stored = _read_manifest(self.path)
+            if stored.get("version", 1) < _BATCHES_VERSION:
+                raise _legacy_not_resumable(self.path)
+            _check_same_run(self.path, stored, manifest)
+            for d, n in sizes.items():
+                if (
+                    d in stored["sizes"]
+                    and stored["sizes"][d] != n
+                    and (d == dim or stored["rows"])
+                ):
+                    raise ValueError(
+                        f"{self.path} was planned with sizes[{d!r}] = {stored['sizes'][d]}, "
+                        f"now {n}. Resume only with the same plan; to start a new run, write "
+                        f"to a new path (e.g. a new --out), or delete {self.path}."
+                    )
+            self._manifest = stored
+            self._clean_leftovers()
+            _verify(self.path, checksums=True, record=stored)  # a resume builds on it: whole
         elif kind == "zarr":
             raise FileExistsError(
                 f"{self.path} holds a single dataset written by save(), not a BatchWriter store; "
@@ -660,8 +721,10 @@ class BatchWriter:
         else:
             _create_store(self.path, manifest)
             self._manifest = manifest
-        self.n_done = len(_batch_paths(self.path))
-        self._schema: dict[str, tuple[tuple[str, ...], str]] | None = None
+        self.n_done = int(self._manifest["n_batches"])
+        self.rows = int(self._manifest["rows"])
+        self._arrays: dict[str, _ArrayLayout] | None = None
+        self._first: xr.Dataset | None = None  # the stored run's schema: an empty slice of it
 
     def __repr__(self) -> str:
         return f"BatchWriter({str(self.path)!r}, dim={self.dim!r}, n_done={self.n_done})"
@@ -673,13 +736,14 @@ class BatchWriter:
         ----------
         ds : xarray.Dataset
             One batch. Must have the batch dim and the same variables, with the same dims, as
-            the first batch. Sizes may differ from batch to batch (see the module docstring).
+            the first batch, and the same labels along other dims that have an index
+            coordinate. Variables without the batch dim are stored from the first batch only.
 
         Raises
         ------
         ValueError
-            If `ds` lacks the batch dim, does not match the first batch, or the run was
-            already finalized.
+            If `ds` lacks the batch dim, does not match the first batch, is larger than the
+            planned `sizes` in another dim, or the run was already finalized.
         """
         if self._manifest.get("finalized"):
             raise ValueError(
@@ -693,22 +757,16 @@ class BatchWriter:
                 f"one, e.g. ds.expand_dims({self.dim!r}), or create the BatchWriter with "
                 "dim=<the batch dim>."
             )
-        schema = _schema(ds)
-        if self._schema is None and self.n_done:
-            self._schema = _schema(_open_zarr(_batch_paths(self.path)[0]))
-        if self._schema is not None and schema != self._schema:
-            raise ValueError(
-                f"batch {self.n_done} does not match batch 0 of {self.path}:\n"
-                + diff_lines(self._schema, schema, "variable", "batch 0", "this batch")
-                + "\nEvery batch must have the same variables, with the same dims and kind of "
-                "dtype; fix the producer, or write this run to a new path."
-            )
-        _write_atomic(ds, self.path / f"batch-{self.n_done:06d}.zarr")
-        self._schema = schema
-        self.n_done += 1
+        if self.rows == 0:
+            self._create(self._conform(ds, first=True))
+        else:
+            self._write_rows(self._conform(ds, first=False))
 
     def finalize(self, extra: xr.Dataset | None = None) -> Path | None:
         """Mark the run complete and optionally store reduced results next to the batches.
+
+        Arrays planned or grown beyond the complete rows are cut to them first, so the store
+        then reads back whole with ``xarray.open_zarr`` too.
 
         Parameters
         ----------
@@ -722,16 +780,272 @@ class BatchWriter:
         pathlib.Path or None
             The path of the final results, or None without `extra`.
         """
+        if self.rows and self._capacity() != self.rows:
+            self._resize(self.rows)
         final_path = None
         if extra is not None:
             out = extra.copy()
             out.attrs = {**self._manifest["attrs"], **extra.attrs, "n_batches": self.n_done}
             final_path = self.path / FINAL
             _write_atomic(out, final_path)
-        manifest = {**self._manifest, "finalized": True, "n_batches": self.n_done}
+        self._commit(finalized=True)
+        return final_path
+
+    # ---------------------------------------------------------------------------- internals
+
+    def _conform(self, ds: xr.Dataset, first: bool) -> xr.Dataset:
+        """`ds` as the store holds it: strings variable-length, padded to the planned sizes."""
+        ds = ds.drop_encoding()
+        for name, var in ds.variables.items():
+            if var.dtype.kind == "U":  # fixed-length strings would cut longer ones later
+                ds[name] = var.astype(object)
+        if first:
+            sizes = {d: n for d, n in ds.sizes.items() if d != self.dim}
+            sizes.update({d: n for d, n in self._manifest["sizes"].items() if d in sizes})
+            reference = None
+        else:
+            reference = self._reference()
+            sizes = {d: n for d, n in reference.sizes.items() if d != self.dim}
+        pad: dict[Any, int] = {}
+        for d, n in ds.sizes.items():
+            if d == self.dim or n == sizes[d]:
+                continue
+            if n > sizes[d] or d in ds.indexes:
+                raise ValueError(
+                    f"batch {self.n_done} has {n} along {d!r}, but the store holds {sizes[d]} "
+                    "(the planned size, or the first batch's). Pass BatchWriter(..., "
+                    f"sizes={{{d!r}: <the largest size of any batch>}}) when the run starts "
+                    "(capture passes its batch plan's widths), or give every batch the same "
+                    f"size there{' and labels' if d in ds.indexes else ''}."
+                )
+            pad[d] = sizes[d] - n
+        if pad:
+            ds = ds.assign_coords({d: np.arange(ds.sizes[d]) for d in pad})
+            fill = {k: _fill(v.dtype) for k, v in ds.variables.items()}
+            ds = ds.reindex({d: np.arange(sizes[d]) for d in pad}, fill_value=fill)
+            ds = ds.drop_vars(list(pad))
+        if reference is None:
+            return ds
+        for name, var in reference.variables.items():  # ints the store padded to float
+            if name in ds.variables and var.dtype.kind == "f" and ds[name].dtype.kind in "iu":
+                ds[name] = ds[name].astype(var.dtype)
+        schema, stored = _schema(ds), _schema(reference)
+        if schema != stored:
+            raise ValueError(
+                f"batch {self.n_done} does not match batch 0 of {self.path}:\n"
+                + diff_lines(stored, schema, "variable", "batch 0", "this batch")
+                + "\nEvery batch must have the same variables, with the same dims and kind of "
+                "dtype (an int variable padded in a later batch needs NaN: make it float, or "
+                "pass sizes= so the first batch is padded too); fix the producer, or write this "
+                "run to a new path."
+            )
+        for d in ds.indexes:
+            if d != self.dim and not ds.indexes[d].equals(reference.indexes[d]):
+                raise ValueError(
+                    f"batch {self.n_done} has {d!r} labels {list(ds.indexes[d])}, but batch 0 of "
+                    f"{self.path} has {list(reference.indexes[d])}; every batch must have the "
+                    f"same labels along dims other than {self.dim!r}."
+                )
+        return ds
+
+    def _reference(self) -> xr.Dataset:
+        """The stored run's variables, dims and labels (an empty slice along the batch dim)."""
+        if self._first is None:
+            stored = xr.open_zarr(self.path, chunks=None, consolidated=True)
+            self._first = stored.isel({self.dim: slice(0, 0)}).load()
+        return self._first
+
+    def _create(self, ds: xr.Dataset) -> None:
+        """Write the first batch as the store's arrays, then size them for the whole run."""
+        for entry in self.path.iterdir():  # arrays of a first batch a crash left uncommitted
+            if entry.name not in (MANIFEST, FINAL):
+                _remove(entry)
+        n = ds.sizes[self.dim]
+        out = ds.drop_indexes(self.dim) if self.dim in ds.indexes else ds
+        out.attrs = _jsonable({**ds.attrs, **self._manifest["attrs"], "batch_dim": self.dim})
+        for var in out.variables.values():
+            var.attrs = _jsonable(var.attrs)
+        encoding = {
+            name: {"chunks": tuple(n if d == self.dim else max(s, 1) for d, s in var.sizes.items())}
+            for name, var in out.variables.items()
+            if self.dim in var.dims
+        }
+        with _beside_manifest():
+            out.to_zarr(
+                self.path,
+                mode="a",
+                zarr_format=_ZARR_FORMAT,
+                consolidated=True,
+                encoding=encoding,
+                write_empty_chunks=True,
+            )
+        planned = self._manifest["sizes"].get(self.dim, n)
+        if planned > n:
+            _resize_arrays(self.path, self.dim, planned)
+        sizes = {**self._manifest["sizes"], **{d: s for d, s in ds.sizes.items() if d != self.dim}}
+        files = _record_files(
+            self.path,
+            [p.relative_to(self.path).as_posix() for p in self.path.rglob("*") if p.is_file()],
+        )
+        self._first = None
+        self._arrays = None
+        self._commit(rows=n, n_batches=1, files=files, sizes=sizes)
+
+    def _write_rows(self, ds: xr.Dataset) -> None:
+        """Write a later batch into the rows after the complete ones, then commit it."""
+        start, n = self.rows, ds.sizes[self.dim]
+        grow = start + n > self._capacity()
+        touched = self._chunk_files(start, start + n)
+        metadata = self._metadata_files() if grow else []
+        stale = [f for f in touched + metadata if f in self._manifest["files"]]
+        if stale:  # about to be rewritten: a crash must not leave them recorded as they were
+            files = {f: v for f, v in self._manifest["files"].items() if f not in stale}
+            self._commit(files=files)
+        if grow:
+            self._resize(max(2 * self._capacity(), start + n), commit=False)
+        out = ds.drop_vars([k for k, v in ds.variables.items() if self.dim not in v.dims])
+        out = out.drop_indexes(self.dim) if self.dim in out.indexes else out
+        with _beside_manifest():
+            out.drop_attrs(deep=False).to_zarr(
+                self.path,
+                region={self.dim: slice(start, start + n)},
+                zarr_format=_ZARR_FORMAT,
+                consolidated=True,
+                write_empty_chunks=True,
+            )
+        files = {**self._manifest["files"], **_record_files(self.path, touched + metadata)}
+        self._commit(rows=start + n, n_batches=self.n_done + 1, files=files)
+
+    def _resize(self, rows: int, commit: bool = True) -> None:
+        """Give every array with the batch dim `rows` rows (metadata only)."""
+        metadata = self._metadata_files()
+        if commit:
+            files = {f: v for f, v in self._manifest["files"].items() if f not in metadata}
+            self._commit(files=files)
+        _resize_arrays(self.path, self.dim, rows)
+        self._arrays = None
+        if commit:
+            self._commit(files={**self._manifest["files"], **_record_files(self.path, metadata)})
+
+    def _layout(self) -> dict[str, _ArrayLayout]:
+        if self._arrays is None:
+            self._arrays = _array_layouts(self.path, self.dim)
+        return self._arrays
+
+    def _capacity(self) -> int:
+        return next(iter(self._layout().values())).rows
+
+    def _chunk_files(self, start: int, stop: int) -> list[str]:
+        return [f for layout in self._layout().values() for f in layout.chunk_files(start, stop)]
+
+    def _metadata_files(self) -> list[str]:
+        arrays = [f"{name}/{meta}" for name in self._layout() for meta in (".zarray", ".zattrs")]
+        return [".zmetadata", *arrays]
+
+    def _commit(self, **changes: Any) -> None:
+        """Replace the manifest atomically: the one step that makes a batch count."""
+        manifest = {**self._manifest, **changes}
         _write_manifest(self.path, manifest)
         self._manifest = manifest
-        return final_path
+        self.n_done, self.rows = manifest["n_batches"], manifest["rows"]
+
+    def _clean_leftovers(self) -> None:
+        """Delete what killed writers left: temporary copies and zarr's partial chunk files."""
+        for leftover in self.path.iterdir():
+            if _TMP_RE.match(leftover.name):
+                _remove(leftover)
+        for partial in [*self.path.glob("*.partial"), *self.path.glob("*/*.partial")]:
+            partial.unlink()
+
+
+@dataclass
+class _ArrayLayout:
+    """Where one zarr array with the batch dim keeps its chunks."""
+
+    name: str
+    axis: int  # of the batch dim
+    rows: int
+    chunk_rows: int
+    other_chunks: list[int]  # number of chunks along each other axis
+    separator: str
+
+    def chunk_files(self, start: int, stop: int) -> list[str]:
+        """The chunk files (store-relative) holding rows `start..stop-1`."""
+        first, last = start // self.chunk_rows, -(-stop // self.chunk_rows)
+        grid = [range(n) for n in self.other_chunks]
+        grid.insert(self.axis, range(first, last))
+        return [
+            f"{self.name}/{self.separator.join(map(str, index))}"
+            for index in itertools.product(*grid)
+        ]
+
+
+def _array_layouts(path: Path, dim: str) -> dict[str, _ArrayLayout]:
+    """The layout of each array with `dim`, from the store's consolidated metadata."""
+    metadata = json.loads((path / ".zmetadata").read_text())["metadata"]
+    out = {}
+    for key, meta in metadata.items():
+        name, _, leaf = key.rpartition("/")
+        if leaf != ".zarray" or not name or "/" in name:
+            continue
+        dims = metadata[f"{name}/.zattrs"]["_ARRAY_DIMENSIONS"]
+        if dim not in dims:
+            continue
+        axis = dims.index(dim)
+        others = [
+            -(-s // c)
+            for i, (s, c) in enumerate(zip(meta["shape"], meta["chunks"], strict=True))
+            if i != axis
+        ]
+        out[name] = _ArrayLayout(
+            name, axis, meta["shape"][axis], meta["chunks"][axis], others,
+            meta.get("dimension_separator") or ".",
+        )  # fmt: skip
+    return out
+
+
+@contextmanager
+def _beside_manifest() -> Iterator[None]:
+    """Silence zarr's warning that the manifest in a BatchWriter store is no zarr object."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Object at .* is not recognized", UserWarning)
+        yield
+
+
+def _resize_arrays(path: Path, dim: str, rows: int) -> None:
+    """Give each array with `dim` `rows` rows along it (metadata only), then reconsolidate."""
+    import zarr
+
+    with _beside_manifest():
+        group = zarr.open_group(path, mode="r+", zarr_format=_ZARR_FORMAT)
+        for _, array in group.arrays():
+            dims = array.attrs["_ARRAY_DIMENSIONS"]
+            if dim in dims:
+                shape = tuple(
+                    rows if d == dim else s for d, s in zip(dims, array.shape, strict=True)
+                )
+                array.resize(shape)
+        zarr.consolidate_metadata(path, zarr_format=_ZARR_FORMAT)
+
+
+def _record_files(root: Path, files: list[str]) -> dict[str, list[int]]:
+    """Size and CRC-32 of each of `files` (relative to `root`) that exists."""
+    out = {}
+    for rel in files:
+        p = root / rel
+        if rel != MANIFEST and not rel.startswith(FINAL + "/") and p.is_file():
+            data = p.read_bytes()
+            out[rel] = [len(data), zlib.crc32(data)]
+    return out
+
+
+def _legacy_not_resumable(path: Path) -> Exception:
+    return ValueError(
+        f"{path} was written by an older qktrace, one zarr store per batch (batch-NNNNNN.zarr). "
+        "It still opens with qktrace.open, but a run cannot resume into it: write this run to a "
+        f"new path (e.g. a new --out), or delete {path} to rerun it in the current layout. To "
+        "turn a finished one into a single store: qktrace.save(qktrace.open(old), new)."
+    )
 
 
 def _batch_paths(path: Path) -> list[Path]:
@@ -745,8 +1059,7 @@ def _batch_paths(path: Path) -> list[Path]:
     if missing:
         raise ValueError(
             f"{path} is damaged: batch {missing[0]} is missing but later batches exist "
-            f"(found {sorted(found)}). Delete the store and rerun, or remove the batches after "
-            f"{missing[0] - 1} to resume from there."
+            f"(found {sorted(found)}). Delete the store and rerun the command that wrote it."
         )
     return [found[i] for i in range(len(found))]
 
@@ -767,8 +1080,16 @@ def _create_store(path: Path, manifest: dict) -> None:
 
 
 def _write_manifest(path: Path, manifest: dict) -> None:
+    """Write `manifest` to a temporary file and rename it over the manifest (atomic)."""
+    head = {k: v for k, v in manifest.items() if k != "files"}
+    text = json.dumps(head, indent=2, allow_nan=True)
+    if "files" in manifest:  # one line per file: the record grows with the batches
+        lines = ",\n".join(
+            f"    {json.dumps(k)}: {json.dumps(v)}" for k, v in manifest["files"].items()
+        )
+        text = text[:-2] + ',\n  "files": {' + (f"\n{lines}\n  " if lines else "") + "}\n}"
     tmp = path / f".{MANIFEST}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.write_text(json.dumps(manifest, indent=2, allow_nan=True) + "\n")
+    tmp.write_text(text + "\n")
     os.replace(tmp, path / MANIFEST)
 
 
@@ -834,7 +1155,11 @@ def _schema(ds: xr.Dataset) -> dict[str, tuple[tuple[str, ...], str]]:
     return {str(k): (tuple(map(str, v.dims)), kind(v.dtype)) for k, v in ds.variables.items()}
 
 
-def _open_batches(path: Path, checksums: bool = False) -> xr.Dataset:
+def _open_legacy_batches(path: Path, checksums: bool = False) -> xr.Dataset:
+    """A store of the first layout (manifest version 1): one zarr store per batch, read only.
+
+    Opening costs one zarr store per batch; ``save(open(old), new)`` makes one store of it.
+    """
     manifest = _read_manifest(path)
     dim = manifest["dim"]
     batches = [_open_zarr(p, checksums) for p in _batch_paths(path)]
