@@ -152,7 +152,8 @@ def capture(
             "prompts_sha256": plan.sha256,
         }
         attrs = store.provenance("capture", params, model=model.name, remote=model.remote)
-        writer = store.BatchWriter(out, params=params, attrs=attrs)
+        sizes = {"prompt": len(prompts), "query": plan.query_width, "key": plan.key_width}
+        writer = store.BatchWriter(out, params=params, attrs=attrs, sizes=sizes)
     batches = []
     done = writer.n_done if writer is not None else 0
     coords = head_coords(model, heads)

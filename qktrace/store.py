@@ -16,22 +16,31 @@ qktrace by ``xarray.open_zarr(path)``. Format 2 because it stores fixed-length a
 variable-length strings (token strings, category names) natively and its consolidated metadata is
 part of the spec; zarr format 3 still marks both as unstable extensions.
 
-A `BatchWriter` store is a directory::
+A `BatchWriter` store is ONE zarr store (one group, format 2, consolidated metadata) that the
+batches are written into along the batch dim, plus a manifest::
 
     run.zarr/
-      qktrace_batches.json     manifest: dim, params, attrs, finalized (replaced atomically)
-      batch-000000.zarr/       one complete zarr store per batch, exactly as `save` writes it
-      batch-000001.zarr/
+      qktrace_batches.json     manifest: dim, params, attrs, planned sizes, complete rows and
+                               batches, every file with its size and CRC-32 (replaced atomically)
+      .zgroup .zattrs .zmetadata   the zarr group
+      q/ k/ prompt/ ...        one array per variable, chunked along the batch dim by batch
       final.zarr/              optional reduced results from `BatchWriter.finalize`
-      .batch-000002.zarr.tmp-1a2b3c4d/   batch being written (or left by a crash)
+
+The first batch creates the arrays, sized along the batch dim to the planned total (without one
+they grow by doubling) and in the other dims to the planned maximum (``sizes=``; capture passes
+its batch plan's widths) or the first batch's size; later batches are region writes into their
+rows. So `open` reads one group and a fixed set of metadata files however many batches there
+are. Stores of the first layout (one zarr store ``batch-NNNNNN.zarr`` per batch, manifest
+version 1) still open, at one store per batch; runs do not resume into them.
 
 Integrity
 ---------
 zarr reads a missing chunk as the fill value by design, so a store with a deleted variable
-folder or chunk would read back as NaN or 0 without a word. Every store `save` writes (and every
-batch and final store of a `BatchWriter`) therefore records, in ``qktrace_integrity.json`` inside
-it, what it held when finished: its variables with their shapes and chunk counts, and every file
-with its size and CRC-32. `open` compares the sizes with the record (one ``stat`` per file) and
+folder or chunk would read back as NaN or 0 without a word. Every store `save` writes (and the
+final store of a `BatchWriter`) therefore records, in ``qktrace_integrity.json`` inside it, what
+it held when finished: its variables with their shapes and chunk counts, and every file with
+its size and CRC-32. A `BatchWriter` store records its files (size and CRC-32) in its manifest,
+with each batch. `open` compares the sizes with the record (one ``stat`` per file) and
 raises `StoreDamagedError` naming the store, the variable and the command that rewrites it;
 ``open(path, checksums=True)`` also compares the CRC-32s (one read of the whole store), as
 `qktrace show` and the reuse of stored results (a resumed sums checkpoint, lexical's
@@ -40,7 +49,7 @@ order_id.zarr) do. The command is the CLI command that wrote the store (recorded
 
 What is atomic
 --------------
-Each store (a `save`, a batch, the final results) is first written in full to a temporary
+Each store `save` writes (and the final results) is first written in full to a temporary
 sibling directory and then renamed to its real name. Renaming a directory within one file system
 is atomic, so a reader sees either no store or a complete one, never a half-written one. When
 `save(..., overwrite=True)` replaces an existing store, the old one is moved aside only after the
@@ -48,20 +57,16 @@ new one is complete, the new one is renamed in, and the old one is deleted.
 
 How resume works
 ----------------
-A batch exists exactly when its ``batch-NNNNNN.zarr`` directory exists, so the number of complete
-batches is the number of those directories (`BatchWriter.n_done`). A crash during `append` leaves
-at most a hidden ``.batch-NNNNNN.zarr.tmp-*`` directory, which `open` ignores and reopening the
-store for writing deletes; the rerun writes that batch again under the same name. Nothing is
-duplicated (a batch name is written once) and nothing is lost (a batch counts only once renamed
-in). Reopening with different parameters is refused: two settings mixed in one store would be
-silent corruption.
-
-This design was chosen over appending into one zarr array plus a completion marker because it
-needs no truncation logic, no region bookkeeping and no fixed sizes: batches may differ in length
-along the batch dim and in any other dim (e.g. ``token`` padded to the longest prompt of its batch).
-`open` aligns them by padding: floats and ints with NaN (ints become float, as in `xarray.concat`),
-strings with ``""``, booleans with ``False``, datetimes with NaT. Dims with an index coordinate are
-aligned by label (ordered union), dims without one by position.
+A `BatchWriter` batch counts once the manifest says so: the manifest (the number of complete
+rows and batches, and the size and CRC-32 of every file holding them) is replaced by a rename
+only after the batch's rows are on disk. A crash at any point (SIGKILL included) leaves the
+store at the last complete batch: `open` reads only the complete rows, and the rerun writes the
+interrupted batch again over whatever it left (zarr writes each chunk file atomically). A
+recorded file about to be rewritten (the chunk a batch shares with the previous one, the array
+metadata when the arrays grow) is first dropped from the record in a manifest replaced before
+the write, so a crash never leaves it recorded as it was. Nothing is duplicated (rows have fixed
+places) and nothing is lost (a batch counts only once committed). Reopening with different
+parameters is refused: two settings mixed in one store would be silent corruption.
 
 Limits
 ------
@@ -72,8 +77,10 @@ Limits
   operating-system crash or power loss on some file systems can still lose the latest writes.
 - A crash in the instant between the two renames of an overwrite leaves the old store at
   ``.<name>.old-*`` next to `path` (the error from `open` names it).
-- Each batch is one store, so `open` costs one metadata read per batch: fine for thousands of
-  batches, slow for millions. Use `save(open(run), merged)` to consolidate a finished run.
+- A `BatchWriter` manifest lists every file, so it grows with the batches (about 40 bytes per
+  variable and batch) and is rewritten after each batch; `open` stats each listed file.
+- Variables without the batch dim (e.g. head labels) are stored from the first batch; batches
+  must have the same labels along the other dims with an index coordinate.
 """
 
 from __future__ import annotations
@@ -705,6 +712,8 @@ class BatchWriter:
                         f"now {n}. Resume only with the same plan; to start a new run, write "
                         f"to a new path (e.g. a new --out), or delete {self.path}."
                     )
+            if not stored["rows"]:  # no batch yet: this run's plan holds
+                stored = {**stored, "sizes": sizes}
             self._manifest = stored
             self._clean_leftovers()
             _verify(self.path, checksums=True, record=stored)  # a resume builds on it: whole
@@ -756,6 +765,11 @@ class BatchWriter:
                 f"batch {self.n_done} has no {self.dim!r} dim (dims: {dict(ds.sizes)}); give it "
                 f"one, e.g. ds.expand_dims({self.dim!r}), or create the BatchWriter with "
                 "dim=<the batch dim>."
+            )
+        if not ds.sizes[self.dim]:
+            raise ValueError(
+                f"batch {self.n_done} has no rows along {self.dim!r}; append only batches "
+                "with at least one (skip empty ones)."
             )
         if self.rows == 0:
             self._create(self._conform(ds, first=True))
