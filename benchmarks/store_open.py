@@ -19,6 +19,10 @@ Layouts:
   one-store   `qktrace.store.BatchWriter(..., sizes=...)` as `capture(out=)` uses it now.
 
     python benchmarks/store_open.py [--batches 313] [--layouts per-batch,one-store]
+                                    [--per-batch-code /work/main]
+
+--per-batch-code opens the per-batch store with the qktrace of another checkout (e.g. main
+before this change), to time exactly the code that wrote and read that layout.
 
 Prints figures only; asserts nothing.
 """
@@ -129,6 +133,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batches", type=int, default=313)
     parser.add_argument("--layouts", default="per-batch,one-store")
+    parser.add_argument(
+        "--per-batch-code",
+        type=Path,
+        default=None,
+        help="a qktrace checkout whose store.open reads the per-batch layout (default: this one)",
+    )
     args = parser.parse_args()
     print(machine(), versions(), sep="\n")
     print(f"{args.batches} batches of {BATCH} prompts, {HEADS} heads, {KEYS} keys, d_head {D_HEAD}")
@@ -139,13 +149,16 @@ def main() -> None:
             path = Path(tmp) / f"{layout}.zarr"
             t_write = write(layout, path, args.batches)
             files = sum(1 for p in path.rglob("*") if p.is_file())
-            env_path = [str(root), str(root / "benchmarks")]
+            code = args.per_batch_code if layout == "per-batch" and args.per_batch_code else root
+            env_path = [str(code), str(root / "benchmarks")]
             out = subprocess.run(
                 [sys.executable, "-c", CHILD, str(path)],
                 capture_output=True, text=True, check=True,
                 env={**__import__("os").environ, "PYTHONPATH": ":".join(env_path)},
             )  # fmt: skip
             r = json.loads(out.stdout.strip().splitlines()[-1])
+            if code != root:
+                layout += f" (opened by {code})"
             assert r["prompts"] == args.batches * BATCH
             rows.append([
                 layout, f"{t_write:.1f} s", files, f"{r['open']:.2f} s", human(r["grown"]),
