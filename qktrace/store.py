@@ -925,8 +925,9 @@ class BatchWriter:
             self._resize(max(2 * self._capacity(), start + n), commit=False)
         out = ds.drop_vars([k for k, v in ds.variables.items() if self.dim not in v.dims])
         out = out.drop_indexes(self.dim) if self.dim in out.indexes else out
+        out.attrs = {}  # the store's attrs were written with the first batch
         with _beside_manifest():
-            out.drop_attrs(deep=False).to_zarr(
+            out.to_zarr(
                 self.path,
                 region={self.dim: slice(start, start + n)},
                 zarr_format=_ZARR_FORMAT,
@@ -1037,7 +1038,7 @@ def _resize_arrays(path: Path, dim: str, rows: int) -> None:
     import zarr
 
     with _beside_manifest():
-        group = zarr.open_group(path, mode="r+", zarr_format=_ZARR_FORMAT)
+        group = zarr.open_group(str(path), mode="r+")
         for _, array in group.arrays():
             dims = array.attrs["_ARRAY_DIMENSIONS"]
             if dim in dims:
@@ -1045,7 +1046,7 @@ def _resize_arrays(path: Path, dim: str, rows: int) -> None:
                     rows if d == dim else s for d, s in zip(dims, array.shape, strict=True)
                 )
                 array.resize(shape)
-        zarr.consolidate_metadata(path, zarr_format=_ZARR_FORMAT)
+        zarr.consolidate_metadata(str(path))
 
 
 def _record_files(root: Path, files: list[str]) -> dict[str, list[int]]:

@@ -302,21 +302,23 @@ def kill_mid_data() -> None:
     xr.Dataset.to_zarr = dying
 
 
-def kill_before_commit() -> None:
-    """Every row of batch 2 on disk, the manifest not yet replaced."""
+def kill_before_commit(batch: int = 2) -> None:
+    """Every row of `batch` on disk, the manifest not yet replaced."""
     real = BatchWriter._commit
 
     def dying(self, **changes):
-        if changes.get("n_batches") == 3:
+        if changes.get("n_batches") == batch + 1:
             die()
         real(self, **changes)
 
     BatchWriter._commit = dying
 
 
-def killed_while_appending(path: Path, kill: Callable[[], None], sizes: dict[str, int]) -> None:
-    """Write 2 batches, then SIGKILL a forked child (nothing of it runs on) inside batch 2."""
-    run(path, make_batches()[:2], sizes=sizes)
+def killed_while_appending(
+    path: Path, kill: Callable[[], None], sizes: dict[str, int], done: int = 2
+) -> None:
+    """Write `done` batches, then SIGKILL a forked child (nothing of it runs on) in the next."""
+    run(path, make_batches()[:done], sizes=sizes)
     child = os.fork()
     if child == 0:  # pragma: no cover (the child never returns)
         try:
@@ -351,6 +353,20 @@ def test_process_killed_inside_append_then_resume_is_identical(tmp_path, kill, p
     xr.testing.assert_identical(resumed, reference)
     assert_holds_batches(resumed, batches)
     assert not list(path.glob("**/*.partial")) and not list(path.glob(".*.tmp-*"))
+
+
+def test_process_killed_in_the_first_batch_then_resume_is_identical(tmp_path):
+    """Arrays created, manifest not replaced: no batch counts, and the rerun starts over."""
+    batches = make_batches()
+    run(tmp_path / "ref.zarr", batches)
+    path = tmp_path / "run.zarr"
+    killed_while_appending(path, lambda: kill_before_commit(batch=0), SIZES, done=0)
+    assert (path / "q").is_dir()  # the first batch's arrays, uncommitted
+    with pytest.raises(ValueError, match="no complete batch yet"):
+        store.open(path)
+    run(path, batches)
+    resumed = store.open(path, checksums=True).load()
+    xr.testing.assert_identical(resumed, store.open(tmp_path / "ref.zarr").load())
 
 
 def test_open_reads_one_zarr_group_however_many_batches(tmp_path, monkeypatch):
