@@ -29,7 +29,9 @@ batches are written into along the batch dim, plus a manifest::
 The first batch creates the arrays, sized along the batch dim to the planned total (without one
 they grow by doubling) and in the other dims to the planned maximum (``sizes=``; capture passes
 its batch plan's widths) or the first batch's size; later batches are region writes into their
-rows. So `open` reads one group and a fixed set of metadata files however many batches there
+rows. A batch smaller in another dim is padded: floats with NaN, strings with ``""``, booleans
+with ``False``, datetimes with NaT (an int variable padded in the first batch becomes float, as
+in `xarray.concat`). So `open` reads one group and a fixed set of metadata files however many batches there
 are. Stores of the first layout (one zarr store ``batch-NNNNNN.zarr`` per batch, manifest
 version 1) still open, at one store per batch; runs do not resume into them.
 
@@ -557,7 +559,7 @@ def _verify(root: Path, checksums: bool, record: Mapping[str, Any] | None = None
                 f"{root} is damaged: its record {INTEGRITY} cannot be read ({err}). Rewrite the "
                 "store (e.g. rerun the command that wrote it with --overwrite)."
             ) from err
-    files = record.get("files")
+    files = record.get("files") if isinstance(record, Mapping) else None
     if not isinstance(files, dict):
         raise StoreDamagedError(
             f"{root} is damaged: its record of files cannot be read. Rewrite the store (e.g. "

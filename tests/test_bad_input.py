@@ -7,6 +7,7 @@ exits non-zero with one ``Error: ...`` line on stderr and no traceback.
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from typer.testing import CliRunner
 import qktrace
 import qktrace.sums as sums_module
 import qktrace.testing as testing
+from qktrace import store
 from qktrace.cli import app
 from qktrace.models import load, parse_heads
 from qktrace.prompts import Prompt, locate
@@ -177,6 +179,16 @@ def open_a_file(env, tmp_path, monkeypatch) -> None:
     qktrace.open(tmp_path / "x.zarr")
 
 
+def capture_into_per_batch_layout(env, tmp_path, monkeypatch) -> None:
+    """capture(out=) of a store in the layout qktrace wrote before: one zarr store per batch."""
+    old = tmp_path / "old.zarr"
+    qktrace.save(qktrace.open(env.capture_store), old / "batch-000000.zarr")
+    manifest = {"format": "qktrace-batches", "version": 1, "dim": "prompt", "params": {},
+                "attrs": {}, "finalized": False}  # fmt: skip
+    (old / store.MANIFEST).write_text(json.dumps(manifest))
+    qktrace.capture(env.llama, PROMPTS, "1.0", keys=KEYS, out=old, progress=False)
+
+
 def damaged_store(env, tmp_path, monkeypatch) -> list:
     """`qktrace show` of a store with a variable folder deleted (zarr would read it as zeros)."""
     import shutil
@@ -307,6 +319,10 @@ ROWS = [
         lambda env, *_: qktrace.capture(qwen3(), PROMPTS, "1.0", keys=KEYS,
                                         out=env.capture_store),
         r"params\['model'\]: stored 'LlamaForCausalLM', now 'Qwen3ForCausalLM'", ValueError),
+    Row("capture-out-per-batch-layout", capture_into_per_batch_layout,
+        r"old\.zarr was written by an older qktrace, one zarr store per batch .*It still opens "
+        r"with qktrace\.open, but a run cannot resume into it: write this run to a new path",
+        ValueError),
     Row("reduce-out-other-keys",
         lambda env, *_: qktrace.reduce(env.llama, PROMPTS, "1.0", LABELS, keys=[[0, 1], [2, 3]],
                                        out=env.sums_store),
