@@ -248,10 +248,7 @@ def intervene_answers(
         "n_random": n_random,
         "n_prompts": n,
     }
-    attrs = provenance(
-        "intervene_answers", params, model=model.name, revision=model.revision,
-        remote=model.remote, seed=seed,
-    )  # fmt: skip
+    attrs = provenance("intervene_answers", params, model=model, seed=seed)
     ranks = [int((k if k is not None else q).shape[1]) for k, q in zip(key_v, query_v, strict=True)]
     key_ranks = {f"{layer}.kv{kv}": int(stack.shape[-1]) for layer, kv, stack in key_edits}
     return ds.assign_coords(candidate_token=(("prompt", "candidate"), tokens)).assign_attrs(

@@ -150,7 +150,7 @@ def find_heads(
         {name: ("head", values[order]) for name, values in scores.items()},
         coords={**head_coords(model, chosen), "ranking": ("head", np.arange(1, len(order) + 1))},
         attrs={
-            **provenance("find_heads", params, model=model.name, remote=model.remote),
+            **provenance("find_heads", params, model=model),
             "by": by,
             "n_prompts": len(prompts),
         },

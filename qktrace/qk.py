@@ -140,18 +140,18 @@ def capture(
     model.check_heads(heads)
     plan = prepare(model, prompts, query, keys, batch_size, add_special_tokens)
     writer = None
-    if out is not None:
-        from . import store
+    from . import store
 
-        params = {
-            "model": model.name,
-            "heads": [h.label for h in heads],
-            "n_prompts": len(prompts),
-            "batch_size": batch_size,
-            "attention": attention,
-            "prompts_sha256": plan.sha256,
-        }
-        attrs = store.provenance("capture", params, model=model.name, remote=model.remote)
+    params = {
+        "model": model.name,
+        "heads": [h.label for h in heads],
+        "n_prompts": len(prompts),
+        "batch_size": batch_size,
+        "attention": attention,
+        "prompts_sha256": plan.sha256,
+    }
+    attrs = store.provenance("capture", params, model=model)
+    if out is not None:
         writer = store.BatchWriter(out, params=params, attrs=attrs)
     batches = []
     done = writer.n_done if writer is not None else 0
@@ -187,10 +187,7 @@ def capture(
         del batch, values, ds
         bar.update(n)
     bar.close()
-    attrs = {"model": model.name, "remote": model.remote_label, "d_head": model.d_head}
     if writer is not None:
-        from . import store
-
         return store.open(out).assign_attrs(attrs)
     return xr.concat(
         batches, dim="prompt", data_vars="all", coords="different", compat="equals"

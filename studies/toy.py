@@ -202,7 +202,7 @@ def run(
     ds.attrs["seconds"] = round(time.perf_counter() - start, 1)
     ds.attrs["workers"] = workers
     ds.attrs["models_resumed"] = kept.n_resumed  # finished by an earlier, interrupted run
-    store.save(ds, path, attrs=store.provenance("toy", params, seed=seed), overwrite=overwrite)
+    store.save(ds, path, attrs=store.provenance("toy", params, study="toy", seed=seed), overwrite=overwrite)
     kept.remove()  # what they held is in the store now
     if figures:
         draw_figures(store.open(path), out)
@@ -224,12 +224,9 @@ class Cells:
         wanted = json.dumps(store.provenance("toy", params)["params"], sort_keys=True)
         if folder.exists() and (discard or not stamp.is_file()):
             shutil.rmtree(folder)
-        elif folder.exists() and stamp.read_text() != wanted:
-            raise ValueError(
-                f"{folder} holds the finished models of a run with other parameters; rerun with "
-                "the same options to resume it, or pass overwrite=True (CLI: --overwrite) to "
-                "discard them."
-            )
+        elif folder.exists():
+            store.check_same_run(folder, json.loads(stamp.read_text()), json.loads(wanted),
+                                 what="the finished models")  # fmt: skip
         folder.mkdir(parents=True, exist_ok=True)
         stamp.write_text(wanted)
         self.n_resumed = 0

@@ -99,6 +99,7 @@ def test_a_kept_model_of_other_parameters_is_refused(tmp_path):
     small = dict(ranks=(3,), d_heads=(8,), variants=("discrete",), n_pairs=500, n_random=1)
     kept = toy_study.Cells(tmp_path / "toy.cells", toy_study.settings(max_steps=5, **small))
     kept.keep(("discrete", 8, 3, 3, 0), __import__("xarray").Dataset())
-    with pytest.raises(ValueError, match="holds the finished models of a run with other param"):
+    with pytest.raises(ValueError, match=r"holds the finished models of a run with different "
+                       r"parameters \(max_steps\):\n  max_steps: stored 5, now 6\n.*--overwrite"):
         toy_study.run(tmp_path, max_steps=6, figures=False, progress=False,
                       **small)  # fmt: skip
