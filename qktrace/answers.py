@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from . import ops
 from .attribution import as_basis, orthogonalize
-from .batching import Batch, Prompt, encode, plan_batches, resolve_positions
+from .batching import Batch, PromptInput, encode, plan_batches, resolve_positions
 from .models import Head, Model, parse_heads
 from .remote import with_retries
 
@@ -53,7 +53,7 @@ Side = Literal["key", "query", "both"]
 
 def intervene_answers(
     model: Model,
-    prompts: Sequence[Prompt],
+    prompts: Sequence[PromptInput],
     bases: Mapping[Any, Any],
     *,
     candidates: Sequence[Sequence[int | str]],

@@ -62,7 +62,7 @@ from tqdm.auto import tqdm
 
 from . import ops
 from .attribution import as_basis, orthogonalize
-from .batching import Batch, Positions, Prompt, encode, plan_batches, resolve_positions
+from .batching import Batch, Positions, PromptInput, encode, plan_batches, resolve_positions
 from .models import Model, parse_heads
 from .remote import with_retries
 
@@ -75,7 +75,7 @@ MODES = ("swap", "ablate", "patch")
 
 def intervene(
     model: Model,
-    prompts: Sequence[Prompt],
+    prompts: Sequence[PromptInput],
     head: Any,
     basis: Any,
     *,

@@ -27,7 +27,16 @@ import xarray as xr
 from tqdm.auto import tqdm
 
 from . import ops
-from .batching import Batch, Encoded, Positions, Prompt, by_layer, given_order, head_coords, prepare
+from .batching import (
+    Batch,
+    Encoded,
+    Positions,
+    PromptInput,
+    by_layer,
+    given_order,
+    head_coords,
+    prepare,
+)
 from .locks import one_writer
 from .models import Head, Model, parse_heads
 from .remote import with_retries
@@ -93,7 +102,7 @@ def _capture_batch(
 @one_writer()
 def capture(
     model: Model,
-    prompts: Sequence[Prompt],
+    prompts: Sequence[PromptInput],
     heads: str | Sequence[Any],
     *,
     query: Positions = "last",

@@ -33,7 +33,7 @@ import xarray as xr
 from tqdm.auto import tqdm
 
 from . import checks, ops
-from .batching import Check, Positions, Prompt, by_layer, given_order, head_coords, prepare
+from .batching import Check, Positions, PromptInput, by_layer, given_order, head_coords, prepare
 from .locks import one_writer
 from .models import Head, Model, parse_heads
 from .remote import with_retries
@@ -194,7 +194,7 @@ def _check_labels(labels: Sequence[Sequence[Label]]) -> Check:
 @one_writer()
 def reduce(
     model: Model,
-    prompts: Sequence[Prompt],
+    prompts: Sequence[PromptInput],
     heads: str | Sequence[Any],
     labels: Sequence[Sequence[Label]],
     *,
