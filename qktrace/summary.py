@@ -128,7 +128,11 @@ def _answers(ds: xr.Dataset) -> str:
     """The answer-level table: what the edit written into the model does to its answer."""
     table = _interventions(ds, _ANSWER_METRICS, "answer_subspace", "answer_random")
     if not table:
-        return ""
+        return (
+            f"Answers: {ds.attrs['answer_swaps_skipped']}"
+            if ds.attrs.get("answer_swaps_skipped")
+            else ""
+        )
     extra = ""
     if "answer_correct" in ds:
         extra = f"\nanswered correctly before the edit: {float(ds['answer_correct'].mean()):.3f}"

@@ -63,6 +63,7 @@ def test_example_runs_from_cli_remote_local_and_api_with_the_same_numbers(
     np.testing.assert_array_equal(ds["flip_rate"].values, other["flip_rate"].values)
 
     # provenance: the study, its file, the heads and where they came from
+    assert set(store.PROVENANCE_KEYS) <= set(ds.attrs) and ds.attrs["verb"] == "study"
     assert ds.attrs["study"] == "gender_agreement"
     params = ds.attrs["params"]
     assert str(EXAMPLE) in params["study_source"] and "sha256" in params["study_source"]
@@ -92,6 +93,25 @@ def test_example_runs_from_cli_remote_local_and_api_with_the_same_numbers(
     for png in ("ranks", "swap", "pca_key_label", "pca_gender", "pca_name"):
         assert (tmp_path / "cli" / f"gender_agreement_{png}.png").stat().st_size > 0
     assert not list((tmp_path / "cli").glob("gender_agreement.*.zarr"))  # checkpoints removed
+    # the pronoun ends every prompt, so the model's next token is the answer: answer-level swaps
+    assert "answer_swaps_skipped" not in ds.attrs
+    assert ds["answer_flip_rate"].dims == ("answer_heads", "answer_subspace")
+    assert (ds["answer_index"].values == positive.argmax(1)).all()  # the agreeing name
+    assert "Answers: the edit written into the model" in output
+
+
+def test_no_answer_level_swaps_when_the_query_is_not_the_last_token(gender, checkpoint, tmp_path):
+    def prompts(n, seed):  # the example's prompts, going on after the pronoun
+        return [dataclasses.replace(p, text=p.text + " left") for p in gender.prompts(n, seed)]
+
+    late = dataclasses.replace(gender, name="gender_late", prompts=prompts)
+    path = late.run(checkpoint, out=tmp_path, heads=HEAD, figures=False, progress=False, **FAST)
+    ds = store.open(path)
+    assert not [name for name in ds.data_vars if name.startswith("answer_")]
+    note = ds.attrs["answer_swaps_skipped"]
+    assert "the query ('pronoun') is not the last token of 6 of 6 fresh prompts" in note
+    code, output = cli("show", path)
+    assert code == 0 and f"Answers: {note}" in output
 
 
 def test_sums_are_the_studys_labelled_pairs(gender, tmp_path):
