@@ -93,24 +93,26 @@ def test_example_runs_from_cli_remote_local_and_api_with_the_same_numbers(
     for png in ("ranks", "swap", "pca_key_label", "pca_gender", "pca_name"):
         assert (tmp_path / "cli" / f"gender_agreement_{png}.png").stat().st_size > 0
     assert not list((tmp_path / "cli").glob("gender_agreement.*.zarr"))  # checkpoints removed
-    # the pronoun ends every prompt, so the model's next token is the answer: answer-level swaps
-    assert "answer_swaps_skipped" not in ds.attrs
-    assert ds["answer_flip_rate"].dims == ("answer_heads", "answer_subspace")
-    assert (ds["answer_index"].values == positive.argmax(1)).all()  # the agreeing name
-    assert "Answers: the edit written into the model" in output
 
 
-def test_no_answer_level_swaps_when_the_query_is_not_the_last_token(gender, checkpoint, tmp_path):
-    def prompts(n, seed):  # the example's prompts, going on after the pronoun
-        return [dataclasses.replace(p, text=p.text + " left") for p in gender.prompts(n, seed)]
+def test_answer_level_swaps_run_when_the_query_is_the_last_token(gender, checkpoint, tmp_path):
+    """Without a chat template the pronoun ends every prompt, so the model's next token is the
+    answer: the swap is written into the model. With the tokenizer's template, tokens follow
+    the pronoun: no answer-level swaps, and the store and `qktrace show` say why."""
+    run = {"heads": HEAD, "figures": False, "progress": False, **FAST}
+    plain = store.open(gender.run(checkpoint, out=tmp_path / "plain", chat=False, **run)).load()
+    assert "answer_swaps_skipped" not in plain.attrs
+    assert plain["answer_flip_rate"].dims == ("answer_heads", "answer_subspace")
+    agrees = (plain["key_label"].values == "positive").argmax(1)
+    assert (plain["answer_index"].values == agrees).all()  # the orig key: the agreeing name
+    assert (plain["answer_candidate_token"].values != "").all()
 
-    late = dataclasses.replace(gender, name="gender_late", prompts=prompts)
-    path = late.run(checkpoint, out=tmp_path, heads=HEAD, figures=False, progress=False, **FAST)
-    ds = store.open(path)
+    chat = gender.run(checkpoint, out=tmp_path / "chat", chat=True, **run)
+    ds = store.open(chat)
     assert not [name for name in ds.data_vars if name.startswith("answer_")]
     note = ds.attrs["answer_swaps_skipped"]
-    assert "the query ('pronoun') is not the last token of 6 of 6 fresh prompts" in note
-    code, output = cli("show", path)
+    assert f"is not the last token of {FAST['n_test']} of {FAST['n_test']} fresh prompts" in note
+    code, output = cli("show", chat)
     assert code == 0 and f"Answers: {note}" in output
 
 
