@@ -28,7 +28,7 @@ import xarray as xr
 
 __all__ = ["summarize"]
 
-_PROVENANCE = ("study", "model", "revision", "remote", "seed", "date")
+_PROVENANCE = ("verb", "study", "model", "revision", "dtype", "remote", "seed", "date")
 _VERSIONS = ("qktrace_version", "nnsight_version", "torch_version", "transformers_version")
 _ANSWER_METRICS = {
     "answer_flip_rate": "answer flip rate",
@@ -75,7 +75,9 @@ def _provenance(ds: xr.Dataset, path: Any) -> str:
     attrs = ds.attrs
     shown = {"remote": "mode"}
     head = " | ".join(
-        f"{shown.get(k, k)} {attrs[k]}" for k in _PROVENANCE if attrs.get(k) is not None
+        f"{shown.get(k, k)} {attrs[k]}"
+        for k in _PROVENANCE
+        if attrs.get(k) is not None and not (k == "verb" and attrs.get("study"))
     )
     lines = [f"{path}" if path is not None else "", head]
     if attrs.get("partial"):  # a checkpoint of qktrace.sums that holds the first prompts only

@@ -50,12 +50,12 @@ def every_verb(tmp_path_factory):
     the provenance and vocabulary tests."""
     import numpy as np
     import xarray as xr
+    from qktrace.studies import toy as toy_study
 
     import qktrace
     from qktrace import store
     from qktrace.evaluation import evaluate
     from qktrace.interventions import intervene_captured
-    from qktrace.studies import toy as toy_study
     from qktrace.study_tools import ranking_variables
 
     net, tok = tiny("llama")
