@@ -28,6 +28,8 @@ _ARGUMENT = {
     "Target": "target",
     "Edit (at=)": "at",
 }
+# what the verbs take as one prompt: text, or token ids (not `qktrace.prompts.Prompt`, the
+# text with marked spans that studies build; `locate` turns those into ids)
 PromptInput = str | Sequence[int]
 
 
