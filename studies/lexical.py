@@ -39,6 +39,7 @@ from qktrace.models import parse_heads
 from qktrace.pipeline import Run, Study
 from qktrace.prompts import Prompt
 from qktrace.study_tools import ModelLike
+
 from . import binding, order_id
 from ._common import paper_heads, sizes
 

@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 import xarray as xr
+from qktrace.studies import STUDIES
+from qktrace.studies import toy as toy_study
 from scipy.linalg import subspace_angles
 from typer.testing import CliRunner
 
@@ -23,8 +25,6 @@ from qktrace.toy.analysis import (
 from qktrace.toy.data import PayloadTask
 from qktrace.toy.model import PayloadRetrievalHead
 from qktrace.toy.train import train
-from qktrace.studies import STUDIES
-from qktrace.studies import toy as toy_study
 
 # ------------------------------------------------------------------------------------------
 # data
