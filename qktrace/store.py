@@ -113,7 +113,16 @@ import xarray as xr
 
 import qktrace
 
-__all__ = ["provenance", "save", "open", "BatchWriter", "StoreDamagedError", "rewritten_by"]
+__all__ = [
+    "provenance",
+    "save",
+    "open",
+    "BatchWriter",
+    "StoreDamagedError",
+    "rewritten_by",
+    "check_same_run",
+    "DifferentRunError",
+]
 
 MANIFEST = "qktrace_batches.json"
 # what a finished zarr store holds: every file with its size and CRC-32 (see "Integrity")
@@ -128,7 +137,12 @@ _ZARR_FORMAT = 2
 _BATCHES_VERSION = 2
 _REMOTE_MODES = {False: "local", "local": "remote-local", True: "ndif"}
 # attrs that identify a run: a resumed run must agree on them (when both runs give them)
-_IDENTITY_ATTRS = ("study", "model", "revision", "seed")
+_IDENTITY_ATTRS = ("verb", "study", "model", "revision", "dtype", "seed")
+# the keys of `provenance`, present (maybe None) in the attrs of every result
+PROVENANCE_KEYS = (
+    "qktrace_version", "nnsight_version", "torch_version", "transformers_version", "verb",
+    "study", "params", "model", "revision", "dtype", "remote", "d_head", "seed", "date",
+)  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
@@ -136,68 +150,114 @@ _IDENTITY_ATTRS = ("study", "model", "revision", "seed")
 
 
 def provenance(
-    study: str,
-    params: dict,
+    verb: str,
+    params: Mapping[str, Any],
     *,
-    model: str | None = None,
+    model: Any = None,
+    study: str | None = None,
     revision: str | None = None,
-    remote: bool | str = False,
+    remote: bool | str | None = None,
     seed: int | None = None,
+    inputs: Mapping[str, Any] | None = None,
 ) -> dict:
-    """Provenance attrs for a result: versions, study, parameters, model, mode, seed, date.
+    """The provenance attrs every qktrace result carries: how it was made, read back from disk.
+
+    Every verb (`capture`, `reduce`, `decompose`, `find_heads`, `intervene`, ...), the study
+    pipeline and the toy attach these same keys (`PROVENANCE_KEYS`), so any result a researcher
+    loads says which model, mode, versions, parameters and seed made it.
 
     Parameters
     ----------
-    study : str
-        Study name, e.g. ``"filter_heads"``.
+    verb : str
+        What made the result: a verb (``"capture"``), ``"study"`` or ``"toy"``.
     params : dict
-        The study's parameters. Converted to JSON-compatible values (nested dicts, lists and
-        tuples, `Path`, numpy scalars and arrays), so zarr can store them.
-    model : str, optional
-        Model id (HF repo id or local path).
-    revision : str, optional
-        Model revision (commit hash or tag).
-    remote : bool or "local"
-        The nnsight ``remote`` argument: ``False`` -> ``"local"``, ``"local"`` (nnsight's
-        simulation of the NDIF path) -> ``"remote-local"``, ``True`` -> ``"ndif"``.
+        Its parameters. Converted to JSON-compatible values (nested dicts, lists and tuples,
+        `Path`, numpy scalars and arrays), so zarr can store them.
+    model : qktrace Model or str, optional
+        The `qktrace.load`-ed model (gives id, revision, dtype, remote mode and d_head), or a
+        model id.
+    study : str, optional
+        The study's name, when a study made it (``"filter_heads"``, ``"toy"``).
+    revision, remote
+        Override the model's revision and remote mode: ``False`` -> ``"local"``, ``"local"``
+        (nnsight's simulation of the NDIF path) -> ``"remote-local"``, ``True`` -> ``"ndif"``.
     seed : int, optional
-        Random seed of the run.
+        Random seed of the run, where it has one.
+    inputs : dict, optional
+        The attrs of the result this one is computed from (e.g. `decompose`'s sums): the model
+        facts come from it when `model` is not given, and ``params["input"]`` records its verb
+        and parameters.
 
     Returns
     -------
     dict
-        Keys ``qktrace_version``, ``nnsight_version``, ``torch_version``,
-        ``transformers_version``, ``study``, ``params``, ``model``, ``revision``, ``remote``,
-        ``seed``, ``date`` (UTC, ISO 8601). A package that is not installed gets ``None``.
+        Keys `PROVENANCE_KEYS`: ``qktrace_version``, ``nnsight_version``, ``torch_version``,
+        ``transformers_version``, ``verb``, ``study``, ``params``, ``model``, ``revision``,
+        ``dtype``, ``remote``, ``d_head``, ``seed``, ``date`` (UTC, ISO 8601). What is unknown
+        (a package not installed, no model) is ``None``.
 
     Examples
     --------
     >>> from pathlib import Path
     >>> from qktrace.store import provenance
     >>> p = provenance("toy", {"layers": (0, 1), "out": Path("a.zarr")}, remote="local", seed=0)
-    >>> p["params"], p["remote"], p["seed"]
-    ({'layers': [0, 1], 'out': 'a.zarr'}, 'remote-local', 0)
+    >>> p["verb"], p["params"], p["remote"], p["seed"]
+    ('toy', {'layers': [0, 1], 'out': 'a.zarr'}, 'remote-local', 0)
     """
-    mode = _REMOTE_MODES.get(remote) if isinstance(remote, (bool, str)) else None
-    if mode is None:
-        raise ValueError(
-            f"remote={remote!r} is not a remote mode; pass False (local), 'local' "
-            "(nnsight's simulation of NDIF) or True (NDIF)."
+    facts: dict[str, Any] = dict.fromkeys(("model", "revision", "dtype", "remote", "d_head"))
+    params = dict(params)
+    if inputs is not None:
+        facts.update({k: inputs.get(k) for k in facts})
+        if seed is None:
+            seed = inputs.get("seed")
+        if inputs.get("verb") is not None:
+            params["input"] = {"verb": inputs.get("verb"), "params": inputs.get("params")}
+    if isinstance(model, str):
+        facts["model"] = model
+    elif model is not None:
+        facts.update(
+            model=model.name,
+            revision=model.revision,
+            dtype=_model_dtype(model),
+            remote=_remote_mode(model.remote),
+            d_head=int(model.d_head),
         )
+    if revision is not None:
+        facts["revision"] = revision
+    if remote is not None or facts["remote"] is None:
+        facts["remote"] = _remote_mode(bool(remote) if remote is None else remote)
     return {
         # the metadata fallback serves an editable install whose finder predates __init__.py
         "qktrace_version": getattr(qktrace, "__version__", None) or _version("qktrace"),
         "nnsight_version": _version("nnsight"),
         "torch_version": _version("torch"),
         "transformers_version": _version("transformers"),
+        "verb": verb,
         "study": study,
         "params": _jsonable(params),
-        "model": model,
-        "revision": revision,
-        "remote": mode,
+        **facts,
         "seed": None if seed is None else int(seed),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def _remote_mode(remote: Any) -> str:
+    """The stored label of an nnsight ``remote`` argument."""
+    mode = _REMOTE_MODES.get(remote) if isinstance(remote, (bool, str)) else None
+    if mode is None:
+        raise ValueError(
+            f"remote={remote!r} is not a remote mode; pass False (local), 'local' "
+            "(nnsight's simulation of NDIF) or True (NDIF)."
+        )
+    return mode
+
+
+def _model_dtype(model: Any) -> str | None:
+    """The dtype of the model's weights, e.g. ``"bfloat16"`` (None when it has none to read)."""
+    try:
+        return str(next(model.lm.parameters()).dtype).removeprefix("torch.")
+    except (AttributeError, StopIteration, TypeError):
+        return None
 
 
 def _version(package: str) -> str | None:
@@ -539,6 +599,9 @@ def _rewrite_hint(attrs: Mapping[str, Any]) -> str:
             f"qktrace study {study.replace('_', '-')} -o <its folder> --overwrite (with the "
             "options in its attrs['params']), or the call that wrote it with overwrite=True"
         )
+    verb = attrs.get("verb")
+    if isinstance(verb, str):
+        return f"the call that wrote it (qktrace.{verb}, with attrs['params']), with overwrite=True"
     return "the call that wrote it, with overwrite=True"
 
 
@@ -709,17 +772,14 @@ class BatchWriter:
             if stored.get("version", 1) < _BATCHES_VERSION:
                 raise _legacy_not_resumable(self.path)
             _check_same_run(self.path, stored, manifest)
-            for d, n in sizes.items():
-                if (
-                    d in stored["sizes"]
-                    and stored["sizes"][d] != n
-                    and (d == dim or stored["rows"])
-                ):
-                    raise ValueError(
-                        f"{self.path} was planned with sizes[{d!r}] = {stored['sizes'][d]}, "
-                        f"now {n}. Resume only with the same plan; to start a new run, write "
-                        f"to a new path (e.g. a new --out), or delete {self.path}."
-                    )
+            if stored["rows"]:  # the planned sizes the stored rows were written with
+                planned = {d: n for d, n in sizes.items() if d in stored["sizes"]}
+                check_same_run(
+                    self.path,
+                    {f"sizes[{d!r}]": stored["sizes"][d] for d in planned},
+                    {f"sizes[{d!r}]": n for d, n in planned.items()},
+                    what="batches",
+                )
             if not stored["rows"]:  # no batch yet: this run's plan holds
                 stored = {**stored, "sizes": sizes}
             self._manifest = stored
@@ -1136,25 +1196,65 @@ def _remove(path: Path) -> None:
 
 
 def _check_same_run(path: Path, stored: dict, new: dict) -> None:
-    """Raise ValueError naming each parameter that differs between the stored run and this one."""
+    """Refuse to resume the BatchWriter run in `stored` (its manifest) with `new`'s settings."""
+
+    both = [k for k in _IDENTITY_ATTRS if None not in (stored["attrs"].get(k), new["attrs"].get(k))]
 
     def flat(m: dict) -> dict[str, Any]:
-        out: dict[str, Any] = {"dim": m["dim"]}
-        out.update({f"params[{k!r}]": v for k, v in m["params"].items()})
+        out = {"dim": m["dim"], **m["params"]}
+        out.update({k: m["attrs"][k] for k in both if k not in out})
         return out
 
-    old, cur = flat(stored), flat(new)
-    for key in _IDENTITY_ATTRS:
-        a, b = stored["attrs"].get(key), new["attrs"].get(key)
-        if a is not None and b is not None:
-            old[f"attrs[{key!r}]"], cur[f"attrs[{key!r}]"] = a, b
-    if old != cur:
-        raise ValueError(
-            f"{path} holds a run with different parameters:\n"
-            + diff_lines(old, cur, "", "stored", "now")
-            + "\nResume only with the same parameters. To start a new run, write to a new path "
-            f"(e.g. a new --out), or delete {path} to discard its batches."
+    check_same_run(path, flat(stored), flat(new), what="batches")
+
+
+class DifferentRunError(ValueError):
+    """A stored result was made with other parameters than the run that wants to reuse it."""
+
+    def __init__(self, message: str, differences: list[str]) -> None:
+        super().__init__(message)
+        self.differences = differences
+
+
+def check_same_run(
+    path: str | os.PathLike,
+    stored: Mapping[str, Any],
+    now: Mapping[str, Any],
+    *,
+    what: str = "results",
+    fix: str | None = None,
+) -> None:
+    """Raise `DifferentRunError` unless `stored` and `now` (a run's parameters) are equal.
+
+    The one "same run?" check of qktrace: a resumed `BatchWriter` store (capture's ``out=``),
+    a resumed `qktrace.reduce` checkpoint, a reused order-ID subspace (lexical) and the toy's
+    finished models all refuse or skip a stored result this way, with one message: the store,
+    each differing parameter with its stored and current value, and the fix.
+
+    Examples
+    --------
+    >>> check_same_run("run.zarr", {"seed": 0, "n": 4}, {"seed": 1, "n": 4}, what="sums")
+    Traceback (most recent call last):
+    ...
+    qktrace.store.DifferentRunError: run.zarr holds sums of a run with different parameters (seed):
+      seed: stored 0, now 1
+    Resume only with the same parameters. To start over, pass a new --out (Python: a new out= path) or --overwrite (Python: delete run.zarr).
+    """
+    stored, now = _jsonable(dict(stored)), _jsonable(dict(now))
+    if stored == now:
+        return
+    keys = [k for k in dict.fromkeys([*stored, *now]) if stored.get(k, ...) != now.get(k, ...)]
+    if fix is None:
+        fix = (
+            "Resume only with the same parameters. To start over, pass a new --out (Python: a "
+            f"new out= path) or --overwrite (Python: delete {path})."
         )
+    raise DifferentRunError(
+        f"{path} holds {what} of a run with different parameters ({', '.join(keys)}):\n"
+        + diff_lines(stored, now, "", "stored", "now")
+        + f"\n{fix}",
+        keys,
+    )
 
 
 def diff_lines(old: dict, new: dict, noun: str, old_name: str, new_name: str) -> str:

@@ -113,7 +113,9 @@ def test_provenance_records_versions_params_and_mode():
         "out": Path("a/b.zarr"),
         "nested": {"scale": np.float32(0.5), "heads": np.array([1, 2]), "flag": np.bool_(True)},
     }
-    p = provenance("filter_heads", params, model="m", revision="abc", remote=True, seed=np.int64(1))
+    p = provenance("study", params, study="filter_heads", model="m", revision="abc", remote=True,
+                   seed=np.int64(1))  # fmt: skip
+    assert tuple(p) == store.PROVENANCE_KEYS
     assert p["qktrace_version"] == qktrace.__version__
     assert {"nnsight_version", "torch_version", "transformers_version"} <= set(p)
     assert p["params"] == {
@@ -122,7 +124,8 @@ def test_provenance_records_versions_params_and_mode():
         "nested": {"scale": 0.5, "heads": [1, 2], "flag": True},
     }
     assert type(p["params"]["layers"][1]) is int and type(p["params"]["nested"]["flag"]) is bool
-    assert (p["study"], p["model"], p["revision"], p["remote"], p["seed"]) == (
+    assert (p["verb"], p["study"], p["model"], p["revision"], p["remote"], p["seed"]) == (
+        "study",
         "filter_heads",
         "m",
         "abc",
@@ -436,14 +439,19 @@ def test_reopen_with_different_params_names_each_key(tmp_path):
     with pytest.raises(ValueError) as err:
         BatchWriter(path, params=changed, attrs=ATTRS)
     msg = str(err.value)
-    assert "params['layers']: stored [3, 5], now [3, 6]" in msg
-    assert "params['extra']: stored '<missing>', now 1" in msg
+    assert "different parameters (layers, extra):\n" in msg
+    assert "  layers: stored [3, 5], now [3, 6]" in msg
+    assert "  extra: stored '<missing>', now 1" in msg
     assert "n_prompts" not in msg
-    assert "new path" in msg and f"delete {path}" in msg
-    with pytest.raises(ValueError, match=r"attrs\['model'\]: stored 'tiny-llama', now 'other'"):
+    assert "a new --out" in msg and "--overwrite" in msg and f"delete {path}" in msg
+    with pytest.raises(ValueError, match=r"\(model\):\n  model: stored 'tiny-llama', now 'other'"):
         BatchWriter(path, params=PARAMS, attrs={"model": "other"})
     with pytest.raises(ValueError, match=r"dim: stored 'prompt', now 'item'"):
         BatchWriter(path, params=PARAMS, dim="item")
+    with pytest.raises(
+        ValueError, match=r"\(sizes\['token'\]\):\n  sizes\['token'\]: stored 5, now 6"
+    ):
+        BatchWriter(path, params=PARAMS, attrs=ATTRS, sizes={"token": 6})  # another plan's width
     # the same parameters in other Python types (tuple vs list, Path vs str) are the same run
     same = {"layers": [3, 5], "n_prompts": np.int64(11), "out": "run.zarr"}
     assert BatchWriter(path, params=same).n_done == 1
