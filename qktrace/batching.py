@@ -28,7 +28,9 @@ _ARGUMENT = {
     "Target": "target",
     "Edit (at=)": "at",
 }
-Prompt = str | Sequence[int]
+# what the verbs take as one prompt: text, or token ids (not `qktrace.prompts.Prompt`, the
+# text with marked spans that studies build; `locate` turns those into ids)
+PromptInput = str | Sequence[int]
 
 
 @dataclass
@@ -46,7 +48,7 @@ class Encoded:
 
 
 def _token_ids(
-    model: Model, prompts: Sequence[Prompt], add_special_tokens: bool, first: int = 0
+    model: Model, prompts: Sequence[PromptInput], add_special_tokens: bool, first: int = 0
 ) -> list[list[int]]:
     """Token ids of each prompt (strings are tokenized); an empty prompt raises, numbered from `first`."""
     tokenizer = model.tokenizer
@@ -65,7 +67,7 @@ def _token_ids(
 
 
 def encode(
-    model: Model, prompts: Sequence[Prompt], *, add_special_tokens: bool = True, first: int = 0
+    model: Model, prompts: Sequence[PromptInput], *, add_special_tokens: bool = True, first: int = 0
 ) -> Encoded:
     """Tokenize and pad a batch the way qktrace traces it (tokenizer's padding side)."""
     checks.prompts("prompts", prompts)
@@ -184,7 +186,7 @@ class Plan:
     """
 
     model: Model
-    prompts: Sequence[Prompt]
+    prompts: Sequence[PromptInput]
     query: Positions
     keys: Positions
     batch_size: int
@@ -205,7 +207,7 @@ class Plan:
         n, b = len(self.prompts), self.batch_size
         return [(start, min(b, n - start)) for start in range(0, n, b)]
 
-    def batch(self, start: int, chunk: Sequence[Prompt] | None = None) -> Batch:
+    def batch(self, start: int, chunk: Sequence[PromptInput] | None = None) -> Batch:
         """The batch of prompts `start..`, tokenized now."""
         if chunk is None:
             chunk = self.prompts[start : start + self.batch_size]
@@ -224,7 +226,7 @@ Check = Callable[[int, list[list[int]], list[list[int]]], None]
 
 def prepare(
     model: Model,
-    prompts: Sequence[Prompt],
+    prompts: Sequence[PromptInput],
     query: Positions,
     keys: Positions,
     batch_size: int,
@@ -285,7 +287,7 @@ def prepare(
 
 def plan_batches(
     model: Model,
-    prompts: Sequence[Prompt],
+    prompts: Sequence[PromptInput],
     query: Positions,
     keys: Positions,
     batch_size: int,

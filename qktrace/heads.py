@@ -29,7 +29,7 @@ import xarray as xr
 from tqdm.auto import tqdm
 
 from . import ops
-from .batching import Batch, Positions, Prompt, head_coords, plan_batches, resolve_positions
+from .batching import Batch, Positions, PromptInput, head_coords, plan_batches, resolve_positions
 from .models import Head, Model
 from .remote import with_retries
 
@@ -41,7 +41,7 @@ SCORES = ("answer_attention", "answer_share", "answer_argmax")
 
 def find_heads(
     model: Model,
-    prompts: Sequence[Prompt],
+    prompts: Sequence[PromptInput],
     answer: Sequence[int],
     *,
     keys: Positions,
@@ -169,7 +169,7 @@ def rank_heads(
         {name: ("head", values[order]) for name, values in scores.items()},
         coords={**head_coords(model, chosen), "ranking": ("head", np.arange(1, len(order) + 1))},
         attrs={
-            **provenance("find_heads", params, model=model.name, remote=model.remote),
+            **provenance("find_heads", params, model=model),
             "by": by,
             "n_prompts": n_prompts,
         },

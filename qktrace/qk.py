@@ -27,7 +27,16 @@ import xarray as xr
 from tqdm.auto import tqdm
 
 from . import ops
-from .batching import Batch, Encoded, Positions, Prompt, by_layer, given_order, head_coords, prepare
+from .batching import (
+    Batch,
+    Encoded,
+    Positions,
+    PromptInput,
+    by_layer,
+    given_order,
+    head_coords,
+    prepare,
+)
 from .locks import one_writer
 from .models import Head, Model, parse_heads
 from .remote import with_retries
@@ -93,7 +102,7 @@ def _capture_batch(
 @one_writer()
 def capture(
     model: Model,
-    prompts: Sequence[Prompt],
+    prompts: Sequence[PromptInput],
     heads: str | Sequence[Any],
     *,
     query: Positions = "last",
@@ -140,19 +149,20 @@ def capture(
     model.check_heads(heads)
     plan = prepare(model, prompts, query, keys, batch_size, add_special_tokens)
     writer = None
-    if out is not None:
-        from . import store
+    from . import store
 
-        params = {
-            "model": model.name,
-            "heads": [h.label for h in heads],
-            "n_prompts": len(prompts),
-            "batch_size": batch_size,
-            "attention": attention,
-            "prompts_sha256": plan.sha256,
-        }
-        attrs = store.provenance("capture", params, model=model.name, remote=model.remote)
-        writer = store.BatchWriter(out, params=params, attrs=attrs)
+    params = {
+        "model": model.name,
+        "heads": [h.label for h in heads],
+        "n_prompts": len(prompts),
+        "batch_size": batch_size,
+        "attention": attention,
+        "prompts_sha256": plan.sha256,
+    }
+    attrs = store.provenance("capture", params, model=model)
+    if out is not None:
+        sizes = {"prompt": len(prompts), "query": plan.query_width, "key": plan.key_width}
+        writer = store.BatchWriter(out, params=params, attrs=attrs, sizes=sizes)
     batches = []
     done = writer.n_done if writer is not None else 0
     coords = head_coords(model, heads)
@@ -187,10 +197,7 @@ def capture(
         del batch, values, ds
         bar.update(n)
     bar.close()
-    attrs = {"model": model.name, "remote": model.remote_label, "d_head": model.d_head}
     if writer is not None:
-        from . import store
-
         return store.open(out).assign_attrs(attrs)
     return xr.concat(
         batches, dim="prompt", data_vars="all", coords="different", compat="equals"

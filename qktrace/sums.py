@@ -35,7 +35,7 @@ import xarray as xr
 from tqdm.auto import tqdm
 
 from . import checks, ops
-from .batching import Check, Positions, Prompt, by_layer, given_order, head_coords, prepare
+from .batching import Check, Positions, PromptInput, by_layer, given_order, head_coords, prepare
 from .locks import one_writer
 from .models import Head, Model, parse_heads
 from .remote import with_retries
@@ -201,7 +201,7 @@ def _check_labels(labels: Sequence[Sequence[Label]]) -> Check:
 @one_writer()
 def reduce(
     model: Model,
-    prompts: Sequence[Prompt],
+    prompts: Sequence[PromptInput],
     heads: str | Sequence[Any],
     labels: Sequence[Sequence[Label]],
     *,
@@ -405,6 +405,8 @@ def _sums_dataset(
     done: int,
     params: dict[str, Any],
 ) -> xr.Dataset:
+    from .store import provenance
+
     dims = ("head", "feature", "contrast")
     if qk_sum.ndim == 4:  # delta: ΔC per head and feature
         qk_name, qk_dims = "delta_c", ("head", "feature", "dq", "dk")
@@ -419,10 +421,8 @@ def _sums_dataset(
         },
         coords={**head_coords(model, heads), "feature": features, "contrast": list(CONTRASTS)},
         attrs={
-            "model": model.name,
-            "remote": model.remote_label,
+            **provenance("reduce", params, model=model),
             "n_prompts": done,
-            "params": params,
             **({"partial": PARTIAL.format(done=done, total=params["n_prompts"])}
                if done < params["n_prompts"] else {}),
         },
@@ -463,16 +463,7 @@ def _resume(out: str | Path | None, params: dict[str, Any]) -> tuple[int, xr.Dat
             f"{out} is not a checkpoint of qktrace.reduce (it holds {what}, written by something "
             "else); pass another out= path (CLI: another --out)."
         )
-    if stored != params:
-        keys = [k for k in dict.fromkeys([*stored, *params]) if stored.get(k) != params.get(k)]
-        diff = store.diff_lines(stored, params, "", "stored", "now")
-        raise ValueError(
-            f"{out} holds sums from a run with different parameters ({', '.join(keys)}):\n"
-            f"{diff}\n"
-            "Resume only with the same arguments (model, heads, prompts, positions, labels, "
-            "batch_size). To start over, pass a new out= path, or delete "
-            f"{out} (CLI: a new --out, or --overwrite)."
-        )
+    store.check_same_run(out, stored, params, what="the sums")
     return int(state.attrs["n_prompts"]), state.load()
 
 
