@@ -29,7 +29,8 @@ from .study_prompts import Prepared
 __all__ = ["MAX_BYTES", "MAX_REMOTE_BYTES", "capture_bytes", "search_and_capture"]
 
 # Largest capture of every head of the fresh prompts (q, k, logit, attention; float32) that the
-# shared pass holds; above it the head search takes a pass of its own.
+# shared pass holds (about twice that at its peak, while the batches are joined); above it the
+# head search takes a pass of its own.
 MAX_BYTES = 1 << 30
 MAX_REMOTE_BYTES = 16 << 20
 
