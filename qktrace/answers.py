@@ -346,10 +346,12 @@ def _answers_batch(
         return stack.repeat_interleave(b, dim=0)
 
     layers = sorted({e[0] for e in key_edits} | {e[0] for e in query_edits})
+    # read before the trace: the trace body may hold no qktrace object but `ops` ones (NDIF)
+    reads = [model.attention_inputs(layer) for layer in layers]
+    lm = model.lm
     with torch.inference_mode(), model.trace(inputs):
-        for layer in layers:
-            args, _ = model.attention_call(layer).inputs
-            q, k = args[1], args[2]
+        for layer, read in zip(layers, reads, strict=True):
+            q, k, _ = read.read()
             for _, kv, stack in (e for e in key_edits if e[0] == layer):
                 rows = k[:, kv]  # a view [S*b, tokens, d]: the write reaches the model
                 picked = ops.gather_positions(rows, index).float()
@@ -360,7 +362,7 @@ def _answers_batch(
                 picked = ops.gather_positions(rows, query_index).float()
                 edited = ops.edit_in_subspace(picked, per_row(stack), "ablate")
                 ops.put_positions(rows, query_index, edited, inplace=True)
-        out = model.lm.output.logits  # [S*b, tokens, vocab]
+        out = lm.output.logits  # [S*b, tokens, vocab]
         at_last = out[torch.arange(copies * b), last].float()
         logprobs = torch.log_softmax(at_last, dim=-1)
         saved = nnsight.save([at_last.gather(1, ids), logprobs.gather(1, ids)])

@@ -191,14 +191,12 @@ def _scan_batch(model: Model, batch: Batch, layers: list[int]) -> np.ndarray:
         )
         for layer in layers
     ]
-    calls = {layer: model.attention_call(layer) for layer in layers}
+    inputs = {layer: model.attention_inputs(layer) for layer in layers}
     query_index, key_index = batch.query_index, batch.key_index
     with torch.inference_mode(), model.trace(batch.encoded.inputs):
         saved = nnsight.save([])
         for layer, kv_heads, scaling, softcap in plan:
-            args, kwargs = calls[layer].inputs
-            q, k = args[1], args[2]
-            mask = args[4] if len(args) > 4 else kwargs.get("attention_mask")
+            q, k, mask = inputs[layer].read()
             q_sel = ops.gather_heads(q, all_heads, query_index)
             _, probs = ops.attention_rows(q_sel, k, kv_heads, mask, query_index, scaling, softcap)
             cols = key_index[:, None, None, :].expand(-1, probs.shape[1], 1, -1)

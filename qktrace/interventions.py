@@ -593,15 +593,14 @@ def _intervene_batch(
     verify: bool,
 ) -> dict[str, np.ndarray]:
     """One trace: before, random-baseline and after logits/attention of the head at the keys."""
-    call = model.attention_call(layer)
+    call = model.attention_call(layer)  # its output: the model's own weights (verify)
+    inputs = model.attention_inputs(layer)
     kv = model.kv_head(head)
     scaling, softcap = model.scaling(layer), model.softcap(layer)
     query_index, key_index = batch.query_index, batch.key_index
     n_random = 0 if randoms is None else randoms.shape[0]
     with torch.inference_mode(), model.trace(batch.encoded.inputs):
-        args, kwargs = call.inputs
-        q, k = args[1], args[2]
-        mask = args[4] if len(args) > 4 else kwargs.get("attention_mask")
+        q, k, mask = inputs.read()
         cols = key_index[:, None, None, :]
         q_sel = ops.gather_heads(q, [head], query_index)
         logit, prob = ops.attention_rows(q_sel, k, [kv], mask, query_index, scaling, softcap)

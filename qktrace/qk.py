@@ -63,13 +63,11 @@ def _capture_batch(
         )
         for layer, hs in layers.items()
     ]
-    calls = {layer: model.attention_call(layer) for layer in layers}
+    inputs = {layer: model.attention_inputs(layer) for layer in layers}
     with torch.inference_mode(), model.trace(enc.inputs):
         saved = nnsight.save([])
         for layer, q_heads, kv_heads, scaling, softcap in plan:
-            args, kwargs = calls[layer].inputs
-            q, k = args[1], args[2]
-            mask = args[4] if len(args) > 4 else kwargs.get("attention_mask")
+            q, k, mask = inputs[layer].read()
             q_sel = ops.gather_heads(q, q_heads, query_index)
             k_sel = ops.gather_heads(k, kv_heads, key_index)
             item = [q_sel, k_sel]

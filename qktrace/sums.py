@@ -123,15 +123,15 @@ def _reduce_batch(
         (layer, [h.head for h in hs], [model.kv_head(h.head) for h in hs])
         for layer, hs in layers.items()
     ]
-    calls = {layer: model.attention_call(layer) for layer in layers}
+    reads = {layer: model.attention_inputs(layer) for layer in layers}
     if len(work) == 1:
         inputs, query_index, key_index, labels = work[0]
         with torch.inference_mode(), model.trace(inputs):
             saved = nnsight.save([])
             for layer, q_heads, kv_heads in plan:
-                args, _ = calls[layer].inputs
+                q_all, k_all, _ = reads[layer].read()
                 qk, q, k, finite = ops.labelled_sums(
-                    args[1], args[2], q_heads, kv_heads, query_index, key_index, labels,
+                    q_all, k_all, q_heads, kv_heads, query_index, key_index, labels,
                     qk_table, vector_table,
                 )  # fmt: skip
                 if wire is None:
@@ -148,9 +148,9 @@ def _reduce_batch(
             for inputs, query_index, key_index, labels in work:
                 with lm.trace(inputs):
                     for i, (layer, q_heads, kv_heads) in enumerate(plan):
-                        args, _ = calls[layer].inputs
+                        q_all, k_all, _ = reads[layer].read()
                         qk, q, k, finite = ops.labelled_sums(
-                            args[1], args[2], q_heads, kv_heads, query_index, key_index,
+                            q_all, k_all, q_heads, kv_heads, query_index, key_index,
                             labels, qk_table, vector_table,
                         )  # fmt: skip
                         if i == len(totals):
