@@ -38,13 +38,11 @@ import nnsight
 import numpy as np
 import torch
 import xarray as xr
-from tqdm.auto import tqdm
 
 from . import ops
 from .attribution import as_basis, orthogonalize
-from .batching import Batch, Prompt, encode, plan_batches, resolve_positions
+from .batching import Batch, Prompt, prepare, resolve_positions, run
 from .models import Head, Model, parse_heads
-from .remote import with_retries
 
 __all__ = ["intervene_answers"]
 
@@ -178,8 +176,8 @@ def intervene_answers(
     answer_i, target_i = np.asarray(answer, dtype=int), np.asarray(target_answer, dtype=int)
     if ((answer_i < 0) | (answer_i >= n_cand) | (target_i < 0) | (target_i >= n_cand)).any():
         raise ValueError(f"answer and target_answer must index the {n_cand} candidates.")
-    lengths = encode(model, prompts, add_special_tokens=add_special_tokens).lengths
-    key_edit = _key_positions(mode, side, orig, target, at, lengths)
+    plan = prepare(model, prompts, "last", "last", batch_size, add_special_tokens)
+    key_edit = _key_positions(mode, side, orig, target, at, plan.lengths)
 
     # per head: stacked bases [S, d, r] (copy 0 zero, 1 the recovered subspace, 2.. random)
     from .covariance import random_subspaces
@@ -205,32 +203,23 @@ def intervene_answers(
         if v is not None
     ]
     copies = 2 + n_random
-    plan = plan_batches(model, prompts, "last", "last", batch_size, add_special_tokens)
-    results = []
-    bar = tqdm(total=n, desc="answers", unit="prompt", disable=not progress)
-    for batch in plan:
+
+    def step(batch: Batch) -> tuple[np.ndarray, np.ndarray]:
         rows = slice(batch.start, batch.start + len(batch.texts))
         edit_index = None
         if key_edit is not None:
             edit_index = torch.tensor(
                 [[batch.encoded.padded(i, p) for p in r] for i, r in enumerate(key_edit[rows])]
             )
-        values = with_retries(
-            _answers_batch,
-            model,
-            batch,
-            key_edits,
-            query_edits,
-            edit_index,
-            mode,
-            torch.tensor(ids[rows]),
-            copies,
-            what=f"prompts {batch.start}..{batch.start + len(batch.texts) - 1}",
-            resume_hint="intervene_answers keeps no partial results: rerun it.",
+        return _answers_batch(
+            model, batch, key_edits, query_edits, edit_index, mode, torch.tensor(ids[rows]), copies
         )
-        results.append(values)
-        bar.update(len(batch.texts))
-    bar.close()
+
+    hint = "intervene_answers keeps no partial results: rerun it."
+    results = [
+        values
+        for _, values in run(plan, step, desc="answers", resume_hint=hint, progress=progress)
+    ]
     logits = np.concatenate([r[0] for r in results], axis=1)  # [S, prompt, candidate]
     logprobs = np.concatenate([r[1] for r in results], axis=1)
     names = [name] + [f"random_{i}" for i in range(n_random)]

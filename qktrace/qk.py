@@ -24,13 +24,21 @@ import nnsight
 import numpy as np
 import torch
 import xarray as xr
-from tqdm.auto import tqdm
 
 from . import ops
-from .batching import Batch, Encoded, Positions, Prompt, by_layer, given_order, head_coords, prepare
+from .batching import (
+    Batch,
+    Encoded,
+    Positions,
+    Prompt,
+    by_layer,
+    given_order,
+    head_coords,
+    prepare,
+    run,
+)
 from .locks import one_writer
 from .models import Head, Model, parse_heads
-from .remote import with_retries
 
 
 def _check_finite(name: str, values: np.ndarray, first_prompt: int) -> None:
@@ -152,39 +160,30 @@ def capture(
         attrs = store.provenance("capture", params, model=model.name, remote=model.remote)
         writer = store.BatchWriter(out, params=params, attrs=attrs)
     batches = []
-    done = writer.n_done if writer is not None else 0
+    done = min(writer.n_done * batch_size, len(prompts)) if writer is not None else 0
     coords = head_coords(model, heads)
-    bar = tqdm(total=len(prompts), desc="capture", unit="prompt", disable=not progress)
-    for i, (start, n) in enumerate(plan.starts()):
-        if i < done:
-            bar.update(n)
-            continue
-        batch = plan.batch(start)
-        values = with_retries(
-            _capture_batch,
-            model,
-            batch.encoded,
-            heads,
-            batch.query_index,
-            batch.key_index,
-            attention,
-            what=f"prompts {start}..{start + n - 1}",
-            resume_hint=(
-                f"Batches before prompt {start} are saved in {out}: rerun the same call to resume."
-                if out is not None
-                else ""
-            ),
+
+    def step(batch: Batch) -> dict[str, np.ndarray]:
+        return _capture_batch(
+            model, batch.encoded, heads, batch.query_index, batch.key_index, attention
         )
+
+    def resume_hint(start: int) -> str:
+        if out is None:
+            return ""
+        return f"Batches before prompt {start} are saved in {out}: rerun the same call to resume."
+
+    for batch, values in run(
+        plan, step, desc="capture", resume_hint=resume_hint, progress=progress, done=done
+    ):
         for name, array in values.items():
-            _check_finite(name, array, start)
+            _check_finite(name, array, batch.start)
         ds = _batch_dataset(values, batch).assign_coords(coords)
         if writer is not None:
             writer.append(ds)
         else:
             batches.append(ds)
         del batch, values, ds
-        bar.update(n)
-    bar.close()
     attrs = {"model": model.name, "remote": model.remote_label, "d_head": model.d_head}
     if writer is not None:
         from . import store

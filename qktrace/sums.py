@@ -30,13 +30,21 @@ import nnsight
 import numpy as np
 import torch
 import xarray as xr
-from tqdm.auto import tqdm
 
 from . import checks, ops
-from .batching import Check, Positions, Prompt, by_layer, given_order, head_coords, prepare
+from .batching import (
+    Batch,
+    Check,
+    Positions,
+    Prompt,
+    by_layer,
+    given_order,
+    head_coords,
+    prepare,
+    run,
+)
 from .locks import one_writer
 from .models import Head, Model, parse_heads
-from .remote import with_retries
 
 CONTRASTS = ("positive", "negative")
 Label = tuple[str, str] | None
@@ -177,7 +185,7 @@ def _reduce_batch(
 def _check_labels(labels: Sequence[Sequence[Label]]) -> Check:
     """A `prepare` check: every prompt gives one label (or None) per key position."""
 
-    def check(start: int, query: list[list[int]], keys: list[list[int]]) -> None:
+    def check(start: int, lengths: list[int], query: list[list[int]], keys: list[list[int]]) -> None:
         for i, (q_pos, k_pos) in enumerate(zip(query, keys, strict=True)):
             if len(q_pos) != 1:
                 raise ValueError("reduce takes one query position per prompt (e.g. query='last').")
@@ -306,31 +314,33 @@ def reduce(
         )
     qk_table, vector_table = _tables(count, delta)
 
-    todo = [(start, n) for start, n in plan.starts() if start >= done]
-    per = batches_per_request or len(todo) or 1
-    bar = tqdm(total=len(prompts), initial=done, desc="reduce", unit="prompt", disable=not progress)
-    for r in range(0, len(todo), per):
-        request = todo[r : r + per]
-        start = request[0][0]
-        end = request[-1][0] + request[-1][1]
-        work = []
-        for first, n in request:
-            batch = plan.batch(first)
-            index = _label_index(labels[first : first + n], features, batch.key_index.shape[1])
-            work.append((batch.encoded.inputs, batch.query_index, batch.key_index, index))
-        del batch
-        qk, scale, q, k, finite = with_retries(
-            _reduce_batch,
-            model,
-            work,
-            heads,
-            qk_table,
-            vector_table,
-            wires[delta_dtype] if delta else None,
-            what=f"prompts {start}..{end - 1}",
-            resume_hint=_resume_hint(out, start),
-        )
-        del work
+    wire = wires[delta_dtype] if delta else None
+
+    def step(request: list[Batch]) -> tuple[np.ndarray, ...]:
+        work = [
+            (
+                b.encoded.inputs,
+                b.query_index,
+                b.key_index,
+                _label_index(
+                    labels[b.start : b.start + len(b.texts)], features, b.key_index.shape[1]
+                ),
+            )
+            for b in request
+        ]
+        return _reduce_batch(model, work, heads, qk_table, vector_table, wire)
+
+    for request, (qk, scale, q, k, finite) in run(
+        plan,
+        step,
+        desc="reduce",
+        resume_hint=lambda start: _resume_hint(out, start),
+        progress=progress,
+        done=done,
+        batches_per_request=batches_per_request,
+    ):
+        start = request[0].start
+        end = request[-1].start + len(request[-1].texts)
         if not finite.all() or not np.isfinite(qk).all():
             bad = start + int(np.argmin(finite)) if not finite.all() else None
             where = f"prompt {bad}" if bad is not None else f"prompts {start}..{end - 1}"
@@ -354,8 +364,6 @@ def reduce(
                 out,
                 _sums_dataset(model, heads, features, qk_sum, q_sum, k_sum, summed, done, params),
             )
-        bar.update(end - start)
-    bar.close()
     return _sums_dataset(model, heads, features, qk_sum, q_sum, k_sum, count, done, params)
 
 
