@@ -217,8 +217,7 @@ def intervene_answers(
 
     hint = "intervene_answers keeps no partial results: rerun it."
     results = [
-        values
-        for _, values in run(plan, step, desc="answers", resume_hint=hint, progress=progress)
+        values for _, values in run(plan, step, desc="answers", resume_hint=hint, progress=progress)
     ]
     logits = np.concatenate([r[0] for r in results], axis=1)  # [S, prompt, candidate]
     logprobs = np.concatenate([r[1] for r in results], axis=1)

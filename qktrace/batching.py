@@ -30,6 +30,7 @@ Positions = Literal["last", "all"] | Sequence[int] | Sequence[Sequence[int]]
 _ARGUMENT = {
     "Query": "query",
     "Key": "keys",
+    "Orig/target": "orig/target",
     "Orig": "orig",
     "Target": "target",
     "Edit (at=)": "at",
@@ -254,6 +255,7 @@ def prepare(
     *,
     extra: Sequence[Any] | None = None,
     check: Check | None = None,
+    keys_name: str = "Key",
 ) -> Plan:
     """Validate a run before any model work, in one pass that keeps no per-prompt state.
 
@@ -262,14 +264,16 @@ def prepare(
     (so batches stack and append to a store without ragged padding), and to hash token ids,
     positions and `extra[i]` (per-prompt rows, e.g. labels) into `Plan.sha256`.
     `check(start, lengths, query_positions, key_positions)` may validate more per batch.
+    `keys_name` names the key positions in errors (a verb whose keys default to other
+    arguments names those).
     """
     import hashlib
     import json
 
     checks.prompts("prompts", prompts)
     checks.integer("batch_size", batch_size, low=1, example="16")
-    for spec, what in ((query, "Query"), (keys, "Key")):
-        checks.positions(_ARGUMENT[what], spec, len(prompts))
+    for spec, what in ((query, "Query"), (keys, keys_name)):
+        checks.positions(_ARGUMENT.get(what, what.lower()), spec, len(prompts))
         if not isinstance(spec, str) and len(spec) != len(prompts):
             raise ValueError(
                 f"{what} positions were given for {len(spec)} prompts but there are "
@@ -283,7 +287,7 @@ def prepare(
         lengths = [len(row) for row in ids]
         _check_context(model, lengths, start)
         q_pos = resolve_positions(_slice(query, start, len(chunk)), lengths, "Query", start)
-        k_pos = resolve_positions(_slice(keys, start, len(chunk)), lengths, "Key", start)
+        k_pos = resolve_positions(_slice(keys, start, len(chunk)), lengths, keys_name, start)
         if check is not None:
             check(start, lengths, q_pos, k_pos)
         for row in ids:
@@ -374,7 +378,9 @@ def run(
     """
     todo = [(start, n) for start, n in plan.starts() if start >= done]
     per = 1 if batches_per_request is None else batches_per_request or len(todo) or 1
-    bar = tqdm(total=len(plan.prompts), initial=done, desc=desc, unit="prompt", disable=not progress)
+    bar = tqdm(
+        total=len(plan.prompts), initial=done, desc=desc, unit="prompt", disable=not progress
+    )
     try:
         for r in range(0, len(todo), per):
             request = todo[r : r + per]

@@ -155,7 +155,9 @@ def find_heads(
 def _check_answers(answer: Sequence[int]) -> Check:
     """A `prepare` check: one query per prompt, and its answer among its candidate keys."""
 
-    def check(start: int, lengths: list[int], query: list[list[int]], keys: list[list[int]]) -> None:
+    def check(
+        start: int, lengths: list[int], query: list[list[int]], keys: list[list[int]]
+    ) -> None:
         if any(len(row) != 1 for row in query):
             raise ValueError("find_heads takes one query position per prompt (e.g. query='last').")
         _slots(start, lengths, answer, keys)

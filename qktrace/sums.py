@@ -185,7 +185,9 @@ def _reduce_batch(
 def _check_labels(labels: Sequence[Sequence[Label]]) -> Check:
     """A `prepare` check: every prompt gives one label (or None) per key position."""
 
-    def check(start: int, lengths: list[int], query: list[list[int]], keys: list[list[int]]) -> None:
+    def check(
+        start: int, lengths: list[int], query: list[list[int]], keys: list[list[int]]
+    ) -> None:
         for i, (q_pos, k_pos) in enumerate(zip(query, keys, strict=True)):
             if len(q_pos) != 1:
                 raise ValueError("reduce takes one query position per prompt (e.g. query='last').")
