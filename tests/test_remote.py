@@ -137,9 +137,9 @@ def test_persistent_failure_stops_with_saved_batches_and_resume_hint(flaky_backe
         return real(run, *args, **kwargs)
 
     with pytest.MonkeyPatch.context() as mp:
-        import qktrace.sums as reduce_module
+        import qktrace.batching as batching_module  # the verbs' one loop retries
 
-        mp.setattr(reduce_module, "with_retries", first_batch_gets_through)
+        mp.setattr(batching_module, "with_retries", first_batch_gets_through)
         with pytest.raises(RuntimeError, match=r"prompts 1\.\.1 failed 4 times.*saved in .*rerun"):
             reduce(m, PROMPTS, "1.0", labels, keys=keys, out=out, **one)
     flaky_backend["fail"] = 0
