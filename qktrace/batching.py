@@ -257,7 +257,7 @@ def prepare(
     check: Check | None = None,
     keys_name: str = "Key",
 ) -> Plan:
-    """Validate a run before any model work, in one pass that keeps no per-prompt state.
+    """Validate a run before any model work, in one pass that keeps only the token ids.
 
     Tokenizes every prompt (once: the plan keeps the ids) to check it (not empty, within the
     model's context, every position inside it), to fix the query/key widths all batches share
