@@ -228,10 +228,12 @@ def intervene(
     rank = v.shape[1]
     sources = _source_array(edit.source, n, model.d_head) if edit.mode == "patch" else None
     stage = _Stage(orig, target, edit, sources)
+    keys_name = "Key"
+    if keys is None:  # the default candidates: orig and target
+        keys, keys_name = [[o, t] for o, t in zip(orig, target, strict=True)], "Orig/target"
     plan = prepare(
-        model, prompts, query, [[o, t] for o, t in zip(orig, target, strict=True)]
-        if keys is None else keys, batch_size, add_special_tokens, check=stage.check,
-        keys_name="Orig/target" if keys is None else "Key",
+        model, prompts, query, keys, batch_size, add_special_tokens, check=stage.check,
+        keys_name=keys_name,
     )  # fmt: skip
 
     from .covariance import random_subspaces
@@ -243,20 +245,22 @@ def intervene(
         else None
     )
 
-    def step(batch: Batch) -> dict[str, np.ndarray]:
-        edit_index, source_t, _, _ = stage(batch)
-        return _intervene_batch(
+    def step(batch: Batch) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+        edit_index, source_t, orig_slot, target_slot = stage(batch)
+        values = _intervene_batch(
             model, batch, h.layer, h.head, edit.side, edit.mode, basis_t, random_t, edit_index,
             source_t, verify,
         )  # fmt: skip
+        return values, orig_slot, target_slot
 
     hint = (
         "intervene keeps no partial results: rerun it when NDIF is reachable (a study rerun "
         "with the same --out resumes from the sums and captures it saved)."
     )
     parts = []
-    for batch, values in run(plan, step, desc="intervene", resume_hint=hint, progress=progress):
-        _, _, orig_slot, target_slot = stage(batch)
+    for batch, (values, orig_slot, target_slot) in run(
+        plan, step, desc="intervene", resume_hint=hint, progress=progress
+    ):
         parts.append((_Keys.of(batch), values, orig_slot, target_slot))
 
     names = [name] + [f"random_{i}" for i in range(n_random)]
