@@ -18,7 +18,8 @@ the softmax sees them; see `qktrace.models`):
    the edited tensors. ``verify=True`` also reads the model's own attention weights from the
    output of the attention call (eager attention only), as a check that the edit took.
 
-Edits, with V an orthonormal basis [d_head, r] of the subspace and c = x V the coordinates:
+Edits (the `edit=` argument: a mode, or an `Edit` with its side, positions `at` and `source`),
+with V an orthonormal basis [d_head, r] of the subspace and c = x V the coordinates:
 
 - "swap" exchanges the coordinates of the keys at `orig` and `target`:
   k_o += (c_t - c_o) V^T and k_t += (c_o - c_t) V^T (the paper's Fig 4, 7 and 9);
@@ -35,7 +36,7 @@ it. What the edit does to the model's *answer* is `qktrace.intervene_answers`.
 Only the span of `basis` matters (it is orthonormalized here). With grouped-query attention
 several query heads read one key head: editing a key edits it for the whole group (the query
 heads in attr ``heads_sharing_key``), and the model's downstream computation sees that. Query
-edits (``side="query"``) touch only the chosen head.
+edits (``Edit(..., side="query")``) touch only the chosen head.
 
 Metrics
 -------

@@ -35,7 +35,9 @@ Remote = bool | Literal["local"]
 
 @dataclass(frozen=True)
 class Adapter:
-    """Where one architecture family keeps its attention, relative to the nnsight model."""
+    """Where one architecture family keeps its attention, relative to the nnsight model, and
+    where its attention call takes q, k and the mask (positional indices; the mask may also
+    come as the keyword ``attention_mask``)."""
 
     family: str
     model_types: tuple[str, ...]
