@@ -154,6 +154,9 @@ def intervene(
 ) -> xr.Dataset:
     """Edit one head's keys (or queries) inside a subspace and compare its attention before/after.
 
+    Every prompt and position is checked first; then batches are padded and run one at a time
+    (`qktrace.batching.run`), so a run holds one batch in memory besides its per-prompt results.
+
     Parameters
     ----------
     model
@@ -187,9 +190,6 @@ def intervene(
     verify
         Also return ``model_attention``: the model's own attention weights of the head after the
         edit, read from the attention call's output (needs ``attn_implementation="eager"``).
-
-    Batches are padded and run one at a time (`qktrace.batching.run`), so a run holds one batch
-    in memory besides its per-prompt results; every prompt and position is checked first.
 
     Returns
     -------
