@@ -235,11 +235,11 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
+    from qktrace.studies._common import resolve_heads, sizes
     from transformers import AutoModelForCausalLM
 
     from qktrace import organism
     from qktrace.models import load, parse_heads
-    from qktrace.studies._common import resolve_heads, sizes
 
     torch.set_num_threads(args.threads)
     print(machine())

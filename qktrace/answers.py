@@ -41,7 +41,7 @@ import xarray as xr
 
 from . import ops
 from .attribution import as_basis, orthogonalize
-from .batching import Batch, Prompt, prepare, resolve_positions, run
+from .batching import Batch, PromptInput, prepare, resolve_positions, run
 from .models import Head, Model, parse_heads
 
 __all__ = ["intervene_answers"]
@@ -51,7 +51,7 @@ Side = Literal["key", "query", "both"]
 
 def intervene_answers(
     model: Model,
-    prompts: Sequence[Prompt],
+    prompts: Sequence[PromptInput],
     bases: Mapping[Any, Any],
     *,
     candidates: Sequence[Sequence[int | str]],
@@ -236,10 +236,7 @@ def intervene_answers(
         "n_random": n_random,
         "n_prompts": n,
     }
-    attrs = provenance(
-        "intervene_answers", params, model=model.name, revision=model.revision,
-        remote=model.remote, seed=seed,
-    )  # fmt: skip
+    attrs = provenance("intervene_answers", params, model=model, seed=seed)
     ranks = [int((k if k is not None else q).shape[1]) for k, q in zip(key_v, query_v, strict=True)]
     key_ranks = {f"{layer}.kv{kv}": int(stack.shape[-1]) for layer, kv, stack in key_edits}
     return ds.assign_coords(candidate_token=(("prompt", "candidate"), tokens)).assign_attrs(

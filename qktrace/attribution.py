@@ -17,8 +17,8 @@ when subspaces overlap: a shared direction is credited to the earlier name. `exp
 1 - ||residual logits||^2 / ||total logits||^2 over a query's keys, the paper's Fig 10 number.
 
 Only the span of each basis matters: its columns need not be orthonormal, and directions already
-covered by earlier subspaces (or numerically zero) are dropped; the `rank` output says how many
-dimensions each name kept. This module is numpy and xarray on a captured Dataset; it runs no model.
+covered by earlier subspaces (or numerically zero) are dropped; the `part_rank` output says how
+many dimensions each name kept. This module is numpy and xarray on a captured Dataset; it runs no model.
 """
 
 from __future__ import annotations
@@ -171,19 +171,22 @@ def attribute(
     Returns
     -------
     xr.Dataset
-        ``logit_part`` (prompt, head, query, key, component) with component = the names then
+        ``logit_part`` (prompt, head, query, key, part) with part = the names then
         "residual", ``logit`` (prompt, head, query, key) the total (their sum), ``explained``
         (prompt, head, query) = 1 - ||residual logits||^2 / ||total logits||^2 over the
-        prompt's keys (NaN-padded key slots are ignored), and ``rank`` (head, component), the
-        dimensions each name kept after orthogonalization. float64; coordinates of `captured`.
+        prompt's keys (NaN-padded key slots are ignored), and ``part_rank`` (head, part), the
+        dimensions each name kept after orthogonalization. float64; coordinates of `captured`;
+        provenance attrs (`qktrace.store.provenance`, verb "attribute").
 
     Examples
     --------
     >>> ds = qktrace.capture(model, prompts, "16.1", keys=box_positions)  # doctest: +SKIP
     >>> parts = qktrace.attribute(ds, {"order": U_order, "lexical": U_lex})  # doctest: +SKIP
-    >>> parts.logit_part.sel(component="order").isel(query=0)  # doctest: +SKIP
+    >>> parts.logit_part.sel(part="order").isel(query=0)  # doctest: +SKIP
     >>> float(parts.explained.mean())  # doctest: +SKIP
     """
+    from .store import provenance
+
     if side not in ("query", "key"):
         raise ValueError(f"side must be 'query' or 'key', not {side!r}.")
     for name in ("q", "k"):
@@ -243,14 +246,15 @@ def attribute(
     }
     return xr.Dataset(
         {
-            "logit_part": (("prompt", "head", "query", "key", "component"), parts),
+            "logit_part": (("prompt", "head", "query", "key", "part"), parts),
             "logit": (("prompt", "head", "query", "key"), total),
             "explained": (("prompt", "head", "query"), explained),
-            "rank": (("head", "component"), rank),
+            "part_rank": (("head", "part"), rank),
         },
-        coords={**keep, "component": components},
+        coords={**keep, "part": components},
         attrs={
             **captured.attrs,
+            **provenance("attribute", {"side": side, "order": names}, inputs=captured.attrs),
             "side": side,
             "order": names,
             "scaling": [float(s) for s in scale],

@@ -35,7 +35,9 @@ _ARGUMENT = {
     "Target": "target",
     "Edit (at=)": "at",
 }
-Prompt = str | Sequence[int]
+# what the verbs take as one prompt: text, or token ids (not `qktrace.prompts.Prompt`, the
+# text with marked spans that studies build; `locate` turns those into ids)
+PromptInput = str | Sequence[int]
 
 
 @dataclass
@@ -53,7 +55,7 @@ class Encoded:
 
 
 def _token_ids(
-    model: Model, prompts: Sequence[Prompt], add_special_tokens: bool, first: int = 0
+    model: Model, prompts: Sequence[PromptInput], add_special_tokens: bool, first: int = 0
 ) -> list[list[int]]:
     """Token ids of each prompt (strings are tokenized); an empty prompt raises, numbered from `first`."""
     tokenizer = model.tokenizer
@@ -72,7 +74,7 @@ def _token_ids(
 
 
 def encode(
-    model: Model, prompts: Sequence[Prompt], *, add_special_tokens: bool = True, first: int = 0
+    model: Model, prompts: Sequence[PromptInput], *, add_special_tokens: bool = True, first: int = 0
 ) -> Encoded:
     """Tokenize and pad a batch the way qktrace traces it (tokenizer's padding side)."""
     checks.prompts("prompts", prompts)
@@ -193,7 +195,7 @@ class Plan:
     """
 
     model: Model
-    prompts: Sequence[Prompt]
+    prompts: Sequence[PromptInput]
     query: Positions
     keys: Positions
     batch_size: int
@@ -226,7 +228,7 @@ class Plan:
         n, b = len(self.prompts), self.batch_size
         return [(start, min(b, n - start)) for start in range(0, n, b)]
 
-    def batch(self, start: int, chunk: Sequence[Prompt] | None = None) -> Batch:
+    def batch(self, start: int, chunk: Sequence[PromptInput] | None = None) -> Batch:
         """The batch of prompts `start..`, padded now from the token ids `prepare` kept."""
         if chunk is None:
             chunk = self.prompts[start : start + self.batch_size]
@@ -247,7 +249,7 @@ Check = Callable[[int, list[int], list[list[int]], list[list[int]]], None]
 
 def prepare(
     model: Model,
-    prompts: Sequence[Prompt],
+    prompts: Sequence[PromptInput],
     query: Positions,
     keys: Positions,
     batch_size: int,
@@ -317,7 +319,7 @@ def prepare(
 
 def plan_batches(
     model: Model,
-    prompts: Sequence[Prompt],
+    prompts: Sequence[PromptInput],
     query: Positions,
     keys: Positions,
     batch_size: int,

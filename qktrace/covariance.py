@@ -426,6 +426,8 @@ def decompose(sums: xr.Dataset, *, threshold: float = 0.99, centered: bool = Fal
     >>> out["rank"].sel(head=0, feature="z").item()
     4
     """
+    from .store import provenance
+
     _check_threshold(threshold)
     if not isinstance(sums, xr.Dataset):
         raise checks.BadArgumentType(
@@ -484,7 +486,14 @@ def decompose(sums: xr.Dataset, *, threshold: float = 0.99, centered: bool = Fal
             "pair_count": count.variable,
         },
         coords=coords,
-        attrs={**sums.attrs, "threshold": threshold, "centered": centered},
+        attrs={
+            **sums.attrs,  # e.g. n_prompts and partial of a reduce checkpoint
+            **provenance(
+                "decompose", {"threshold": threshold, "centered": centered}, inputs=sums.attrs
+            ),
+            "threshold": threshold,
+            "centered": centered,
+        },
     )
 
 
@@ -528,7 +537,7 @@ def permutation_null(
     Each permutation shuffles `is_positive` over the pairs (keeping the numbers of positive and
     negative pairs) and recomputes ΔC = mean(q k^T | positive) - mean(q k^T | negative). The
     components are then tested in order: component j is significant when its singular value
-    exceeds the `quantile` of the null for index j, and `n_significant` counts the leading
+    exceeds the `quantile` of the null for index j, and `null_rank` counts the leading
     components that are (counting stops at the first that is not).
 
     The null for index j is the largest singular value of the permuted ΔC once the real ΔC's
@@ -547,7 +556,7 @@ def permutation_null(
     n_permutations : int, default 100
     seed : int, default 0
     threshold : float, default 0.99
-        For the `rank` reported next to `n_significant`.
+        For the `rank` reported next to `null_rank`.
     quantile : float, default 0.95
 
     Returns
@@ -556,7 +565,7 @@ def permutation_null(
         ``singular_values (component)`` of the real ΔC; ``null_singular_values (permutation,
         component)``, the plain spectra of the permuted ΔCs; ``null_quantile (component)``,
         the cut-off each component was tested against (NaN past the first non-significant
-        one); scalars ``n_significant`` and ``rank`` (the threshold rule's); attrs
+        one); scalars ``null_rank`` and ``rank`` (the threshold rule's); attrs
         ``quantile``, ``threshold``, ``n_permutations``.
 
     Examples
@@ -566,7 +575,7 @@ def permutation_null(
     >>> is_positive = np.arange(2000) < 1000
     >>> k = rng.normal(size=(2000, 6))
     >>> k[is_positive, :2] += q[is_positive, :2]  # positives share 2 directions with the query
-    >>> int(permutation_null(q, k, is_positive, n_permutations=50)["n_significant"])
+    >>> int(permutation_null(q, k, is_positive, n_permutations=50)["null_rank"])
     2
     """
     _check_threshold(threshold)
@@ -606,7 +615,7 @@ def permutation_null(
     null_sv = np.linalg.svd(null, compute_uv=False)
 
     cutoff = np.full(s.size, np.nan)
-    n_significant = 0
+    null_rank = 0
     for j in range(s.size):
         left_q = np.eye(q.shape[1]) - u[:, :j] @ u[:, :j].T
         left_k = np.eye(k.shape[1]) - vt[:j].T @ vt[:j]
@@ -614,13 +623,13 @@ def permutation_null(
         cutoff[j] = np.quantile(deflated, quantile)
         if s[j] <= cutoff[j]:
             break
-        n_significant += 1
+        null_rank += 1
     return xr.Dataset(
         {
             "singular_values": ("component", s),
             "null_singular_values": (("permutation", "component"), null_sv),
             "null_quantile": ("component", cutoff),
-            "n_significant": ((), n_significant),
+            "null_rank": ((), null_rank),
             "rank": ((), int(_ranks(s[None], threshold)[0])),
         },
         coords={"component": np.arange(s.size)},

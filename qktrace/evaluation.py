@@ -167,9 +167,7 @@ def evaluate(
             "kind": ("task", [k.split(" ")[0] for k in names]),
             "n_pairs": ("task", [int(k.split("=")[1]) if "=" in k else 0 for k in names]),
         },
-        attrs=provenance(
-            "eval", params, model=model.name, revision=model.revision, remote=model.remote
-        ),
+        attrs=provenance("evaluate", params, model=model, seed=seed),
     )
 
 

@@ -28,7 +28,16 @@ import torch
 import xarray as xr
 
 from . import ops
-from .batching import Batch, Check, Positions, Prompt, head_coords, prepare, resolve_positions, run
+from .batching import (
+    Batch,
+    Check,
+    Positions,
+    PromptInput,
+    head_coords,
+    prepare,
+    resolve_positions,
+    run,
+)
 from .models import Head, Model
 
 __all__ = ["find_heads"]
@@ -39,7 +48,7 @@ SCORES = ("answer_attention", "answer_share", "answer_argmax")
 
 def find_heads(
     model: Model,
-    prompts: Sequence[Prompt],
+    prompts: Sequence[PromptInput],
     answer: Sequence[int],
     *,
     keys: Positions,
@@ -145,7 +154,7 @@ def find_heads(
         {name: ("head", values[order]) for name, values in scores.items()},
         coords={**head_coords(model, chosen), "ranking": ("head", np.arange(1, len(order) + 1))},
         attrs={
-            **provenance("find_heads", params, model=model.name, remote=model.remote),
+            **provenance("find_heads", params, model=model),
             "by": by,
             "n_prompts": len(prompts),
         },

@@ -62,7 +62,7 @@ import xarray as xr
 
 from . import checks, ops
 from .attribution import as_basis, orthogonalize
-from .batching import Batch, Positions, Prompt, prepare, resolve_positions, run
+from .batching import Batch, Positions, PromptInput, prepare, resolve_positions, run
 from .models import Head, Model, parse_heads
 
 __all__ = ["Edit", "intervene", "intervene_captured"]
@@ -135,7 +135,7 @@ class Edit:
 
 def intervene(
     model: Model,
-    prompts: Sequence[Prompt],
+    prompts: Sequence[PromptInput],
     head: Any,
     basis: Any,
     *,
@@ -278,14 +278,7 @@ def intervene(
         "n_prompts": n,
         "query": query if isinstance(query, str) else "per-prompt",
     }
-    attrs = provenance(
-        "intervene",
-        params,
-        model=model.name,
-        revision=model.revision,
-        remote=model.remote,
-        seed=seed,
-    )
+    attrs = provenance("intervene", params, model=model, seed=seed)
     group = [g for g in range(model.n_heads) if model.kv_head(g) == model.kv_head(h.head)]
     return ds.assign(basis=(("d_head", "component"), v.astype(np.float32))).assign_attrs(
         attrs,
@@ -497,8 +490,13 @@ def intervene_captured(
     out = _metrics(keys, values, orig_slot, target_slot, names).assign_coords(
         prompt=ds["prompt"].values
     )
+    from .store import provenance
+
+    params = {"head": label, "name": name, "mode": mode, "side": "key", "rank": rank,
+              "n_random": n_random, "n_prompts": n}  # fmt: skip
+    attrs = provenance("intervene_captured", params, inputs=captured.attrs, seed=seed)
     return out.assign(basis=(("d_head", "component"), v.astype(np.float32))).assign_attrs(
-        head=label, name=name, side="key", mode=mode, rank=rank, n_random=n_random, seed=seed,
+        attrs, head=label, name=name, side="key", mode=mode, rank=rank, n_random=n_random,
         forward_passes=0,
     )  # fmt: skip
 

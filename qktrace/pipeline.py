@@ -339,8 +339,8 @@ def run_study(
     # 6. causal check: swap key coordinates orig <-> target, against random subspaces: where
     #    the attention goes, then (the swap written into the model) what the model answers
     effects = swaps(study, captured, test, subspaces, n_random, seed)
-    answers = xr.Dataset()
-    if study.answers is not None and study.query == "last":  # the answer is the next token
+    answers, no_answers = xr.Dataset(), answers_skipped(study, test)
+    if study.answers is not None and not no_answers:  # the answer is the next token
         answers = answer_swaps(
             study, lm, test, captured, subspaces, n_random_answers, seed, batch_size, progress
         )
@@ -351,6 +351,8 @@ def run_study(
         compat="override",
         combine_attrs="drop",
     )
+    if no_answers:
+        ds.attrs["answer_swaps_skipped"] = no_answers
 
     def save(ds: xr.Dataset) -> Path:
         return write(ds, path, study=study.name, params=params, model=lm, seed=seed,
@@ -584,6 +586,24 @@ def orig_keys(test: Prepared, attention: np.ndarray) -> list[int]:
         swap[0] if choices is None else max(choices, key=lambda j, i=i: attention[i, j])
         for i, (swap, choices) in enumerate(zip(test.swap, test.orig_choices, strict=True))
     ]
+
+
+def answers_skipped(study: Study, test: Prepared) -> str:
+    """Why the study gets no answer-level swaps ("" when it does): they need the query to be the
+    last token of every prompt, so that the model's next token is the answer."""
+    if study.answers is None or test.query == "last":
+        return ""
+    late = [i for i, (q, ids) in enumerate(zip(test.query, test.ids, strict=True))
+            if q not in (-1, len(ids) - 1)]  # fmt: skip
+    if not late:
+        return ""
+    shown = ", ".join(map(str, late[:5])) + (", ..." if len(late) > 5 else "")
+    return (
+        f"no answer-level swaps: the query ({study.query!r}) is not the last token of "
+        f"{len(late)} of {len(test.ids)} fresh prompts ({shown}), so the next token is not the "
+        "answer. End each prompt at the query (without a chat template: --no-chat), or use "
+        "query='last'."
+    )
 
 
 def answer_swaps(

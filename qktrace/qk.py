@@ -30,7 +30,7 @@ from .batching import (
     Batch,
     Encoded,
     Positions,
-    Prompt,
+    PromptInput,
     by_layer,
     given_order,
     head_coords,
@@ -99,7 +99,7 @@ def _capture_batch(
 @one_writer()
 def capture(
     model: Model,
-    prompts: Sequence[Prompt],
+    prompts: Sequence[PromptInput],
     heads: str | Sequence[Any],
     *,
     query: Positions = "last",
@@ -146,19 +146,20 @@ def capture(
     model.check_heads(heads)
     plan = prepare(model, prompts, query, keys, batch_size, add_special_tokens)
     writer = None
-    if out is not None:
-        from . import store
+    from . import store
 
-        params = {
-            "model": model.name,
-            "heads": [h.label for h in heads],
-            "n_prompts": len(prompts),
-            "batch_size": batch_size,
-            "attention": attention,
-            "prompts_sha256": plan.sha256,
-        }
-        attrs = store.provenance("capture", params, model=model.name, remote=model.remote)
-        writer = store.BatchWriter(out, params=params, attrs=attrs)
+    params = {
+        "model": model.name,
+        "heads": [h.label for h in heads],
+        "n_prompts": len(prompts),
+        "batch_size": batch_size,
+        "attention": attention,
+        "prompts_sha256": plan.sha256,
+    }
+    attrs = store.provenance("capture", params, model=model)
+    if out is not None:
+        sizes = {"prompt": len(prompts), "query": plan.query_width, "key": plan.key_width}
+        writer = store.BatchWriter(out, params=params, attrs=attrs, sizes=sizes)
     batches = []
     done = min(writer.n_done * batch_size, len(prompts)) if writer is not None else 0
     coords = head_coords(model, heads)
@@ -184,10 +185,7 @@ def capture(
         else:
             batches.append(ds)
         del batch, values, ds
-    attrs = {"model": model.name, "remote": model.remote_label, "d_head": model.d_head}
     if writer is not None:
-        from . import store
-
         return store.open(out).assign_attrs(attrs)
     return xr.concat(
         batches, dim="prompt", data_vars="all", coords="different", compat="equals"

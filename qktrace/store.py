@@ -16,22 +16,33 @@ qktrace by ``xarray.open_zarr(path)``. Format 2 because it stores fixed-length a
 variable-length strings (token strings, category names) natively and its consolidated metadata is
 part of the spec; zarr format 3 still marks both as unstable extensions.
 
-A `BatchWriter` store is a directory::
+A `BatchWriter` store is ONE zarr store (one group, format 2, consolidated metadata) that the
+batches are written into along the batch dim, plus a manifest::
 
     run.zarr/
-      qktrace_batches.json     manifest: dim, params, attrs, finalized (replaced atomically)
-      batch-000000.zarr/       one complete zarr store per batch, exactly as `save` writes it
-      batch-000001.zarr/
+      qktrace_batches.json     manifest: dim, params, attrs, planned sizes, complete rows and
+                               batches, every file with its size and CRC-32 (replaced atomically)
+      .zgroup .zattrs .zmetadata   the zarr group
+      q/ k/ prompt/ ...        one array per variable, chunked along the batch dim by batch
       final.zarr/              optional reduced results from `BatchWriter.finalize`
-      .batch-000002.zarr.tmp-1a2b3c4d/   batch being written (or left by a crash)
+
+The first batch creates the arrays, sized along the batch dim to the planned total (without one
+they grow by doubling) and in the other dims to the planned maximum (``sizes=``; capture passes
+its batch plan's widths) or the first batch's size; later batches are region writes into their
+rows. A batch smaller in another dim is padded: floats with NaN, strings with ``""``, booleans
+with ``False``, datetimes with NaT (an int variable padded in the first batch becomes float, as
+in `xarray.concat`). So `open` reads one group and a fixed set of metadata files however many batches there
+are. Stores of the first layout (one zarr store ``batch-NNNNNN.zarr`` per batch, manifest
+version 1) still open, at one store per batch; runs do not resume into them.
 
 Integrity
 ---------
 zarr reads a missing chunk as the fill value by design, so a store with a deleted variable
-folder or chunk would read back as NaN or 0 without a word. Every store `save` writes (and every
-batch and final store of a `BatchWriter`) therefore records, in ``qktrace_integrity.json`` inside
-it, what it held when finished: its variables with their shapes and chunk counts, and every file
-with its size and CRC-32. `open` compares the sizes with the record (one ``stat`` per file) and
+folder or chunk would read back as NaN or 0 without a word. Every store `save` writes (and the
+final store of a `BatchWriter`) therefore records, in ``qktrace_integrity.json`` inside it, what
+it held when finished: its variables with their shapes and chunk counts, and every file with
+its size and CRC-32. A `BatchWriter` store records its files (size and CRC-32) in its manifest,
+with each batch. `open` compares the sizes with the record (one ``stat`` per file) and
 raises `StoreDamagedError` naming the store, the variable and the command that rewrites it;
 ``open(path, checksums=True)`` also compares the CRC-32s (one read of the whole store), as
 `qktrace show` and the reuse of stored results (a resumed sums checkpoint, lexical's
@@ -40,7 +51,7 @@ order_id.zarr) do. The command is the CLI command that wrote the store (recorded
 
 What is atomic
 --------------
-Each store (a `save`, a batch, the final results) is first written in full to a temporary
+Each store `save` writes (and the final results) is first written in full to a temporary
 sibling directory and then renamed to its real name. Renaming a directory within one file system
 is atomic, so a reader sees either no store or a complete one, never a half-written one. When
 `save(..., overwrite=True)` replaces an existing store, the old one is moved aside only after the
@@ -48,20 +59,16 @@ new one is complete, the new one is renamed in, and the old one is deleted.
 
 How resume works
 ----------------
-A batch exists exactly when its ``batch-NNNNNN.zarr`` directory exists, so the number of complete
-batches is the number of those directories (`BatchWriter.n_done`). A crash during `append` leaves
-at most a hidden ``.batch-NNNNNN.zarr.tmp-*`` directory, which `open` ignores and reopening the
-store for writing deletes; the rerun writes that batch again under the same name. Nothing is
-duplicated (a batch name is written once) and nothing is lost (a batch counts only once renamed
-in). Reopening with different parameters is refused: two settings mixed in one store would be
-silent corruption.
-
-This design was chosen over appending into one zarr array plus a completion marker because it
-needs no truncation logic, no region bookkeeping and no fixed sizes: batches may differ in length
-along the batch dim and in any other dim (e.g. ``token`` padded to the longest prompt of its batch).
-`open` aligns them by padding: floats and ints with NaN (ints become float, as in `xarray.concat`),
-strings with ``""``, booleans with ``False``, datetimes with NaT. Dims with an index coordinate are
-aligned by label (ordered union), dims without one by position.
+A `BatchWriter` batch counts once the manifest says so: the manifest (the number of complete
+rows and batches, and the size and CRC-32 of every file holding them) is replaced by a rename
+only after the batch's rows are on disk. A crash at any point (SIGKILL included) leaves the
+store at the last complete batch: `open` reads only the complete rows, and the rerun writes the
+interrupted batch again over whatever it left (zarr writes each chunk file atomically). A
+recorded file about to be rewritten (the chunk a batch shares with the previous one, the array
+metadata when the arrays grow) is first dropped from the record in a manifest replaced before
+the write, so a crash never leaves it recorded as it was. Nothing is duplicated (rows have fixed
+places) and nothing is lost (a batch counts only once committed). Reopening with different
+parameters is refused: two settings mixed in one store would be silent corruption.
 
 Limits
 ------
@@ -72,8 +79,10 @@ Limits
   operating-system crash or power loss on some file systems can still lose the latest writes.
 - A crash in the instant between the two renames of an overwrite leaves the old store at
   ``.<name>.old-*`` next to `path` (the error from `open` names it).
-- Each batch is one store, so `open` costs one metadata read per batch: fine for thousands of
-  batches, slow for millions. Use `save(open(run), merged)` to consolidate a finished run.
+- A `BatchWriter` manifest lists every file, so it grows with the batches (about 40 bytes per
+  variable and batch) and is rewritten after each batch; `open` stats each listed file.
+- Variables without the batch dim (e.g. head labels) are stored from the first batch; batches
+  must have the same labels along the other dims with an index coordinate.
 """
 
 from __future__ import annotations
@@ -81,18 +90,22 @@ from __future__ import annotations
 import datetime as _dt
 import enum
 import glob
+import itertools
 import json
 import math
 import os
 import re
 import shutil
 import uuid
+import warnings
 import zlib
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+from stat import S_ISREG
 from typing import Any
 
 import numpy as np
@@ -100,7 +113,16 @@ import xarray as xr
 
 import qktrace
 
-__all__ = ["provenance", "save", "open", "BatchWriter", "StoreDamagedError", "rewritten_by"]
+__all__ = [
+    "provenance",
+    "save",
+    "open",
+    "BatchWriter",
+    "StoreDamagedError",
+    "rewritten_by",
+    "check_same_run",
+    "DifferentRunError",
+]
 
 MANIFEST = "qktrace_batches.json"
 # what a finished zarr store holds: every file with its size and CRC-32 (see "Integrity")
@@ -111,9 +133,16 @@ _TMP_RE = re.compile(r"^\..+\.(tmp|old)-[0-9a-f]{8}$")
 # the command that (re)writes the stores written now; set by the CLI around a run
 _COMMAND: ContextVar[str | None] = ContextVar("qktrace_store_command", default=None)
 _ZARR_FORMAT = 2
+# manifest version of a BatchWriter store: 1 = one zarr store per batch (read only), 2 = one store
+_BATCHES_VERSION = 2
 _REMOTE_MODES = {False: "local", "local": "remote-local", True: "ndif"}
 # attrs that identify a run: a resumed run must agree on them (when both runs give them)
-_IDENTITY_ATTRS = ("study", "model", "revision", "seed")
+_IDENTITY_ATTRS = ("verb", "study", "model", "revision", "dtype", "seed")
+# the keys of `provenance`, present (maybe None) in the attrs of every result
+PROVENANCE_KEYS = (
+    "qktrace_version", "nnsight_version", "torch_version", "transformers_version", "verb",
+    "study", "params", "model", "revision", "dtype", "remote", "d_head", "seed", "date",
+)  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
@@ -121,68 +150,114 @@ _IDENTITY_ATTRS = ("study", "model", "revision", "seed")
 
 
 def provenance(
-    study: str,
-    params: dict,
+    verb: str,
+    params: Mapping[str, Any],
     *,
-    model: str | None = None,
+    model: Any = None,
+    study: str | None = None,
     revision: str | None = None,
-    remote: bool | str = False,
+    remote: bool | str | None = None,
     seed: int | None = None,
+    inputs: Mapping[str, Any] | None = None,
 ) -> dict:
-    """Provenance attrs for a result: versions, study, parameters, model, mode, seed, date.
+    """The provenance attrs every qktrace result carries: how it was made, read back from disk.
+
+    Every verb (`capture`, `reduce`, `decompose`, `find_heads`, `intervene`, ...), the study
+    pipeline and the toy attach these same keys (`PROVENANCE_KEYS`), so any result a researcher
+    loads says which model, mode, versions, parameters and seed made it.
 
     Parameters
     ----------
-    study : str
-        Study name, e.g. ``"filter_heads"``.
+    verb : str
+        What made the result: a verb (``"capture"``), ``"study"`` or ``"toy"``.
     params : dict
-        The study's parameters. Converted to JSON-compatible values (nested dicts, lists and
-        tuples, `Path`, numpy scalars and arrays), so zarr can store them.
-    model : str, optional
-        Model id (HF repo id or local path).
-    revision : str, optional
-        Model revision (commit hash or tag).
-    remote : bool or "local"
-        The nnsight ``remote`` argument: ``False`` -> ``"local"``, ``"local"`` (nnsight's
-        simulation of the NDIF path) -> ``"remote-local"``, ``True`` -> ``"ndif"``.
+        Its parameters. Converted to JSON-compatible values (nested dicts, lists and tuples,
+        `Path`, numpy scalars and arrays), so zarr can store them.
+    model : qktrace Model or str, optional
+        The `qktrace.load`-ed model (gives id, revision, dtype, remote mode and d_head), or a
+        model id.
+    study : str, optional
+        The study's name, when a study made it (``"filter_heads"``, ``"toy"``).
+    revision, remote
+        Override the model's revision and remote mode: ``False`` -> ``"local"``, ``"local"``
+        (nnsight's simulation of the NDIF path) -> ``"remote-local"``, ``True`` -> ``"ndif"``.
     seed : int, optional
-        Random seed of the run.
+        Random seed of the run, where it has one.
+    inputs : dict, optional
+        The attrs of the result this one is computed from (e.g. `decompose`'s sums): the model
+        facts come from it when `model` is not given, and ``params["input"]`` records its verb
+        and parameters.
 
     Returns
     -------
     dict
-        Keys ``qktrace_version``, ``nnsight_version``, ``torch_version``,
-        ``transformers_version``, ``study``, ``params``, ``model``, ``revision``, ``remote``,
-        ``seed``, ``date`` (UTC, ISO 8601). A package that is not installed gets ``None``.
+        Keys `PROVENANCE_KEYS`: ``qktrace_version``, ``nnsight_version``, ``torch_version``,
+        ``transformers_version``, ``verb``, ``study``, ``params``, ``model``, ``revision``,
+        ``dtype``, ``remote``, ``d_head``, ``seed``, ``date`` (UTC, ISO 8601). What is unknown
+        (a package not installed, no model) is ``None``.
 
     Examples
     --------
     >>> from pathlib import Path
     >>> from qktrace.store import provenance
     >>> p = provenance("toy", {"layers": (0, 1), "out": Path("a.zarr")}, remote="local", seed=0)
-    >>> p["params"], p["remote"], p["seed"]
-    ({'layers': [0, 1], 'out': 'a.zarr'}, 'remote-local', 0)
+    >>> p["verb"], p["params"], p["remote"], p["seed"]
+    ('toy', {'layers': [0, 1], 'out': 'a.zarr'}, 'remote-local', 0)
     """
-    mode = _REMOTE_MODES.get(remote) if isinstance(remote, (bool, str)) else None
-    if mode is None:
-        raise ValueError(
-            f"remote={remote!r} is not a remote mode; pass False (local), 'local' "
-            "(nnsight's simulation of NDIF) or True (NDIF)."
+    facts: dict[str, Any] = dict.fromkeys(("model", "revision", "dtype", "remote", "d_head"))
+    params = dict(params)
+    if inputs is not None:
+        facts.update({k: inputs.get(k) for k in facts})
+        if seed is None:
+            seed = inputs.get("seed")
+        if inputs.get("verb") is not None:
+            params["input"] = {"verb": inputs.get("verb"), "params": inputs.get("params")}
+    if isinstance(model, str):
+        facts["model"] = model
+    elif model is not None:
+        facts.update(
+            model=model.name,
+            revision=model.revision,
+            dtype=_model_dtype(model),
+            remote=_remote_mode(model.remote),
+            d_head=int(model.d_head),
         )
+    if revision is not None:
+        facts["revision"] = revision
+    if remote is not None or facts["remote"] is None:
+        facts["remote"] = _remote_mode(bool(remote) if remote is None else remote)
     return {
         # the metadata fallback serves an editable install whose finder predates __init__.py
         "qktrace_version": getattr(qktrace, "__version__", None) or _version("qktrace"),
         "nnsight_version": _version("nnsight"),
         "torch_version": _version("torch"),
         "transformers_version": _version("transformers"),
+        "verb": verb,
         "study": study,
         "params": _jsonable(params),
-        "model": model,
-        "revision": revision,
-        "remote": mode,
+        **facts,
         "seed": None if seed is None else int(seed),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def _remote_mode(remote: Any) -> str:
+    """The stored label of an nnsight ``remote`` argument."""
+    mode = _REMOTE_MODES.get(remote) if isinstance(remote, (bool, str)) else None
+    if mode is None:
+        raise ValueError(
+            f"remote={remote!r} is not a remote mode; pass False (local), 'local' "
+            "(nnsight's simulation of NDIF) or True (NDIF)."
+        )
+    return mode
+
+
+def _model_dtype(model: Any) -> str | None:
+    """The dtype of the model's weights, e.g. ``"bfloat16"`` (None when it has none to read)."""
+    try:
+        return str(next(model.lm.parameters()).dtype).removeprefix("torch.")
+    except (AttributeError, StopIteration, TypeError):
+        return None
 
 
 def _version(package: str) -> str | None:
@@ -401,8 +476,10 @@ def _not_a_store(path: Path) -> Exception:
     )
 
 
-def _open_zarr(path: Path, checksums: bool = False) -> xr.Dataset:
-    _verify(path, checksums)
+def _open_zarr(
+    path: Path, checksums: bool = False, record: Mapping[str, Any] | None = None
+) -> xr.Dataset:
+    _verify(path, checksums, record)
     try:
         return xr.open_zarr(path, chunks={})
     except (OSError, ValueError, KeyError, TypeError) as err:  # damaged metadata
@@ -411,6 +488,25 @@ def _open_zarr(path: Path, checksums: bool = False) -> xr.Dataset:
             "is damaged or incomplete (e.g. a copy that was cut short). Rerun the command that "
             "wrote it, or restore it from a backup."
         ) from err
+
+
+def _open_batches(path: Path, checksums: bool = False) -> xr.Dataset:
+    """A BatchWriter store: its one zarr group, cut to the complete rows (O(1) in batches)."""
+    manifest = _read_manifest(path)
+    if manifest.get("version", 1) < _BATCHES_VERSION:
+        return _open_legacy_batches(path, checksums)
+    dim, rows = manifest["dim"], manifest["rows"]
+    if not rows:
+        raise ValueError(
+            f"{path} holds no complete batch yet; run the study (or let it finish its first "
+            "batch) before opening it."
+        )
+    ds = _open_zarr(path, checksums, record=manifest)
+    if ds.sizes[dim] != rows:  # planned or grown beyond the complete rows
+        ds = ds.isel({dim: slice(0, rows)})
+    ds.attrs.update(manifest["attrs"])
+    ds.attrs["batch_dim"] = dim
+    return ds
 
 
 def _write_atomic(ds: xr.Dataset, path: Path) -> None:
@@ -503,43 +599,58 @@ def _rewrite_hint(attrs: Mapping[str, Any]) -> str:
             f"qktrace study {study.replace('_', '-')} -o <its folder> --overwrite (with the "
             "options in its attrs['params']), or the call that wrote it with overwrite=True"
         )
+    verb = attrs.get("verb")
+    if isinstance(verb, str):
+        return f"the call that wrote it (qktrace.{verb}, with attrs['params']), with overwrite=True"
     return "the call that wrote it, with overwrite=True"
 
 
-def _verify(root: Path, checksums: bool) -> None:
+def _verify(root: Path, checksums: bool, record: Mapping[str, Any] | None = None) -> None:
     """Raise StoreDamagedError if a file `root` recorded when written is missing or changed.
 
-    Stores written without a record (older qktrace, other tools) are not checked.
+    The record is `root`'s ``INTEGRITY`` file, or `record` (a batch store's manifest). Stores
+    written without a record (older qktrace, other tools) are not checked.
     """
-    record_path = root / INTEGRITY
-    if not record_path.is_file():
-        return
-    try:
-        record = json.loads(record_path.read_text())
-        files = record["files"]
-    except (OSError, ValueError, KeyError) as err:
+    if record is None:
+        record_path = root / INTEGRITY
+        if not record_path.is_file():
+            return
+        try:
+            record = json.loads(record_path.read_text())
+        except (OSError, ValueError) as err:
+            raise StoreDamagedError(
+                f"{root} is damaged: its record {INTEGRITY} cannot be read ({err}). Rewrite the "
+                "store (e.g. rerun the command that wrote it with --overwrite)."
+            ) from err
+    files = record.get("files") if isinstance(record, Mapping) else None
+    if not isinstance(files, dict):
         raise StoreDamagedError(
-            f"{root} is damaged: its record {INTEGRITY} cannot be read ({err}). Rewrite the "
-            "store (e.g. rerun the command that wrote it with --overwrite)."
-        ) from err
+            f"{root} is damaged: its record of files cannot be read. Rewrite the store (e.g. "
+            "rerun the command that wrote it with --overwrite)."
+        )
     problems: dict[str, str] = {}
     for rel, (size, crc) in files.items():
         var, _, name = rel.rpartition("/")
         where = f"variable {var!r}" if var else "the store's metadata"
         if where in problems:
             continue
-        path = root / rel
-        if var and not (root / var).is_dir():
+        path = os.path.join(root, rel)  # one stat per file: opening a big store stats many
+        try:
+            info = os.stat(path)
+            actual = info.st_size if S_ISREG(info.st_mode) else -1
+        except OSError:
+            actual = -1
+        if actual < 0 and var and not os.path.isdir(os.path.join(root, var)):
             problems[where] = "its folder is missing"
-        elif not path.is_file():
+        elif actual < 0:
             problems[where] = f"file {name} is missing"
-        elif (actual := path.stat().st_size) != size:
+        elif actual != size:
             problems[where] = (
                 f"file {name} is empty (0 of {size} bytes)"
                 if actual == 0
                 else f"file {name} has {actual} of the {size} bytes written"
             )
-        elif checksums and zlib.crc32(path.read_bytes()) != crc:
+        elif checksums and zlib.crc32(Path(path).read_bytes()) != crc:
             problems[where] = f"file {name} changed since it was written (CRC-32 differs)"
     if problems:
         what = "; ".join(f"{k}: {v}" for k, v in problems.items())
@@ -567,12 +678,15 @@ def _even_chunks(ds: xr.Dataset) -> xr.Dataset:
 
 
 class BatchWriter:
-    """Append one Dataset per batch to a store; resume an interrupted run where it stopped.
+    """Append one Dataset per batch to ONE zarr store; resume an interrupted run where it stopped.
 
-    Each `append` writes one complete zarr store ``batch-NNNNNN.zarr`` inside `path` (written
-    under a temporary name, then renamed), so a crash at any point leaves the store at the last
-    complete batch. Reopening the same `path` with the same parameters resumes: `n_done` says
-    how many batches are stored, and the loop skips them.
+    The first batch creates the store's arrays, sized along `dim` to the run's planned total
+    (``sizes[dim]``; without it they grow by doubling) and padded in the other dims to
+    ``sizes`` (or the first batch's sizes); each later batch is written into its rows. The
+    manifest records how many rows and batches are complete, with the size and CRC-32 of every
+    file they are in, and is replaced atomically only after the batch's data is on disk: a crash
+    at any point leaves the store at the last complete batch. Reopening the same `path` with the
+    same parameters resumes: `n_done` says how many batches are stored, and the loop skips them.
 
     Parameters
     ----------
@@ -587,6 +701,11 @@ class BatchWriter:
         The run's attrs, usually from `provenance`. Recorded when the store is created (with
         ``attrs["params"] = params``); on reopen they are kept from the first run, and
         ``study``, ``model``, ``revision`` and ``seed`` must agree where both runs give them.
+    sizes : mapping of str to int, optional
+        Planned sizes: ``sizes[dim]`` the run's total along `dim` (e.g. the number of prompts),
+        any other dim the largest size a batch can have (e.g. the key width of the batch plan).
+        Batches smaller in another dim are padded (see the module docstring); larger ones are
+        refused. A dim not given takes the first batch's size.
 
     Attributes
     ----------
@@ -594,6 +713,8 @@ class BatchWriter:
     dim : str
     n_done : int
         Number of complete batches in the store.
+    rows : int
+        Number of complete rows along `dim` (the batches' sizes summed).
 
     Examples
     --------
@@ -602,7 +723,7 @@ class BatchWriter:
     >>> from qktrace import store
     >>> path = Path(tempfile.mkdtemp()) / "run.zarr"
     >>> batches = [np.arange(2.0), np.arange(3.0)]
-    >>> w = store.BatchWriter(path, params={"n": 5})
+    >>> w = store.BatchWriter(path, params={"n": 5}, sizes={"prompt": 5})
     >>> for i, b in enumerate(batches):
     ...     if i < w.n_done:  # skip batches stored by an earlier, interrupted run
     ...         continue
@@ -618,11 +739,13 @@ class BatchWriter:
         params: dict,
         dim: str = "prompt",
         attrs: dict | None = None,
+        sizes: Mapping[str, int] | None = None,
     ) -> None:
         self.path = Path(path)
         self.dim = dim
         params = _jsonable(params)
         attrs = _jsonable(dict(attrs or {}))
+        sizes = {str(d): int(n) for d, n in (sizes or {}).items()}
         if "params" in attrs and attrs["params"] != params:
             raise ValueError(
                 f"attrs['params'] ({attrs['params']!r}) differs from params ({params!r}); "
@@ -631,22 +754,37 @@ class BatchWriter:
         attrs["params"] = params
         manifest = {
             "format": "qktrace-batches",
-            "version": 1,
+            "version": _BATCHES_VERSION,
             "dim": dim,
             "params": params,
             "attrs": attrs,
             "finalized": False,
+            "sizes": sizes,
+            "n_batches": 0,
+            "rows": 0,
+            "command": _COMMAND.get() or _rewrite_hint(attrs),
+            "files": {},
         }
 
         kind = _kind(self.path)
         if kind == "batches":
-            self._manifest = _read_manifest(self.path)
-            _check_same_run(self.path, self._manifest, manifest)
-            for leftover in self.path.iterdir():  # partial writes of a crashed run
-                if _TMP_RE.match(leftover.name):
-                    _remove(leftover)
-            for batch in _batch_paths(self.path):  # a resume builds on them: check them whole
-                _verify(batch, checksums=True)
+            stored = _read_manifest(self.path)
+            if stored.get("version", 1) < _BATCHES_VERSION:
+                raise _legacy_not_resumable(self.path)
+            _check_same_run(self.path, stored, manifest)
+            if stored["rows"]:  # the planned sizes the stored rows were written with
+                planned = {d: n for d, n in sizes.items() if d in stored["sizes"]}
+                check_same_run(
+                    self.path,
+                    {f"sizes[{d!r}]": stored["sizes"][d] for d in planned},
+                    {f"sizes[{d!r}]": n for d, n in planned.items()},
+                    what="batches",
+                )
+            if not stored["rows"]:  # no batch yet: this run's plan holds
+                stored = {**stored, "sizes": sizes}
+            self._manifest = stored
+            self._clean_leftovers()
+            _verify(self.path, checksums=True, record=stored)  # a resume builds on it: whole
         elif kind == "zarr":
             raise FileExistsError(
                 f"{self.path} holds a single dataset written by save(), not a BatchWriter store; "
@@ -660,8 +798,10 @@ class BatchWriter:
         else:
             _create_store(self.path, manifest)
             self._manifest = manifest
-        self.n_done = len(_batch_paths(self.path))
-        self._schema: dict[str, tuple[tuple[str, ...], str]] | None = None
+        self.n_done = int(self._manifest["n_batches"])
+        self.rows = int(self._manifest["rows"])
+        self._arrays: dict[str, _ArrayLayout] | None = None
+        self._first: xr.Dataset | None = None  # the stored run's schema: an empty slice of it
 
     def __repr__(self) -> str:
         return f"BatchWriter({str(self.path)!r}, dim={self.dim!r}, n_done={self.n_done})"
@@ -673,13 +813,14 @@ class BatchWriter:
         ----------
         ds : xarray.Dataset
             One batch. Must have the batch dim and the same variables, with the same dims, as
-            the first batch. Sizes may differ from batch to batch (see the module docstring).
+            the first batch, and the same labels along other dims that have an index
+            coordinate. Variables without the batch dim are stored from the first batch only.
 
         Raises
         ------
         ValueError
-            If `ds` lacks the batch dim, does not match the first batch, or the run was
-            already finalized.
+            If `ds` lacks the batch dim, does not match the first batch, is larger than the
+            planned `sizes` in another dim, or the run was already finalized.
         """
         if self._manifest.get("finalized"):
             raise ValueError(
@@ -693,22 +834,21 @@ class BatchWriter:
                 f"one, e.g. ds.expand_dims({self.dim!r}), or create the BatchWriter with "
                 "dim=<the batch dim>."
             )
-        schema = _schema(ds)
-        if self._schema is None and self.n_done:
-            self._schema = _schema(_open_zarr(_batch_paths(self.path)[0]))
-        if self._schema is not None and schema != self._schema:
+        if not ds.sizes[self.dim]:
             raise ValueError(
-                f"batch {self.n_done} does not match batch 0 of {self.path}:\n"
-                + diff_lines(self._schema, schema, "variable", "batch 0", "this batch")
-                + "\nEvery batch must have the same variables, with the same dims and kind of "
-                "dtype; fix the producer, or write this run to a new path."
+                f"batch {self.n_done} has no rows along {self.dim!r}; append only batches "
+                "with at least one (skip empty ones)."
             )
-        _write_atomic(ds, self.path / f"batch-{self.n_done:06d}.zarr")
-        self._schema = schema
-        self.n_done += 1
+        if self.rows == 0:
+            self._create(self._conform(ds, first=True))
+        else:
+            self._write_rows(self._conform(ds, first=False))
 
     def finalize(self, extra: xr.Dataset | None = None) -> Path | None:
         """Mark the run complete and optionally store reduced results next to the batches.
+
+        Arrays planned or grown beyond the complete rows are cut to them first, so the store
+        then reads back whole with ``xarray.open_zarr`` too.
 
         Parameters
         ----------
@@ -722,16 +862,273 @@ class BatchWriter:
         pathlib.Path or None
             The path of the final results, or None without `extra`.
         """
+        if self.rows and self._capacity() != self.rows:
+            self._resize(self.rows)
         final_path = None
         if extra is not None:
             out = extra.copy()
             out.attrs = {**self._manifest["attrs"], **extra.attrs, "n_batches": self.n_done}
             final_path = self.path / FINAL
             _write_atomic(out, final_path)
-        manifest = {**self._manifest, "finalized": True, "n_batches": self.n_done}
+        self._commit(finalized=True)
+        return final_path
+
+    # ---------------------------------------------------------------------------- internals
+
+    def _conform(self, ds: xr.Dataset, first: bool) -> xr.Dataset:
+        """`ds` as the store holds it: strings variable-length, padded to the planned sizes."""
+        ds = ds.drop_encoding()
+        for name, var in ds.variables.items():
+            if var.dtype.kind == "U":  # fixed-length strings would cut longer ones later
+                ds[name] = var.astype(object)
+        if first:
+            sizes = {d: n for d, n in ds.sizes.items() if d != self.dim}
+            sizes.update({d: n for d, n in self._manifest["sizes"].items() if d in sizes})
+            reference = None
+        else:
+            reference = self._reference()
+            sizes = {d: n for d, n in reference.sizes.items() if d != self.dim}
+        pad: dict[Any, int] = {}
+        for d, n in ds.sizes.items():
+            if d == self.dim or n == sizes[d]:
+                continue
+            if n > sizes[d] or d in ds.indexes:
+                raise ValueError(
+                    f"batch {self.n_done} has {n} along {d!r}, but the store holds {sizes[d]} "
+                    "(the planned size, or the first batch's). Pass BatchWriter(..., "
+                    f"sizes={{{d!r}: <the largest size of any batch>}}) when the run starts "
+                    "(capture passes its batch plan's widths), or give every batch the same "
+                    f"size there{' and labels' if d in ds.indexes else ''}."
+                )
+            pad[d] = sizes[d] - n
+        if pad:
+            ds = ds.assign_coords({d: np.arange(ds.sizes[d]) for d in pad})
+            fill = {k: _fill(v.dtype) for k, v in ds.variables.items()}
+            ds = ds.reindex({d: np.arange(sizes[d]) for d in pad}, fill_value=fill)
+            ds = ds.drop_vars(list(pad))
+        if reference is None:
+            return ds
+        for name, var in reference.variables.items():  # ints the store padded to float
+            if name in ds.variables and var.dtype.kind == "f" and ds[name].dtype.kind in "iu":
+                ds[name] = ds[name].astype(var.dtype)
+        schema, stored = _schema(ds), _schema(reference)
+        if schema != stored:
+            raise ValueError(
+                f"batch {self.n_done} does not match batch 0 of {self.path}:\n"
+                + diff_lines(stored, schema, "variable", "batch 0", "this batch")
+                + "\nEvery batch must have the same variables, with the same dims and kind of "
+                "dtype (an int variable padded in a later batch needs NaN: make it float, or "
+                "pass sizes= so the first batch is padded too); fix the producer, or write this "
+                "run to a new path."
+            )
+        for d in ds.indexes:
+            if d != self.dim and not ds.indexes[d].equals(reference.indexes[d]):
+                raise ValueError(
+                    f"batch {self.n_done} has {d!r} labels {list(ds.indexes[d])}, but batch 0 of "
+                    f"{self.path} has {list(reference.indexes[d])}; every batch must have the "
+                    f"same labels along dims other than {self.dim!r}."
+                )
+        return ds
+
+    def _reference(self) -> xr.Dataset:
+        """The stored run's variables, dims and labels (an empty slice along the batch dim)."""
+        if self._first is None:
+            stored = xr.open_zarr(self.path, chunks=None, consolidated=True)
+            self._first = stored.isel({self.dim: slice(0, 0)}).load()
+        return self._first
+
+    def _create(self, ds: xr.Dataset) -> None:
+        """Write the first batch as the store's arrays, then size them for the whole run."""
+        for entry in self.path.iterdir():  # arrays of a first batch a crash left uncommitted
+            if entry.name not in (MANIFEST, FINAL):
+                _remove(entry)
+        n = ds.sizes[self.dim]
+        out = ds.drop_indexes(self.dim) if self.dim in ds.indexes else ds
+        out.attrs = _jsonable({**ds.attrs, **self._manifest["attrs"], "batch_dim": self.dim})
+        for var in out.variables.values():
+            var.attrs = _jsonable(var.attrs)
+        encoding = {
+            name: {"chunks": tuple(n if d == self.dim else max(s, 1) for d, s in var.sizes.items())}
+            for name, var in out.variables.items()
+            if self.dim in var.dims
+        }
+        with _beside_manifest():
+            out.to_zarr(
+                self.path,
+                mode="a",
+                zarr_format=_ZARR_FORMAT,
+                consolidated=True,
+                encoding=encoding,
+                write_empty_chunks=True,
+            )
+        planned = self._manifest["sizes"].get(self.dim, n)
+        if planned > n:
+            _resize_arrays(self.path, self.dim, planned)
+        sizes = {**self._manifest["sizes"], **{d: s for d, s in ds.sizes.items() if d != self.dim}}
+        files = _record_files(
+            self.path,
+            [p.relative_to(self.path).as_posix() for p in self.path.rglob("*") if p.is_file()],
+        )
+        self._first = None
+        self._arrays = None
+        self._commit(rows=n, n_batches=1, files=files, sizes=sizes)
+
+    def _write_rows(self, ds: xr.Dataset) -> None:
+        """Write a later batch into the rows after the complete ones, then commit it."""
+        start, n = self.rows, ds.sizes[self.dim]
+        grow = start + n > self._capacity()
+        touched = self._chunk_files(start, start + n)
+        metadata = self._metadata_files() if grow else []
+        stale = [f for f in touched + metadata if f in self._manifest["files"]]
+        if stale:  # about to be rewritten: a crash must not leave them recorded as they were
+            files = {f: v for f, v in self._manifest["files"].items() if f not in stale}
+            self._commit(files=files)
+        if grow:
+            self._resize(max(2 * self._capacity(), start + n), commit=False)
+        out = ds.drop_vars([k for k, v in ds.variables.items() if self.dim not in v.dims])
+        out = out.drop_indexes(self.dim) if self.dim in out.indexes else out
+        out.attrs = {}  # the store's attrs were written with the first batch
+        with _beside_manifest():
+            out.to_zarr(
+                self.path,
+                region={self.dim: slice(start, start + n)},
+                zarr_format=_ZARR_FORMAT,
+                consolidated=True,
+                write_empty_chunks=True,
+            )
+        files = {**self._manifest["files"], **_record_files(self.path, touched + metadata)}
+        self._commit(rows=start + n, n_batches=self.n_done + 1, files=files)
+
+    def _resize(self, rows: int, commit: bool = True) -> None:
+        """Give every array with the batch dim `rows` rows (metadata only)."""
+        metadata = self._metadata_files()
+        if commit:
+            files = {f: v for f, v in self._manifest["files"].items() if f not in metadata}
+            self._commit(files=files)
+        _resize_arrays(self.path, self.dim, rows)
+        self._arrays = None
+        if commit:
+            self._commit(files={**self._manifest["files"], **_record_files(self.path, metadata)})
+
+    def _layout(self) -> dict[str, _ArrayLayout]:
+        if self._arrays is None:
+            self._arrays = _array_layouts(self.path, self.dim)
+        return self._arrays
+
+    def _capacity(self) -> int:
+        return next(iter(self._layout().values())).rows
+
+    def _chunk_files(self, start: int, stop: int) -> list[str]:
+        return [f for layout in self._layout().values() for f in layout.chunk_files(start, stop)]
+
+    def _metadata_files(self) -> list[str]:
+        arrays = [f"{name}/{meta}" for name in self._layout() for meta in (".zarray", ".zattrs")]
+        return [".zmetadata", *arrays]
+
+    def _commit(self, **changes: Any) -> None:
+        """Replace the manifest atomically: the one step that makes a batch count."""
+        manifest = {**self._manifest, **changes}
         _write_manifest(self.path, manifest)
         self._manifest = manifest
-        return final_path
+        self.n_done, self.rows = manifest["n_batches"], manifest["rows"]
+
+    def _clean_leftovers(self) -> None:
+        """Delete what killed writers left: temporary copies and zarr's partial chunk files."""
+        for leftover in self.path.iterdir():
+            if _TMP_RE.match(leftover.name):
+                _remove(leftover)
+        for partial in [*self.path.glob("*.partial"), *self.path.glob("*/*.partial")]:
+            partial.unlink()
+
+
+@dataclass
+class _ArrayLayout:
+    """Where one zarr array with the batch dim keeps its chunks."""
+
+    name: str
+    axis: int  # of the batch dim
+    rows: int
+    chunk_rows: int
+    other_chunks: list[int]  # number of chunks along each other axis
+    separator: str
+
+    def chunk_files(self, start: int, stop: int) -> list[str]:
+        """The chunk files (store-relative) holding rows `start..stop-1`."""
+        first, last = start // self.chunk_rows, -(-stop // self.chunk_rows)
+        grid = [range(n) for n in self.other_chunks]
+        grid.insert(self.axis, range(first, last))
+        return [
+            f"{self.name}/{self.separator.join(map(str, index))}"
+            for index in itertools.product(*grid)
+        ]
+
+
+def _array_layouts(path: Path, dim: str) -> dict[str, _ArrayLayout]:
+    """The layout of each array with `dim`, from the store's consolidated metadata."""
+    metadata = json.loads((path / ".zmetadata").read_text())["metadata"]
+    out = {}
+    for key, meta in metadata.items():
+        name, _, leaf = key.rpartition("/")
+        if leaf != ".zarray" or not name or "/" in name:
+            continue
+        dims = metadata[f"{name}/.zattrs"]["_ARRAY_DIMENSIONS"]
+        if dim not in dims:
+            continue
+        axis = dims.index(dim)
+        others = [
+            -(-s // c)
+            for i, (s, c) in enumerate(zip(meta["shape"], meta["chunks"], strict=True))
+            if i != axis
+        ]
+        out[name] = _ArrayLayout(
+            name, axis, meta["shape"][axis], meta["chunks"][axis], others,
+            meta.get("dimension_separator") or ".",
+        )  # fmt: skip
+    return out
+
+
+@contextmanager
+def _beside_manifest() -> Iterator[None]:
+    """Silence zarr's warning that the manifest in a BatchWriter store is no zarr object."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Object at .* is not recognized", UserWarning)
+        yield
+
+
+def _resize_arrays(path: Path, dim: str, rows: int) -> None:
+    """Give each array with `dim` `rows` rows along it (metadata only), then reconsolidate."""
+    import zarr
+
+    with _beside_manifest():
+        group = zarr.open_group(str(path), mode="r+")
+        for _, array in group.arrays():
+            dims = array.attrs["_ARRAY_DIMENSIONS"]
+            if dim in dims:
+                shape = tuple(
+                    rows if d == dim else s for d, s in zip(dims, array.shape, strict=True)
+                )
+                array.resize(shape)
+        zarr.consolidate_metadata(str(path))
+
+
+def _record_files(root: Path, files: list[str]) -> dict[str, list[int]]:
+    """Size and CRC-32 of each of `files` (relative to `root`) that exists."""
+    out = {}
+    for rel in files:
+        p = root / rel
+        if rel != MANIFEST and not rel.startswith(FINAL + "/") and p.is_file():
+            data = p.read_bytes()
+            out[rel] = [len(data), zlib.crc32(data)]
+    return out
+
+
+def _legacy_not_resumable(path: Path) -> Exception:
+    return ValueError(
+        f"{path} was written by an older qktrace, one zarr store per batch (batch-NNNNNN.zarr). "
+        "It still opens with qktrace.open, but a run cannot resume into it: write this run to a "
+        f"new path (e.g. a new --out), or delete {path} to rerun it in the current layout. To "
+        "turn a finished one into a single store: qktrace.save(qktrace.open(old), new)."
+    )
 
 
 def _batch_paths(path: Path) -> list[Path]:
@@ -745,8 +1142,7 @@ def _batch_paths(path: Path) -> list[Path]:
     if missing:
         raise ValueError(
             f"{path} is damaged: batch {missing[0]} is missing but later batches exist "
-            f"(found {sorted(found)}). Delete the store and rerun, or remove the batches after "
-            f"{missing[0] - 1} to resume from there."
+            f"(found {sorted(found)}). Delete the store and rerun the command that wrote it."
         )
     return [found[i] for i in range(len(found))]
 
@@ -767,8 +1163,16 @@ def _create_store(path: Path, manifest: dict) -> None:
 
 
 def _write_manifest(path: Path, manifest: dict) -> None:
+    """Write `manifest` to a temporary file and rename it over the manifest (atomic)."""
+    head = {k: v for k, v in manifest.items() if k != "files"}
+    text = json.dumps(head, indent=2, allow_nan=True)
+    if "files" in manifest:  # one line per file: the record grows with the batches
+        lines = ",\n".join(
+            f"    {json.dumps(k)}: {json.dumps(v)}" for k, v in manifest["files"].items()
+        )
+        text = text[:-2] + ',\n  "files": {' + (f"\n{lines}\n  " if lines else "") + "}\n}"
     tmp = path / f".{MANIFEST}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.write_text(json.dumps(manifest, indent=2, allow_nan=True) + "\n")
+    tmp.write_text(text + "\n")
     os.replace(tmp, path / MANIFEST)
 
 
@@ -792,25 +1196,65 @@ def _remove(path: Path) -> None:
 
 
 def _check_same_run(path: Path, stored: dict, new: dict) -> None:
-    """Raise ValueError naming each parameter that differs between the stored run and this one."""
+    """Refuse to resume the BatchWriter run in `stored` (its manifest) with `new`'s settings."""
+
+    both = [k for k in _IDENTITY_ATTRS if None not in (stored["attrs"].get(k), new["attrs"].get(k))]
 
     def flat(m: dict) -> dict[str, Any]:
-        out: dict[str, Any] = {"dim": m["dim"]}
-        out.update({f"params[{k!r}]": v for k, v in m["params"].items()})
+        out = {"dim": m["dim"], **m["params"]}
+        out.update({k: m["attrs"][k] for k in both if k not in out})
         return out
 
-    old, cur = flat(stored), flat(new)
-    for key in _IDENTITY_ATTRS:
-        a, b = stored["attrs"].get(key), new["attrs"].get(key)
-        if a is not None and b is not None:
-            old[f"attrs[{key!r}]"], cur[f"attrs[{key!r}]"] = a, b
-    if old != cur:
-        raise ValueError(
-            f"{path} holds a run with different parameters:\n"
-            + diff_lines(old, cur, "", "stored", "now")
-            + "\nResume only with the same parameters. To start a new run, write to a new path "
-            f"(e.g. a new --out), or delete {path} to discard its batches."
+    check_same_run(path, flat(stored), flat(new), what="batches")
+
+
+class DifferentRunError(ValueError):
+    """A stored result was made with other parameters than the run that wants to reuse it."""
+
+    def __init__(self, message: str, differences: list[str]) -> None:
+        super().__init__(message)
+        self.differences = differences
+
+
+def check_same_run(
+    path: str | os.PathLike,
+    stored: Mapping[str, Any],
+    now: Mapping[str, Any],
+    *,
+    what: str = "results",
+    fix: str | None = None,
+) -> None:
+    """Raise `DifferentRunError` unless `stored` and `now` (a run's parameters) are equal.
+
+    The one "same run?" check of qktrace: a resumed `BatchWriter` store (capture's ``out=``),
+    a resumed `qktrace.reduce` checkpoint, a reused order-ID subspace (lexical) and the toy's
+    finished models all refuse or skip a stored result this way, with one message: the store,
+    each differing parameter with its stored and current value, and the fix.
+
+    Examples
+    --------
+    >>> check_same_run("run.zarr", {"seed": 0, "n": 4}, {"seed": 1, "n": 4}, what="sums")
+    Traceback (most recent call last):
+    ...
+    qktrace.store.DifferentRunError: run.zarr holds sums of a run with different parameters (seed):
+      seed: stored 0, now 1
+    Resume only with the same parameters. To start over, pass a new --out (Python: a new out= path) or --overwrite (Python: delete run.zarr).
+    """
+    stored, now = _jsonable(dict(stored)), _jsonable(dict(now))
+    if stored == now:
+        return
+    keys = [k for k in dict.fromkeys([*stored, *now]) if stored.get(k, ...) != now.get(k, ...)]
+    if fix is None:
+        fix = (
+            "Resume only with the same parameters. To start over, pass a new --out (Python: a "
+            f"new out= path) or --overwrite (Python: delete {path})."
         )
+    raise DifferentRunError(
+        f"{path} holds {what} of a run with different parameters ({', '.join(keys)}):\n"
+        + diff_lines(stored, now, "", "stored", "now")
+        + f"\n{fix}",
+        keys,
+    )
 
 
 def diff_lines(old: dict, new: dict, noun: str, old_name: str, new_name: str) -> str:
@@ -834,7 +1278,11 @@ def _schema(ds: xr.Dataset) -> dict[str, tuple[tuple[str, ...], str]]:
     return {str(k): (tuple(map(str, v.dims)), kind(v.dtype)) for k, v in ds.variables.items()}
 
 
-def _open_batches(path: Path, checksums: bool = False) -> xr.Dataset:
+def _open_legacy_batches(path: Path, checksums: bool = False) -> xr.Dataset:
+    """A store of the first layout (manifest version 1): one zarr store per batch, read only.
+
+    Opening costs one zarr store per batch; ``save(open(old), new)`` makes one store of it.
+    """
     manifest = _read_manifest(path)
     dim = manifest["dim"]
     batches = [_open_zarr(p, checksums) for p in _batch_paths(path)]

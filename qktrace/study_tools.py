@@ -142,9 +142,7 @@ def write(
     """Save `ds` at `path` with provenance attrs (study, parameters, model, mode, seed)."""
     from qktrace import store
 
-    attrs = store.provenance(
-        study, params, model=model.name, revision=model.revision, remote=model.remote, seed=seed
-    )
+    attrs = store.provenance("study", params, study=study, model=model, seed=seed)
     store.save(ds, path, attrs=attrs, overwrite=overwrite)
     _remove_checkpoints(path)  # what they held is in the store now
     return path
@@ -235,7 +233,7 @@ def null_test(
             quantile=quantile,
         )
         i, j = heads.index(head), features.index(feature)
-        rank[i, j] = int(null["n_significant"])
+        rank[i, j] = int(null["null_rank"])
         cutoff[i, j] = null["null_quantile"].values
         values[i, j] = null["singular_values"].values
     dims = ("head", "feature")

@@ -28,7 +28,7 @@ import xarray as xr
 
 __all__ = ["summarize"]
 
-_PROVENANCE = ("study", "model", "revision", "remote", "seed", "date")
+_PROVENANCE = ("verb", "study", "model", "revision", "dtype", "remote", "seed", "date")
 _VERSIONS = ("qktrace_version", "nnsight_version", "torch_version", "transformers_version")
 _ANSWER_METRICS = {
     "answer_flip_rate": "answer flip rate",
@@ -75,7 +75,9 @@ def _provenance(ds: xr.Dataset, path: Any) -> str:
     attrs = ds.attrs
     shown = {"remote": "mode"}
     head = " | ".join(
-        f"{shown.get(k, k)} {attrs[k]}" for k in _PROVENANCE if attrs.get(k) is not None
+        f"{shown.get(k, k)} {attrs[k]}"
+        for k in _PROVENANCE
+        if attrs.get(k) is not None and not (k == "verb" and attrs.get("study"))
     )
     lines = [f"{path}" if path is not None else "", head]
     if attrs.get("partial"):  # a checkpoint of qktrace.sums that holds the first prompts only
@@ -128,7 +130,11 @@ def _answers(ds: xr.Dataset) -> str:
     """The answer-level table: what the edit written into the model does to its answer."""
     table = _interventions(ds, _ANSWER_METRICS, "answer_subspace", "answer_random")
     if not table:
-        return ""
+        return (
+            f"Answers: {ds.attrs['answer_swaps_skipped']}"
+            if ds.attrs.get("answer_swaps_skipped")
+            else ""
+        )
     extra = ""
     if "answer_correct" in ds:
         extra = f"\nanswered correctly before the edit: {float(ds['answer_correct'].mean()):.3f}"

@@ -36,7 +36,7 @@ from .batching import (
     Batch,
     Check,
     Positions,
-    Prompt,
+    PromptInput,
     by_layer,
     given_order,
     head_coords,
@@ -204,7 +204,7 @@ def _check_labels(labels: Sequence[Sequence[Label]]) -> Check:
 @one_writer()
 def reduce(
     model: Model,
-    prompts: Sequence[Prompt],
+    prompts: Sequence[PromptInput],
     heads: str | Sequence[Any],
     labels: Sequence[Sequence[Label]],
     *,
@@ -391,6 +391,8 @@ def _sums_dataset(
     done: int,
     params: dict[str, Any],
 ) -> xr.Dataset:
+    from .store import provenance
+
     dims = ("head", "feature", "contrast")
     if qk_sum.ndim == 4:  # delta: ΔC per head and feature
         qk_name, qk_dims = "delta_c", ("head", "feature", "dq", "dk")
@@ -405,10 +407,8 @@ def _sums_dataset(
         },
         coords={**head_coords(model, heads), "feature": features, "contrast": list(CONTRASTS)},
         attrs={
-            "model": model.name,
-            "remote": model.remote_label,
+            **provenance("reduce", params, model=model),
             "n_prompts": done,
-            "params": params,
             **({"partial": PARTIAL.format(done=done, total=params["n_prompts"])}
                if done < params["n_prompts"] else {}),
         },
@@ -449,16 +449,7 @@ def _resume(out: str | Path | None, params: dict[str, Any]) -> tuple[int, xr.Dat
             f"{out} is not a checkpoint of qktrace.reduce (it holds {what}, written by something "
             "else); pass another out= path (CLI: another --out)."
         )
-    if stored != params:
-        keys = [k for k in dict.fromkeys([*stored, *params]) if stored.get(k) != params.get(k)]
-        diff = store.diff_lines(stored, params, "", "stored", "now")
-        raise ValueError(
-            f"{out} holds sums from a run with different parameters ({', '.join(keys)}):\n"
-            f"{diff}\n"
-            "Resume only with the same arguments (model, heads, prompts, positions, labels, "
-            "batch_size). To start over, pass a new out= path, or delete "
-            f"{out} (CLI: a new --out, or --overwrite)."
-        )
+    store.check_same_run(out, stored, params, what="the sums")
     return int(state.attrs["n_prompts"]), state.load()
 
 

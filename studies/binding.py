@@ -18,7 +18,8 @@ build on this module.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,9 @@ from qktrace.prompts import Prompt, boxes_prompt, load_box_letters, load_objects
 from qktrace.prompts import boxes_prompts as build_prompts
 from qktrace.sums import reduce
 
+# the settings an order-ID subspace must share with the lexical run that reuses it
+REUSE_KEYS = ("n_pairs", "threshold", "chat")
+
 # the builders live in `qktrace.prompts` (the organism's training data uses them too)
 __all__ = [
     "ANSWER_PREFIX",
@@ -42,6 +46,7 @@ __all__ = [
     "order_labels",
     "counterfactual",
     "order_subspaces",
+    "reusable_order_subspace",
 ]
 
 
@@ -115,6 +120,34 @@ def order_subspaces(
         progress=progress,
     )
     return decompose(sums, threshold=threshold).merge(sums[["qk_sum", "q_sum", "k_sum"]])
+
+
+def reusable_order_subspace(
+    path: Path, stored: xr.Dataset, model: str, heads: Sequence[str], params: Mapping[str, Any]
+) -> bool:
+    """Whether the order-ID store `stored` (at `path`) holds the order subspace of this run:
+    the same model (any copy of the organism), heads among its own, and the same pairs,
+    threshold and chat setting. When not, a warning names each difference (store.check_same_run)."""
+    from qktrace import store
+    from qktrace.study_tools import is_organism
+
+    def facts(model: str, heads: Sequence[str], p: Mapping[str, Any]) -> dict[str, Any]:
+        model = "the organism" if is_organism(model) else model
+        return {"model": model, "heads": list(heads), **{k: p.get(k) for k in REUSE_KEYS}}
+
+    have = {str(h) for h in stored["head"].values}
+    old = facts(str(stored.attrs.get("model")), [h for h in heads if h in have],
+                stored.attrs.get("params") or {})  # fmt: skip
+    try:
+        store.check_same_run(
+            path, old, facts(model, heads, params), what="the order-ID subspace",
+            fix="lexical computes the order subspace itself instead. To reuse it, run order-id "
+            "first with these parameters and the same --out (--overwrite).",
+        )  # fmt: skip
+    except store.DifferentRunError as err:
+        warnings.warn(str(err), stacklevel=2)
+        return False
+    return True
 
 
 def attribution_figures(ds: xr.Dataset) -> dict[str, Any]:

@@ -54,6 +54,7 @@ from qktrace.pipeline import Study
 from qktrace.prompts import FILTER_CATEGORIES, FILTER_QUESTIONS, Prompt
 from qktrace.prompts import filter_prompts as build_prompts
 from qktrace.study_tools import ModelLike
+
 from ._common import paper_heads, sizes
 
 STUDY = "filter_heads"

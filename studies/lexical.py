@@ -38,7 +38,8 @@ from qktrace.attribution import attribute
 from qktrace.models import parse_heads
 from qktrace.pipeline import Run, Study
 from qktrace.prompts import Prompt
-from qktrace.study_tools import ModelLike, is_organism
+from qktrace.study_tools import ModelLike
+
 from . import binding, order_id
 from ._common import paper_heads, sizes
 
@@ -96,8 +97,7 @@ def attribution(ds: xr.Dataset, run: Run) -> xr.Dataset:
     null = ds[["null_rank", "null_quantile", "null_singular_values"]]
     null = null.reindex(feature=subspaces["feature"].values, fill_value={"null_rank": -1})
     bases = {f: subspaces["query_basis"].sel(feature=f) for f in ("order", "lexical")}
-    parts = attribute(ds, bases, side="query")[["logit_part", "explained", "rank"]]
-    parts = parts.rename({"component": "part", "rank": "part_rank"})
+    parts = attribute(ds, bases, side="query")[["logit_part", "explained", "part_rank"]]
     return xr.merge([subspaces, null, parts], compat="override", combine_attrs="drop")
 
 
@@ -110,14 +110,7 @@ def order_subspace(ds: xr.Dataset, run: Run) -> tuple[xr.Dataset, str]:
     p, lm = run.params, run.model
     if stored.exists():
         old = store.open(stored, checksums=True)
-        q = old.attrs.get("params", {})
-        model = str(old.attrs.get("model"))
-        if (
-            (model == lm.name or (is_organism(model) and is_organism(lm)))
-            and set(labels) <= set(map(str, old["head"].values))
-            and (q.get("n_pairs"), q.get("threshold"), q.get("chat"))
-            == (p["n_pairs"], p["threshold"], p["chat"])
-        ):
+        if binding.reusable_order_subspace(stored, old, lm.name, labels, p):
             return old[SUBSPACE].sel(head=labels).load(), str(stored)
     computed = binding.order_subspaces(
         lm, parse_heads(labels),

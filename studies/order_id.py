@@ -32,6 +32,7 @@ from qktrace import checks
 from qktrace.pipeline import Study
 from qktrace.prompts import Prompt, load_objects
 from qktrace.study_tools import ModelLike
+
 from . import binding
 from ._common import paper_heads, sizes
 

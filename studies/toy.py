@@ -10,21 +10,25 @@ to ``<out>/toy.zarr``; the figures are then drawn from the stored dataset.
 
 Store contract (read by other code)::
 
-    recovered_rank  (variant, d_head, N, M, latent, seed)            latent = z1, z2
+    rank            (variant, d_head, N, M, latent, seed)            latent = z1, z2
     singular_values (variant, d_head, N, M, latent, seed, component) NaN past d_head
     delta_c         (variant, d_head, N, M, latent, seed, dq, dk)    NaN past d_head
     accuracy, steps (variant, d_head, N, M, seed)                    validation accuracy
-    flip_rate, target_attention, delta_p_target
+    flip_rate, mean_delta_p_target, mean_attention_target_after
                     (variant, d_head, N, M, seed, subspace)          subspace = z1, z2, both,
                                                                      random_z1/z2/both (mean)
     random_flip_rate, … (…, seed, random_subspace, draw)             each random draw
     subspace_size   (…, seed, subspace)
     pca             (variant, d_head, N, M, seed, role, point, pc)   role = query, key
     pca_corner      (…, seed, role, point)                           sign pattern of z1
-    pca_explained_variance (…, seed, pc)
+    pc_variance_ratio (…, seed, pc)                                  of each PC in pca
     interaction     (variant, d_head, N, M, seed, query_latent, key_latent)   G, NaN padded
     diagonal_fraction, block_fraction (variant, d_head, N, M, seed)  G's mass on its diagonal
                                                                      and in its z1/z2 blocks
+
+The names are the language-model stores' (`rank`, `mean_attention_target_after`, ...); a store
+written before they were (`recovered_rank`, `target_attention`, `delta_p_target`,
+`pca_explained_variance`) is read with them by `current_names` (figures, summary).
 
 Run it with ``qktrace toy --out DIR`` (``--quick`` for a one-seed, 2 x 2 grid).
 """
@@ -71,7 +75,7 @@ def settings(
     variants: tuple[str, ...] = VARIANTS,
     max_steps: int | None = None,
     lr: float = 1e-3,
-    n_pairs: int = 20_000,
+    n_contrast_pairs: int = 20_000,
     threshold: float = 0.99,
     n_random: int = 10,
 ) -> dict[str, Any]:
@@ -82,7 +86,11 @@ def settings(
     """
     n_seeds = n_seeds if n_seeds is not None else (1 if quick else 3)
     checks.integer("seed", seed, low=0, flag="--seed", example="0")
-    for name, value in (("n_seeds", n_seeds), ("max_steps", max_steps), ("n_pairs", n_pairs)):
+    for name, value in (
+        ("n_seeds", n_seeds),
+        ("max_steps", max_steps),
+        ("n_contrast_pairs", n_contrast_pairs),
+    ):
         if value is not None:
             checks.integer(name, value, low=1, flag=f"--{name.replace('_', '-')}", example="1")
     checks.integer("n_random", n_random, low=0, example="10")
@@ -95,7 +103,7 @@ def settings(
         "variants": list(variants),
         "max_steps": max_steps if max_steps is not None else (600 if quick else 1200),
         "lr": lr,
-        "n_pairs": n_pairs,
+        "n_contrast_pairs": n_contrast_pairs,
         "threshold": threshold,
         "n_random": n_random,
         "quick": quick,
@@ -124,7 +132,7 @@ def run_cell(
     cell = analyze(
         trained.model,
         task,
-        n_pairs=params["n_pairs"],
+        n_contrast_pairs=params["n_contrast_pairs"],
         threshold=params["threshold"],
         n_random=params["n_random"],
         pad_rank=max(params["ranks"]),
@@ -170,8 +178,8 @@ def run(
         that one thread per model is fastest). 1 runs everything in this process. Results do
         not depend on it: every model seeds its own generators.
     **overrides
-        Any parameter of `settings` (n_seeds, ranks, d_heads, variants, max_steps, lr, n_pairs,
-        threshold, n_random).
+        Any parameter of `settings` (n_seeds, ranks, d_heads, variants, max_steps, lr,
+        n_contrast_pairs, threshold, n_random).
 
     Returns
     -------
@@ -202,7 +210,9 @@ def run(
     ds.attrs["seconds"] = round(time.perf_counter() - start, 1)
     ds.attrs["workers"] = workers
     ds.attrs["models_resumed"] = kept.n_resumed  # finished by an earlier, interrupted run
-    store.save(ds, path, attrs=store.provenance("toy", params, seed=seed), overwrite=overwrite)
+    store.save(
+        ds, path, attrs=store.provenance("toy", params, study="toy", seed=seed), overwrite=overwrite
+    )
     kept.remove()  # what they held is in the store now
     if figures:
         draw_figures(store.open(path), out)
@@ -224,12 +234,9 @@ class Cells:
         wanted = json.dumps(store.provenance("toy", params)["params"], sort_keys=True)
         if folder.exists() and (discard or not stamp.is_file()):
             shutil.rmtree(folder)
-        elif folder.exists() and stamp.read_text() != wanted:
-            raise ValueError(
-                f"{folder} holds the finished models of a run with other parameters; rerun with "
-                "the same options to resume it, or pass overwrite=True (CLI: --overwrite) to "
-                "discard them."
-            )
+        elif folder.exists():
+            store.check_same_run(folder, json.loads(stamp.read_text()), json.loads(wanted),
+                                 what="the finished models")  # fmt: skip
         folder.mkdir(parents=True, exist_ok=True)
         stamp.write_text(wanted)
         self.n_resumed = 0
@@ -415,13 +422,30 @@ def _expected_rank(ds: xr.Dataset) -> xr.DataArray:
     return xr.concat([ds["N"], ds["M"]], dim=pd.Index(["z1", "z2"], name="latent"))
 
 
+# the toy store's names before it took the language-model stores' vocabulary
+RENAMED = {
+    "recovered_rank": "rank",
+    "target_attention": "mean_attention_target_after",
+    "delta_p_target": "mean_delta_p_target",
+    "random_target_attention": "random_mean_attention_target_after",
+    "random_delta_p_target": "random_mean_delta_p_target",
+    "pca_explained_variance": "pc_variance_ratio",
+}
+
+
+def current_names(ds: xr.Dataset) -> xr.Dataset:
+    """A toy store with today's variable names, also when written before the renames."""
+    return ds.rename({old: new for old, new in RENAMED.items() if old in ds.data_vars})
+
+
 def draw_figures(ds: xr.Dataset, out: Path | str) -> list[Path]:
     """Draw the study's figures from a stored toy dataset into `out`; return their paths."""
     out = Path(out)
-    ranks = ds["recovered_rank"].load()
+    ds = current_names(ds)
+    ranks = ds["rank"].load()
     expected = _expected_rank(ds).broadcast_like(ranks)
     panel = {"panel": ("d_head", "latent")}
-    metrics = ["flip_rate", "delta_p_target", "target_attention"]
+    metrics = ["flip_rate", "mean_delta_p_target", "mean_attention_target_after"]
     room = ds["N"] + ds["M"] < ds["d_head"]
     regimes = {
         "room": "N + M < d_head: room for both latents",
@@ -455,8 +479,8 @@ def draw_figures(ds: xr.Dataset, out: Path | str) -> list[Path]:
             panel_title=lambda where: regimes[where["regime"]],
             labels={
                 "flip_rate": "flip rate (argmax -> target)",
-                "delta_p_target": "Δ p(target | {orig, target})",
-                "target_attention": "attention on target",
+                "mean_delta_p_target": "Δ p(target | {orig, target})",
+                "mean_attention_target_after": "attention on target",
             },
             title=(
                 "Swap key coordinates between the attended and a target key; dots: cells x "
@@ -535,13 +559,14 @@ def _interaction_figure(ds: xr.Dataset) -> Any:
 
 def summary(ds: xr.Dataset) -> str:
     """A table per cell: accuracy, recovered ranks per seed, flip rates, G's diagonal mass."""
+    ds = current_names(ds)
     rows = []
     for variant in ds["variant"].values:
         for d_head in ds["d_head"].values:
             for n in ds["N"].values:
                 for m in ds["M"].values:
                     cell = ds.sel(variant=variant, d_head=d_head, N=n, M=m).load()
-                    ranks = cell["recovered_rank"]
+                    ranks = cell["rank"]
                     flips = cell["flip_rate"].mean("seed")
                     rows.append(
                         {

@@ -43,9 +43,9 @@ def overlapping_bases(seed: int = 0) -> dict[str, np.ndarray]:
 def test_parts_sum_to_total(family, side):
     ds = captured(family)
     out = attribute(ds, overlapping_bases(), side=side)
-    assert list(out.component.values) == ["order", "lexical", "other", "residual"]
-    assert out.logit_part.dims == ("prompt", "head", "query", "key", "component")
-    total = out.logit_part.sum("component", skipna=False)
+    assert list(out.part.values) == ["order", "lexical", "other", "residual"]
+    assert out.logit_part.dims == ("prompt", "head", "query", "key", "part")
+    total = out.logit_part.sum("part", skipna=False)
     np.testing.assert_allclose(total, out.logit, atol=1e-5)
     # the total is the logit the model computed (capture checks that against eager attention)
     np.testing.assert_allclose(out.logit, ds.logit, rtol=1e-5, atol=1e-5)
@@ -61,16 +61,16 @@ def test_parts_sum_to_total(family, side):
     q = ds.q.values.astype(np.float64)  # [prompt, head, query, d]
     k = ds.k.values.astype(np.float64)  # [prompt, head, key, d]
     scale = ds["scaling"].values[None, :, None, None]
-    for c, name in enumerate(out.component.values):
+    for c, name in enumerate(out.part.values):
         piece = projectors[c + 1] - projectors[c]
         # q·(P k) = (P q)·k: P is symmetric, so both sides give this number
         want = np.einsum("phqd,de,phke->phqk", q, piece, k) * scale
         np.testing.assert_allclose(
-            out.logit_part.sel(component=name), want, rtol=1e-6, atol=1e-6, err_msg=name
+            out.logit_part.sel(part=name), want, rtol=1e-6, atol=1e-6, err_msg=name
         )
     # the shared direction is credited to "order": "lexical" keeps 3 of its 4 columns
-    assert out["rank"].sel(component="lexical").values.tolist() == [3, 3, 3]
-    assert (out["rank"].sum("component") == 16).all()
+    assert out["part_rank"].sel(part="lexical").values.tolist() == [3, 3, 3]
+    assert (out["part_rank"].sum("part") == 16).all()
     # padded key slots stay NaN and do not spoil `explained`
     assert np.isnan(out.logit.values[1, :, :, -1]).all() and np.isfinite(out.explained).all()
 
@@ -81,8 +81,8 @@ def test_explained_is_one_when_bases_span_everything(side):
     bases = {"a": rng.normal(size=(16, 10)), "b": rng.normal(size=(16, 9))}
     out = attribute(captured("qwen3"), bases, side=side)
     np.testing.assert_allclose(out.explained, 1.0, atol=1e-9)
-    np.testing.assert_allclose(out.logit_part.sel(component="residual").fillna(0), 0.0, atol=1e-6)
-    assert out["rank"].sel(component="b").values.tolist() == [6, 6, 6]
+    np.testing.assert_allclose(out.logit_part.sel(part="residual").fillna(0), 0.0, atol=1e-6)
+    assert out["part_rank"].sel(part="b").values.tolist() == [6, 6, 6]
 
 
 def test_explained_matches_definition():
@@ -90,7 +90,7 @@ def test_explained_matches_definition():
     out = attribute(ds, {"order": overlapping_bases()["order"]})
     p, h, q = 1, 2, 0
     n = int(ds.n_tokens[p])
-    resid = out.logit_part.sel(component="residual").values[p, h, q, :n]
+    resid = out.logit_part.sel(part="residual").values[p, h, q, :n]
     total = out.logit.values[p, h, q, :n]
     assert out.explained.values[p, h, q] == pytest.approx(
         1 - (resid**2).sum() / (total**2).sum(), rel=1e-9
@@ -101,7 +101,7 @@ def test_explained_matches_definition():
     k = ds.k.values[p, h, :n].astype(np.float64)
     scale = ds.logit.values[p, h, q, 0] / (k[0] @ qv)
     np.testing.assert_allclose(
-        out.logit_part.sel(component="order").values[p, h, q, :n],
+        out.logit_part.sel(part="order").values[p, h, q, :n],
         k @ (u @ (u.T @ qv)) * scale,
         rtol=1e-4,
         atol=1e-6,
@@ -119,7 +119,7 @@ def test_per_head_bases_from_a_dataarray():
         per_head, dims=("head", "dq", "component"), coords={"head": ds["head"].values}
     )
     out = attribute(ds, {"feat": da})
-    assert out["rank"].sel(component="feat").values.tolist() == ranks
+    assert out["part_rank"].sel(part="feat").values.tolist() == ranks
     for h, label in enumerate(ds["head"].values):
         one = attribute(ds.sel(head=[label]), {"feat": per_head[h, :, : ranks[h]]})
         np.testing.assert_allclose(

@@ -7,6 +7,7 @@ exits non-zero with one ``Error: ...`` line on stderr and no traceback.
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from typer.testing import CliRunner
 import qktrace
 import qktrace.sums as sums_module
 import qktrace.testing as testing
+from qktrace import store
 from qktrace.cli import app
 from qktrace.models import load, parse_heads
 from qktrace.prompts import Prompt, locate
@@ -177,6 +179,16 @@ def open_a_file(env, tmp_path, monkeypatch) -> None:
     qktrace.open(tmp_path / "x.zarr")
 
 
+def capture_into_per_batch_layout(env, tmp_path, monkeypatch) -> None:
+    """capture(out=) of a store in the layout qktrace wrote before: one zarr store per batch."""
+    old = tmp_path / "old.zarr"
+    qktrace.save(qktrace.open(env.capture_store), old / "batch-000000.zarr")
+    manifest = {"format": "qktrace-batches", "version": 1, "dim": "prompt", "params": {},
+                "attrs": {}, "finalized": False}  # fmt: skip
+    (old / store.MANIFEST).write_text(json.dumps(manifest))
+    qktrace.capture(env.llama, PROMPTS, "1.0", keys=KEYS, out=old, progress=False)
+
+
 def damaged_store(env, tmp_path, monkeypatch) -> list:
     """`qktrace show` of a store with a variable folder deleted (zarr would read it as zeros)."""
     import shutil
@@ -296,35 +308,40 @@ ROWS = [
         ValueError),
     Row("capture-out-other-heads",
         lambda env, *_: qktrace.capture(env.llama, PROMPTS, "1.1", keys=KEYS, out=env.capture_store),
-        r"holds a run with different parameters:\n  params\['heads'\]: stored \['1\.0'\], now "
-        r"\['1\.1'\](.|\n)*write to a new path", ValueError),
+        r"capture\.zarr holds batches of a run with different parameters \(heads\):\n  heads: "
+        r"stored \['1\.0'\], now \['1\.1'\]\nResume only with the same parameters\. To start over, "
+        r"pass a new --out \(Python: a new out= path\) or --overwrite", ValueError),
     Row("capture-out-other-prompts",
         lambda env, *_: qktrace.capture(env.llama, PROMPTS[::-1], "1.0", keys=KEYS,
                                         out=env.capture_store),
-        r"different parameters:\n  params\['prompts_sha256'\]: stored '\w+', now '\w+'",
+        r"different parameters \(prompts_sha256\):\n  prompts_sha256: stored '\w+', now '\w+'",
         ValueError),
     Row("capture-out-other-model",
         lambda env, *_: qktrace.capture(qwen3(), PROMPTS, "1.0", keys=KEYS,
                                         out=env.capture_store),
-        r"params\['model'\]: stored 'LlamaForCausalLM', now 'Qwen3ForCausalLM'", ValueError),
+        r"\n  model: stored 'LlamaForCausalLM', now 'Qwen3ForCausalLM'", ValueError),
+    Row("capture-out-per-batch-layout", capture_into_per_batch_layout,
+        r"old\.zarr was written by an older qktrace, one zarr store per batch .*It still opens "
+        r"with qktrace\.open, but a run cannot resume into it: write this run to a new path",
+        ValueError),
     Row("reduce-out-other-keys",
         lambda env, *_: qktrace.reduce(env.llama, PROMPTS, "1.0", LABELS, keys=[[0, 1], [2, 3]],
                                        out=env.sums_store),
-        r"holds sums from a run with different parameters \(prompts_sha256\):\n  "
-        r"prompts_sha256: stored '\w+', now '\w+'\nResume only with the same arguments",
+        r"sums\.zarr holds the sums of a run with different parameters \(prompts_sha256\):\n  "
+        r"prompts_sha256: stored '\w+', now '\w+'\nResume only with the same parameters",
         ValueError),
     Row("reduce-out-other-model",
         lambda env, *_: qktrace.reduce(qwen3(), PROMPTS, "1.0", LABELS, keys=KEYS,
                                        out=env.sums_store),
         r"different parameters \(model.*\):\n  model: stored 'LlamaForCausalLM', now "
-        r"'Qwen3ForCausalLM'(.|\n)*pass a new out= path", ValueError),
+        r"'Qwen3ForCausalLM'(.|\n)*a new out= path", ValueError),
     Row("reduce-out-not-sums",
         lambda env, *_: qktrace.reduce(env.llama, PROMPTS, "1.0", LABELS, keys=KEYS,
                                        out=env.capture_store),
         r"capture\.zarr is not a checkpoint of qktrace\.reduce \(it holds batches of a capture, "
         r"written by something else\); pass another out= path", ValueError),
     Row("study-out-other-seed", study_resumed_with_other_seed,
-        r"order_id\.sums\.zarr holds sums from a run with different parameters "
+        r"order_id\.sums\.zarr holds the sums of a run with different parameters "
         r"\(prompts_sha256\):"),
     Row("study-interrupted", study_interrupted,
         r"interrupted\. Completed batches are kept next to .*order_id\.zarr; rerun the same "

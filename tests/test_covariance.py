@@ -326,12 +326,12 @@ def test_permutation_null_separates_real_subspace_from_noise():
     is_positive = rng.random(n) < 0.5
     k[is_positive] += 0.5 * q[is_positive] @ u0 @ v0.T
     real = permutation_null(q, k, is_positive, n_permutations=100, seed=0)
-    assert int(real["n_significant"]) == rank
+    assert int(real["null_rank"]) == rank
     assert real["null_singular_values"].shape == (100, d)
     assert (real["singular_values"][:rank] > real["null_quantile"][:rank]).all()
 
     noise = permutation_null(q, rng.normal(size=(n, d)), is_positive, n_permutations=100, seed=0)
-    assert int(noise["n_significant"]) == 0
+    assert int(noise["null_rank"]) == 0
     # the threshold rule alone would call pure noise high-rank: that is what the null is for
     assert int(noise["rank"]) > rank
 

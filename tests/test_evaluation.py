@@ -76,7 +76,7 @@ def test_cli_eval_writes_store_and_figure(tmp_path):
     assert "boxes n=2" in result.output and "chance" in result.output
     ds = store.open(tmp_path / "eval.zarr")
     assert list(ds["task"].values) == ["boxes n=2", "boxes n=3"]
-    assert ds.attrs["study"] == "eval"
+    assert ds.attrs["verb"] == "evaluate"
     assert (tmp_path / "eval.png").stat().st_size > 0
     again = runner.invoke(app, args)
     assert again.exit_code == 2 and "already exists" in again.output

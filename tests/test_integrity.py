@@ -118,14 +118,19 @@ def test_lexical_refuses_to_reuse_a_damaged_order_id_store(study, copy):
 
 def test_a_damaged_batch_is_refused_on_open_and_on_resume(tmp_path):
     path = tmp_path / "run.zarr"
-    writer = store.BatchWriter(path, params={"n": 2})
+    writer = store.BatchWriter(path, params={"n": 2}, sizes={"prompt": 6})
     for i in range(2):
         writer.append(xr.Dataset({"x": ("prompt", np.arange(3.0) + i)}))
-    first_chunk(path / "batch-000001.zarr", "x").write_bytes(b"")
-    with pytest.raises(StoreDamagedError, match=r"batch-000001\.zarr is damaged: variable 'x'"):
+    record = json.loads((path / store.MANIFEST).read_text())["files"]
+    assert {"x/0", "x/1", "x/.zarray", ".zmetadata"} <= set(record)  # every batch's chunks
+    (path / "x" / "1").write_bytes(b"")  # batch 1's rows
+    with pytest.raises(StoreDamagedError, match=r"run\.zarr is damaged: variable 'x': file 1 is"):
         store.open(path)
-    with pytest.raises(StoreDamagedError, match="batch-000001"):
+    with pytest.raises(StoreDamagedError, match=r"run\.zarr is damaged: variable 'x'"):
         store.BatchWriter(path, params={"n": 2})
+    shutil.rmtree(path / "x")
+    with pytest.raises(StoreDamagedError, match="variable 'x': its folder is missing"):
+        store.open(path)
 
 
 def test_a_resumed_sums_checkpoint_is_checked(tmp_path, llama):

@@ -63,6 +63,7 @@ def test_example_runs_from_cli_remote_local_and_api_with_the_same_numbers(
     np.testing.assert_array_equal(ds["flip_rate"].values, other["flip_rate"].values)
 
     # provenance: the study, its file, the heads and where they came from
+    assert set(store.PROVENANCE_KEYS) <= set(ds.attrs) and ds.attrs["verb"] == "study"
     assert ds.attrs["study"] == "gender_agreement"
     params = ds.attrs["params"]
     assert str(EXAMPLE) in params["study_source"] and "sha256" in params["study_source"]
@@ -92,6 +93,27 @@ def test_example_runs_from_cli_remote_local_and_api_with_the_same_numbers(
     for png in ("ranks", "swap", "pca_key_label", "pca_gender", "pca_name"):
         assert (tmp_path / "cli" / f"gender_agreement_{png}.png").stat().st_size > 0
     assert not list((tmp_path / "cli").glob("gender_agreement.*.zarr"))  # checkpoints removed
+
+
+def test_answer_level_swaps_run_when_the_query_is_the_last_token(gender, checkpoint, tmp_path):
+    """Without a chat template the pronoun ends every prompt, so the model's next token is the
+    answer: the swap is written into the model. With the tokenizer's template, tokens follow
+    the pronoun: no answer-level swaps, and the store and `qktrace show` say why."""
+    run = {"heads": HEAD, "figures": False, "progress": False, **FAST}
+    plain = store.open(gender.run(checkpoint, out=tmp_path / "plain", chat=False, **run)).load()
+    assert "answer_swaps_skipped" not in plain.attrs
+    assert plain["answer_flip_rate"].dims == ("answer_heads", "answer_subspace")
+    agrees = (plain["key_label"].values == "positive").argmax(1)
+    assert (plain["answer_index"].values == agrees).all()  # the orig key: the agreeing name
+    assert (plain["answer_candidate_token"].values != "").all()
+
+    chat = gender.run(checkpoint, out=tmp_path / "chat", chat=True, **run)
+    ds = store.open(chat)
+    assert not [name for name in ds.data_vars if name.startswith("answer_")]
+    note = ds.attrs["answer_swaps_skipped"]
+    assert f"is not the last token of {FAST['n_test']} of {FAST['n_test']} fresh prompts" in note
+    code, output = cli("show", chat)
+    assert code == 0 and f"Answers: {note}" in output
 
 
 def test_sums_are_the_studys_labelled_pairs(gender, tmp_path):

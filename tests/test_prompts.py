@@ -162,9 +162,10 @@ def test_library_builds_the_studies_prompts_and_never_imports_studies():
     import ast
     from pathlib import Path
 
+    from qktrace.studies import binding, filter_heads
+
     import qktrace
     from qktrace import prompts
-    from qktrace.studies import binding, filter_heads
 
     assert binding.build_prompts is prompts.boxes_prompts
     assert binding.boxes_prompt is prompts.boxes_prompt

@@ -140,6 +140,11 @@ def test_capture_to_store_resumes_after_crash(llama, tmp_path, monkeypatch):
     )
     assert len(resumed_calls) == 2  # batches 2 and 3 of 3: the first was not recomputed
     xr.testing.assert_allclose(resumed.load().drop_attrs(), whole.drop_attrs())
+    # one zarr group appended along prompt, one chunk per batch (not one store per batch)
+    assert [p.relative_to(out).as_posix() for p in out.rglob(".zgroup")] == [".zgroup"]
+    assert sorted(p.name for p in (out / "k").iterdir() if not p.name.startswith(".")) == [
+        "0.0.0.0", "1.0.0.0", "2.0.0.0"
+    ]  # fmt: skip
 
 
 def test_prompt_longer_than_context():

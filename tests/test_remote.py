@@ -18,6 +18,7 @@ import websocket
 import xarray as xr
 from nnsight.intervention.backends.local import LocalSimulationBackend
 from nnsight.intervention.backends.remote import RemoteError
+from qktrace.studies import order_id
 
 import qktrace.models as models_module
 import qktrace.remote as remote_module
@@ -29,7 +30,6 @@ from qktrace.interventions import intervene
 from qktrace.models import load
 from qktrace.qk import capture
 from qktrace.sums import reduce
-from qktrace.studies import order_id
 from tests.conftest import tiny
 
 PROMPTS = ["The apple is in Box A", "Which box is the cat in? Box", "the ship is in Box C"]

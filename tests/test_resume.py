@@ -13,6 +13,7 @@ import signal
 
 import pytest
 import xarray as xr
+from qktrace.studies import order_id
 
 import qktrace
 import qktrace.answers as answers_module
@@ -20,7 +21,6 @@ import qktrace.qk as qk_module
 import qktrace.sums as sums_module
 import qktrace.testing as testing
 from qktrace import store
-from qktrace.studies import order_id
 from tests.test_sums import KEYS, PROMPTS  # the same five prompts and key positions
 
 # heads out of layer order on purpose; 6 prompts in 2 reduce batches of 3

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
-import subprocess
-import sys
-import textwrap
+import signal
+from collections.abc import Callable
 from pathlib import Path
 
 import dask.array as da
@@ -21,6 +21,7 @@ from qktrace.store import BatchWriter, provenance, save
 PARAMS = {"layers": (3, 5), "n_prompts": 11, "out": Path("run.zarr")}
 ATTRS = {"study": "unit", "model": "tiny-llama"}
 N_BATCHES = 5
+SIZES = {"token": 5}  # the longest batch's tokens: the plan's width
 
 
 def make_batch(i: int) -> xr.Dataset:
@@ -52,9 +53,15 @@ def make_batches() -> list[xr.Dataset]:
     return [make_batch(i) for i in range(N_BATCHES)]
 
 
-def run(path: Path, batches: list[xr.Dataset], *, fail_at: int | None = None) -> BatchWriter:
+def run(
+    path: Path,
+    batches: list[xr.Dataset],
+    *,
+    fail_at: int | None = None,
+    sizes: dict[str, int] = SIZES,
+) -> BatchWriter:
     """The study loop: skip stored batches, produce and append the rest; fail at `fail_at`."""
-    w = BatchWriter(path, params=PARAMS, attrs=ATTRS)
+    w = BatchWriter(path, params=PARAMS, attrs=ATTRS, sizes=sizes)
     for i, batch in enumerate(batches):
         if i < w.n_done:
             continue
@@ -106,7 +113,9 @@ def test_provenance_records_versions_params_and_mode():
         "out": Path("a/b.zarr"),
         "nested": {"scale": np.float32(0.5), "heads": np.array([1, 2]), "flag": np.bool_(True)},
     }
-    p = provenance("filter_heads", params, model="m", revision="abc", remote=True, seed=np.int64(1))
+    p = provenance("study", params, study="filter_heads", model="m", revision="abc", remote=True,
+                   seed=np.int64(1))  # fmt: skip
+    assert tuple(p) == store.PROVENANCE_KEYS
     assert p["qktrace_version"] == qktrace.__version__
     assert {"nnsight_version", "torch_version", "transformers_version"} <= set(p)
     assert p["params"] == {
@@ -115,7 +124,8 @@ def test_provenance_records_versions_params_and_mode():
         "nested": {"scale": 0.5, "heads": [1, 2], "flag": True},
     }
     assert type(p["params"]["layers"][1]) is int and type(p["params"]["nested"]["flag"]) is bool
-    assert (p["study"], p["model"], p["revision"], p["remote"], p["seed"]) == (
+    assert (p["verb"], p["study"], p["model"], p["revision"], p["remote"], p["seed"]) == (
+        "study",
         "filter_heads",
         "m",
         "abc",
@@ -272,37 +282,154 @@ def test_crash_inside_append_then_resume_is_identical(tmp_path, monkeypatch, k):
     assert_holds_batches(resumed, batches)
 
 
-def test_process_killed_inside_append_then_resume_is_identical(tmp_path):
-    """A hard kill (os._exit: no except/finally runs) in the middle of writing batch 2."""
+def die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def kill_after_growing() -> None:
+    """The arrays grew (batch 2 does not fit them), no data written yet."""
+    real = store._resize_arrays
+    store._resize_arrays = lambda *args: (real(*args), die())
+
+
+def kill_mid_data() -> None:
+    """One variable's rows of the batch written, the others not."""
+    real = xr.Dataset.to_zarr
+
+    def dying(self, path, **kwargs):
+        if "region" in kwargs:
+            real(self[["q"]], path, **kwargs)
+            die()
+        return real(self, path, **kwargs)
+
+    xr.Dataset.to_zarr = dying
+
+
+def kill_before_commit(batch: int = 2) -> None:
+    """Every row of `batch` on disk, the manifest not yet replaced."""
+    real = BatchWriter._commit
+
+    def dying(self, **changes):
+        if changes.get("n_batches") == batch + 1:
+            die()
+        real(self, **changes)
+
+    BatchWriter._commit = dying
+
+
+def killed_while_appending(
+    path: Path, kill: Callable[[], None], sizes: dict[str, int], done: int = 2
+) -> None:
+    """Write `done` batches, then SIGKILL a forked child (nothing of it runs on) in the next."""
+    run(path, make_batches()[:done], sizes=sizes)
+    child = os.fork()
+    if child == 0:  # pragma: no cover (the child never returns)
+        try:
+            kill()
+            run(path, make_batches(), sizes=sizes)
+        finally:
+            os._exit(1)
+    _, status = os.waitpid(child, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, status
+
+
+@pytest.mark.parametrize(
+    ("kill", "planned"),
+    [(kill_after_growing, False), (kill_mid_data, False), (kill_before_commit, False),
+     (kill_mid_data, True), (kill_before_commit, True)],
+    ids=lambda v: {False: "growing", True: "planned-rows"}.get(v) or v.__name__,
+)  # fmt: skip
+def test_process_killed_inside_append_then_resume_is_identical(tmp_path, kill, planned):
+    """SIGKILL while batch 2 is written: the store reopens at 2 batches, a rerun completes it."""
+    sizes = {**SIZES, "prompt": 12} if planned else SIZES
+    batches = make_batches()
+    run(tmp_path / "ref.zarr", batches, sizes=sizes)
+    reference = store.open(tmp_path / "ref.zarr").load()
+    path = tmp_path / "run.zarr"
+    killed_while_appending(path, kill, sizes)
+    # the last complete batch, checked whole, without resuming
+    two = store.open(path, checksums=True).load()
+    xr.testing.assert_identical(two, reference.isel(prompt=slice(0, 5)))
+    assert BatchWriter(path, params=PARAMS, attrs=ATTRS, sizes=sizes).n_done == 2
+    run(path, batches, sizes=sizes)
+    resumed = store.open(path, checksums=True).load()
+    xr.testing.assert_identical(resumed, reference)
+    assert_holds_batches(resumed, batches)
+    assert not list(path.glob("**/*.partial")) and not list(path.glob(".*.tmp-*"))
+
+
+def test_process_killed_in_the_first_batch_then_resume_is_identical(tmp_path):
+    """Arrays created, manifest not replaced: no batch counts, and the rerun starts over."""
     batches = make_batches()
     run(tmp_path / "ref.zarr", batches)
     path = tmp_path / "run.zarr"
-    script = f"""
-        import os, sys
-        sys.path.insert(0, {str(Path(__file__).parent)!r})
-        import xarray as xr
-        from test_store import make_batches, run
-        batches = make_batches()
-        run({str(path)!r}, batches[:2])
-        real = xr.Dataset.to_zarr
-        def dying(self, store, **kwargs):
-            real(self, store, compute=False, **kwargs)
-            os._exit(3)
-        xr.Dataset.to_zarr = dying
-        run({str(path)!r}, batches)
-    """
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True)
-    assert proc.returncode == 3, proc.stderr.decode()
-    leftovers = [p.name for p in path.iterdir() if ".tmp-" in p.name]
-    assert [n.split(".tmp-")[0] for n in leftovers] == [".batch-000002.zarr"]  # the partial batch
-    assert BatchWriter(path, params=PARAMS, attrs=ATTRS).n_done == 2
-    assert sorted(p.name for p in path.iterdir()) == [
-        "batch-000000.zarr",
-        "batch-000001.zarr",
-        "qktrace_batches.json",
-    ]  # cleaned on reopen
+    killed_while_appending(path, lambda: kill_before_commit(batch=0), SIZES, done=0)
+    assert (path / "q").is_dir()  # the first batch's arrays, uncommitted
+    with pytest.raises(ValueError, match="no complete batch yet"):
+        store.open(path)
     run(path, batches)
-    xr.testing.assert_identical(store.open(path).load(), store.open(tmp_path / "ref.zarr").load())
+    resumed = store.open(path, checksums=True).load()
+    xr.testing.assert_identical(resumed, store.open(tmp_path / "ref.zarr").load())
+
+
+def test_open_reads_one_zarr_group_however_many_batches(tmp_path, monkeypatch):
+    """Opening costs one zarr group and a fixed set of metadata files, not one per batch."""
+    opened = []
+    real = xr.open_zarr
+    monkeypatch.setattr(xr, "open_zarr", lambda p, **kw: opened.append(p) or real(p, **kw))
+    metadata = {}
+    for n in (3, 30):
+        path = tmp_path / f"run{n}.zarr"
+        w = BatchWriter(path, params={"n": n}, sizes={"prompt": 2 * n})
+        for i in range(n):
+            w.append(
+                xr.Dataset({"x": ("prompt", [i, i + 0.5])}, coords={"prompt": [2 * i, 2 * i + 1]})
+            )
+        opened.clear()
+        ds = store.open(path)
+        assert opened == [path] and ds.sizes["prompt"] == 2 * n
+        assert float(ds.x.sum()) == sum(2 * i + 0.5 for i in range(n))
+        metadata[n] = sorted(p.relative_to(path).as_posix() for p in path.rglob(".z*"))
+        assert [p.name for p in path.rglob(".zgroup")] == [".zgroup"]  # one group, at the top
+    assert metadata[3] == metadata[30]
+    assert metadata[3] == [
+        ".zattrs", ".zgroup", ".zmetadata", "prompt/.zarray", "prompt/.zattrs", "x/.zarray", "x/.zattrs"
+    ]  # fmt: skip
+
+
+def test_the_store_reads_back_without_qktrace_once_finalized(tmp_path):
+    """Grown by doubling, the arrays are cut to the complete rows by finalize."""
+    batches = make_batches()
+    w = run(tmp_path / "run.zarr", batches)
+    assert xr.open_zarr(tmp_path / "run.zarr").sizes["prompt"] > 12  # grown beyond the rows
+    w.finalize()
+    plain = xr.open_zarr(tmp_path / "run.zarr").load()
+    assert plain.sizes["prompt"] == 12 and plain.attrs["model"] == "tiny-llama"
+    assert_holds_batches(plain, batches)
+    xr.testing.assert_identical(
+        store.open(tmp_path / "run.zarr", checksums=True).load(),
+        plain.assign_attrs(batch_dim="prompt"),
+    )
+
+
+def write_per_batch_layout(path: Path, batches: list[xr.Dataset]) -> None:
+    """A store as qktrace wrote it before the one-store layout: one zarr store per batch."""
+    for i, batch in enumerate(batches):
+        save(batch, path / f"batch-{i:06d}.zarr")
+    manifest = {"format": "qktrace-batches", "version": 1, "dim": "prompt", "params": PARAMS,
+                "attrs": {**ATTRS, "params": PARAMS}, "finalized": False}  # fmt: skip
+    (path / store.MANIFEST).write_text(json.dumps(manifest, default=str))
+
+
+def test_a_store_of_the_per_batch_layout_still_opens(tmp_path):
+    path = tmp_path / "old.zarr"
+    batches = make_batches()
+    write_per_batch_layout(path, batches)
+    ds = store.open(path, checksums=True)
+    assert ds.attrs["model"] == "tiny-llama" and ds.attrs["batch_dim"] == "prompt"
+    assert_holds_batches(ds.load(), batches)
+    with pytest.raises(ValueError, match=r"older qktrace, one zarr store per batch.*new path"):
+        BatchWriter(path, params=PARAMS, attrs=ATTRS)
 
 
 def test_reopen_with_different_params_names_each_key(tmp_path):
@@ -312,21 +439,26 @@ def test_reopen_with_different_params_names_each_key(tmp_path):
     with pytest.raises(ValueError) as err:
         BatchWriter(path, params=changed, attrs=ATTRS)
     msg = str(err.value)
-    assert "params['layers']: stored [3, 5], now [3, 6]" in msg
-    assert "params['extra']: stored '<missing>', now 1" in msg
+    assert "different parameters (layers, extra):\n" in msg
+    assert "  layers: stored [3, 5], now [3, 6]" in msg
+    assert "  extra: stored '<missing>', now 1" in msg
     assert "n_prompts" not in msg
-    assert "new path" in msg and f"delete {path}" in msg
-    with pytest.raises(ValueError, match=r"attrs\['model'\]: stored 'tiny-llama', now 'other'"):
+    assert "a new --out" in msg and "--overwrite" in msg and f"delete {path}" in msg
+    with pytest.raises(ValueError, match=r"\(model\):\n  model: stored 'tiny-llama', now 'other'"):
         BatchWriter(path, params=PARAMS, attrs={"model": "other"})
     with pytest.raises(ValueError, match=r"dim: stored 'prompt', now 'item'"):
         BatchWriter(path, params=PARAMS, dim="item")
+    with pytest.raises(
+        ValueError, match=r"\(sizes\['token'\]\):\n  sizes\['token'\]: stored 5, now 6"
+    ):
+        BatchWriter(path, params=PARAMS, attrs=ATTRS, sizes={"token": 6})  # another plan's width
     # the same parameters in other Python types (tuple vs list, Path vs str) are the same run
     same = {"layers": [3, 5], "n_prompts": np.int64(11), "out": "run.zarr"}
     assert BatchWriter(path, params=same).n_done == 1
 
 
 def test_append_checks_batch_dim_and_schema(tmp_path):
-    w = BatchWriter(tmp_path / "run.zarr", params=PARAMS)
+    w = BatchWriter(tmp_path / "run.zarr", params=PARAMS, sizes=SIZES)
     with pytest.raises(ValueError, match="no 'prompt' dim.*expand_dims"):
         w.append(make_batch(0).isel(prompt=0))
     w.append(make_batch(0))
@@ -372,9 +504,20 @@ def test_open_final_missing(tmp_path, labeled):
         store.open(tmp_path / "single.zarr", final=True)
 
 
-def test_gap_in_batches_is_reported(tmp_path):
+def test_append_refuses_a_batch_larger_than_planned(tmp_path):
+    w = BatchWriter(tmp_path / "run.zarr", params=PARAMS)
+    w.append(make_batch(0))  # 3 tokens: without sizes=, the first batch fixes the width
+    with pytest.raises(ValueError, match=r"batch 1 has 4 along 'token'.*sizes=\{'token'"):
+        w.append(make_batch(1))
+    wider = make_batch(2).assign_coords(head=[3, 8])
+    with pytest.raises(ValueError, match=r"'head' labels \[3, 8\].*\[3, 7\]"):
+        w.append(wider.isel(token=slice(0, 3)))
+    assert w.n_done == 1
+
+
+def test_gap_in_per_batch_layout_is_reported(tmp_path):
     path = tmp_path / "run.zarr"
-    run(path, make_batches()[:3])
+    write_per_batch_layout(path, make_batches()[:3])
     os.rename(path / "batch-000001.zarr", tmp_path / "moved.zarr")
     with pytest.raises(ValueError, match="batch 1 is missing"):
         store.open(path)

@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 import xarray as xr
+from qktrace.studies import STUDIES
+from qktrace.studies import toy as toy_study
 from scipy.linalg import subspace_angles
 from typer.testing import CliRunner
 
@@ -23,8 +25,6 @@ from qktrace.toy.analysis import (
 from qktrace.toy.data import PayloadTask
 from qktrace.toy.model import PayloadRetrievalHead
 from qktrace.toy.train import train
-from qktrace.studies import STUDIES
-from qktrace.studies import toy as toy_study
 
 # ------------------------------------------------------------------------------------------
 # data
@@ -93,7 +93,7 @@ def test_swapping_the_whole_key_moves_attention_to_the_target():
     whole = swap_effects(model, episodes, np.eye(8), target)
     assert whole["flip_rate"] == 1.0
     nothing = swap_effects(model, episodes, np.zeros((8, 0)), target)
-    assert nothing["flip_rate"] == 0.0 and nothing["delta_p_target"] == 0.0
+    assert nothing["flip_rate"] == 0.0 and nothing["mean_delta_p_target"] == 0.0
 
 
 def test_interaction_matrix_and_dominance():
@@ -140,7 +140,7 @@ def assert_ranks_recovered(ds: xr.Dataset) -> int:
             "M": cell.M,
             "seed": cell.seed,
         }
-        ranks = ds["recovered_rank"].sel(where)
+        ranks = ds["rank"].sel(where)
         assert (int(ranks.sel(latent="z1")), int(ranks.sel(latent="z2"))) == (cell.N, cell.M), where
         checked += 1
     return checked
@@ -165,7 +165,7 @@ def test_recovered_subspaces_are_the_latent_directions():
     finally:
         torch.set_num_threads(threads)
     assert trained.val_accuracy > 0.95
-    subspaces = recover_subspaces(trained.model, task, n_pairs=20_000)
+    subspaces = recover_subspaces(trained.model, task, n_contrast_pairs=20_000)
     e = task.encoders
     for latent, a, b in (("z1", "A1", "B1"), ("z2", "A2", "B2")):
         sub = Subspace.from_dataset(subspaces.sel(feature=latent))
@@ -188,10 +188,15 @@ def test_swap_in_both_subspaces_flips_more_than_random(toy_store):
 def test_store_contract(toy_store):
     ds = store.open(toy_store)
     grid = ("variant", "d_head", "N", "M")
-    assert ds["recovered_rank"].dims == (*grid, "latent", "seed")
+    assert ds["rank"].dims == (*grid, "latent", "seed")
     assert ds["accuracy"].dims == (*grid, "seed")
     assert ds["singular_values"].dims == (*grid, "latent", "seed", "component")
-    for name in ("flip_rate", "target_attention", "delta_p_target", "subspace_size"):
+    for name in (
+        "flip_rate",
+        "mean_attention_target_after",
+        "mean_delta_p_target",
+        "subspace_size",
+    ):
         assert ds[name].dims == (*grid, "seed", "subspace"), name
     assert ds["random_flip_rate"].dims == (*grid, "seed", "random_subspace", "draw")
     assert ds["pca"].dims == (*grid, "seed", "role", "point", "pc")
@@ -209,7 +214,7 @@ def test_store_contract(toy_store):
     assert list(ds["role"].values) == ["query", "key"]
     assert list(ds["d_head"].values) == [16, 8]
     assert ds.sizes["draw"] == 10 and ds.sizes["component"] == 16
-    assert ds["recovered_rank"].dtype.kind == "i"
+    assert ds["rank"].dtype.kind == "i"
     assert ds.attrs["study"] == "toy" and ds.attrs["params"]["ranks"] == [3, 5]
     # d_head = 8 models have 8 singular values; the rest is padding
     assert ds["singular_values"].sel(d_head=8).isel(component=slice(8, None)).isnull().all()
@@ -286,3 +291,15 @@ def test_intervention_bars_draws_an_all_nan_panel():
     empty = fig.axes[1]
     assert "no data" in " ".join(text.get_text() for text in empty.texts)
     assert [t.get_text() for t in empty.get_xticklabels()] == ["both", "random_both"]
+
+
+def test_a_store_written_before_the_renames_still_shows_and_draws(toy_store, tmp_path):
+    """toy.zarr once said recovered_rank, target_attention, ...: figures and summary read both."""
+    ds = store.open(toy_store).load()
+    renamed_back = {new: old for old, new in toy_study.RENAMED.items() if new in ds.data_vars}
+    assert set(renamed_back) >= {"rank", "mean_attention_target_after", "pc_variance_ratio"}
+    old = store.save(ds.rename(renamed_back), tmp_path / "toy.zarr")
+    assert toy_study.summary(store.open(old)) == toy_study.summary(ds)
+    assert len(toy_study.draw_figures(store.open(old), tmp_path)) == len(toy_study.FIGURES)
+    result = CliRunner().invoke(app, ["show", str(old)])
+    assert result.exit_code == 0 and "recovered_rank" in result.output, result.output

@@ -28,7 +28,7 @@ import functools, signal, sys
 signal.signal(signal.SIGINT, signal.default_int_handler)
 from qktrace.studies import toy
 toy.settings = functools.partial(toy.settings, ranks=(3,), d_heads=(8,), variants=("discrete",),
-                                 n_pairs=1000, n_random=1)
+                                 n_contrast_pairs=1000, n_random=1)
 from qktrace.cli import app
 app(sys.argv[1:], prog_name="qktrace")
 """
@@ -96,9 +96,13 @@ def test_ctrl_c_stops_at_once_keeps_finished_models_and_resumes(tmp_path):
 def test_a_kept_model_of_other_parameters_is_refused(tmp_path):
     from qktrace.studies import toy as toy_study
 
-    small = dict(ranks=(3,), d_heads=(8,), variants=("discrete",), n_pairs=500, n_random=1)
+    small = dict(ranks=(3,), d_heads=(8,), variants=("discrete",), n_contrast_pairs=500, n_random=1)
     kept = toy_study.Cells(tmp_path / "toy.cells", toy_study.settings(max_steps=5, **small))
     kept.keep(("discrete", 8, 3, 3, 0), __import__("xarray").Dataset())
-    with pytest.raises(ValueError, match="holds the finished models of a run with other param"):
+    with pytest.raises(
+        ValueError,
+        match=r"holds the finished models of a run with different "
+        r"parameters \(max_steps\):\n  max_steps: stored 5, now 6\n.*--overwrite",
+    ):
         toy_study.run(tmp_path, max_steps=6, figures=False, progress=False,
                       **small)  # fmt: skip

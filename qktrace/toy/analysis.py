@@ -31,18 +31,18 @@ RANDOM_SUBSPACES = tuple(f"random_{name}" for name in SUBSPACES)
 
 
 def contrast_sums(
-    model: PayloadRetrievalHead, task: PayloadTask, *, n_pairs: int = 20_000, seed: int = 0
+    model: PayloadRetrievalHead, task: PayloadTask, *, n_contrast_pairs: int = 20_000, seed: int = 0
 ) -> xr.Dataset:
     """Covariance sums of the model's q and k over the contrast sets of z1 and z2.
 
-    Each latent gets `n_pairs` positive and `n_pairs` negative (query, key) pairs, as one
-    head (``head=0``) and two features (``feature=["z1", "z2"]``).
+    Each latent gets `n_contrast_pairs` positive and `n_contrast_pairs` negative (query, key)
+    pairs, as one head (``head=0``) and two features (``feature=["z1", "z2"]``).
     """
     g = torch.Generator().manual_seed(seed)
     sums = covariance.empty_sums([0], list(LATENTS), model.d_head)
     with torch.no_grad():
         for latent in LATENTS:
-            inputs = task.contrast_inputs(latent, n_pairs, g)
+            inputs = task.contrast_inputs(latent, n_contrast_pairs, g)
             q = model.queries(inputs.query).double().numpy()
             for contrast, keys in (("positive", inputs.positive), ("negative", inputs.negative)):
                 k = model.keys(keys).double().numpy()
@@ -54,7 +54,7 @@ def recover_subspaces(
     model: PayloadRetrievalHead,
     task: PayloadTask,
     *,
-    n_pairs: int = 20_000,
+    n_contrast_pairs: int = 20_000,
     threshold: float = 0.99,
     centered: bool = False,
     seed: int = 0,
@@ -68,11 +68,11 @@ def recover_subspaces(
     --------
     >>> from qktrace.toy.train import train
     >>> trained = train(PayloadTask(rank_z1=3, rank_z2=3, seed=0), d_head=8, max_steps=10)
-    >>> sub = recover_subspaces(trained.model, trained.task, n_pairs=500)
+    >>> sub = recover_subspaces(trained.model, trained.task, n_contrast_pairs=500)
     >>> sub["rank"].dims
     ('feature',)
     """
-    sums = contrast_sums(model, task, n_pairs=n_pairs, seed=seed)
+    sums = contrast_sums(model, task, n_contrast_pairs=n_contrast_pairs, seed=seed)
     return covariance.decompose(sums, threshold=threshold, centered=centered).isel(
         head=0, drop=True
     )
@@ -99,8 +99,8 @@ def swap_effects(
     context index b per episode. After the swap (``ops.swap_in_subspace``):
 
     - ``flip_rate``: fraction of episodes whose attention argmax is now b;
-    - ``target_attention``: mean attention weight on b;
-    - ``delta_p_target``: mean change of p(b | {a, b}) = softmax over the two logits.
+    - ``mean_attention_target_after``: mean attention weight on b;
+    - ``mean_delta_p_target``: mean change of p(b | {a, b}) = softmax over the two logits.
     """
     with torch.no_grad():
         q = model.queries(episodes.query)
@@ -121,8 +121,8 @@ def swap_effects(
 
         return {
             "flip_rate": (after.argmax(-1) == target).float().mean().item(),
-            "target_attention": torch.softmax(after, -1)[rows, target].mean().item(),
-            "delta_p_target": (p_target(after) - p_target(before)).mean().item(),
+            "mean_attention_target_after": torch.softmax(after, -1)[rows, target].mean().item(),
+            "mean_delta_p_target": (p_target(after) - p_target(before)).mean().item(),
         }
 
 
@@ -143,8 +143,8 @@ def intervene(
     Returns
     -------
     xr.Dataset
-        ``flip_rate``, ``target_attention``, ``delta_p_target`` over ``subspace`` = z1, z2,
-        both, random_z1, random_z2, random_both (random ones averaged over the draws), the same
+        ``flip_rate``, ``mean_attention_target_after``, ``mean_delta_p_target`` over
+        ``subspace`` = z1, z2, both, random_z1, random_z2, random_both (random ones averaged over the draws), the same
         per draw as ``random_flip_rate`` etc. over (``random_subspace``, ``draw``), and
         ``subspace_size (subspace)``.
     """
@@ -158,7 +158,7 @@ def intervene(
     target = (attended + shift) % task.n_context  # any token but the attended one
 
     bases = key_bases(subspaces)
-    metrics = ("flip_rate", "target_attention", "delta_p_target")
+    metrics = ("flip_rate", "mean_attention_target_after", "mean_delta_p_target")
     recovered = {name: swap_effects(model, episodes, bases[name], target) for name in SUBSPACES}
     per_draw = {m: np.zeros((len(SUBSPACES), n_random)) for m in metrics}
     for i, name in enumerate(SUBSPACES):
@@ -210,7 +210,7 @@ def pca_on_subspace(
     xr.Dataset
         ``pca (role, point, pc)`` with role = query/key; ``corner (role, point)``, the sign
         pattern of the latent as an integer (the cube corner in the discrete variant);
-        ``explained_variance (pc)``. PCs beyond the subspace's rank are NaN.
+        ``pc_variance_ratio (pc)``. PCs beyond the subspace's rank are NaN.
     """
     sub = covariance.Subspace.from_dataset(subspaces.sel(feature=latent))
     episodes = task.sample(n_points, torch.Generator().manual_seed(seed))
@@ -236,7 +236,7 @@ def pca_on_subspace(
         {
             "pca": (("role", "point", "pc"), pca),
             "corner": (("role", "point"), np.stack([corner, corner])),
-            "explained_variance": ("pc", explained),
+            "pc_variance_ratio": ("pc", explained),
         },
         coords={
             "role": ["query", "key"],
@@ -301,7 +301,7 @@ def analyze(
     model: PayloadRetrievalHead,
     task: PayloadTask,
     *,
-    n_pairs: int = 20_000,
+    n_contrast_pairs: int = 20_000,
     threshold: float = 0.99,
     n_random: int = 10,
     n_episodes: int = 2000,
@@ -314,15 +314,17 @@ def analyze(
     Returns
     -------
     xr.Dataset
-        ``recovered_rank (latent)``, ``singular_values (latent, component)``,
+        ``rank (latent)``, ``singular_values (latent, component)``,
         ``delta_c (latent, dq, dk)``; the `intervene` variables; ``pca (role, point, pc)``,
-        ``pca_corner (role, point)``, ``pca_explained_variance (pc)``;
+        ``pca_corner (role, point)``, ``pc_variance_ratio (pc)``;
         ``interaction (query_latent, key_latent)`` with ``diagonal_fraction`` and
         ``block_fraction``. With `pad_rank`, the latent labels of ``interaction`` run over
         z1.0 … z1.{pad_rank-1} and z2.0 … whatever N and M (NaN where a cell has fewer), so
         that the cells of a grid stack.
     """
-    subspaces = recover_subspaces(model, task, n_pairs=n_pairs, threshold=threshold, seed=seed)
+    subspaces = recover_subspaces(
+        model, task, n_contrast_pairs=n_contrast_pairs, threshold=threshold, seed=seed
+    )
     by_latent = subspaces.rename(feature="latent")
     pca = pca_on_subspace(model, task, subspaces, n_points=n_points, seed=seed + 2)
     g = interaction_matrix(model, task)
@@ -331,7 +333,7 @@ def analyze(
     d = np.arange(model.d_head)
     return xr.Dataset(
         {
-            "recovered_rank": by_latent["rank"],
+            "rank": by_latent["rank"],
             "singular_values": by_latent["singular_values"],
             "delta_c": by_latent["delta_c"].assign_coords(dq=d, dk=d),
             **intervene(
@@ -339,7 +341,7 @@ def analyze(
             ),
             "pca": pca["pca"],
             "pca_corner": pca["corner"],
-            "pca_explained_variance": pca["explained_variance"],
+            "pc_variance_ratio": pca["pc_variance_ratio"],
             "interaction": g.reindex(query_latent=labels, key_latent=labels),
             **{name: ((), value) for name, value in diagonal_dominance(g).items()},
         }

@@ -177,7 +177,9 @@ class PayloadTask:
 
     # -- contrast sets -----------------------------------------------------------------------
 
-    def contrast_inputs(self, latent: Latent, n_pairs: int, g: torch.Generator) -> ContrastInputs:
+    def contrast_inputs(
+        self, latent: Latent, n_contrast_pairs: int, g: torch.Generator
+    ) -> ContrastInputs:
         """Queries with one positive and one negative key each, for `latent` ("z1" or "z2").
 
         Positive key: the query's value of `latent`. Negative key: a fresh, different value.
@@ -187,16 +189,20 @@ class PayloadTask:
             raise ValueError(f"latent={latent!r}; use 'z1' or 'z2'.")
         ranks = {"z1": self.rank_z1, "z2": self.rank_z2}
         other: Latent = "z2" if latent == "z1" else "z1"
-        shared = self.latents((n_pairs,), ranks[latent], g)  # the query's value of the latent
-        query_other = self.latents((n_pairs,), ranks[other], g)
+        shared = self.latents(
+            (n_contrast_pairs,), ranks[latent], g
+        )  # the query's value of the latent
+        query_other = self.latents((n_contrast_pairs,), ranks[other], g)
         fresh = self._different_latents(shared, ranks[latent], g)
-        key_other = self.latents((n_pairs,), ranks[other], g)  # held fixed across the two keys
+        key_other = self.latents(
+            (n_contrast_pairs,), ranks[other], g
+        )  # held fixed across the two keys
 
         def with_latent(value: torch.Tensor, other_value: torch.Tensor) -> dict[str, torch.Tensor]:
             return {latent: value, other: other_value}
 
         def keys(value: torch.Tensor) -> torch.Tensor:
-            payload = torch.randint(0, self.n_classes, (n_pairs,), generator=g)
+            payload = torch.randint(0, self.n_classes, (n_contrast_pairs,), generator=g)
             return self.key_inputs(**with_latent(value, key_other), payload=payload, g=g)
 
         query = self.query_inputs(**with_latent(shared, query_other), g=g)
