@@ -561,7 +561,7 @@ def swaps(
                 name=name,
                 orig=[test.keys[i][orig[i]] for i in chosen],
                 target=[test.keys[i][test.swap[i][1]] for i in chosen],
-                mode="swap",
+                edit="swap",
                 n_random=n_random,
                 seed=seed,
             )
