@@ -53,6 +53,10 @@ Label = tuple[str, str] | None
 # Batches per NDIF request by default: 16x fewer round trips and returned sums, while a failed
 # request loses (and a resume repeats) at most 16 batches.
 REMOTE_BATCHES_PER_REQUEST = 16
+# A study's reduce on a remote model (`study_options`): 64 batches a request, so a study of up
+# to 64 x batch_size prompts sums its subspace prompts in one round trip, and a failed request
+# still loses (and a resume repeats) a bounded number of batches.
+STUDY_REMOTE_BATCHES_PER_REQUEST = 64
 # `reduce(out=)` writes its running sums at most this often (and when it stops, for whatever
 # reason Python sees): a checkpoint costs about as much as a batch of a small model, so writing
 # one per batch doubled the organism's reduce. A kill that Python cannot see (SIGKILL, power
@@ -187,6 +191,26 @@ def _reduce_batch(
     )
     finite = np.logical_and.reduce([s[4].cpu().numpy() for s in saved])
     return qk, scale, q, k, finite
+
+
+def study_options(model: Model) -> dict[str, Any]:
+    """The `reduce` options of the studies: none locally (the store keeps C+ and C- sums,
+    `qk_sum`); on a remote model ΔC only (`delta=True`, float32 on the wire, a quarter of the
+    float64 C+ and C- bytes) and `STUDY_REMOTE_BATCHES_PER_REQUEST` batches a request. ΔC is
+    then what the SVD reads, as locally, to float32 rounding (`tests/test_pipeline.py`)."""
+    if not model.remote:
+        return {}
+    return {
+        "delta": True,
+        "delta_dtype": "float32",
+        "batches_per_request": STUDY_REMOTE_BATCHES_PER_REQUEST,
+    }
+
+
+def stored_sums(sums: xr.Dataset) -> list[str]:
+    """The sums variables a study's store keeps beside its subspaces: `qk_sum`, `q_sum`,
+    `k_sum`, less `qk_sum` when the sums are ΔC only (`delta=True`; decompose adds `delta_c`)."""
+    return [name for name in ("qk_sum", "q_sum", "k_sum") if name in sums]
 
 
 def _check_labels(labels: Sequence[Sequence[Label]]) -> Check:

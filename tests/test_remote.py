@@ -97,7 +97,7 @@ def test_intervene_and_find_heads_retry_then_stop_clearly(flaky_backend):
 def test_study_stops_after_saved_batches_and_resumes(flaky_backend, tmp_path, monkeypatch):
     """A --remote-local study whose requests fail from batch 2 on: it stops with batch 1 saved,
     says how to resume, and the rerun equals a run that never failed."""
-    monkeypatch.setattr("qktrace.sums.REMOTE_BATCHES_PER_REQUEST", 1)  # one batch a request
+    monkeypatch.setattr("qktrace.sums.STUDY_REMOTE_BATCHES_PER_REQUEST", 1)  # one batch a request
     checkpoint = testing.save_checkpoint(tmp_path / "tiny-llama", "llama")
     run = dict(
         heads="1.0", n_prompts=6, n_test=2, n_pairs=3, n_random=1, batch_size=3,
