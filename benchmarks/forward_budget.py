@@ -113,9 +113,7 @@ class Counter:
 
         self.patch(answers, "intervene_answers", timed)
 
-        def wrap(
-            mod: Any, name: str, inputs_of: Any, step: str, answer: bool = False
-        ) -> None:
+        def wrap(mod: Any, name: str, inputs_of: Any, step: str, answer: bool = False) -> None:
             fn = getattr(mod, name)
 
             def wrapped(*args: Any, **kwargs: Any) -> Any:
