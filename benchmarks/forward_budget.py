@@ -20,7 +20,9 @@ as the study's minimum rows, with the same batches, in the same process. It prin
 
 and with ``--remote-local`` (nnsight's offline simulation of NDIF) the requests (round trips),
 bytes of the serialized requests, bytes of the arrays the requests return, and the raw q/k bytes
-(every token's q and k of the studied heads in the same traces) they stand against (goal <= 1%).
+(every token's q and k of the studied heads in the same traces) they stand against (goal <= 1%),
+in all and per step (reduce: the covariance sums; capture: the fresh prompts; capture (subspace
+pairs): lexical's original and counterfactual captures; head search: a search pass of its own).
 
     python benchmarks/forward_budget.py                       # the organism, its default sizes
     python benchmarks/forward_budget.py --studies order_id --n-prompts 300 --n-test 90
