@@ -142,7 +142,8 @@ def with_retries(
                     f"The request for {what} failed {attempts} times; last error: {error}. "
                     + (
                         resume_hint
-                        or "Pass out=PATH (--out on the CLI) so completed batches are kept."
+                        or "Pass out=PATH so completed batches are kept (a study keeps its "
+                        "covariance sums in its --out: rerun the same command to go on)."
                     )
                 ) from error
             sleep(backoff ** (attempt - 1))

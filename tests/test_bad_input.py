@@ -141,7 +141,8 @@ def requests_keep_failing(env, tmp_path, monkeypatch) -> list:
 
     monkeypatch.setattr(LocalSimulationBackend, "__call__", call)
     monkeypatch.setattr(remote_module.time, "sleep", lambda s: None)
-    monkeypatch.setattr("qktrace.sums.REMOTE_BATCHES_PER_REQUEST", 1)  # one batch a request
+    monkeypatch.setattr("qktrace.sums.REMOTE_BATCHES_PER_REQUEST", 1)  # one batch a request,
+    monkeypatch.setattr("qktrace.sums.STUDY_REMOTE_BATCHES_PER_REQUEST", 1)  # in studies too
     return order_id_cli("--heads", "1.0", "--remote-local", *STUDY)(env, tmp_path, monkeypatch)
 
 
