@@ -177,14 +177,14 @@ def main() -> None:
             out = lm.output.save()
         return out
 
-    calls = [model.attention_call(layer) for layer in layers]
+    reads = [model.attention_inputs(layer) for layer in layers]
 
     def nnsight_raw() -> Any:
         with lm.trace(inputs):
             raw = nnsight.save([])
-            for call in calls:
-                call_args, _ = call.inputs
-                raw.append([call_args[1], call_args[2]])
+            for read in reads:
+                q, k, _ = read.read()
+                raw.append([q, k])
         return [[t.numpy() for t in pair] for pair in raw]
 
     def qk_capture(attention: bool) -> Any:

@@ -20,7 +20,9 @@ as the study's minimum rows, with the same batches, in the same process. It prin
 
 and with ``--remote-local`` (nnsight's offline simulation of NDIF) the requests (round trips),
 bytes of the serialized requests, bytes of the arrays the requests return, and the raw q/k bytes
-(every token's q and k of the studied heads in the same traces) they stand against (goal <= 1%).
+(every token's q and k of the studied heads in the same traces) they stand against (goal <= 1%),
+in all and per step (reduce: the covariance sums; capture: the fresh prompts; capture (subspace
+pairs): lexical's original and counterfactual captures; head search: a search pass of its own).
 
     python benchmarks/forward_budget.py                       # the organism, its default sizes
     python benchmarks/forward_budget.py --studies order_id --n-prompts 300 --n-test 90
@@ -63,6 +65,9 @@ class Counter:
         self.answer_cpu = 0.0
         self.requests: list[int] = []
         self.returned = 0
+        # per step (reduce, capture of the fresh prompts, ...): [requests, request bytes, returned]
+        self.steps: dict[str, list[int]] = {}
+        self.step = "other"
         self.raw_qk = 0
         self.answer_returned = 0
         self.answer_raw_qk = 0
@@ -110,31 +115,65 @@ class Counter:
 
         self.patch(answers, "intervene_answers", timed)
 
-        def wrap(mod: Any, name: str, inputs_of: Any, answer: bool = False) -> None:
+        def wrap(mod: Any, name: str, inputs_of: Any, step: str, answer: bool = False) -> None:
             fn = getattr(mod, name)
 
             def wrapped(*args: Any, **kwargs: Any) -> Any:
                 for inputs, copies in inputs_of(*args, **kwargs):
                     record(inputs, copies)
-                out = fn(*args, **kwargs)
+                outer = counter.step
+                counter.step = f"{step} ({outer})" if outer != "other" else step
+                try:
+                    out = fn(*args, **kwargs)
+                finally:
+                    counter.step, here = outer, counter.step
                 if answer:
                     counter.answer_returned += _nbytes(out)
                 else:
                     counter.returned += _nbytes(out)
+                counter.steps.setdefault(here, [0, 0, 0])[2] += _nbytes(out)
                 return out
 
             self.patch(mod, name, wrapped)
 
+        import qktrace.pipeline as pipeline
+
+        def within(name: str, step: str) -> None:
+            """Name the capture (or reduce) calls that run inside `pipeline.<name>` `step`."""
+            fn = getattr(pipeline, name)
+
+            def named(*args: Any, **kwargs: Any) -> Any:
+                outer, counter.step = counter.step, step
+                try:
+                    return fn(*args, **kwargs)
+                finally:
+                    counter.step = outer
+
+            self.patch(pipeline, name, named)
+
+        within("counterfactual_pairs", "subspace pairs")
+
         # the per-batch functions run the forward passes: one trace per batch (reduce: per
         # batch of its request)
-        wrap(qk, "_capture_batch", lambda model, enc, *a, **k: [(enc.inputs, 0)])
-        wrap(sums, "_reduce_batch", lambda model, work, *a, **k: [(w[0], 0) for w in work])
+        wrap(qk, "_capture_batch", lambda model, enc, *a, **k: [(enc.inputs, 0)], "capture")
+        wrap(
+            sums,
+            "_reduce_batch",
+            lambda model, work, *a, **k: [(w[0], 0) for w in work],
+            "reduce",
+        )
         # head search in a pass of its own (find_heads), when it cannot share the capture's
-        wrap(heads_module, "_scan_batch", lambda model, batch, *a, **k: [(batch.encoded.inputs, 0)])
+        wrap(
+            heads_module,
+            "_scan_batch",
+            lambda model, batch, *a, **k: [(batch.encoded.inputs, 0)],
+            "head search",
+        )
         wrap(
             answers,
             "_answers_batch",
             lambda model, batch, *a, **k: [(batch.encoded.inputs, a[-1])],
+            "answers",
             answer=True,
         )
         from nnsight.schema.request import RequestModel
@@ -144,6 +183,9 @@ class Counter:
         def recorded(tracer: Any, compress: bool = False) -> bytes:
             blob = serialize(tracer, compress)
             counter.requests.append(len(blob))
+            step = counter.steps.setdefault(counter.step, [0, 0, 0])
+            step[0] += 1
+            step[1] += len(blob)
             return blob
 
         self.patch(RequestModel, "serialize", recorded)
@@ -280,7 +322,7 @@ def main() -> None:
     remote = "local" if args.remote_local else False
     lm = load(path, remote=remote)
     net = AutoModelForCausalLM.from_pretrained(path).eval()
-    rows_out, bytes_out = [], []
+    rows_out, bytes_out, steps_out = [], [], []
     for study in args.studies.split(","):
         module = importlib.import_module(f"qktrace.studies.{study}")
         n_prompts, n_test = sizes(path, study, args.n_prompts, args.n_test)
@@ -347,6 +389,11 @@ def main() -> None:
                     f"{100 * counter.answer_returned / max(counter.answer_raw_qk, 1):.3f}%",
                 ]
             )
+            for step, (requests, sent, back) in sorted(counter.steps.items()):
+                steps_out.append(
+                    [study, step, requests, human(sent), human(back),
+                     f"{100 * back / counter.raw_qk:.2f}%"]
+                )  # fmt: skip
         print(f"{study}: done ({wall:.0f} s; bare forwards of {bare_rows} rows)", flush=True)
     print()
     print(
@@ -383,6 +430,14 @@ def main() -> None:
         print(
             "raw q/k: every token's q and k of the studied heads in the same forward passes "
             "(float32); returned: the arrays the requests sent back; answer *: the answer step"
+        )
+        print()
+        print(table(steps_out, ["study", "step", "requests", "request bytes", "returned",
+                                "returned/raw q/k"]))  # fmt: skip
+        print(
+            "step: the per-batch function that ran the requests (reduce: the covariance sums; "
+            "capture: the fresh prompts' q/k/attention; capture (subspace pairs): lexical's "
+            "original and counterfactual answer keys); returned/raw q/k: over the study's raw q/k"
         )
 
 

@@ -25,8 +25,11 @@ Arms:
              bound a caller can reach without capture(out=) (--capture-loop).
   capture-all  qktrace.capture of all N prompts in memory, then store.save: the O(N)
              reference (--capture-all).
+  intervene  qktrace.intervene of head 1.1 (swap of the keys at positions 2 and -2 in a random
+             rank-4 subspace, 10 random baselines): it streams batches, so beyond its per-prompt
+             results (a few numbers a prompt) it should hold about one batch.
 
-Reduce runs at --sizes (default 1k and 10k prompts); the capture arms at --capture-sizes
+Reduce runs at --sizes (default 1k and 10k prompts); the capture and intervene arms at --capture-sizes
 (default 500 and 2000, to keep the default run near 3 minutes on 2 cores).
 
 Prints figures only; asserts nothing.
@@ -56,6 +59,10 @@ def rss_now() -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+# arms whose result is held in memory (not in a store): "retained" does not count it
+RESULT_HELD = ("reduce", "reduce-out", "intervene")
 
 
 def peak_rss() -> int:
@@ -162,6 +169,16 @@ def child(
                 result_bytes, info = capture_to_zarr(model, prompts, heads, batch, out)
         elif arm == "capture-loop":
             result_bytes, info = capture_to_zarr(model, prompts, heads, batch, out)
+        elif arm == "intervene":
+            from qktrace.interventions import intervene
+
+            basis = np.linalg.qr(rng.normal(size=(model.d_head, 4)))[0]
+            ds = intervene(
+                model, prompts, "1.1", basis, orig=[2] * n, target=[-2] * n, n_random=10,
+                batch_size=batch, progress=False,
+            )  # fmt: skip
+            result_bytes = ds.nbytes
+            info["writer"] = "intervene() in memory (its per-prompt results are the result)"
         elif arm == "capture-all":
             from qktrace import store
 
@@ -186,7 +203,7 @@ def child(
         "peak_rss": peak,
         "peak_minus_before": peak - before,
         "tracemalloc_peak": traced_peak,
-        "retained": traced_now - (result_bytes if arm.startswith("reduce") else 0),
+        "retained": traced_now - (result_bytes if arm in RESULT_HELD else 0),
         "result_bytes": result_bytes,
         "disk_bytes": disk,
         "one_batch_bytes": one_batch,
@@ -264,12 +281,13 @@ def main() -> None:
     parser.add_argument(
         "--arms",
         default="reduce,capture",
-        help="arms, comma-separated: reduce, reduce-out, capture, capture-all (default reduce,capture)",
+        help="arms, comma-separated: reduce, reduce-out, capture, capture-all, intervene "
+        "(default reduce,capture)",
     )
     parser.add_argument(
         "--capture-sizes",
         default="500,2000",
-        help="prompt counts for the capture arms (default 500,2000)",
+        help="prompt counts for the capture and intervene arms (default 500,2000)",
     )
     parser.add_argument("--with-out", action="store_true", help="add the reduce-out arm")
     parser.add_argument(

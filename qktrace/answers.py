@@ -38,13 +38,11 @@ import nnsight
 import numpy as np
 import torch
 import xarray as xr
-from tqdm.auto import tqdm
 
 from . import ops
 from .attribution import as_basis, orthogonalize
-from .batching import Batch, PromptInput, encode, plan_batches, resolve_positions
+from .batching import Batch, PromptInput, prepare, resolve_positions, run
 from .models import Head, Model, parse_heads
-from .remote import with_retries
 
 __all__ = ["intervene_answers"]
 
@@ -178,8 +176,8 @@ def intervene_answers(
     answer_i, target_i = np.asarray(answer, dtype=int), np.asarray(target_answer, dtype=int)
     if ((answer_i < 0) | (answer_i >= n_cand) | (target_i < 0) | (target_i >= n_cand)).any():
         raise ValueError(f"answer and target_answer must index the {n_cand} candidates.")
-    lengths = encode(model, prompts, add_special_tokens=add_special_tokens).lengths
-    key_edit = _key_positions(mode, side, orig, target, at, lengths)
+    plan = prepare(model, prompts, "last", "last", batch_size, add_special_tokens)
+    key_edit = _key_positions(mode, side, orig, target, at, plan.lengths)
 
     # per head: stacked bases [S, d, r] (copy 0 zero, 1 the recovered subspace, 2.. random)
     from .covariance import random_subspaces
@@ -205,32 +203,22 @@ def intervene_answers(
         if v is not None
     ]
     copies = 2 + n_random
-    plan = plan_batches(model, prompts, "last", "last", batch_size, add_special_tokens)
-    results = []
-    bar = tqdm(total=n, desc="answers", unit="prompt", disable=not progress)
-    for batch in plan:
+
+    def step(batch: Batch) -> tuple[np.ndarray, np.ndarray]:
         rows = slice(batch.start, batch.start + len(batch.texts))
         edit_index = None
         if key_edit is not None:
             edit_index = torch.tensor(
                 [[batch.encoded.padded(i, p) for p in r] for i, r in enumerate(key_edit[rows])]
             )
-        values = with_retries(
-            _answers_batch,
-            model,
-            batch,
-            key_edits,
-            query_edits,
-            edit_index,
-            mode,
-            torch.tensor(ids[rows]),
-            copies,
-            what=f"prompts {batch.start}..{batch.start + len(batch.texts) - 1}",
-            resume_hint="intervene_answers keeps no partial results: rerun it.",
+        return _answers_batch(
+            model, batch, key_edits, query_edits, edit_index, mode, torch.tensor(ids[rows]), copies
         )
-        results.append(values)
-        bar.update(len(batch.texts))
-    bar.close()
+
+    hint = "intervene_answers keeps no partial results: rerun it."
+    results = [
+        values for _, values in run(plan, step, desc="answers", resume_hint=hint, progress=progress)
+    ]
     logits = np.concatenate([r[0] for r in results], axis=1)  # [S, prompt, candidate]
     logprobs = np.concatenate([r[1] for r in results], axis=1)
     names = [name] + [f"random_{i}" for i in range(n_random)]
@@ -343,10 +331,12 @@ def _answers_batch(
         return stack.repeat_interleave(b, dim=0)
 
     layers = sorted({e[0] for e in key_edits} | {e[0] for e in query_edits})
+    # read before the trace: the trace body may hold no qktrace object but `ops` ones (NDIF)
+    reads = [model.attention_inputs(layer) for layer in layers]
+    lm = model.lm
     with torch.inference_mode(), model.trace(inputs):
-        for layer in layers:
-            args, _ = model.attention_call(layer).inputs
-            q, k = args[1], args[2]
+        for layer, read in zip(layers, reads, strict=True):
+            q, k, _ = read.read()
             for _, kv, stack in (e for e in key_edits if e[0] == layer):
                 rows = k[:, kv]  # a view [S*b, tokens, d]: the write reaches the model
                 picked = ops.gather_positions(rows, index).float()
@@ -357,7 +347,7 @@ def _answers_batch(
                 picked = ops.gather_positions(rows, query_index).float()
                 edited = ops.edit_in_subspace(picked, per_row(stack), "ablate")
                 ops.put_positions(rows, query_index, edited, inplace=True)
-        out = model.lm.output.logits  # [S*b, tokens, vocab]
+        out = lm.output.logits  # [S*b, tokens, vocab]
         at_last = out[torch.arange(copies * b), last].float()
         logprobs = torch.log_softmax(at_last, dim=-1)
         saved = nnsight.save([at_last.gather(1, ids), logprobs.gather(1, ids)])

@@ -3,27 +3,34 @@
 Every verb that runs the model (capture, reduce, intervene, find_heads, the answer checks) plans
 its batches here, so all of them tokenize and pad a prompt the same way. Prompts are padded with
 explicit `position_ids` (left- or right-padding gives the same rotary positions as the unpadded
-prompt); `prepare` validates a whole run before any forward pass and tokenizes each batch again
-only when it runs, so a run keeps one batch in memory. `head_coords` labels heads in results.
+prompt); `prepare` tokenizes every prompt once and validates the whole run before any forward
+pass, keeping only the token ids (4 bytes a token); a batch is padded only when it runs, so a run
+keeps one batch in memory. `run` is the one loop of every verb: it pads each batch (or request
+of several), runs it with retries (`qktrace.remote.with_retries`), shows progress and skips what
+a resumed run has done. `head_coords` labels heads in results.
 """
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar, overload
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from . import checks
 from .models import Head, Model, iter_batches
+from .remote import with_retries
 
 Positions = Literal["last", "all"] | Sequence[int] | Sequence[Sequence[int]]
 # the argument a position spec came from, named in errors
 _ARGUMENT = {
     "Query": "query",
     "Key": "keys",
+    "Orig/target": "orig/target",
     "Orig": "orig",
     "Target": "target",
     "Edit (at=)": "at",
@@ -179,10 +186,12 @@ class Batch:
 
 @dataclass
 class Plan:
-    """The batches of a run, validated up front by `prepare`; iterating tokenizes one at a time.
+    """The batches of a run, validated up front by `prepare`; iterating pads one at a time.
 
-    Holds no per-prompt state, so a run over many prompts keeps one batch in memory. `sha256`
-    fingerprints what the run computes on (token ids, positions, extra rows such as labels).
+    Keeps each prompt's token ids (flat, 4 bytes a token; `lengths` per prompt) and nothing
+    else per prompt, so a run over many prompts holds one padded batch in memory and tokenizes
+    each prompt once. `sha256` fingerprints what the run computes on (token ids, positions,
+    extra rows such as labels).
     """
 
     model: Model
@@ -194,6 +203,18 @@ class Plan:
     query_width: int
     key_width: int
     sha256: str
+    token_ids: array
+    offsets: array
+
+    @property
+    def lengths(self) -> list[int]:
+        """Tokens of each prompt (unpadded)."""
+        o = self.offsets
+        return [o[i + 1] - o[i] for i in range(len(o) - 1)]
+
+    def ids(self, prompt: int) -> list[int]:
+        """The token ids of prompt `prompt`."""
+        return self.token_ids[self.offsets[prompt] : self.offsets[prompt + 1]].tolist()
 
     def __len__(self) -> int:
         return -(-len(self.prompts) // self.batch_size)
@@ -208,11 +229,12 @@ class Plan:
         return [(start, min(b, n - start)) for start in range(0, n, b)]
 
     def batch(self, start: int, chunk: Sequence[PromptInput] | None = None) -> Batch:
-        """The batch of prompts `start..`, tokenized now."""
+        """The batch of prompts `start..`, padded now from the token ids `prepare` kept."""
         if chunk is None:
             chunk = self.prompts[start : start + self.batch_size]
         n = len(chunk)
-        enc = encode(self.model, chunk, add_special_tokens=self.add_special_tokens, first=start)
+        ids = [self.ids(i) for i in range(start, start + n)]
+        enc = encode(self.model, ids, add_special_tokens=self.add_special_tokens, first=start)
         q_pos = resolve_positions(_slice(self.query, start, n), enc.lengths, "Query", start)
         k_pos = resolve_positions(_slice(self.keys, start, n), enc.lengths, "Key", start)
         q_index, q_slots = _index_tensor(enc, q_pos, self.query_width)
@@ -221,7 +243,8 @@ class Plan:
         return Batch(start, texts, enc, q_index, q_slots, k_index, k_slots)
 
 
-Check = Callable[[int, list[list[int]], list[list[int]]], None]
+# check(start, lengths, query positions, key positions) of one batch's prompts, resolved
+Check = Callable[[int, list[int], list[list[int]], list[list[int]]], None]
 
 
 def prepare(
@@ -234,22 +257,25 @@ def prepare(
     *,
     extra: Sequence[Any] | None = None,
     check: Check | None = None,
+    keys_name: str = "Key",
 ) -> Plan:
-    """Validate a run before any model work, in one pass that keeps no per-prompt state.
+    """Validate a run before any model work, in one pass that keeps only the token ids.
 
-    Tokenizes every prompt once to check it (not empty, within the model's context, every
-    position inside it), to fix the query/key widths all batches share (so batches stack and
-    append to a store without ragged padding), and to hash token ids, positions and `extra[i]`
-    (per-prompt rows, e.g. labels) into `Plan.sha256`. `check(start, query_positions,
-    key_positions)` may validate more per batch. Batches are tokenized again when run.
+    Tokenizes every prompt (once: the plan keeps the ids) to check it (not empty, within the
+    model's context, every position inside it), to fix the query/key widths all batches share
+    (so batches stack and append to a store without ragged padding), and to hash token ids,
+    positions and `extra[i]` (per-prompt rows, e.g. labels) into `Plan.sha256`.
+    `check(start, lengths, query_positions, key_positions)` may validate more per batch.
+    `keys_name` names the key positions in errors (a verb whose keys default to other
+    arguments names those).
     """
     import hashlib
     import json
 
     checks.prompts("prompts", prompts)
     checks.integer("batch_size", batch_size, low=1, example="16")
-    for spec, what in ((query, "Query"), (keys, "Key")):
-        checks.positions(_ARGUMENT[what], spec, len(prompts))
+    for spec, what in ((query, "Query"), (keys, keys_name)):
+        checks.positions(_ARGUMENT.get(what, what.lower()), spec, len(prompts))
         if not isinstance(spec, str) and len(spec) != len(prompts):
             raise ValueError(
                 f"{what} positions were given for {len(spec)} prompts but there are "
@@ -257,14 +283,18 @@ def prepare(
             )
     digest = hashlib.sha256()
     q_width = k_width = 0
+    token_ids, offsets = array("i"), array("q", [0])
     for start, chunk in iter_batches(prompts, batch_size):
         ids = _token_ids(model, chunk, add_special_tokens, start)
         lengths = [len(row) for row in ids]
         _check_context(model, lengths, start)
         q_pos = resolve_positions(_slice(query, start, len(chunk)), lengths, "Query", start)
-        k_pos = resolve_positions(_slice(keys, start, len(chunk)), lengths, "Key", start)
+        k_pos = resolve_positions(_slice(keys, start, len(chunk)), lengths, keys_name, start)
         if check is not None:
-            check(start, q_pos, k_pos)
+            check(start, lengths, q_pos, k_pos)
+        for row in ids:
+            token_ids.extend(row)
+            offsets.append(len(token_ids))
         for i, (row, qp, kp) in enumerate(zip(ids, q_pos, k_pos, strict=True)):
             item = [row, qp, kp] if extra is None else [row, qp, kp, extra[start + i]]
             digest.update(json.dumps(item, default=str).encode() + b"\n")
@@ -282,6 +312,8 @@ def prepare(
         q_width,
         k_width,
         digest.hexdigest()[:16],
+        token_ids,
+        offsets,
     )
 
 
@@ -295,6 +327,80 @@ def plan_batches(
 ) -> list[Batch]:
     """Every batch, validated and tokenized up front (`prepare`, then all of its batches)."""
     return list(prepare(model, prompts, query, keys, batch_size, add_special_tokens))
+
+
+T = TypeVar("T")
+
+
+@overload
+def run(
+    plan: Plan,
+    step: Callable[[Batch], T],
+    *,
+    desc: str,
+    resume_hint: str | Callable[[int], str],
+    progress: bool = ...,
+    done: int = ...,
+    batches_per_request: None = ...,
+) -> Iterator[tuple[Batch, T]]: ...
+
+
+@overload
+def run(
+    plan: Plan,
+    step: Callable[[list[Batch]], T],
+    *,
+    desc: str,
+    resume_hint: str | Callable[[int], str],
+    progress: bool = ...,
+    done: int = ...,
+    batches_per_request: int,
+) -> Iterator[tuple[list[Batch], T]]: ...
+
+
+def run(
+    plan: Plan,
+    step: Callable[[Any], T],
+    *,
+    desc: str,
+    resume_hint: str | Callable[[int], str],
+    progress: bool = True,
+    done: int = 0,
+    batches_per_request: int | None = None,
+) -> Iterator[tuple[Any, T]]:
+    """The loop of every verb: yield `(batch, step(batch))` for each batch of `plan`, in order.
+
+    Each batch is padded when its turn comes and `step` (one trace) runs under
+    `qktrace.remote.with_retries`: transient remote failures are retried, and the last one stops
+    the run with an error naming the prompts and `resume_hint` (a string, or a function of the
+    first prompt not done). A tqdm bar (`desc`, unless not `progress`) counts prompts; it
+    advances when the caller has handled a batch (e.g. written it), so it shows what is kept.
+    `done` prompts (a resumed run's, a whole number of batches) are skipped. With
+    `batches_per_request` (0: all in one) `step` gets a list of that many batches, one request.
+    """
+    todo = [(start, n) for start, n in plan.starts() if start >= done]
+    per = 1 if batches_per_request is None else batches_per_request or len(todo) or 1
+    bar = tqdm(
+        total=len(plan.prompts), initial=done, desc=desc, unit="prompt", disable=not progress
+    )
+    try:
+        for r in range(0, len(todo), per):
+            request = todo[r : r + per]
+            start, end = request[0][0], request[-1][0] + request[-1][1]
+            batches = [plan.batch(first) for first, _ in request]
+            unit = batches if batches_per_request is not None else batches[0]
+            del batches
+            value = with_retries(
+                step,
+                unit,
+                what=f"prompts {start}..{end - 1}",
+                resume_hint=resume_hint(start) if callable(resume_hint) else resume_hint,
+            )
+            yield unit, value
+            del unit, value
+            bar.update(end - start)
+    finally:
+        bar.close()
 
 
 def _check_context(model: Model, lengths: Sequence[int], start: int) -> None:

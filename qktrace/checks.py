@@ -20,9 +20,11 @@ import numpy as np
 __all__ = [
     "BadArgument",
     "BadArgumentType",
+    "choice",
     "finite",
     "integer",
     "number",
+    "one_per_prompt",
     "positions",
     "prompts",
     "unique",
@@ -176,6 +178,27 @@ def positions(name: str, value: Any, n_prompts: int, first: int = 0) -> Any:
                     "positions are ints (negative counts from the end), e.g. "
                     f"{name}=[[1, 4], [2]]; round or fix how they were computed."
                 )
+    return value
+
+
+def choice(name: str, value: Any, options: Sequence[Any]) -> Any:
+    """`value` if it is one of `options`; else an error listing them."""
+    if isinstance(value, str | int | bool | None) and value in options:
+        return value
+    raise BadArgument(f"{name} must be one of {tuple(options)}, not {_shown(value)}.")
+
+
+def one_per_prompt(name: str, value: Any, n_prompts: int, what: str = "token position") -> Any:
+    """One entry (e.g. a token position) per prompt: a sequence of length `n_prompts`."""
+    if isinstance(value, str | bytes) or not isinstance(value, Sequence | np.ndarray):
+        raise BadArgument(
+            f"{name} must give one {what} per prompt ({n_prompts} prompts), got {_shown(value)}."
+        )
+    if len(value) != n_prompts:
+        raise BadArgument(
+            f"{name} must give one {what} per prompt ({n_prompts} prompts), got {len(value)}: "
+            f"{_shown(value)}."
+        )
     return value
 
 

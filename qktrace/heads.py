@@ -26,12 +26,19 @@ import nnsight
 import numpy as np
 import torch
 import xarray as xr
-from tqdm.auto import tqdm
 
 from . import ops
-from .batching import Batch, Positions, PromptInput, head_coords, plan_batches, resolve_positions
+from .batching import (
+    Batch,
+    Check,
+    Positions,
+    PromptInput,
+    head_coords,
+    prepare,
+    resolve_positions,
+    run,
+)
 from .models import Head, Model
-from .remote import with_retries
 
 __all__ = ["find_heads", "rank_heads"]
 
@@ -103,29 +110,26 @@ def find_heads(
         raise ValueError("layers is empty: pass at least one layer, or None for all.")
     for layer in layers:
         model.check_layer(layer)
-    plan = plan_batches(model, prompts, query, keys, batch_size, add_special_tokens)
-    answer_slot = np.concatenate([_answer_slots(b, answer) for b in plan])
-
-    parts = []
-    bar = tqdm(total=len(prompts), desc="find_heads", unit="prompt", disable=not progress)
-    for batch in plan:
-        parts.append(
-            with_retries(
-                _scan_batch,
-                model,
-                batch,
-                layers,
-                what=f"prompts {batch.start}..{batch.start + len(batch.texts) - 1}",
-                resume_hint=(
-                    "find_heads keeps no partial results: rerun it when NDIF is reachable, or "
-                    "pass the heads yourself (CLI: --heads)."
-                ),
-            )
-        )
-        bar.update(len(batch.texts))
-    bar.close()
+    plan = prepare(
+        model, prompts, query, keys, batch_size, add_special_tokens, check=_check_answers(answer)
+    )
+    parts, slots, answer_slot = [], [], []
+    for batch, part in run(
+        plan,
+        lambda batch: _scan_batch(model, batch, layers),
+        desc="find_heads",
+        resume_hint=(
+            "find_heads keeps no partial results: rerun it when NDIF is reachable, or "
+            "pass the heads yourself (CLI: --heads)."
+        ),
+        progress=progress,
+    ):
+        parts.append(part)
+        slots.append(batch.key_slots)
+        answer_slot.append(_answer_slots(batch, answer))
+    answer_slot = np.concatenate(answer_slot)
     attention = np.concatenate(parts)  # [prompt, head, key], heads layer-major
-    valid = np.concatenate([b.key_slots for b in plan]) >= 0
+    valid = np.concatenate(slots) >= 0
     attention = np.where(valid[:, None, :], attention, np.nan)
     return rank_heads(model, layers, attention, answer_slot, by=by, top=top)
 
@@ -176,30 +180,46 @@ def rank_heads(
     )
 
 
+def _check_answers(answer: Sequence[int]) -> Check:
+    """A `prepare` check: one query per prompt, and its answer among its candidate keys."""
+
+    def check(
+        start: int, lengths: list[int], query: list[list[int]], keys: list[list[int]]
+    ) -> None:
+        if any(len(row) != 1 for row in query):
+            raise ValueError("find_heads takes one query position per prompt (e.g. query='last').")
+        _slots(start, lengths, answer, keys)
+
+    return check
+
+
 def _answer_slots(batch: Batch, answer: Sequence[int]) -> np.ndarray:
-    """Each prompt's answer position as a slot among its candidate keys (clear error if absent)."""
-    n = len(batch.texts)
-    rows = resolve_positions(
-        list(answer[batch.start : batch.start + n]), batch.encoded.lengths, "Answer"
-    )
+    """Each prompt's answer position as a slot among its candidate keys."""
+    keys = [row.tolist() for row in batch.key_slots]
+    return np.array(_slots(batch.start, batch.encoded.lengths, answer, keys))
+
+
+def _slots(
+    start: int, lengths: list[int], answer: Sequence[int], keys: list[list[int]]
+) -> list[int]:
+    """Slots of prompts start.. answers among their candidate keys (clear error if absent)."""
+    rows = resolve_positions(list(answer[start : start + len(lengths)]), lengths, "Answer", start)
     slots = []
     for i, row in enumerate(rows):
-        candidates = batch.key_slots[i].tolist()
+        candidates = keys[i]
         if len(row) != 1:
-            raise ValueError(f"Answer of prompt {batch.start + i} is {row}: give one position.")
+            raise ValueError(f"Answer of prompt {start + i} is {row}: give one position.")
         if row[0] not in candidates:
             raise ValueError(
-                f"Prompt {batch.start + i}: the answer position {row[0]} is not among its "
+                f"Prompt {start + i}: the answer position {row[0]} is not among its "
                 f"candidate keys {[c for c in candidates if c >= 0]}: add it to keys=."
             )
         slots.append(candidates.index(row[0]))
-    return np.array(slots)
+    return slots
 
 
 def _scan_batch(model: Model, batch: Batch, layers: list[int]) -> np.ndarray:
     """One trace: attention of every head of `layers` at the candidate keys, [batch, heads, keys]."""
-    if batch.query_slots.shape[1] != 1:
-        raise ValueError("find_heads takes one query position per prompt (e.g. query='last').")
     all_heads = list(range(model.n_heads))
     plan = [
         (
@@ -210,14 +230,12 @@ def _scan_batch(model: Model, batch: Batch, layers: list[int]) -> np.ndarray:
         )
         for layer in layers
     ]
-    calls = {layer: model.attention_call(layer) for layer in layers}
+    inputs = {layer: model.attention_inputs(layer) for layer in layers}
     query_index, key_index = batch.query_index, batch.key_index
     with torch.inference_mode(), model.trace(batch.encoded.inputs):
         saved = nnsight.save([])
         for layer, kv_heads, scaling, softcap in plan:
-            args, kwargs = calls[layer].inputs
-            q, k = args[1], args[2]
-            mask = args[4] if len(args) > 4 else kwargs.get("attention_mask")
+            q, k, mask = inputs[layer].read()
             q_sel = ops.gather_heads(q, all_heads, query_index)
             _, probs = ops.attention_rows(q_sel, k, kv_heads, mask, query_index, scaling, softcap)
             cols = key_index[:, None, None, :].expand(-1, probs.shape[1], 1, -1)

@@ -18,7 +18,8 @@ the softmax sees them; see `qktrace.models`):
    the edited tensors. ``verify=True`` also reads the model's own attention weights from the
    output of the attention call (eager attention only), as a check that the edit took.
 
-Edits, with V an orthonormal basis [d_head, r] of the subspace and c = x V the coordinates:
+Edits (the `edit=` argument: a mode, or an `Edit` with its side, positions `at` and `source`),
+with V an orthonormal basis [d_head, r] of the subspace and c = x V the coordinates:
 
 - "swap" exchanges the coordinates of the keys at `orig` and `target`:
   k_o += (c_t - c_o) V^T and k_t += (c_o - c_t) V^T (the paper's Fig 4, 7 and 9);
@@ -35,7 +36,7 @@ it. What the edit does to the model's *answer* is `qktrace.intervene_answers`.
 Only the span of `basis` matters (it is orthonormalized here). With grouped-query attention
 several query heads read one key head: editing a key edits it for the whole group (the query
 heads in attr ``heads_sharing_key``), and the model's downstream computation sees that. Query
-edits (``side="query"``) touch only the chosen head.
+edits (``Edit(..., side="query")``) touch only the chosen head.
 
 Metrics
 -------
@@ -51,26 +52,85 @@ dominate whole rows; a prompt flips when orig was the argmax before and target i
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Literal
 
 import nnsight
 import numpy as np
 import torch
 import xarray as xr
-from tqdm.auto import tqdm
 
-from . import ops
+from . import checks, ops
 from .attribution import as_basis, orthogonalize
-from .batching import Batch, Positions, PromptInput, encode, plan_batches, resolve_positions
-from .models import Model, parse_heads
-from .remote import with_retries
+from .batching import Batch, Positions, PromptInput, prepare, resolve_positions, run
+from .models import Head, Model, parse_heads
 
-__all__ = ["intervene", "intervene_captured"]
+__all__ = ["Edit", "intervene", "intervene_captured"]
 
 Mode = Literal["swap", "ablate", "patch"]
 Side = Literal["key", "query"]
 MODES = ("swap", "ablate", "patch")
+
+
+@dataclass(frozen=True, eq=False)
+class Edit:
+    """What an intervention does inside the subspace, and where: ``Edit("ablate", at=pos)``.
+
+    mode
+        "swap" exchanges the coordinates of the keys at orig and target; "ablate" sets them to
+        zero; "patch" sets them to those of `source`.
+    side
+        "key" (default) edits keys; "query" edits the head's queries (ablate and patch only).
+    at
+        Positions to edit for "ablate"/"patch", one or a list per prompt. Default: orig (key
+        side) or the query position (query side). A swap edits orig and target.
+    source
+        For "patch": the vectors whose coordinates are copied, [n_prompts, d_head] (one per
+        prompt) or [n_prompts, n_at, d_head] (one per edited position), or a DataArray with
+        dims ``prompt`` and ``d_head`` (e.g. ``capture(...).k.sel(head="16.19")``).
+
+    A bare mode string stands for ``Edit(mode)``. The checks of the combination run here, when
+    the edit is made, before any model work.
+    """
+
+    mode: Mode = "swap"
+    side: Side = "key"
+    at: Positions | None = None
+    source: Any = None
+
+    def __post_init__(self) -> None:
+        checks.choice("mode", self.mode, MODES)
+        checks.choice("side", self.side, ("key", "query"))
+        if self.mode == "swap" and self.side == "query":
+            raise checks.BadArgument(
+                "A swap exchanges the coordinates of two keys (orig and target), so it needs "
+                "side='key'. To edit the query, use Edit('ablate', side='query'), or "
+                "Edit('patch', side='query', source=...) with queries of other prompts "
+                "(e.g. capture(...).q)."
+            )
+        if self.mode == "swap" and self.at is not None:
+            raise checks.BadArgument("A swap edits the keys at orig and target: drop at=.")
+        if self.mode == "patch" and self.source is None:
+            raise checks.BadArgument(
+                "Edit('patch') needs source=: the vectors whose coordinates to copy, "
+                "[n_prompts, d_head] or [n_prompts, n_at, d_head]."
+            )
+        if self.mode != "patch" and self.source is not None:
+            raise checks.BadArgument(
+                f"source= is only used by Edit('patch'), not Edit({self.mode!r})."
+            )
+
+    @classmethod
+    def of(cls, edit: Edit | str) -> Edit:
+        """`edit` as an `Edit` ("swap" -> Edit("swap"))."""
+        if isinstance(edit, Edit):
+            return edit
+        if isinstance(edit, str):
+            return cls(edit)  # type: ignore[arg-type]
+        raise checks.BadArgumentType(
+            f"edit is a {type(edit).__name__} ({edit!r}); pass 'swap', 'ablate', or an Edit, "
+            "e.g. Edit('patch', source=keys, at=positions)."
+        )
 
 
 def intervene(
@@ -82,10 +142,7 @@ def intervene(
     orig: Sequence[int],
     target: Sequence[int],
     keys: Positions | None = None,
-    mode: Mode = "swap",
-    side: Side = "key",
-    at: Positions | None = None,
-    source: Any = None,
+    edit: Edit | Mode = "swap",
     name: str | None = None,
     query: Positions = "last",
     n_random: int = 10,
@@ -97,6 +154,9 @@ def intervene(
 ) -> xr.Dataset:
     """Edit one head's keys (or queries) inside a subspace and compare its attention before/after.
 
+    Every prompt and position is checked first; then batches are padded and run one at a time
+    (`qktrace.batching.run`), so a run holds one batch in memory besides its per-prompt results.
+
     Parameters
     ----------
     model
@@ -106,29 +166,19 @@ def intervene(
     head
         One query head: "16.19" or (16, 19).
     basis
-        The subspace: an array [d_head, r] (key basis V for ``side="key"``, query basis U for
-        ``side="query"``), or a DataArray from `qktrace.decompose`, e.g.
+        The subspace: an array [d_head, r] (key basis V for a key edit, query basis U for a
+        query edit), or a DataArray from `qktrace.decompose`, e.g.
         ``sub.key_basis.sel(head="16.19", feature="order")`` (NaN columns beyond the rank are
         dropped). Only its span matters.
     orig, target
         One token position per prompt (negative counts from the end): the key the head attends
-        to, and the key the edit should move attention to. For "swap" they are the two keys
-        whose coordinates are exchanged.
+        to, and the key the edit should move attention to. A swap exchanges their coordinates.
     keys
         Candidate key positions per prompt, among which the argmax (for `flip`) is taken and
         attention is reported; must include orig and target. Default: just orig and target.
-    mode
-        "swap", "ablate" or "patch" (see the module docstring).
-    side
-        "key" (default) edits keys; "query" edits the head's query vectors ("ablate"/"patch"
-        only: a swap exchanges two keys).
-    at
-        Positions to edit for "ablate"/"patch": one or a list per prompt. Default: orig (key
-        side) or the query position (query side). Not used by "swap".
-    source
-        For "patch": the vectors whose coordinates are copied, [n_prompts, d_head] (one per
-        prompt) or [n_prompts, n_at, d_head] (one per edited position), or a DataArray with
-        dims ``prompt`` and ``d_head`` (e.g. ``capture(...).k.sel(head="16.19")``).
+    edit
+        "swap" (default), "ablate", or an `Edit` for the rest: ``Edit("ablate", side="query")``,
+        ``Edit("patch", source=k, at=positions)`` (see `Edit` and the module docstring).
     name
         The subspace's name in the `subspace` coordinate; default: the basis' ``feature``
         coordinate if it has one, else "subspace".
@@ -165,114 +215,64 @@ def intervene(
     >>> fx.flip_rate.to_series()  # doctest: +SKIP
     >>> fx.delta_p_target.where(fx.random).mean()  # doctest: +SKIP
     """
-    if isinstance(head, tuple) and len(head) == 2 and all(isinstance(x, int) for x in head):
-        head = [head]  # (layer, head), or a Head
-    heads = parse_heads(head)
-    if len(heads) != 1:
-        raise ValueError(
-            f"intervene edits one head at a time, got {[h.label for h in heads]}: call it once "
-            "per head."
-        )
-    (h,) = heads
-    model.check_heads(heads)
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, not {mode!r}.")
-    if side not in ("key", "query"):
-        raise ValueError(f"side must be 'key' or 'query', not {side!r}.")
-    if mode == "swap" and side == "query":
-        raise ValueError(
-            "A swap exchanges the coordinates of two keys (orig and target), so it needs "
-            "side='key'. To edit the query, use mode='ablate', or mode='patch' with source= "
-            "queries of other prompts (e.g. capture(...).q)."
-        )
-    if mode == "swap" and at is not None:
-        raise ValueError("mode='swap' edits the keys at orig and target: drop at=.")
-    if mode == "patch" and source is None:
-        raise ValueError(
-            "mode='patch' needs source=: the vectors whose coordinates to copy, [n_prompts, "
-            f"d_head={model.d_head}] or [n_prompts, n_at, d_head]."
-        )
-    if mode != "patch" and source is not None:
-        raise ValueError(f"source= is only used by mode='patch', not mode={mode!r}.")
-    if n_random < 0:
-        raise ValueError(f"n_random must be >= 0, got {n_random}.")
-    n = len(prompts)
-    for what, spec in (("orig", orig), ("target", target)):
-        if isinstance(spec, str) or len(spec) != n:
-            raise ValueError(
-                f"{what} must give one token position per prompt ({n} prompts), got {spec!r}."
-            )
-    if name is None:
-        feature = getattr(basis, "coords", {}).get("feature")
-        name = str(feature.item()) if feature is not None and feature.ndim == 0 else "subspace"
-    v = orthogonalize([as_basis(basis, model.d_head, what=f"Basis {name!r}", head=h.label)])[0]
+    h = _one_head(model, head)
+    edit = Edit.of(edit)
+    n = len(checks.prompts("prompts", prompts))
+    checks.integer("n_random", n_random, low=0, example="10")
+    checks.one_per_prompt("orig", orig, n)
+    checks.one_per_prompt("target", target, n)
+    if edit.at is not None and not isinstance(edit.at, str):
+        checks.positions("at", edit.at, n)
+    if verify:
+        _check_eager(model)
+    name, v = _subspace(basis, name, model.d_head, h.label)
     rank = v.shape[1]
-    if rank == 0:
-        raise ValueError(f"Basis {name!r} is numerically zero: give it non-zero columns.")
+    sources = _source_array(edit.source, n, model.d_head) if edit.mode == "patch" else None
+    stage = _Stage(orig, target, edit, sources)
+    keys_name = "Key"
+    if keys is None:  # the default candidates: orig and target
+        keys, keys_name = [[o, t] for o, t in zip(orig, target, strict=True)], "Orig/target"
+    plan = prepare(
+        model, prompts, query, keys, batch_size, add_special_tokens, check=stage.check,
+        keys_name=keys_name,
+    )  # fmt: skip
+
     from .covariance import random_subspaces
 
-    randoms = random_subspaces(model.d_head, rank, n_random, seed) if n_random else None
-    lengths = encode(model, prompts, add_special_tokens=add_special_tokens).lengths
-    orig = _one_position(orig, lengths, "Orig")
-    target = _one_position(target, lengths, "Target")
-    for p, (o, t) in enumerate(zip(orig, target, strict=True)):
-        if o == t:
-            raise ValueError(
-                f"Prompt {p}: orig and target are the same position {o}; they must name two "
-                "different keys (the attended one and the one attention should move to)."
-            )
-    if keys is None:
-        keys = [[o, t] for o, t in zip(orig, target, strict=True)]
-    sources = _source_array(source, n, model.d_head) if mode == "patch" else None
-
-    plan = plan_batches(model, prompts, query, keys, batch_size, add_special_tokens)
-    staged = [_stage(b, orig, target, at, mode, side, sources) for b in plan]
-
     basis_t = torch.tensor(v, dtype=torch.float32)
-    random_t = None if randoms is None else torch.tensor(randoms, dtype=torch.float32)
-    if verify:
-        implementation = getattr(model.lm.config, "_attn_implementation", None)
-        if implementation != "eager":
-            raise ValueError(
-                f"verify=True reads the model's own attention weights, which only eager attention "
-                f"returns ({model.name} uses {implementation!r}): load it with "
-                "attn_implementation='eager', or drop verify."
-            )
-    results = []
-    bar = tqdm(total=n, desc="intervene", unit="prompt", disable=not progress)
-    for batch, (edit_index, source_t, orig_slot, target_slot) in zip(plan, staged, strict=True):
-        values = with_retries(
-            _intervene_batch,
-            model,
-            batch,
-            h.layer,
-            h.head,
-            side,
-            mode,
-            basis_t,
-            random_t,
-            edit_index,
-            source_t,
-            verify,
-            what=f"prompts {batch.start}..{batch.start + len(batch.texts) - 1}",
-            resume_hint=(
-                "intervene keeps no partial results: rerun it when NDIF is reachable (a study "
-                "rerun with the same --out resumes from the sums and captures it saved)."
-            ),
-        )
-        results.append((values, orig_slot, target_slot))
-        bar.update(len(batch.texts))
-    bar.close()
+    random_t = (
+        torch.tensor(random_subspaces(model.d_head, rank, n_random, seed), dtype=torch.float32)
+        if n_random
+        else None
+    )
+
+    def step(batch: Batch) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+        edit_index, source_t, orig_slot, target_slot = stage(batch)
+        values = _intervene_batch(
+            model, batch, h.layer, h.head, edit.side, edit.mode, basis_t, random_t, edit_index,
+            source_t, verify,
+        )  # fmt: skip
+        return values, orig_slot, target_slot
+
+    hint = (
+        "intervene keeps no partial results: rerun it when NDIF is reachable (a study rerun "
+        "with the same --out resumes from the sums and captures it saved)."
+    )
+    parts = []
+    for batch, (values, orig_slot, target_slot) in run(
+        plan, step, desc="intervene", resume_hint=hint, progress=progress
+    ):
+        parts.append((_Keys.of(batch), values, orig_slot, target_slot))
 
     names = [name] + [f"random_{i}" for i in range(n_random)]
-    ds = _dataset(plan, results, names, verify)
+    ds = _dataset(parts, names)
     from .store import provenance
 
     params = {
         "head": h.label,
         "name": name,
-        "mode": mode,
-        "side": side,
+        "mode": edit.mode,
+        "side": edit.side,
         "rank": rank,
         "n_random": n_random,
         "n_prompts": n,
@@ -288,10 +288,45 @@ def intervene(
         kv_head=model.kv_head(h.head),
         heads_sharing_key=[f"{h.layer}.{g}" for g in group],
         name=name,
-        side=side,
-        mode=mode,
+        side=edit.side,
+        mode=edit.mode,
         rank=rank,
     )
+
+
+def _one_head(model: Model, head: Any) -> Head:
+    """The one head `intervene` edits, checked against the model."""
+    if isinstance(head, tuple) and len(head) == 2 and all(isinstance(x, int) for x in head):
+        head = [head]  # (layer, head), or a Head
+    heads = parse_heads(head)
+    if len(heads) != 1:
+        raise checks.BadArgument(
+            f"intervene edits one head at a time, got {[h.label for h in heads]}: call it once "
+            "per head."
+        )
+    model.check_heads(heads)
+    return heads[0]
+
+
+def _check_eager(model: Model) -> None:
+    implementation = getattr(model.lm.config, "_attn_implementation", None)
+    if implementation != "eager":
+        raise checks.BadArgument(
+            f"verify=True reads the model's own attention weights, which only eager attention "
+            f"returns ({model.name} uses {implementation!r}): load it with "
+            "attn_implementation='eager', or drop verify."
+        )
+
+
+def _subspace(basis: Any, name: str | None, d_head: int, head: str) -> tuple[str, np.ndarray]:
+    """(the subspace's name, its orthonormal basis [d_head, r]); refuses a zero basis."""
+    if name is None:
+        feature = getattr(basis, "coords", {}).get("feature")
+        name = str(feature.item()) if feature is not None and feature.ndim == 0 else "subspace"
+    v = orthogonalize([as_basis(basis, d_head, what=f"Basis {name!r}", head=head)])[0]
+    if v.shape[1] == 0:
+        raise checks.BadArgument(f"Basis {name!r} is numerically zero: give it non-zero columns.")
+    return name, v
 
 
 def intervene_captured(
@@ -301,9 +336,7 @@ def intervene_captured(
     *,
     orig: Sequence[int],
     target: Sequence[int],
-    mode: Mode = "swap",
-    at: Sequence[Sequence[int]] | None = None,
-    source: Any = None,
+    edit: Edit | Mode = "swap",
     name: str | None = None,
     n_random: int = 10,
     seed: int = 0,
@@ -325,20 +358,17 @@ def intervene_captured(
     ----------
     captured
         From `qktrace.capture` (one query per prompt, ``attention=True``), with `head`.
-    head, basis, orig, target, mode, source, name, n_random, seed
-        As in `intervene` (key side); `source` is [n_prompts, d_head] or [n_prompts, n_at,
-        d_head].
-    at
-        Key positions to edit per prompt for "ablate"/"patch" (default: orig).
+    head, basis, orig, target, edit, name, n_random, seed
+        As in `intervene`, key side: the edit's `at` gives key positions per prompt (default:
+        orig), its `source` is [n_prompts, d_head] or [n_prompts, n_at, d_head].
     """
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, not {mode!r}.")
-    if mode == "swap" and at is not None:
-        raise ValueError("mode='swap' edits the keys at orig and target: drop at=.")
-    if (mode == "patch") != (source is not None):
-        raise ValueError("source= is needed by mode='patch' and only by it.")
-    if n_random < 0:
-        raise ValueError(f"n_random must be >= 0, got {n_random}.")
+    edit = Edit.of(edit)
+    if edit.side != "key":
+        raise checks.BadArgument(
+            "intervene_captured computes key edits; for a query edit use qktrace.intervene."
+        )
+    mode, at, source = edit.mode, edit.at, edit.source
+    checks.integer("n_random", n_random, low=0, example="10")
     for var in ("q", "k", "logit", "attention"):
         if var not in captured:
             raise ValueError(
@@ -362,18 +392,10 @@ def intervene_captured(
         )
     ds = ds.isel(query=0)
     n, d_head = ds.sizes["prompt"], ds.sizes["d_head"]
-    for what, spec in (("orig", orig), ("target", target)):
-        if isinstance(spec, str) or len(spec) != n:
-            raise ValueError(
-                f"{what} must give one key position per prompt ({n} prompts), got {spec!r}."
-            )
-    if name is None:
-        feature = getattr(basis, "coords", {}).get("feature")
-        name = str(feature.item()) if feature is not None and feature.ndim == 0 else "subspace"
-    v = orthogonalize([as_basis(basis, d_head, what=f"Basis {name!r}", head=label)])[0]
+    checks.one_per_prompt("orig", orig, n, what="key position")
+    checks.one_per_prompt("target", target, n, what="key position")
+    name, v = _subspace(basis, name, d_head, label)
     rank = v.shape[1]
-    if rank == 0:
-        raise ValueError(f"Basis {name!r} is numerically zero: give it non-zero columns.")
     from .covariance import random_subspaces
 
     bases = [v] + (list(random_subspaces(d_head, rank, n_random, seed)) if n_random else [])
@@ -504,77 +526,113 @@ def _source_array(source: Any, n_prompts: int, d_head: int) -> np.ndarray:
     return array
 
 
-def _one_position(spec: Sequence[int], lengths: list[int], what: str) -> list[int]:
+class _Stage:
+    """Where `intervene` edits each batch: the padded edit index [b, m], patch sources [b, m, d]
+    and the orig/target key slots. `check` runs the same checks on a batch's positions when
+    `prepare` plans the run, so a bad position stops it before any trace."""
+
+    def __init__(
+        self,
+        orig: Sequence[int],
+        target: Sequence[int],
+        edit: Edit,
+        sources: np.ndarray | None,
+    ) -> None:
+        self.orig, self.target, self.edit, self.sources = orig, target, edit, sources
+
+    def check(
+        self, start: int, lengths: list[int], query: list[list[int]], keys: list[list[int]]
+    ) -> None:
+        self._positions(start, lengths, query, keys)
+
+    def __call__(
+        self, batch: Batch
+    ) -> tuple[torch.Tensor, torch.Tensor | None, np.ndarray, np.ndarray]:
+        enc = batch.encoded
+        query = [row.tolist() for row in batch.query_slots]
+        keys = [row.tolist() for row in batch.key_slots]
+        edit, orig_slot, target_slot = self._positions(batch.start, enc.lengths, query, keys)
+        width = max(len(r) for r in edit)
+        index = torch.tensor(
+            [
+                [enc.padded(i, r[min(j, len(r) - 1)]) for j in range(width)]
+                for i, r in enumerate(edit)
+            ]
+        )
+        source_t = None
+        if self.sources is not None:
+            rows = []
+            for i, r in enumerate(edit):
+                src = self.sources[batch.start + i]
+                src = np.broadcast_to(src, (len(r), src.shape[1])) if src.shape[0] == 1 else src
+                rows.append([src[min(j, len(r) - 1)] for j in range(width)])
+            source_t = torch.tensor(np.array(rows), dtype=torch.float32)
+        return index, source_t, np.array(orig_slot), np.array(target_slot)
+
+    def _positions(
+        self, start: int, lengths: list[int], query: list[list[int]], keys: list[list[int]]
+    ) -> tuple[list[list[int]], list[int], list[int]]:
+        """Positions to edit per prompt, and the orig and target slots among its keys."""
+        if any(len(row) != 1 for row in query):
+            raise ValueError("intervene takes one query position per prompt (e.g. query='last').")
+        n = len(lengths)
+        o_pos = _one_position(self.orig[start : start + n], lengths, "Orig", start)
+        t_pos = _one_position(self.target[start : start + n], lengths, "Target", start)
+        orig_slot, target_slot = [], []
+        for i, (o, t) in enumerate(zip(o_pos, t_pos, strict=True)):
+            p = start + i
+            if o == t:
+                raise ValueError(
+                    f"Prompt {p}: orig and target are the same position {o}; they must name two "
+                    "different keys (the attended one and the one attention should move to)."
+                )
+            row = keys[i]
+            for what, pos in (("orig", o), ("target", t)):
+                if pos not in row:
+                    raise ValueError(
+                        f"Prompt {p}: the {what} position {pos} is not among its candidate keys "
+                        f"{[s for s in row if s >= 0]}: add it to keys= (or leave keys=None)."
+                    )
+            orig_slot.append(row.index(o))
+            target_slot.append(row.index(t))
+        at = self.edit.at
+        if self.edit.mode == "swap":
+            edit = [[o, t] for o, t in zip(o_pos, t_pos, strict=True)]
+        elif at is not None:
+            spec = at if isinstance(at, str) else list(at[start : start + n])
+            edit = resolve_positions(spec, lengths, "Edit (at=)", start)
+        elif self.edit.side == "key":
+            edit = [[o] for o in o_pos]
+        else:
+            edit = [[row[0]] for row in query]
+        for i, r in enumerate(edit):
+            if not r or len(set(r)) != len(r):
+                raise ValueError(
+                    f"Prompt {start + i}: at= gives {r}; give each prompt one or more "
+                    "distinct positions to edit."
+                )
+            if self.sources is not None:
+                src = self.sources[start + i]
+                src = np.broadcast_to(src, (len(r), src.shape[1])) if src.shape[0] == 1 else src
+                given = int(np.isfinite(src).all(axis=1).sum())
+                if given != len(r) or not np.isfinite(src[: len(r)]).all():
+                    raise ValueError(
+                        f"Prompt {start + i}: source has {given} finite vectors for {len(r)} "
+                        "edited positions: give one per position, in order (NaN rows pad a "
+                        "shorter prompt), or one per prompt."
+                    )
+        return edit, orig_slot, target_slot
+
+
+def _one_position(spec: Sequence[int], lengths: list[int], what: str, first: int) -> list[int]:
     """One position per prompt, resolved (negative counts from the end) and checked."""
-    rows = resolve_positions(list(spec), lengths, what)
+    rows = resolve_positions(list(spec), lengths, what, first)
     for i, row in enumerate(rows):
         if len(row) != 1:
-            raise ValueError(f"{what} of prompt {i} is {row}: give one position per prompt.")
-    return [row[0] for row in rows]
-
-
-def _stage(
-    batch: Batch,
-    orig: Sequence[int],
-    target: Sequence[int],
-    at: Positions | None,
-    mode: str,
-    side: str,
-    sources: np.ndarray | None,
-) -> tuple[torch.Tensor, torch.Tensor | None, np.ndarray, np.ndarray]:
-    """Edit index [b, m] (padded rows), sources [b, m, d], and the orig/target key slots."""
-    if batch.query_slots.shape[1] != 1:
-        raise ValueError("intervene takes one query position per prompt (e.g. query='last').")
-    enc = batch.encoded
-    o_pos = list(orig[batch.start : batch.start + len(batch.texts)])
-    t_pos = list(target[batch.start : batch.start + len(batch.texts)])
-    orig_slot, target_slot = [], []
-    for i, (o, t) in enumerate(zip(o_pos, t_pos, strict=True)):
-        p = batch.start + i
-        row = batch.key_slots[i].tolist()
-        for what, pos in (("orig", o), ("target", t)):
-            if pos not in row:
-                raise ValueError(
-                    f"Prompt {p}: the {what} position {pos} is not among its candidate keys "
-                    f"{[s for s in row if s >= 0]}: add it to keys= (or leave keys=None)."
-                )
-        orig_slot.append(row.index(o))
-        target_slot.append(row.index(t))
-    if mode == "swap":
-        edit = [[o, t] for o, t in zip(o_pos, t_pos, strict=True)]
-    elif at is not None:
-        spec = at if isinstance(at, str) else list(at[batch.start : batch.start + len(batch.texts)])
-        edit = resolve_positions(spec, enc.lengths, "Edit (at=)")
-    elif side == "key":
-        edit = [[o] for o in o_pos]
-    else:
-        edit = [[int(s[0])] for s in batch.query_slots]
-    for i, r in enumerate(edit):
-        if not r or len(set(r)) != len(r):
             raise ValueError(
-                f"Prompt {batch.start + i}: at= gives {r}; give each prompt one or more "
-                "distinct positions to edit."
+                f"{what} of prompt {first + i} is {row}: give one position per prompt."
             )
-    width = max(len(r) for r in edit)
-    index = torch.tensor(
-        [[enc.padded(i, r[min(j, len(r) - 1)]) for j in range(width)] for i, r in enumerate(edit)]
-    )
-    source_t = None
-    if sources is not None:
-        rows = []
-        for i, r in enumerate(edit):
-            src = sources[batch.start + i]
-            src = np.broadcast_to(src, (len(r), src.shape[1])) if src.shape[0] == 1 else src
-            given = int(np.isfinite(src).all(axis=1).sum())
-            if given != len(r) or not np.isfinite(src[: len(r)]).all():
-                raise ValueError(
-                    f"Prompt {batch.start + i}: source has {given} finite vectors for {len(r)} "
-                    "edited positions: give one per position, in order (NaN rows pad a "
-                    "shorter prompt), or one per prompt."
-                )
-            rows.append([src[min(j, len(r) - 1)] for j in range(width)])
-        source_t = torch.tensor(np.array(rows), dtype=torch.float32)
-    return index, source_t, np.array(orig_slot), np.array(target_slot)
+    return [row[0] for row in rows]
 
 
 def _intervene_batch(
@@ -591,15 +649,14 @@ def _intervene_batch(
     verify: bool,
 ) -> dict[str, np.ndarray]:
     """One trace: before, random-baseline and after logits/attention of the head at the keys."""
-    call = model.attention_call(layer)
+    call = model.attention_call(layer)  # its output: the model's own weights (verify)
+    inputs = model.attention_inputs(layer)
     kv = model.kv_head(head)
     scaling, softcap = model.scaling(layer), model.softcap(layer)
     query_index, key_index = batch.query_index, batch.key_index
     n_random = 0 if randoms is None else randoms.shape[0]
     with torch.inference_mode(), model.trace(batch.encoded.inputs):
-        args, kwargs = call.inputs
-        q, k = args[1], args[2]
-        mask = args[4] if len(args) > 4 else kwargs.get("attention_mask")
+        q, k, mask = inputs.read()
         cols = key_index[:, None, None, :]
         q_sel = ops.gather_heads(q, [head], query_index)
         logit, prob = ops.attention_rows(q_sel, k, [kv], mask, query_index, scaling, softcap)
@@ -649,31 +706,14 @@ def _intervene_batch(
 
 
 def _dataset(
-    plan: list[Batch],
-    results: list[tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]],
+    parts: list[tuple[_Keys, dict[str, np.ndarray], np.ndarray, np.ndarray]],
     names: list[str],
-    verify: bool,
 ) -> xr.Dataset:
-    """Per-batch arrays of a traced run -> the labelled Dataset with the metrics."""
-    cat = lambda key: np.concatenate([r[0][key] for r in results])  # noqa: E731
-    tokens = np.array(
-        [
-            [b.encoded.tokens[i][p] if p >= 0 else "" for p in row]
-            for b in plan
-            for i, row in enumerate(b.key_slots)
-        ],
-        dtype=object,
-    )
-    keys = _Keys(
-        slots=np.concatenate([b.key_slots for b in plan]),
-        tokens=tokens,
-        texts=np.array([t for b in plan for t in b.texts], dtype=object),
-        n_tokens=np.array([n for b in plan for n in b.encoded.lengths]),
-        query_position=np.concatenate([b.query_slots[:, 0] for b in plan]),
-    )
-    values = {k: cat(k) for k in results[0][0]}
-    orig_slot = np.concatenate([r[1] for r in results])
-    target_slot = np.concatenate([r[2] for r in results])
+    """Per-batch keys, arrays and orig/target slots of a traced run -> the labelled metrics."""
+    keys = _Keys(*(np.concatenate([getattr(p[0], f.name) for p in parts]) for f in fields(_Keys)))
+    values = {k: np.concatenate([p[1][k] for p in parts]) for k in parts[0][1]}
+    orig_slot = np.concatenate([p[2] for p in parts])
+    target_slot = np.concatenate([p[3] for p in parts])
     return _metrics(keys, values, orig_slot, target_slot, names)
 
 
@@ -686,6 +726,21 @@ class _Keys:
     texts: np.ndarray
     n_tokens: np.ndarray
     query_position: np.ndarray
+
+    @classmethod
+    def of(cls, batch: Batch) -> _Keys:
+        """The candidate keys of a batch's prompts (only what the result keeps of the batch)."""
+        tokens = [
+            [batch.encoded.tokens[i][p] if p >= 0 else "" for p in row]
+            for i, row in enumerate(batch.key_slots)
+        ]
+        return cls(
+            slots=batch.key_slots,
+            tokens=np.array(tokens, dtype=object),
+            texts=np.array(batch.texts, dtype=object),
+            n_tokens=np.array(batch.encoded.lengths),
+            query_position=batch.query_slots[:, 0],
+        )
 
 
 def _metrics(

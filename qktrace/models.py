@@ -9,8 +9,10 @@ edits q and k there, through nnsight's ``.source`` view of the attention forward
 serves all families (the rotary call's output would miss GPT-2, which has no rotary call, and the
 mask and scaling the attention function is given).
 
-An `Adapter` records where a family keeps its decoder layers and attention module. Adding a family
-is one `register_adapter(Adapter(...))` call.
+An `Adapter` records where a family keeps its decoder layers and attention module, and where its
+attention call takes q, k and the mask. Adding a family is one `register_adapter(Adapter(...))`
+call. `Model.attention_inputs` is the one place that reads that call: every verb gets q, k and
+the mask through it.
 """
 
 from __future__ import annotations
@@ -26,19 +28,25 @@ from typing import Any, Literal, NamedTuple
 import nnsight
 import torch
 
-from . import checks
+from . import checks, ops
 
 Remote = bool | Literal["local"]
 
 
 @dataclass(frozen=True)
 class Adapter:
-    """Where one architecture family keeps its attention, relative to the nnsight model."""
+    """Where one architecture family keeps its attention, relative to the nnsight model, and
+    where its attention call takes q, k and the mask (positional indices; the mask may also
+    come as the keyword ``attention_mask``)."""
 
     family: str
     model_types: tuple[str, ...]
     layers: str = "model.layers"
     attention: str = "self_attn"
+    # positions of q, k and the mask in the attention call (the mask may come as a keyword)
+    query_arg: int = 1
+    key_arg: int = 2
+    mask_arg: int = 4
 
 
 ADAPTERS: list[Adapter] = [
@@ -194,6 +202,26 @@ class Model:
                 )
             self._call_names[layer] = calls[-1]
         return getattr(source, self._call_names[layer])
+
+    def attention_inputs(self, layer: int) -> ops.AttentionInputs:
+        """Layer `layer`'s attention-function inputs, to read inside a trace: (q, k, mask).
+
+        Get it before the trace (it resolves the module's ``.source`` view), then call its
+        ``read()`` once inside the trace: q [batch, n_heads, tokens, d_head], k [batch,
+        n_kv_heads, tokens, d_head] exactly as the softmax sees them, and the model's mask (None
+        where the call has none). q and k are the call's own tensors: write an edit into them in
+        place (`qktrace.ops.put_positions(..., inplace=True)` on a view such as ``k[:, kv]``) and
+        the model computes with it. The reader is a `qktrace.ops` object, so the trace body
+        holds no qktrace object but those (which travel to NDIF by value).
+
+        >>> inputs = model.attention_inputs(3)  # doctest: +SKIP
+        >>> with model.trace(batch):  # doctest: +SKIP
+        ...     q, k, mask = inputs.read()
+        """
+        a = self.adapter
+        return ops.AttentionInputs(
+            self.attention_call(layer), a.query_arg, a.key_arg, a.mask_arg, "attention_mask"
+        )
 
     def scaling(self, layer: int) -> float:
         """The factor the attention logits q·k are multiplied by (1/sqrt(d_head) by default)."""

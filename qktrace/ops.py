@@ -206,3 +206,24 @@ def put_positions(
     if inplace:
         return x.scatter_(-2, full, values.to(x.dtype))
     return x.expand(*values.shape[:-2], *x.shape[-2:]).scatter(-2, full, values.to(x.dtype))
+
+
+class AttentionInputs:
+    """One layer's attention-function call inside a trace: `read()` gives (q, k, mask).
+
+    Made (before the trace) by `qktrace.models.Model.attention_inputs`, which knows where the
+    family's call keeps q, k and the mask; `read()` is called once per trace, inside it, and its
+    q and k are the call's own tensors, so an in-place write (`put_positions(..., inplace=True)`
+    on a view such as ``k[:, kv_head]``) is what the softmax then sees. A plain class of this
+    module, so it travels to NDIF by value with the rest of it.
+    """
+
+    def __init__(self, call: object, query: int, key: int, mask: int, mask_name: str) -> None:
+        self.call = call
+        self.query, self.key, self.mask, self.mask_name = query, key, mask, mask_name
+
+    def read(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(q [batch, heads, tokens, d], k [batch, kv_heads, tokens, d], mask or None)."""
+        args, kwargs = self.call.inputs
+        mask = args[self.mask] if len(args) > self.mask else kwargs.get(self.mask_name)
+        return args[self.query], args[self.key], mask

@@ -80,11 +80,15 @@ from .study_tools import (
     union_basis,
     write,
 )
-from .sums import reduce
+from .sums import reduce, stored_sums, study_options
 
 __all__ = ["Run", "Study", "StudyError", "run_study", "load_study", "plot"]
 
-SUMS = ["qk_sum", "q_sum", "k_sum"]
+# params["covariance_sums"] of a remote run's store (`qktrace.sums.study_options`)
+REMOTE_SUMS = (
+    "delta_c: remote run, ΔC = C+ - C- summed in the trace and returned as float32 "
+    "(reduce delta=True); the store has no qk_sum (C+ and C- apart), only q_sum and k_sum"
+)
 
 
 @dataclass(frozen=True)
@@ -295,6 +299,9 @@ def run_study(
         "chat": chat,
         **ranking.attrs,  # how the heads were ranked, when find_heads chose them
     }
+    economy = study_options(lm) if study.counterfactual is None else {}
+    if economy:  # remote: the store holds ΔC (delta_c), not the C+ and C- sums (qk_sum)
+        params["covariance_sums"] = REMOTE_SUMS
 
     # 2. contrastive covariance: C+ and C- summed in the trace (resumable), ΔC, SVD, rank rule
     if study.counterfactual is None:
@@ -308,12 +315,13 @@ def run_study(
             batch_size=batch_size,
             out=sums_checkpoint,
             progress=progress,
+            **economy,
         )
     else:  # pairs across prompts: captured (resumable) and summed here
         pairs = counterfactual_pairs(lm, train, head_list, path, batch_size, progress,
                                      study.negative_query)  # fmt: skip
         sums = pair_sums(pairs, lm.d_head)
-    subspaces = decompose(sums, threshold=threshold).merge(sums[SUMS])
+    subspaces = decompose(sums, threshold=threshold).merge(sums[stored_sums(sums)])
     features = [str(f) for f in subspaces["feature"].values]
 
     # 3. fresh prompts: q, k and attention of every key, named by the study's coordinates
@@ -561,7 +569,7 @@ def swaps(
                 name=name,
                 orig=[test.keys[i][orig[i]] for i in chosen],
                 target=[test.keys[i][test.swap[i][1]] for i in chosen],
-                mode="swap",
+                edit="swap",
                 n_random=n_random,
                 seed=seed,
             )

@@ -24,7 +24,6 @@ import nnsight
 import numpy as np
 import torch
 import xarray as xr
-from tqdm.auto import tqdm
 
 from . import ops
 from .batching import (
@@ -36,10 +35,10 @@ from .batching import (
     given_order,
     head_coords,
     prepare,
+    run,
 )
 from .locks import one_writer
 from .models import Head, Model, parse_heads
-from .remote import with_retries
 
 
 def _check_finite(name: str, values: np.ndarray, first_prompt: int) -> None:
@@ -72,13 +71,11 @@ def _capture_batch(
         )
         for layer, hs in layers.items()
     ]
-    calls = {layer: model.attention_call(layer) for layer in layers}
+    inputs = {layer: model.attention_inputs(layer) for layer in layers}
     with torch.inference_mode(), model.trace(enc.inputs):
         saved = nnsight.save([])
         for layer, q_heads, kv_heads, scaling, softcap in plan:
-            args, kwargs = calls[layer].inputs
-            q, k = args[1], args[2]
-            mask = args[4] if len(args) > 4 else kwargs.get("attention_mask")
+            q, k, mask = inputs[layer].read()
             q_sel = ops.gather_heads(q, q_heads, query_index)
             k_sel = ops.gather_heads(k, kv_heads, key_index)
             item = [q_sel, k_sel]
@@ -164,39 +161,30 @@ def capture(
         sizes = {"prompt": len(prompts), "query": plan.query_width, "key": plan.key_width}
         writer = store.BatchWriter(out, params=params, attrs=attrs, sizes=sizes)
     batches = []
-    done = writer.n_done if writer is not None else 0
+    done = min(writer.n_done * batch_size, len(prompts)) if writer is not None else 0
     coords = head_coords(model, heads)
-    bar = tqdm(total=len(prompts), desc="capture", unit="prompt", disable=not progress)
-    for i, (start, n) in enumerate(plan.starts()):
-        if i < done:
-            bar.update(n)
-            continue
-        batch = plan.batch(start)
-        values = with_retries(
-            _capture_batch,
-            model,
-            batch.encoded,
-            heads,
-            batch.query_index,
-            batch.key_index,
-            attention,
-            what=f"prompts {start}..{start + n - 1}",
-            resume_hint=(
-                f"Batches before prompt {start} are saved in {out}: rerun the same call to resume."
-                if out is not None
-                else ""
-            ),
+
+    def step(batch: Batch) -> dict[str, np.ndarray]:
+        return _capture_batch(
+            model, batch.encoded, heads, batch.query_index, batch.key_index, attention
         )
+
+    def resume_hint(start: int) -> str:
+        if out is None:
+            return ""
+        return f"Batches before prompt {start} are saved in {out}: rerun the same call to resume."
+
+    for batch, values in run(
+        plan, step, desc="capture", resume_hint=resume_hint, progress=progress, done=done
+    ):
         for name, array in values.items():
-            _check_finite(name, array, start)
+            _check_finite(name, array, batch.start)
         ds = _batch_dataset(values, batch).assign_coords(coords)
         if writer is not None:
             writer.append(ds)
         else:
             batches.append(ds)
         del batch, values, ds
-        bar.update(n)
-    bar.close()
     if writer is not None:
         return store.open(out).assign_attrs(attrs)
     return xr.concat(

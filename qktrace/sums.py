@@ -32,19 +32,31 @@ import nnsight
 import numpy as np
 import torch
 import xarray as xr
-from tqdm.auto import tqdm
 
 from . import checks, ops
-from .batching import Check, Positions, PromptInput, by_layer, given_order, head_coords, prepare
+from .batching import (
+    Batch,
+    Check,
+    Positions,
+    PromptInput,
+    by_layer,
+    given_order,
+    head_coords,
+    prepare,
+    run,
+)
 from .locks import one_writer
 from .models import Head, Model, parse_heads
-from .remote import with_retries
 
 CONTRASTS = ("positive", "negative")
 Label = tuple[str, str] | None
 # Batches per NDIF request by default: 16x fewer round trips and returned sums, while a failed
 # request loses (and a resume repeats) at most 16 batches.
 REMOTE_BATCHES_PER_REQUEST = 16
+# A study's reduce on a remote model (`study_options`): 64 batches a request, so a study of up
+# to 64 x batch_size prompts sums its subspace prompts in one round trip, and a failed request
+# still loses (and a resume repeats) a bounded number of batches.
+STUDY_REMOTE_BATCHES_PER_REQUEST = 64
 # `reduce(out=)` writes its running sums at most this often (and when it stops, for whatever
 # reason Python sees): a checkpoint costs about as much as a batch of a small model, so writing
 # one per batch doubled the organism's reduce. A kill that Python cannot see (SIGKILL, power
@@ -130,15 +142,15 @@ def _reduce_batch(
         (layer, [h.head for h in hs], [model.kv_head(h.head) for h in hs])
         for layer, hs in layers.items()
     ]
-    calls = {layer: model.attention_call(layer) for layer in layers}
+    reads = {layer: model.attention_inputs(layer) for layer in layers}
     if len(work) == 1:
         inputs, query_index, key_index, labels = work[0]
         with torch.inference_mode(), model.trace(inputs):
             saved = nnsight.save([])
             for layer, q_heads, kv_heads in plan:
-                args, _ = calls[layer].inputs
+                q_all, k_all, _ = reads[layer].read()
                 qk, q, k, finite = ops.labelled_sums(
-                    args[1], args[2], q_heads, kv_heads, query_index, key_index, labels,
+                    q_all, k_all, q_heads, kv_heads, query_index, key_index, labels,
                     qk_table, vector_table,
                 )  # fmt: skip
                 if wire is None:
@@ -155,9 +167,9 @@ def _reduce_batch(
             for inputs, query_index, key_index, labels in work:
                 with lm.trace(inputs):
                     for i, (layer, q_heads, kv_heads) in enumerate(plan):
-                        args, _ = calls[layer].inputs
+                        q_all, k_all, _ = reads[layer].read()
                         qk, q, k, finite = ops.labelled_sums(
-                            args[1], args[2], q_heads, kv_heads, query_index, key_index,
+                            q_all, k_all, q_heads, kv_heads, query_index, key_index,
                             labels, qk_table, vector_table,
                         )  # fmt: skip
                         if i == len(totals):
@@ -181,10 +193,32 @@ def _reduce_batch(
     return qk, scale, q, k, finite
 
 
+def study_options(model: Model) -> dict[str, Any]:
+    """The `reduce` options of the studies: none locally (the store keeps C+ and C- sums,
+    `qk_sum`); on a remote model ΔC only (`delta=True`, float32 on the wire, a quarter of the
+    float64 C+ and C- bytes) and `STUDY_REMOTE_BATCHES_PER_REQUEST` batches a request. ΔC is
+    then what the SVD reads, as locally, to float32 rounding (`tests/test_pipeline.py`)."""
+    if not model.remote:
+        return {}
+    return {
+        "delta": True,
+        "delta_dtype": "float32",
+        "batches_per_request": STUDY_REMOTE_BATCHES_PER_REQUEST,
+    }
+
+
+def stored_sums(sums: xr.Dataset) -> list[str]:
+    """The sums variables a study's store keeps beside its subspaces: `qk_sum`, `q_sum`,
+    `k_sum`, less `qk_sum` when the sums are ΔC only (`delta=True`; decompose adds `delta_c`)."""
+    return [name for name in ("qk_sum", "q_sum", "k_sum") if name in sums]
+
+
 def _check_labels(labels: Sequence[Sequence[Label]]) -> Check:
     """A `prepare` check: every prompt gives one label (or None) per key position."""
 
-    def check(start: int, query: list[list[int]], keys: list[list[int]]) -> None:
+    def check(
+        start: int, lengths: list[int], query: list[list[int]], keys: list[list[int]]
+    ) -> None:
         for i, (q_pos, k_pos) in enumerate(zip(query, keys, strict=True)):
             if len(q_pos) != 1:
                 raise ValueError("reduce takes one query position per prompt (e.g. query='last').")
@@ -308,16 +342,14 @@ def reduce(
         **({"delta_dtype": delta_dtype} if delta else {}),
         "prompts_sha256": plan.sha256,
     }
-    done, state = _resume(out, params)
-    if state is not None:
+    done, resumed = _resume(out, params)
+    if resumed is not None:
         qk_sum, q_sum, k_sum = (
-            state[v].values for v in ("delta_c" if delta else "qk_sum", "q_sum", "k_sum")
+            resumed[v].values for v in ("delta_c" if delta else "qk_sum", "q_sum", "k_sum")
         )
     qk_table, vector_table = _tables(count, delta)
 
-    todo = [(start, n) for start, n in plan.starts() if start >= done]
-    per = batches_per_request or len(todo) or 1
-    bar = tqdm(total=len(prompts), initial=done, desc="reduce", unit="prompt", disable=not progress)
+    wire = wires[delta_dtype] if delta else None
     # (prompts summed, their sums): replaced whole, so an interrupt never sees half an update
     state = (done, qk_sum, q_sum, k_sum)
     saved, last_save = done, time.monotonic()
@@ -331,29 +363,32 @@ def reduce(
         _checkpoint(out, _sums_dataset(model, heads, features, *arrays, summed, summed_to, params))
         saved, last_save = summed_to, time.monotonic()
 
-    try:
-        for r in range(0, len(todo), per):
-            request = todo[r : r + per]
-            start = request[0][0]
-            end = request[-1][0] + request[-1][1]
-            work = []
-            for first, n in request:
-                batch = plan.batch(first)
-                index = _label_index(labels[first : first + n], features, batch.key_index.shape[1])
-                work.append((batch.encoded.inputs, batch.query_index, batch.key_index, index))
-            del batch
-            qk, scale, q, k, finite = with_retries(
-                _reduce_batch,
-                model,
-                work,
-                heads,
-                qk_table,
-                vector_table,
-                wires[delta_dtype] if delta else None,
-                what=f"prompts {start}..{end - 1}",
-                resume_hint=_resume_hint(out, start),
+    def step(request: list[Batch]) -> tuple[np.ndarray, ...]:
+        work = [
+            (
+                b.encoded.inputs,
+                b.query_index,
+                b.key_index,
+                _label_index(
+                    labels[b.start : b.start + len(b.texts)], features, b.key_index.shape[1]
+                ),
             )
-            del work
+            for b in request
+        ]
+        return _reduce_batch(model, work, heads, qk_table, vector_table, wire)
+
+    try:
+        for request, (qk, scale, q, k, finite) in run(
+            plan,
+            step,
+            desc="reduce",
+            resume_hint=lambda start: _resume_hint(out, start),
+            progress=progress,
+            done=done,
+            batches_per_request=batches_per_request,
+        ):
+            start = request[0].start
+            end = request[-1].start + len(request[-1].texts)
             if not finite.all() or not np.isfinite(qk).all():
                 bad = start + int(np.argmin(finite)) if not finite.all() else None
                 where = f"prompt {bad}" if bad is not None else f"prompts {start}..{end - 1}"
@@ -376,10 +411,8 @@ def reduce(
             done, qk_sum, q_sum, k_sum = state
             if time.monotonic() - last_save >= CHECKPOINT_EVERY_S:
                 save()
-            bar.update(end - start)
     finally:  # finished, or stopped by an error or Ctrl-C: keep every summed request
         save()
-    bar.close()
     return _sums_dataset(model, heads, features, qk_sum, q_sum, k_sum, count, done, params)
 
 

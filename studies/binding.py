@@ -31,7 +31,7 @@ from qktrace.models import Head, Model
 from qktrace.prompts import BOXES_ANSWER_PREFIX as ANSWER_PREFIX
 from qktrace.prompts import Prompt, boxes_prompt, load_box_letters, load_objects, locate
 from qktrace.prompts import boxes_prompts as build_prompts
-from qktrace.sums import reduce
+from qktrace.sums import reduce, stored_sums, study_options
 
 # the settings an order-ID subspace must share with the lexical run that reuses it
 REUSE_KEYS = ("n_pairs", "threshold", "chat")
@@ -118,8 +118,9 @@ def order_subspaces(
         batch_size=batch_size,
         out=sums_out,
         progress=progress,
+        **study_options(lm),
     )
-    return decompose(sums, threshold=threshold).merge(sums[["qk_sum", "q_sum", "k_sum"]])
+    return decompose(sums, threshold=threshold).merge(sums[stored_sums(sums)])
 
 
 def reusable_order_subspace(

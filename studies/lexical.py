@@ -32,6 +32,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import xarray as xr
 
 from qktrace.attribution import attribute
@@ -89,6 +90,16 @@ def attribution(ds: xr.Dataset, run: Run) -> xr.Dataset:
     ``null_rank`` -1), and each box key's logit is split into order, lexical and the rest."""
     order, run.params["order_subspace"] = order_subspace(ds, run)
     lexical = ds[SUBSPACE]
+    # a remote run's order sums are ΔC only (`qktrace.sums.study_options`): no C+ and C- sums
+    order = order.assign(
+        {
+            name: xr.full_like(lexical[name].isel(feature=[0]), np.nan).assign_coords(
+                feature=order["feature"].values
+            )
+            for name in SUBSPACE
+            if name not in order
+        }
+    )
     subspaces = xr.concat(
         [lexical, order.drop_vars([v for v in order.coords if v not in lexical.coords])],
         dim="feature", data_vars="all", coords="minimal", compat="override",
@@ -111,7 +122,8 @@ def order_subspace(ds: xr.Dataset, run: Run) -> tuple[xr.Dataset, str]:
     if stored.exists():
         old = store.open(stored, checksums=True)
         if binding.reusable_order_subspace(stored, old, lm.name, labels, p):
-            return old[SUBSPACE].sel(head=labels).load(), str(stored)
+            kept = [name for name in SUBSPACE if name in old]  # no qk_sum: a remote run's
+            return old[kept].sel(head=labels).load(), str(stored)
     computed = binding.order_subspaces(
         lm, parse_heads(labels),
         n_prompts=p["n_prompts"], n_pairs=p["n_pairs"],

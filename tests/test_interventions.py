@@ -7,7 +7,7 @@ import xarray as xr
 
 import qktrace.testing as testing
 from qktrace.covariance import random_subspaces
-from qktrace.interventions import intervene
+from qktrace.interventions import Edit, intervene
 from qktrace.models import load
 from qktrace.qk import capture
 from tests.conftest import tiny
@@ -92,8 +92,8 @@ def test_ablating_everything_equalizes_logits(remote):
     m = load(net, tokenizer=tok, remote=remote)
     at = [[1, 2, 3], [1, 4, 5], [2, 3, 6]]
     ds = intervene(
-        m, PROMPTS, "1.1", np.eye(16), mode="ablate", at=at, orig=[1, 1, 2], target=[3, 5, 6],
-        keys=at, n_random=2, verify=True, progress=False,
+        m, PROMPTS, "1.1", np.eye(16), edit=Edit("ablate", at=at), orig=[1, 1, 2],
+        target=[3, 5, 6], keys=at, n_random=2, verify=True, progress=False,
     )  # fmt: skip
     for s in ds.subspace.values:  # a random rank-16 subspace is the whole space too
         np.testing.assert_allclose(ds.logit_after.sel(subspace=s), 0.0, atol=1e-6)
@@ -114,7 +114,7 @@ def test_ablating_a_low_rank_subspace_that_holds_the_keys(remote):
     v = np.linalg.qr(cap.k.values[:, 0].reshape(-1, 16).T.astype(np.float64))[0]  # [16, 9]
     assert v.shape == (16, 9)
     ds = intervene(
-        m, PROMPTS, "1.2", v, name="keys", mode="ablate", at=at, orig=[1, 1, 2],
+        m, PROMPTS, "1.2", v, name="keys", edit=Edit("ablate", at=at), orig=[1, 1, 2],
         target=[3, 5, 6], keys=keys, n_random=2, seed=0, verify=True, progress=False,
     )  # fmt: skip
     after = ds.logit_after.sel(subspace="keys").values
@@ -167,7 +167,7 @@ def test_patch_copies_source_coordinates(remote):
     cap = capture(m, PROMPTS, "0.3", keys=keys, progress=False)
     source = cap.k.sel(head="0.3").isel(key=1)  # (prompt, d_head): the target keys
     ds = intervene(
-        m, PROMPTS, "0.3", np.eye(16), mode="patch", source=source, orig=ORIG, target=TARGET,
+        m, PROMPTS, "0.3", np.eye(16), edit=Edit("patch", source=source), orig=ORIG, target=TARGET,
         n_random=0, progress=False,
     )  # fmt: skip
     after = ds.logit_after.sel(subspace="subspace").values
@@ -181,7 +181,7 @@ def test_query_ablation_gives_uniform_attention(remote):
     net, tok = tiny("llama")
     m = load(net, tokenizer=tok, remote=remote)
     ds = intervene(
-        m, PROMPTS, "1.3", np.eye(16), mode="ablate", side="query", orig=ORIG, target=TARGET,
+        m, PROMPTS, "1.3", np.eye(16), edit=Edit("ablate", side="query"), orig=ORIG, target=TARGET,
         keys="all", n_random=1, verify=True, progress=False,
     )  # fmt: skip
     for p in range(len(PROMPTS)):
@@ -199,7 +199,7 @@ def test_query_patch_from_other_prompts():
     cap = capture(m, PROMPTS, "1.1", keys=keys, progress=False)
     source = cap.q.roll(prompt=1, roll_coords=False)  # each prompt gets the previous one's query
     ds = intervene(
-        m, PROMPTS, "1.1", np.eye(16), mode="patch", side="query", source=source, orig=[1] * 3,
+        m, PROMPTS, "1.1", np.eye(16), edit=Edit("patch", side="query", source=source), orig=[1] * 3,
         target=[2] * 3, keys=keys, n_random=0, progress=False,
     )  # fmt: skip
     scale = m.scaling(1)
@@ -239,20 +239,20 @@ def test_errors_name_the_fix(llama):
         intervene(llama, PROMPTS, "1.0", np.ones((4, 16)), **kw)
     with pytest.raises(ValueError, match="Prompt 1: orig and target are the same position 2"):
         intervene(llama, PROMPTS, "1.0", basis(), orig=ORIG, target=[5, 2, 1], progress=False)
-    with pytest.raises(ValueError, match=r"Orig position 99 is outside prompt 1"):
+    with pytest.raises(ValueError, match=r"Orig/target position 99 is outside prompt 1"):
         intervene(llama, PROMPTS, "1.0", basis(), orig=[3, 99, 4], target=TARGET, progress=False)
     with pytest.raises(ValueError, match="not among its candidate keys .* add it to keys"):
         intervene(llama, PROMPTS, "1.0", basis(), keys=[[3, 4]] * 3, **kw)
     with pytest.raises(ValueError, match="needs side='key'"):
-        intervene(llama, PROMPTS, "1.0", basis(), side="query", **kw)
+        intervene(llama, PROMPTS, "1.0", basis(), edit=Edit(side="query"), **kw)
     with pytest.raises(ValueError, match="one head at a time"):
         intervene(llama, PROMPTS, "1.0,1.1", basis(), **kw)
     with pytest.raises(ValueError, match="needs source="):
-        intervene(llama, PROMPTS, "1.0", basis(), mode="patch", **kw)
+        intervene(llama, PROMPTS, "1.0", basis(), edit="patch", **kw)
     with pytest.raises(ValueError, match=r"expected \[n_prompts, d_head\] = \[3, 16\]"):
-        intervene(llama, PROMPTS, "1.0", basis(), mode="patch", source=np.ones((3, 8)), **kw)
+        intervene(llama, PROMPTS, "1.0", basis(), edit=Edit("patch", source=np.ones((3, 8))), **kw)
     with pytest.raises(ValueError, match="distinct positions"):
-        intervene(llama, PROMPTS, "1.0", basis(), mode="ablate", at=[[1, 1], [2], [3]], **kw)
+        intervene(llama, PROMPTS, "1.0", basis(), edit=Edit("ablate", at=[[1, 1], [2], [3]]), **kw)
     with pytest.raises(ValueError, match="one token position per prompt"):
         intervene(llama, PROMPTS, "1.0", basis(), orig=[1], target=[2], progress=False)
     with pytest.raises(ValueError, match="only eager attention"):
@@ -292,7 +292,8 @@ def test_captured_metrics_equal_the_in_trace_edit(family, keys, mode):
     extra: dict = {}
     if mode == "patch":
         extra["source"] = np.random.default_rng(0).normal(size=(3, 16)).astype(np.float32)
-    kwargs = dict(orig=orig, target=target, mode=mode, name="f", n_random=3, seed=5, **extra)
+    edit = Edit(mode, **extra)
+    kwargs = dict(orig=orig, target=target, edit=edit, name="f", n_random=3, seed=5)
     for layer in range(2):
         head = f"{layer}.1"
         traced = intervene(

@@ -75,3 +75,73 @@ def test_the_check_sees_both_kinds_of_reach(tmp_path, monkeypatch):
         "sums.py:2 qktrace.qk._capture_batch",
         "sums.py:3 store._schema",
     ]
+
+
+# the module that knows the attention call's signature, and the one whose reader it configures
+ATTENTION_CALL_READERS = {"models.py", "ops.py"}
+
+
+def attention_call_reads(path: Path, source: str | None = None) -> list[str]:
+    """`file:line what` where `path` reads an attention call's inputs by hand.
+
+    Flags an unpacking ``args, kwargs = <x>.inputs``, a subscript of ``<x>.inputs``, and an
+    integer subscript (``args[1]``) of a name so unpacked: the call's signature is known in one
+    place, `Model.attention_inputs` (positions from the family's `Adapter`).
+    """
+    tree = ast.parse(source if source is not None else path.read_text(), filename=str(path))
+    found, unpacked = [], set()
+    for node in ast.walk(tree):
+        if (
+            isinstance(node, ast.Assign)
+            and isinstance(node.value, ast.Attribute)
+            and node.value.attr == "inputs"
+            and isinstance(node.targets[0], ast.Tuple)
+        ):
+            names = [t.id for t in node.targets[0].elts if isinstance(t, ast.Name)]
+            unpacked.update(names)
+            if path.name not in ATTENTION_CALL_READERS:
+                found.append(f"{path.name}:{node.lineno} {', '.join(names)} = ….inputs")
+        if isinstance(node, ast.Subscript):
+            base = node.value
+            if isinstance(base, ast.Attribute) and base.attr == "inputs":
+                found.append(f"{path.name}:{node.lineno} ….inputs[…]")
+    for node in ast.walk(tree):
+        if (
+            path.name != "models.py"
+            and isinstance(node, ast.Subscript)
+            and isinstance(node.value, ast.Name)
+            and node.value.id in unpacked
+            and isinstance(node.slice, ast.Constant)
+            and isinstance(node.slice.value, int)
+        ):
+            found.append(f"{path.name}:{node.lineno} {node.value.id}[{node.slice.value}]")
+    return found
+
+
+def test_only_model_attention_inputs_reads_the_attention_call():
+    files = sorted(PACKAGE.rglob("*.py"))
+    found = [hit for path in files for hit in attention_call_reads(path)]
+    assert not found, (
+        "Attention-call inputs read by hand (use model.attention_inputs(layer).read()):\n"
+        + "\n".join(found)
+    )
+
+
+def test_the_attention_call_check_sees_a_hand_read():
+    body = (
+        "def f(call):\n"
+        "    args, kwargs = call.inputs\n"
+        "    q, k = args[1], args[2]\n"
+        "    return call.inputs[0]\n"
+    )
+    assert attention_call_reads(PACKAGE / "heads.py", body) == [
+        "heads.py:2 args, kwargs = ….inputs",
+        "heads.py:4 ….inputs[…]",
+        "heads.py:3 args[1]",
+        "heads.py:3 args[2]",
+    ]
+    assert attention_call_reads(PACKAGE / "ops.py", body) == [
+        "ops.py:4 ….inputs[…]",
+        "ops.py:3 args[1]",
+        "ops.py:3 args[2]",
+    ]

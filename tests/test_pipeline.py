@@ -22,7 +22,7 @@ import qktrace.testing as testing
 from qktrace import store
 from qktrace.cli import app
 from qktrace.models import load
-from qktrace.pipeline import Study, StudyError, load_study, run_study
+from qktrace.pipeline import REMOTE_SUMS, Study, StudyError, load_study, run_study
 from qktrace.prompts import PromptBuilder, locate
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "gender_agreement.py"
@@ -58,7 +58,12 @@ def test_example_runs_from_cli_remote_local_and_api_with_the_same_numbers(
     other = store.open(api).load()
     # the simulated NDIF request (CLI) and the local run (API) give the same numbers
     assert ds.attrs["remote"] == "remote-local" and other.attrs["remote"] == "local"
-    np.testing.assert_allclose(ds["qk_sum"].values, other["qk_sum"].values, rtol=1e-4, atol=1e-6)
+    # the remote store holds ΔC only (qktrace.sums.study_options), the local one C+ and C- too
+    assert "qk_sum" not in ds and "qk_sum" in other
+    assert ds.attrs["params"]["covariance_sums"] == REMOTE_SUMS
+    assert "covariance_sums" not in other.attrs["params"]
+    np.testing.assert_allclose(ds["delta_c"].values, other["delta_c"].values, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(ds["q_sum"].values, other["q_sum"].values, rtol=1e-4, atol=1e-6)
     np.testing.assert_array_equal(ds["rank"].values, other["rank"].values)
     np.testing.assert_array_equal(ds["flip_rate"].values, other["flip_rate"].values)
 
@@ -93,6 +98,56 @@ def test_example_runs_from_cli_remote_local_and_api_with_the_same_numbers(
     for png in ("ranks", "swap", "pca_key_label", "pca_gender", "pca_name"):
         assert (tmp_path / "cli" / f"gender_agreement_{png}.png").stat().st_size > 0
     assert not list((tmp_path / "cli").glob("gender_agreement.*.zarr"))  # checkpoints removed
+
+
+def _projectors(basis: np.ndarray, rank: np.ndarray) -> np.ndarray:
+    """B B^T of each (head, feature)'s kept basis: the subspace, whatever the columns' signs."""
+    out = np.zeros((*rank.shape, basis.shape[-2], basis.shape[-2]))
+    for i in np.ndindex(rank.shape):
+        b = basis[i][:, : rank[i]]
+        out[i] = b @ b.T
+    return out
+
+
+def test_remote_reduce_returns_delta_c_in_the_planned_requests_and_the_local_subspaces(
+    checkpoint, gender, tmp_path, monkeypatch
+):
+    """A remote study's reduce (`qktrace.sums.study_options`): ΔC only, float32 on the wire, in
+    ceil(batches / STUDY_REMOTE_BATCHES_PER_REQUEST) requests, and the same subspaces as a local
+    run. Tolerance: ΔC travels scaled by its largest entry in float32 (error <= 2^-24 of it per
+    entry, ~1e-7), so singular values agree to 1e-5 relative and the kept subspaces (their
+    projectors, Davis-Kahan: error / spectral gap) to 1e-4."""
+    import qktrace.sums as sums
+
+    monkeypatch.setattr(sums, "STUDY_REMOTE_BATCHES_PER_REQUEST", 4)
+    requests = []  # per request: (batches, dtype ΔC travelled in)
+    real = sums._reduce_batch
+
+    def counted(model, work, *args, **kwargs):
+        out = real(model, work, *args, **kwargs)
+        requests.append((len(work), out[0].dtype))
+        return out
+
+    monkeypatch.setattr(sums, "_reduce_batch", counted)
+    run = dict(heads="1.3,1.0", n_prompts=40, n_test=6, n_random=2, batch_size=4, figures=False,
+               progress=False)  # fmt: skip
+    remote = store.open(gender.run(checkpoint, out=tmp_path / "r", remote="local", **run)).load()
+    assert requests == [(4, np.float32), (4, np.float32), (2, np.float32)]  # 10 batches
+    requests.clear()
+    local = store.open(gender.run(checkpoint, out=tmp_path / "l", **run)).load()
+    assert requests == [(1, np.float64)] * 10  # local: one batch a trace, C+ and C- in float64
+
+    np.testing.assert_array_equal(remote["rank"].values, local["rank"].values)
+    assert int(local["rank"].min()) >= 1
+    np.testing.assert_allclose(
+        remote["singular_values"].values, local["singular_values"].values, rtol=1e-5, atol=1e-9
+    )
+    rank = local["rank"].values
+    for basis in ("query_basis", "key_basis"):
+        np.testing.assert_allclose(
+            _projectors(remote[basis].values, rank), _projectors(local[basis].values, rank),
+            atol=1e-4,
+        )  # fmt: skip
 
 
 def test_answer_level_swaps_run_when_the_query_is_the_last_token(gender, checkpoint, tmp_path):

@@ -6,10 +6,14 @@ out) for a chosen set of requests. Every verb that sends requests (capture, redu
 find_heads) and a whole study are run through it.
 """
 
+import importlib.abc
+import sys
+
 import httpx
 import nnsight
 import numpy as np
 import pytest
+import torch
 import websocket
 import xarray as xr
 from nnsight.intervention.backends.local import LocalSimulationBackend
@@ -20,6 +24,7 @@ import qktrace.models as models_module
 import qktrace.remote as remote_module
 import qktrace.testing as testing
 from qktrace import store
+from qktrace.answers import intervene_answers
 from qktrace.heads import find_heads
 from qktrace.interventions import intervene
 from qktrace.models import load
@@ -92,7 +97,7 @@ def test_intervene_and_find_heads_retry_then_stop_clearly(flaky_backend):
 def test_study_stops_after_saved_batches_and_resumes(flaky_backend, tmp_path, monkeypatch):
     """A --remote-local study whose requests fail from batch 2 on: it stops with batch 1 saved,
     says how to resume, and the rerun equals a run that never failed."""
-    monkeypatch.setattr("qktrace.sums.REMOTE_BATCHES_PER_REQUEST", 1)  # one batch a request
+    monkeypatch.setattr("qktrace.sums.STUDY_REMOTE_BATCHES_PER_REQUEST", 1)  # one batch a request
     checkpoint = testing.save_checkpoint(tmp_path / "tiny-llama", "llama")
     run = dict(
         heads="1.0", n_prompts=6, n_test=2, n_pairs=3, n_random=1, batch_size=3,
@@ -132,9 +137,9 @@ def test_persistent_failure_stops_with_saved_batches_and_resume_hint(flaky_backe
         return real(run, *args, **kwargs)
 
     with pytest.MonkeyPatch.context() as mp:
-        import qktrace.sums as reduce_module
+        import qktrace.batching as batching_module  # the verbs' one loop retries
 
-        mp.setattr(reduce_module, "with_retries", first_batch_gets_through)
+        mp.setattr(batching_module, "with_retries", first_batch_gets_through)
         with pytest.raises(RuntimeError, match=r"prompts 1\.\.1 failed 4 times.*saved in .*rerun"):
             reduce(m, PROMPTS, "1.0", labels, keys=keys, out=out, **one)
     flaky_backend["fail"] = 0
@@ -299,3 +304,76 @@ def test_real_ndif_capture_matches_shapes():
     assert ds.q.shape == (1, 1, 1, 128) and ds.k.shape[-1] == 128
     assert int(ds.kv_head.values[0]) == 19 // 4  # GQA: 4 query heads per key head
     assert_attention_recomputes(m, ds, atol=1e-3)  # the server may run in bfloat16
+
+
+class _NoQktrace(importlib.abc.MetaPathFinder):
+    """Refuses to import qktrace: what an NDIF server, which does not have it, would do."""
+
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] == "qktrace":
+            raise ModuleNotFoundError(f"No module named {name!r} (not on the server)")
+        return None
+
+
+@pytest.fixture
+def server_without_qktrace(monkeypatch):
+    """`remote="local"` with qktrace hidden while the request is deserialized, as on NDIF.
+
+    nnsight's simulation hides modules outside site-packages, but an installed (or editable)
+    qktrace is found again on import; here it is not. So a trace body that holds a qktrace
+    object other than `qktrace.ops` (shipped by value) fails here as it would on the server.
+    """
+    blocker = _NoQktrace()
+    real_hide, real_restore = (
+        LocalSimulationBackend._hide_local_modules,
+        LocalSimulationBackend._restore,
+    )
+
+    def hide(self):
+        hidden = real_hide(self)
+        for name in [n for n in sys.modules if n.split(".")[0] == "qktrace"]:
+            hidden["modules"][name] = sys.modules.pop(name)
+        sys.meta_path.insert(0, blocker)
+        return hidden
+
+    def restore(self, hidden):
+        sys.meta_path.remove(blocker)
+        real_restore(self, hidden)
+
+    monkeypatch.setattr(LocalSimulationBackend, "_hide_local_modules", hide)
+    monkeypatch.setattr(LocalSimulationBackend, "_restore", restore)
+
+
+def test_every_verb_runs_on_a_server_without_qktrace(server_without_qktrace):
+    """Trace bodies hold only torch, nnsight envoys and `qktrace.ops` objects (NDIF-safe)."""
+    net, tok = tiny("llama")
+    m = load(net, tokenizer=tok, remote="local")
+    local = load(net, tokenizer=tok)
+    with pytest.raises(ModuleNotFoundError, match="not on the server"):  # the fixture bites
+        with torch.inference_mode(), m.trace("The cat"):
+            nnsight.save(m.attention_call(0).inputs)  # `m` is a qktrace object
+    keys = [[1, 2], [2, 3], [1, 3]]
+    labels = [[("a", "positive"), ("a", "negative")]] * 3
+    basis = np.eye(16)[:, :4]
+    runs = {
+        "capture": lambda mm: capture(mm, PROMPTS, "1.0,0.2", progress=False),
+        "reduce": lambda mm: reduce(
+            mm, PROMPTS, "1.0", labels, keys=keys, batch_size=1, batches_per_request=2,
+            progress=False,
+        ),
+        "find_heads": lambda mm: find_heads(mm, PROMPTS, [2, 3, 3], keys=keys, top=None,
+                                            progress=False),
+        "intervene": lambda mm: intervene(mm, PROMPTS, "1.1", basis, orig=[1, 2, 1],
+                                          target=[2, 3, 3], n_random=1, progress=False),
+        "intervene_answers": lambda mm: intervene_answers(
+            mm, PROMPTS, {"1.1": basis}, candidates=[[5, 6]] * 3, answer=[0] * 3,
+            target_answer=[1] * 3, orig=[1, 2, 1], target=[2, 3, 3], n_random=1,
+            progress=False,
+        ),
+    }  # fmt: skip
+    for verb, run in runs.items():
+        remote_ds, local_ds = run(m), run(local)
+        for name in local_ds.data_vars:
+            np.testing.assert_allclose(
+                remote_ds[name].values, local_ds[name].values, rtol=1e-5, err_msg=verb
+            )

@@ -115,8 +115,10 @@ def test_filter_heads_local_and_remote_local_agree(checkpoint, tmp_path):
     assert a["null_rank"].dims == ("head", "feature") and (a["null_rank"] >= 0).all()
     assert a["null_quantile"].dims == ("head", "feature", "component")
 
-    # the simulated NDIF request gives the same sums, subspaces and interventions
-    np.testing.assert_allclose(a["qk_sum"].values, b["qk_sum"].values, rtol=1e-4, atol=1e-6)
+    # the simulated NDIF request gives the same ΔC (remote: ΔC only, no qk_sum), subspaces and
+    # interventions
+    assert "qk_sum" not in b and "covariance_sums" in b.attrs["params"]
+    np.testing.assert_allclose(a["delta_c"].values, b["delta_c"].values, rtol=1e-4, atol=1e-6)
     assert (a["rank"].values == b["rank"].values).all()
     np.testing.assert_allclose(a["flip_rate"].values, b["flip_rate"].values)
     check_answers(a, b, "category")
@@ -185,9 +187,23 @@ def test_binding_studies_local_and_remote_local_agree(checkpoint, tmp_path):
 
     # the simulated NDIF request gives the same numbers
     for a, b in ((oa, ob), (la, lb)):
-        np.testing.assert_allclose(a["qk_sum"].values, b["qk_sum"].values, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(a["delta_c"].values, b["delta_c"].values, rtol=1e-4, atol=1e-6)
         assert (a["rank"].values == b["rank"].values).all()
         np.testing.assert_allclose(a["flip_rate"].values, b["flip_rate"].values)
+    # remote: the order sums are ΔC only, so lexical's store has C+ and C- (qk_sum) for its own
+    # feature (captured pairs) and NaN for order's
+    assert "qk_sum" not in ob
+    lexical_sums = lb["qk_sum"].sel(feature="lexical").values
+    np.testing.assert_allclose(lexical_sums, la["qk_sum"].sel(feature="lexical").values, rtol=1e-4)
+    assert np.isnan(lb["qk_sum"].sel(feature="order")).all()
+    # and a remote lexical run reuses that ΔC-only order_id.zarr
+    cli("study", "lexical", "-m", checkpoint, *flags, "-o", tmp_path / "b", *cli_flags(),
+        "--overwrite")  # fmt: skip
+    again = store.open(tmp_path / "b" / "lexical.zarr").load()
+    assert again.attrs["params"]["order_subspace"].endswith("order_id.zarr")
+    np.testing.assert_allclose(
+        again["delta_c"].sel(feature="order"), ob["delta_c"].sel(feature="order"), rtol=1e-12
+    )
     check_answers(oa, ob, "order")
     check_answers(la, lb, "lexical")
     # candidates: the box letters' tokens; the answer is the queried box

@@ -1,0 +1,81 @@
+"""The verbs' one batch loop (`batching.run`) and the plan it runs (`batching.prepare`)."""
+
+import pytest
+from nnsight.intervention.backends.remote import RemoteError
+
+import qktrace.remote as remote_module
+from qktrace import batching
+
+PROMPTS = ["The cat sat", "on the mat", "A dog ran far", "to the park", "and back"]
+
+
+def test_run_yields_every_batch_in_order_and_skips_what_is_done(llama):
+    plan = batching.prepare(llama, PROMPTS, "last", "all", batch_size=2)
+    seen = [
+        (b.start, value)
+        for b, value in batching.run(
+            plan, lambda b: len(b.texts), desc="t", resume_hint="", progress=False
+        )
+    ]
+    assert seen == [(0, 2), (2, 2), (4, 1)]
+    resumed = [
+        b.start for b, _ in batching.run(plan, id, desc="t", resume_hint="", progress=False, done=2)
+    ]
+    assert resumed == [2, 4]
+
+
+@pytest.mark.parametrize(
+    "per, groups", [(1, [[0], [2], [4]]), (2, [[0, 2], [4]]), (0, [[0, 2, 4]])]
+)
+def test_run_groups_batches_into_requests(llama, per, groups):
+    plan = batching.prepare(llama, PROMPTS, "last", "all", batch_size=2)
+    got = [
+        [b.start for b in request]
+        for request, n in batching.run(
+            plan, len, desc="t", resume_hint="", progress=False, batches_per_request=per
+        )
+    ]
+    assert got == groups
+
+
+def test_run_retries_then_names_the_prompts_and_the_hint(llama, monkeypatch):
+    monkeypatch.setattr(remote_module.time, "sleep", lambda s: None)
+    plan = batching.prepare(llama, PROMPTS, "last", "all", batch_size=2)
+    fails = {"left": 1}
+
+    def flaky(batch):
+        if batch.start == 2 and fails["left"]:
+            fails["left"] -= 1
+            raise RemoteError("simulated: job timed out")
+        return batch.start
+
+    values = [v for _, v in batching.run(plan, flaky, desc="t", resume_hint="", progress=False)]
+    assert values == [0, 2, 4] and fails["left"] == 0  # retried once, then went on
+
+    def down(batch):
+        if batch.start >= 2:
+            raise RemoteError("simulated: server down")
+        return batch.start
+
+    done = []
+    with pytest.raises(RuntimeError, match=r"prompts 2\.\.3 failed 4 times.*resume from 2"):
+        for b, _ in batching.run(
+            plan, down, desc="t", resume_hint=lambda s: f"resume from {s}", progress=False
+        ):
+            done.append(b.start)
+    assert done == [0]  # the batch before the failure was handed over
+
+
+def test_prepare_tokenizes_each_prompt_once(llama, monkeypatch):
+    tokenizer_type = type(llama.tokenizer)
+    real, calls = tokenizer_type.__call__, []
+    monkeypatch.setattr(
+        tokenizer_type, "__call__", lambda self, *a, **k: calls.append(a[0]) or real(self, *a, **k)
+    )
+    plan = batching.prepare(llama, PROMPTS, "last", "all", batch_size=2)
+    batches = list(plan)
+    assert sorted(calls) == sorted(PROMPTS)  # once each, in prepare; batches pad the kept ids
+    assert plan.lengths == [len(b) for batch in batches for b in batch.encoded.tokens]
+    assert [plan.ids(i) for i in range(len(PROMPTS))] == [
+        llama.tokenizer(p)["input_ids"] for p in PROMPTS
+    ]
