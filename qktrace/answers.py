@@ -83,7 +83,8 @@ def intervene_answers(
         ``(key_basis, query_basis)``. Heads may share a layer. Heads that read the same key
         head (grouped-query attention) get one key edit in the union of their key subspaces
         (two swaps in one subspace would undo each other); random draws then have the union's
-        rank.
+        rank. A key edit always edits the key head, which every query head of its group reads:
+        under GQA, one head's key edit reaches its group too.
     candidates
         Per prompt, the candidate answers: token ids, or strings whose first token counts (e.g.
         the box letters as they appear in the prompt).
