@@ -34,6 +34,13 @@ app = typer.Typer(
     rich_markup_mode="markdown",
 )
 
+# options that the study and eval commands share, declared once
+RemoteFlag = Annotated[bool, typer.Option("--remote", help="Run on NDIF (needs NDIF_API_KEY).")]
+RemoteLocalFlag = Annotated[
+    bool,
+    typer.Option("--remote-local", help="Run nnsight's offline simulation of the NDIF request."),
+]
+
 
 @app.callback()
 def main() -> None:
@@ -321,15 +328,8 @@ def study(
             "vehicle,country]; more in data/categories.json.",
         ),
     ] = None,
-    remote: Annotated[
-        bool, typer.Option("--remote", help="Run on NDIF (needs NDIF_API_KEY).")
-    ] = False,
-    remote_local: Annotated[
-        bool,
-        typer.Option(
-            "--remote-local", help="Run nnsight's offline simulation of the NDIF request."
-        ),
-    ] = False,
+    remote: RemoteFlag = False,
+    remote_local: RemoteLocalFlag = False,
     batch_size: Annotated[
         int | None, typer.Option("--batch-size", help="Prompts per trace [default: 16].")
     ] = None,
@@ -504,15 +504,8 @@ def evaluate(
             "e.g. 'boxes,filter first' [default: all].",
         ),
     ] = None,
-    remote: Annotated[
-        bool, typer.Option("--remote", help="Run on NDIF (needs NDIF_API_KEY).")
-    ] = False,
-    remote_local: Annotated[
-        bool,
-        typer.Option(
-            "--remote-local", help="Run nnsight's offline simulation of the NDIF request."
-        ),
-    ] = False,
+    remote: RemoteFlag = False,
+    remote_local: RemoteLocalFlag = False,
     chat: Annotated[
         bool | None,
         typer.Option(
