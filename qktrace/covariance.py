@@ -49,9 +49,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 import xarray as xr
 
-from . import checks
+from . import checks, ops
 
 __all__ = [
     "CONTRASTS",
@@ -639,10 +640,7 @@ def permutation_null(
         return positive_sum / n_pos - (total - positive_sum) / n_neg
 
     real = delta_c(q[labels].T @ k[labels])
-    u, s, vt = svd(real)
-
-    rng = np.random.default_rng(seed)
-    masks = np.stack([rng.permutation(labels) for _ in range(n_permutations)]).astype(np.float64)
+    masks = permutation_masks(labels, n_permutations, seed).astype(np.float64)
     # every permutation's positive sum at once: masks [perm, pairs] @ the pairs' q k^T
     # [pairs, dq dk], one matrix product per chunk of pairs (at most ~256 MB of outer products)
     d_q, d_k = q.shape[1], k.shape[1]
@@ -654,17 +652,11 @@ def permutation_null(
         positive += masks[:, rows] @ outer
     null = delta_c(positive.reshape(n_permutations, d_q, d_k))
     null_sv = svd(null, compute_uv=False)
-
-    cutoff = np.full(s.size, np.nan)
-    null_rank = 0
-    for j in range(s.size):
-        left_q = np.eye(q.shape[1]) - u[:, :j] @ u[:, :j].T
-        left_k = np.eye(k.shape[1]) - vt[:j].T @ vt[:j]
-        deflated = svd(left_q @ null @ left_k, compute_uv=False)[:, 0]
-        cutoff[j] = np.quantile(deflated, quantile)
-        if s[j] <= cutoff[j]:
-            break
-        null_rank += 1
+    # the sequential test runs in torch: the same code tests a remote study's ΔC in its trace
+    s, cutoff = (
+        x.numpy() for x in ops.null_cutoffs(torch.tensor(real), torch.tensor(null), quantile)
+    )
+    null_rank = null_rank_of(s, cutoff)
     return xr.Dataset(
         {
             "singular_values": ("component", s),
@@ -676,6 +668,20 @@ def permutation_null(
         coords={"component": np.arange(s.size)},
         attrs={"quantile": quantile, "threshold": threshold, "n_permutations": n_permutations},
     )
+
+
+def permutation_masks(is_positive: np.ndarray, n_permutations: int, seed: int) -> np.ndarray:
+    """The label permutations of `permutation_null` [n_permutations, pairs] (bool): each a
+    shuffle of `is_positive`, drawn in order from ``np.random.default_rng(seed)``."""
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(is_positive, dtype=bool)
+    return np.stack([rng.permutation(labels) for _ in range(n_permutations)])
+
+
+def null_rank_of(singular_values: np.ndarray, cutoff: np.ndarray) -> int:
+    """How many leading components beat their permutation cut-off (`ops.null_cutoffs`)."""
+    beats = np.asarray(singular_values) > np.nan_to_num(np.asarray(cutoff), nan=np.inf)
+    return int(np.argmin(beats)) if not beats.all() else int(beats.size)
 
 
 def random_subspaces(d: int, rank: int, n: int, seed: int = 0) -> np.ndarray:
