@@ -21,8 +21,9 @@ as the study's minimum rows, with the same batches, in the same process. It prin
 and with ``--remote-local`` (nnsight's offline simulation of NDIF) the requests (round trips),
 bytes of the serialized requests, bytes of the arrays the requests return, and the raw q/k bytes
 (every token's q and k of the studied heads in the same traces) they stand against (goal <= 1%),
-in all and per step (reduce: the covariance sums; capture: the fresh prompts; capture (subspace
-pairs): lexical's original and counterfactual captures; head search: a search pass of its own).
+in all and per step (reduce: the covariance sums; capture: the fresh prompts; capture (projected): the fresh
+prompts of a remote study reduced in the trace, `qktrace.projected`; capture (subspace pairs):
+lexical's original and counterfactual captures; head search: a search pass of its own).
 
     python benchmarks/forward_budget.py                       # the organism, its default sizes
     python benchmarks/forward_budget.py --studies order_id --n-prompts 300 --n-test 90
@@ -87,6 +88,7 @@ class Counter:
     def install(self) -> None:
         import qktrace.answers as answers
         import qktrace.heads as heads_module
+        import qktrace.projected as projected
         import qktrace.qk as qk
         import qktrace.sums as sums
 
@@ -156,6 +158,13 @@ class Counter:
         # the per-batch functions run the forward passes: one trace per batch (reduce: per
         # batch of its request)
         wrap(qk, "_capture_batch", lambda model, enc, *a, **k: [(enc.inputs, 0)], "capture")
+        # a remote study's fresh prompts, reduced in the trace (one request, all batches)
+        wrap(
+            projected,
+            "_fresh_request",
+            lambda model, batches, *a, **k: [(b.encoded.inputs, 0) for b in batches],
+            "capture (projected)",
+        )
         wrap(
             sums,
             "_reduce_batch",

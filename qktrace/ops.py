@@ -253,3 +253,8 @@ def null_cutoffs(
         if s[j] <= cutoff[j]:
             break
     return s, cutoff
+
+
+def head_coordinates(x_sel: torch.Tensor, bases: torch.Tensor) -> torch.Tensor:
+    """Coordinates of x_sel [batch, h, n, d] in one basis per head, bases [h, d, m], float32."""
+    return torch.einsum("bhnd,hdm->bhnm", x_sel.to(torch.float32), bases.to(torch.float32))
