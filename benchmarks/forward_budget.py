@@ -23,7 +23,8 @@ bytes of the serialized requests, bytes of the arrays the requests return, and t
 (every token's q and k of the studied heads in the same traces) they stand against (goal <= 1%),
 in all and per step (reduce: the covariance sums; capture: the fresh prompts; capture (projected): the fresh
 prompts of a remote study reduced in the trace, `qktrace.projected`; capture (subspace pairs):
-lexical's original and counterfactual captures; head search: a search pass of its own).
+lexical's original and counterfactual captures, or on a remote model subspace pairs (in trace),
+`qktrace.paired`; head search: a search pass of its own).
 
     python benchmarks/forward_budget.py                       # the organism, its default sizes
     python benchmarks/forward_budget.py --studies order_id --n-prompts 300 --n-test 90
@@ -88,6 +89,7 @@ class Counter:
     def install(self) -> None:
         import qktrace.answers as answers
         import qktrace.heads as heads_module
+        import qktrace.paired as paired
         import qktrace.projected as projected
         import qktrace.qk as qk
         import qktrace.sums as sums
@@ -164,6 +166,13 @@ class Counter:
             "_fresh_request",
             lambda model, batches, *a, **k: [(b.encoded.inputs, 0) for b in batches],
             "capture (projected)",
+        )
+        # a remote counterfactual study's subspace pairs, summed in the trace (one request)
+        wrap(
+            paired,
+            "_pairs_request",
+            lambda model, batches, *a, **k: [(b.encoded.inputs, 0) for b in batches],
+            "subspace pairs (in trace)",
         )
         wrap(
             sums,

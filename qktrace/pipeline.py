@@ -49,6 +49,7 @@ from .head_search import search_and_capture
 from .interventions import intervene_captured
 from .locks import one_writer
 from .models import Head, Model, Remote, parse_heads
+from .paired import paired_sums
 from .projected import projected_pass
 from .prompts import Prompt
 from .qk import capture
@@ -97,6 +98,13 @@ FRESH_PROJECTED = (
     "remote run: the fresh prompts' q and k were reduced in the trace to their coordinates in "
     "the key subspaces and random draws (swaps, PCA) and to the null test's sums; the store has "
     "their attention and logits at the keys, not q and k (qktrace.capture gets those)"
+)
+
+
+# params["subspace_pairs"] of a remote counterfactual study's store (`qktrace.paired`)
+PAIRS_IN_TRACE = (
+    "remote run: the subspace pairs (prompt and counterfactual) were summed in the trace, in "
+    "one request, and their permutation null tested there"
 )
 
 
@@ -315,6 +323,7 @@ def run_study(
         params["covariance_sums"] = REMOTE_SUMS
 
     # 2. contrastive covariance: C+ and C- summed in the trace (resumable), ΔC, SVD, rank rule
+    null = None  # the permutation null, when a remote pass tests it in the trace
     if study.counterfactual is None:
         sums = reduce(
             lm,
@@ -328,6 +337,10 @@ def run_study(
             progress=progress,
             **economy,
         )
+    elif lm.remote:  # pairs across prompts, summed in the trace with their null
+        sums, null = paired_sums(lm, train, head_list, negative_query=study.negative_query,
+                                 seed=seed, batch_size=batch_size, progress=progress)  # fmt: skip
+        params["subspace_pairs"] = PAIRS_IN_TRACE
     else:  # pairs across prompts: captured (resumable) and summed here
         pairs = counterfactual_pairs(lm, train, head_list, path, batch_size, progress,
                                      study.negative_query)  # fmt: skip
@@ -339,7 +352,6 @@ def run_study(
     #    (already captured when the head search ran, in the same pass); on a remote model,
     #    reduced in the trace to what steps 4-6 read (`qktrace.projected`), null test included,
     #    unless the study's own analysis is to get the fresh q and k
-    null = None
     if captured is None and lm.remote and study.analysis is None:
         captured, null = projected_pass(
             lm,
