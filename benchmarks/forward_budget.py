@@ -454,8 +454,10 @@ def main() -> None:
                                 "returned/raw q/k"]))  # fmt: skip
         print(
             "step: the per-batch function that ran the requests (reduce: the covariance sums; "
-            "capture: the fresh prompts' q/k/attention; capture (subspace pairs): lexical's "
-            "original and counterfactual answer keys); returned/raw q/k: over the study's raw q/k"
+            "capture: the fresh prompts' q/k/attention; capture (projected): a remote study's "
+            "fresh prompts reduced in the trace; capture (subspace pairs): lexical's original "
+            "and counterfactual answer keys; subspace pairs (in trace): a remote lexical's, "
+            "summed in the trace); returned/raw q/k: over the study's raw q/k"
         )
 
 

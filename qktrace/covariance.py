@@ -576,8 +576,9 @@ def permutation_null(
     Each permutation shuffles `is_positive` over the pairs (keeping the numbers of positive and
     negative pairs) and recomputes ΔC = mean(q k^T | positive) - mean(q k^T | negative). The
     components are then tested in order: component j is significant when its singular value
-    exceeds the `quantile` of the null for index j, and `null_rank` counts the leading
-    components that are (counting stops at the first that is not).
+    exceeds the `quantile` of the null for index j (and is not zero to rounding,
+    `ops.NUMERICAL_ZERO`), and `null_rank` counts the leading components that are (counting
+    stops at the first that is not).
 
     The null for index j is the largest singular value of the permuted ΔC once the real ΔC's
     first j query and key directions are projected out. Comparing s_j with the plain j-th null
@@ -679,8 +680,10 @@ def permutation_masks(is_positive: np.ndarray, n_permutations: int, seed: int) -
 
 
 def null_rank_of(singular_values: np.ndarray, cutoff: np.ndarray) -> int:
-    """How many leading components beat their permutation cut-off (`ops.null_cutoffs`)."""
-    beats = np.asarray(singular_values) > np.nan_to_num(np.asarray(cutoff), nan=np.inf)
+    """How many leading components beat their permutation cut-off (`ops.null_cutoffs`) and are
+    not numerically zero."""
+    s = np.asarray(singular_values)
+    beats = (s > np.nan_to_num(np.asarray(cutoff), nan=np.inf)) & (s > ops.NUMERICAL_ZERO * s[0])
     return int(np.argmin(beats)) if not beats.all() else int(beats.size)
 
 

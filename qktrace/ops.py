@@ -229,6 +229,11 @@ class AttentionInputs:
         return args[self.query], args[self.key], mask
 
 
+# A singular value below this fraction of the largest is zero to float64 rounding: the test
+# never counts it (its cut-off is rounding noise too, and either can be the larger).
+NUMERICAL_ZERO = 1e-10
+
+
 def null_cutoffs(
     real: torch.Tensor, null: torch.Tensor, quantile: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -237,8 +242,9 @@ def null_cutoffs(
     real [dq, dk] is ΔC, null [P, dq, dk] the ΔC of P label permutations. Component j is tested
     against the `quantile` of the permutations' largest singular value once ΔC's first j query
     and key directions are projected out; testing stops at the first component that does not
-    beat its cut-off. Returns (singular values of ΔC [min(dq, dk)], cut-offs [same], NaN past
-    the first failure), float64. Runs inside a trace (a remote study's null) as well as here.
+    beat its cut-off or is numerically zero (`NUMERICAL_ZERO`). Returns (singular values of ΔC
+    [min(dq, dk)], cut-offs [same], NaN past the first failure), float64. Runs inside a trace (a
+    remote study's null) as well as here.
     """
     real, null = real.to(torch.float64), null.to(torch.float64)
     u, s, vh = torch.linalg.svd(real, full_matrices=False)
@@ -250,7 +256,7 @@ def null_cutoffs(
         right = eye_k - vh[:j].T @ vh[:j]
         top = torch.linalg.svdvals(left @ null @ right)[:, 0]
         cutoff[j] = torch.quantile(top, quantile)
-        if s[j] <= cutoff[j]:
+        if s[j] <= cutoff[j] or s[j] <= NUMERICAL_ZERO * s[0]:
             break
     return s, cutoff
 

@@ -33,7 +33,7 @@ from . import ops
 from .batching import Batch, PromptInput, by_layer, given_order, head_coords, prepare, run
 from .covariance import null_rank_of, permutation_masks
 from .models import Head, Model
-from .qk import _batch_dataset, _check_finite
+from .qk import batch_dataset, check_finite
 
 # attrs["projected"] of a projected capture
 PROJECTED = (
@@ -117,10 +117,10 @@ def projected_pass(
             for i, name in enumerate(("q", "k", "logit", "attention"))
         }
         for name, array in values.items():
-            _check_finite(name, array, batch.start)
+            check_finite(name, array, batch.start)
         for name in ("q", "k"):  # coordinates [b, head, n, m] -> their vectors in d_head
             values[name] = np.einsum("bhnm,hdm->bhnd", values[name], basis)
-        parts.append(_batch_dataset(values, batch))
+        parts.append(batch_dataset(values, batch))
     captured = xr.concat(parts, dim="prompt", data_vars="all", coords="different",
                          compat="equals").assign_coords(head_coords(model, heads))  # fmt: skip
     captured = captured.assign(
