@@ -41,12 +41,13 @@ from .locks import one_writer
 from .models import Head, Model, parse_heads
 
 # `capture(out=)` writes its batches at most this often (and whenever it stops, for whatever
-# reason Python sees), holding them in memory between writes but never more than
-# WRITE_BUFFER_MIB of them: one write per batch cost about as much as the batch's forward on the
-# organism. A kill that Python cannot see (SIGKILL, power loss) loses at most the batches of the
-# last WRITE_EVERY_S seconds (or WRITE_BUFFER_MIB); the rerun computes them again.
+# reason Python sees), holding them in memory between writes, written early once they exceed
+# WRITE_BUFFER_MIB: one write per batch cost more than the batch's forward on the organism
+# (benchmarks/capture_writes.py). A kill that Python cannot see (SIGKILL, power loss) loses at
+# most the batches of the last WRITE_EVERY_S seconds (or WRITE_BUFFER_MIB); the rerun computes
+# them again.
 WRITE_EVERY_S = 30.0
-WRITE_BUFFER_MIB = 256.0
+WRITE_BUFFER_MIB = 64.0
 
 
 def _check_finite(name: str, values: np.ndarray, first_prompt: int) -> None:
@@ -136,7 +137,7 @@ def capture(
         whole row, taken at the chosen keys).
     out
         A zarr path: the batches are appended to it as they complete, written together at most
-        every `WRITE_EVERY_S` (30) seconds or `WRITE_BUFFER_MIB` (256 MiB) and when the call
+        every `WRITE_EVERY_S` (30) seconds or `WRITE_BUFFER_MIB` (64 MiB) and when the call
         ends, fails or is interrupted. A rerun of the same call resumes after the last written
         batch; a kill that no Python code survives (SIGKILL) loses the batches not yet written.
         The result is then opened lazily from the store.

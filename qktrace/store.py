@@ -70,6 +70,12 @@ the write, so a crash never leaves it recorded as it was. Nothing is duplicated 
 places) and nothing is lost (a batch counts only once committed). Reopening with different
 parameters is refused: two settings mixed in one store would be silent corruption.
 
+A writer with ``write_every_s > 0`` (capture's) holds batches in memory and writes them together
+in one such step (one zarr write, one manifest commit), at most that often or when they exceed
+``max_buffer_mib``, and on `BatchWriter.flush`. A kill that no Python code survives then loses
+the batches held since the last write, and no more: the store is at that write, and the rerun
+computes them again. An exception or Ctrl-C is no such kill: the caller flushes in ``finally``.
+
 Limits
 ------
 - One writer per store at a time; two processes appending to the same path can collide (the
@@ -718,7 +724,7 @@ class BatchWriter:
     write_every_s : float, default 0
         Hold batches in memory and write them at most this often; 0 writes each batch in
         `append`. The arrays are chunked by the first batch's size either way.
-    max_buffer_mib : float, default 256
+    max_buffer_mib : float, default 64
         Write the held batches as soon as they take more than this much memory, so a big
         model's run holds at most about this much (twice it while writing) plus one batch.
 
@@ -758,7 +764,7 @@ class BatchWriter:
         attrs: dict | None = None,
         sizes: Mapping[str, int] | None = None,
         write_every_s: float = 0.0,
-        max_buffer_mib: float = 256.0,
+        max_buffer_mib: float = 64.0,
     ) -> None:
         self.path = Path(path)
         self.dim = dim
