@@ -47,7 +47,7 @@ from .models import Head, Model, parse_heads
 # most the batches of the last WRITE_EVERY_S seconds (or WRITE_BUFFER_MIB); the rerun computes
 # them again.
 WRITE_EVERY_S = 30.0
-WRITE_BUFFER_MIB = 64.0
+WRITE_BUFFER_MIB = 16.0
 
 
 def _check_finite(name: str, values: np.ndarray, first_prompt: int) -> None:
@@ -137,7 +137,7 @@ def capture(
         whole row, taken at the chosen keys).
     out
         A zarr path: the batches are appended to it as they complete, written together at most
-        every `WRITE_EVERY_S` (30) seconds or `WRITE_BUFFER_MIB` (64 MiB) and when the call
+        every `WRITE_EVERY_S` (30) seconds or `WRITE_BUFFER_MIB` (16 MiB) and when the call
         ends, fails or is interrupted. A rerun of the same call resumes after the last written
         batch; a kill that no Python code survives (SIGKILL) loses the batches not yet written.
         The result is then opened lazily from the store.

@@ -102,6 +102,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import time
 import uuid
 import warnings
@@ -724,7 +725,7 @@ class BatchWriter:
     write_every_s : float, default 0
         Hold batches in memory and write them at most this often; 0 writes each batch in
         `append`. The arrays are chunked by the first batch's size either way.
-    max_buffer_mib : float, default 64
+    max_buffer_mib : float, default 16
         Write the held batches as soon as they take more than this much memory, so a big
         model's run holds at most about this much (twice it while writing) plus one batch.
 
@@ -764,7 +765,7 @@ class BatchWriter:
         attrs: dict | None = None,
         sizes: Mapping[str, int] | None = None,
         write_every_s: float = 0.0,
-        max_buffer_mib: float = 64.0,
+        max_buffer_mib: float = 16.0,
     ) -> None:
         self.path = Path(path)
         self.dim = dim
@@ -892,7 +893,7 @@ class BatchWriter:
         if first:  # the run's schema until the store has it
             self._first = ds.isel({self.dim: slice(0, 0)})
         self._held.append(ds)
-        self._held_bytes += ds.nbytes
+        self._held_bytes += _memory(ds)
         due = time.monotonic() - self._last_write >= self.write_every_s
         if due or self._held_bytes > self.max_buffer_bytes:
             self.flush()
@@ -1113,6 +1114,16 @@ class BatchWriter:
                 _remove(leftover)
         for partial in [*self.path.glob("*.partial"), *self.path.glob("*/*.partial")]:
             partial.unlink()
+
+
+def _memory(ds: xr.Dataset) -> int:
+    """Bytes `ds` holds, with the strings of object arrays (`nbytes` counts their pointers)."""
+    strings = (
+        sum(sys.getsizeof(x) for x in var.values.ravel())
+        for var in ds.variables.values()
+        if var.dtype == object
+    )
+    return int(ds.nbytes) + sum(strings)
 
 
 def _concat_batches(batches: list[xr.Dataset], dim: str) -> xr.Dataset:
