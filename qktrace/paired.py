@@ -27,9 +27,10 @@ import xarray as xr
 
 from . import ops
 from .batching import Batch, by_layer, given_order, prepare, run
-from .covariance import CONTRASTS, empty_sums, null_rank_of, permutation_masks
+from .covariance import CONTRASTS, empty_sums, permutation_masks
 from .models import Head, Model
 from .study_prompts import Prepared
+from .study_tools import null_dataset
 
 
 def paired_sums(
@@ -91,29 +92,15 @@ def paired_sums(
     per_feature = np.array([[c[0], c[1]] for c in counts])
     sums["pair_count"].values[:] = np.broadcast_to(per_feature, shape)
 
-    ranks = np.full((len(heads), len(features)), -1, dtype=np.int64)
-    cutoff = np.full((len(heads), len(features), d), np.nan)
-    values = np.full((len(heads), len(features), d), np.nan)
-    flat = [h for hs in layers.values() for h in hs]
-    nulls = [null for s in saved for null in s[3]]
-    for h, per_head in zip(flat, nulls, strict=True):
-        i = heads.index(h)
-        for j, result in enumerate(per_head):
-            if result is None:
-                continue
-            s, c = (x.cpu().numpy().astype(np.float64) for x in result)
-            values[i, j], cutoff[i, j] = s, c
-            ranks[i, j] = null_rank_of(s, c)
-    dims = ("head", "feature")
-    null = xr.Dataset(
-        {
-            "null_rank": (dims, ranks),
-            "null_quantile": ((*dims, "component"), cutoff),
-            "null_singular_values": ((*dims, "component"), values),
-        },
-        coords={"head": [h.label for h in heads], "feature": features, "component": np.arange(d)},
-        attrs={"null_quantile": quantile, "n_permutations": n_permutations},
-    )
+    flat = [h.label for hs in layers.values() for h in hs]  # the nulls' order: by layer
+    per_head = [null for s in saved for null in s[3]]
+    tested = {
+        (head, f): tuple(x.cpu().numpy().astype(np.float64) for x in result)
+        for head, results in zip(flat, per_head, strict=True)
+        for f, result in zip(features, results, strict=True)
+    }
+    null = null_dataset([h.label for h in heads], features, tested, d, quantile=quantile,
+                        n_permutations=n_permutations)  # fmt: skip
     return sums, null
 
 

@@ -31,9 +31,10 @@ import xarray as xr
 
 from . import ops
 from .batching import Batch, PromptInput, by_layer, given_order, head_coords, prepare, run
-from .covariance import null_rank_of, permutation_masks
+from .covariance import permutation_masks
 from .models import Head, Model
 from .qk import batch_dataset, check_finite
+from .study_tools import null_dataset
 
 # attrs["projected"] of a projected capture
 PROJECTED = (
@@ -129,30 +130,16 @@ def projected_pass(
     ).assign_attrs(projected=PROJECTED)
     if not features:
         return captured, None
-    # nulls: per layer, per head of the layer, per feature: (singular values, cut-offs)
-    ranks = np.full((len(heads), len(features)), -1, dtype=np.int64)
-    cutoff = np.full((len(heads), len(features), d), np.nan)
-    values = np.full((len(heads), len(features), d), np.nan)
-    flat = [h for _, hs in layers.items() for h in hs]
-    per_head = [nulls[i] for i in range(len(flat))]
-    for h, results in zip(flat, per_head, strict=True):
-        i = heads.index(h)
-        for j, result in enumerate(results):
-            if result is None:
-                continue
-            s, c = (x.cpu().numpy().astype(np.float64) for x in result)
-            values[i, j], cutoff[i, j] = s, c
-            ranks[i, j] = null_rank_of(s, c)
-    dims = ("head", "feature")
-    null = xr.Dataset(
-        {
-            "null_rank": (dims, ranks),
-            "null_quantile": ((*dims, "component"), cutoff),
-            "null_singular_values": ((*dims, "component"), values),
-        },
-        coords={"head": [h.label for h in heads], "feature": features, "component": np.arange(d)},
-        attrs={"null_quantile": quantile, "n_permutations": n_permutations},
-    )
+    # nulls: per head (in layer order), per feature: (singular values, cut-offs) or None
+    flat = [h.label for hs in layers.values() for h in hs]
+    tested = {
+        (head, f): tuple(x.cpu().numpy().astype(np.float64) for x in result)
+        for head, per_head in zip(flat, nulls, strict=True)
+        for f, result in zip(features, per_head, strict=True)
+        if result is not None
+    }
+    null = null_dataset([h.label for h in heads], features, tested, d, quantile=quantile,
+                        n_permutations=n_permutations)  # fmt: skip
     return captured, null
 
 

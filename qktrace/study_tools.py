@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -211,11 +211,7 @@ def null_test(
     """
     from qktrace.covariance import permutation_null
 
-    heads = list(dict.fromkeys(h for h, _ in pairs))
-    features = list(dict.fromkeys(f for _, f in pairs))
-    rank = np.full((len(heads), len(features)), -1, dtype=np.int64)
-    cutoff = np.full((len(heads), len(features), d_head), np.nan)
-    values = np.full((len(heads), len(features), d_head), np.nan)
+    tested = {}
     for (head, feature), (q, k, positive) in pairs.items():
         q = np.asarray(q, dtype=np.float64).reshape(-1, d_head)
         k = np.asarray(k, dtype=np.float64).reshape(-1, d_head)
@@ -232,10 +228,39 @@ def null_test(
             threshold=threshold,
             quantile=quantile,
         )
+        tested[(head, feature)] = (null["singular_values"].values, null["null_quantile"].values)
+    return null_dataset(
+        list(dict.fromkeys(h for h, _ in pairs)),
+        list(dict.fromkeys(f for _, f in pairs)),
+        tested,
+        d_head,
+        quantile=quantile,
+        n_permutations=n_permutations,
+    )
+
+
+def null_dataset(
+    heads: Sequence[str],
+    features: Sequence[str],
+    tested: Mapping[tuple[str, str], tuple[np.ndarray, np.ndarray]],
+    d_head: int,
+    *,
+    quantile: float,
+    n_permutations: int,
+) -> xr.Dataset:
+    """The null test's store variables (as `null_test` returns them) from each tested (head,
+    feature)'s singular values and cut-offs (`qktrace.ops.null_cutoffs`); a (head, feature) not
+    in `tested` gets null_rank -1 and NaN."""
+    from qktrace.covariance import null_rank_of
+
+    heads, features = list(heads), list(features)
+    rank = np.full((len(heads), len(features)), -1, dtype=np.int64)
+    cutoff = np.full((len(heads), len(features), d_head), np.nan)
+    values = np.full((len(heads), len(features), d_head), np.nan)
+    for (head, feature), (s, c) in tested.items():
         i, j = heads.index(head), features.index(feature)
-        rank[i, j] = int(null["null_rank"])
-        cutoff[i, j] = null["null_quantile"].values
-        values[i, j] = null["singular_values"].values
+        values[i, j], cutoff[i, j] = s, c
+        rank[i, j] = null_rank_of(s, c)
     dims = ("head", "feature")
     return xr.Dataset(
         {
