@@ -216,7 +216,7 @@ def intervene_answers(
     ):
         if isinstance(spec, str) or len(spec) != n:
             raise ValueError(f"{what} must give one entry per prompt ({n} prompts).")
-    ids, counted = _candidate_ids(model, candidates)
+    ids, counted = candidate_tokens(model.tokenizer, candidates)
     n_cand = ids.shape[1]
     answer_i, target_i = np.asarray(answer, dtype=int), np.asarray(target_answer, dtype=int)
     if ((answer_i < 0) | (answer_i >= n_cand) | (target_i < 0) | (target_i >= n_cand)).any():
@@ -311,8 +311,8 @@ def _union(bases: list[np.ndarray], tol: float = 1e-6) -> np.ndarray:
     return u[:, sv > tol * sv[0]]
 
 
-def _candidate_ids(
-    model: Model, candidates: Sequence[Sequence[Candidate]]
+def candidate_tokens(
+    tokenizer: Any, candidates: Sequence[Sequence[Candidate]]
 ) -> tuple[np.ndarray, np.ndarray]:
     """The candidates' counted tokens: ids [prompt, candidate, form] and which of them count
     (bool, same shape; padding and first tokens shared by two candidates of a prompt do not)."""
@@ -322,7 +322,7 @@ def _candidate_ids(
             raise ValueError(
                 f"candidates[{p}] is {row!r}: give a list of candidate answers per prompt."
             )
-        rows.append([_forms(model.tokenizer, c, p) for c in row])
+        rows.append([_forms(tokenizer, c, p) for c in row])
     widths = {len(r) for r in rows}
     if len(widths) != 1 or 0 in widths:
         raise ValueError(
@@ -340,7 +340,7 @@ def _candidate_ids(
             mine = [t for t in forms if len(owners[t]) == 1]
             if not mine:
                 shared = {
-                    model.tokenizer.convert_ids_to_tokens(t): sorted(owners[t] - {c}) for t in forms
+                    tokenizer.convert_ids_to_tokens(t): sorted(owners[t] - {c}) for t in forms
                 }
                 raise ValueError(
                     f"Prompt {p}: candidate {c} ({candidates[p][c]!r}) has no first token of its "
