@@ -20,10 +20,12 @@ from typer.testing import CliRunner
 import qktrace
 import qktrace.testing as testing
 from qktrace import store
+from qktrace.answers import CandidateMassWarning
 from qktrace.cli import app
 from qktrace.models import load
 from qktrace.pipeline import REMOTE_SUMS, Study, StudyError, load_study, run_study
 from qktrace.prompts import PromptBuilder, locate
+from qktrace.study_prompts import prepare
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "gender_agreement.py"
 HEAD = "1.3"
@@ -155,8 +157,15 @@ def test_answer_level_swaps_run_when_the_query_is_the_last_token(gender, checkpo
     answer: the swap is written into the model. With the tokenizer's template, tokens follow
     the pronoun: no answer-level swaps, and the store and `qktrace show` say why."""
     run = {"heads": HEAD, "figures": False, "progress": False, **FAST}
-    plain = store.open(gender.run(checkpoint, out=tmp_path / "plain", chat=False, **run)).load()
+    with pytest.warns(CandidateMassWarning, match="not what the model says"):  # random weights
+        path = gender.run(checkpoint, out=tmp_path / "plain", chat=False, **run)
+    plain = store.open(path).load()
     assert "answer_swaps_skipped" not in plain.attrs
+    mass = plain["answer_prob_before"].sum("answer_candidate")
+    np.testing.assert_allclose(plain["answer_candidate_mass"], mass, rtol=1e-6)
+    assert float(plain["mean_answer_candidate_mass"]) == pytest.approx(float(mass.mean()))
+    code, output = cli("show", path)
+    assert code == 0 and "WARNING: the candidates are not what the model says" in output
     assert plain["answer_flip_rate"].dims == ("answer_heads", "answer_subspace")
     agrees = (plain["key_label"].values == "positive").argmax(1)
     assert (plain["answer_index"].values == agrees).all()  # the orig key: the agreeing name
@@ -169,6 +178,18 @@ def test_answer_level_swaps_run_when_the_query_is_the_last_token(gender, checkpo
     assert f"is not the last token of {FAST['n_test']} of {FAST['n_test']} fresh prompts" in note
     code, output = cli("show", chat)
     assert code == 0 and f"Answers: {note}" in output
+
+
+def test_answers_without_a_first_token_of_their_own_skip_the_answer_step_with_the_reason(gender):
+    from qktrace.pipeline import answers_skipped
+
+    _, tok = testing.model("llama")
+    same = dataclasses.replace(gender, answers=lambda p: ["Mary", "Mary"])
+    test = prepare(same, tok, 4, 0, False, "fresh")
+    note = answers_skipped(same, test, tok)
+    assert note.startswith("no answer-level swaps: Prompt 0: candidate 0")
+    assert "has no first token of its own" in note
+    assert answers_skipped(gender, test, tok) == ""
 
 
 def test_sums_are_the_studys_labelled_pairs(gender, tmp_path):
