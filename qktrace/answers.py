@@ -89,6 +89,22 @@ def low_mass_note(mass: float) -> str:
     )
 
 
+def unscored_note(unscored: np.ndarray) -> str:
+    """What to tell the user about candidates [prompt, candidate] with no first token of their
+    own ("" when there are none)."""
+    if not unscored.any():
+        return ""
+    prompts = np.flatnonzero(unscored.any(-1))
+    shown = ", ".join(map(str, prompts[:5])) + (", ..." if len(prompts) > 5 else "")
+    return (
+        f"{int(unscored.sum())} candidates of {len(prompts)} of {len(unscored)} prompts "
+        f"({shown}) start with no token of their own (every first token of their surface forms "
+        "is shared with another candidate, unknown or blank): they are unscored (NaN), and a "
+        "prompt whose answer is one of them does not count as answered. Give such candidates "
+        "as token ids or as tuples of forms that start with tokens of their own."
+    )
+
+
 def intervene_answers(
     model: Model,
     prompts: Sequence[PromptInput],
@@ -275,6 +291,8 @@ def intervene_answers(
     ds = _answer_metrics(logits, logprobs, answer_i, target_i, names)
     if note := low_mass_note(float(ds["mean_answer_candidate_mass"])):
         warnings.warn(f"intervene_answers: {note}", CandidateMassWarning, stacklevel=2)
+    if note := unscored_note(~counted.any(-1)):
+        warnings.warn(f"intervene_answers: {note}", CandidateMassWarning, stacklevel=2)
     convert = model.tokenizer.convert_ids_to_tokens
     tokens = np.array(
         [
@@ -315,7 +333,8 @@ def candidate_tokens(
     tokenizer: Any, candidates: Sequence[Sequence[Candidate]]
 ) -> tuple[np.ndarray, np.ndarray]:
     """The candidates' counted tokens: ids [prompt, candidate, form] and which of them count
-    (bool, same shape; padding and first tokens shared by two candidates of a prompt do not)."""
+    (bool, same shape; padding and first tokens shared by two candidates of a prompt do not;
+    a candidate with no first token of its own counts none: unscored)."""
     rows = []
     for p, row in enumerate(candidates):
         if isinstance(row, str | int):
@@ -328,7 +347,7 @@ def candidate_tokens(
         raise ValueError(
             f"candidates must give every prompt the same number (>= 1) of answers, got {widths}."
         )
-    n_forms = max(len(f) for row in rows for f in row)
+    n_forms = max(1, *(len(f) for row in rows for f in row))
     ids = np.zeros((len(rows), widths.pop(), n_forms), dtype=np.int64)
     counted = np.zeros(ids.shape, dtype=bool)
     for p, row in enumerate(rows):
@@ -338,16 +357,6 @@ def candidate_tokens(
                 owners.setdefault(t, set()).add(c)
         for c, forms in enumerate(row):
             mine = [t for t in forms if len(owners[t]) == 1]
-            if not mine:
-                shared = {
-                    tokenizer.convert_ids_to_tokens(t): sorted(owners[t] - {c}) for t in forms
-                }
-                raise ValueError(
-                    f"Prompt {p}: candidate {c} ({candidates[p][c]!r}) has no first token of its "
-                    f"own: {shared} (token: the other candidates that start with it), so no "
-                    "token says it rather than them. Give its forms as a tuple of token ids or "
-                    "strings that start with a token of its own, or drop one of the candidates."
-                )
             ids[p, c, : len(mine)] = mine
             counted[p, c, : len(mine)] = True
     return ids, counted
@@ -387,19 +396,17 @@ def _forms(tokenizer: Any, candidate: Candidate, prompt: int) -> list[int]:
             continue
         if token not in out:
             out.append(token)
-    if not out:
-        raise ValueError(
-            f"Prompt {prompt}: no surface form of candidate {candidate!r} starts with a token of "
-            "its own (unknown or blank first tokens); give its token ids."
-        )
     return out
 
 
 def _merge_forms(values: np.ndarray, counted: np.ndarray) -> np.ndarray:
-    """Per candidate, logsumexp over its counted forms: [S, b, C, F] -> [S, b, C]."""
+    """Per candidate, logsumexp over its counted forms: [S, b, C, F] -> [S, b, C]; NaN for a
+    candidate with none (unscored)."""
     kept = np.where(counted[None], values, -np.inf)
-    top = kept.max(-1, keepdims=True)
-    return (top + np.log(np.exp(kept - top).sum(-1, keepdims=True)))[..., 0]
+    top = np.where(counted.any(-1)[None, ..., None], kept.max(-1, keepdims=True), 0.0)
+    with np.errstate(divide="ignore"):  # log(0) where unscored, replaced below
+        merged = (top + np.log(np.exp(kept - top).sum(-1, keepdims=True)))[..., 0]
+    return np.where(counted.any(-1)[None], merged, np.nan)
 
 
 def _key_positions(
@@ -496,13 +503,15 @@ def _answer_metrics(
     before_p, after_p = prob[0], prob[1:]
     diff_before = before_l[rows, answer] - before_l[rows, target]
     diff_after = after_l[:, rows, answer] - after_l[:, rows, target]
-    argmax_before = before_l.argmax(-1)
-    argmax_after = after_l.argmax(-1)
-    correct = argmax_before == answer
+    # unscored candidates (NaN) never win; a prompt whose answer is unscored is never correct
+    ranked = np.where(np.isnan(logits), -np.inf, logits)
+    argmax_before = ranked[0].argmax(-1)
+    argmax_after = ranked[1:].argmax(-1)
+    correct = (argmax_before == answer) & np.isfinite(before_l[rows, answer])
     flip = correct[None] & (argmax_after == target[None])
     moved = correct[None] & (argmax_after != answer[None])
     n_correct = int(correct.sum())
-    mass = before_p.sum(-1)
+    mass = np.nansum(before_p, -1)
     ps, pc = ("subspace", "prompt"), ("prompt", "candidate")
     p_answer_after = after_p[:, rows, answer]
     p_target_after = after_p[:, rows, target]
@@ -535,12 +544,12 @@ def _answer_metrics(
             "subspace",
             moved.sum(1) / n_correct if n_correct else np.full(len(names), np.nan),
         ),
-        "mean_delta_p_answer": ("subspace", (p_answer_after - before_p[rows, answer]).mean(1)),
+        "mean_delta_p_answer": ("subspace", _nanmean(p_answer_after - before_p[rows, answer])),
         "mean_delta_p_target_answer": (
             "subspace",
-            (p_target_after - before_p[rows, target]).mean(1),
+            _nanmean(p_target_after - before_p[rows, target]),
         ),
-        "mean_delta_answer_logit_diff": ("subspace", (diff_after - diff_before).mean(1)),
+        "mean_delta_answer_logit_diff": ("subspace", _nanmean(diff_after - diff_before)),
     }
     coords = {
         "subspace": names,
@@ -550,3 +559,10 @@ def _answer_metrics(
         "target_answer_index": ("prompt", target),
     }
     return xr.Dataset(data, coords=coords)
+
+
+def _nanmean(values: np.ndarray) -> np.ndarray:
+    """Mean over prompts (axis 1) of the scored ones; NaN, without a warning, where none is."""
+    n = np.isfinite(values).sum(1)
+    total = np.where(np.isfinite(values), values, 0.0).sum(1)
+    return np.where(n > 0, total / np.maximum(n, 1), np.nan)

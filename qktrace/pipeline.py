@@ -45,7 +45,7 @@ import numpy as np
 import xarray as xr
 
 from . import checks
-from .answers import CandidateMassWarning, candidate_tokens, low_mass_note
+from .answers import CandidateMassWarning, low_mass_note, unscored_note
 from .covariance import add_pairs, decompose, empty_sums
 from .head_search import search_and_capture
 from .interventions import intervene_captured
@@ -355,7 +355,7 @@ def run_study(
     # 6. causal check: swap key coordinates orig <-> target, against random subspaces: where
     #    the attention goes, then (the swap written into the model) what the model answers
     effects = swaps(study, captured, test, subspaces, n_random, seed)
-    answers, no_answers = xr.Dataset(), answers_skipped(study, test, lm.tokenizer)
+    answers, no_answers = xr.Dataset(), answers_skipped(study, test)
     if study.answers is not None and not no_answers:  # the answer is the next token
         answers = answer_swaps(
             study, lm, test, captured, subspaces, n_random_answers, seed, batch_size, progress
@@ -597,20 +597,10 @@ def orig_keys(test: Prepared, attention: np.ndarray) -> list[int]:
     ]
 
 
-def answers_skipped(study: Study, test: Prepared, tokenizer: Any) -> str:
+def answers_skipped(study: Study, test: Prepared) -> str:
     """Why the study gets no answer-level swaps ("" when it does): they need the query to be the
-    last token of every prompt, so that the model's next token is the answer, and candidate
-    answers that each start with a token of their own."""
-    if study.answers is None:
-        return ""
-    try:
-        candidate_tokens(tokenizer, candidate_answers(study, test))
-    except ValueError as err:
-        return (
-            f"no answer-level swaps: {err} (fresh prompt numbers; fix the study's answers, or "
-            "give them as token ids)"
-        )
-    if test.query == "last":
+    last token of every prompt, so that the model's next token is the answer."""
+    if study.answers is None or test.query == "last":
         return ""
     late = [i for i, (q, ids) in enumerate(zip(test.query, test.ids, strict=True))
             if q not in (-1, len(ids) - 1)]  # fmt: skip
@@ -696,6 +686,9 @@ def answer_swaps(
     effects = effects.merge(answer_summary(effects))
     if note := low_mass_note(float(effects["mean_answer_candidate_mass"])):
         warnings.warn(f"Study {study.name!r}: {note}", CandidateMassWarning, stacklevel=2)
+    if note := unscored_note(np.isnan(effects["answer_prob_before"].values)):
+        warnings.warn(f"Study {study.name!r}, fresh prompts: {note}", CandidateMassWarning,
+                      stacklevel=2)  # fmt: skip
     return effects
 
 

@@ -215,11 +215,22 @@ def test_a_string_candidate_counts_by_its_surface_forms_and_an_ambiguous_token_f
         target_answer=[1], orig=ORIG[:1], target=TARGET[:1], n_random=0, progress=False,
     )  # fmt: skip
     assert list(exact.candidate_token.values[0]) == ["p", "P"]
-    with pytest.raises(ValueError, match=r"candidate 1 \(\('a',\)\) has no first token of its own"):
-        intervene_answers(
-            m, PROMPTS[:1], {"1.1": basis()}, candidates=[["apple", ("a",)]], answer=[0],
-            target_answer=[1], orig=ORIG[:1], target=TARGET[:1], n_random=0, progress=False,
+    # a candidate with no first token of its own is unscored: NaN, never the argmax, and a
+    # prompt whose answer it is does not count as answered
+    from qktrace.answers import CandidateMassWarning
+
+    with pytest.warns(CandidateMassWarning, match="1 candidates of 1 of 1 prompts"):
+        unscored = intervene_answers(
+            m, PROMPTS[:1], {"1.1": basis()}, candidates=[["apple", ("a",), "pear"]],
+            answer=[1], target_answer=[0], orig=ORIG[:1], target=TARGET[:1], n_random=0,
+            progress=False,
         )  # fmt: skip
+    assert list(unscored.candidate_token.values[0]) == ["Ġapple|A|ĠA", "", "p|P"]  # "a" shared
+    assert np.isnan(unscored.answer_prob_before.values[0, 1])
+    assert not unscored.answer_correct.item() and unscored.answer_argmax_before.item() != 1
+    np.testing.assert_allclose(
+        unscored.answer_candidate_mass.values, np.nansum(unscored.answer_prob_before.values)
+    )
 
 
 def test_the_candidate_mass_warns_when_the_candidates_are_not_what_the_model_says():

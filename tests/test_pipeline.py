@@ -25,7 +25,6 @@ from qktrace.cli import app
 from qktrace.models import load
 from qktrace.pipeline import REMOTE_SUMS, Study, StudyError, load_study, run_study
 from qktrace.prompts import PromptBuilder, locate
-from qktrace.study_prompts import prepare
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "gender_agreement.py"
 HEAD = "1.3"
@@ -178,18 +177,6 @@ def test_answer_level_swaps_run_when_the_query_is_the_last_token(gender, checkpo
     assert f"is not the last token of {FAST['n_test']} of {FAST['n_test']} fresh prompts" in note
     code, output = cli("show", chat)
     assert code == 0 and f"Answers: {note}" in output
-
-
-def test_answers_without_a_first_token_of_their_own_skip_the_answer_step_with_the_reason(gender):
-    from qktrace.pipeline import answers_skipped
-
-    _, tok = testing.model("llama")
-    same = dataclasses.replace(gender, answers=lambda p: ["Mary", "Mary"])
-    test = prepare(same, tok, 4, 0, False, "fresh")
-    note = answers_skipped(same, test, tok)
-    assert note.startswith("no answer-level swaps: Prompt 0: candidate 0")
-    assert "has no first token of its own" in note
-    assert answers_skipped(gender, test, tok) == ""
 
 
 def test_sums_are_the_studys_labelled_pairs(gender, tmp_path):
