@@ -18,8 +18,9 @@ Arms:
              Goal: flat in N (peak ratio N=10k / N=1k <= 1.1).
   reduce-out the same with out=<zarr path> checkpointing after every batch (--with-out).
   capture    qktrace.capture(..., out=<zarr path>) (query last, keys all, attention=True):
-             capture appends each batch to the store as it completes (qktrace.store.BatchWriter)
-             and returns the store opened lazily. Goal: bounded by about one batch.
+             capture appends its batches to the store (qktrace.store.BatchWriter, holding them
+             between writes: qktrace.qk.WRITE_EVERY_S) and returns the store opened lazily. Goal: bounded by about one batch plus
+             what it holds between writes (qktrace.qk.WRITE_BUFFER_MIB, and a copy while writing).
   capture-loop  a loop calling qktrace.capture on one batch at a time and appending each batch
              with qktrace.store.BatchWriter (xarray to_zarr append if that is missing): the
              bound a caller can reach without capture(out=) (--capture-loop).

@@ -41,7 +41,8 @@ edits (``Edit(..., side="query")``) touch only the chosen head.
 Metrics
 -------
 Per prompt and subspace, with a_o and a_t the attention on the orig and target keys:
-``p_target`` = a_t / (a_o + a_t) before and after, and its change ``delta_p_target``;
+``p_target`` = a_t / (a_o + a_t) before and after, and its change ``delta_p_target``, NaN
+where a_o = a_t = 0 (both keys masked, e.g. outside a sliding window; left out of the means);
 ``attention_target`` before and after; and ``flip``: the argmax of attention moved from orig to
 target. The argmax is taken over the *candidate keys* the caller passes (`keys`, by default just
 orig and target), not the whole row, because attention sinks (the first token, punctuation)
@@ -201,7 +202,8 @@ def intervene(
         Variables: ``attention_before``/``logit_before`` (prompt, key) and
         ``attention_after``/``logit_after`` (subspace, prompt, key), logits scaled and before
         any soft cap; ``p_target_before`` (prompt), ``p_target_after`` and ``delta_p_target``
-        (subspace, prompt); ``attention_target_before``/``_after``; ``argmax_before`` (prompt)
+        (subspace, prompt), NaN where orig and target both get no attention;
+        ``attention_target_before``/``_after``; ``argmax_before`` (prompt)
         and ``argmax_after`` (subspace, prompt) as key positions; ``attends_orig`` (prompt);
         ``flip`` (subspace, prompt); means over prompts ``mean_delta_p_target``, ``flip_rate``,
         ``mean_attention_target_after`` (subspace) and ``mean_attention_target_before``;
@@ -743,6 +745,14 @@ class _Keys:
         )
 
 
+def _mean_where_defined(x: np.ndarray) -> np.ndarray:
+    """Mean over axis 0 of the non-NaN values; NaN (and no warning) where there are none."""
+    defined = ~np.isnan(x)
+    n = defined.sum(0)
+    total = np.where(defined, x, 0.0).sum(0)
+    return np.divide(total, n, out=np.full(total.shape, np.nan, dtype=total.dtype), where=n > 0)
+
+
 def _metrics(
     keys: _Keys,
     values: dict[str, np.ndarray],
@@ -767,8 +777,11 @@ def _metrics(
     l_before, l_after = hide(values["logit_before"]), hide(values["logit_after"])
 
     def p_target(a: np.ndarray) -> np.ndarray:
+        """a_t / (a_o + a_t); NaN where both are 0 (e.g. keys outside a sliding window)."""
         o, t = a[rows, ..., orig_slot], a[rows, ..., target_slot]
-        return t / (o + t)
+        total = o + t
+        share = np.full(total.shape, np.nan, dtype=np.result_type(t, total))
+        return np.divide(t, total, out=share, where=total > 0)
 
     def argmax(a: np.ndarray) -> np.ndarray:
         return np.where(np.isnan(a), -np.inf, a).argmax(-1)
@@ -801,7 +814,7 @@ def _metrics(
         "argmax_after": (ps, np.take_along_axis(slots, best_after, axis=1).T),
         "attends_orig": ("prompt", attends_orig),
         "flip": (ps, flip.T),
-        "mean_delta_p_target": ("subspace", np.nanmean(p_after - p_before[:, None], axis=0)),
+        "mean_delta_p_target": ("subspace", _mean_where_defined(p_after - p_before[:, None])),
         "flip_rate": ("subspace", flip.sum(0) / n_orig if n_orig else np.full(len(names), np.nan)),
         "mean_attention_target_before": ((), float(np.nanmean(at_before))),
         "mean_attention_target_after": ("subspace", np.nanmean(at_after, axis=0)),

@@ -40,6 +40,15 @@ from .batching import (
 from .locks import one_writer
 from .models import Head, Model, parse_heads
 
+# `capture(out=)` writes its batches at most this often (and whenever it stops, for whatever
+# reason Python sees), holding them in memory between writes, written early once they exceed
+# WRITE_BUFFER_MIB: one write per batch cost more than the batch's forward on the organism
+# (benchmarks/capture_writes.py). A kill that Python cannot see (SIGKILL, power loss) loses at
+# most the batches of the last WRITE_EVERY_S seconds (or WRITE_BUFFER_MIB); the rerun computes
+# them again.
+WRITE_EVERY_S = 30.0
+WRITE_BUFFER_MIB = 16.0
+
 
 def _check_finite(name: str, values: np.ndarray, first_prompt: int) -> None:
     bad = ~np.isfinite(values)
@@ -127,8 +136,11 @@ def capture(
         Also return `logit` (scaled q·k) and `attention` (the model's softmax weight, over the
         whole row, taken at the chosen keys).
     out
-        A zarr path: each batch is appended as it completes, and a rerun of the same call resumes
-        after the last complete batch. The result is then opened lazily from the store.
+        A zarr path: the batches are appended to it as they complete, written together at most
+        every `WRITE_EVERY_S` (30) seconds or `WRITE_BUFFER_MIB` (16 MiB) and when the call
+        ends, fails or is interrupted. A rerun of the same call resumes after the last written
+        batch; a kill that no Python code survives (SIGKILL) loses the batches not yet written.
+        The result is then opened lazily from the store.
 
     Returns
     -------
@@ -159,7 +171,14 @@ def capture(
     attrs = store.provenance("capture", params, model=model)
     if out is not None:
         sizes = {"prompt": len(prompts), "query": plan.query_width, "key": plan.key_width}
-        writer = store.BatchWriter(out, params=params, attrs=attrs, sizes=sizes)
+        writer = store.BatchWriter(
+            out,
+            params=params,
+            attrs=attrs,
+            sizes=sizes,
+            write_every_s=WRITE_EVERY_S,
+            max_buffer_mib=WRITE_BUFFER_MIB,
+        )
     batches = []
     done = min(writer.n_done * batch_size, len(prompts)) if writer is not None else 0
     coords = head_coords(model, heads)
@@ -174,17 +193,21 @@ def capture(
             return ""
         return f"Batches before prompt {start} are saved in {out}: rerun the same call to resume."
 
-    for batch, values in run(
-        plan, step, desc="capture", resume_hint=resume_hint, progress=progress, done=done
-    ):
-        for name, array in values.items():
-            _check_finite(name, array, batch.start)
-        ds = _batch_dataset(values, batch).assign_coords(coords)
+    try:
+        for batch, values in run(
+            plan, step, desc="capture", resume_hint=resume_hint, progress=progress, done=done
+        ):
+            for name, array in values.items():
+                _check_finite(name, array, batch.start)
+            ds = _batch_dataset(values, batch).assign_coords(coords)
+            if writer is not None:
+                writer.append(ds)
+            else:
+                batches.append(ds)
+            del batch, values, ds
+    finally:  # finished, or stopped by an error or Ctrl-C: write every completed batch
         if writer is not None:
-            writer.append(ds)
-        else:
-            batches.append(ds)
-        del batch, values, ds
+            writer.flush()
     if writer is not None:
         return store.open(out).assign_attrs(attrs)
     return xr.concat(

@@ -70,6 +70,12 @@ the write, so a crash never leaves it recorded as it was. Nothing is duplicated 
 places) and nothing is lost (a batch counts only once committed). Reopening with different
 parameters is refused: two settings mixed in one store would be silent corruption.
 
+A writer with ``write_every_s > 0`` (capture's) holds batches in memory and writes them together
+in one such step (one zarr write, one manifest commit), at most that often or when they exceed
+``max_buffer_mib``, and on `BatchWriter.flush`. A kill that no Python code survives then loses
+the batches held since the last write, and no more: the store is at that write, and the rerun
+computes them again. An exception or Ctrl-C is no such kill: the caller flushes in ``finally``.
+
 Limits
 ------
 - One writer per store at a time; two processes appending to the same path can collide (the
@@ -96,6 +102,8 @@ import math
 import os
 import re
 import shutil
+import sys
+import time
 import uuid
 import warnings
 import zlib
@@ -688,6 +696,14 @@ class BatchWriter:
     at any point leaves the store at the last complete batch. Reopening the same `path` with the
     same parameters resumes: `n_done` says how many batches are stored, and the loop skips them.
 
+    With ``write_every_s > 0`` the batches are held in memory and written together (one zarr
+    write, one manifest commit): at most every `write_every_s` seconds (counted from the
+    writer's creation, then from each write), as soon as the held ones take more than
+    `max_buffer_mib`, and on `flush` (call it in a ``finally``, or use the writer as a context
+    manager). A kill that no Python code survives (SIGKILL, the out-of-memory killer, power
+    loss) then loses the held batches: at most `write_every_s` seconds or `max_buffer_mib` of
+    them. The store reopens at the last complete write, and a resume recomputes the rest.
+
     Parameters
     ----------
     path : str or os.PathLike
@@ -706,13 +722,21 @@ class BatchWriter:
         any other dim the largest size a batch can have (e.g. the key width of the batch plan).
         Batches smaller in another dim are padded (see the module docstring); larger ones are
         refused. A dim not given takes the first batch's size.
+    write_every_s : float, default 0
+        Hold batches in memory and write them at most this often; 0 writes each batch in
+        `append`. The arrays are chunked by the first batch's size either way.
+    max_buffer_mib : float, default 16
+        Write the held batches as soon as they take more than this much memory, so a big
+        model's run holds at most about this much (twice it while writing) plus one batch.
 
     Attributes
     ----------
     path : pathlib.Path
     dim : str
     n_done : int
-        Number of complete batches in the store.
+        Number of complete batches in the store (held batches not counted).
+    n_held : int
+        Number of batches held in memory, not yet written.
     rows : int
         Number of complete rows along `dim` (the batches' sizes summed).
 
@@ -740,9 +764,16 @@ class BatchWriter:
         dim: str = "prompt",
         attrs: dict | None = None,
         sizes: Mapping[str, int] | None = None,
+        write_every_s: float = 0.0,
+        max_buffer_mib: float = 16.0,
     ) -> None:
         self.path = Path(path)
         self.dim = dim
+        self.write_every_s = float(write_every_s)
+        self.max_buffer_bytes = int(max_buffer_mib * 2**20)
+        self._held: list[xr.Dataset] = []
+        self._held_bytes = 0
+        self._last_write = time.monotonic()
         params = _jsonable(params)
         attrs = _jsonable(dict(attrs or {}))
         sizes = {str(d): int(n) for d, n in (sizes or {}).items()}
@@ -806,8 +837,26 @@ class BatchWriter:
     def __repr__(self) -> str:
         return f"BatchWriter({str(self.path)!r}, dim={self.dim!r}, n_done={self.n_done})"
 
+    def __enter__(self) -> BatchWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.flush()
+
+    @property
+    def n_held(self) -> int:
+        return len(self._held)
+
+    @property
+    def _next(self) -> int:
+        """The index of the next batch appended (for messages)."""
+        return self.n_done + self.n_held
+
     def append(self, ds: xr.Dataset) -> None:
-        """Write `ds` as the next batch; it counts in `n_done` only once complete on disk.
+        """Add `ds` as the next batch; it counts in `n_done` only once complete on disk.
+
+        Written here, or with ``write_every_s > 0`` held until a write is due (see the class
+        docstring); it is checked against the store here either way.
 
         Parameters
         ----------
@@ -830,19 +879,37 @@ class BatchWriter:
             )
         if self.dim not in ds.dims:
             raise ValueError(
-                f"batch {self.n_done} has no {self.dim!r} dim (dims: {dict(ds.sizes)}); give it "
+                f"batch {self._next} has no {self.dim!r} dim (dims: {dict(ds.sizes)}); give it "
                 f"one, e.g. ds.expand_dims({self.dim!r}), or create the BatchWriter with "
                 "dim=<the batch dim>."
             )
         if not ds.sizes[self.dim]:
             raise ValueError(
-                f"batch {self.n_done} has no rows along {self.dim!r}; append only batches "
+                f"batch {self._next} has no rows along {self.dim!r}; append only batches "
                 "with at least one (skip empty ones)."
             )
+        first = self.rows == 0 and not self._held
+        ds = self._conform(ds, first=first)
+        if first:  # the run's schema until the store has it
+            self._first = ds.isel({self.dim: slice(0, 0)})
+        self._held.append(ds)
+        self._held_bytes += _memory(ds)
+        due = time.monotonic() - self._last_write >= self.write_every_s
+        if due or self._held_bytes > self.max_buffer_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the held batches now, in one zarr write and one manifest commit."""
+        held, self._held, self._held_bytes = self._held, [], 0
+        if not held:
+            return
+        chunk_rows = held[0].sizes[self.dim]
+        ds = held[0] if len(held) == 1 else _concat_batches(held, self.dim)
         if self.rows == 0:
-            self._create(self._conform(ds, first=True))
+            self._create(ds, chunk_rows=chunk_rows, n_batches=len(held))
         else:
-            self._write_rows(self._conform(ds, first=False))
+            self._write_rows(ds, n_batches=len(held))
+        self._last_write = time.monotonic()
 
     def finalize(self, extra: xr.Dataset | None = None) -> Path | None:
         """Mark the run complete and optionally store reduced results next to the batches.
@@ -862,6 +929,7 @@ class BatchWriter:
         pathlib.Path or None
             The path of the final results, or None without `extra`.
         """
+        self.flush()
         if self.rows and self._capacity() != self.rows:
             self._resize(self.rows)
         final_path = None
@@ -894,7 +962,7 @@ class BatchWriter:
                 continue
             if n > sizes[d] or d in ds.indexes:
                 raise ValueError(
-                    f"batch {self.n_done} has {n} along {d!r}, but the store holds {sizes[d]} "
+                    f"batch {self._next} has {n} along {d!r}, but the store holds {sizes[d]} "
                     "(the planned size, or the first batch's). Pass BatchWriter(..., "
                     f"sizes={{{d!r}: <the largest size of any batch>}}) when the run starts "
                     "(capture passes its batch plan's widths), or give every batch the same "
@@ -914,7 +982,7 @@ class BatchWriter:
         schema, stored = _schema(ds), _schema(reference)
         if schema != stored:
             raise ValueError(
-                f"batch {self.n_done} does not match batch 0 of {self.path}:\n"
+                f"batch {self._next} does not match batch 0 of {self.path}:\n"
                 + diff_lines(stored, schema, "variable", "batch 0", "this batch")
                 + "\nEvery batch must have the same variables, with the same dims and kind of "
                 "dtype (an int variable padded in a later batch needs NaN: make it float, or "
@@ -924,7 +992,7 @@ class BatchWriter:
         for d in ds.indexes:
             if d != self.dim and not ds.indexes[d].equals(reference.indexes[d]):
                 raise ValueError(
-                    f"batch {self.n_done} has {d!r} labels {list(ds.indexes[d])}, but batch 0 of "
+                    f"batch {self._next} has {d!r} labels {list(ds.indexes[d])}, but batch 0 of "
                     f"{self.path} has {list(reference.indexes[d])}; every batch must have the "
                     f"same labels along dims other than {self.dim!r}."
                 )
@@ -937,8 +1005,11 @@ class BatchWriter:
             self._first = stored.isel({self.dim: slice(0, 0)}).load()
         return self._first
 
-    def _create(self, ds: xr.Dataset) -> None:
-        """Write the first batch as the store's arrays, then size them for the whole run."""
+    def _create(self, ds: xr.Dataset, chunk_rows: int, n_batches: int) -> None:
+        """Write the first batches as the store's arrays, then size them for the whole run.
+
+        The arrays are chunked along the batch dim by `chunk_rows`, the first batch's size.
+        """
         for entry in self.path.iterdir():  # arrays of a first batch a crash left uncommitted
             if entry.name not in (MANIFEST, FINAL):
                 _remove(entry)
@@ -948,7 +1019,11 @@ class BatchWriter:
         for var in out.variables.values():
             var.attrs = _jsonable(var.attrs)
         encoding = {
-            name: {"chunks": tuple(n if d == self.dim else max(s, 1) for d, s in var.sizes.items())}
+            name: {
+                "chunks": tuple(
+                    chunk_rows if d == self.dim else max(s, 1) for d, s in var.sizes.items()
+                )
+            }
             for name, var in out.variables.items()
             if self.dim in var.dims
         }
@@ -971,10 +1046,10 @@ class BatchWriter:
         )
         self._first = None
         self._arrays = None
-        self._commit(rows=n, n_batches=1, files=files, sizes=sizes)
+        self._commit(rows=n, n_batches=n_batches, files=files, sizes=sizes)
 
-    def _write_rows(self, ds: xr.Dataset) -> None:
-        """Write a later batch into the rows after the complete ones, then commit it."""
+    def _write_rows(self, ds: xr.Dataset, n_batches: int = 1) -> None:
+        """Write `n_batches` later batches (`ds`, concatenated) after the complete rows; commit."""
         start, n = self.rows, ds.sizes[self.dim]
         grow = start + n > self._capacity()
         touched = self._chunk_files(start, start + n)
@@ -997,7 +1072,7 @@ class BatchWriter:
                 write_empty_chunks=True,
             )
         files = {**self._manifest["files"], **_record_files(self.path, touched + metadata)}
-        self._commit(rows=start + n, n_batches=self.n_done + 1, files=files)
+        self._commit(rows=start + n, n_batches=self.n_done + n_batches, files=files)
 
     def _resize(self, rows: int, commit: bool = True) -> None:
         """Give every array with the batch dim `rows` rows (metadata only)."""
@@ -1039,6 +1114,23 @@ class BatchWriter:
                 _remove(leftover)
         for partial in [*self.path.glob("*.partial"), *self.path.glob("*/*.partial")]:
             partial.unlink()
+
+
+def _memory(ds: xr.Dataset) -> int:
+    """Bytes `ds` holds, with the strings of object arrays (`nbytes` counts their pointers)."""
+    strings = (
+        sum(sys.getsizeof(x) for x in var.values.ravel())
+        for var in ds.variables.values()
+        if var.dtype == object
+    )
+    return int(ds.nbytes) + sum(strings)
+
+
+def _concat_batches(batches: list[xr.Dataset], dim: str) -> xr.Dataset:
+    """Conformed batches as one Dataset along `dim`; variables without it from the first."""
+    return xr.concat(
+        batches, dim=dim, data_vars="minimal", coords="minimal", compat="override", join="exact"
+    )
 
 
 @dataclass

@@ -313,6 +313,42 @@ def test_captured_metrics_equal_the_in_trace_edit(family, keys, mode):
         assert np.nanmax(moved) > 1e-3
 
 
+def test_p_target_is_nan_without_a_warning_where_orig_and_target_get_no_attention():
+    """gemma2's sliding window hides early keys: where orig and target both get attention 0,
+    p_target = a_t / (a_o + a_t) is undefined, NaN (no RuntimeWarning), left out of the mean."""
+    import warnings
+
+    from qktrace.interventions import intervene_captured
+
+    net, tok = tiny("gemma2")
+    m = load(net, tokenizer=tok)
+    undefined = 0
+    for layer in range(2):
+        head = f"{layer}.1"
+        cap = capture(m, PROMPTS, head, keys="all", progress=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            fx = intervene_captured(
+                cap, head, basis(r=3, seed=4), orig=ORIG, target=TARGET, edit=Edit("swap"),
+                name="f", n_random=2, seed=5,
+            )  # fmt: skip
+        for when in ("before", "after"):
+            a = fx[f"attention_{when}"]
+            a_o = a.where(fx.key_role == "orig").max("key").values
+            a_t = a.where(fx.key_role == "target").max("key").values
+            none = a_o + a_t == 0
+            undefined += int(none.sum())
+            expected = np.where(none, np.nan, a_t / np.where(none, 1.0, a_o + a_t))
+            np.testing.assert_allclose(fx[f"p_target_{when}"].values, expected, rtol=1e-6)
+        delta = fx.p_target_after.values - fx.p_target_before.values[None]
+        np.testing.assert_allclose(fx.delta_p_target.values, delta, rtol=1e-6)
+        means = [
+            np.mean(row[~np.isnan(row)]) if (~np.isnan(row)).any() else np.nan for row in delta
+        ]
+        np.testing.assert_allclose(fx.mean_delta_p_target.values, means, rtol=1e-6)
+    assert undefined  # the case is reached (both keys outside the window for some prompt)
+
+
 def test_captured_metrics_refuse_bad_input():
     from qktrace.interventions import intervene_captured
 

@@ -147,6 +147,65 @@ def test_capture_to_store_resumes_after_crash(llama, tmp_path, monkeypatch):
     ]  # fmt: skip
 
 
+HARD_KILL = """
+import json, os, signal, sys
+import qktrace, qktrace.qk as qk, qktrace.testing as testing
+from qktrace.models import load
+out, every, prompts = json.loads(sys.argv[1])
+qk.WRITE_EVERY_S = every
+real, calls = qk._capture_batch, []
+def dies(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(*args, **kwargs)
+qk._capture_batch = dies
+net, tok = testing.model("llama")
+qktrace.capture(load(net, tokenizer=tok), prompts, "1.0,0.2", keys="all", batch_size=2, out=out,
+                progress=False)
+"""
+
+
+@pytest.mark.parametrize(
+    "every, saved_batches", [(0.0, 2), (1e9, 0)], ids=["due-every-batch", "not-yet"]
+)
+def test_a_hard_kill_loses_at_most_the_batches_not_yet_written(
+    llama, tmp_path, monkeypatch, every, saved_batches
+):
+    """capture(out=) holds its batches and writes them every `WRITE_EVERY_S` seconds: a SIGKILL
+    in batch 3 keeps batches 1-2 when a write was due after each, none when none was due yet;
+    the store opens at what was written and the rerun computes only the rest."""
+    import json
+    import signal
+    import subprocess
+    import sys
+
+    import xarray as xr
+
+    import qktrace
+    import qktrace.qk as capture_module
+
+    prompts = PROMPTS * 2
+    out = tmp_path / "capture.zarr"
+    args = json.dumps([str(out), every, prompts])
+    killed = subprocess.run([sys.executable, "-c", HARD_KILL, args], capture_output=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()[-2000:]
+    whole = capture(llama, prompts, "1.0,0.2", keys="all", batch_size=2, progress=False)
+    if saved_batches:
+        kept = qktrace.open(out, checksums=True).load()
+        xr.testing.assert_allclose(kept.drop_attrs(), whole.isel(prompt=slice(0, 4)).drop_attrs())
+    else:
+        with pytest.raises(ValueError, match="no complete batch yet"):
+            qktrace.open(out)
+    real, calls = capture_module._capture_batch, []
+    monkeypatch.setattr(
+        capture_module, "_capture_batch", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
+    resumed = capture(llama, prompts, "1.0,0.2", keys="all", batch_size=2, out=out, progress=False)
+    assert len(calls) == 3 - saved_batches  # the lost batches, and only they, run again
+    xr.testing.assert_allclose(resumed.load().drop_attrs(), whole.drop_attrs())
+
+
 def test_prompt_longer_than_context():
     net, tok = tiny("gpt2")
     m = load(net, tokenizer=tok)

@@ -59,15 +59,18 @@ def run(
     *,
     fail_at: int | None = None,
     sizes: dict[str, int] = SIZES,
+    every: float = 0.0,
 ) -> BatchWriter:
-    """The study loop: skip stored batches, produce and append the rest; fail at `fail_at`."""
-    w = BatchWriter(path, params=PARAMS, attrs=ATTRS, sizes=sizes)
-    for i, batch in enumerate(batches):
-        if i < w.n_done:
-            continue
-        if i == fail_at:
-            raise RuntimeError("producer died")
-        w.append(batch)
+    """The study loop: skip stored batches, produce and append the rest; fail at `fail_at`.
+
+    With `every` > 0 the writer holds batches and writes them when the loop ends or fails."""
+    with BatchWriter(path, params=PARAMS, attrs=ATTRS, sizes=sizes, write_every_s=every) as w:
+        for i, batch in enumerate(batches):
+            if i < w.n_done:
+                continue
+            if i == fail_at:
+                raise RuntimeError("producer died")
+            w.append(batch)
     return w
 
 
@@ -251,14 +254,16 @@ def test_batches_open_lazily_concatenated_and_padded(tmp_path):
     assert_holds_batches(ds.load(), batches)
 
 
+@pytest.mark.parametrize("every", [0.0, 1e9], ids=["each", "held"])
 @pytest.mark.parametrize("k", [0, 1, 3])
-def test_resume_after_producer_crash_is_identical_to_uninterrupted_run(tmp_path, k):
+def test_resume_after_producer_crash_is_identical_to_uninterrupted_run(tmp_path, k, every):
+    """Held batches are written when the producer fails too (the writer's exit), then resumed."""
     batches = make_batches()
     run(tmp_path / "ref.zarr", batches)
     with pytest.raises(RuntimeError, match="producer died"):
-        run(tmp_path / "run.zarr", batches, fail_at=k)
+        run(tmp_path / "run.zarr", batches, fail_at=k, every=every)
     assert BatchWriter(tmp_path / "run.zarr", params=PARAMS, attrs=ATTRS).n_done == k
-    assert run(tmp_path / "run.zarr", batches).n_done == N_BATCHES
+    assert run(tmp_path / "run.zarr", batches, every=every).n_done == N_BATCHES
     resumed = store.open(tmp_path / "run.zarr").load()
     xr.testing.assert_identical(resumed, store.open(tmp_path / "ref.zarr").load())
     assert_holds_batches(resumed, batches)
@@ -310,43 +315,67 @@ def kill_before_commit(batch: int = 2) -> None:
     real = BatchWriter._commit
 
     def dying(self, **changes):
-        if changes.get("n_batches") == batch + 1:
+        if changes.get("n_batches", 0) > batch:  # the commit that would count `batch`
             die()
         real(self, **changes)
 
     BatchWriter._commit = dying
 
 
+def kill_holding(batch: int = 4) -> None:
+    """SIGKILL when `batch` is appended: with held batches, those before it are not written."""
+    real = BatchWriter.append
+
+    def dying(self, ds):
+        if self.n_done + self.n_held == batch:
+            die()
+        real(self, ds)
+
+    BatchWriter.append = dying
+
+
 def killed_while_appending(
-    path: Path, kill: Callable[[], None], sizes: dict[str, int], done: int = 2
+    path: Path, kill: Callable[[], None], sizes: dict[str, int], done: int = 2, every: float = 0.0
 ) -> None:
-    """Write `done` batches, then SIGKILL a forked child (nothing of it runs on) in the next."""
+    """Write `done` batches, then SIGKILL a forked child (nothing of it runs on) in the next.
+
+    With `every` > 0 the child holds its batches and writes them together at its end."""
     run(path, make_batches()[:done], sizes=sizes)
     child = os.fork()
     if child == 0:  # pragma: no cover (the child never returns)
         try:
             kill()
-            run(path, make_batches(), sizes=sizes)
+            run(path, make_batches(), sizes=sizes, every=every)
         finally:
             os._exit(1)
     _, status = os.waitpid(child, 0)
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, status
 
 
+def kill_case(kill: Callable[[], None], planned: bool, every: float) -> object:
+    name = (
+        f"{kill.__name__}-{'planned-rows' if planned else 'growing'}-{'held' if every else 'each'}"
+    )
+    return pytest.param(kill, planned, every, id=name)
+
+
 @pytest.mark.parametrize(
-    ("kill", "planned"),
-    [(kill_after_growing, False), (kill_mid_data, False), (kill_before_commit, False),
-     (kill_mid_data, True), (kill_before_commit, True)],
-    ids=lambda v: {False: "growing", True: "planned-rows"}.get(v) or v.__name__,
+    ("kill", "planned", "every"),
+    [kill_case(kill_after_growing, False, 0.0), kill_case(kill_mid_data, False, 0.0),
+     kill_case(kill_before_commit, False, 0.0), kill_case(kill_mid_data, True, 0.0),
+     kill_case(kill_before_commit, True, 0.0), kill_case(kill_after_growing, False, 1e9),
+     kill_case(kill_mid_data, True, 1e9), kill_case(kill_before_commit, True, 1e9),
+     kill_case(kill_holding, True, 1e9)],
 )  # fmt: skip
-def test_process_killed_inside_append_then_resume_is_identical(tmp_path, kill, planned):
-    """SIGKILL while batch 2 is written: the store reopens at 2 batches, a rerun completes it."""
+def test_process_killed_inside_append_then_resume_is_identical(tmp_path, kill, planned, every):
+    """SIGKILL while batch 2 is written (held: while batches 2-4 are written together, or while
+    2-3 are held): the store reopens at 2 batches, a rerun completes it."""
     sizes = {**SIZES, "prompt": 12} if planned else SIZES
     batches = make_batches()
     run(tmp_path / "ref.zarr", batches, sizes=sizes)
     reference = store.open(tmp_path / "ref.zarr").load()
     path = tmp_path / "run.zarr"
-    killed_while_appending(path, kill, sizes)
+    killed_while_appending(path, kill, sizes, every=every)
     # the last complete batch, checked whole, without resuming
     two = store.open(path, checksums=True).load()
     xr.testing.assert_identical(two, reference.isel(prompt=slice(0, 5)))
@@ -370,6 +399,70 @@ def test_process_killed_in_the_first_batch_then_resume_is_identical(tmp_path):
     run(path, batches)
     resumed = store.open(path, checksums=True).load()
     xr.testing.assert_identical(resumed, store.open(tmp_path / "ref.zarr").load())
+
+
+def test_held_batches_are_written_together_into_the_same_store(tmp_path, monkeypatch):
+    """write_every_s holds batches and writes them in one zarr write and one manifest commit;
+    the store is the one a write per batch makes, chunked by the first batch as well."""
+    batches = make_batches()
+    run(tmp_path / "ref.zarr", batches, sizes={**SIZES, "prompt": 12})
+    writes, commits = [], []
+    real_write, real_commit = xr.Dataset.to_zarr, BatchWriter._commit
+    monkeypatch.setattr(
+        xr.Dataset, "to_zarr", lambda *a, **k: writes.append(1) or real_write(*a, **k)
+    )
+    monkeypatch.setattr(
+        BatchWriter, "_commit", lambda *a, **k: commits.append(1) or real_commit(*a, **k)
+    )
+    w = run(tmp_path / "run.zarr", batches, sizes={**SIZES, "prompt": 12}, every=1e9)
+    assert (len(writes), len(commits)) == (1, 1) and (w.n_done, w.n_held) == (N_BATCHES, 0)
+    xr.testing.assert_identical(
+        store.open(tmp_path / "run.zarr", checksums=True).load(),
+        store.open(tmp_path / "ref.zarr").load(),
+    )
+    chunks = [
+        json.loads((tmp_path / r / "q" / ".zarray").read_text())["chunks"]
+        for r in ("ref.zarr", "run.zarr")
+    ]
+    assert chunks[0] == chunks[1] and chunks[0][0] == 2  # one chunk per first batch's 2 prompts
+
+
+def test_held_batches_are_written_when_due_or_over_the_memory_cap(tmp_path, monkeypatch):
+    """A write is due `write_every_s` after the last one, or as soon as held batches exceed
+    `max_buffer_mib`; until then `n_done` counts only what is on disk."""
+    clock = [0.0]
+    monkeypatch.setattr(store.time, "monotonic", lambda: clock[0])
+    batches = make_batches()
+    w = BatchWriter(
+        tmp_path / "run.zarr", params=PARAMS, attrs=ATTRS, sizes=SIZES, write_every_s=10
+    )
+    counts = []
+    for t, batch in zip([1, 5, 12, 13, 30], batches, strict=True):
+        clock[0] = t
+        w.append(batch)
+        counts.append((w.n_done, w.n_held))
+    assert counts == [(0, 1), (0, 2), (3, 0), (3, 1), (5, 0)]  # written at t=12 and t=30
+    # batches of 4 texts of 100,000 characters (~0.4 MB, of which `nbytes` sees 32 bytes of
+    # pointers): with a 0.5 MiB cap any two are over it, so they are written in pairs
+    texts = [
+        xr.Dataset(
+            {"text": ("prompt", np.array([chr(65 + i) * 100_000] * 4, dtype=object))},
+            coords={"prompt": np.arange(4 * i, 4 * i + 4)},
+        )
+        for i in range(5)
+    ]
+    capped = BatchWriter(
+        tmp_path / "capped.zarr", params=PARAMS, write_every_s=1e9, max_buffer_mib=0.5
+    )
+    counts = []
+    for batch in texts:
+        capped.append(batch)
+        counts.append(capped.n_done)
+    assert counts == [0, 2, 2, 4, 4]
+    capped.flush()
+    assert capped.n_done == 5 and capped.n_held == 0
+    stored = store.open(tmp_path / "capped.zarr").text.values
+    assert list(stored) == [t for batch in texts for t in batch.text.values]
 
 
 def test_open_reads_one_zarr_group_however_many_batches(tmp_path, monkeypatch):
