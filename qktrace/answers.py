@@ -26,7 +26,9 @@ space, with its first letter upper- and lower-case (a one-character candidate ke
 "a" is a word, not Box A), deduplicated; p(candidate) is the sum of its forms' probabilities
 and its logit the logsumexp of theirs (log p(candidate) up to the softmax normaliser, which
 cancels in every difference). A first token shared by two candidates of a prompt says neither,
-so it counts for none (a candidate left with no form is an error). This is the default because
+so it counts for none; a candidate left with no token of its own is unscored (NaN, never the
+argmax; a `CandidateMassWarning` names the prompts; on a small vocabulary whose first tokens
+are letters, give such candidates as token ids). This is the default because
 a single surface form undercounts an answer by whatever the model puts on the others, and
 which form a model uses is a fact about the model, not about the answer. A token id counts as
 itself only; a tuple of ids and/or strings gives a candidate's forms exactly (a string by the
