@@ -23,7 +23,8 @@ A model says "apple" as " apple", "Apple" or "apple" depending on what came befo
 template's answer starts a line; a sentence puts a space before it). So a string candidate
 counts by the first tokens of its usual surface forms: as given, with and without a leading
 space, with its first letter upper- and lower-case (a one-character candidate keeps its case:
-"a" is a word, not Box A), deduplicated; p(candidate) is the sum of its forms' probabilities
+"a" is a word, not Box A), deduplicated; a form whose tokenization starts with a bare space
+token ("Ġ", "▁": every candidate starts so) counts by its first token after it; p(candidate) is the sum of its forms' probabilities
 and its logit the logsumexp of theirs (log p(candidate) up to the softmax normaliser, which
 cancels in every difference). A first token shared by two candidates of a prompt says neither,
 so it counts for none; a candidate left with no token of its own is unscored (NaN, never the
@@ -391,9 +392,11 @@ def _forms(tokenizer: Any, candidate: Candidate, prompt: int) -> list[int]:
             tokens = tokenizer(str(text), add_special_tokens=False)["input_ids"]
             if not tokens:
                 raise ValueError(f"Prompt {prompt}: candidate form {text!r} has no tokens.")
+            if derived:  # a bare space token ("Ġ", "▁"), which every candidate shares, says
+                # nothing: count the form by its first token with a letter in it
+                tokens = [t for t in tokens if tokenizer.decode([t]).strip()] or tokens[:1]
             token = int(tokens[0])
-        # a derived form says nothing if the tokenizer cannot spell it (unknown) or starts it
-        # with a bare space token, which every candidate shares
+        # a derived form the tokenizer cannot spell (unknown) says nothing either
         if derived and (token == unknown or not tokenizer.decode([token]).strip()):
             continue
         if token not in out:

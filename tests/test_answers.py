@@ -184,7 +184,7 @@ def test_a_string_candidate_counts_by_its_surface_forms_and_an_ambiguous_token_f
 ):
     """ "apple" is said as "a|pp|le", "Ġapple", "A|pp|le" or "ĠA|pp|le" by this tokenizer, and
     "apricot" as "a|...", "Ġa|...", "A|..." or "ĠA|...": only "Ġapple" and "Ġa" tell them
-    apart. "pear" is said as "p|e|ar", "P|e|ar" (and "Ġ|p|e|ar": a bare space says nothing)."""
+    apart. "pear" is said as "p|e|ar", "P|e|ar" (and "Ġ|p|e|ar": after a bare space, "p")."""
     net, tok = tiny("llama")
     m = load(net, tokenizer=tok)
     ids = {s: tok.convert_tokens_to_ids(s) for s in ["a", "A", "ĠA", "Ġapple", "Ġa", "p", "P"]}
@@ -249,3 +249,15 @@ def test_the_candidate_mass_warns_when_the_candidates_are_not_what_the_model_say
             m, PROMPTS[:1], {"1.1": basis()}, candidates=[list(range(len(tok)))], **kw
         )
     assert float(every.answer_candidate_mass[0]) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_a_bare_space_first_token_counts_by_the_token_after_it():
+    """A SentencePiece-style tokenizer spells " U" (and "U") as "▁" + "U": "▁" starts every
+    candidate, so counting it would make every box letter unscored (or all alike)."""
+    from qktrace.answers import candidate_tokens
+
+    _, tok = fresh_model("qwen3", tokenizer_style="metaspace")
+    assert tok.convert_ids_to_tokens(tok("U", add_special_tokens=False)["input_ids"])[0] == "▁"
+    ids, counted = candidate_tokens(tok, [["U", "Y", "D"]])
+    got = [tok.convert_ids_to_tokens([int(t) for t in ids[0, c][counted[0, c]]]) for c in range(3)]
+    assert got == [["U"], ["Y"], ["D"]]
