@@ -340,8 +340,8 @@ def main() -> None:
         (capture_mod, "_capture_batch", 0),
         (ops, "gather_heads", 1),
         (ops, "attention_rows", 1),
-        (capture_mod, "_check_finite", 0),
-        (capture_mod, "_batch_dataset", 0),
+        (capture_mod, "check_finite", 0),
+        (capture_mod, "batch_dataset", 0),
     ]
     reduce_pieces = [
         (reduce_mod, "prepare", 0),

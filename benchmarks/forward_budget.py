@@ -21,8 +21,10 @@ as the study's minimum rows, with the same batches, in the same process. It prin
 and with ``--remote-local`` (nnsight's offline simulation of NDIF) the requests (round trips),
 bytes of the serialized requests, bytes of the arrays the requests return, and the raw q/k bytes
 (every token's q and k of the studied heads in the same traces) they stand against (goal <= 1%),
-in all and per step (reduce: the covariance sums; capture: the fresh prompts; capture (subspace
-pairs): lexical's original and counterfactual captures; head search: a search pass of its own).
+in all and per step (reduce: the covariance sums; capture: the fresh prompts; capture (projected): the fresh
+prompts of a remote study reduced in the trace, `qktrace.projected`; capture (subspace pairs):
+lexical's original and counterfactual captures, or on a remote model subspace pairs (in trace),
+`qktrace.paired`; head search: a search pass of its own).
 
     python benchmarks/forward_budget.py                       # the organism, its default sizes
     python benchmarks/forward_budget.py --studies order_id --n-prompts 300 --n-test 90
@@ -87,6 +89,8 @@ class Counter:
     def install(self) -> None:
         import qktrace.answers as answers
         import qktrace.heads as heads_module
+        import qktrace.paired as paired
+        import qktrace.projected as projected
         import qktrace.qk as qk
         import qktrace.sums as sums
 
@@ -156,6 +160,20 @@ class Counter:
         # the per-batch functions run the forward passes: one trace per batch (reduce: per
         # batch of its request)
         wrap(qk, "_capture_batch", lambda model, enc, *a, **k: [(enc.inputs, 0)], "capture")
+        # a remote study's fresh prompts, reduced in the trace (one request, all batches)
+        wrap(
+            projected,
+            "_fresh_request",
+            lambda model, batches, *a, **k: [(b.encoded.inputs, 0) for b in batches],
+            "capture (projected)",
+        )
+        # a remote counterfactual study's subspace pairs, summed in the trace (one request)
+        wrap(
+            paired,
+            "_pairs_request",
+            lambda model, batches, *a, **k: [(b.encoded.inputs, 0) for b in batches],
+            "subspace pairs (in trace)",
+        )
         wrap(
             sums,
             "_reduce_batch",
@@ -436,8 +454,10 @@ def main() -> None:
                                 "returned/raw q/k"]))  # fmt: skip
         print(
             "step: the per-batch function that ran the requests (reduce: the covariance sums; "
-            "capture: the fresh prompts' q/k/attention; capture (subspace pairs): lexical's "
-            "original and counterfactual answer keys); returned/raw q/k: over the study's raw q/k"
+            "capture: the fresh prompts' q/k/attention; capture (projected): a remote study's "
+            "fresh prompts reduced in the trace; capture (subspace pairs): lexical's original "
+            "and counterfactual answer keys; subspace pairs (in trace): a remote lexical's, "
+            "summed in the trace); returned/raw q/k: over the study's raw q/k"
         )
 
 

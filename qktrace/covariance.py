@@ -49,9 +49,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 import xarray as xr
 
-from . import checks
+from . import checks, ops
 
 __all__ = [
     "CONTRASTS",
@@ -575,8 +576,9 @@ def permutation_null(
     Each permutation shuffles `is_positive` over the pairs (keeping the numbers of positive and
     negative pairs) and recomputes ΔC = mean(q k^T | positive) - mean(q k^T | negative). The
     components are then tested in order: component j is significant when its singular value
-    exceeds the `quantile` of the null for index j, and `null_rank` counts the leading
-    components that are (counting stops at the first that is not).
+    exceeds the `quantile` of the null for index j (and is not zero to rounding,
+    `ops.NUMERICAL_ZERO`), and `null_rank` counts the leading components that are (counting
+    stops at the first that is not).
 
     The null for index j is the largest singular value of the permuted ΔC once the real ΔC's
     first j query and key directions are projected out. Comparing s_j with the plain j-th null
@@ -639,10 +641,7 @@ def permutation_null(
         return positive_sum / n_pos - (total - positive_sum) / n_neg
 
     real = delta_c(q[labels].T @ k[labels])
-    u, s, vt = svd(real)
-
-    rng = np.random.default_rng(seed)
-    masks = np.stack([rng.permutation(labels) for _ in range(n_permutations)]).astype(np.float64)
+    masks = permutation_masks(labels, n_permutations, seed).astype(np.float64)
     # every permutation's positive sum at once: masks [perm, pairs] @ the pairs' q k^T
     # [pairs, dq dk], one matrix product per chunk of pairs (at most ~256 MB of outer products)
     d_q, d_k = q.shape[1], k.shape[1]
@@ -654,17 +653,11 @@ def permutation_null(
         positive += masks[:, rows] @ outer
     null = delta_c(positive.reshape(n_permutations, d_q, d_k))
     null_sv = svd(null, compute_uv=False)
-
-    cutoff = np.full(s.size, np.nan)
-    null_rank = 0
-    for j in range(s.size):
-        left_q = np.eye(q.shape[1]) - u[:, :j] @ u[:, :j].T
-        left_k = np.eye(k.shape[1]) - vt[:j].T @ vt[:j]
-        deflated = svd(left_q @ null @ left_k, compute_uv=False)[:, 0]
-        cutoff[j] = np.quantile(deflated, quantile)
-        if s[j] <= cutoff[j]:
-            break
-        null_rank += 1
+    # the sequential test runs in torch: the same code tests a remote study's ΔC in its trace
+    s, cutoff = (
+        x.numpy() for x in ops.null_cutoffs(torch.tensor(real), torch.tensor(null), quantile)
+    )
+    null_rank = null_rank_of(s, cutoff)
     return xr.Dataset(
         {
             "singular_values": ("component", s),
@@ -676,6 +669,22 @@ def permutation_null(
         coords={"component": np.arange(s.size)},
         attrs={"quantile": quantile, "threshold": threshold, "n_permutations": n_permutations},
     )
+
+
+def permutation_masks(is_positive: np.ndarray, n_permutations: int, seed: int) -> np.ndarray:
+    """The label permutations of `permutation_null` [n_permutations, pairs] (bool): each a
+    shuffle of `is_positive`, drawn in order from ``np.random.default_rng(seed)``."""
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(is_positive, dtype=bool)
+    return np.stack([rng.permutation(labels) for _ in range(n_permutations)])
+
+
+def null_rank_of(singular_values: np.ndarray, cutoff: np.ndarray) -> int:
+    """How many leading components beat their permutation cut-off (`ops.null_cutoffs`) and are
+    not numerically zero."""
+    s = np.asarray(singular_values)
+    beats = (s > np.nan_to_num(np.asarray(cutoff), nan=np.inf)) & (s > ops.NUMERICAL_ZERO * s[0])
+    return int(np.argmin(beats)) if not beats.all() else int(beats.size)
 
 
 def random_subspaces(d: int, rank: int, n: int, seed: int = 0) -> np.ndarray:

@@ -454,7 +454,10 @@ def intervene_captured(
     picked = k[torch.arange(n)[:, None], torch.tensor(edit_slot)]  # [prompt, m, d]
     stack = torch.tensor(np.stack(bases), dtype=torch.float64)[:, None]  # [S, 1, d, r]
     edited = ops.edit_in_subspace(picked, stack, mode, src)  # [S, prompt, m, d]
-    new_logit = ((edited @ q[:, :, None])[..., 0] * scaling).numpy()  # [S, prompt, m]
+    # the edit's change of each edited key's logit: only the part of q and k in the edited
+    # subspaces counts (so coordinates of q and k in those subspaces suffice, `project=`)
+    change = (((edited - picked) @ q[:, :, None])[..., 0] * scaling).numpy()  # [S, prompt, m]
+    new_logit = logit[rows, edit_slot][None] + change
 
     a = np.where(slots >= 0, attention, np.nan)
     best = np.nanargmax(np.where(np.isfinite(a), a, -1.0), axis=1)

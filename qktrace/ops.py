@@ -227,3 +227,40 @@ class AttentionInputs:
         args, kwargs = self.call.inputs
         mask = args[self.mask] if len(args) > self.mask else kwargs.get(self.mask_name)
         return args[self.query], args[self.key], mask
+
+
+# A singular value below this fraction of the largest is zero to float64 rounding: the test
+# never counts it (its cut-off is rounding noise too, and either can be the larger).
+NUMERICAL_ZERO = 1e-10
+
+
+def null_cutoffs(
+    real: torch.Tensor, null: torch.Tensor, quantile: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sequential permutation test of `qktrace.covariance.permutation_null`.
+
+    real [dq, dk] is ΔC, null [P, dq, dk] the ΔC of P label permutations. Component j is tested
+    against the `quantile` of the permutations' largest singular value once ΔC's first j query
+    and key directions are projected out; testing stops at the first component that does not
+    beat its cut-off or is numerically zero (`NUMERICAL_ZERO`). Returns (singular values of ΔC
+    [min(dq, dk)], cut-offs [same], NaN past the first failure), float64. Runs inside a trace (a
+    remote study's null) as well as here.
+    """
+    real, null = real.to(torch.float64), null.to(torch.float64)
+    u, s, vh = torch.linalg.svd(real, full_matrices=False)
+    cutoff = torch.full_like(s, float("nan"))
+    eye_q = torch.eye(real.shape[0], dtype=torch.float64, device=real.device)
+    eye_k = torch.eye(real.shape[1], dtype=torch.float64, device=real.device)
+    for j in range(s.shape[0]):
+        left = eye_q - u[:, :j] @ u[:, :j].T
+        right = eye_k - vh[:j].T @ vh[:j]
+        top = torch.linalg.svdvals(left @ null @ right)[:, 0]
+        cutoff[j] = torch.quantile(top, quantile)
+        if s[j] <= cutoff[j] or s[j] <= NUMERICAL_ZERO * s[0]:
+            break
+    return s, cutoff
+
+
+def head_coordinates(x_sel: torch.Tensor, bases: torch.Tensor) -> torch.Tensor:
+    """Coordinates of x_sel [batch, h, n, d] in one basis per head, bases [h, d, m], float32."""
+    return torch.einsum("bhnd,hdm->bhnm", x_sel.to(torch.float32), bases.to(torch.float32))

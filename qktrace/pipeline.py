@@ -46,11 +46,13 @@ import xarray as xr
 
 from . import checks
 from .answers import CandidateMassWarning, low_mass_note, unscored_note
-from .covariance import add_pairs, decompose, empty_sums
+from .covariance import add_pairs, decompose, empty_sums, random_subspaces
 from .head_search import search_and_capture
 from .interventions import intervene_captured
 from .locks import one_writer
 from .models import Head, Model, Remote, parse_heads
+from .paired import paired_sums
+from .projected import projected_pass
 from .prompts import Prompt
 from .qk import capture
 from .store import StoreDamagedError
@@ -90,6 +92,21 @@ __all__ = ["Run", "Study", "StudyError", "run_study", "load_study", "plot"]
 REMOTE_SUMS = (
     "delta_c: remote run, ΔC = C+ - C- summed in the trace and returned as float32 "
     "(reduce delta=True); the store has no qk_sum (C+ and C- apart), only q_sum and k_sum"
+)
+
+
+# params["fresh_capture"] of a remote run's store (`qktrace.projected`)
+FRESH_PROJECTED = (
+    "remote run: the fresh prompts' q and k were reduced in the trace to their coordinates in "
+    "the key subspaces and random draws (swaps, PCA) and to the null test's sums; the store has "
+    "their attention and logits at the keys, not q and k (qktrace.capture gets those)"
+)
+
+
+# params["subspace_pairs"] of a remote counterfactual study's store (`qktrace.paired`)
+PAIRS_IN_TRACE = (
+    "remote run: the subspace pairs (prompt and counterfactual) were summed in the trace, in "
+    "one request, and their permutation null tested there"
 )
 
 
@@ -154,7 +171,9 @@ class Study:
         for a small model on a CPU; default: `n_prompts`, `n_test`.
     analysis : callable (dataset) or (dataset, run) -> dataset, optional
         Variables computed from the assembled store, merged into it before it is saved (a
-        variable it returns replaces the store's of that name). With a second parameter it
+        variable it returns replaces the store's of that name). The store then keeps the fresh
+        prompts' q and k on a remote model too (without an analysis a remote run reduces them
+        in the trace, `qktrace.projected`, and the store has their attention, not q and k). With a second parameter it
         also gets the `Run` (model, store path, parameters to add to, settings), for an
         analysis that needs the model.
     figures : callable (dataset) -> dict of name -> matplotlib Figure, optional
@@ -307,6 +326,7 @@ def run_study(
         params["covariance_sums"] = REMOTE_SUMS
 
     # 2. contrastive covariance: C+ and C- summed in the trace (resumable), ΔC, SVD, rank rule
+    null = None  # the permutation null, when a remote pass tests it in the trace
     if study.counterfactual is None:
         sums = reduce(
             lm,
@@ -320,6 +340,10 @@ def run_study(
             progress=progress,
             **economy,
         )
+    elif lm.remote:  # pairs across prompts, summed in the trace with their null
+        sums, null = paired_sums(lm, train, head_list, negative_query=study.negative_query,
+                                 seed=seed, batch_size=batch_size, progress=progress)  # fmt: skip
+        params["subspace_pairs"] = PAIRS_IN_TRACE
     else:  # pairs across prompts: captured (resumable) and summed here
         pairs = counterfactual_pairs(lm, train, head_list, path, batch_size, progress,
                                      study.negative_query)  # fmt: skip
@@ -328,8 +352,24 @@ def run_study(
     features = [str(f) for f in subspaces["feature"].values]
 
     # 3. fresh prompts: q, k and attention of every key, named by the study's coordinates
-    #    (already captured when the head search ran, in the same pass)
-    if captured is None:
+    #    (already captured when the head search ran, in the same pass); on a remote model,
+    #    reduced in the trace to what steps 4-6 read (`qktrace.projected`), null test included,
+    #    unless the study's own analysis is to get the fresh q and k
+    if captured is None and lm.remote and study.analysis is None:
+        captured, null = projected_pass(
+            lm,
+            test.ids,
+            head_list,
+            projection_bases(subspaces, n_random, seed),
+            query=test.query,
+            keys=test.keys,
+            pairs=None if study.counterfactual is not None else fresh_pairs(test, features),
+            seed=seed,
+            batch_size=batch_size,
+            progress=progress,
+        )
+        params["fresh_capture"] = FRESH_PROJECTED
+    elif captured is None:
         captured = capture(
             lm,
             test.ids,
@@ -343,11 +383,12 @@ def run_study(
 
     # 4. is each ΔC real? the permutation null on the fresh prompts' labelled pairs (or on the
     #    counterfactual pairs)
-    if study.counterfactual is None:
+    if study.counterfactual is None and null is None:
         pairs = {
             (h.label, f): captured_pairs(captured, h.label, f) for h in head_list for f in features
         }
-    null = null_test(pairs, seed=seed, threshold=threshold, d_head=lm.d_head)
+    if null is None:
+        null = null_test(pairs, seed=seed, threshold=threshold, d_head=lm.d_head)
 
     # 5. geometry: PCA of the keys inside the union of the features' key subspaces
     geometry = key_pca(captured, subspaces)
@@ -362,6 +403,8 @@ def run_study(
         )
 
     # 7. the study's own analysis; the store with provenance; figures drawn from the store
+    if "projected" in captured.attrs:  # its q and k are projections: not the model's
+        captured = captured.drop_vars(["q", "k", "projection", "projection_rank"])
     ds = xr.merge(
         [subspaces, null, captured, geometry, effects, answers, ranking],
         compat="override",
@@ -579,6 +622,39 @@ def swaps(
             parts.append(per_prompt(fx).assign_coords(prompt=chosen))
         per_head.append(xr.concat(parts, dim="prompt").sortby("prompt"))
     return stack_heads(per_head, [str(h) for h in subspaces["head"].values])
+
+
+def projection_bases(subspaces: xr.Dataset, n_random: int, seed: int) -> dict[str, np.ndarray]:
+    """Per head, an orthonormal basis of all it is read in after the fresh pass: every feature's
+    key basis and the random subspaces `swaps` draws for it (`random_subspaces(d, rank,
+    n_random, seed)`, per rank), so that projections onto it give the swaps and the PCA
+    exactly."""
+    d = subspaces.sizes["dk"]
+    out = {}
+    for head in subspaces["head"].values:
+        bases = [
+            trimmed(
+                subspaces["key_basis"].sel(head=head, feature=f).transpose("dk", "component").values
+            )
+            for f in subspaces["feature"].values
+        ]
+        ranks = sorted({b.shape[1] for b in bases if b.shape[1]})
+        draws = [list(random_subspaces(d, r, n_random, seed)) for r in ranks if n_random]
+        basis = union_basis([*bases, *(b for draw in draws for b in draw)])
+        out[str(head)] = basis if basis.shape[1] else np.zeros((d, 1))
+    return out
+
+
+def fresh_pairs(test: Prepared, features: Sequence[str]) -> dict[str, list[list[bool | None]]]:
+    """Per feature, per fresh prompt, per key: True for a positive pair with the query, False
+    for a negative one, None when the key is not in the feature's ΔC (as `captured_pairs`)."""
+    return {
+        f: [
+            [None if lab is None or lab[0] != f else lab[1] == "positive" for lab in row]
+            for row in test.labels
+        ]
+        for f in features
+    }
 
 
 def swapped_name(study: Study, features: Sequence[str]) -> str:

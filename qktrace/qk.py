@@ -50,7 +50,8 @@ WRITE_EVERY_S = 30.0
 WRITE_BUFFER_MIB = 16.0
 
 
-def _check_finite(name: str, values: np.ndarray, first_prompt: int) -> None:
+def check_finite(name: str, values: np.ndarray, first_prompt: int) -> None:
+    """Refuse a batch's captured values with NaN/inf, naming the prompt and the fix."""
     bad = ~np.isfinite(values)
     if bad.any():
         prompt = first_prompt + int(np.argwhere(bad)[0][0])
@@ -198,8 +199,8 @@ def capture(
             plan, step, desc="capture", resume_hint=resume_hint, progress=progress, done=done
         ):
             for name, array in values.items():
-                _check_finite(name, array, batch.start)
-            ds = _batch_dataset(values, batch).assign_coords(coords)
+                check_finite(name, array, batch.start)
+            ds = batch_dataset(values, batch).assign_coords(coords)
             if writer is not None:
                 writer.append(ds)
             else:
@@ -215,7 +216,8 @@ def capture(
     ).assign_attrs(attrs)
 
 
-def _batch_dataset(values: dict[str, np.ndarray], batch: Batch) -> xr.Dataset:
+def batch_dataset(values: dict[str, np.ndarray], batch: Batch) -> xr.Dataset:
+    """One batch's q, k (and logit, attention) with its prompts' coordinates; NaN at padding."""
     enc, q_slots, k_slots, start, texts = (
         batch.encoded,
         batch.query_slots,

@@ -421,3 +421,22 @@ def test_svd_of_nan_says_what_is_wrong():
     bad[3, 5] = np.nan
     with pytest.raises(ValueError, match="NaN or inf.*pair_count"):
         svd(bad)
+
+
+def test_null_never_counts_a_numerically_zero_component():
+    """A singular value at float64 rounding (1e-13 of the largest) is not a component, even when
+    the permuted ΔCs' are rounding noise smaller still (a rank-1 ΔC of a few pairs once got
+    null_rank 31 of 32 that way)."""
+    import torch
+
+    from qktrace import ops
+    from qktrace.covariance import null_rank_of
+
+    real = torch.diag(torch.tensor([1.0, 1e-13, 0.0, 0.0], dtype=torch.float64))
+    noise = 1e-16 * torch.randn(50, 4, 4, generator=torch.Generator().manual_seed(0))
+    null = noise.to(torch.float64) + 0.5 * torch.eye(4, dtype=torch.float64)[0:1, :, None] @ (
+        torch.eye(4, dtype=torch.float64)[0:1, None, :]
+    )  # permutations: a component of 0.5 along the first axes, below ΔC's 1
+    s, cutoff = (x.numpy() for x in ops.null_cutoffs(real, null, 0.95))
+    assert s[1] > cutoff[1] or np.isnan(cutoff[1])  # the noise "beats" its noise cut-off ...
+    assert null_rank_of(s, cutoff) == 1  # ... but is not counted

@@ -196,7 +196,11 @@ def test_binding_studies_local_and_remote_local_agree(checkpoint, tmp_path):
     # feature (captured pairs) and NaN for order's
     assert "qk_sum" not in ob
     lexical_sums = lb["qk_sum"].sel(feature="lexical").values
-    np.testing.assert_allclose(lexical_sums, la["qk_sum"].sel(feature="lexical").values, rtol=1e-4)
+    # (remote: prompts and counterfactuals share traces, so padding differs: float32 rounding)
+    local_sums = la["qk_sum"].sel(feature="lexical").values
+    np.testing.assert_allclose(
+        lexical_sums, local_sums, rtol=1e-4, atol=1e-6 * abs(local_sums).max()
+    )
     assert np.isnan(lb["qk_sum"].sel(feature="order")).all()
     # and a remote lexical run reuses that ΔC-only order_id.zarr
     cli("study", "lexical", "-m", checkpoint, *flags, "-o", tmp_path / "b", *cli_flags(),
