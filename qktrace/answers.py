@@ -17,10 +17,31 @@ same edit in random subspaces of the same rank (per head, seeded). The edit of c
 x + (new - c) V_s^T with V_s the copy's basis; copy 0's basis is zero, so it is not edited.
 So a study's answer-level effects cost one forward pass of S·b rows per batch.
 
+Candidates and their surface forms
+----------------------------------
+A model says "apple" as " apple", "Apple" or "apple" depending on what came before (a chat
+template's answer starts a line; a sentence puts a space before it). So a string candidate
+counts by the first tokens of its usual surface forms: as given, with and without a leading
+space, with its first letter upper- and lower-case (a one-character candidate keeps its case:
+"a" is a word, not Box A), deduplicated; a form whose tokenization starts with a bare space
+token ("Ġ", "▁": every candidate starts so) counts by its first token after it; p(candidate) is the sum of its forms' probabilities
+and its logit the logsumexp of theirs (log p(candidate) up to the softmax normaliser, which
+cancels in every difference). A first token shared by two candidates of a prompt says neither,
+so it counts for none; a candidate left with no token of its own is unscored (NaN, never the
+argmax; a `CandidateMassWarning` names the prompts; on a small vocabulary whose first tokens
+are letters, give such candidates as token ids). This is the default because
+a single surface form undercounts an answer by whatever the model puts on the others, and
+which form a model uses is a fact about the model, not about the answer. A token id counts as
+itself only; a tuple of ids and/or strings gives a candidate's forms exactly (a string by the
+first token of the string as given), e.g. ``("apple",)`` for the single form.
+
 Metrics
 -------
-Per prompt, over the candidate answers' tokens (``candidate`` dim): ``answer_logit`` and
-``answer_prob`` (the softmax over the whole vocabulary) before and after; ``p_answer`` and
+Per prompt, over the candidate answers (``candidate`` dim): ``answer_logit`` and
+``answer_prob`` (the softmax over the whole vocabulary) before and after;
+``answer_candidate_mass``: the probability all candidates hold before the edit (its mean,
+``mean_answer_candidate_mass``, below `LOW_CANDIDATE_MASS` warns: the candidates are not what
+the model says, and their argmax is a ranking of tokens it would not produce); ``p_answer`` and
 ``p_target_answer`` (the answer's and the target's answer's probability) before/after;
 ``answer_logit_diff`` = logit(answer) - logit(target's answer) before/after and its change;
 ``answer_flip``: the argmax among the candidates was the answer before and is the target's
@@ -31,6 +52,7 @@ before (``answer_correct``).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -44,9 +66,46 @@ from .attribution import as_basis, orthogonalize
 from .batching import Batch, PromptInput, prepare, resolve_positions, run
 from .models import Head, Model, parse_heads
 
-__all__ = ["intervene_answers"]
+__all__ = ["CandidateMassWarning", "intervene_answers"]
 
 Side = Literal["key", "query", "both"]
+Candidate = int | str | tuple[int | str, ...]
+# below this mean probability on the candidates, their argmax says little about the answer
+LOW_CANDIDATE_MASS = 0.1
+
+
+class CandidateMassWarning(UserWarning):
+    """The candidate answers hold little of the next-token probability: not what the model says."""
+
+
+def low_mass_note(mass: float) -> str:
+    """What to tell the user when the candidates hold `mass` on average ("" when it is enough)."""
+    if not mass < LOW_CANDIDATE_MASS:  # NaN (no prompts) says nothing either way
+        return ""
+    return (
+        f"the candidates are not what the model says: they hold {mass:.2g} of the next-token "
+        f"probability on average (below {LOW_CANDIDATE_MASS}), so the answer flip rates rank "
+        "tokens the model would not produce. Look at the model's top next tokens after a "
+        "prompt; then give candidates as the model writes them (strings count by their usual "
+        "surface forms), or end each prompt with an answer lead-in (Prompt.answer_prefix, "
+        "e.g. 'The first fruit in the list is') so that the next token is the answer."
+    )
+
+
+def unscored_note(unscored: np.ndarray) -> str:
+    """What to tell the user about candidates [prompt, candidate] with no first token of their
+    own ("" when there are none)."""
+    if not unscored.any():
+        return ""
+    prompts = np.flatnonzero(unscored.any(-1))
+    shown = ", ".join(map(str, prompts[:5])) + (", ..." if len(prompts) > 5 else "")
+    return (
+        f"{int(unscored.sum())} candidates of {len(prompts)} of {len(unscored)} prompts "
+        f"({shown}) start with no token of their own (every first token of their surface forms "
+        "is shared with another candidate, unknown or blank): they are unscored (NaN), and a "
+        "prompt whose answer is one of them does not count as answered. Give such candidates "
+        "as token ids or as tuples of forms that start with tokens of their own."
+    )
 
 
 def intervene_answers(
@@ -54,7 +113,7 @@ def intervene_answers(
     prompts: Sequence[PromptInput],
     bases: Mapping[Any, Any],
     *,
-    candidates: Sequence[Sequence[int | str]],
+    candidates: Sequence[Sequence[Candidate]],
     answer: Sequence[int],
     target_answer: Sequence[int],
     orig: Sequence[int] | None = None,
@@ -86,8 +145,9 @@ def intervene_answers(
         rank. A key edit always edits the key head, which every query head of its group reads:
         under GQA, one head's key edit reaches its group too.
     candidates
-        Per prompt, the candidate answers: token ids, or strings whose first token counts (e.g.
-        the box letters as they appear in the prompt).
+        Per prompt, the candidate answers: strings (counted by the first tokens of their usual
+        surface forms, see the module docstring), token ids (that token only), or tuples of
+        ids/strings (exactly these forms).
     answer, target_answer
         Per prompt, the index in `candidates` of the correct answer and of the answer the edit
         should lead to (the target key's answer).
@@ -111,15 +171,18 @@ def intervene_answers(
     -------
     xr.Dataset
         Coordinates ``subspace`` (`name`, "random_0", ...; bool ``random``), ``prompt``,
-        ``candidate`` (with ``candidate_token`` per prompt). Variables named with ``answer``:
+        ``candidate`` (with ``candidate_token`` per prompt: the counted tokens, "|"-joined).
+        Variables named with ``answer``:
         ``answer_logit_before``/``answer_prob_before`` (prompt, candidate),
+        ``answer_candidate_mass`` (prompt: the candidates' summed probability before the edit),
         ``answer_logit_after``/``answer_prob_after`` (subspace, prompt, candidate);
         ``p_answer_before``, ``p_target_answer_before``, ``answer_logit_diff_before``,
         ``answer_argmax_before``, ``answer_correct`` (prompt); ``p_answer_after``,
         ``p_target_answer_after``, ``delta_p_answer``, ``delta_p_target_answer``,
         ``answer_logit_diff_after``, ``delta_answer_logit_diff``, ``answer_argmax_after``,
         ``answer_flip``, ``answer_moved`` (subspace, prompt); summaries over prompts
-        ``answer_flip_rate``, ``answer_moved_rate``,
+        ``mean_answer_candidate_mass`` (a `CandidateMassWarning` when below
+        `LOW_CANDIDATE_MASS`), ``answer_flip_rate``, ``answer_moved_rate``,
         ``mean_delta_p_answer``, ``mean_delta_p_target_answer``,
         ``mean_delta_answer_logit_diff`` (subspace). attrs: heads, side, mode, ranks,
         forward_passes (traces run) and rows (prompt copies run).
@@ -172,7 +235,7 @@ def intervene_answers(
     ):
         if isinstance(spec, str) or len(spec) != n:
             raise ValueError(f"{what} must give one entry per prompt ({n} prompts).")
-    ids = _candidate_ids(model, candidates)
+    ids, counted = candidate_tokens(model.tokenizer, candidates)
     n_cand = ids.shape[1]
     answer_i, target_i = np.asarray(answer, dtype=int), np.asarray(target_answer, dtype=int)
     if ((answer_i < 0) | (answer_i >= n_cand) | (target_i < 0) | (target_i >= n_cand)).any():
@@ -212,8 +275,13 @@ def intervene_answers(
             edit_index = torch.tensor(
                 [[batch.encoded.padded(i, p) for p in r] for i, r in enumerate(key_edit[rows])]
             )
-        return _answers_batch(
-            model, batch, key_edits, query_edits, edit_index, mode, torch.tensor(ids[rows]), copies
+        forms = torch.tensor(ids[rows].reshape(len(batch.texts), -1))
+        logit, logprob = _answers_batch(
+            model, batch, key_edits, query_edits, edit_index, mode, forms, copies
+        )
+        shape = (copies, *ids[rows].shape)  # [S, b, candidate, form]
+        return _merge_forms(logit.reshape(shape), counted[rows]), _merge_forms(
+            logprob.reshape(shape), counted[rows]
         )
 
     hint = "intervene_answers keeps no partial results: rerun it."
@@ -224,8 +292,17 @@ def intervene_answers(
     logprobs = np.concatenate([r[1] for r in results], axis=1)
     names = [name] + [f"random_{i}" for i in range(n_random)]
     ds = _answer_metrics(logits, logprobs, answer_i, target_i, names)
+    if note := low_mass_note(float(ds["mean_answer_candidate_mass"])):
+        warnings.warn(f"intervene_answers: {note}", CandidateMassWarning, stacklevel=2)
+    if note := unscored_note(~counted.any(-1)):
+        warnings.warn(f"intervene_answers: {note}", CandidateMassWarning, stacklevel=2)
+    convert = model.tokenizer.convert_ids_to_tokens
     tokens = np.array(
-        [model.tokenizer.convert_ids_to_tokens([int(t) for t in row]) for row in ids], dtype=object
+        [
+            ["|".join(convert([int(t) for t in c[k]])) for c, k in zip(row, keep, strict=True)]
+            for row, keep in zip(ids, counted, strict=True)
+        ],
+        dtype=object,
     )
     from .store import provenance
 
@@ -255,26 +332,86 @@ def _union(bases: list[np.ndarray], tol: float = 1e-6) -> np.ndarray:
     return u[:, sv > tol * sv[0]]
 
 
-def _candidate_ids(model: Model, candidates: Sequence[Sequence[int | str]]) -> np.ndarray:
-    """Candidate answers as token ids [prompt, candidate] (a string counts by its first token)."""
+def candidate_tokens(
+    tokenizer: Any, candidates: Sequence[Sequence[Candidate]]
+) -> tuple[np.ndarray, np.ndarray]:
+    """The candidates' counted tokens: ids [prompt, candidate, form] and which of them count
+    (bool, same shape; padding and first tokens shared by two candidates of a prompt do not;
+    a candidate with no first token of its own counts none: unscored)."""
     rows = []
     for p, row in enumerate(candidates):
-        ids = []
-        for c in row:
-            if isinstance(c, str):
-                tokens = model.tokenizer(c, add_special_tokens=False)["input_ids"]
-                if not tokens:
-                    raise ValueError(f"Prompt {p}: candidate {c!r} has no tokens.")
-                ids.append(int(tokens[0]))
-            else:
-                ids.append(int(c))
-        rows.append(ids)
+        if isinstance(row, str | int):
+            raise ValueError(
+                f"candidates[{p}] is {row!r}: give a list of candidate answers per prompt."
+            )
+        rows.append([_forms(tokenizer, c, p) for c in row])
     widths = {len(r) for r in rows}
     if len(widths) != 1 or 0 in widths:
         raise ValueError(
             f"candidates must give every prompt the same number (>= 1) of answers, got {widths}."
         )
-    return np.array(rows, dtype=np.int64)
+    n_forms = max(1, *(len(f) for row in rows for f in row))
+    ids = np.zeros((len(rows), widths.pop(), n_forms), dtype=np.int64)
+    counted = np.zeros(ids.shape, dtype=bool)
+    for p, row in enumerate(rows):
+        owners: dict[int, set[int]] = {}
+        for c, forms in enumerate(row):
+            for t in forms:
+                owners.setdefault(t, set()).add(c)
+        for c, forms in enumerate(row):
+            mine = [t for t in forms if len(owners[t]) == 1]
+            ids[p, c, : len(mine)] = mine
+            counted[p, c, : len(mine)] = True
+    return ids, counted
+
+
+def _forms(tokenizer: Any, candidate: Candidate, prompt: int) -> list[int]:
+    """The first tokens that count for one candidate (see the module docstring), deduplicated."""
+    if isinstance(candidate, bool) or not isinstance(candidate, int | str | tuple | list):
+        raise ValueError(
+            f"Prompt {prompt}: candidate {candidate!r} must be a string, a token id or a tuple "
+            "of them (its forms)."
+        )
+    if isinstance(candidate, int):
+        return [int(candidate)]
+    if isinstance(candidate, str):
+        word = candidate.lstrip()
+        if not word:
+            raise ValueError(f"Prompt {prompt}: candidate {candidate!r} is blank.")
+        cases = [word] if len(word) == 1 else [word, word[0].upper() + word[1:],
+                                               word[0].lower() + word[1:]]  # fmt: skip
+        texts, derived = [candidate, *(s + w for w in cases for s in ("", " "))], True
+    else:
+        texts, derived = list(candidate), False
+    unknown = getattr(tokenizer, "unk_token_id", None)
+    out: list[int] = []
+    for text in texts:
+        if isinstance(text, int) and not isinstance(text, bool):
+            token = int(text)
+        else:
+            tokens = tokenizer(str(text), add_special_tokens=False)["input_ids"]
+            if not tokens:
+                raise ValueError(f"Prompt {prompt}: candidate form {text!r} has no tokens.")
+            if derived:  # a bare space token ("Ġ", "▁"), which every candidate shares, says
+                # nothing: count the form by its first token with a letter in it
+                tokens = [t for t in tokens if tokenizer.decode([t]).strip()] or tokens[:1]
+            token = int(tokens[0])
+        # a derived form the tokenizer cannot spell (unknown) says nothing either
+        if derived and (token == unknown or not tokenizer.decode([token]).strip()):
+            continue
+        if token not in out:
+            out.append(token)
+    return out
+
+
+def _merge_forms(values: np.ndarray, counted: np.ndarray) -> np.ndarray:
+    """Per candidate, logsumexp over its counted forms: [S, b, C, F] -> [S, b, C]; NaN for a
+    candidate with none (unscored)."""
+    kept = np.where(counted[None], values, -np.inf)
+    top = np.where(counted.any(-1)[None, ..., None], kept.max(-1, keepdims=True), 0.0)
+    with np.errstate(divide="ignore"):  # log(0) where unscored, replaced below
+        merged = (top + np.log(np.exp(kept - top).sum(-1, keepdims=True)))[..., 0]
+    return np.where(counted.any(-1)[None], merged, np.nan)
 
 
 def _key_positions(
@@ -320,7 +457,8 @@ def _answers_batch(
     candidate_ids: torch.Tensor,
     copies: int,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """One trace of `copies` stacked copies of the batch: candidate logits/log-probs [S, b, C]."""
+    """One trace of `copies` stacked copies of the batch: the logits/log-probs of the tokens
+    `candidate_ids` [b, n] at the last position, [S, b, n]."""
     b = len(batch.texts)
     inputs = {k: v.repeat(copies, 1) for k, v in batch.encoded.inputs.items()}
     last = batch.query_index[:, 0].repeat(copies)  # [S*b]
@@ -370,12 +508,15 @@ def _answer_metrics(
     before_p, after_p = prob[0], prob[1:]
     diff_before = before_l[rows, answer] - before_l[rows, target]
     diff_after = after_l[:, rows, answer] - after_l[:, rows, target]
-    argmax_before = before_l.argmax(-1)
-    argmax_after = after_l.argmax(-1)
-    correct = argmax_before == answer
+    # unscored candidates (NaN) never win; a prompt whose answer is unscored is never correct
+    ranked = np.where(np.isnan(logits), -np.inf, logits)
+    argmax_before = ranked[0].argmax(-1)
+    argmax_after = ranked[1:].argmax(-1)
+    correct = (argmax_before == answer) & np.isfinite(before_l[rows, answer])
     flip = correct[None] & (argmax_after == target[None])
     moved = correct[None] & (argmax_after != answer[None])
     n_correct = int(correct.sum())
+    mass = np.nansum(before_p, -1)
     ps, pc = ("subspace", "prompt"), ("prompt", "candidate")
     p_answer_after = after_p[:, rows, answer]
     p_target_after = after_p[:, rows, target]
@@ -389,6 +530,8 @@ def _answer_metrics(
         "answer_logit_diff_before": ("prompt", diff_before),
         "answer_argmax_before": ("prompt", argmax_before),
         "answer_correct": ("prompt", correct),
+        "answer_candidate_mass": ("prompt", mass),
+        "mean_answer_candidate_mass": ((), mass.mean() if len(mass) else np.nan),
         "p_answer_after": (ps, p_answer_after),
         "p_target_answer_after": (ps, p_target_after),
         "delta_p_answer": (ps, p_answer_after - before_p[rows, answer]),
@@ -406,12 +549,12 @@ def _answer_metrics(
             "subspace",
             moved.sum(1) / n_correct if n_correct else np.full(len(names), np.nan),
         ),
-        "mean_delta_p_answer": ("subspace", (p_answer_after - before_p[rows, answer]).mean(1)),
+        "mean_delta_p_answer": ("subspace", _nanmean(p_answer_after - before_p[rows, answer])),
         "mean_delta_p_target_answer": (
             "subspace",
-            (p_target_after - before_p[rows, target]).mean(1),
+            _nanmean(p_target_after - before_p[rows, target]),
         ),
-        "mean_delta_answer_logit_diff": ("subspace", (diff_after - diff_before).mean(1)),
+        "mean_delta_answer_logit_diff": ("subspace", _nanmean(diff_after - diff_before)),
     }
     coords = {
         "subspace": names,
@@ -421,3 +564,10 @@ def _answer_metrics(
         "target_answer_index": ("prompt", target),
     }
     return xr.Dataset(data, coords=coords)
+
+
+def _nanmean(values: np.ndarray) -> np.ndarray:
+    """Mean over prompts (axis 1) of the scored ones; NaN, without a warning, where none is."""
+    n = np.isfinite(values).sum(1)
+    total = np.where(np.isfinite(values), values, 0.0).sum(1)
+    return np.where(n > 0, total / np.maximum(n, 1), np.nan)

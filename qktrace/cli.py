@@ -188,8 +188,13 @@ def toy(
     }
     path = _run(
         lambda: _study("toy").run(
-            directory, quick=quick, seed=seed, overwrite=overwrite, workers=workers,
-            figures=figures, **overrides,
+            directory,
+            quick=quick,
+            seed=seed,
+            overwrite=overwrite,
+            workers=workers,
+            figures=figures,
+            **overrides,
         ),  # fmt: skip
         ctx,
         lambda: _toy_kept(directory),
@@ -328,6 +333,16 @@ def study(
             "vehicle,country]; more in data/categories.json.",
         ),
     ] = None,
+    answer_lead_in: Annotated[
+        bool | None,
+        typer.Option(
+            "--answer-lead-in",
+            help="filter-heads: end each prompt with the start of its answer ('The first "
+            "fruit in the list is'), so that the model's next token is an item and the "
+            "answer-level swaps read what it says (the query is then the lead-in's last token).",
+            show_default=False,
+        ),
+    ] = None,
     remote: RemoteFlag = False,
     remote_local: RemoteLocalFlag = False,
     batch_size: Annotated[
@@ -425,6 +440,7 @@ def study(
         "n_test": n_test,
         "n_pairs": n_pairs,
         "categories": categories.split(",") if categories else None,
+        "answer_lead_in": answer_lead_in,
         "batch_size": batch_size,
         "n_random": n_random,
         "n_random_answers": n_random_answers,

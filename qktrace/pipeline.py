@@ -35,6 +35,7 @@ import importlib.util
 import inspect
 import re
 import sys
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +45,7 @@ import numpy as np
 import xarray as xr
 
 from . import checks
+from .answers import CandidateMassWarning, low_mass_note, unscored_note
 from .covariance import add_pairs, decompose, empty_sums, random_subspaces
 from .head_search import search_and_capture
 from .interventions import intervene_captured
@@ -149,11 +151,12 @@ class Study:
         Coordinates stored with the fresh prompts: a scalar per prompt, or a list with one
         value per key. Default: the prompt's ``meta`` entries of either shape.
     answers : callable (prompt) -> list of str, or "keys", optional
-        The answer the model would give after the prompt if it picked each key, as the model
-        writes it (e.g. " Mary", with its space; the first token counts), stored as the key
-        coordinate ``answer_text``; or "keys": the first token of each key's span as the
-        prompt writes it (box letters, items). With answers and ``query="last"`` (the answer is the next token), the swap is
-        also written into the model to see whether its answer moves from the orig key's answer
+        The answer the model would give after the prompt if it picked each key (e.g. "Mary"),
+        stored as the key coordinate ``answer_text``; or "keys": each key span's text (box
+        letters, items). Each counts by the first tokens of its usual surface forms (with and
+        without a leading space, first letter upper/lower case; `qktrace.intervene_answers`).
+        With answers and ``query="last"`` (the answer is the next token), the swap is also
+        written into the model to see whether its answer moves from the orig key's answer
         to the target's (``answer_*`` variables, `qktrace.intervene_answers`).
     hues : sequence of str
         Key coordinates to colour the PCA figures by (``key_label`` is always drawn).
@@ -688,6 +691,14 @@ def answers_skipped(study: Study, test: Prepared) -> str:
     )
 
 
+def candidate_answers(study: Study, test: Prepared) -> list[list[Any]]:
+    """Per fresh prompt, the candidate answer of each key: ``study.answers(prompt)``, or for
+    "keys" the key spans' texts."""
+    if callable(study.answers):
+        return [list(study.answers(p)) for p in test.prompts]
+    return [list(p.span_texts(study.keys)) for p in test.prompts]
+
+
 def answer_swaps(
     study: Study,
     lm: Model,
@@ -702,19 +713,15 @@ def answer_swaps(
     """The swap of `swaps` written into the model, in each head alone and in all heads
     together: does the model's answer move from the orig key's answer to the target key's?
 
-    The candidate answers of a prompt are ``study.answers(prompt)`` (a string counts by its
-    first token), one per key, else the key tokens as they appear in the prompt (box letters,
-    names); the answer is the orig key's, the target's answer the target key's. One
-    `answer_effects` call per feature, on the prompts whose swap is in it.
+    The candidate answers of a prompt are ``study.answers(prompt)``, one per key, else the key
+    spans' texts (box letters, names), each counted by its surface forms; the answer is the
+    orig key's, the target's answer the target key's. One `answer_effects` call per feature, on
+    the prompts whose swap is in it. Candidates that hold little of the next-token probability
+    get one `CandidateMassWarning` for the whole study (``qktrace show`` repeats it).
     """
     features = [str(f) for f in subspaces["feature"].values]
     name = swapped_name(study, features)
-    if callable(study.answers):
-        candidates: list[list[Any]] = [list(study.answers(p)) for p in test.prompts]
-    else:  # "keys"
-        candidates = [
-            [ids[pos] for pos in row] for ids, row in zip(test.ids, test.first_keys, strict=True)
-        ]
+    candidates = candidate_answers(study, test)
     attention = captured["attention"].isel(query=0).sum("head").transpose("prompt", "key")
     orig = orig_keys(test, attention.values)
     parts = []
@@ -731,26 +738,34 @@ def answer_swaps(
             )
             for h in subspaces["head"].values
         }
-        fx = answer_effects(
-            lm,
-            [test.ids[i] for i in chosen],
-            bases,
-            candidates=[candidates[i] for i in chosen],
-            answer=[orig[i] for i in chosen],
-            target_answer=[test.swap[i][1] for i in chosen],
-            orig=[test.keys[i][orig[i]] for i in chosen],
-            target=[test.keys[i][test.swap[i][1]] for i in chosen],
-            name=name,
-            n_random=n_random,
-            seed=seed,
-            batch_size=batch_size,
-            progress=progress,
-        )
+        with warnings.catch_warnings():  # one warning for the study, below
+            warnings.simplefilter("ignore", CandidateMassWarning)
+            fx = answer_effects(
+                lm,
+                [test.ids[i] for i in chosen],
+                bases,
+                candidates=[candidates[i] for i in chosen],
+                answer=[orig[i] for i in chosen],
+                target_answer=[test.swap[i][1] for i in chosen],
+                orig=[test.keys[i][orig[i]] for i in chosen],
+                target=[test.keys[i][test.swap[i][1]] for i in chosen],
+                name=name,
+                n_random=n_random,
+                seed=seed,
+                batch_size=batch_size,
+                progress=progress,
+            )
         parts.append(answer_per_prompt(fx).assign_coords(prompt=chosen))
     effects = xr.concat(
         parts, dim="prompt", data_vars="all", coords="different", compat="equals"
     ).sortby("prompt")
-    return effects.merge(answer_summary(effects))
+    effects = effects.merge(answer_summary(effects))
+    if note := low_mass_note(float(effects["mean_answer_candidate_mass"])):
+        warnings.warn(f"Study {study.name!r}: {note}", CandidateMassWarning, stacklevel=2)
+    if note := unscored_note(np.isnan(effects["answer_prob_before"].values)):
+        warnings.warn(f"Study {study.name!r}, fresh prompts: {note}", CandidateMassWarning,
+                      stacklevel=2)  # fmt: skip
+    return effects
 
 
 def plot(study: Study, path: str | Path) -> list[Path]:

@@ -70,6 +70,7 @@ __all__ = [
     "filter_prompts",
     "BOXES_ANSWER_PREFIX",
     "FILTER_CATEGORIES",
+    "FILTER_LEAD_INS",
     "FILTER_QUESTIONS",
 ]
 
@@ -403,6 +404,14 @@ FILTER_QUESTIONS = {
     "first": "What is the first {singular} in the list?",
     "last": "What is the last {singular} in the list?",
 }
+# answer lead-ins (`filter_prompts(answer_lead_in=True)`): the answer restated up to where its
+# first item starts, so that the next token is an item; a list answer in the prompt's own
+# list format ("- item" lines)
+FILTER_LEAD_INS = {
+    "all": "The {plural} in the list are:\n-",
+    "first": "The first {singular} in the list is",
+    "last": "The last {singular} in the list is",
+}
 
 
 def boxes_prompt(objects: Sequence[str], letters: Sequence[str], answer: int) -> Prompt:
@@ -480,8 +489,14 @@ def filter_prompts(
     items_per_category: int = 5,
     questions: Sequence[str] = ("all", "first", "last"),
     seed: int = 0,
+    answer_lead_in: bool = False,
 ) -> list[Prompt]:
     """`n` list prompts; spans ``item`` (every list item) and ``category`` (the asked word).
+
+    With `answer_lead_in`, each prompt's `Prompt.answer_prefix` starts the answer up to its
+    first item (`FILTER_LEAD_INS`: "The first fruit in the list is", "The fruits in the list
+    are:\\n-"), so that the model's next token is an item: without it an instruct model's
+    next token restates the question ("The") and a base model's may end the turn.
 
     Each list holds `items_per_category` items of `categories_per_list` categories (default:
     3, or all if fewer): the asked one, which cycles through `categories`, and others drawn at
@@ -539,6 +554,7 @@ def filter_prompts(
             "{plural}" if question == "all" else "{singular}"
         )
         b.add(before).add(word, "category").add(after)
+        lead = FILTER_LEAD_INS[question].format(plural=table[asked]["plural"], singular=asked)
         prompts.append(
             b.build(
                 meta={
@@ -546,7 +562,8 @@ def filter_prompts(
                     "question": question,
                     "items": [e[0] for e in entries],
                     "item_categories": [e[1] for e in entries],
-                }
+                },
+                answer_prefix=lead if answer_lead_in else "",
             )
         )
     return prompts

@@ -372,7 +372,7 @@ def answer_effects(
     ids: Sequence[Sequence[int]],
     bases: dict[str, np.ndarray],
     *,
-    candidates: Sequence[Sequence[int]],
+    candidates: Sequence[Sequence[Any]],
     answer: Sequence[int],
     target_answer: Sequence[int],
     orig: Sequence[int],
@@ -440,6 +440,7 @@ def answer_summary(effects: xr.Dataset) -> xr.Dataset:
         {
             "answer_flip_rate": effects["answer_flip"].sum("prompt") / correct.sum("prompt"),
             "answer_moved_rate": effects["answer_moved"].sum("prompt") / correct.sum("prompt"),
+            "mean_answer_candidate_mass": effects["answer_candidate_mass"].mean("prompt"),
             "mean_delta_p_answer": effects["delta_p_answer"].mean("prompt"),
             "mean_delta_p_target_answer": effects["delta_p_target_answer"].mean("prompt"),
             "mean_delta_answer_logit_diff": effects["delta_answer_logit_diff"].mean("prompt"),
@@ -448,6 +449,7 @@ def answer_summary(effects: xr.Dataset) -> xr.Dataset:
 
 
 _ANSWER_SUMMARIES = (
+    "mean_answer_candidate_mass",
     "answer_flip_rate",
     "answer_moved_rate",
     "mean_delta_p_answer",

@@ -13,7 +13,9 @@ appear when the store has what they need:
   ``random_*``);
 - answers: ``answer_flip_rate``, the mean changes of p(answer), p(target's answer) and of the
   logit difference per edited head set (``answer_heads``) and subspace (``answer_subspace``),
-  recovered next to random (`qktrace.intervene_answers`, the studies' answer-level swaps);
+  recovered next to random (`qktrace.intervene_answers`, the studies' answer-level swaps), and
+  the candidates' mean next-token probability (``mean_answer_candidate_mass``), with a warning
+  when it is too low for the answers to mean much;
 - attribution: the mean explained fraction per head (``explained``);
 - the list of variables with their dims.
 """
@@ -138,6 +140,13 @@ def _answers(ds: xr.Dataset) -> str:
     extra = ""
     if "answer_correct" in ds:
         extra = f"\nanswered correctly before the edit: {float(ds['answer_correct'].mean()):.3f}"
+    if "mean_answer_candidate_mass" in ds:
+        from .answers import low_mass_note
+
+        mass = float(ds["mean_answer_candidate_mass"])
+        extra += f"\nnext-token probability on the candidates before the edit (mean): {mass:.3g}"
+        if note := low_mass_note(mass):
+            extra += f"\nWARNING: {note}"
     head = "Answers: the edit written into the model (per edited head; 'all' = all heads at once)"
     return f"{head}, recovered subspace vs random subspaces of equal rank\n{table}{extra}"
 

@@ -78,6 +78,7 @@ def filter_heads(
     categories_per_list: int | None = None,
     items_per_category: int = 5,
     questions: Sequence[str] = QUESTIONS,
+    answer_lead_in: bool = False,
 ) -> Study:
     """The filter-heads study with this prompt design (see `build_prompts`)."""
     design = dict(
@@ -86,6 +87,7 @@ def filter_heads(
         else categories_per_list,
         items_per_category=items_per_category,
         questions=list(questions),
+        answer_lead_in=bool(answer_lead_in),
     )  # fmt: skip
 
     def of_asked(prompt: Prompt) -> list[int]:
@@ -132,6 +134,7 @@ def run(
     categories_per_list: int | None = None,
     items_per_category: int = 5,
     questions: Sequence[str] = QUESTIONS,
+    answer_lead_in: bool = False,
     n_prompts: int | None = None,
     **settings: Any,
 ) -> Path:
@@ -139,7 +142,10 @@ def run(
 
     Heads: the organism's on the organism, the paper's (16.19, 20.26, 20.14) for
     Llama-3.1-8B-Instruct, else found with `qktrace.find_heads`. Sizes: 900 / 300 on the
-    organism, 300 / 100 on smollm2, else the paper's 2000 / 1000. The other settings are
+    organism, 300 / 100 on smollm2, else the paper's 2000 / 1000. `answer_lead_in`: end each
+    prompt with the answer's start ("The first fruit in the list is"), so that the query is its
+    last token and the model's next token an item (the answer-level swaps then read what the
+    model says; the contrasts are then taken at that query). The other settings are
     `qktrace.pipeline.run_study`'s. Returns the path of ``OUT/filter_heads.zarr``.
     """
     if isinstance(categories, str):
@@ -154,7 +160,9 @@ def run(
             f"through the {len(categories)} categories, so fewer prompts leave a category "
             f"without positive keys (no subspace); pass n_prompts >= {len(categories)}."
         )
-    study = filter_heads(categories, categories_per_list, items_per_category, questions)
+    study = filter_heads(
+        categories, categories_per_list, items_per_category, questions, answer_lead_in
+    )
     return study.run(model, out=out, n_prompts=n_prompts, **settings)
 
 

@@ -1,5 +1,7 @@
 """Answer-level effects: the edit written into the traced q/k is what changes the model's output."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -175,3 +177,87 @@ def test_heads_sharing_a_key_head_get_one_edit_in_the_union():
         atol=1e-5,
     )  # fmt: skip
     assert pair.attrs["key_edit_ranks"] == {"1.kv0": 8}
+
+
+def test_a_string_candidate_counts_by_its_surface_forms_and_an_ambiguous_token_for_none(
+    monkeypatch,
+):
+    """ "apple" is said as "a|pp|le", "Ġapple", "A|pp|le" or "ĠA|pp|le" by this tokenizer, and
+    "apricot" as "a|...", "Ġa|...", "A|..." or "ĠA|...": only "Ġapple" and "Ġa" tell them
+    apart. "pear" is said as "p|e|ar", "P|e|ar" (and "Ġ|p|e|ar": after a bare space, "p")."""
+    net, tok = tiny("llama")
+    m = load(net, tokenizer=tok)
+    ids = {s: tok.convert_tokens_to_ids(s) for s in ["a", "A", "ĠA", "Ġapple", "Ġa", "p", "P"]}
+    fx = intervene_answers(
+        m, PROMPTS[:2], {"1.1": basis()}, candidates=[["apple", "apricot", "pear"]] * 2,
+        answer=[0, 2], target_answer=[1, 0], orig=ORIG[:2], target=TARGET[:2], n_random=0,
+        progress=False,
+    )  # fmt: skip
+    assert list(fx.candidate_token.values[0]) == ["Ġapple", "Ġa", "p|P"]
+    plain, _ = fresh_model("llama")
+    for p, prompt in enumerate(PROMPTS[:2]):
+        logits = manual_logits(plain, tok, prompt, {}, monkeypatch).astype(np.float64)
+        prob = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+        want = [prob[ids["Ġapple"]], prob[ids["Ġa"]], prob[ids["p"]] + prob[ids["P"]]]
+        np.testing.assert_allclose(fx.answer_prob_before.values[p], want, rtol=1e-4)
+        # the logit of a candidate: logsumexp of its forms' logits (differences are log-odds)
+        pear = np.logaddexp(logits[ids["p"]], logits[ids["P"]])
+        np.testing.assert_allclose(fx.answer_logit_before.values[p, 2], pear, atol=1e-4)
+        np.testing.assert_allclose(fx.answer_candidate_mass.values[p], sum(want), rtol=1e-4)
+        # a wrong implementation counting "apple"'s ambiguous first tokens would add these
+        assert prob[[ids["a"], ids["A"], ids["ĠA"]]].sum() > 1e-3 * want[0]
+    assert float(fx.mean_answer_candidate_mass) == pytest.approx(
+        float(fx.answer_candidate_mass.mean())
+    )
+    # a tuple gives the forms exactly; a candidate with no first token of its own is an error
+    exact = intervene_answers(
+        m, PROMPTS[:1], {"1.1": basis()}, candidates=[[("pear",), ids["P"]]], answer=[0],
+        target_answer=[1], orig=ORIG[:1], target=TARGET[:1], n_random=0, progress=False,
+    )  # fmt: skip
+    assert list(exact.candidate_token.values[0]) == ["p", "P"]
+    # a candidate with no first token of its own is unscored: NaN, never the argmax, and a
+    # prompt whose answer it is does not count as answered
+    from qktrace.answers import CandidateMassWarning
+
+    with pytest.warns(CandidateMassWarning, match="1 candidates of 1 of 1 prompts"):
+        unscored = intervene_answers(
+            m, PROMPTS[:1], {"1.1": basis()}, candidates=[["apple", ("a",), "pear"]],
+            answer=[1], target_answer=[0], orig=ORIG[:1], target=TARGET[:1], n_random=0,
+            progress=False,
+        )  # fmt: skip
+    assert list(unscored.candidate_token.values[0]) == ["Ġapple|A|ĠA", "", "p|P"]  # "a" shared
+    assert np.isnan(unscored.answer_prob_before.values[0, 1])
+    assert not unscored.answer_correct.item() and unscored.answer_argmax_before.item() != 1
+    np.testing.assert_allclose(
+        unscored.answer_candidate_mass.values, np.nansum(unscored.answer_prob_before.values)
+    )
+
+
+def test_the_candidate_mass_warns_when_the_candidates_are_not_what_the_model_says():
+    from qktrace.answers import CandidateMassWarning
+
+    net, tok = tiny("llama")
+    m = load(net, tokenizer=tok)
+    kw = dict(answer=[0], target_answer=[1], orig=ORIG[:1], target=TARGET[:1], n_random=0,
+              progress=False)  # fmt: skip
+    with pytest.warns(CandidateMassWarning, match="not what the model says"):
+        few = intervene_answers(m, PROMPTS[:1], {"1.1": basis()}, candidates=[[10, 11]], **kw)
+    assert 0 < float(few.mean_answer_candidate_mass) < 0.1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CandidateMassWarning)
+        every = intervene_answers(  # every token of the vocabulary: all of the probability
+            m, PROMPTS[:1], {"1.1": basis()}, candidates=[list(range(len(tok)))], **kw
+        )
+    assert float(every.answer_candidate_mass[0]) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_a_bare_space_first_token_counts_by_the_token_after_it():
+    """A SentencePiece-style tokenizer spells " U" (and "U") as "▁" + "U": "▁" starts every
+    candidate, so counting it would make every box letter unscored (or all alike)."""
+    from qktrace.answers import candidate_tokens
+
+    _, tok = fresh_model("qwen3", tokenizer_style="metaspace")
+    assert tok.convert_ids_to_tokens(tok("U", add_special_tokens=False)["input_ids"])[0] == "▁"
+    ids, counted = candidate_tokens(tok, [["U", "Y", "D"]])
+    got = [tok.convert_ids_to_tokens([int(t) for t in ids[0, c][counted[0, c]]]) for c in range(3)]
+    assert got == [["U"], ["Y"], ["D"]]

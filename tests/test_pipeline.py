@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 import qktrace
 import qktrace.testing as testing
 from qktrace import store
+from qktrace.answers import CandidateMassWarning
 from qktrace.cli import app
 from qktrace.models import load
 from qktrace.pipeline import REMOTE_SUMS, Study, StudyError, load_study, run_study
@@ -155,8 +156,15 @@ def test_answer_level_swaps_run_when_the_query_is_the_last_token(gender, checkpo
     answer: the swap is written into the model. With the tokenizer's template, tokens follow
     the pronoun: no answer-level swaps, and the store and `qktrace show` say why."""
     run = {"heads": HEAD, "figures": False, "progress": False, **FAST}
-    plain = store.open(gender.run(checkpoint, out=tmp_path / "plain", chat=False, **run)).load()
+    with pytest.warns(CandidateMassWarning, match="not what the model says"):  # random weights
+        path = gender.run(checkpoint, out=tmp_path / "plain", chat=False, **run)
+    plain = store.open(path).load()
     assert "answer_swaps_skipped" not in plain.attrs
+    mass = plain["answer_prob_before"].sum("answer_candidate")
+    np.testing.assert_allclose(plain["answer_candidate_mass"], mass, rtol=1e-6)
+    assert float(plain["mean_answer_candidate_mass"]) == pytest.approx(float(mass.mean()))
+    code, output = cli("show", path)
+    assert code == 0 and "WARNING: the candidates are not what the model says" in output
     assert plain["answer_flip_rate"].dims == ("answer_heads", "answer_subspace")
     agrees = (plain["key_label"].values == "positive").argmax(1)
     assert (plain["answer_index"].values == agrees).all()  # the orig key: the agreeing name
@@ -406,7 +414,8 @@ def test_a_built_in_study_writes_the_store_it_wrote_before_the_pipeline(name, tm
     ds = store.open(module.run(out=tmp_path, **SMALL)).load()
     assert differences(expected, ds) == []
     added = set(map(str, ds.variables)) - set(expected)
-    assert added <= {"key_feature", "swap_feature", "union_rank"}, added
+    assert added <= {"key_feature", "swap_feature", "union_rank", "answer_candidate_mass",
+                     "mean_answer_candidate_mass"}, added  # fmt: skip
     assert ds.attrs["params"]["heads_from"] == "organism"
 
 

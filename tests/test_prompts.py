@@ -8,6 +8,7 @@ import qktrace.testing as testing
 from qktrace.prompts import (
     Prompt,
     PromptBuilder,
+    filter_prompts,
     load_box_letters,
     load_categories,
     load_objects,
@@ -189,3 +190,26 @@ def test_library_builds_the_studies_prompts_and_never_imports_studies():
             if any(n == "studies" or n.startswith("qktrace.studies.") for n in names):
                 offenders.append(f"{path.relative_to(root)}:{node.lineno}")
     assert not offenders, offenders
+
+
+def test_filter_answer_lead_in_ends_the_prompt_with_the_answers_start():
+    """The lead-in restates the question up to where the answer's first item starts, after the
+    chat template's assistant turn; the study passes it through; off by default."""
+    from qktrace.studies.filter_heads import filter_heads
+
+    tok = tokenizer("bpe")
+    plain = filter_prompts(6, seed=3)
+    led = filter_prompts(6, seed=3, answer_lead_in=True)
+    assert [p.text for p in led] == [p.text for p in plain]
+    assert all(p.answer_prefix == "" for p in plain)
+    want = {"all": "The {plural} in the list are:\n-", "first": "The first {singular} in the list is",
+            "last": "The last {singular} in the list is"}  # fmt: skip
+    plural = {c: v["plural"] for c, v in load_categories().items()}
+    for p in led:
+        asked = p.meta["asked"]
+        lead = want[p.meta["question"]].format(plural=plural[asked], singular=asked)
+        assert p.answer_prefix == lead
+        assert locate(tok, [p], chat=True).texts[0].endswith(f"<|assistant|>\n{lead}")
+    study = filter_heads(answer_lead_in=True)
+    assert [p.answer_prefix for p in study.prompts(6, 3)] == [p.answer_prefix for p in led]
+    assert study.options["answer_lead_in"] is True
