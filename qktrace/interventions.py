@@ -654,7 +654,6 @@ def _intervene_batch(
     verify: bool,
 ) -> dict[str, np.ndarray]:
     """One trace: before, random-baseline and after logits/attention of the head at the keys."""
-    call = model.attention_call(layer)  # its output: the model's own weights (verify)
     inputs = model.attention_inputs(layer)
     kv = model.kv_head(head)
     scaling, softcap = model.scaling(layer), model.softcap(layer)
@@ -694,7 +693,7 @@ def _intervene_batch(
         logit, prob = ops.attention_rows(q_sel, k, [kv], mask, query_index, scaling, softcap)
         saved += [logit.gather(3, cols), prob.gather(3, cols)]
         if verify:
-            weights = call.output[1][:, [head]]
+            weights = inputs.weights()[:, [head]]
             picked = query_index[:, None, :, None].expand(-1, 1, -1, weights.shape[-1])
             saved.append(weights.gather(2, picked).gather(3, cols))
         nnsight.save(saved)

@@ -184,14 +184,14 @@ class Model:
             module = getattr(module, part)
         return getattr(module[layer], self.adapter.attention)
 
-    def attention_call(self, layer: int) -> Any:
-        """The `.source` operation where layer `layer` calls its attention function.
+    def attention_call_name(self, layer: int) -> str:
+        """The name of the `.source` operation where layer `layer` calls its attention function.
 
         Its ``.inputs`` are ``((module, q, k, v, mask, ...), kwargs)``: q [batch, n_heads, tokens,
         d_head] and k [batch, n_kv_heads, tokens, d_head] exactly as the softmax sees them.
         """
-        source = self.attention(layer).source
         if layer not in self._call_names:
+            source = self.attention(layer).source
             calls = [n for n in source.names if re.fullmatch(r"attention_interface_\d+", n)]
             if not calls:
                 raise ValueError(
@@ -201,13 +201,13 @@ class Model:
                     " Adapter for a module that does."
                 )
             self._call_names[layer] = calls[-1]
-        return getattr(source, self._call_names[layer])
+        return self._call_names[layer]
 
     def attention_inputs(self, layer: int) -> ops.AttentionInputs:
         """Layer `layer`'s attention-function inputs, to read inside a trace: (q, k, mask).
 
-        Get it before the trace (it resolves the module's ``.source`` view), then call its
-        ``read()`` once inside the trace: q [batch, n_heads, tokens, d_head], k [batch,
+        Get it before the trace (it finds the call's name in the module's ``.source`` view), then
+        call its ``read()`` once inside the trace, where it opens ``.source`` on the model that runs: q [batch, n_heads, tokens, d_head], k [batch,
         n_kv_heads, tokens, d_head] exactly as the softmax sees them, and the model's mask (None
         where the call has none). q and k are the call's own tensors: write an edit into them in
         place (`qktrace.ops.put_positions(..., inplace=True)` on a view such as ``k[:, kv]``) and
@@ -220,7 +220,12 @@ class Model:
         """
         a = self.adapter
         return ops.AttentionInputs(
-            self.attention_call(layer), a.query_arg, a.key_arg, a.mask_arg, "attention_mask"
+            self.attention(layer),
+            self.attention_call_name(layer),
+            a.query_arg,
+            a.key_arg,
+            a.mask_arg,
+            "attention_mask",
         )
 
     def scaling(self, layer: int) -> float:

@@ -216,17 +216,29 @@ class AttentionInputs:
     q and k are the call's own tensors, so an in-place write (`put_positions(..., inplace=True)`
     on a view such as ``k[:, kv_head]``) is what the softmax then sees. A plain class of this
     module, so it travels to NDIF by value with the rest of it.
+
+    It holds the attention module's envoy and the call's name, not the call itself: `read()`
+    opens the module's ``.source`` inside the trace body, which is what instruments the
+    forward of the model that runs the request. On NDIF that is the server's copy, which a
+    ``.source`` opened on the client before the trace never reaches (every request then fails
+    with "OutOfOrderError: ... the model already ran past it").
     """
 
-    def __init__(self, call: object, query: int, key: int, mask: int, mask_name: str) -> None:
-        self.call = call
+    def __init__(
+        self, attention: object, call: str, query: int, key: int, mask: int, mask_name: str
+    ) -> None:
+        self.attention, self.call = attention, call
         self.query, self.key, self.mask, self.mask_name = query, key, mask, mask_name
 
     def read(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(q [batch, heads, tokens, d], k [batch, kv_heads, tokens, d], mask or None)."""
-        args, kwargs = self.call.inputs
+        args, kwargs = getattr(self.attention.source, self.call).inputs
         mask = args[self.mask] if len(args) > self.mask else kwargs.get(self.mask_name)
         return args[self.query], args[self.key], mask
+
+    def weights(self) -> torch.Tensor:
+        """The call's attention weights [batch, heads, queries, keys] (after `read()`)."""
+        return getattr(self.attention.source, self.call).output[1]
 
 
 # A singular value below this fraction of the largest is zero to float64 rounding: the test

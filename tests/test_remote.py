@@ -351,7 +351,7 @@ def test_every_verb_runs_on_a_server_without_qktrace(server_without_qktrace):
     local = load(net, tokenizer=tok)
     with pytest.raises(ModuleNotFoundError, match="not on the server"):  # the fixture bites
         with torch.inference_mode(), m.trace("The cat"):
-            nnsight.save(m.attention_call(0).inputs)  # `m` is a qktrace object
+            nnsight.save(m.attention(0).output)  # `m` is a qktrace object
     keys = [[1, 2], [2, 3], [1, 3]]
     labels = [[("a", "positive"), ("a", "negative")]] * 3
     basis = np.eye(16)[:, :4]
