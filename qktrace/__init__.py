@@ -24,6 +24,7 @@ __version__ = "0.1.0"
 from .answers import intervene_answers
 from .attribution import attribute
 from .covariance import decompose
+from .errors import QktraceError
 from .heads import find_heads
 from .interventions import intervene
 from .models import load, parse_heads
@@ -44,4 +45,5 @@ __all__ = [
     "save",
     "open",
     "parse_heads",
+    "QktraceError",
 ]

@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from .errors import BadArgument, BadArgumentType
+
 __all__ = [
     "BadArgument",
     "BadArgumentType",
@@ -31,12 +33,6 @@ __all__ = [
 ]
 
 
-class BadArgument(ValueError):
-    """An argument has a wrong value; the message names it, what was given and what to pass."""
-
-
-class BadArgumentType(TypeError):
-    """An argument has a wrong type; the message names it, what was given and what to pass."""
 
 
 def _name(name: str, flag: str | None) -> str:

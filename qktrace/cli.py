@@ -106,8 +106,8 @@ def _run(job: Callable[[], Path], ctx: typer.Context, kept: str | Callable[[], s
     be done (another run holds the output, a damaged store, a failing model or server);
     130: Ctrl-C, after saying what is kept (`kept`).
     """
-    from qktrace import checks, store
-    from qktrace.locks import OutputBusy
+    from qktrace import store
+    from qktrace.errors import QktraceError
 
     try:
         with store.rewritten_by(_command_line(ctx)):
@@ -115,10 +115,8 @@ def _run(job: Callable[[], Path], ctx: typer.Context, kept: str | Callable[[], s
     except KeyboardInterrupt:
         said = kept() if callable(kept) else kept
         _fail(f"interrupted. {said}; rerun the same command to resume.", 130)
-    except OutputBusy as err:
-        _fail(str(err), 1)
-    except (checks.BadArgument, checks.BadArgumentType) as err:
-        _fail(str(err), 2)
+    except QktraceError as err:
+        _fail(str(err), err.exit_code)
     except FileExistsError as err:
         _fail(f"--out: {err}", 2)
     except (ValueError, RuntimeError, OSError, FloatingPointError, KeyError, TypeError) as err:

@@ -24,12 +24,14 @@ from typing import Any, TypeVar
 
 from filelock import FileLock, Timeout
 
+from .errors import StoreError
+
 __all__ = ["OutputBusy", "writing", "one_writer"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-class OutputBusy(RuntimeError):
+class OutputBusy(StoreError, RuntimeError):
     """Another live process is writing the same output."""
 
 

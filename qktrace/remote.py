@@ -18,6 +18,8 @@ from typing import Any, TypeVar
 
 import nnsight
 
+from .errors import RemoteFailed
+
 T = TypeVar("T")
 
 NDIF_SIGNUP = "https://login.ndif.us"
@@ -73,7 +75,7 @@ def check_ndif_key() -> str:
     """The NDIF API key from NDIF_API_KEY (or nnsight's saved config); a clear error if none."""
     key = os.environ.get("NDIF_API_KEY") or nnsight.CONFIG.API.APIKEY
     if not key:
-        raise RuntimeError(
+        raise RemoteFailed(
             "remote=True runs on NDIF and needs an API key, but NDIF_API_KEY is not set. "
             f"Get a key at {NDIF_SIGNUP}, then `export NDIF_API_KEY=...` (or call "
             "nnsight.CONFIG.set_default_api_key(key)). To test the remote code path without a "
@@ -98,17 +100,17 @@ def preflight(model_id: str) -> None:
     except Exception as error:  # any failure to reach the service
         status = getattr(getattr(error, "response", None), "status_code", None)
         if status in (401, 403):
-            raise RuntimeError(
+            raise RemoteFailed(
                 f"NDIF rejected the API key in NDIF_API_KEY (HTTP {status}, for {model_id}). "
                 f"Check the key at {NDIF_SIGNUP} and export it again; no work was started."
             ) from error
-        raise RuntimeError(
+        raise RemoteFailed(
             f"NDIF at {nnsight.CONFIG.API.HOST} is unreachable ({error}). Check your network and "
             "https://nnsight.net/status, or run locally (drop --remote) or offline "
             "(--remote-local)."
         ) from error
     if not identity.get("email"):
-        raise RuntimeError(
+        raise RemoteFailed(
             f"NDIF did not accept the API key in NDIF_API_KEY (for {model_id}). Check the key at "
             f"{NDIF_SIGNUP}; set QKTRACE_SKIP_NDIF_CHECK=1 if your server does not validate keys."
         )
@@ -138,7 +140,7 @@ def with_retries(
             if not is_transient(error):
                 raise
             if attempt == attempts:
-                raise RuntimeError(
+                raise RemoteFailed(
                     f"The request for {what} failed {attempts} times; last error: {error}. "
                     + (
                         resume_hint

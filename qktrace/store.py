@@ -121,6 +121,8 @@ import xarray as xr
 
 import qktrace
 
+from .errors import StoreError
+
 __all__ = [
     "provenance",
     "save",
@@ -556,7 +558,7 @@ def _write_atomic(ds: xr.Dataset, path: Path) -> None:
 # integrity
 
 
-class StoreDamagedError(ValueError):
+class StoreDamagedError(StoreError):
     """A store lacks a piece it held when written, or holds a changed copy of one."""
 
 
@@ -1300,7 +1302,7 @@ def _check_same_run(path: Path, stored: dict, new: dict) -> None:
     check_same_run(path, flat(stored), flat(new), what="batches")
 
 
-class DifferentRunError(ValueError):
+class DifferentRunError(StoreError):
     """A stored result was made with other parameters than the run that wants to reuse it."""
 
     def __init__(self, message: str, differences: list[str]) -> None:

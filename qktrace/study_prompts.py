@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .errors import StudyError
 from .prompts import Prompt, locate
 from .sums import CONTRASTS
 
@@ -23,10 +24,6 @@ Label = tuple[str, str] | None
 # coordinate names the pipeline writes itself; a study's own coordinates may not take them
 RESERVED = {"prompt", "key", "query", "head", "text", "key_label", "key_feature", "swap_feature"}
 RESERVED |= {"answer_text", "key_position", "key_token", "query_position", "prompt_text"}
-
-
-class StudyError(ValueError):
-    """A study's declaration does not fit its prompts: names the study, the prompt and the fix."""
 
 
 @dataclass

@@ -17,12 +17,17 @@ import qktrace.testing as testing
 from qktrace.cli import app
 from qktrace.locks import OutputBusy, lock_path, writing
 
-# qktrace/locks.py loaded on its own (it needs only filelock): no torch import, a fast start
+# qktrace/locks.py loaded with errors.py alone (it needs only filelock): no torch import, a fast start
 HOLD = """
-import importlib.util, sys, time
-spec = importlib.util.spec_from_file_location("locks", "qktrace/locks.py")
-locks = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(locks)
+import importlib.util, sys, time, types
+package = types.ModuleType("qktrace")  # an empty parent: the real one imports torch
+package.__path__ = ["qktrace"]
+sys.modules["qktrace"] = package
+for name in ("errors", "locks"):
+    spec = importlib.util.spec_from_file_location(f"qktrace.{name}", f"qktrace/{name}.py")
+    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+locks = sys.modules["qktrace.locks"]
 with locks.writing(sys.argv[1]):
     print("holding", flush=True)
     time.sleep(600)
