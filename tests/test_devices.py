@@ -98,26 +98,56 @@ def _every_verb(model):
         "capture": captured,
         "reduce": sums,
         "reduce_session": qktrace.reduce(
-            model, PROMPTS, HEADS, LABELS, keys=KEYS, batch_size=2, batches_per_request=2,
+            model,
+            PROMPTS,
+            HEADS,
+            LABELS,
+            keys=KEYS,
+            batch_size=2,
+            batches_per_request=2,
             **QUIET,
-        ),  # fmt: skip
+        ),
         "reduce_delta": qktrace.reduce(
-            model, PROMPTS, HEADS, LABELS, keys=KEYS, batch_size=2, batches_per_request=0,
-            delta=True, delta_dtype="float16", **QUIET,
-        ),  # fmt: skip
-        "find_heads": qktrace.find_heads(model, PROMPTS, [1, 2, 1, 2], keys=KEYS, top=None,
-                                         **QUIET),  # fmt: skip
-        "intervene": qktrace.intervene(model, PROMPTS, "3.3", basis, keys=KEYS, verify=True,
-                                       **swap, **QUIET),  # fmt: skip
+            model,
+            PROMPTS,
+            HEADS,
+            LABELS,
+            keys=KEYS,
+            batch_size=2,
+            batches_per_request=0,
+            delta=True,
+            delta_dtype="float16",
+            **QUIET,
+        ),
+        "find_heads": qktrace.find_heads(
+            model, PROMPTS, [1, 2, 1, 2], keys=KEYS, top=None, **QUIET
+        ),
+        "intervene": qktrace.intervene(
+            model, PROMPTS, "3.3", basis, keys=KEYS, verify=True, **swap, **QUIET
+        ),
         "intervene_query": qktrace.intervene(
-            model, PROMPTS, "1.0", basis, keys=KEYS, edit=Edit("ablate", side="query"),
-            orig=[1] * 4, target=[2] * 4, n_random=2, **QUIET,
-        ),  # fmt: skip
+            model,
+            PROMPTS,
+            "1.0",
+            basis,
+            keys=KEYS,
+            edit=Edit("ablate", side="query"),
+            orig=[1] * 4,
+            target=[2] * 4,
+            n_random=2,
+            **QUIET,
+        ),
         "intervene_captured": intervene_captured(captured, "1.0", basis, **swap),
         "intervene_answers": qktrace.intervene_answers(
-            model, PROMPTS, {"1.0": basis, "3.3": basis}, candidates=[[10, 11]] * 4,
-            answer=[0, 1, 0, 1], target_answer=[1, 0, 1, 0], **swap, **QUIET,
-        ),  # fmt: skip
+            model,
+            PROMPTS,
+            {"1.0": basis, "3.3": basis},
+            candidates=[[10, 11]] * 4,
+            answer=[0, 1, 0, 1],
+            target_answer=[1, 0, 1, 0],
+            **swap,
+            **QUIET,
+        ),
     }
 
 
@@ -128,17 +158,30 @@ def _passes(model):
     rng = np.random.default_rng(0)
     projection = {h.label: np.linalg.qr(rng.normal(size=(model.d_head, 3)))[0] for h in heads}
     pairs = {"a": [[True, False, True, None]] * 2 + [[False, True, None, True]] * 2}
-    captured, null = projected_pass(model, PROMPTS, heads, projection, query="last", keys=KEYS,
-                                    pairs=pairs, n_permutations=20, batch_size=2, **QUIET)  # fmt: skip
+    captured, null = projected_pass(
+        model,
+        PROMPTS,
+        heads,
+        projection,
+        query="last",
+        keys=KEYS,
+        pairs=pairs,
+        n_permutations=20,
+        batch_size=2,
+        **QUIET,
+    )
     ids = [model.tokenizer(p)["input_ids"] for p in PROMPTS]
     train = SimpleNamespace(
-        ids=ids, keys=[[1, 2]] * 4, answer=[0, 1, 0, 1], query="last",
-        counterfactual_ids=ids[::-1], counterfactual_keys=[[2, 3]] * 4,
+        ids=ids,
+        keys=[[1, 2]] * 4,
+        answer=[0, 1, 0, 1],
+        query="last",
+        counterfactual_ids=ids[::-1],
+        counterfactual_keys=[[2, 3]] * 4,
         labels=[[("x",), ("y",)]] * 4,
-    )  # fmt: skip
+    )
     sums, pair_null = paired_sums(model, train, heads, n_permutations=20, batch_size=2, **QUIET)
-    return {"projected": captured, "projected_null": null, "paired": sums,
-            "paired_null": pair_null}  # fmt: skip
+    return {"projected": captured, "projected_null": null, "paired": sums, "paired_null": pair_null}
 
 
 def test_every_verb_on_gpus_gives_the_cpu_numbers(placement):
@@ -210,11 +253,15 @@ def test_verbs_under_autocast_give_the_numbers_without_it():
     logits and attention and reduce's sums are those without autocast."""
     model = _bf16_model()
     try:
-        plain = [qktrace.capture(model, PROMPTS, HEADS, keys=KEYS, **QUIET),
-                 qktrace.reduce(model, PROMPTS, HEADS, LABELS, keys=KEYS, **QUIET)]  # fmt: skip
+        plain = [
+            qktrace.capture(model, PROMPTS, HEADS, keys=KEYS, **QUIET),
+            qktrace.reduce(model, PROMPTS, HEADS, LABELS, keys=KEYS, **QUIET),
+        ]
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            autocast = [qktrace.capture(model, PROMPTS, HEADS, keys=KEYS, **QUIET),
-                        qktrace.reduce(model, PROMPTS, HEADS, LABELS, keys=KEYS, **QUIET)]  # fmt: skip
+            autocast = [
+                qktrace.capture(model, PROMPTS, HEADS, keys=KEYS, **QUIET),
+                qktrace.reduce(model, PROMPTS, HEADS, LABELS, keys=KEYS, **QUIET),
+            ]
     finally:
         tiny("llama", layers=4)[0].float()
     for a, b in zip(plain, autocast, strict=True):
@@ -238,8 +285,11 @@ def test_ops_are_exact_under_autocast_and_would_not_be_without_exact(monkeypatch
             ops.head_coordinates(k, torch.stack([basis, basis])),
             ops.edit_in_subspace(k[:, 0, :2], basis, "swap"),
             ops.project_out(k, basis),
-            *ops.null_cutoffs(ops.qk_sums(q_sel[:, :, 0], k, w)[0, 0],
-                              ops.qk_sums(q_sel[:, :, 0], k, w)[0, 1:], 0.9),  # fmt: skip
+            *ops.null_cutoffs(
+                ops.qk_sums(q_sel[:, :, 0], k, w)[0, 0],
+                ops.qk_sums(q_sel[:, :, 0], k, w)[0, 1:],
+                0.9,
+            ),
         ]
 
     plain = steps()

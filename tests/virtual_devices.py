@@ -53,7 +53,11 @@ class VirtualDevices(TorchFunctionMode):
     def place(self, obj: Any, device: str | torch.device) -> Any:
         """Label a tensor, or every parameter and buffer of a module, as living on `device`."""
         device = torch.device(device)
-        tensors = list(obj.parameters()) + list(obj.buffers()) if isinstance(obj, torch.nn.Module) else [obj]
+        tensors = (
+            list(obj.parameters()) + list(obj.buffers())
+            if isinstance(obj, torch.nn.Module)
+            else [obj]
+        )
         for t in tensors:
             self.devices[t] = device
         return obj
@@ -122,9 +126,7 @@ class VirtualDevices(TorchFunctionMode):
         def fake(x: Any) -> Any:
             if not isinstance(x, torch.Tensor):
                 return x
-            return torch.empty_strided(
-                x.shape, x.stride(), dtype=x.dtype, device=self.device(x)
-            )
+            return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=self.device(x))
 
         try:
             with fake_mode:
