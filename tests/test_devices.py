@@ -302,3 +302,60 @@ def test_ops_are_exact_under_autocast_and_would_not_be_without_exact(monkeypatch
     with torch.autocast("cpu", dtype=torch.bfloat16):
         careless = steps()
     assert not torch.equal(careless[0], plain[0])  # float32 logits would turn bfloat16
+
+
+# bfloat16 end to end: the paper's models run in bfloat16 on NDIF.
+
+BF16_RUN = {"categories": ["fruit", "animal"], "n_prompts": 24, "n_test": 12,
+            "n_random": 1, "n_random_answers": 0, "batch_size": 12, "figures": False,
+            "progress": False}  # fmt: skip
+
+
+def _organism() -> str | None:
+    from qktrace import organism
+
+    try:
+        return str(organism.path())
+    except FileNotFoundError:
+        return None
+
+
+def bf16_vs_fp32(out) -> dict[str, float]:
+    """filter-heads on the organism loaded in float32 and in bfloat16 (same prompts, heads,
+    seeds): the largest differences of what the study reports. `docs/performance.md` prints it."""
+    from qktrace import store
+    from qktrace.studies import filter_heads
+
+    runs = {}
+    for dtype in ("float32", "bfloat16"):
+        model = qktrace.load(_organism(), dtype=dtype)
+        runs[dtype] = store.open(filter_heads.run(model, out=out / dtype, **BF16_RUN)).load()
+    a, b = runs["float32"], runs["bfloat16"]
+
+    def rel(name: str) -> float:
+        x, y = a[name].values, b[name].values
+        return float(np.nanmax(np.abs(x - y)) / np.nanmax(np.abs(x)))
+
+    def most(name: str) -> float:
+        return float(np.nanmax(np.abs(a[name].values - b[name].values)))
+
+    return {
+        "rank_differs": float((a["rank"].values != b["rank"].values).sum()),
+        "null_rank_differs": float((a["null_rank"].values != b["null_rank"].values).sum()),
+        "delta_c_rel": rel("delta_c"),
+        "singular_values_rel": rel("singular_values"),
+        "flip_rate_abs": most("flip_rate"),
+        "mean_delta_p_target_abs": most("mean_delta_p_target"),
+        "attention_before_abs": most("attention_before"),
+        "attention_after_abs": most("attention_after"),
+    }
+
+
+@pytest.mark.skipif(_organism() is None, reason="no organism checkpoint in data/organism")
+def test_a_bfloat16_study_gives_the_float32_ranks_and_effects(tmp_path):
+    diff = bf16_vs_fp32(tmp_path)
+    print(diff)
+    assert diff["rank_differs"] == 0 and diff["null_rank_differs"] == 0
+    assert diff["delta_c_rel"] < 2e-2 and diff["singular_values_rel"] < 1e-2
+    assert diff["flip_rate_abs"] <= 1 / BF16_RUN["n_test"] + 1e-9  # at most one prompt
+    assert diff["mean_delta_p_target_abs"] < 2e-2
