@@ -27,6 +27,7 @@ from virtual_devices import MixedDevices, VirtualDevices
 
 import qktrace
 from qktrace import ops
+from qktrace.evaluation import evaluate
 from qktrace.interventions import Edit, intervene_captured
 from qktrace.models import Head, load
 from qktrace.paired import paired_sums
@@ -138,6 +139,7 @@ def _every_verb(model):
             **QUIET,
         ),
         "intervene_captured": intervene_captured(captured, "1.0", basis, **swap),
+        "evaluate": evaluate(model, n=2, pairs=(2,), groups=["boxes"], batch_size=2, **QUIET),
         "intervene_answers": qktrace.intervene_answers(
             model,
             PROMPTS,
@@ -243,29 +245,20 @@ def test_virtual_devices_raise_as_cuda_does():
 # Autocast: the steps that must stay exact give the same numbers inside autocast.
 
 
-def _bf16_model():
+def test_every_verb_under_autocast_gives_the_numbers_without_it():
+    """A bfloat16 model under CPU autocast (as NDIF runs one under CUDA autocast): every verb
+    returns what it does without autocast (the model's own bfloat16 forward is unchanged by it;
+    the float32 and float64 steps of qktrace would not be, but for `ops.exact`)."""
     net, tok = tiny("llama", layers=4)
-    return load(net.to(torch.bfloat16), tokenizer=tok)
-
-
-def test_verbs_under_autocast_give_the_numbers_without_it():
-    """A bfloat16 model under CPU autocast (as NDIF runs one under CUDA autocast): capture's
-    logits and attention and reduce's sums are those without autocast."""
-    model = _bf16_model()
+    model = load(net.to(torch.bfloat16), tokenizer=tok)
     try:
-        plain = [
-            qktrace.capture(model, PROMPTS, HEADS, keys=KEYS, **QUIET),
-            qktrace.reduce(model, PROMPTS, HEADS, LABELS, keys=KEYS, **QUIET),
-        ]
+        plain = {**_every_verb(model), **_passes(model)}
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            autocast = [
-                qktrace.capture(model, PROMPTS, HEADS, keys=KEYS, **QUIET),
-                qktrace.reduce(model, PROMPTS, HEADS, LABELS, keys=KEYS, **QUIET),
-            ]
+            autocast = {**_every_verb(model), **_passes(model)}
     finally:
-        tiny("llama", layers=4)[0].float()
-    for a, b in zip(plain, autocast, strict=True):
-        _equal(a, b)
+        net.float()
+    for verb in plain:
+        _equal(autocast[verb], plain[verb])
 
 
 def test_ops_are_exact_under_autocast_and_would_not_be_without_exact(monkeypatch):
