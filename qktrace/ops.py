@@ -25,7 +25,8 @@ def near(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def exact(x: torch.Tensor) -> torch.autocast:
-    """A context that computes in the dtypes given on x's device: autocast off there."""
+    """A context that computes in the dtypes given on x's device: autocast off there. Only
+    torch runs inside it (no access to the model), so the model's own forward never does."""
     return torch.autocast(device_type=x.device.type, enabled=False)
 
 
