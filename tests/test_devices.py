@@ -138,6 +138,18 @@ def _every_verb(model):
             n_random=2,
             **QUIET,
         ),
+        "intervene_patch": qktrace.intervene(
+            model,
+            PROMPTS,
+            "1.0",
+            basis,
+            keys=KEYS,
+            edit=Edit("patch", source=captured["k"].sel(head="1.0").isel(key=2)),
+            orig=[1] * 4,
+            target=[2] * 4,
+            n_random=2,
+            **QUIET,
+        ),
         "intervene_captured": intervene_captured(captured, "1.0", basis, **swap),
         "evaluate": evaluate(model, n=2, pairs=(2,), groups=["boxes"], batch_size=2, **QUIET),
         "intervene_answers": qktrace.intervene_answers(
