@@ -254,6 +254,39 @@ def test_virtual_devices_raise_as_cuda_does():
         assert x.cpu().device.type == "cpu" and x.device.type == "cuda"
 
 
+def _organism() -> str | None:
+    from qktrace import organism
+
+    try:
+        return str(organism.path())
+    except FileNotFoundError:
+        return None
+
+
+STUDY_RUN = {"n_prompts": 8, "n_test": 4, "n_random": 1, "n_random_answers": 0,
+             "batch_size": 4, "figures": False, "progress": False, "overwrite": True}  # fmt: skip
+STUDY_ONLY = {"filter_heads": {"categories": ["fruit", "animal"]}, "lexical": {}}
+
+
+@pytest.mark.skipif(_organism() is None, reason="no organism checkpoint in data/organism")
+@pytest.mark.parametrize("name", ["filter_heads", "lexical"])
+def test_a_remote_study_on_a_sharded_model_writes_the_cpu_store(name, tmp_path):
+    """A whole study through the simulated NDIF request (ΔC in sessions, the fresh prompts'
+    projected pass or the counterfactual pairs with their nulls in the trace) on the organism
+    split across cuda:0 (layer 0) and cuda:1 (layers 1-2): the store the CPU run writes."""
+    import importlib
+
+    from qktrace import store
+
+    study = importlib.import_module(f"qktrace.studies.{name}")
+    model = qktrace.load(_organism(), remote="local")
+    settings = {**STUDY_RUN, **STUDY_ONLY[name]}
+    cpu = store.open(study.run(model, out=tmp_path / "cpu", **settings)).load()
+    with on_devices(model.lm._module, sharded=True):
+        gpu = store.open(study.run(model, out=tmp_path / "gpu", **settings)).load()
+    _equal(gpu, cpu)
+
+
 # Autocast: the steps that must stay exact give the same numbers inside autocast.
 
 
@@ -314,15 +347,6 @@ def test_ops_are_exact_under_autocast_and_would_not_be_without_exact(monkeypatch
 BF16_RUN = {"categories": ["fruit", "animal"], "n_prompts": 24, "n_test": 12,
             "n_random": 1, "n_random_answers": 0, "batch_size": 12, "figures": False,
             "progress": False}  # fmt: skip
-
-
-def _organism() -> str | None:
-    from qktrace import organism
-
-    try:
-        return str(organism.path())
-    except FileNotFoundError:
-        return None
 
 
 def bf16_vs_fp32(out) -> dict[str, float]:
