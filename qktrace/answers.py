@@ -486,10 +486,7 @@ def _answers_batch(
                 picked = ops.gather_positions(rows, query_index).float()
                 edited = ops.edit_in_subspace(picked, per_row(stack), "ablate")
                 ops.put_positions(rows, query_index, edited, inplace=True)
-        out = lm.output.logits  # [S*b, tokens, vocab]
-        at_last = out[torch.arange(copies * b), last].float()
-        logprobs = torch.log_softmax(at_last, dim=-1)
-        saved = nnsight.save([at_last.gather(1, ids), logprobs.gather(1, ids)])
+        saved = nnsight.save(list(ops.answer_scores(lm.output.logits, last, ids)))
     logit, logprob = (s.float().cpu().numpy().reshape(copies, b, -1) for s in saved)
     return logit, logprob
 

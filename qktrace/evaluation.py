@@ -36,6 +36,7 @@ import torch
 import xarray as xr
 from tqdm.auto import tqdm
 
+from . import ops
 from .batching import encode
 from .models import Model, iter_batches
 from .prompts import Prompt, boxes_prompts, filter_prompts, locate
@@ -208,11 +209,8 @@ def _candidate_logprobs(model: Model, ids: list[list[int]], index: torch.Tensor)
     """One trace: next-token log-probabilities after each prompt at the `index` token ids."""
     encoded = encode(model, ids)
     last = torch.tensor([encoded.padded(i, n - 1) for i, n in enumerate(encoded.lengths)])
-    rows = torch.arange(len(ids))
     with torch.inference_mode(), model.trace(encoded.inputs):
-        logits = model.lm.output.logits[rows, last]
-        picked = torch.log_softmax(logits.float(), dim=-1).gather(1, index)
-        picked = nnsight.save(picked)
+        picked = nnsight.save(ops.answer_scores(model.lm.output.logits, last, index)[1])
     return picked.cpu().numpy()
 
 

@@ -238,7 +238,6 @@ def _scan_batch(model: Model, batch: Batch, layers: list[int]) -> np.ndarray:
             q, k, mask = inputs[layer].read()
             q_sel = ops.gather_heads(q, all_heads, query_index)
             _, probs = ops.attention_rows(q_sel, k, kv_heads, mask, query_index, scaling, softcap)
-            cols = key_index[:, None, None, :].expand(-1, probs.shape[1], 1, -1)
-            saved.append(probs.gather(3, cols)[:, :, 0])
+            saved.append(ops.at_keys(probs, key_index)[:, :, 0])
         nnsight.save(saved)
     return np.concatenate([s.float().cpu().numpy() for s in saved], axis=1)

@@ -661,10 +661,9 @@ def _intervene_batch(
     n_random = 0 if randoms is None else randoms.shape[0]
     with torch.inference_mode(), model.trace(batch.encoded.inputs):
         q, k, mask = inputs.read()
-        cols = key_index[:, None, None, :]
         q_sel = ops.gather_heads(q, [head], query_index)
         logit, prob = ops.attention_rows(q_sel, k, [kv], mask, query_index, scaling, softcap)
-        saved = [logit.gather(3, cols), prob.gather(3, cols)]
+        saved = [ops.at_keys(logit, key_index), ops.at_keys(prob, key_index)]
         rows = k[:, kv] if side == "key" else q[:, head]  # a view: [batch, tokens, d_head]
         if n_random:
             # baselines, functionally: n edited copies of this head's rows, [n, batch, tokens, d]
@@ -682,8 +681,7 @@ def _intervene_batch(
             logit, prob = ops.attention_rows(
                 q_rand, k_rand, kv_rand, mask, query_index, scaling, softcap
             )
-            cols_n = cols.expand(-1, n_random, -1, -1)
-            saved += [logit.gather(3, cols_n), prob.gather(3, cols_n)]
+            saved += [ops.at_keys(logit, key_index), ops.at_keys(prob, key_index)]
         # the real edit, in place: the model's own attention computes with it
         # (computed in float32, written back in the model's dtype)
         picked = ops.gather_positions(rows, edit_index).float()
@@ -691,11 +689,10 @@ def _intervene_batch(
         ops.put_positions(rows, edit_index, edited, inplace=True)
         q_sel = ops.gather_heads(q, [head], query_index)
         logit, prob = ops.attention_rows(q_sel, k, [kv], mask, query_index, scaling, softcap)
-        saved += [logit.gather(3, cols), prob.gather(3, cols)]
+        saved += [ops.at_keys(logit, key_index), ops.at_keys(prob, key_index)]
         if verify:
             weights = inputs.weights()[:, [head]]
-            picked = query_index[:, None, :, None].expand(-1, 1, -1, weights.shape[-1])
-            saved.append(weights.gather(2, picked).gather(3, cols))
+            saved.append(ops.at_keys(ops.at_queries(weights, query_index), key_index))
         nnsight.save(saved)
     arrays = [s[:, :, 0].float().cpu().numpy() for s in saved]  # [batch, 1 or n, key]
     out = {"logit_before": arrays[0][:, 0], "attention_before": arrays[1][:, 0]}

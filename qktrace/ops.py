@@ -5,6 +5,13 @@ Everything here may be called on traced values and is shipped to NDIF *by value*
 imports nothing but torch, keeps no state, and works on plain tensors as well as on proxies:
 the same code serves local runs, `remote="local"` and NDIF, and plain-torch callers (the toy
 model) too.
+
+Devices and precision are settled here, once, for every caller: an op moves the tensors the
+client built (positions, masks, labels, bases, random draws) to the device of the activation it
+meets (`near`), per call, so each layer of a model sharded across GPUs gets its own; and steps
+that must stay exact run with autocast off (`exact`), since NDIF runs every request of a
+half-precision model inside `torch.autocast("cuda", dtype)`, which would turn a float32 matmul
+into a bfloat16 one (float64, as the sums use, autocast leaves alone).
 """
 
 from __future__ import annotations
@@ -12,9 +19,21 @@ from __future__ import annotations
 import torch
 
 
+def near(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """t on the device of the activation x it meets (a no-op where it already is)."""
+    return t.to(x.device)
+
+
+def exact(x: torch.Tensor) -> torch.autocast:
+    """A context that computes in the dtypes given on x's device: autocast off there. Only
+    torch runs inside it (no access to the model), so the model's own forward never does."""
+    return torch.autocast(device_type=x.device.type, enabled=False)
+
+
 def coordinates(x: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
     """Coordinates of vectors x [..., d] in an orthonormal basis [d, r]: x @ basis."""
-    return x @ basis.to(x.dtype)
+    with exact(x):
+        return x @ near(basis, x).to(x.dtype)
 
 
 def swap_in_subspace(
@@ -24,28 +43,44 @@ def swap_in_subspace(
 
     With c = x V: x_a + (c_b - c_a) V^T and x_b + (c_a - c_b) V^T (the paper's Fig 4).
     """
-    v = basis.to(x_a.dtype)
-    delta = (x_b @ v - x_a @ v) @ v.T
+    v = near(basis, x_a).to(x_a.dtype)
+    with exact(x_a):
+        delta = (x_b @ v - x_a @ v) @ v.T
     return x_a + delta, x_b - delta
 
 
 def project_out(x: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
     """Remove the component of x [..., d] that lies in span(basis) (ablation)."""
-    v = basis.to(x.dtype)
-    return x - (x @ v) @ v.T
+    v = near(basis, x).to(x.dtype)
+    with exact(x):
+        return x - (x @ v) @ v.T
 
 
 def set_coordinates(x: torch.Tensor, source: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
     """Give x the coordinates of `source` inside span(basis) (patching); keep the rest of x."""
-    v = basis.to(x.dtype)
-    return x + (source @ v - x @ v) @ v.T
+    v = near(basis, x).to(x.dtype)
+    with exact(x):
+        return x + (near(source, x) @ v - x @ v) @ v.T
 
 
 def gather_heads(x: torch.Tensor, heads: list[int], positions: torch.Tensor) -> torch.Tensor:
     """x [batch, heads, tokens, d] -> x[:, heads] at per-row token positions [batch, n] -> [batch, h, n, d]."""
     x = x[:, heads]
-    index = positions[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[-1])
+    index = near(positions, x)[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[-1])
     return x.gather(2, index)
+
+
+def at_keys(values: torch.Tensor, key_index: torch.Tensor) -> torch.Tensor:
+    """values [batch, h, n, tokens] (logits, attention) at per-row key positions [batch, keys]
+    -> [batch, h, n, keys]."""
+    cols = near(key_index, values)[:, None, None, :]
+    return values.gather(3, cols.expand(-1, values.shape[1], values.shape[2], -1))
+
+
+def at_queries(values: torch.Tensor, query_index: torch.Tensor) -> torch.Tensor:
+    """values [batch, h, tokens, keys] at per-row query positions [batch, n] -> [batch, h, n, keys]."""
+    rows = near(query_index, values)[:, None, :, None]
+    return values.gather(2, rows.expand(-1, values.shape[1], -1, values.shape[-1]))
 
 
 def attention_rows(
@@ -63,26 +98,29 @@ def attention_rows(
     attention function (additive float, boolean "may attend", or None for plain causal).
     Returns (logits, probs), each [batch, h, n_query, tokens]; logits exclude the mask.
     """
-    keys = k[:, kv_heads].to(torch.float32)
-    logits = (q_sel.to(torch.float32) @ keys.transpose(-1, -2)) * scaling
-    capped = logits if softcap is None else torch.tanh(logits / softcap) * softcap
-    n_tokens = keys.shape[2]
-    if mask is None:
-        allowed = (
-            torch.arange(n_tokens, device=k.device)[None, None, None, :]
-            <= query_positions[:, None, :, None]
-        )
-        additive = torch.zeros_like(capped).masked_fill(~allowed, float("-inf"))
-    else:
-        rows = query_positions[:, None, :, None].expand(-1, mask.shape[1], -1, mask.shape[-1])
-        picked = mask.gather(2, rows)
-        if picked.dtype == torch.bool:
-            additive = torch.zeros(picked.shape, device=k.device).masked_fill(
-                ~picked, float("-inf")
+    query_positions = near(query_positions, k)
+    with exact(k):
+        keys = k[:, kv_heads].to(torch.float32)
+        logits = (q_sel.to(torch.float32) @ keys.transpose(-1, -2)) * scaling
+        capped = logits if softcap is None else torch.tanh(logits / softcap) * softcap
+        n_tokens = keys.shape[2]
+        if mask is None:
+            allowed = (
+                torch.arange(n_tokens, device=k.device)[None, None, None, :]
+                <= query_positions[:, None, :, None]
             )
+            additive = torch.zeros_like(capped).masked_fill(~allowed, float("-inf"))
         else:
-            additive = picked.to(torch.float32)
-    probs = torch.softmax(capped + additive, dim=-1)
+            mask = near(mask, k)
+            rows = query_positions[:, None, :, None].expand(-1, mask.shape[1], -1, mask.shape[-1])
+            picked = mask.gather(2, rows)
+            if picked.dtype == torch.bool:
+                additive = torch.zeros(picked.shape, device=k.device).masked_fill(
+                    ~picked, float("-inf")
+                )
+            else:
+                additive = picked.to(torch.float32)
+        probs = torch.softmax(capped + additive, dim=-1)
     return logits, probs
 
 
@@ -94,8 +132,10 @@ def qk_sums(q_sel: torch.Tensor, k_sel: torch.Tensor, weights: torch.Tensor) -> 
     Returns [h, G, dq, dk]. Keys are summed per group first: two small contractions instead of
     one 3-operand einsum (36x faster on CPU at d_head 64).
     """
-    kg = torch.einsum("bkg,bhkj->bhgj", weights.to(torch.float64), k_sel.to(torch.float64))
-    return torch.einsum("bhi,bhgj->hgij", q_sel.to(torch.float64), kg)
+    with exact(k_sel):
+        w = near(weights, k_sel).to(torch.float64)
+        kg = torch.einsum("bkg,bhkj->bhgj", w, k_sel.to(torch.float64))
+        return torch.einsum("bhi,bhgj->hgij", q_sel.to(torch.float64), kg)
 
 
 def vector_sums(
@@ -105,9 +145,10 @@ def vector_sums(
 
     Returns (q [h, G, dq], k [h, G, dk]).
     """
-    g = weights.to(torch.float64)
-    q_sum = torch.einsum("bg,bhi->hgi", g.sum(1), q_sel.to(torch.float64))
-    k_sum = torch.einsum("bkg,bhkj->hgj", g, k_sel.to(torch.float64))
+    with exact(k_sel):
+        g = near(weights, k_sel).to(torch.float64)
+        q_sum = torch.einsum("bg,bhi->hgi", g.sum(1), q_sel.to(torch.float64))
+        k_sum = torch.einsum("bkg,bhkj->hgj", g, k_sel.to(torch.float64))
     return q_sum, k_sum
 
 
@@ -117,7 +158,7 @@ def label_weights(labels: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     A key labelled l >= 0 gets row l of `table`; a key labelled -1 gets zeros (no pair). Labels
     travel as int8 and the table as a few numbers, instead of a float one-hot per key.
     """
-    table = table.to(torch.float64)
+    table = near(table, labels).to(torch.float64)
     rows = torch.cat([torch.zeros_like(table[:1]), table])
     return rows[labels.long() + 1]
 
@@ -154,6 +195,7 @@ def labelled_sums(
     """
     q_sel = gather_heads(q, q_heads, query_index)[:, :, 0]
     k_sel = gather_heads(k, kv_heads, key_index)
+    labels = near(labels, k)
     qk = qk_sums(q_sel, k_sel, label_weights(labels, qk_table))
     q_sum, k_sum = vector_sums(q_sel, k_sel, label_weights(labels, vector_table))
     return qk, q_sum, k_sum, finite_rows(q_sel) & finite_rows(k_sel)
@@ -174,23 +216,24 @@ def edit_in_subspace(
     zero (`project_out`); "patch" sets them to those of `source` [..., m, d]
     (`set_coordinates`). The component outside span(basis) is kept.
     """
-    v = basis.to(x_sel.dtype)
-    coords = x_sel @ v
-    if mode == "swap":
-        new = coords.flip(-2)
-    elif mode == "ablate":
-        new = torch.zeros_like(coords)
-    elif mode == "patch":
-        new = source.to(x_sel.dtype) @ v
-    else:
+    if mode not in ("swap", "ablate", "patch"):
         raise ValueError(f"Unknown edit mode {mode!r}: use 'swap', 'ablate' or 'patch'.")
-    return x_sel + (new - coords) @ v.transpose(-1, -2)
+    v = near(basis, x_sel).to(x_sel.dtype)
+    with exact(x_sel):
+        coords = x_sel @ v
+        if mode == "swap":
+            new = coords.flip(-2)
+        elif mode == "ablate":
+            new = torch.zeros_like(coords)
+        else:
+            new = near(source, x_sel).to(x_sel.dtype) @ v
+        return x_sel + (new - coords) @ v.transpose(-1, -2)
 
 
 def gather_positions(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """x [..., batch, tokens, d] at per-row token positions index [batch, m] -> [..., batch, m, d]."""
     shape = (*x.shape[:-2], index.shape[-1], x.shape[-1])
-    return x.gather(-2, index[..., None].expand(shape))
+    return x.gather(-2, near(index, x)[..., None].expand(shape))
 
 
 def put_positions(
@@ -202,10 +245,11 @@ def put_positions(
     own computation sees the new rows; otherwise a new tensor is returned. Repeated positions in
     a row must carry equal values.
     """
-    full = index[..., None].expand(values.shape)
+    full = near(index, x)[..., None].expand(values.shape)
+    values = near(values, x).to(x.dtype)
     if inplace:
-        return x.scatter_(-2, full, values.to(x.dtype))
-    return x.expand(*values.shape[:-2], *x.shape[-2:]).scatter(-2, full, values.to(x.dtype))
+        return x.scatter_(-2, full, values)
+    return x.expand(*values.shape[:-2], *x.shape[-2:]).scatter(-2, full, values)
 
 
 class AttentionInputs:
@@ -258,7 +302,7 @@ def null_cutoffs(
     [min(dq, dk)], cut-offs [same], NaN past the first failure), float64. Runs inside a trace (a
     remote study's null) as well as here.
     """
-    real, null = real.to(torch.float64), null.to(torch.float64)
+    real, null = real.to(torch.float64), near(null, real).to(torch.float64)
     u, s, vh = torch.linalg.svd(real, full_matrices=False)
     cutoff = torch.full_like(s, float("nan"))
     eye_q = torch.eye(real.shape[0], dtype=torch.float64, device=real.device)
@@ -275,4 +319,18 @@ def null_cutoffs(
 
 def head_coordinates(x_sel: torch.Tensor, bases: torch.Tensor) -> torch.Tensor:
     """Coordinates of x_sel [batch, h, n, d] in one basis per head, bases [h, d, m], float32."""
-    return torch.einsum("bhnd,hdm->bhnm", x_sel.to(torch.float32), bases.to(torch.float32))
+    with exact(x_sel):
+        bases = near(bases, x_sel).to(torch.float32)
+        return torch.einsum("bhnd,hdm->bhnm", x_sel.to(torch.float32), bases)
+
+
+def answer_scores(
+    logits: torch.Tensor, last: torch.Tensor, ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits [batch, tokens, vocab] at each row's position `last` [batch], float32, and
+    their log-softmax, both at the token ids [batch, n]: ([batch, n], [batch, n])."""
+    last, ids = near(last, logits), near(ids, logits)
+    with exact(logits):
+        at_last = logits[torch.arange(len(last), device=logits.device), last].float()
+        logprobs = torch.log_softmax(at_last, dim=-1)
+    return at_last.gather(1, ids), logprobs.gather(1, ids)

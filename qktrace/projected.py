@@ -220,15 +220,12 @@ def _fresh_request(
                     logits, probs = ops.attention_rows(
                         q_sel, k, kv_heads, mask, query_index, scaling, softcap
                     )
-                    cols = key_index[:, None, None, :].expand(
-                        -1, logits.shape[1], logits.shape[2], -1
-                    )
                     per_layer.append(
                         [
                             ops.head_coordinates(q_sel, basis),
                             ops.head_coordinates(k_sel, basis),
-                            logits.gather(3, cols),
-                            probs.gather(3, cols),
+                            ops.at_keys(logits, key_index),
+                            ops.at_keys(probs, key_index),
                         ]
                     )
                     if w is not None:

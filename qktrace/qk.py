@@ -93,8 +93,7 @@ def _capture_batch(
                 logits, probs = ops.attention_rows(
                     q_sel, k, kv_heads, mask, query_index, scaling, softcap
                 )
-                cols = key_index[:, None, None, :].expand(-1, logits.shape[1], logits.shape[2], -1)
-                item += [logits.gather(3, cols), probs.gather(3, cols)]
+                item += [ops.at_keys(logits, key_index), ops.at_keys(probs, key_index)]
             saved.append(item)
         nnsight.save(saved)
     names = ["q", "k", "logit", "attention"]
