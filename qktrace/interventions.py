@@ -659,7 +659,7 @@ def _intervene_batch(
     scaling, softcap = model.scaling(layer), model.softcap(layer)
     query_index, key_index = batch.query_index, batch.key_index
     n_random = 0 if randoms is None else randoms.shape[0]
-    with torch.inference_mode(), model.trace(batch.encoded.inputs):
+    with torch.inference_mode(), model.trace(batch.encoded.inputs) as tracer:
         q, k, mask = inputs.read()
         q_sel = ops.gather_heads(q, [head], query_index)
         logit, prob = ops.attention_rows(q_sel, k, [kv], mask, query_index, scaling, softcap)
@@ -694,6 +694,8 @@ def _intervene_batch(
             weights = inputs.weights()[:, [head]]
             saved.append(ops.at_keys(ops.at_queries(weights, query_index), key_index))
         nnsight.save(saved)
+        if not verify:  # verify reads the model's own attention call: let it run in full
+            tracer.stop()
     arrays = [s[:, :, 0].float().cpu().numpy() for s in saved]  # [batch, 1 or n, key]
     out = {"logit_before": arrays[0][:, 0], "attention_before": arrays[1][:, 0]}
     after = arrays[2:4] if not n_random else arrays[4:6]
