@@ -598,7 +598,10 @@ def _answer_metrics(
         "answer_index": ("prompt", answer),
         "target_answer_index": ("prompt", target),
     }
-    return xr.Dataset(data, coords=coords)
+    from .intervals import answer_intervals
+
+    ds = xr.Dataset(data, coords=coords)
+    return ds.assign(answer_intervals(ds, "subspace", "random").data_vars)
 
 
 def _nanmean(values: np.ndarray) -> np.ndarray:

@@ -876,4 +876,7 @@ def _metrics(
         "key_token": (("prompt", "key"), keys.tokens),
         "key_role": (("prompt", "key"), role),
     }
-    return xr.Dataset(data, coords=coords)
+    from .intervals import swap_intervals
+
+    ds = xr.Dataset(data, coords=coords)
+    return ds.assign(swap_intervals(ds).data_vars)
