@@ -112,7 +112,7 @@ def rate(name: str, hits: xr.DataArray, eligible: xr.DataArray, dim: str = "prom
     """``name`` = hits / eligible summed over `dim`, with ``name_low``/``name_high``: its 95%
     Wilson interval (NaN where no prompt is eligible). hits counts only eligible prompts."""
     k = (hits & eligible).sum(dim) if hits.dtype == bool else (hits * eligible).sum(dim)
-    n = eligible.sum(dim)
+    k, n = xr.broadcast(k, eligible.sum(dim))
     low, high = wilson(k.values, n.values)
     with np.errstate(invalid="ignore", divide="ignore"):
         value = k / n
@@ -153,7 +153,8 @@ def vs_random(
     """
     random = np.asarray(random, dtype=bool)
     draws = values.isel({subspace: np.flatnonzero(random)}).transpose(..., subspace, dim)
-    p = xr.full_like(values.isel({dim: 0}, drop=True), np.nan, dtype=np.float64)
+    template = values.isel({dim: 0}, drop=True).reset_coords(drop=True)
+    p = xr.full_like(template, np.nan, dtype=np.float64)
     if not random.any():
         return p.rename(name)
     for s in np.flatnonzero(~random):
