@@ -314,7 +314,9 @@ def main() -> None:
     )
     parser.add_argument("--studies", default=",".join(STUDIES), help="comma-separated studies")
     parser.add_argument(
-        "--model", default=None, help="checkpoint path or named model (smollm2) [default: the organism]"
+        "--model",
+        default=None,
+        help="checkpoint path or named model (smollm2) [default: the organism]",
     )
     parser.add_argument(
         "--heads", default=None, help="heads (needed for a model other than the organism)"

@@ -519,7 +519,9 @@ def _answers_batch(
                     edited = ops.edit_in_subspace(picked, per_row(stack), mode)
                     keys = ops.put_positions(keys, index, edited)
                     outputs.append(
-                        ops.head_attention_output(q[:, head], keys, v[:, kv], mask, scaling, softcap)
+                        ops.head_attention_output(
+                            q[:, head], keys, v[:, kv], mask, scaling, softcap
+                        )
                     )
                 output = read.output()
                 for (_, head, _, _), values in zip(own, outputs, strict=True):

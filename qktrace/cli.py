@@ -378,6 +378,14 @@ def study(
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace an existing NAME.zarr in --out.")
     ] = False,
+    correct_only: Annotated[
+        bool,
+        typer.Option(
+            "--correct-only",
+            help="Swap and answer summaries over the fresh prompts whose answer the model ranks "
+            "first (the all-prompt ones kept as *_all_prompts; counts in the params).",
+        ),
+    ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
     """Run a language-model study: find feature subspaces of attention heads' query-key space
@@ -444,6 +452,7 @@ def study(
         "n_random_answers": n_random_answers,
         "threshold": threshold,
         "chat": chat,
+        "correct_only": correct_only or None,
     }
     accepted = set(inspect.signature(run).parameters)
     if any(p.kind is p.VAR_KEYWORD for p in inspect.signature(run).parameters.values()):

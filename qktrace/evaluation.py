@@ -224,8 +224,7 @@ def format_table(ds: xr.Dataset) -> str:
     """The accuracy table: one line per task, accuracy and its 95% Wilson interval next to
     chance and candidate mass."""
     lines = [
-        f"{'task':<16} {'accuracy':>8} {'[95% CI]':>14} {'chance':>7} {'p(cand)':>8} "
-        f"{'prompts':>8}"
+        f"{'task':<16} {'accuracy':>8} {'[95% CI]':>14} {'chance':>7} {'p(cand)':>8} {'prompts':>8}"
     ]
     for i, task in enumerate(ds["task"].values):
         interval = ""

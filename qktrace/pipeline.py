@@ -80,6 +80,7 @@ from .study_tools import (
     stack_heads,
     subspace_pca,
     swap_bars,
+    swap_summary,
     trimmed,
     union_basis,
     write,
@@ -252,6 +253,7 @@ def run_study(
     seed: int = 0,
     remote: Remote = False,
     chat: bool | None = None,
+    correct_only: bool = False,
     figures: bool = True,
     overwrite: bool = False,
     progress: bool = True,
@@ -280,6 +282,14 @@ def run_study(
         The 99% rank rule, prompts per trace, seed of prompts and random draws, NDIF mode,
         chat template (None: when the tokenizer has one), PNGs, replace an existing store,
         progress bars.
+    correct_only
+        Restrict the swap and answer summaries (rates, means, intervals, p-values) to the fresh
+        prompts whose answer the model ranks first among the candidates before any edit
+        (``answer_correct``; common practice before a mechanistic analysis); the all-prompt
+        ``flip_rate``, ``mean_delta_p_target``, ``answer_flip_rate`` and
+        ``mean_delta_answer_logit_diff`` stay as ``*_all_prompts``, per-prompt variables stay
+        for every prompt, and the params keep ``n_test_correct``. The subspaces are still
+        found on every subspace prompt. Needs the answer step (a study with answers).
     """
     # 0. settings and output, refused before any model work
     model = default_model(model)
@@ -302,6 +312,12 @@ def run_study(
     # 1. prompts, token positions, labels and swaps: every declaration checked, no forward pass
     train = prepare(study, lm.tokenizer, n_prompts, seed, chat, "subspace")
     test = prepare(study, lm.tokenizer, n_test, seed, chat, "fresh")
+    if correct_only and (study.answers is None or answers_skipped(study, test)):
+        raise checks.BadArgument(
+            f"correct_only (--correct-only) keeps the prompts the model answers correctly, but "
+            f"study {study.name!r} runs no answer step to tell them: "
+            f"{answers_skipped(study, test) or 'it declares no answers'}."
+        )
     head_list, heads_from, ranking, captured = resolve_heads(
         study, lm, heads, test, batch_size, progress
     )
@@ -401,6 +417,9 @@ def run_study(
         answers = answer_swaps(
             study, lm, test, captured, subspaces, n_random_answers, seed, batch_size, progress
         )
+    if correct_only:
+        effects, answers, params["n_test_correct"] = only_correct(effects, answers)
+        params["correct_only"] = True
 
     # 7. the study's own analysis; the store with provenance; figures drawn from the store
     if "projected" in captured.attrs:  # its q and k are projections: not the model's
@@ -697,6 +716,22 @@ def candidate_answers(study: Study, test: Prepared) -> list[list[Any]]:
     if callable(study.answers):
         return [list(study.answers(p)) for p in test.prompts]
     return [list(p.span_texts(study.keys)) for p in test.prompts]
+
+
+def only_correct(effects: xr.Dataset, answers: xr.Dataset) -> tuple[xr.Dataset, xr.Dataset, int]:
+    """The swap and answer summaries over the fresh prompts the model answers correctly before
+    any edit (``answer_correct``), the all-prompt headline rates kept as ``*_all_prompts``;
+    and how many prompts that is."""
+    right = answers["prompt"].values[answers["answer_correct"].values.astype(bool)]
+    every_swap, every_answer = swap_summary(effects), answer_summary(answers)
+    effects = effects.assign(
+        {f"{n}_all_prompts": every_swap[n] for n in ("flip_rate", "mean_delta_p_target")}
+    ).assign(swap_summary(effects.sel(prompt=right)).data_vars)
+    headline = ("answer_flip_rate", "mean_delta_answer_logit_diff")
+    answers = answers.assign({f"{n}_all_prompts": every_answer[n] for n in headline}).assign(
+        answer_summary(answers.sel(prompt=right)).data_vars
+    )
+    return effects, answers, int(len(right))
 
 
 def answer_swaps(

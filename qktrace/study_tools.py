@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from qktrace.models import Model, Remote, load
 from qktrace.intervals import ANSWER_INTERVALS, SWAP_INTERVALS, answer_intervals, swap_intervals
+from qktrace.models import Model, Remote, load
 
 ModelLike = Model | str | os.PathLike
 

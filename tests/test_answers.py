@@ -264,9 +264,9 @@ def test_a_per_query_head_edit_moves_only_its_heads_attention(monkeypatch):
         weights = []
         manual_logits(plain, tok, prompt, edit, monkeypatch, weights=weights)
         assert moved(weights[0], clean[0]) == group, scope
-        outputs = []
+        outputs: list = []
         hook = net.model.layers[1].self_attn.o_proj.register_forward_pre_hook(
-            lambda _, args: outputs.append(args[0].detach().clone())
+            lambda _, args, seen=outputs: seen.append(args[0].detach().clone())
         )
         try:
             intervene_answers(
