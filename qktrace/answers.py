@@ -190,7 +190,9 @@ def intervene_answers(
         ``mean_answer_candidate_mass`` (a `CandidateMassWarning` when below
         `LOW_CANDIDATE_MASS`), ``answer_flip_rate``, ``answer_moved_rate``,
         ``mean_delta_p_answer``, ``mean_delta_p_target_answer``,
-        ``mean_delta_answer_logit_diff`` (subspace). attrs: heads, side, mode, ranks,
+        ``mean_delta_answer_logit_diff`` (subspace), with 95% intervals and recovered-vs-random
+        p-values beside them (`qktrace.intervals.answer_intervals`). attrs: heads, side, mode,
+        key_scope, ranks,
         forward_passes (traces run) and rows (prompt copies run).
 
     Examples

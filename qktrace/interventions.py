@@ -240,6 +240,9 @@ def intervene(
         and ``argmax_after`` (subspace, prompt) as key positions; ``attends_orig`` (prompt);
         ``flip`` (subspace, prompt); means over prompts ``mean_delta_p_target``, ``flip_rate``,
         ``mean_attention_target_after`` (subspace) and ``mean_attention_target_before``;
+        beside ``flip_rate`` and ``mean_delta_p_target`` their 95% intervals ``*_low``/``*_high``
+        (Wilson; bootstrap over prompts) and, per recovered subspace, ``*_p_vs_random``
+        (`qktrace.intervals.swap_intervals`);
         ``basis`` (d_head, component), the orthonormalized subspace. attrs: provenance
         (`qktrace.store.provenance`), head, layer, kv_head, heads_sharing_key, key_scope,
         heads_reached (the heads whose attention the edit changes), side, mode, rank.
