@@ -254,6 +254,7 @@ def run_study(
     remote: Remote = False,
     chat: bool | None = None,
     correct_only: bool = False,
+    key_scope: str = "query_head",
     figures: bool = True,
     overwrite: bool = False,
     progress: bool = True,
@@ -290,6 +291,10 @@ def run_study(
         ``mean_delta_answer_logit_diff`` stay as ``*_all_prompts``, per-prompt variables stay
         for every prompt, and the params keep ``n_test_correct``. The subspaces are still
         found on every subspace prompt. Needs the answer step (a study with answers).
+    key_scope
+        The answer-level swaps' key edit under grouped-query attention: "query_head" (default,
+        the key as each edited query head sees it) or "key_head" (the shared key head, read by
+        its whole group); see `qktrace.intervene_answers`. Recorded in the params.
     """
     # 0. settings and output, refused before any model work
     model = default_model(model)
@@ -305,6 +310,7 @@ def run_study(
         seed=seed,
     )
     checks.integer("n_random_answers", n_random_answers, low=0, flag="--n-random-answers")
+    checks.choice("key_scope", key_scope, ("query_head", "key_head"))
     path = Path(out) / f"{study.name}.zarr"
     sums_checkpoint = check_out(path, overwrite)
     lm = open_model(model, remote)
@@ -335,6 +341,7 @@ def run_study(
         "n_random_answers": n_random_answers,
         "batch_size": batch_size,
         "chat": chat,
+        "key_scope": key_scope,
         **ranking.attrs,  # how the heads were ranked, when find_heads chose them
     }
     economy = study_options(lm) if study.counterfactual is None else {}
@@ -415,8 +422,9 @@ def run_study(
     answers, no_answers = xr.Dataset(), answers_skipped(study, test)
     if study.answers is not None and not no_answers:  # the answer is the next token
         answers = answer_swaps(
-            study, lm, test, captured, subspaces, n_random_answers, seed, batch_size, progress
-        )
+            study, lm, test, captured, subspaces, n_random_answers, seed, batch_size, progress,
+            key_scope,
+        )  # fmt: skip
     if correct_only:
         effects, answers, params["n_test_correct"] = only_correct(effects, answers)
         params["correct_only"] = True
@@ -744,6 +752,7 @@ def answer_swaps(
     seed: int,
     batch_size: int,
     progress: bool,
+    key_scope: str = "query_head",
 ) -> xr.Dataset:
     """The swap of `swaps` written into the model, in each head alone and in all heads
     together: does the model's answer move from the orig key's answer to the target key's?
@@ -789,6 +798,7 @@ def answer_swaps(
                 seed=seed,
                 batch_size=batch_size,
                 progress=progress,
+                key_scope=key_scope,
             )
         parts.append(answer_per_prompt(fx).assign_coords(prompt=chosen))
     effects = xr.concat(

@@ -385,9 +385,10 @@ def answer_effects(
     seed: int,
     batch_size: int,
     progress: bool,
+    key_scope: str = "query_head",
 ) -> xr.Dataset:
     """Swap the subspace coordinates of orig and target keys in each head alone and in all heads
-    together (`qktrace.intervene_answers`), and read the model's answer.
+    together (`qktrace.intervene_answers`, with `key_scope`), and read the model's answer.
 
     Returns answer-level variables over ``answer_heads`` (each head's label, then "all"),
     ``answer_subspace`` (`name`, then random draws; bool ``answer_random``), ``prompt`` and
@@ -415,6 +416,7 @@ def answer_effects(
             name=name,
             n_random=n_random,
             seed=seed,
+            key_scope=key_scope,  # type: ignore[arg-type]
             batch_size=batch_size,
             progress=progress,
         )
