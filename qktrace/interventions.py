@@ -33,10 +33,35 @@ No forward pass is needed for key edits: a key edit changes only the edited keys
 attention at the candidate keys), equal to the traced edit's to float precision; the studies use
 it. What the edit does to the model's *answer* is `qktrace.intervene_answers`.
 
-Only the span of `basis` matters (it is orthonormalized here). With grouped-query attention
-several query heads read one key head: editing a key edits it for the whole group (the query
-heads in attr ``heads_sharing_key``), and the model's downstream computation sees that. Query
-edits (``Edit(..., side="query")``) touch only the chosen head.
+Only the span of `basis` matters (it is orthonormalized here).
+
+Grouped-query attention: whose key is edited
+--------------------------------------------
+Under GQA several query heads read one key head (Llama-3.1-8B: groups of 4; SmolLM2 17.3-17.5
+share one). A subspace is found for one *query* head (its ΔC pairs that head's q with the
+shared k), so the edit a researcher means by "swap this head's keys" is the key as that query
+head sees it, leaving the other heads of its group alone. `key_scope` says which:
+
+- ``"query_head"`` (default): only the chosen query head sees the edited key. Transformers'
+  attention functions repeat the key heads inside the call (eager: ``repeat_kv(key,
+  module.num_key_value_groups)``; sdpa: the same or ``enable_gqa``), so a key handed to the
+  call with one copy per query head would be repeated again unless the module's group count
+  were changed, which a trace on a shared (NDIF) model must not do and which differs per
+  implementation. Instead the edit leaves the call's k alone and, after the call, replaces the
+  chosen head's slice of its output with softmax(q_h k'_h^T scaling + mask) v, computed from
+  the head's own edited copy k'_h of the keys (`qktrace.ops.head_attention_output`, with the
+  model's mask, scaling and soft cap). That is exactly the head's attention with the edited
+  key, for every attention implementation, and the rest of the layer reads it; the other heads
+  of the group keep the call's own output. The random baselines are per query head too: each
+  head's own draws, not one shared edit.
+- ``"key_head"``: the shared key head itself is edited (in place, before the call), so every
+  query head of its group (attr ``heads_sharing_key``) reads the edited key.
+
+Without GQA (one query head per key head) the two are the same edit. `intervene` and
+`intervene_captured` report only the chosen head's attention, which both scopes give alike
+(the traced pass stops right after the edited layer is read); the scope decides what the model
+computes downstream, which `qktrace.intervene_answers` reads. Query edits
+(``Edit(..., side="query")``) touch only the chosen head.
 
 Metrics
 -------
@@ -70,7 +95,9 @@ __all__ = ["Edit", "intervene", "intervene_captured"]
 
 Mode = Literal["swap", "ablate", "patch"]
 Side = Literal["key", "query"]
+KeyScope = Literal["query_head", "key_head"]
 MODES = ("swap", "ablate", "patch")
+KEY_SCOPES = ("query_head", "key_head")
 
 
 @dataclass(frozen=True, eq=False)
@@ -148,6 +175,7 @@ def intervene(
     query: Positions = "last",
     n_random: int = 10,
     seed: int = 0,
+    key_scope: KeyScope = "query_head",
     verify: bool = False,
     batch_size: int = 8,
     add_special_tokens: bool = True,
@@ -188,6 +216,11 @@ def intervene(
     n_random, seed
         Random orthonormal subspaces of the same rank as baselines, drawn with `seed`; the same
         draws serve every batch. 0 turns them off.
+    key_scope
+        "query_head" (default) or "key_head": under grouped-query attention, whether the key
+        edit is the key as this head sees it or the key head its group shares (module
+        docstring). The head's attention reported here is the same for both; recorded in the
+        attrs (``key_scope``, ``heads_reached``).
     verify
         Also return ``model_attention``: the model's own attention weights of the head after the
         edit, read from the attention call's output (needs ``attn_implementation="eager"``).
@@ -207,8 +240,12 @@ def intervene(
         and ``argmax_after`` (subspace, prompt) as key positions; ``attends_orig`` (prompt);
         ``flip`` (subspace, prompt); means over prompts ``mean_delta_p_target``, ``flip_rate``,
         ``mean_attention_target_after`` (subspace) and ``mean_attention_target_before``;
+        beside ``flip_rate`` and ``mean_delta_p_target`` their 95% intervals ``*_low``/``*_high``
+        (Wilson; bootstrap over prompts) and, per recovered subspace, ``*_p_vs_random``
+        (`qktrace.intervals.swap_intervals`);
         ``basis`` (d_head, component), the orthonormalized subspace. attrs: provenance
-        (`qktrace.store.provenance`), head, layer, kv_head, heads_sharing_key, side, mode, rank.
+        (`qktrace.store.provenance`), head, layer, kv_head, heads_sharing_key, key_scope,
+        heads_reached (the heads whose attention the edit changes), side, mode, rank.
 
     Examples
     --------
@@ -219,6 +256,7 @@ def intervene(
     """
     h = _one_head(model, head)
     edit = Edit.of(edit)
+    checks.choice("key_scope", key_scope, KEY_SCOPES)
     n = len(checks.prompts("prompts", prompts))
     checks.integer("n_random", n_random, low=0, example="10")
     checks.one_per_prompt("orig", orig, n)
@@ -279,9 +317,11 @@ def intervene(
         "n_random": n_random,
         "n_prompts": n,
         "query": query if isinstance(query, str) else "per-prompt",
+        "key_scope": key_scope,
     }
     attrs = provenance("intervene", params, model=model, seed=seed)
     group = [g for g in range(model.n_heads) if model.kv_head(g) == model.kv_head(h.head)]
+    reached = group if edit.side == "key" and key_scope == "key_head" else [h.head]
     return ds.assign(basis=(("d_head", "component"), v.astype(np.float32))).assign_attrs(
         attrs,
         head=h.label,
@@ -289,6 +329,8 @@ def intervene(
         q_head=h.head,
         kv_head=model.kv_head(h.head),
         heads_sharing_key=[f"{h.layer}.{g}" for g in group],
+        key_scope=key_scope,
+        heads_reached=[f"{h.layer}.{g}" for g in reached],
         name=name,
         side=edit.side,
         mode=edit.mode,
@@ -342,6 +384,7 @@ def intervene_captured(
     name: str | None = None,
     n_random: int = 10,
     seed: int = 0,
+    key_scope: KeyScope = "query_head",
 ) -> xr.Dataset:
     """`intervene`'s key-side metrics, computed from a capture with no forward pass.
 
@@ -360,7 +403,7 @@ def intervene_captured(
     ----------
     captured
         From `qktrace.capture` (one query per prompt, ``attention=True``), with `head`.
-    head, basis, orig, target, edit, name, n_random, seed
+    head, basis, orig, target, edit, name, n_random, seed, key_scope
         As in `intervene`, key side: the edit's `at` gives key positions per prompt (default:
         orig), its `source` is [n_prompts, d_head] or [n_prompts, n_at, d_head].
     """
@@ -370,6 +413,7 @@ def intervene_captured(
             "intervene_captured computes key edits; for a query edit use qktrace.intervene."
         )
     mode, at, source = edit.mode, edit.at, edit.source
+    checks.choice("key_scope", key_scope, KEY_SCOPES)
     checks.integer("n_random", n_random, low=0, example="10")
     for var in ("q", "k", "logit", "attention"):
         if var not in captured:
@@ -502,7 +546,7 @@ def intervene_captured(
     attrs = provenance("intervene_captured", params, inputs=captured.attrs, seed=seed)
     return out.assign(basis=(("d_head", "component"), v.astype(np.float32))).assign_attrs(
         attrs, head=label, name=name, side="key", mode=mode, rank=rank, n_random=n_random,
-        forward_passes=0,
+        key_scope=key_scope, forward_passes=0,
     )  # fmt: skip
 
 
@@ -659,7 +703,7 @@ def _intervene_batch(
     scaling, softcap = model.scaling(layer), model.softcap(layer)
     query_index, key_index = batch.query_index, batch.key_index
     n_random = 0 if randoms is None else randoms.shape[0]
-    with torch.inference_mode(), model.trace(batch.encoded.inputs):
+    with torch.inference_mode(), model.trace(batch.encoded.inputs) as tracer:
         q, k, mask = inputs.read()
         q_sel = ops.gather_heads(q, [head], query_index)
         logit, prob = ops.attention_rows(q_sel, k, [kv], mask, query_index, scaling, softcap)
@@ -694,6 +738,8 @@ def _intervene_batch(
             weights = inputs.weights()[:, [head]]
             saved.append(ops.at_keys(ops.at_queries(weights, query_index), key_index))
         nnsight.save(saved)
+        if not verify:  # verify reads the model's own attention call: let it run in full
+            tracer.stop()
     arrays = [s[:, :, 0].float().cpu().numpy() for s in saved]  # [batch, 1 or n, key]
     out = {"logit_before": arrays[0][:, 0], "attention_before": arrays[1][:, 0]}
     after = arrays[2:4] if not n_random else arrays[4:6]
@@ -833,4 +879,7 @@ def _metrics(
         "key_token": (("prompt", "key"), keys.tokens),
         "key_role": (("prompt", "key"), role),
     }
-    return xr.Dataset(data, coords=coords)
+    from .intervals import swap_intervals
+
+    ds = xr.Dataset(data, coords=coords)
+    return ds.assign(swap_intervals(ds).data_vars)

@@ -252,6 +252,35 @@ def put_positions(
     return x.expand(*values.shape[:-2], *x.shape[-2:]).scatter(-2, full, values)
 
 
+def head_attention_output(
+    q_h: torch.Tensor,
+    k_h: torch.Tensor,
+    v_h: torch.Tensor,
+    mask: torch.Tensor | None,
+    scaling: float,
+    softcap: float | None,
+) -> torch.Tensor:
+    """One head's attention output at every token, softmax(q k^T scaling + mask) v, float32.
+
+    q_h, k_h, v_h [batch, tokens, d] are that head's own query, key and value (its key may be
+    an edited copy no other head reads); mask as `attention_rows` takes it. Returns
+    [batch, tokens, d]; rows whose keys are all masked (padding queries) come out NaN.
+    """
+    n_tokens = q_h.shape[1]
+    positions = torch.arange(n_tokens, device=q_h.device)[None, :].expand(q_h.shape[0], -1)
+    _, probs = attention_rows(q_h[:, None], k_h[:, None], [0], mask, positions, scaling, softcap)
+    with exact(v_h):
+        return (probs @ v_h[:, None].to(torch.float32))[:, 0]
+
+
+def put_head_output(output: torch.Tensor, head: int, values: torch.Tensor) -> None:
+    """Write values [batch, tokens, d] into the attention output [batch, tokens, heads, d] at
+    `head`, in place, where they are finite (a fully masked padding row keeps the call's own)."""
+    rows = output[:, :, head]
+    values = near(values, rows)
+    rows.copy_(torch.where(values.isfinite(), values.to(rows.dtype), rows))
+
+
 class AttentionInputs:
     """One layer's attention-function call inside a trace: `read()` gives (q, k, mask).
 
@@ -280,9 +309,24 @@ class AttentionInputs:
         mask = args[self.mask] if len(args) > self.mask else kwargs.get(self.mask_name)
         return args[self.query], args[self.key], mask
 
+    def read_all(
+        self,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(q, k, v [batch, kv_heads, tokens, d], mask): `read()` and the values (the call's
+        argument after k), from one look at the call's inputs."""
+        args, kwargs = getattr(self.attention.source, self.call).inputs
+        mask = args[self.mask] if len(args) > self.mask else kwargs.get(self.mask_name)
+        value = args[self.key + 1] if len(args) > self.key + 1 else kwargs["value"]
+        return args[self.query], args[self.key], value, mask
+
     def weights(self) -> torch.Tensor:
         """The call's attention weights [batch, heads, queries, keys] (after `read()`)."""
         return getattr(self.attention.source, self.call).output[1]
+
+    def output(self) -> torch.Tensor:
+        """The call's attention output [batch, tokens, heads, d] (after `read()`): write a
+        head's slice of it in place (`put_head_output`) and the rest of the layer reads that."""
+        return getattr(self.attention.source, self.call).output[0]
 
 
 # A singular value below this fraction of the largest is zero to float64 rounding: the test

@@ -156,7 +156,7 @@ def _pairs_request(
     with torch.inference_mode(), model.session():
         totals = []
         for inputs, query_index, key_index, w in work:
-            with lm.trace(inputs):
+            with lm.trace(inputs) as tracer:
                 for i, (layer, q_heads, kv_heads) in enumerate(layout):
                     q, k, _ = reads[layer].read()
                     q_sel = ops.gather_heads(q, q_heads, query_index)[:, :, 0]
@@ -172,6 +172,7 @@ def _pairs_request(
                     else:
                         t = totals[i]
                         totals[i] = [t[0] + qk, t[1] + q_sum, t[2] + k_sum]
+                tracer.stop()  # nothing after the last layer read is needed
         saved = []
         for qk, q_sum, k_sum in totals:
             nulls = []

@@ -80,6 +80,7 @@ from .study_tools import (
     stack_heads,
     subspace_pca,
     swap_bars,
+    swap_summary,
     trimmed,
     union_basis,
     write,
@@ -252,6 +253,8 @@ def run_study(
     seed: int = 0,
     remote: Remote = False,
     chat: bool | None = None,
+    correct_only: bool = False,
+    key_scope: str = "query_head",
     figures: bool = True,
     overwrite: bool = False,
     progress: bool = True,
@@ -280,6 +283,18 @@ def run_study(
         The 99% rank rule, prompts per trace, seed of prompts and random draws, NDIF mode,
         chat template (None: when the tokenizer has one), PNGs, replace an existing store,
         progress bars.
+    correct_only
+        Restrict the swap and answer summaries (rates, means, intervals, p-values) to the fresh
+        prompts whose answer the model ranks first among the candidates before any edit
+        (``answer_correct``; common practice before a mechanistic analysis); the all-prompt
+        ``flip_rate``, ``mean_delta_p_target``, ``answer_flip_rate`` and
+        ``mean_delta_answer_logit_diff`` stay as ``*_all_prompts``, per-prompt variables stay
+        for every prompt, and the params keep ``n_test_correct``. The subspaces are still
+        found on every subspace prompt. Needs the answer step (a study with answers).
+    key_scope
+        The answer-level swaps' key edit under grouped-query attention: "query_head" (default,
+        the key as each edited query head sees it) or "key_head" (the shared key head, read by
+        its whole group); see `qktrace.intervene_answers`. Recorded in the params.
     """
     # 0. settings and output, refused before any model work
     model = default_model(model)
@@ -295,6 +310,7 @@ def run_study(
         seed=seed,
     )
     checks.integer("n_random_answers", n_random_answers, low=0, flag="--n-random-answers")
+    checks.choice("key_scope", key_scope, ("query_head", "key_head"))
     path = Path(out) / f"{study.name}.zarr"
     sums_checkpoint = check_out(path, overwrite)
     lm = open_model(model, remote)
@@ -302,6 +318,12 @@ def run_study(
     # 1. prompts, token positions, labels and swaps: every declaration checked, no forward pass
     train = prepare(study, lm.tokenizer, n_prompts, seed, chat, "subspace")
     test = prepare(study, lm.tokenizer, n_test, seed, chat, "fresh")
+    if correct_only and (study.answers is None or answers_skipped(study, test)):
+        raise checks.BadArgument(
+            f"correct_only (--correct-only) keeps the prompts the model answers correctly, but "
+            f"study {study.name!r} runs no answer step to tell them: "
+            f"{answers_skipped(study, test) or 'it declares no answers'}."
+        )
     head_list, heads_from, ranking, captured = resolve_heads(
         study, lm, heads, test, batch_size, progress
     )
@@ -319,6 +341,7 @@ def run_study(
         "n_random_answers": n_random_answers,
         "batch_size": batch_size,
         "chat": chat,
+        "key_scope": key_scope,
         **ranking.attrs,  # how the heads were ranked, when find_heads chose them
     }
     economy = study_options(lm) if study.counterfactual is None else {}
@@ -399,8 +422,12 @@ def run_study(
     answers, no_answers = xr.Dataset(), answers_skipped(study, test)
     if study.answers is not None and not no_answers:  # the answer is the next token
         answers = answer_swaps(
-            study, lm, test, captured, subspaces, n_random_answers, seed, batch_size, progress
-        )
+            study, lm, test, captured, subspaces, n_random_answers, seed, batch_size, progress,
+            key_scope,
+        )  # fmt: skip
+    if correct_only:
+        effects, answers, params["n_test_correct"] = only_correct(effects, answers)
+        params["correct_only"] = True
 
     # 7. the study's own analysis; the store with provenance; figures drawn from the store
     if "projected" in captured.attrs:  # its q and k are projections: not the model's
@@ -699,6 +726,22 @@ def candidate_answers(study: Study, test: Prepared) -> list[list[Any]]:
     return [list(p.span_texts(study.keys)) for p in test.prompts]
 
 
+def only_correct(effects: xr.Dataset, answers: xr.Dataset) -> tuple[xr.Dataset, xr.Dataset, int]:
+    """The swap and answer summaries over the fresh prompts the model answers correctly before
+    any edit (``answer_correct``), the all-prompt headline rates kept as ``*_all_prompts``;
+    and how many prompts that is."""
+    right = answers["prompt"].values[answers["answer_correct"].values.astype(bool)]
+    every_swap, every_answer = swap_summary(effects), answer_summary(answers)
+    effects = effects.assign(
+        {f"{n}_all_prompts": every_swap[n] for n in ("flip_rate", "mean_delta_p_target")}
+    ).assign(swap_summary(effects.sel(prompt=right)).data_vars)
+    headline = ("answer_flip_rate", "mean_delta_answer_logit_diff")
+    answers = answers.assign({f"{n}_all_prompts": every_answer[n] for n in headline}).assign(
+        answer_summary(answers.sel(prompt=right)).data_vars
+    )
+    return effects, answers, int(len(right))
+
+
 def answer_swaps(
     study: Study,
     lm: Model,
@@ -709,6 +752,7 @@ def answer_swaps(
     seed: int,
     batch_size: int,
     progress: bool,
+    key_scope: str = "query_head",
 ) -> xr.Dataset:
     """The swap of `swaps` written into the model, in each head alone and in all heads
     together: does the model's answer move from the orig key's answer to the target key's?
@@ -754,6 +798,7 @@ def answer_swaps(
                 seed=seed,
                 batch_size=batch_size,
                 progress=progress,
+                key_scope=key_scope,
             )
         parts.append(answer_per_prompt(fx).assign_coords(prompt=chosen))
     effects = xr.concat(

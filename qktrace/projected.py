@@ -211,7 +211,7 @@ def _fresh_request(
     with torch.inference_mode(), model.session():
         rows_out, totals = [], []
         for inputs, query_index, key_index, w in work:
-            with lm.trace(inputs):
+            with lm.trace(inputs) as tracer:
                 per_layer = []
                 for i, (layer, q_heads, kv_heads, scaling, softcap, basis) in enumerate(layout):
                     q, k, mask = reads[layer].read()
@@ -235,6 +235,7 @@ def _fresh_request(
                         else:
                             totals[i] = totals[i] + sums
                 rows_out.append(per_layer)
+                tracer.stop()  # nothing after the last layer read is needed
         nulls = []
         for sums in totals:  # per layer [h, F x group, d, d]
             for h in range(sums.shape[0]):

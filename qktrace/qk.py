@@ -82,7 +82,7 @@ def _capture_batch(
         for layer, hs in layers.items()
     ]
     inputs = {layer: model.attention_inputs(layer) for layer in layers}
-    with torch.inference_mode(), model.trace(enc.inputs):
+    with torch.inference_mode(), model.trace(enc.inputs) as tracer:
         saved = nnsight.save([])
         for layer, q_heads, kv_heads, scaling, softcap in plan:
             q, k, mask = inputs[layer].read()
@@ -96,6 +96,7 @@ def _capture_batch(
                 item += [ops.at_keys(logits, key_index), ops.at_keys(probs, key_index)]
             saved.append(item)
         nnsight.save(saved)
+        tracer.stop()  # nothing after the last layer read is needed
     names = ["q", "k", "logit", "attention"]
     order = given_order(layers, heads)
     out = {}

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
+from qktrace.intervals import ANSWER_INTERVALS, SWAP_INTERVALS, answer_intervals, swap_intervals
 from qktrace.models import Model, Remote, load
 
 ModelLike = Model | str | os.PathLike
@@ -305,6 +306,7 @@ _SUMMARIES = (
     "flip_rate",
     "mean_attention_target_before",
     "mean_attention_target_after",
+    *SWAP_INTERVALS,
 )
 
 
@@ -315,7 +317,8 @@ def per_prompt(effects: xr.Dataset) -> xr.Dataset:
 
 
 def swap_summary(effects: xr.Dataset) -> xr.Dataset:
-    """Per head and subspace: flip rate, mean change of p(target) and mean target attention.
+    """Per head and subspace: flip rate, mean change of p(target) and mean target attention,
+    with the 95% intervals and recovered-vs-random p-values of `qktrace.intervals.swap_intervals`.
 
     `effects` holds per-prompt `intervene` results stacked over heads (see `per_prompt`).
     """
@@ -327,7 +330,7 @@ def swap_summary(effects: xr.Dataset) -> xr.Dataset:
             "mean_attention_target_after": effects["attention_target_after"].mean("prompt"),
             "mean_attention_target_before": effects["attention_target_before"].mean("prompt"),
         }
-    )
+    ).assign(swap_intervals(effects).data_vars)
 
 
 def stack_heads(per_head: Sequence[xr.Dataset], heads: Sequence[str]) -> xr.Dataset:
@@ -382,9 +385,10 @@ def answer_effects(
     seed: int,
     batch_size: int,
     progress: bool,
+    key_scope: str = "query_head",
 ) -> xr.Dataset:
     """Swap the subspace coordinates of orig and target keys in each head alone and in all heads
-    together (`qktrace.intervene_answers`), and read the model's answer.
+    together (`qktrace.intervene_answers`, with `key_scope`), and read the model's answer.
 
     Returns answer-level variables over ``answer_heads`` (each head's label, then "all"),
     ``answer_subspace`` (`name`, then random draws; bool ``answer_random``), ``prompt`` and
@@ -412,6 +416,7 @@ def answer_effects(
             name=name,
             n_random=n_random,
             seed=seed,
+            key_scope=key_scope,  # type: ignore[arg-type]
             batch_size=batch_size,
             progress=progress,
         )
@@ -434,8 +439,10 @@ def answer_effects(
 
 
 def answer_summary(effects: xr.Dataset) -> xr.Dataset:
-    """Per head set and subspace: answer flip rate and mean changes, over the prompts given."""
+    """Per head set and subspace: answer flip rate and mean changes, over the prompts given, with
+    the 95% intervals and p-values of `qktrace.intervals.answer_intervals`."""
     correct = effects["answer_correct"]
+    intervals = answer_intervals(effects, "answer_subspace", "answer_random")
     return xr.Dataset(
         {
             "answer_flip_rate": effects["answer_flip"].sum("prompt") / correct.sum("prompt"),
@@ -445,7 +452,7 @@ def answer_summary(effects: xr.Dataset) -> xr.Dataset:
             "mean_delta_p_target_answer": effects["delta_p_target_answer"].mean("prompt"),
             "mean_delta_answer_logit_diff": effects["delta_answer_logit_diff"].mean("prompt"),
         }
-    )
+    ).assign(intervals.data_vars)
 
 
 _ANSWER_SUMMARIES = (
@@ -455,6 +462,7 @@ _ANSWER_SUMMARIES = (
     "mean_delta_p_answer",
     "mean_delta_p_target_answer",
     "mean_delta_answer_logit_diff",
+    *ANSWER_INTERVALS,
 )
 
 

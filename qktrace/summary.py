@@ -172,12 +172,23 @@ def _interventions(
     outer = [d for d in ds[metrics[0]].dims if d != subspace]
     keep = _kept_dims(ds, outer)
     averaged = [d for d in outer if d not in keep]
-    rows = []
+    rows, alike = [], []
+
+    def stack(name: str) -> xr.DataArray | None:
+        """`name` stacked over the kept dims; None where the store lacks it or it would need
+        averaging (an interval or p-value does not average)."""
+        if name not in ds or averaged:
+            return None
+        da = ds[name].load()
+        return da.stack(_where=keep) if keep else da.expand_dims(_where=[0])
+
     for metric in metrics:
         da = ds[metric].load()
         if averaged:
             da = da.mean([d for d in averaged if d in da.dims])
         stacked = da.stack(_where=keep) if keep else da.expand_dims(_where=[0])
+        low, high = stack(f"{metric}_low"), stack(f"{metric}_high")
+        tested = stack(f"{metric}_p_vs_random")
         for where in stacked["_where"].values:
             cell = stacked.sel(_where=where)
             label = where if isinstance(where, tuple) else (where,)
@@ -185,22 +196,43 @@ def _interventions(
                 # a baseline named after its subspace (toy: random_z1), else all random draws
                 own = [r for r in randoms if r == f"random_{name}"] or randoms
                 baseline = cell.sel({subspace: own}).values if own else np.array([np.nan])
+                at = {"_where": where, subspace: name}
+                value = f"{float(cell.sel({subspace: name})):.3f}"
+                if low is not None and high is not None:
+                    value += f" [{float(low.sel(at)):.3f}, {float(high.sel(at)):.3f}]"
+                p = float(tested.sel(at)) if tested is not None else float("nan")
+                where_label = {str(d): v for d, v in zip(keep, label, strict=False)}
+                if p >= 0.05:
+                    place = " ".join(f"{d} {v}" for d, v in where_label.items())
+                    alike.append(f"{place} {name} {table[metric]} (p = {p:.2f})".strip())
                 rows.append(
                     {
-                        **{str(d): v for d, v in zip(keep, label, strict=False)},
+                        **where_label,
                         "subspace": name,
                         "metric": table[metric],
-                        "value": float(cell.sel({subspace: name})),
+                        "value [95% CI]": value,
                         "random mean": _nan_safe(np.nanmean, baseline),
                         "random sd": _nan_safe(np.nanstd, baseline),
+                        "p vs random": p,
                     }
                 )
     frame = pd.DataFrame(rows)
+    if frame["p vs random"].isna().all():
+        frame = frame.drop(columns="p vs random")
+    legend = ""
+    if not frame.empty and "[" in frame["value [95% CI]"].iloc[0]:
+        legend += (
+            "\n[95% CI]: Wilson interval of a rate, percentile bootstrap over prompts of a mean;"
+            " p vs random: one-sided sign-flip test over prompts of recovered minus the random "
+            "subspaces' mean (qktrace.intervals)"
+        )
+    if alike:
+        legend += "\nNot distinguishable from random subspaces (p >= 0.05): " + "; ".join(alike)
     index = [*map(str, keep), "subspace", "metric"]
     frame = frame.sort_values(index[:-1], kind="stable").set_index(index).round(3)
     note = f" (mean over {', '.join(map(str, averaged))})" if averaged else ""
     if answers:
-        return frame.to_string()
+        return frame.to_string() + legend
     before = ""
     if (
         "mean_attention_target_before" in ds
@@ -213,7 +245,7 @@ def _interventions(
         )
     return (
         f"Interventions: recovered subspace vs {len(randoms)} random subspaces of equal rank"
-        f"{note}\n{frame.to_string()}{before}"
+        f"{note}\n{frame.to_string()}{legend}{before}"
     )
 
 

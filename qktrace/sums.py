@@ -145,7 +145,7 @@ def _reduce_batch(
     reads = {layer: model.attention_inputs(layer) for layer in layers}
     if len(work) == 1:
         inputs, query_index, key_index, labels = work[0]
-        with torch.inference_mode(), model.trace(inputs):
+        with torch.inference_mode(), model.trace(inputs) as tracer:
             saved = nnsight.save([])
             for layer, q_heads, kv_heads in plan:
                 q_all, k_all, _ = reads[layer].read()
@@ -158,6 +158,7 @@ def _reduce_batch(
                 else:
                     saved.append([*ops.scaled(qk, wire), q.float(), k.float(), finite])
             nnsight.save(saved)
+            tracer.stop()  # nothing after the last layer read is needed
     else:
         # Every name used in a session travels with the request by value, so nothing used in it
         # may hold a big value before it starts; the accumulator `totals` is made inside it.
@@ -165,7 +166,7 @@ def _reduce_batch(
         with torch.inference_mode(), model.session():
             totals = []
             for inputs, query_index, key_index, labels in work:
-                with lm.trace(inputs):
+                with lm.trace(inputs) as tracer:
                     for i, (layer, q_heads, kv_heads) in enumerate(plan):
                         q_all, k_all, _ = reads[layer].read()
                         qk, q, k, finite = ops.labelled_sums(
@@ -177,6 +178,7 @@ def _reduce_batch(
                         else:
                             t = totals[i]
                             totals[i] = [t[0] + qk, t[1] + q, t[2] + k, [*t[3], finite]]
+                    tracer.stop()
             saved = nnsight.save(
                 [
                     [t[0], torch.ones((*t[0].shape[:2], 1, 1)), t[1], t[2], torch.cat(t[3])]

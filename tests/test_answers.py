@@ -28,29 +28,52 @@ def basis(d=16, r=8, seed=3):
     return np.linalg.qr(np.random.default_rng(seed).normal(size=(d, r)))[0]
 
 
-def manual_logits(net, tok, prompt, edits, monkeypatch):
+def manual_logits(net, tok, prompt, edits, monkeypatch, weights=None):
     """Last-token logits of `net` (a plain model, never traced: nnsight rewrites a traced
     module's forward, which would bypass the wrapper) with the edits applied by a plain wrapper of the eager attention function.
 
-    edits: {(layer, kv_head): (basis, kind, positions)}; kind "swap" (two key positions) or
-    "ablate_query" (the last token's query of query head kv_head).
+    edits: {(layer, kv_head): (basis, kind, positions)}; kind "swap" (two key positions of a
+    key head), "swap_query_head" (the same, on the copy of the keys only query head `kv_head`
+    reads: the attention is then computed here, eagerly, with per-query-head keys) or
+    "ablate_query" (the last token's query of query head kv_head). `weights`, a list, gets
+    each edited layer's attention weights [heads, query, key].
     """
     original = modeling_llama.eager_attention_forward
 
-    def edited(module, query, key, value, *args, **kwargs):
+    def swap(x, v, pos):
+        o, t = pos
+        delta = (x[t] @ v - x[o] @ v) @ v.T
+        x[o] += delta
+        x[t] -= delta
+
+    def edited(module, query, key, value, attention_mask, scaling, *args, **kwargs):
         key, query = key.clone(), query.clone()
+        per_head = {}
         for (layer, head), (v, kind, pos) in edits.items():
             if layer != module.layer_idx:
                 continue
             v = torch.tensor(v, dtype=key.dtype)
             if kind == "swap":
-                o, t = pos
-                delta = (key[0, head, t] @ v - key[0, head, o] @ v) @ v.T
-                key[0, head, o] += delta
-                key[0, head, t] -= delta
+                swap(key[0, head], v, pos)
+            elif kind == "swap_query_head":
+                per_head[head] = (v, pos)
             else:
                 query[0, head, -1] -= (query[0, head, -1] @ v) @ v.T
-        return original(module, query, key, value, *args, **kwargs)
+        if not per_head:
+            out, w = original(module, query, key, value, attention_mask, scaling, *args, **kwargs)
+        else:  # eager attention with one copy of the keys per query head
+            keys = modeling_llama.repeat_kv(key, module.num_key_value_groups).clone()
+            values = modeling_llama.repeat_kv(value, module.num_key_value_groups)
+            for head, (v, pos) in per_head.items():
+                swap(keys[0, head], v, pos)
+            logits = query @ keys.transpose(2, 3) * scaling
+            if attention_mask is not None:
+                logits = logits + attention_mask
+            w = torch.softmax(logits.float(), dim=-1).to(query.dtype)
+            out = (w @ values).transpose(1, 2).contiguous()
+        if weights is not None and any(layer == module.layer_idx for layer, _ in edits):
+            weights.append(w[0].detach().clone())
+        return out, w
 
     monkeypatch.setattr(modeling_llama, "eager_attention_forward", edited)
     try:
@@ -69,6 +92,7 @@ def test_key_swap_in_two_layers_matches_a_manual_edit(remote, monkeypatch):
     fx = intervene_answers(
         m, PROMPTS, bases, candidates=CANDIDATES, answer=ANSWER, target_answer=TARGET_ANSWER,
         orig=ORIG, target=TARGET, n_random=2, seed=9, batch_size=2, progress=False,
+        key_scope="key_head",
     )  # fmt: skip
     lengths = encode(m, PROMPTS).lengths
     randoms = {
@@ -151,14 +175,15 @@ def test_bad_input_names_the_fix():
 
 
 def test_heads_sharing_a_key_head_get_one_edit_in_the_union():
-    """1.0 and 1.1 read key head 0: swapping the same subspace for both is ONE swap (two
-    sequential swaps would undo each other), and two different subspaces swap their union."""
+    """key_scope="key_head": 1.0 and 1.1 read key head 0: swapping the same subspace for both
+    is ONE swap (two sequential swaps would undo each other), and two different subspaces swap
+    their union."""
     net, tok = tiny("llama")
     m = load(net, tokenizer=tok)
     v, w = basis(r=4, seed=1), basis(r=4, seed=2)
     kw = dict(
         candidates=CANDIDATES, answer=ANSWER, target_answer=TARGET_ANSWER, orig=ORIG,
-        target=TARGET, n_random=1, progress=False,
+        target=TARGET, n_random=1, progress=False, key_scope="key_head",
     )  # fmt: skip
     one = intervene_answers(m, PROMPTS, {"1.0": v}, **kw)
     both = intervene_answers(m, PROMPTS, {"1.0": v, "1.1": v}, **kw)
@@ -177,6 +202,101 @@ def test_heads_sharing_a_key_head_get_one_edit_in_the_union():
         atol=1e-5,
     )  # fmt: skip
     assert pair.attrs["key_edit_ranks"] == {"1.kv0": 8}
+
+
+@pytest.mark.parametrize("remote", [False, "local"], ids=["local", "remote-local"])
+def test_a_per_query_head_key_swap_matches_a_manual_eager_edit(remote, monkeypatch):
+    """key_scope="query_head" (the default) on a GQA model (4 query heads, 2 key heads): heads
+    1.1 and 1.0 (one key head) each swap their own copy of the keys, in their own subspaces and
+    their own random draws; the answer logits equal an eager forward that repeats the key
+    heads and edits each query head's copy, and differ from the key-head edit's."""
+    net, tok = tiny("llama")
+    m = load(net, tokenizer=tok, remote=remote)
+    bases = {"1.1": basis(r=4, seed=3), "1.0": basis(r=4, seed=4)}
+    kw = dict(
+        candidates=CANDIDATES, answer=ANSWER, target_answer=TARGET_ANSWER, orig=ORIG,
+        target=TARGET, n_random=1, seed=9, batch_size=2, progress=False,
+    )  # fmt: skip
+    fx = intervene_answers(m, PROMPTS, bases, **kw)
+    shared = intervene_answers(m, PROMPTS, bases, key_scope="key_head", **kw)
+    assert fx.attrs["key_scope"] == "query_head"
+    assert fx.attrs["key_edit_ranks"] == {"1.1": 4, "1.0": 4}
+    lengths = encode(m, PROMPTS).lengths
+    randoms = {label: random_subspaces(16, 4, 1, 9 + i)[0] for i, label in enumerate(bases)}
+    plain, _ = fresh_model("llama")
+    change = {"subspace": 0.0, "random_0": 0.0}
+    for p, prompt in enumerate(PROMPTS):
+        pos = (ORIG[p] % lengths[p], TARGET[p] % lengths[p])
+        clean = manual_logits(plain, tok, prompt, {}, monkeypatch)[CANDIDATES[p]]
+        np.testing.assert_allclose(fx.answer_logit_before.values[p], clean, atol=1e-5)
+        for s, pick in (("subspace", bases), ("random_0", randoms)):
+            edits = {(1, int(label[-1])): (pick[label], "swap_query_head", pos) for label in bases}
+            want = manual_logits(plain, tok, prompt, edits, monkeypatch)[CANDIDATES[p]]
+            got = fx.answer_logit_after.sel(subspace=s).values[p]
+            np.testing.assert_allclose(got, want, atol=1e-6, err_msg=f"{s} {p}")
+            change[s] = max(change[s], float(np.abs(want - clean).max()))
+    assert min(change.values()) > 1e-4  # the edits moved the logits: the checks above can fail
+    real = fx.answer_logit_after.sel(subspace="subspace").values
+    assert np.abs(shared.answer_logit_after.sel(subspace="subspace").values - real).max() > 1e-4
+
+
+def test_a_per_query_head_edit_moves_only_its_heads_attention(monkeypatch):
+    """On a GQA model, a per-query-head key swap for head 1.1 changes the attention of head 1.1
+    alone, the key-head swap that of its whole group (1.0 and 1.1); the other group's heads
+    (1.2, 1.3) never move. Checked twice: in the manual eager computation's attention weights,
+    and in the traced model's per-head attention outputs (the input of o_proj) under
+    `intervene_answers`, copy 1 (the edit) against copy 0 (unedited)."""
+    net, tok = tiny("llama")
+    m = load(net, tokenizer=tok)
+    prompt, pos, v = PROMPTS[0], (1, 4), basis(r=6, seed=3)
+    plain, _ = fresh_model("llama")
+
+    def moved(a, b):
+        return {h for h in range(4) if float((a[h] - b[h]).abs().max()) > 1e-5}
+
+    clean = []
+    manual_logits(plain, tok, prompt, {(1, 1): (np.zeros((16, 1)), "swap_query_head", pos)},
+                  monkeypatch, weights=clean)  # fmt: skip
+    for scope, edit, group in (
+        ("query_head", {(1, 1): (v, "swap_query_head", pos)}, {1}),
+        ("key_head", {(1, m.kv_head(1)): (v, "swap", pos)}, {0, 1}),
+    ):
+        weights = []
+        manual_logits(plain, tok, prompt, edit, monkeypatch, weights=weights)
+        assert moved(weights[0], clean[0]) == group, scope
+        outputs: list = []
+        hook = net.model.layers[1].self_attn.o_proj.register_forward_pre_hook(
+            lambda _, args, seen=outputs: seen.append(args[0].detach().clone())
+        )
+        try:
+            intervene_answers(
+                m, [prompt], {"1.1": v}, candidates=[CANDIDATES[0]], answer=[0],
+                target_answer=[1], orig=[pos[0]], target=[pos[1]], n_random=0, progress=False,
+                key_scope=scope,
+            )  # fmt: skip
+        finally:
+            hook.remove()
+        per_head = outputs[0].reshape(2, -1, 4, 16).transpose(1, 2)  # [copy, head, token, d]
+        assert moved(per_head[1], per_head[0]) == group, scope
+
+
+def test_random_baselines_are_per_query_head():
+    """Two heads of one group, the same subspace: the key-head edit is one edit of one key head
+    with the same draws (identical rows, the issue); per query head, each head's own."""
+    net, tok = tiny("llama")
+    m = load(net, tokenizer=tok)
+    v = basis(r=4, seed=1)
+    kw = dict(
+        candidates=CANDIDATES, answer=ANSWER, target_answer=TARGET_ANSWER, orig=ORIG,
+        target=TARGET, n_random=2, progress=False,
+    )  # fmt: skip
+
+    def after(head, scope):
+        fx = intervene_answers(m, PROMPTS, {head: v}, key_scope=scope, **kw)
+        return fx.answer_logit_after.values
+
+    np.testing.assert_allclose(after("1.0", "key_head"), after("1.1", "key_head"), atol=1e-6)
+    assert np.abs(after("1.0", "query_head") - after("1.1", "query_head")).max() > 1e-4
 
 
 def test_a_string_candidate_counts_by_its_surface_forms_and_an_ambiguous_token_for_none(

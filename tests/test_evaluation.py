@@ -57,6 +57,16 @@ def test_random_weights_score_near_chance():
     ds = evaluate(load(net, tokenizer=tok), n=40, pairs=[2], groups=["boxes"], progress=False)
     assert abs(float(ds["accuracy"].sel(task="boxes n=2")) - 0.5) < 0.3
     assert float(ds["candidate_mass"].sel(task="boxes n=2")) < 0.5
+    # the interval: Wilson's, over the task's 40 prompts, and printed beside the accuracy
+    from scipy import stats
+
+    from qktrace.evaluation import format_table
+
+    k = round(float(ds["accuracy"].sel(task="boxes n=2")) * 40)
+    ci = stats.binomtest(k, 40).proportion_ci(method="wilson")
+    low, high = float(ds["accuracy_low"][0]), float(ds["accuracy_high"][0])
+    np.testing.assert_allclose([low, high], [ci.low, ci.high], atol=1e-12)
+    assert f"[{low:.1%}, {high:.1%}]" in format_table(ds).splitlines()[1]
 
 
 def test_bad_arguments_are_clear():

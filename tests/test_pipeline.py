@@ -414,8 +414,10 @@ def test_a_built_in_study_writes_the_store_it_wrote_before_the_pipeline(name, tm
     ds = store.open(module.run(out=tmp_path, **SMALL)).load()
     assert differences(expected, ds) == []
     added = set(map(str, ds.variables)) - set(expected)
+    from qktrace.intervals import ANSWER_INTERVALS, SWAP_INTERVALS
+
     assert added <= {"key_feature", "swap_feature", "union_rank", "answer_candidate_mass",
-                     "mean_answer_candidate_mass"}, added  # fmt: skip
+                     "mean_answer_candidate_mass", *SWAP_INTERVALS, *ANSWER_INTERVALS}, added  # fmt: skip
     assert ds.attrs["params"]["heads_from"] == "organism"
 
 

@@ -316,3 +316,23 @@ def test_cli_refuses_bad_input_with_the_fix(tmp_path, checkpoint):
     bad = runner.invoke(app, ["show", str(tmp_path / "missing.zarr")])
     assert bad.exit_code == 2 and "no qktrace store" in bad.output
     assert "qktrace study filter-heads" in runner.invoke(app, ["study", "--help"]).output
+
+
+def test_correct_only_summarizes_the_prompts_the_model_answers_right(tmp_path):
+    """A random tiny Llama answers some order-id prompts right and some wrong: with
+    correct_only the summaries are over the right ones (recomputed here from the per-prompt
+    variables), the all-prompt ones stay as *_all_prompts, and the count is in the params."""
+    path = testing.save_checkpoint(tmp_path / "model", "llama")
+    settings = {"heads": "1.1", "n_pairs": N_PAIRS, "progress": False, **FAST, "n_test": 16}
+    ds = store.open(order_id.run(path, out=tmp_path / "a", correct_only=True, **settings)).load()
+    right = ds["answer_correct"].values.astype(bool)
+    assert 0 < right.sum() < right.size  # both kinds of prompt, so a wrong restriction shows
+    assert ds.attrs["params"]["n_test_correct"] == int(right.sum())
+    assert ds.attrs["params"]["correct_only"] is True
+    flips = ds["flip"].isel(prompt=right).sum("prompt")
+    attends = ds["attends_orig"].isel(prompt=right).sum("prompt")
+    np.testing.assert_allclose(ds["flip_rate"].values, (flips / attends).values)
+    every = ds["flip"].sum("prompt") / ds["attends_orig"].sum("prompt")
+    np.testing.assert_allclose(ds["flip_rate_all_prompts"].values, every.values)
+    delta = ds["delta_answer_logit_diff"].isel(prompt=right).mean("prompt")
+    np.testing.assert_allclose(ds["mean_delta_answer_logit_diff"].values, delta.values)
