@@ -209,8 +209,9 @@ def _candidate_logprobs(model: Model, ids: list[list[int]], index: torch.Tensor)
     encoded = encode(model, ids)
     last = torch.tensor([encoded.padded(i, n - 1) for i, n in enumerate(encoded.lengths)])
     rows = torch.arange(len(ids))
+    lm = model.lm  # the trace body holds no qktrace object: on NDIF it runs without qktrace
     with torch.inference_mode(), model.trace(encoded.inputs):
-        logits = model.lm.output.logits[rows, last]
+        logits = lm.output.logits[rows, last]
         picked = torch.log_softmax(logits.float(), dim=-1).gather(1, index)
         picked = nnsight.save(picked)
     return picked.cpu().numpy()
