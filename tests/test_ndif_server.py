@@ -52,7 +52,8 @@ def ndif(tmp_path_factory):
         )
     import huggingface_hub.constants as hub
 
-    server = LocalNDIF(run_dir=tmp_path_factory.mktemp("ndif-run"))
+    # results over 4 KiB come back through the object store, as large models' results do
+    server = LocalNDIF(run_dir=tmp_path_factory.mktemp("ndif-run"), inline_limit=4096)
     host = server.start(log=lambda line: None)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("NDIF_HOST", host)
@@ -258,9 +259,9 @@ def test_api_killed_mid_study_stops_clearly_and_the_rerun_resumes(
     assert failed.exit_code == RemoteFailed.exit_code, failed.output
     assert "failed 4 times" in failed.output and "rerun" in failed.output
     monkeypatch.undo()
-    ndif.restart_api()
+    ndif.restart_service("api")
     resumed = run_cli([*STUDY, "--remote", "-o", str(tmp_path)])
-    assert resumed.exit_code == 0, resumed.output
+    assert resumed.exit_code == 0, resumed.output[-1500:]
     xr.testing.assert_identical(study_store(tmp_path), remote_study)
 
 
@@ -298,3 +299,31 @@ def test_model_actor_killed_mid_request_is_retried_or_resumed(
         rerun = run_cli([*STUDY, "--remote", "-o", str(tmp_path)])
         assert rerun.exit_code == 0, rerun.output
     xr.testing.assert_identical(study_store(tmp_path), remote_study)
+
+
+def test_object_store_down_mid_study_stops_clearly_and_the_rerun_resumes(
+    ndif, remote_study, tmp_path, monkeypatch
+):
+    """The object store (where results wait for download) dies: a clear error after bounded
+    retries; with it back (empty), the same command finishes with the uninterrupted store."""
+    monkeypatch.setattr("qktrace.remote.time.sleep", lambda s: None)
+    state = kill_during_next_request(monkeypatch, 2, lambda: ndif.kill_service("s3"))
+    failed = run_cli([*STUDY, "--remote", "-o", str(tmp_path)])
+    assert state["fired"]
+    assert failed.exit_code != 0 and "rerun" in failed.output, failed.output[-1500:]
+    monkeypatch.undo()
+    ndif.restart_service("s3")
+    resumed = run_cli([*STUDY, "--remote", "-o", str(tmp_path)])
+    assert resumed.exit_code == 0, resumed.output[-1500:]
+    xr.testing.assert_identical(study_store(tmp_path), remote_study)
+
+
+def test_a_server_that_is_not_up_fails_at_load_with_the_fix(monkeypatch):
+    """NDIF_HOST pointing at nothing: load stops before any work and says how to start one."""
+    import qktrace
+    from qktrace.errors import RemoteFailed
+    from qktrace.ndif_local.server import free_ports
+
+    monkeypatch.setenv("NDIF_HOST", f"http://127.0.0.1:{free_ports(1)[0]}")
+    with pytest.raises(RemoteFailed, match=r"unreachable.*python -m qktrace.ndif_local start"):
+        qktrace.load(HUB_ID, remote=True)

@@ -35,6 +35,7 @@ TOKEN_ENV = "QKTRACE_NDIF_RUN"
 SHIM = Path(__file__).with_name("server_side")
 MODEL_SIZE_BYTES = 538090408  # SmolLM2-135M-Instruct in float32: the deploy skips the hub's count
 FAKE_GPU_MEMORY = 8 * 1024**3
+RESULTS_BUCKET = "ndif-results"  # NDIF_OBJECT_STORE_BUCKET's default
 PORT_NAMES = (
     "redis", "s3", "api", "ray_gcs", "ray_client", "ray_dashboard", "ray_node_manager",
     "ray_object_manager", "ray_metrics", "ray_agent_grpc", "ray_agent_http", "ray_runtime_env",
@@ -74,8 +75,14 @@ class LocalNDIF:
     >>> server.start(); print(server.host); server.stop()  # doctest: +SKIP
     """
 
-    def __init__(self, run_dir: Path | None = None, root: Path | None = None) -> None:
+    def __init__(
+        self, run_dir: Path | None = None, root: Path | None = None, inline_limit: int = 0
+    ) -> None:
+        """`inline_limit` > 0 sends results larger than that many bytes through the object
+        store (NDIF hands smaller ones back on the websocket, up to redis's pubsub buffer
+        limit, 8 MiB by default): the tests use it to exercise the download path."""
         self.root = root or install.home()
+        self.inline_limit = inline_limit
         self.run_dir = Path(run_dir or self.root / "run")
         self.state: State | None = self._load_state()
 
@@ -212,11 +219,23 @@ class LocalNDIF:
     def _start_stores(self) -> None:
         p = self.state.ports  # type: ignore[union-attr]
         redis = shutil.which("redis-server") or "redis-server"
+        limits = []
+        if self.inline_limit:  # NDIF inlines results up to min(soft, hard / 2) of this limit
+            soft = self.inline_limit
+            limits = ["--client-output-buffer-limit", f"pubsub {2 * soft} {soft} 60"]
         self._spawn("redis", [redis, "--port", str(p["redis"]), "--bind", LOOPBACK,
-                              "--save", "", "--appendonly", "no"])  # fmt: skip
-        self._spawn("s3", [str(self.venv / "bin/moto_server"), "-H", LOOPBACK, "-p", str(p["s3"])])
+                              "--save", "", "--appendonly", "no", *limits])  # fmt: skip
+        self._start_object_store()
         self._wait("redis", lambda: _port_open(p["redis"]), 30)
+
+    def _start_object_store(self) -> None:
+        p = self.state.ports  # type: ignore[union-attr]
+        self._spawn("s3", [str(self.venv / "bin/moto_server"), "-H", LOOPBACK, "-p", str(p["s3"])])
         self._wait("object store", lambda: _http_ok(f"http://{LOOPBACK}:{p['s3']}/"), 60)
+        # moto keeps buckets in memory, and NDIF makes its results bucket once per process: a
+        # restarted store gets it back here, as a persistent store (NDIF's rustfs) keeps it
+        bucket = f"http://{LOOPBACK}:{p['s3']}/{RESULTS_BUCKET}"
+        urllib.request.urlopen(urllib.request.Request(bucket, method="PUT"), timeout=10).close()
 
     def _start_ray(self) -> None:
         p = self.state.ports  # type: ignore[union-attr]
@@ -295,8 +314,9 @@ class LocalNDIF:
         os.killpg(self.state.groups.pop(name), sig)
         self._save_state()
 
-    def restart_api(self) -> None:
-        self._start_api()
+    def restart_service(self, name: str) -> None:
+        """Start a killed service again: "api" or "s3" (an empty object store)."""
+        {"api": self._start_api, "s3": self._start_object_store}[name]()
 
     def stop(self) -> None:
         """Stop every process this server started, by process group then by pid; forget it."""
