@@ -42,6 +42,10 @@ PROMPTS = [
 RTOL, ATOL = 1e-5, 1e-5
 
 
+def interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 @pytest.fixture(scope="session")
 def ndif(tmp_path_factory):
     """A running local NDIF; the client pointed at it (NDIF_HOST) and at its offline cache."""
@@ -54,6 +58,8 @@ def ndif(tmp_path_factory):
 
     # results over 4 KiB come back through the object store, as large models' results do
     server = LocalNDIF(run_dir=tmp_path_factory.mktemp("ndif-run"), inline_limit=4096)
+    # a CI job cancelled with SIGTERM unwinds like Ctrl-C, through the teardown below
+    previous = signal.signal(signal.SIGTERM, interrupt)
     host = server.start(log=lambda line: None)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("NDIF_HOST", host)
@@ -65,6 +71,7 @@ def ndif(tmp_path_factory):
             yield server
         finally:
             server.stop()
+            signal.signal(signal.SIGTERM, previous)
     assert server.pids() == [], "the server left processes running"
 
 
@@ -327,3 +334,24 @@ def test_a_server_that_is_not_up_fails_at_load_with_the_fix(monkeypatch):
     monkeypatch.setenv("NDIF_HOST", f"http://127.0.0.1:{free_ports(1)[0]}")
     with pytest.raises(RemoteFailed, match=r"unreachable.*python -m qktrace.ndif_local start"):
         qktrace.load(HUB_ID, remote=True)
+
+
+def test_two_studies_at_once_both_finish(ndif, remote_study, tmp_path):
+    """Two study commands submitted together (two processes): the server queues their requests
+    and both stores come out right."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    command = [sys.executable, "-c", "from qktrace.cli import app; app()", *STUDY, "--remote"]
+    runs = [
+        subprocess.Popen([*command, "-o", str(tmp_path / name)], cwd=root, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        for name in ("first", "second")
+    ]  # fmt: skip
+    for run in runs:
+        output, _ = run.communicate(timeout=600)
+        assert run.returncode == 0, output[-1500:]
+    first, second = study_store(tmp_path / "first"), study_store(tmp_path / "second")
+    xr.testing.assert_identical(first, second)
+    assert_close(first.drop_attrs(), remote_study.drop_attrs())

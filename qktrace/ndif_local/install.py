@@ -31,7 +31,9 @@ def home() -> Path:
     """Where the server venv and its model cache live: $QKTRACE_NDIF_HOME, else
     ``~/.cache/qktrace/ndif-local``."""
     configured = os.environ.get("QKTRACE_NDIF_HOME")
-    return Path(configured).expanduser() if configured else Path.home() / ".cache/qktrace/ndif-local"
+    return (
+        Path(configured).expanduser() if configured else Path.home() / ".cache/qktrace/ndif-local"
+    )
 
 
 def venv(root: Path | None = None) -> Path:
@@ -86,4 +88,3 @@ def install(root: Path | None = None, log=print) -> Path:
             )
     (target / "qktrace-ndif-installed").write_text(f"ndif=={NDIF_VERSION}\n")
     return target
-

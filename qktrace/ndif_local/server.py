@@ -188,9 +188,7 @@ class LocalNDIF:
         self.state.groups[name] = process.pid
         self._save_state()
 
-    def _run(
-        self, name: str, command: list[str], extra: dict[str, str] | None = None
-    ) -> str:
+    def _run(self, name: str, command: list[str], extra: dict[str, str] | None = None) -> str:
         """Run a short server command to completion; its output, or a clear error."""
         done = subprocess.run(
             ["nice", "-n", "10", *command], env={**self.env(), **(extra or {})},
@@ -279,7 +277,9 @@ class LocalNDIF:
         self._wait("API", lambda: _http_ok(f"{self.state.host}/ping"), 120)  # type: ignore[union-attr]
 
     def _deploy(self) -> None:
-        key = json.dumps({"repo_id": model_cache.HUB_ID, "revision": None, "task": "text-generation"})
+        key = json.dumps(
+            {"repo_id": model_cache.HUB_ID, "revision": None, "task": "text-generation"}
+        )
         spec = self.run_dir / "deploy.json"  # JSON is YAML
         spec.write_text(json.dumps({"models": [{
             "checkpoint": model_cache.HUB_ID,
