@@ -27,7 +27,8 @@ def main(argv: list[str]) -> int:
         ensure_model(server.hf_home)
     elif command == "start":
         host = server.start()
-        print(f"export QKTRACE_NDIF_HOST={host} HF_HUB_CACHE={server.hf_home / 'hub'}")
+        cache = server.hf_home / "hub"
+        print(f"export NDIF_HOST={host} HF_HUB_CACHE={cache} HF_HUB_OFFLINE=1")
     elif command == "stop":
         server.stop()
         print("ndif-local: stopped")
