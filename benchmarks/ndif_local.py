@@ -60,7 +60,7 @@ class Wire:
         self.requests = self.sent = self.received = 0
 
 
-def run_study(name: str, remote: bool, out: Path) -> float:
+def run_study(name: str, remote: bool | str, out: Path) -> float:
     import importlib
 
     module = importlib.import_module(f"qktrace.studies.{name}")
@@ -99,18 +99,18 @@ def main() -> None:
             with tempfile.TemporaryDirectory() as folder:
                 wire.reset()
                 remote = run_study(name, True, Path(folder) / "remote")
+                n = max(wire.requests, 1)
+                simulated = run_study(name, "local", Path(folder) / "simulated")
                 local = run_study(name, False, Path(folder) / "local")
-            n = max(wire.requests, 1)
             rows.append([
-                name, str(wire.requests), human(wire.sent), human(wire.received),
-                f"{remote:.1f}", f"{local:.1f}", f"{remote / local:.2f}",
-                f"{(remote - local) / n:.2f}",
+                name, str(n), human(wire.sent), human(wire.received), f"{remote:.1f}",
+                f"{simulated:.1f}", f"{local:.1f}", f"{(remote - simulated) / n:.2f}",
             ])  # fmt: skip
     finally:
         if server is not None:
             server.stop()
-    header = ["study", "requests", "sent", "received", "remote s", "local s", "ratio",
-              "overhead s/request"]  # fmt: skip
+    header = ["study", "requests", "sent", "received", "remote s", "remote-local s",
+              "local s", "server overhead s/request"]  # fmt: skip
     print(table(rows, header))
     print(f"sizes: {STUDIES}; {COMMON}")
 
