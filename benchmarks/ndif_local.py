@@ -69,10 +69,31 @@ def run_study(name: str, remote: bool | str, out: Path) -> float:
     return time.perf_counter() - started
 
 
+def latency(repeats: int) -> list[list[str]]:
+    """Median wall time of one small request (capture of 1 prompt, 2 heads), per mode."""
+    import statistics
+
+    import qktrace
+    from qktrace.qk import capture
+
+    rows = []
+    for mode in (True, "local", False):
+        model = qktrace.load(HUB_ID, remote=mode)
+        capture(model, ["The apple is in Box A"], "17.3,18.6", progress=False)  # warm
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            capture(model, ["The apple is in Box A"], "17.3,18.6", progress=False)
+            times.append(time.perf_counter() - started)
+        rows.append([repr(mode), f"{statistics.median(times):.3f}", f"{min(times):.3f}"])
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--host", help="a running NDIF (default: start one here)")
-    parser.add_argument("--studies", default=",".join(STUDIES))
+    parser.add_argument("--studies", default=",".join(STUDIES), help="comma-separated; '' none")
+    parser.add_argument("--repeats", type=int, default=10, help="small requests timed per mode")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -95,7 +116,8 @@ def main() -> None:
     wire = Wire()
     rows = []
     try:
-        for name in args.studies.split(","):
+        small = latency(args.repeats)
+        for name in filter(None, args.studies.split(",")):
             with tempfile.TemporaryDirectory() as folder:
                 wire.reset()
                 remote = run_study(name, True, Path(folder) / "remote")
@@ -111,6 +133,8 @@ def main() -> None:
             server.stop()
     header = ["study", "requests", "sent", "received", "remote s", "remote-local s",
               "local s", "server overhead s/request"]  # fmt: skip
+    print(f"one small request (capture, 1 prompt, 2 heads), {args.repeats} repeats:")
+    print(table(small, ["remote=", "median s", "min s"]))
     print(table(rows, header))
     print(f"sizes: {STUDIES}; {COMMON}")
 
