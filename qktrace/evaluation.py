@@ -215,8 +215,9 @@ def _candidate_logprobs(model: Model, ids: list[list[int]], index: torch.Tensor)
     """One trace: next-token log-probabilities after each prompt at the `index` token ids."""
     encoded = encode(model, ids)
     last = torch.tensor([encoded.padded(i, n - 1) for i, n in enumerate(encoded.lengths)])
+    lm = model.lm  # the trace body holds no qktrace object: on NDIF it runs without qktrace
     with torch.inference_mode(), model.trace(encoded.inputs):
-        picked = nnsight.save(ops.answer_scores(model.lm.output.logits, last, index)[1])
+        picked = nnsight.save(ops.answer_scores(lm.output.logits, last, index)[1])
     return picked.cpu().numpy()
 
 

@@ -332,7 +332,7 @@ def load(
     from transformers import AutoTokenizer
 
     from . import checks, ops
-    from .remote import preflight
+    from .remote import name_model_offline, preflight
 
     if remote not in (False, True, "local"):
         raise checks.BadArgument(f"remote must be False, 'local' or True, not {remote!r}.")
@@ -386,6 +386,8 @@ def load(
         if device_map is not None:
             kwargs["device_map"] = device_map
         # On NDIF the weights stay on the server: only config and tokenizer are read here.
+        if remote is True:
+            name_model_offline(name)
         if remote is not True and local and "gguf_file" not in kwargs:
             _check_weights_present(Path(name).expanduser())
         try:

@@ -71,18 +71,39 @@ def is_transient(error: BaseException) -> bool:
     return status not in _PERMANENT_HTTP
 
 
+PUBLIC_HOST = "https://api.ndif.us"
+
+
+def ndif_host() -> str:
+    """The NDIF server to use: $NDIF_HOST (nnsight's own variable, read again here so that
+    setting it after import works), else nnsight's configured host (the public NDIF)."""
+    host = os.environ.get("NDIF_HOST") or nnsight.CONFIG.API.HOST
+    nnsight.CONFIG.API.HOST = host.rstrip("/")
+    return nnsight.CONFIG.API.HOST
+
+
+def is_public(host: str) -> bool:
+    """Whether `host` is the public NDIF service (which needs an API key)."""
+    return host.rstrip("/") == PUBLIC_HOST
+
+
 def check_ndif_key() -> str:
-    """The NDIF API key from NDIF_API_KEY (or nnsight's saved config); a clear error if none."""
+    """The NDIF API key from NDIF_API_KEY (or nnsight's saved config); a clear error if none.
+
+    Only the public NDIF needs one: a server of your own (NDIF_HOST, e.g.
+    `python -m qktrace.ndif_local start`) runs without auth unless you set it up with some.
+    """
     key = os.environ.get("NDIF_API_KEY") or nnsight.CONFIG.API.APIKEY
-    if not key:
+    if not key and is_public(ndif_host()):
         raise RemoteFailed(
             "remote=True runs on NDIF and needs an API key, but NDIF_API_KEY is not set. "
             f"Get a key at {NDIF_SIGNUP}, then `export NDIF_API_KEY=...` (or call "
             "nnsight.CONFIG.set_default_api_key(key)). To test the remote code path without a "
-            "server, use remote='local' (--remote-local on the CLI)."
+            "server, use remote='local' (--remote-local on the CLI), or run your own NDIF "
+            "(`python -m qktrace.ndif_local start`, then export the NDIF_HOST it prints)."
         )
-    nnsight.CONFIG.API.APIKEY = key
-    return key
+    nnsight.CONFIG.API.APIKEY = key or ""
+    return key or ""
 
 
 def preflight(model_id: str) -> None:
@@ -90,6 +111,7 @@ def preflight(model_id: str) -> None:
 
     Set QKTRACE_SKIP_NDIF_CHECK=1 to skip (e.g. a private server without /whoami).
     """
+    host = ndif_host()
     check_ndif_key()
     if os.environ.get("QKTRACE_SKIP_NDIF_CHECK"):
         return
@@ -104,12 +126,19 @@ def preflight(model_id: str) -> None:
                 f"NDIF rejected the API key in NDIF_API_KEY (HTTP {status}, for {model_id}). "
                 f"Check the key at {NDIF_SIGNUP} and export it again; no work was started."
             ) from error
+        if not is_public(host):
+            raise RemoteFailed(
+                f"The NDIF server at {host} (NDIF_HOST) is unreachable ({error}); no work was "
+                "started. Start it (`python -m qktrace.ndif_local start` for your own on this "
+                "machine; `... status` says whether it is up), or unset NDIF_HOST for the "
+                "public NDIF."
+            ) from error
         raise RemoteFailed(
-            f"NDIF at {nnsight.CONFIG.API.HOST} is unreachable ({error}). Check your network and "
+            f"NDIF at {host} is unreachable ({error}). Check your network and "
             "https://nnsight.net/status, or run locally (drop --remote) or offline "
             "(--remote-local)."
         ) from error
-    if not identity.get("email"):
+    if not identity.get("email") and is_public(host):
         raise RemoteFailed(
             f"NDIF did not accept the API key in NDIF_API_KEY (for {model_id}). Check the key at "
             f"{NDIF_SIGNUP}; set QKTRACE_SKIP_NDIF_CHECK=1 if your server does not validate keys."
@@ -150,3 +179,21 @@ def with_retries(
                 ) from error
             sleep(backoff ** (attempt - 1))
     raise AssertionError("unreachable")
+
+
+def name_model_offline(repo_id: str) -> None:
+    """Let nnsight name `repo_id` for the server without asking the hub, when it is offline.
+
+    nnsight names a remote model by its canonical hub id, which it fetches once from the hub
+    (`HfApi().model_info(repo_id).id`, memoized in `nnsight.modeling.huggingface._ID_CACHE`).
+    With HF_HUB_OFFLINE=1 that call fails; the id as written is then the name (write it as the
+    server knows it, e.g. "HuggingFaceTB/SmolLM2-135M-Instruct"). Online, nnsight asks as usual.
+    """
+    from huggingface_hub import constants
+    from nnsight.modeling import huggingface
+
+    offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in (
+        "1", "ON", "YES", "TRUE",
+    )  # fmt: skip
+    if offline:
+        huggingface._ID_CACHE.setdefault(repo_id, repo_id)
