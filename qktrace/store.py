@@ -547,8 +547,8 @@ def _write_atomic(ds: xr.Dataset, path: Path) -> None:
             os.rename(tmp, path)
         # `path` is complete: copies left beside it by killed writers are obsolete
         for leftover in path.parent.glob(f".{glob.escape(path.name)}.*-*"):
-            if _TMP_RE.match(leftover.name):
-                shutil.rmtree(leftover, ignore_errors=True)
+            if is_copy_of(leftover.name, path.name):
+                remove_copy(leftover)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -1280,6 +1280,20 @@ def _read_manifest(path: Path) -> dict:
     if manifest.get("format") != "qktrace-batches":
         raise ValueError(f"{path / MANIFEST} is not a qktrace batch manifest; use a new path.")
     return manifest
+
+
+def is_copy_of(name: str, store_name: str) -> bool:
+    """Whether `name` is a temporary or moved-aside copy of the store `store_name`
+    (``.<store_name>.tmp-XXXXXXXX`` / ``.old-XXXXXXXX``), by exact name."""
+    return re.fullmatch(rf"\.{re.escape(store_name)}\.(tmp|old)-[0-9a-f]{{8}}", name) is not None
+
+
+def remove_copy(path: Path) -> None:
+    """Delete a copy a killed writer left (a folder, a file or a link; a link's target stays)."""
+    try:
+        _remove(path)
+    except FileNotFoundError:
+        pass
 
 
 def _remove(path: Path) -> None:

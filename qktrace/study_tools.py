@@ -166,21 +166,35 @@ def check_out(path: Path, overwrite: bool) -> Path:
     return checkpoint(path, "sums")
 
 
+# the checkpoints a study run keeps beside its store until the store is written
+CHECKPOINTS = ("sums", "original", "counterfactual")
+
+
 def checkpoint(path: Path, what: str) -> Path:
-    """The checkpoint ``<name>.<what>.zarr`` next to the store `path`."""
+    """The checkpoint ``<name>.<what>.zarr`` next to the store `path` (`what` in CHECKPOINTS)."""
+    if what not in CHECKPOINTS:
+        raise ValueError(f"unknown checkpoint {what!r}; add it to CHECKPOINTS")
     return path.with_name(f"{path.stem}.{what}.zarr")
 
 
 def _remove_checkpoints(path: Path) -> None:
-    """Delete the run's checkpoints, and the hidden copies killed writes left of them or of
-    the store (``.<name>.zarr.old-*`` / ``.tmp-*``, see `qktrace.store`)."""
-    import re
+    """Delete the run's checkpoints, by exact name, and the hidden copies killed writes left of
+    them or of the store (``.<name>.old-XXXXXXXX`` / ``.tmp-``, see `qktrace.store`).
 
-    leftovers = [*path.parent.glob(f"{path.stem}.*.zarr"), *path.parent.glob(f".{path.stem}.*")]
-    hidden = re.compile(r"^\..+\.zarr\.(tmp|old)-[0-9a-f]{8}$")
-    for leftover in leftovers:
-        if not leftover.name.startswith(".") or hidden.match(leftover.name):
-            shutil.rmtree(leftover, ignore_errors=True)
+    Only what a run writes is removed: a folder beside it with a similar name (a user's
+    ``order_id.mine.zarr``), or a checkpoint path that holds no qktrace store, is left alone.
+    """
+    from qktrace import store
+
+    names = [path.name, *(checkpoint(path, what).name for what in CHECKPOINTS)]
+    for name in names[1:]:
+        found = path.parent / name
+        if store.is_store(found) and not found.is_symlink():
+            shutil.rmtree(found, ignore_errors=True)
+    if path.parent.is_dir():
+        for leftover in path.parent.iterdir():
+            if any(store.is_copy_of(leftover.name, name) for name in names):
+                store.remove_copy(leftover)
 
 
 # --------------------------------------------------------------------------------------------

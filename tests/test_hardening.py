@@ -1,0 +1,54 @@
+"""Issue 20: nothing lost, nothing forged, one clear error.
+
+Each test here failed on the code before the fix it names: a run deleting folders it did not
+write, a reader seeing a store torn by a writer replacing it, an overwrite through a symlink,
+malformed records, absurd shapes, escape sequences from a store's attrs, huge sizes, eval's
+output.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+
+from qktrace import store
+from qktrace.study_tools import check_out, checkpoint, write
+
+# --------------------------------------------------------------------------------------------
+# bug 1: a run deletes only what it wrote, by exact name
+
+
+def _folder(path: Path) -> Path:
+    path.mkdir(parents=True)
+    (path / "mine.txt").write_text("a user's own data")
+    return path
+
+
+def _store(path: Path) -> Path:
+    return store.save(xr.Dataset({"x": ("prompt", np.arange(3.0))}), path)
+
+
+def test_overwrite_removes_only_the_runs_own_checkpoints(tmp_path):
+    path = tmp_path / "order_id.zarr"
+    _store(path)
+    theirs = [
+        _folder(tmp_path / "order_id.mine.zarr"),  # matched the old glob <study>.*.zarr
+        _store(tmp_path / "order_id.backup.zarr"),  # a store of the user's, same pattern
+        _folder(tmp_path / ".order_id.mine.zarr.tmp-0123abcd"),  # another store's copy
+    ]
+    ours = _store(checkpoint(path, "sums"))
+    left = _folder(tmp_path / ".order_id.zarr.old-0123abcd")
+    check_out(path, overwrite=True)
+    assert all(p.exists() for p in theirs)
+    assert not ours.exists() and not left.exists()
+
+
+def test_writing_the_store_removes_only_the_runs_own_checkpoints(tmp_path):
+    path = tmp_path / "lexical.zarr"
+    theirs = _folder(tmp_path / "lexical.notes.zarr")
+    ours = _store(checkpoint(path, "counterfactual"))
+    ds = xr.Dataset({"x": ("prompt", np.arange(3.0))})
+    write(ds, path, study="lexical", params={}, model="m", seed=0, overwrite=False)
+    assert theirs.exists() and not ours.exists()
