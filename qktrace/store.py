@@ -357,6 +357,13 @@ def save(
     0.9
     """
     path = Path(path)
+    if path.is_symlink() and not path.exists():
+        raise FileExistsError(
+            f"{path} is a symbolic link to {os.readlink(path)}, which does not exist; remove the "
+            "link, or make it point to a folder, and write again."
+        )
+    if path.is_symlink() and overwrite:  # replace the store the link points to; keep the link
+        path = Path(os.path.realpath(path))
     if _exists_not_empty(path):
         if not overwrite:
             raise FileExistsError(
@@ -542,7 +549,7 @@ def _write_atomic(ds: xr.Dataset, path: Path) -> None:
             except BaseException:
                 os.rename(old, path)
                 raise
-            shutil.rmtree(old)
+            remove_copy(old)
         else:
             os.rename(tmp, path)
         # `path` is complete: copies left beside it by killed writers are obsolete

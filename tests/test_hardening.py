@@ -52,3 +52,21 @@ def test_writing_the_store_removes_only_the_runs_own_checkpoints(tmp_path):
     ds = xr.Dataset({"x": ("prompt", np.arange(3.0))})
     write(ds, path, study="lexical", params={}, model="m", seed=0, overwrite=False)
     assert theirs.exists() and not ours.exists()
+
+
+# --------------------------------------------------------------------------------------------
+# bug 3: --overwrite of a store whose path is a symbolic link
+
+
+def test_overwrite_through_a_symlink_replaces_the_linked_store(tmp_path):
+    real = _store(tmp_path / "disk" / "order_id.zarr")
+    link = tmp_path / "out" / "order_id.zarr"
+    link.parent.mkdir()
+    link.symlink_to(real, target_is_directory=True)
+    sums = _store(checkpoint(link, "sums"))
+    new = xr.Dataset({"x": ("prompt", np.arange(5.0))})
+    write(new, link, study="order_id", params={}, model="m", seed=0, overwrite=True)
+    assert link.is_symlink() and store.open(link).sizes["prompt"] == 5
+    assert store.open(real).sizes["prompt"] == 5
+    assert not sums.exists()
+    assert sorted(p.name for p in real.parent.iterdir()) == ["order_id.zarr"]
