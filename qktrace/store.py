@@ -118,6 +118,7 @@ from typing import Any
 
 import numpy as np
 import xarray as xr
+from zarr.storage import LocalStore
 
 import qktrace
 
@@ -132,6 +133,7 @@ __all__ = [
     "rewritten_by",
     "check_same_run",
     "DifferentRunError",
+    "StoreReplacedError",
 ]
 
 MANIFEST = "qktrace_batches.json"
@@ -496,15 +498,76 @@ def _not_a_store(path: Path) -> Exception:
 def _open_zarr(
     path: Path, checksums: bool = False, record: Mapping[str, Any] | None = None
 ) -> xr.Dataset:
-    _verify(path, checksums, record)
-    try:
-        return xr.open_zarr(path, chunks={})
-    except (OSError, ValueError, KeyError, TypeError) as err:  # damaged metadata
-        raise ValueError(
-            f"cannot read the zarr store at {path} ({type(err).__name__}: {err}); its metadata "
-            "is damaged or incomplete (e.g. a copy that was cut short). Rerun the command that "
-            "wrote it, or restore it from a backup."
-        ) from err
+    record = _verify(path, checksums, record)
+    for attempt in (1, 2):  # a writer replacing the store between the record and the metadata
+        try:
+            return xr.open_zarr(_zarr_store(path, record), chunks={})
+        except StoreReplacedError:
+            if attempt == 2:
+                raise
+            record = _verify(path, checksums, None if record is None else _reread(path, record))
+        except (OSError, ValueError, KeyError, TypeError) as err:  # damaged metadata
+            raise ValueError(
+                f"cannot read the zarr store at {path} ({type(err).__name__}: {err}); its "
+                "metadata is damaged or incomplete (e.g. a copy that was cut short). Rerun the "
+                "command that wrote it, or restore it from a backup."
+            ) from err
+    raise AssertionError("unreachable")
+
+
+def _reread(path: Path, record: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The record of `path` read again: its manifest (a batch store's) or its integrity file."""
+    if record.get("format") == "qktrace-batches":
+        return _read_manifest(path)
+    return None
+
+
+def _zarr_store(path: Path, record: Mapping[str, Any] | None) -> Any:
+    """What xarray reads `path` through: every file checked against `record` as it is read."""
+    if record is None:  # written by another tool or an older qktrace: nothing to check against
+        return path
+    return _VerifiedStore(path, record["files"], record.get("format") != "qktrace-batches")
+
+
+class _VerifiedStore(LocalStore):
+    """A read-only zarr store whose every file read must match its record (size, CRC-32).
+
+    So a reader sees the store it opened, whole, or gets `StoreReplacedError`: a writer that
+    replaced the store (``--overwrite``) after it was opened, or a file deleted or changed
+    since, never reads back as a mix of two stores or as fill values.
+    """
+
+    def __init__(self, root: Path, files: Mapping[str, Any], complete: bool) -> None:
+        super().__init__(root, read_only=True)
+        self.files = dict(files)
+        self.complete = complete  # the record lists every file (a BatchWriter's: committed)
+
+    async def get(self, key: str, prototype: Any = None, byte_range: Any = None) -> Any:
+        found = await super().get(key, prototype, byte_range)
+        expected = self.files.get(key)
+        if expected is None:
+            if found is not None and self.complete:
+                raise _replaced(self.root, key, "is not in the store's record")
+            return found
+        if found is None:
+            raise _replaced(self.root, key, "is missing")
+        if byte_range is None:
+            data = found.to_bytes()
+            if len(data) != expected[0] or zlib.crc32(data) != expected[1]:
+                raise _replaced(self.root, key, "differs from when the store was opened")
+        return found
+
+
+class StoreReplacedError(StoreError):
+    """A store changed while it was read: another run replaced it, or a file was edited."""
+
+
+def _replaced(root: Any, key: str, what: str) -> StoreReplacedError:
+    return StoreReplacedError(
+        f"{root} changed while it was being read: its file {key} {what} (another run replaced "
+        "the store, e.g. with --overwrite, or it was edited). Nothing mixed was returned; open "
+        "it again (qktrace.open, or rerun qktrace show) to read the store that is there now."
+    )
 
 
 def _open_batches(path: Path, checksums: bool = False) -> xr.Dataset:
@@ -541,7 +604,9 @@ def _write_atomic(ds: xr.Dataset, path: Path) -> None:
     try:
         out.to_zarr(tmp, mode="w-", zarr_format=_ZARR_FORMAT, consolidated=True)
         _record_integrity(tmp, out.attrs)
-        if path.exists() or path.is_symlink():
+        if (path.exists() or path.is_symlink()) and _exchange(tmp, path):
+            remove_copy(tmp)  # the old store, swapped out in one step: no moment without one
+        elif path.exists() or path.is_symlink():
             old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
             os.rename(path, old)
             try:
@@ -559,6 +624,21 @@ def _write_atomic(ds: xr.Dataset, path: Path) -> None:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap the names `a` and `b` atomically (Linux renameat2 RENAME_EXCHANGE); False where
+    the system or file system cannot, so the caller falls back to two renames."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -622,7 +702,9 @@ def _rewrite_hint(attrs: Mapping[str, Any]) -> str:
     return "the call that wrote it, with overwrite=True"
 
 
-def _verify(root: Path, checksums: bool, record: Mapping[str, Any] | None = None) -> None:
+def _verify(
+    root: Path, checksums: bool, record: Mapping[str, Any] | None = None
+) -> Mapping[str, Any] | None:
     """Raise StoreDamagedError if a file `root` recorded when written is missing or changed.
 
     The record is `root`'s ``INTEGRITY`` file, or `record` (a batch store's manifest). Stores
@@ -631,7 +713,7 @@ def _verify(root: Path, checksums: bool, record: Mapping[str, Any] | None = None
     if record is None:
         record_path = root / INTEGRITY
         if not record_path.is_file():
-            return
+            return None
         try:
             record = json.loads(record_path.read_text())
         except (OSError, ValueError) as err:
@@ -676,6 +758,7 @@ def _verify(root: Path, checksums: bool, record: Mapping[str, Any] | None = None
             f"values (NaN or 0) or fail to decompress, so it is refused. Rewrite it with: "
             f"{record.get('command') or 'the command that wrote it, with --overwrite'}"
         )
+    return record
 
 
 def _even_chunks(ds: xr.Dataset) -> xr.Dataset:

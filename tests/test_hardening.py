@@ -70,3 +70,48 @@ def test_overwrite_through_a_symlink_replaces_the_linked_store(tmp_path):
     assert store.open(real).sizes["prompt"] == 5
     assert not sums.exists()
     assert sorted(p.name for p in real.parent.iterdir()) == ["order_id.zarr"]
+
+
+# --------------------------------------------------------------------------------------------
+# bug 2: a reader never sees a store torn by a writer replacing it
+
+
+def _generation(i: int) -> xr.Dataset:
+    """Store number `i`: every value is i, and its attrs say so."""
+    x = np.full((8, 64), float(i))
+    return xr.Dataset({"x": (("prompt", "d"), x)}, attrs={"generation": i}).chunk(prompt=1)
+
+
+def test_a_reader_sees_the_old_store_whole_or_a_clear_error(tmp_path):
+    """Readers open the store, then read it, while a writer replaces it again and again."""
+    import threading
+
+    path = store.save(_generation(0), tmp_path / "s.zarr")
+    done = threading.Event()
+
+    def writer() -> None:
+        for i in range(1, 60):
+            if done.is_set():
+                return
+            store.save(_generation(i), path, overwrite=True)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    torn, refused, whole = [], 0, 0
+    try:
+        while thread.is_alive() and len(torn) < 3:
+            try:
+                ds = store.open(path)
+                values = ds["x"].values
+            except store.StoreError:
+                refused += 1  # the clear error: read again
+                continue
+            if not (values == ds.attrs["generation"]).all():
+                torn.append((ds.attrs["generation"], np.unique(values)))
+            else:
+                whole += 1
+    finally:
+        done.set()
+        thread.join()
+    assert not torn, f"{len(torn)} torn reads (attrs generation, values seen): {torn}"
+    assert whole > 0
