@@ -656,12 +656,13 @@ def show(
     Example: qktrace show out/binding/order_id.zarr
     """
     from qktrace import store
+    from qktrace.errors import QktraceError
     from qktrace.summary import summarize
 
     try:
         ds = store.open(path, checksums=True)
-    except store.StoreDamagedError as err:
-        _fail(str(err), 1)
+    except QktraceError as err:
+        _fail(str(err), err.exit_code)
     except (OSError, ValueError) as err:
         _fail(str(err), 2)
     if not ds.data_vars:

@@ -147,6 +147,8 @@ _COMMAND: ContextVar[str | None] = ContextVar("qktrace_store_command", default=N
 _ZARR_FORMAT = 2
 # manifest version of a BatchWriter store: 1 = one zarr store per batch (read only), 2 = one store
 _BATCHES_VERSION = 2
+# layout version of the integrity record `qktrace_integrity.json`
+_INTEGRITY_VERSION = 1
 _REMOTE_MODES = {False: "local", "local": "remote-local", True: "ndif"}
 # attrs that identify a run: a resumed run must agree on them (when both runs give them)
 _IDENTITY_ATTRS = ("verb", "study", "model", "revision", "dtype", "seed")
@@ -678,7 +680,7 @@ def _record_integrity(root: Path, attrs: Mapping[str, Any]) -> None:
             variables[name] = {"shape": shape, "chunks": len(chunks)}
     record = {
         "format": "qktrace-integrity",
-        "version": 1,
+        "version": _INTEGRITY_VERSION,
         "command": _COMMAND.get() or _rewrite_hint(attrs),
         "variables": variables,
         "files": files,
@@ -714,19 +716,8 @@ def _verify(
         record_path = root / INTEGRITY
         if not record_path.is_file():
             return None
-        try:
-            record = json.loads(record_path.read_text())
-        except (OSError, ValueError) as err:
-            raise StoreDamagedError(
-                f"{root} is damaged: its record {INTEGRITY} cannot be read ({err}). Rewrite the "
-                "store (e.g. rerun the command that wrote it with --overwrite)."
-            ) from err
-    files = record.get("files") if isinstance(record, Mapping) else None
-    if not isinstance(files, dict):
-        raise StoreDamagedError(
-            f"{root} is damaged: its record of files cannot be read. Rewrite the store (e.g. "
-            "rerun the command that wrote it with --overwrite)."
-        )
+        record = _read_integrity(root)
+    files = record["files"]
     problems: dict[str, str] = {}
     for rel, (size, crc) in files.items():
         var, _, name = rel.rpartition("/")
@@ -758,6 +749,19 @@ def _verify(
             f"values (NaN or 0) or fail to decompress, so it is refused. Rewrite it with: "
             f"{record.get('command') or 'the command that wrote it, with --overwrite'}"
         )
+    return record
+
+
+def _read_integrity(root: Path) -> dict:
+    """`root`'s integrity record, checked field by field (StoreDamagedError if malformed)."""
+    record = _read_json(root, INTEGRITY)
+    if not isinstance(record, dict) or record.get("format") != "qktrace-integrity":
+        raise _malformed(root, INTEGRITY, None, 'it has no "format": "qktrace-integrity"')
+    version = _layout_version(root, INTEGRITY, record, _INTEGRITY_VERSION)
+    _check_fields(root, INTEGRITY, record, version, {"files": dict})
+    _check_files(root, INTEGRITY, record["files"], version)
+    if not isinstance(record.get("command"), (str, type(None))):
+        raise _malformed(root, INTEGRITY, version, f"'command' is {_short(record['command'])}")
     return record
 
 
@@ -1361,15 +1365,93 @@ def _write_manifest(path: Path, manifest: dict) -> None:
 
 
 def _read_manifest(path: Path) -> dict:
-    try:
-        manifest = json.loads((path / MANIFEST).read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(
-            f"cannot read {path / MANIFEST} ({err}); the store is damaged: delete it and rerun."
-        ) from err
-    if manifest.get("format") != "qktrace-batches":
-        raise ValueError(f"{path / MANIFEST} is not a qktrace batch manifest; use a new path.")
+    manifest = _read_json(path, MANIFEST)
+    if not isinstance(manifest, dict) or manifest.get("format") != "qktrace-batches":
+        raise StoreDamagedError(
+            f"{path / MANIFEST} is not a qktrace batch manifest (no \"format\": "
+            "\"qktrace-batches\"); use a new path, or restore the store from a backup."
+        )
+    version = _layout_version(path, MANIFEST, manifest, _BATCHES_VERSION)
+    fields: dict[str, Any] = {"dim": str, "attrs": dict}
+    if version >= 2:
+        fields.update(params=dict, sizes=dict, rows=int, n_batches=int, files=dict)
+    _check_fields(path, MANIFEST, manifest, version, fields)
+    if version >= 2:
+        _check_files(path, MANIFEST, manifest["files"], version)
+        for key in ("rows", "n_batches"):
+            if manifest[key] < 0:
+                raise _malformed(path, MANIFEST, version, f"{key!r} is {manifest[key]}")
     return manifest
+
+
+# the largest file `open` reads whole to check a store's record (a manifest, an integrity file)
+MAX_RECORD_BYTES = 256 * 2**20
+
+
+def _read_json(path: Path, name: str) -> Any:
+    """The JSON file `name` of the store `path`, or StoreDamagedError naming both."""
+    try:
+        if (path / name).stat().st_size > MAX_RECORD_BYTES:
+            raise ValueError(f"it is larger than {MAX_RECORD_BYTES // 2**20} MiB")
+        return json.loads((path / name).read_text())
+    except (OSError, ValueError) as err:
+        raise StoreDamagedError(
+            f"{path} is damaged: its {name} cannot be read ({type(err).__name__}: {err}). "
+            "Rewrite the store (rerun the command that wrote it with --overwrite), or restore "
+            "it from a backup."
+        ) from err
+
+
+def _layout_version(path: Path, name: str, record: dict, newest: int) -> int:
+    """The record's layout version; a newer one than this qktrace reads is refused."""
+    version = record.get("version", 1)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise _malformed(path, name, version, f"its \"version\" is {version!r}, not a count")
+    if version > newest:
+        raise StoreError(
+            f"{path} was written by a newer qktrace: its {name} has layout version {version}, "
+            f"and this qktrace ({getattr(qktrace, '__version__', '?')}) reads versions up to "
+            f"{newest}. Upgrade qktrace (pip install -U qktrace) to read it."
+        )
+    return version
+
+
+def _check_fields(path: Path, name: str, record: dict, version: int, fields: dict) -> None:
+    """Each of `fields` (key -> type) is in `record` with that type."""
+    for key, kind in fields.items():
+        value = record.get(key)
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise _malformed(
+                path, name, version, f"{key!r} is {_short(value)}, not a {kind.__name__}"
+            )
+
+
+def _check_files(path: Path, name: str, files: dict, version: int) -> None:
+    """Every entry of a record's files is ``"relative/path": [size, crc32]`` (two ints >= 0)."""
+    for rel, entry in files.items():
+        ok = (
+            isinstance(entry, list)
+            and len(entry) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in entry)
+        )
+        if not ok:
+            raise _malformed(
+                path, name, version, f"the entry of {_short(rel)} is {_short(entry)}, "
+                "not [size, crc32]",
+            )  # fmt: skip
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _malformed(path: Path, name: str, version: Any, what: str) -> StoreDamagedError:
+    return StoreDamagedError(
+        f"{path} is damaged: its {name} (layout version {_short(version)}) is malformed: "
+        f"{what}. Rewrite the store (rerun the command that wrote it with --overwrite), or "
+        "restore it from a backup."
+    )
 
 
 def is_copy_of(name: str, store_name: str) -> bool:

@@ -8,9 +8,11 @@ output.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import xarray as xr
 
 from qktrace import store
@@ -115,3 +117,72 @@ def test_a_reader_sees_the_old_store_whole_or_a_clear_error(tmp_path):
         thread.join()
     assert not torn, f"{len(torn)} torn reads (attrs generation, values seen): {torn}"
     assert whole > 0
+
+
+# --------------------------------------------------------------------------------------------
+# bug 4: `qktrace show` of malformed integrity records and manifests: one clear error
+
+
+def _show(path: Path) -> tuple[int, str]:
+    from typer.testing import CliRunner
+
+    from qktrace.cli import app
+
+    result = CliRunner().invoke(app, ["show", str(path)])
+    assert "Traceback" not in result.output, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1, result.stderr
+    return result.exit_code, errors[0]
+
+
+def _batch_store(path: Path) -> Path:
+    with store.BatchWriter(path, params={"n": 2}) as w:
+        w.append(xr.Dataset({"x": ("prompt", np.arange(2.0))}))
+    return path
+
+
+def _edit(path: Path, change) -> Path:
+    record = json.loads(path.read_text())
+    change(record)
+    path.write_text(json.dumps(record))
+    return path
+
+
+def _first_file(record: dict, value) -> None:
+    record["files"][next(iter(record["files"]))] = value
+
+
+MALFORMED = {
+    "integrity-null-entry": (store.INTEGRITY, lambda r: _first_file(r, None)),
+    "integrity-string-entry": (store.INTEGRITY, lambda r: _first_file(r, "12")),
+    "integrity-files-null": (store.INTEGRITY, lambda r: r.update(files=None)),
+    "integrity-version-string": (store.INTEGRITY, lambda r: r.update(version="1")),
+    "integrity-record-a-list": (store.INTEGRITY, lambda r: r.clear() or r.update(x=[1])),
+    "manifest-null-entry": (store.MANIFEST, lambda r: _first_file(r, None)),
+    "manifest-rows-null": (store.MANIFEST, lambda r: r.update(rows=None)),
+    "manifest-dim-number": (store.MANIFEST, lambda r: r.update(dim=5)),
+    "manifest-attrs-string": (store.MANIFEST, lambda r: r.update(attrs="x")),
+}
+
+
+@pytest.mark.parametrize("case", MALFORMED, ids=list(MALFORMED))
+def test_show_of_a_malformed_record_names_the_store_and_the_file(case, tmp_path):
+    name, change = MALFORMED[case]
+    path = tmp_path / "s.zarr"
+    _store(path) if name == store.INTEGRITY else _batch_store(path)
+    _edit(path / name, change)
+    code, error = _show(path)
+    assert code == 1
+    assert str(path) in error and name in error and "layout version" in error, error
+
+
+@pytest.mark.parametrize("name", [store.INTEGRITY, store.MANIFEST])
+def test_show_of_a_newer_layout_names_the_version(name, tmp_path):
+    path = tmp_path / "s.zarr"
+    _store(path) if name == store.INTEGRITY else _batch_store(path)
+    _edit(path / name, lambda r: r.update(version=7))
+    code, error = _show(path)
+    assert code == 1
+    assert str(path) in error and name in error and "layout version 7" in error, error
+    assert "newer qktrace" in error and "Upgrade qktrace" in error
