@@ -56,7 +56,10 @@ def _fail(message: str, code: int = 1) -> NoReturn:
 
     Code 2 for bad arguments (as click uses), 1 for a run that could not be done.
     """
-    typer.secho(f"Error: {message}", err=True, fg="red")
+    from qktrace.summary import printable
+
+    # a message may quote a store's attrs or paths: no escape sequence reaches the terminal
+    typer.secho(f"Error: {printable(message, limit=4000, keep=chr(10))}", err=True, fg="red")
     raise typer.Exit(code)
 
 

@@ -501,6 +501,7 @@ def _open_zarr(
     path: Path, checksums: bool = False, record: Mapping[str, Any] | None = None
 ) -> xr.Dataset:
     record = _verify(path, checksums, record)
+    _check_declared_sizes(path)
     for attempt in (1, 2):  # a writer replacing the store between the record and the metadata
         try:
             return xr.open_zarr(_zarr_store(path, record), chunks={})
@@ -515,6 +516,53 @@ def _open_zarr(
                 "command that wrote it, or restore it from a backup."
             ) from err
     raise AssertionError("unreachable")
+
+
+# what a store's metadata may declare: more is refused before anything is read (a few hundred
+# bytes of metadata can declare terabytes, read back as fill values)
+MAX_ARRAY_BYTES = 2**40  # one variable, whole (1 TiB)
+MAX_CHUNK_BYTES = 2**31  # one chunk, what one read allocates (blosc's limit too)
+MAX_INDEX_LENGTH = 2**27  # a dimension coordinate, which xarray reads whole when it opens
+
+
+def _check_declared_sizes(path: Path) -> None:
+    """Refuse a store whose metadata declares arrays no real store holds (absurd shapes)."""
+    if not (path / ".zmetadata").is_file():
+        return
+    metadata = _read_json(path, ".zmetadata")
+    arrays = metadata.get("metadata") if isinstance(metadata, dict) else None
+    if not isinstance(arrays, dict):
+        raise _malformed(path, ".zmetadata", None, 'it has no "metadata" mapping')
+    for key, meta in arrays.items():
+        name, _, leaf = str(key).rpartition("/")
+        if leaf != ".zarray":
+            continue
+        shape, chunks = (meta.get(k) if isinstance(meta, dict) else None for k in ("shape", "chunks"))
+        try:
+            itemsize = np.dtype(meta["dtype"]).itemsize or 1
+        except (KeyError, TypeError, ValueError):
+            itemsize = 8  # object and structured dtypes: judged by a pointer's size
+        valid = (
+            isinstance(shape, list)
+            and isinstance(chunks, list)
+            and len(shape) == len(chunks)
+            and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)
+            and all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in chunks)
+        )
+        if not valid:
+            raise _malformed(path, ".zmetadata", None,
+                             f"variable {name!r} has shape {_short(shape)} and chunks {_short(chunks)}")  # fmt: skip
+        total, chunk = math.prod(shape) * itemsize, math.prod(chunks) * itemsize
+        dims = (arrays.get(f"{name}/.zattrs") or {}).get("_ARRAY_DIMENSIONS") or []
+        index = len(shape) == 1 and dims == [name]
+        if total > MAX_ARRAY_BYTES or chunk > MAX_CHUNK_BYTES or (index and shape[0] > MAX_INDEX_LENGTH):
+            raise StoreDamagedError(
+                f"{path} declares what no store holds: variable {name!r} has shape {shape} "
+                f"({total / 2**30:.3g} GiB, chunks of {chunk / 2**30:.3g} GiB) in metadata of "
+                f"{(path / '.zmetadata').stat().st_size} bytes; reading it would allocate that "
+                "much, so it is refused. Its metadata is damaged or forged: rewrite the store "
+                "with the command that wrote it, or restore it from a backup."
+            )
 
 
 def _reread(path: Path, record: Mapping[str, Any]) -> Mapping[str, Any] | None:

@@ -186,3 +186,77 @@ def test_show_of_a_newer_layout_names_the_version(name, tmp_path):
     assert code == 1
     assert str(path) in error and name in error and "layout version 7" in error, error
     assert "newer qktrace" in error and "Upgrade qktrace" in error
+
+
+# --------------------------------------------------------------------------------------------
+# bug 5: a tiny store whose metadata declares an absurd shape is refused at once
+
+
+def _absurd_store(path: Path, name: str, shape: list[int], chunks: list[int]) -> Path:
+    """A few hundred bytes of zarr metadata declaring one array of `shape` (no chunk files)."""
+    array = {"zarr_format": 2, "shape": shape, "chunks": chunks, "dtype": "<f8",
+             "compressor": None, "fill_value": "NaN", "filters": None, "order": "C"}  # fmt: skip
+    attrs = {"_ARRAY_DIMENSIONS": ["prompt"]}
+    metadata = {".zgroup": {"zarr_format": 2}, ".zattrs": {},
+                f"{name}/.zarray": array, f"{name}/.zattrs": attrs}  # fmt: skip
+    (path / name).mkdir(parents=True)
+    for key, value in metadata.items():
+        (path / key).write_text(json.dumps(value))
+    (path / ".zmetadata").write_text(
+        json.dumps({"zarr_consolidated_format": 1, "metadata": metadata})
+    )
+    return path
+
+
+ABSURD = {
+    "index-coordinate": ("prompt", [10**10], [10**5]),  # xarray reads an index whole at open
+    "summarized-variable": ("rank", [10**9], [10**9]),  # show reads ranks whole
+}
+
+
+@pytest.mark.parametrize("case", ABSURD, ids=list(ABSURD))
+def test_show_refuses_a_store_declaring_an_absurd_shape_at_once(case, tmp_path):
+    import resource
+    import subprocess
+    import sys
+
+    path = _absurd_store(tmp_path / "absurd.zarr", *ABSURD[case])
+    assert sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) < 2000
+
+    def two_gib() -> None:  # a fix that reads what the store declares fails here, not the machine
+        resource.setrlimit(resource.RLIMIT_AS, (2 * 2**30 + 2**29,) * 2)
+
+    result = subprocess.run(
+        [sys.executable, "-c", "from qktrace.cli import app; app()", "show", str(path)],
+        capture_output=True, text=True, timeout=120, preexec_fn=two_gib,
+        cwd=Path(__file__).parents[1],
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert "declares what no store holds" in result.stderr, result.stderr[-2000:]
+
+
+# --------------------------------------------------------------------------------------------
+# bug 6: text from a store's attrs never reaches the terminal as escape sequences
+
+
+def test_show_escapes_control_characters_and_cuts_long_values(tmp_path):
+    from typer.testing import CliRunner
+
+    from qktrace.cli import app
+
+    forged = "order_id\x1b[2J\x1b[H\nstudy filter_heads | model trusted\u202e"
+    ds = xr.Dataset(
+        {"rank": (("head", "feature"), [[1, 2]])},
+        coords={"head": ["1.0"], "feature": ["fruit\x1b[31m", "animal\r\nforged label"]},
+        attrs={"study": forged, "model": "m" * 10_000, "params": {"note": "\x07\x1b]0;title\x07"}},
+    )
+    path = store.save(ds, tmp_path / "attrs.zarr")
+    result = CliRunner().invoke(app, ["show", str(path)])
+    assert result.exit_code == 0, result.output
+    out = result.output
+    for bad in ("\x1b", "\x07", "\r", "\u202e"):
+        assert bad not in out
+    assert not any(line.startswith(("study filter_heads", "forged")) for line in out.splitlines())
+    assert "m" * 300 not in out and "m" * 150 in out  # cut, and the start still shown
+    assert "\\x1b[2J" in out  # shown escaped, so a reader sees what the store holds
