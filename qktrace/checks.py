@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,6 +25,7 @@ __all__ = [
     "BadArgumentType",
     "choice",
     "finite",
+    "fits_in_memory",
     "integer",
     "number",
     "one_per_prompt",
@@ -31,8 +33,6 @@ __all__ = [
     "prompts",
     "unique",
 ]
-
-
 
 
 def _name(name: str, flag: str | None) -> str:
@@ -228,3 +228,44 @@ def unique(name: str, values: Sequence[Any], flag: str | None = None) -> list[An
             "give each once."
         )
     return list(values)
+
+
+def memory_bytes() -> int:
+    """This machine's physical memory in bytes (what a run may allocate at most)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, OSError, ValueError):
+        return 2**36  # 64 GiB where the system does not say
+
+
+def fits_in_memory(
+    name: str,
+    value: int,
+    bytes_each: float,
+    what: str,
+    *,
+    flag: str | None = None,
+    example: str = "10",
+) -> int:
+    """Refuse a size whose run would allocate more than this machine's memory, before any work.
+
+    `bytes_each` is what one unit of `value` costs (e.g. one random subspace: d_head^2 floats);
+    `what` says what is allocated, for the message.
+    """
+    need, have = value * bytes_each, memory_bytes()
+    if need > have:
+        raise BadArgument(
+            f"{name}={value} {'(CLI ' + flag + ') ' if flag else ''}is too large: the run "
+            f"would allocate about "
+            f"{_size(need)} for {what}, more than this machine's {_size(have)} of memory; "
+            f"pass e.g. {name}={example}."
+        )
+    return value
+
+
+def _size(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            return f"{n:.3g} {unit}"
+        n /= 1024
+    return f"{n:.3g} EiB"

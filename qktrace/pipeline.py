@@ -68,6 +68,7 @@ from .study_tools import (
     captured_pairs,
     check_design,
     check_out,
+    check_sizes,
     checkpoint,
     default_model,
     null_test,
@@ -295,6 +296,8 @@ def run_study(
         seed=seed,
     )
     checks.integer("n_random_answers", n_random_answers, low=0, flag="--n-random-answers")
+    check_sizes(model, n_prompts=n_prompts, n_test=n_test, n_random=n_random,
+                n_random_answers=n_random_answers)  # fmt: skip
     path = Path(out) / f"{study.name}.zarr"
     sums_checkpoint = check_out(path, overwrite)
     lm = open_model(model, remote)

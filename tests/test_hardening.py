@@ -260,3 +260,26 @@ def test_show_escapes_control_characters_and_cuts_long_values(tmp_path):
     assert not any(line.startswith(("study filter_heads", "forged")) for line in out.splitlines())
     assert "m" * 300 not in out and "m" * 150 in out  # cut, and the start still shown
     assert "\\x1b[2J" in out  # shown escaped, so a reader sees what the store holds
+
+
+# --------------------------------------------------------------------------------------------
+# bug 7: a huge size argument is refused before any work (before the model loads)
+
+
+@pytest.mark.parametrize(
+    "flag", ["--n-random", "--n-test", "--n-prompts", "--n-random-answers"]
+)
+def test_a_huge_size_is_refused_before_the_model_loads(flag, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import qktrace.study_tools as study_tools
+    from qktrace.cli import app
+
+    loaded = []
+    monkeypatch.setattr(study_tools, "load", lambda *a, **k: loaded.append(a) or 1 / 0)
+    args = ["study", "order-id", "-o", str(tmp_path / "out"), "--no-figures", "--quiet"]
+    result = CliRunner().invoke(app, [*args, flag, str(10**13)])
+    assert not loaded, "the model was loaded before the size was checked"
+    assert result.exit_code == 2, result.output
+    assert f"(CLI {flag}) is too large: the run would allocate about" in result.stderr
+    assert "Traceback" not in result.output
