@@ -13,7 +13,9 @@ Studies are found through the registry `studies.STUDIES` (name -> module with a 
 
 from __future__ import annotations
 
+import errno
 import importlib
+import os
 import shlex
 import time
 from collections.abc import Callable
@@ -21,6 +23,8 @@ from pathlib import Path
 from typing import Annotated, NoReturn
 
 import typer
+
+from qktrace.locks import lock_path
 
 app = typer.Typer(
     name="qktrace",
@@ -99,7 +103,41 @@ def _out_dir(out: str, store_name: str) -> Path:
             "store is not written inside the old one.",
             2,
         )
+    if path.is_symlink() and not path.exists():
+        _fail(
+            f"--out {out} is a symbolic link to {os.readlink(path)}, which does not exist; make "
+            "the link point to a folder, or pass another --out.",
+            2,
+        )
+    _check_writable(path, out)
+    lock = lock_path(path / store_name)
+    if lock.is_dir() and not lock.is_symlink():
+        _fail(
+            f"--out {out}: the lock file {lock} of {store_name} is a folder, so no run can lock "
+            f"the output; remove it (rmdir {shlex.quote(str(lock))}) and rerun.",
+            2,
+        )
     return path
+
+
+def _check_writable(path: Path, out: str) -> None:
+    """Create --out and a file in it, so a read-only or full disk stops the run before any
+    work rather than after it."""
+    import tempfile
+
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".qktrace-write-test-"):
+            pass
+    except OSError as err:
+        _fail(f"--out {out} cannot be written ({_os_reason(err)}); pass a folder you can write "
+              "to, e.g. -o out/organism.", 2)  # fmt: skip
+
+
+def _os_reason(err: OSError) -> str:
+    """What an OSError says, without the repeated path: "read-only file system" (EROFS)."""
+    name = errno.errorcode.get(err.errno or 0, type(err).__name__)
+    return f"{(err.strerror or str(err)).lower()}, {name}"
 
 
 def _run(job: Callable[[], Path], ctx: typer.Context, kept: str | Callable[[], str]) -> Path:
@@ -482,19 +520,36 @@ def study(
     typer.echo(f"\nwrote {path}{where} ({time.perf_counter() - start:.0f} s)")
 
 
+# the object-box pairs a prompt can have: at least 2, at most one per letter A..Z
+PAIRS_RANGE = (2, 26)
+
+
 def _parse_pairs(spec: str) -> list[int]:
-    """ "2-9" or "2,3,4" -> [2, ..., 9] / [2, 3, 4]."""
+    """ "2-9" or "2,3,4" (spaces allowed) -> [2, ..., 9] / [2, 3, 4]; refused before any work."""
+    low_ok, high_ok = PAIRS_RANGE
+    fix = f"write a range like 2-9 or a list like 2,3,4 (each from {low_ok} to {high_ok})"
+    text = "".join(spec.split())
     try:
-        if "-" in spec:
-            low, high = (int(x) for x in spec.split("-"))
-            return list(range(low, high + 1))
-        return [int(x) for x in spec.split(",")]
+        if "-" in text:
+            low, high = (int(x) for x in text.split("-"))
+            if low > high:
+                _fail(f"--pairs {spec!r} is a reversed range; write {high}-{low}.", 2)
+            counts = list(range(low, high + 1))
+        else:
+            counts = [int(x) for x in text.split(",")]
     except ValueError:
-        _fail(f"--pairs {spec!r}: write a range like 2-9 or a list like 2,3,4.", 2)
+        _fail(f"--pairs {spec!r}: {fix}.", 2)
+    bad = [k for k in counts if not low_ok <= k <= high_ok]
+    if bad:
+        _fail(f"--pairs {spec!r} asks for {bad[0]} pairs; {fix}.", 2)
+    if len(set(counts)) < len(counts):
+        _fail(f"--pairs {spec!r} lists a number of pairs more than once; give each once.", 2)
+    return counts
 
 
 @app.command("eval")
 def evaluate(
+    ctx: typer.Context,
     model: Annotated[
         str | None,
         typer.Option(
@@ -547,16 +602,27 @@ def evaluate(
 
     Examples: qktrace eval -m smollm2 --n 40 -o out/smollm2 ;  qktrace eval (the organism)
     """
-    from qktrace import store
+    from contextlib import nullcontext
+
+    from qktrace import checks, store
     from qktrace.evaluation import evaluate as run_eval
     from qktrace.evaluation import format_table, plot
+    from qktrace.locks import writing
     from qktrace.models import load
 
     if remote and remote_local:
         _fail("--remote and --remote-local exclude each other; give one of them, or neither.", 2)
     if n < 1:
         _fail(f"--n {n}: pass at least 1 prompt per task.", 2)
-    target = None if out is None else out / "eval.zarr"
+    pair_counts = _parse_pairs(pairs)
+    try:
+        checks.integer("batch_size", batch_size, low=1, flag="--batch-size", example="16")
+        checks.fits_in_memory("n", n * len(pair_counts), 64 * 2**10, "its prompts and scores",
+                              flag="--n", example="100")  # fmt: skip
+    except checks.BadArgument as err:
+        _fail(str(err), 2)
+    directory = None if out is None else _out_dir(str(out), "eval.zarr")
+    target = None if directory is None else directory / "eval.zarr"
     if target is not None and target.exists() and not overwrite:
         _fail(f"--out: {target} already exists; pass --overwrite or another --out.", 2)
     if model is None:
@@ -564,25 +630,28 @@ def evaluate(
 
         model = str(organism.path())
     mode: bool | str = True if remote else "local" if remote_local else False
-    pair_counts = _parse_pairs(pairs)
-    try:
-        lm = load(model, remote=mode)
-        ds = run_eval(
-            lm,
-            n=n,
-            pairs=pair_counts,
-            groups=[g.strip() for g in groups.split(",")] if groups else None,
-            chat=chat,
-            batch_size=batch_size,
-            progress=not quiet,
-        )
-    except (ValueError, RuntimeError, OSError) as err:
-        _fail(str(err).strip("'\""))
-    typer.echo(format_table(ds))
-    if target is not None:
-        store.save(ds, target, overwrite=overwrite)
-        plot(ds, out / "eval.png")
-        typer.echo(f"\nwrote {target} and {out / 'eval.png'}")
+
+    def job() -> Path | None:
+        with nullcontext() if target is None else writing(target):
+            lm = load(model, remote=mode)
+            ds = run_eval(
+                lm,
+                n=n,
+                pairs=pair_counts,
+                groups=[g.strip() for g in groups.split(",")] if groups else None,
+                chat=chat,
+                batch_size=batch_size,
+                progress=not quiet,
+            )
+            typer.echo(format_table(ds))
+            if target is not None:
+                store.save(ds, target, overwrite=overwrite)
+                plot(ds, target.parent / "eval.png")
+        return target
+
+    written = _run(job, ctx, "Nothing is kept (eval writes its results only at the end)")
+    if written is not None:
+        typer.echo(f"\nwrote {written} and {written.parent / 'eval.png'}")
 
 
 organism_app = typer.Typer(

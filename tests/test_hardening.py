@@ -283,3 +283,63 @@ def test_a_huge_size_is_refused_before_the_model_loads(flag, tmp_path, monkeypat
     assert result.exit_code == 2, result.output
     assert f"(CLI {flag}) is too large: the run would allocate about" in result.stderr
     assert "Traceback" not in result.output
+
+
+# --------------------------------------------------------------------------------------------
+# bug 8: `qktrace eval -o` gets the checks and the lock of a study, before any work
+
+
+def _eval(tmp_path: Path, monkeypatch, *args: str):
+    """`qktrace eval` on a model that must not load; (result, whether it loaded)."""
+    from typer.testing import CliRunner
+
+    import qktrace.models
+    from qktrace.cli import app
+
+    loaded = []
+    monkeypatch.setattr(qktrace.models, "load", lambda *a, **k: loaded.append(a) or 1 / 0)
+    result = CliRunner().invoke(app, ["eval", "--n", "1", "--pairs", "2", "-q", *args])
+    assert "Traceback" not in result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1, result.output
+    return result, errors[0], loaded
+
+
+def test_eval_out_a_file_is_refused_before_the_model_loads(tmp_path, monkeypatch):
+    (tmp_path / "afile").write_text("x")
+    result, error, loaded = _eval(tmp_path, monkeypatch, "-o", str(tmp_path / "afile"))
+    assert result.exit_code == 2 and not loaded
+    assert "afile is a file; pass a directory" in error
+
+
+def test_eval_out_a_read_only_folder_is_refused_before_the_model_loads(tmp_path, monkeypatch):
+    readonly = Path("/sys/kernel")  # not writable even by root
+    result, error, loaded = _eval(tmp_path, monkeypatch, "-o", str(readonly))
+    assert result.exit_code == 2 and not loaded
+    assert "--out /sys/kernel cannot be written (" in error
+
+
+def test_eval_out_busy_is_refused_before_the_model_loads(tmp_path, monkeypatch):
+    from qktrace.locks import writing
+
+    with writing(tmp_path / "out" / "eval.zarr"):  # another run writing the same output
+        result, error, loaded = _eval(tmp_path, monkeypatch, "-o", str(tmp_path / "out"))
+    assert result.exit_code == 1 and not loaded
+    assert "another run is writing" in error and "eval.zarr" in error
+
+
+@pytest.mark.parametrize(
+    "pairs, message",
+    [("9-2", "is a reversed range; write 2-9"), ("2-40", "asks for 27 pairs"),
+     ("2,,3", "write a range like"), ("3, 3", "more than once")],
+)  # fmt: skip
+def test_eval_pairs_are_parsed_as_typed_and_checked_first(pairs, message, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import qktrace.models
+    from qktrace.cli import _parse_pairs, app
+
+    assert _parse_pairs(" 2 - 4 ") == [2, 3, 4] and _parse_pairs("2, 5") == [2, 5]
+    monkeypatch.setattr(qktrace.models, "load", lambda *a, **k: 1 / 0)
+    result = CliRunner().invoke(app, ["eval", "--pairs", pairs])
+    assert result.exit_code == 2 and message in result.stderr, result.output
