@@ -140,28 +140,79 @@ def _os_reason(err: OSError) -> str:
     return f"{(err.strerror or str(err)).lower()}, {name}"
 
 
-def _run(job: Callable[[], Path], ctx: typer.Context, kept: str | Callable[[], str]) -> Path:
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what schedulers and `timeout` send), raised where Ctrl-C would be, so a run
+    keeps its checkpoints the same way."""
+
+
+# errors of the output's file system: the run's data is fine, its --out is not
+_OUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
+_PATH_ERRNOS = {errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.ENOENT, errno.ELOOP}
+
+
+def _run(
+    job: Callable[[], Path],
+    ctx: typer.Context,
+    kept: str | Callable[[], str],
+    out: Path | None = None,
+) -> Path:
     """Run a job, mapping every failure to one ``Error:`` line and its exit status.
 
-    2: a bad argument (`qktrace.checks`) or an --out that cannot be used; 1: a run that cannot
-    be done (another run holds the output, a damaged store, a failing model or server);
-    130: Ctrl-C, after saying what is kept (`kept`).
+    The status of a `QktraceError` is its class's (`qktrace.errors`: 2 a bad argument or
+    study, 1 a store or server that fails); 2 also for an --out that cannot be written (disk
+    full, read-only, a path that is a file), after saying what is kept (`kept`); 130 for
+    Ctrl-C and 143 for SIGTERM, each after saying what is kept.
     """
+    import signal
+
     from qktrace import store
     from qktrace.errors import QktraceError
 
+    def said() -> str:
+        return kept() if callable(kept) else kept
+
+    def terminate(signum: int, frame: object) -> None:
+        raise Terminated()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, terminate)
+    except ValueError:  # not the main thread: SIGTERM keeps its default
+        previous = None
     try:
         with store.rewritten_by(_command_line(ctx)):
             return job()
+    except Terminated:
+        _fail(f"terminated (SIGTERM). {said()}; rerun the same command to resume.", 143)
     except KeyboardInterrupt:
-        said = kept() if callable(kept) else kept
-        _fail(f"interrupted. {said}; rerun the same command to resume.", 130)
+        _fail(f"interrupted. {said()}; rerun the same command to resume.", 130)
     except QktraceError as err:
         _fail(str(err), err.exit_code)
     except FileExistsError as err:
         _fail(f"--out: {err}", 2)
-    except (ValueError, RuntimeError, OSError, FloatingPointError, KeyError, TypeError) as err:
+    except OSError as err:
+        where = Path(err.filename) if isinstance(err.filename, str) else None
+        inside = out is not None and where is not None and _inside(where, out)
+        if err.errno in _OUT_ERRNOS or (err.errno in _PATH_ERRNOS and inside):
+            _fail(
+                f"cannot write to --out {out if out is not None else ''}: {_os_reason(err)}"
+                f"{f' ({where})' if where else ''}. {said()}; free space or fix the folder "
+                "(or pass another --out), then rerun the same command to resume.",
+                2,
+            )
         _fail(str(err).strip("'\""))
+    except (ValueError, RuntimeError, FloatingPointError, KeyError, TypeError) as err:
+        _fail(str(err).strip("'\""))
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    """Whether `path` is `folder` or lies in it (absolute or relative to the working folder)."""
+    try:
+        return Path(os.path.abspath(path)).is_relative_to(os.path.abspath(folder))
+    except ValueError:
+        return False
 
 
 def _study(name: str):  # noqa: ANN202 - a module
@@ -237,6 +288,7 @@ def toy(
         ),  # fmt: skip
         ctx,
         lambda: _toy_kept(directory),
+        directory,
     )
     where = f" and figures in {directory}" if figures else ""
     typer.echo(f"wrote {path}{where} ({time.perf_counter() - start:.0f} s)")
@@ -511,6 +563,7 @@ def study(
         ),
         ctx,
         f"Completed batches are kept next to {directory / store_name}.zarr",
+        directory,
     )
     from qktrace import store
     from qktrace.summary import summarize
@@ -649,7 +702,8 @@ def evaluate(
                 plot(ds, target.parent / "eval.png")
         return target
 
-    written = _run(job, ctx, "Nothing is kept (eval writes its results only at the end)")
+    written = _run(job, ctx, "Nothing is kept (eval writes its results only at the end)",
+                   directory)  # fmt: skip
     if written is not None:
         typer.echo(f"\nwrote {written} and {written.parent / 'eval.png'}")
 

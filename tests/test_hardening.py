@@ -343,3 +343,68 @@ def test_eval_pairs_are_parsed_as_typed_and_checked_first(pairs, message, tmp_pa
     monkeypatch.setattr(qktrace.models, "load", lambda *a, **k: 1 / 0)
     result = CliRunner().invoke(app, ["eval", "--pairs", pairs])
     assert result.exit_code == 2 and message in result.stderr, result.output
+
+
+# --------------------------------------------------------------------------------------------
+# SIGTERM is handled like Ctrl-C; an --out that fails mid-run exits 2 saying what is kept
+
+TINY_STUDY = ["--heads", "1.0", "--n-prompts", "4", "--n-test", "2", "--n-pairs", "2",
+              "--n-random", "1", "--batch-size", "2", "--no-figures", "--quiet"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    import qktrace.testing as testing
+
+    return testing.save_checkpoint(tmp_path_factory.mktemp("tiny") / "tiny-llama", "llama")
+
+
+def _study(checkpoint_path: Path, out: Path):
+    from typer.testing import CliRunner
+
+    from qktrace.cli import app
+
+    args = ["study", "order-id", "-m", str(checkpoint_path), "-o", str(out), *TINY_STUDY]
+    result = CliRunner().invoke(app, args)
+    assert "Traceback" not in result.output
+    return result
+
+
+def test_sigterm_keeps_the_checkpoint_and_exits_143(tiny_checkpoint, tmp_path, monkeypatch):
+    import signal
+
+    import qktrace.sums as sums_module
+
+    real, calls = sums_module._reduce_batch, []
+
+    def terminated(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            signal.raise_signal(signal.SIGTERM)  # what `timeout` or a scheduler sends
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sums_module, "_reduce_batch", terminated)
+    result = _study(tiny_checkpoint, tmp_path)
+    assert result.exit_code == 143, result.output
+    assert "Error: terminated (SIGTERM). Completed batches are kept next to" in result.stderr
+    assert store.open(tmp_path / "order_id.sums.zarr").sizes  # the first batch's sums are kept
+    monkeypatch.setattr(sums_module, "_reduce_batch", real)
+    assert _study(tiny_checkpoint, tmp_path).exit_code == 0  # and the same command resumes
+
+
+def test_a_full_disk_exits_2_and_says_what_is_kept(tiny_checkpoint, tmp_path, monkeypatch):
+    import errno
+    import os
+
+    real = store.save
+
+    def full(ds, path, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(store, "save", full)
+    result = _study(tiny_checkpoint, tmp_path)
+    assert result.exit_code == 2, result.output
+    error = result.stderr.split("Error: ", 1)[1]
+    assert "cannot write to --out" in error and "no space left on device, ENOSPC" in error
+    assert "Completed batches are kept next to" in error and "rerun the same command" in error
+    monkeypatch.setattr(store, "save", real)
