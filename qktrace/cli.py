@@ -773,6 +773,46 @@ def organism_eval(
 
 
 @app.command()
+def plot(
+    path: Annotated[Path, typer.Argument(help="A study's store (OUT/NAME.zarr).")],
+    study_file: Annotated[
+        str | None,
+        typer.Option(
+            "--study",
+            help="Your own study's file (FILE.py[:attr]) [default: found by the store's name "
+            "for filter-heads, order-id, lexical].",
+        ),
+    ] = None,
+) -> None:
+    """Draw a study's figures again from its complete store (e.g. after drawing them failed).
+
+    Example: qktrace plot out/binding/order_id.zarr
+    """
+    from qktrace import store
+    from qktrace.errors import QktraceError
+    from qktrace.pipeline import StudyError, draw, load_study
+
+    try:
+        ds = store.open(path)
+        name = str(ds.attrs.get("study") or "")
+        if study_file is not None:
+            declared = load_study(study_file)
+        elif name.replace("_", "-") in _model_studies():
+            declared = importlib.import_module(_model_studies()[name.replace("_", "-")]).study
+        else:
+            raise StudyError(
+                f"{path} was written by study {name!r}, not one of "
+                f"{', '.join(_model_studies())}; pass its file: qktrace plot {path} --study FILE.py"
+            )
+        paths = draw(declared, path)
+    except QktraceError as err:
+        _fail(str(err), err.exit_code)
+    except (OSError, ValueError) as err:
+        _fail(str(err), 2)
+    typer.echo("wrote " + ", ".join(str(p) for p in paths))
+
+
+@app.command()
 def show(
     path: Annotated[Path, typer.Argument(help="A store written by qktrace (a .zarr directory).")],
 ) -> None:

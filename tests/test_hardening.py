@@ -408,3 +408,31 @@ def test_a_full_disk_exits_2_and_says_what_is_kept(tiny_checkpoint, tmp_path, mo
     assert "cannot write to --out" in error and "no space left on device, ENOSPC" in error
     assert "Completed batches are kept next to" in error and "rerun the same command" in error
     monkeypatch.setattr(store, "save", real)
+
+
+# --------------------------------------------------------------------------------------------
+# a failure while drawing figures keeps the complete store; `qktrace plot` finishes them
+
+
+def test_a_figure_failure_keeps_the_store_and_qktrace_plot_draws_them(
+    tiny_checkpoint, tmp_path, monkeypatch
+):
+    from typer.testing import CliRunner
+
+    import qktrace.pipeline as pipeline
+    from qktrace.cli import app
+
+    real = pipeline.pca_figure
+    monkeypatch.setattr(pipeline, "pca_figure", lambda *a, **k: 1 / 0)
+    args = ["study", "order-id", "-m", str(tiny_checkpoint), "-o", str(tmp_path), "--figures"]
+    result = CliRunner().invoke(app, [*args, *[a for a in TINY_STUDY if a != "--no-figures"]])
+    assert result.exit_code == 2, result.output
+    error = result.stderr.split("Error: ", 1)[1]
+    assert "drawing the figures failed (ZeroDivisionError" in error
+    assert f"qktrace plot {tmp_path / 'order_id.zarr'}" in error
+    assert store.open(tmp_path / "order_id.zarr", checksums=True).sizes
+    assert not (tmp_path / "order_id.sums.zarr").exists()
+    monkeypatch.setattr(pipeline, "pca_figure", real)
+    result = CliRunner().invoke(app, ["plot", str(tmp_path / "order_id.zarr")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "order_id_pca_key_label.png").is_file()
