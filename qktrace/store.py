@@ -699,6 +699,48 @@ class StoreDamagedError(StoreError):
     """A store lacks a piece it held when written, or holds a changed copy of one."""
 
 
+class StoreIntegrityWarning(UserWarning):
+    """A store qktrace wrote before it recorded stores' files opens unchecked."""
+
+
+# the first day qktrace wrote an integrity record in every store it saved
+_RECORDED_SINCE = "2026-11-27"
+
+
+def _is_metadata(rel: str) -> bool:
+    """Whether a store's file is zarr metadata (small; its CRC-32 is checked on every open)."""
+    return rel.rpartition("/")[2] in (".zmetadata", ".zattrs", ".zarray", ".zgroup", "zarr.json")
+
+
+def _check_unrecorded(root: Path) -> None:
+    """A store without an integrity record: refused if its attrs say qktrace wrote it since
+    every store has one (the record was deleted), else opened with a warning if qktrace wrote
+    it earlier; stores of other tools open as they are."""
+    try:
+        attrs = json.loads((root / ".zattrs").read_text()) if (root / ".zattrs").is_file() else {}
+    except (OSError, ValueError):
+        return  # damaged metadata: the zarr reader names it
+    if not isinstance(attrs, dict) or "qktrace_version" not in attrs:
+        return
+    date = str(attrs.get("date") or "")
+    what = (
+        f"{root} was written by qktrace {_short(attrs['qktrace_version'], 20)} on "
+        f"{date[:10] or 'an unknown date'}, but has no {INTEGRITY}"
+    )
+    if date[:10] >= _RECORDED_SINCE:
+        raise StoreDamagedError(
+            f"{what}, which qktrace writes in every store since {_RECORDED_SINCE}: the record "
+            "was deleted, so missing pieces could not be told from data and it is refused. "
+            f"Rewrite it with: {_rewrite_hint(attrs)}"
+        )
+    warnings.warn(
+        f"{what} (older qktrace wrote none): it opens unchecked, so a missing chunk would read "
+        "as fill values (NaN or 0). Rewrite it (qktrace.save(qktrace.open(old), new)) to add one.",
+        StoreIntegrityWarning,
+        stacklevel=4,
+    )
+
+
 @contextmanager
 def rewritten_by(command: str) -> Iterator[None]:
     """Record `command` as the way to rewrite the stores written inside this block.
@@ -763,6 +805,7 @@ def _verify(
     if record is None:
         record_path = root / INTEGRITY
         if not record_path.is_file():
+            _check_unrecorded(root)
             return None
         record = _read_integrity(root)
     files = record["files"]
@@ -788,7 +831,7 @@ def _verify(
                 if actual == 0
                 else f"file {name} has {actual} of the {size} bytes written"
             )
-        elif checksums and zlib.crc32(Path(path).read_bytes()) != crc:
+        elif (checksums or _is_metadata(rel)) and zlib.crc32(Path(path).read_bytes()) != crc:
             problems[where] = f"file {name} changed since it was written (CRC-32 differs)"
     if problems:
         what = "; ".join(f"{k}: {v}" for k, v in problems.items())

@@ -436,3 +436,37 @@ def test_a_figure_failure_keeps_the_store_and_qktrace_plot_draws_them(
     result = CliRunner().invoke(app, ["plot", str(tmp_path / "order_id.zarr")])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "order_id_pca_key_label.png").is_file()
+
+
+# --------------------------------------------------------------------------------------------
+# open checks the metadata's CRC-32 every time; a qktrace store without its record is refused
+
+
+def _provenance_store(path: Path) -> Path:
+    ds = xr.Dataset({"x": ("prompt", np.arange(3.0))})
+    return store.save(ds, path, attrs=store.provenance("demo", {"n": 3}))
+
+
+def test_open_checks_the_metadata_checksum_every_time(tmp_path):
+    path = _provenance_store(tmp_path / "s.zarr")
+    zattrs = path / "x" / ".zattrs"
+    text = zattrs.read_text()
+    zattrs.write_text(text.replace("prompt", "prumpt"))  # same size: only a checksum sees it
+    with pytest.raises(store.StoreDamagedError, match=r"x/\.zattrs|file \.zattrs changed"):
+        store.open(path)
+
+
+def test_a_qktrace_store_without_its_integrity_record_is_refused(tmp_path):
+    path = _provenance_store(tmp_path / "s.zarr")
+    (path / store.INTEGRITY).unlink()
+    with pytest.raises(store.StoreDamagedError, match=r"has no qktrace_integrity\.json.*deleted"):
+        store.open(path)
+
+
+def test_an_older_qktrace_store_without_a_record_opens_with_a_warning(tmp_path):
+    ds = xr.Dataset({"x": ("prompt", np.arange(3.0))})
+    attrs = {**store.provenance("demo", {}), "date": "2026-01-02T00:00:00+00:00"}
+    path = store.save(ds, tmp_path / "old.zarr", attrs=attrs)
+    (path / store.INTEGRITY).unlink()
+    with pytest.warns(store.StoreIntegrityWarning, match="opens unchecked"):
+        assert float(store.open(path)["x"].sum()) == 3.0
