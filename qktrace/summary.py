@@ -32,7 +32,7 @@ import xarray as xr
 __all__ = ["summarize", "printable"]
 
 # a value of the store's attrs or labels is shown up to this many characters
-MAX_SHOWN = 200
+MAX_SHOWN = 500
 # variables with more cells than this are listed but not read (a summary shows small ones)
 MAX_SUMMARIZED = 10**6
 

@@ -258,7 +258,7 @@ def test_show_escapes_control_characters_and_cuts_long_values(tmp_path):
     for bad in ("\x1b", "\x07", "\r", "\u202e"):
         assert bad not in out
     assert not any(line.startswith(("study filter_heads", "forged")) for line in out.splitlines())
-    assert "m" * 300 not in out and "m" * 150 in out  # cut, and the start still shown
+    assert "m" * 600 not in out and "m" * 400 in out  # cut, and the start still shown
     assert "\\x1b[2J" in out  # shown escaped, so a reader sees what the store holds
 
 
@@ -470,3 +470,75 @@ def test_an_older_qktrace_store_without_a_record_opens_with_a_warning(tmp_path):
     (path / store.INTEGRITY).unlink()
     with pytest.warns(store.StoreIntegrityWarning, match="opens unchecked"):
         assert float(store.open(path)["x"].sum()) == 3.0
+
+
+# --------------------------------------------------------------------------------------------
+# study declarations that could not be stored fail before any forward pass
+
+
+def _names_study(meta, **changes):
+    from qktrace.pipeline import Study
+    from qktrace.prompts import PromptBuilder
+
+    def prompts(n, seed):
+        built = []
+        for i in range(n):
+            b = PromptBuilder().add("Mary", "name").add(" and ").add("John", "name")
+            built.append(b.add(" then she").build(meta=meta(i)))
+        return built
+
+    labels = lambda p: [("gender", "positive"), ("gender", "negative")]  # noqa: E731
+    return Study(name="names", prompts=prompts, keys="name", labels=labels, n_prompts=4,
+                 n_test=2, **changes)  # fmt: skip
+
+
+def _run_tiny(study, tmp_path, monkeypatch, **settings):
+    import qktrace.testing as testing
+    from qktrace.models import load
+    from qktrace.pipeline import run_study
+
+    net, tok = testing.model("llama"), testing.tokenizer("bpe")
+    lm = load(net[0], tokenizer=tok)
+    if settings.pop("forbid_forward", True):
+        monkeypatch.setattr(lm, "trace", lambda *a, **k: pytest.fail("a forward pass ran"))
+    return run_study(study, lm, out=tmp_path, heads="1.3", progress=False, **settings)
+
+
+DECLARATIONS = {
+    "meta key clashing with a variable": (
+        _names_study(lambda i: {"rank": i}),
+        ["Study 'names', prompt 0", "meta key 'rank', the name of a variable of the study's store"],
+    ),
+    "coords clashing with a variable": (
+        _names_study(lambda i: {}, coords=lambda p: {"q": 1.0}),
+        ["coords(prompt) key 'q', the name of a variable", "rename it (e.g. 'q_label')"],
+    ),
+    "meta of mixed types": (
+        _names_study(lambda i: {"level": i if i % 2 == 0 else "high"}),
+        ["prompt 1", "meta 'level' = 'high' (str), but earlier prompts have 0 (int)"],
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(DECLARATIONS))
+def test_a_declaration_that_cannot_be_stored_fails_before_any_forward_pass(
+    case, tmp_path, monkeypatch
+):
+    from qktrace.pipeline import StudyError
+
+    study, expected = DECLARATIONS[case]
+    with pytest.raises(StudyError) as err:
+        _run_tiny(study, tmp_path, monkeypatch)
+    for text in expected:
+        assert text in str(err.value), str(err.value)
+
+
+def test_an_error_in_a_studys_figures_is_named_as_the_studys(tmp_path, monkeypatch):
+    from qktrace.pipeline import StudyError
+
+    study = _names_study(lambda i: {}, figures=lambda ds: {"mine": 1 / 0})
+    with pytest.raises(StudyError) as err:
+        _run_tiny(study, tmp_path, monkeypatch, forbid_forward=False, n_random=1)
+    message = str(err.value)
+    assert "Study 'names': drawing its figures(dataset) failed (ZeroDivisionError" in message
+    assert store.open(tmp_path / "names.zarr").sizes and "qktrace plot" in message
