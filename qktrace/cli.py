@@ -530,7 +530,7 @@ def study(
         "n_prompts": n_prompts,
         "n_test": n_test,
         "n_pairs": n_pairs,
-        "categories": categories.split(",") if categories else None,
+        "categories": _comma_list(categories, "--categories"),
         "answer_lead_in": answer_lead_in,
         "batch_size": batch_size,
         "n_random": n_random,
@@ -571,6 +571,17 @@ def study(
     typer.echo(summarize(store.open(path), path, variables=False))
     where = f" and figures in {directory}" if figures else ""
     typer.echo(f"\nwrote {path}{where} ({time.perf_counter() - start:.0f} s)")
+
+
+def _comma_list(text: str | None, flag: str) -> list[str] | None:
+    """ "fruit, animal" -> ["fruit", "animal"] (spaces around commas dropped); None if not given."""
+    if text is None:
+        return None
+    items = [item.strip() for item in text.split(",")]
+    if "" in items:
+        _fail(f"{flag} {text!r} has an empty entry; write names separated by commas, e.g. "
+              f"{flag} fruit,animal.", 2)  # fmt: skip
+    return items
 
 
 # the object-box pairs a prompt can have: at least 2, at most one per letter A..Z
@@ -691,7 +702,7 @@ def evaluate(
                 lm,
                 n=n,
                 pairs=pair_counts,
-                groups=[g.strip() for g in groups.split(",")] if groups else None,
+                groups=_comma_list(groups, "--groups"),
                 chat=chat,
                 batch_size=batch_size,
                 progress=not quiet,
@@ -758,7 +769,7 @@ def organism_eval(
         results = evaluate(
             None if model is None else str(model),
             n=n,
-            groups=[g.strip() for g in groups.split(",")] if groups else None,
+            groups=_comma_list(groups, "--groups"),
         )
     except (OSError, ValueError) as err:
         _fail(str(err))

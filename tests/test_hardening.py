@@ -542,3 +542,39 @@ def test_an_error_in_a_studys_figures_is_named_as_the_studys(tmp_path, monkeypat
     message = str(err.value)
     assert "Study 'names': drawing its figures(dataset) failed (ZeroDivisionError" in message
     assert store.open(tmp_path / "names.zarr").sizes and "qktrace plot" in message
+
+
+# --------------------------------------------------------------------------------------------
+# the paper studies' options, parsed as users type them, checked before the model loads
+
+
+def _filter_heads(tmp_path, monkeypatch, categories: str):
+    from typer.testing import CliRunner
+
+    import qktrace.study_tools as study_tools
+    from qktrace.cli import app
+
+    def load(*args, **kwargs):
+        raise RuntimeError("the model would load now")
+
+    monkeypatch.setattr(study_tools, "load", load)
+    args = ["study", "filter-heads", "-o", str(tmp_path), "--categories", categories, "-q"]
+    return CliRunner().invoke(app, args)
+
+
+def test_categories_with_spaces_after_commas_are_read_as_meant(tmp_path, monkeypatch):
+    result = _filter_heads(tmp_path, monkeypatch, "fruit, animal , vehicle")
+    assert "the model would load now" in result.stderr, result.output  # parsed and accepted
+
+
+@pytest.mark.parametrize(
+    "categories, message",
+    [("fruit,animl", "has 'animl', which is not a category (did you mean 'animal'?)"),
+     ("fruit,,animal", "has an empty entry"), ("fruit", "give at least two")],
+)  # fmt: skip
+def test_bad_categories_are_refused_before_the_model_loads(
+    categories, message, tmp_path, monkeypatch
+):
+    result = _filter_heads(tmp_path, monkeypatch, categories)
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr and "would load" not in result.stderr
