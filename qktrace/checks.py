@@ -269,3 +269,79 @@ def _size(n: float) -> str:
             return f"{n:.3g} {unit}"
         n /= 1024
     return f"{n:.3g} EiB"
+
+
+def model(name: str, value: Any) -> Any:
+    """A model loaded with `qktrace.load` (a `qktrace.models.Model`)."""
+    from .models import Model
+
+    if not isinstance(value, Model):
+        raise BadArgumentType(
+            f"{name} is a {type(value).__name__} ({_shown(value)}), not a model loaded with "
+            f"qktrace.load; pass {name}=qktrace.load('<hub id or path>')."
+        )
+    return value
+
+
+def flag(name: str, value: Any) -> bool:
+    """A bool (numpy's too); 1, "yes" and None are refused."""
+    if not isinstance(value, bool | np.bool_):
+        raise BadArgumentType(
+            f"{name}={_shown(value)} ({type(value).__name__}) is not a bool; pass True or False."
+        )
+    return bool(value)
+
+
+def path(name: str, value: Any, *, optional: bool = False) -> Any:
+    """A non-empty str or os.PathLike (None too when `optional`)."""
+    if value is None and optional:
+        return None
+    if isinstance(value, bytes) or not isinstance(value, str | os.PathLike):
+        raise BadArgumentType(
+            f"{name}={_shown(value)} ({type(value).__name__}) is not a path; pass a str or "
+            "pathlib.Path" + (", or None" if optional else "") + "."
+        )
+    if not os.fspath(value).strip():
+        raise BadArgument(f"{name} is an empty path; pass a path, e.g. {name}='out/run.zarr'.")
+    return value
+
+
+def dataset(name: str, value: Any, what: str) -> Any:
+    """An xarray Dataset; `what` says which (e.g. "the sums of qktrace.reduce")."""
+    import xarray as xr
+
+    if not isinstance(value, xr.Dataset):
+        raise BadArgumentType(
+            f"{name} is a {type(value).__name__} ({_shown(value)}), not an xarray.Dataset; pass "
+            f"{what}."
+        )
+    return value
+
+
+def mapping(name: str, value: Any, what: str) -> Any:
+    """A non-empty mapping, e.g. head -> basis."""
+    from collections.abc import Mapping
+
+    if not isinstance(value, Mapping):
+        raise BadArgumentType(
+            f"{name} is a {type(value).__name__} ({_shown(value)}), not a mapping; pass {what}."
+        )
+    if not value:
+        raise BadArgument(f"{name} is empty; pass {what}.")
+    return value
+
+
+def token_ids(name: str, prompts: Any, vocab_size: int | None) -> None:
+    """Prompts given as token ids: every id in [0, vocab_size) (the model's embedding rows)."""
+    if not vocab_size:
+        return
+    for i, prompt in enumerate(prompts):
+        if isinstance(prompt, str):
+            continue
+        for token in prompt:
+            if not 0 <= int(token) < vocab_size:
+                raise BadArgument(
+                    f"{name}[{i}] holds token id {int(token)}, outside the model's vocabulary "
+                    f"(ids 0..{vocab_size - 1}); pass ids from its tokenizer "
+                    "(model.tokenizer(text)['input_ids'])."
+                )

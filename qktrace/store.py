@@ -122,6 +122,7 @@ from zarr.storage import LocalStore
 
 import qktrace
 
+from . import checks
 from .errors import StoreError
 
 __all__ = [
@@ -360,7 +361,11 @@ def save(
     >>> float(store.open(path).score.sel(head=7))
     0.9
     """
-    path = Path(path)
+    checks.dataset("ds", ds, "an xarray.Dataset to store")
+    path = Path(checks.path("path", path))
+    checks.flag("overwrite", overwrite)
+    if attrs is not None and not isinstance(attrs, Mapping):
+        raise checks.BadArgumentType(f"attrs={attrs!r} is not a dict; pass a dict or None.")
     if path.is_symlink() and not path.exists():
         raise FileExistsError(
             f"{path} is a symbolic link to {os.readlink(path)}, which does not exist; remove the "
@@ -431,7 +436,9 @@ def open(path: str | os.PathLike, *, final: bool = False, checksums: bool = Fals
     >>> type(ds.x.data).__name__, float(ds.x.sum())
     ('Array', 3.0)
     """
-    path = Path(path)
+    path = Path(checks.path("path", path))
+    checks.flag("final", final)
+    checks.flag("checksums", checksums)
     kind = _kind(path)
     if kind is None:
         raise _not_a_store(path)
