@@ -198,8 +198,14 @@ def intervene_answers(
     checks.flag("progress", progress)
     checks.mapping("bases", bases, "one basis [d_head, r] per head, e.g. {'16.19': basis}")
     checks.integer("n_random", n_random, low=0, example="3")
+    checks.fits_in_memory("n_random", n_random, 8 * model.d_head**2 * len(bases),
+                          "its random subspaces")  # fmt: skip
     checks.integer("seed", seed, low=0, example="0")
     checks.choice("mode", mode, ("swap", "ablate"))
+    checks.prompts("prompts", prompts)
+    checks.one_per_prompt("candidates", candidates, len(prompts), "list of candidate answers")
+    for what, value in (("answer", answer), ("target_answer", target_answer)):
+        checks.one_int_per_prompt(what, value, len(prompts), "index into its candidates", low=0)
     if not isinstance(name, str):
         raise BadArgumentType(f"name={name!r} is not a str; pass the subspace's name.")
     if mode not in ("swap", "ablate"):

@@ -345,3 +345,19 @@ def token_ids(name: str, prompts: Any, vocab_size: int | None) -> None:
                     f"(ids 0..{vocab_size - 1}); pass ids from its tokenizer "
                     "(model.tokenizer(text)['input_ids'])."
                 )
+
+
+def one_int_per_prompt(
+    name: str, value: Any, n_prompts: int, what: str, *, low: int | None = None
+) -> list[int]:
+    """One int per prompt (e.g. the index of each prompt's answer), each >= `low` if given."""
+    one_per_prompt(name, value, n_prompts, what)
+    for i, item in enumerate(value):
+        if isinstance(item, bool) or not isinstance(item, numbers.Integral):
+            raise BadArgumentType(
+                f"{name}[{i}] is {_shown(item)} ({type(item).__name__}), not an int; pass one "
+                f"{what} (an int) per prompt."
+            )
+        if low is not None and item < low:
+            raise BadArgument(f"{name}[{i}]={int(item)} must be >= {low}; pass one {what} per prompt.")
+    return [int(v) for v in value]

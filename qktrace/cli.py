@@ -681,8 +681,10 @@ def evaluate(
     pair_counts = _parse_pairs(pairs)
     try:
         checks.integer("batch_size", batch_size, low=1, flag="--batch-size", example="16")
-        checks.fits_in_memory("n", n * len(pair_counts), 64 * 2**10, "its prompts and scores",
-                              flag="--n", example="100")  # fmt: skip
+        n_groups = 2 * len(pair_counts) + 3  # as qktrace.evaluation.evaluate counts them
+        checks.fits_in_memory("n", n, 64 * 2**10 * n_groups,
+                              f"{n_groups} groups of prompts and scores", flag="--n",
+                              example="100")  # fmt: skip
     except checks.BadArgument as err:
         _fail(str(err), 2)
     directory = None if out is None else _out_dir(str(out), "eval.zarr")

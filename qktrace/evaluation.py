@@ -133,7 +133,7 @@ def evaluate(
     >>> print(qktrace.evaluation.format_table(ds))  # doctest: +SKIP
     """
     checks.model("model", model)
-    checks.integer("n", n, low=1, example="100")
+    checks.integer("n", n, example="100")
     checks.integer("batch_size", batch_size, low=1, example="16")
     checks.integer("seed", seed, low=0, example="10_000")
     checks.flag("progress", progress)
@@ -146,6 +146,16 @@ def evaluate(
     if groups is not None:
         if isinstance(groups, str | bytes) or not all(isinstance(g, str) for g in groups):
             raise BadArgumentType(f"groups={groups!r} is not a list of str; pass e.g. ['boxes'].")
+        names = [f"{t} n={k}" for t in ("boxes", "order-id") for k in pairs]
+        names += [f"filter {q}" for q in ("all", "first", "last")]
+        if not any(name.startswith(g) for g in groups for name in names):
+            raise BadArgument(
+                f"groups={list(groups)} match no group; names start with 'boxes n=K', "
+                "'order-id n=K' or 'filter all|first|last'."
+            )
+    n_groups = 2 * len(pairs) + 3
+    checks.fits_in_memory("n", n, 64 * 2**10 * n_groups, f"{n_groups} groups of prompts and scores",
+                          flag="--n", example="100")  # fmt: skip
     if n < 1:
         raise BadArgument(f"n={n}: pass at least 1 prompt per group (CLI: --n).")
     bad = [k for k in pairs if not 1 <= int(k) <= 26]

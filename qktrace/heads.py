@@ -99,13 +99,16 @@ def find_heads(
     """
     checks.model("model", model)
     checks.flag("progress", progress)
+    checks.prompts("prompts", prompts)
+    checks.one_int_per_prompt("answer", answer, len(prompts), "token position")
     if top is not None:
         checks.integer("top", top, low=1, example="5")
     if layers is not None:
         if isinstance(layers, str | bytes) or not isinstance(layers, Sequence | range):
             raise BadArgumentType(f"layers={layers!r} is not a list of layers; pass e.g. [0, 1].")
         for layer in layers:
-            checks.integer("layers[...]", layer, low=0, high=model.n_layers - 1)
+            checks.integer("layers[...]", layer)
+            model.check_layer(layer)
     if by not in SCORES:
         raise BadArgument(f"by must be one of {SCORES}, not {by!r}.")
     if top is not None and top < 1:

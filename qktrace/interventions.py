@@ -222,7 +222,13 @@ def intervene(
     for flag_name, value in (("verify", verify), ("progress", progress)):
         checks.flag(flag_name, value)
     checks.integer("n_random", n_random, low=0, example="10")
+    checks.fits_in_memory("n_random", n_random, 8 * model.d_head**2, "its random subspaces")
     checks.integer("seed", seed, low=0, example="0")
+    if isinstance(basis, str | bytes) or not hasattr(basis, "__len__"):
+        raise BadArgumentType(
+            f"basis={basis!r} ({type(basis).__name__}) is not a basis; pass an array "
+            "[d_head, r] (numpy, torch or xarray), e.g. the key_basis of qktrace.decompose."
+        )
     if name is not None and not isinstance(name, str):
         raise BadArgumentType(f"name={name!r} is not a str; pass a subspace name or None.")
     h = _one_head(model, head)

@@ -292,7 +292,7 @@ def reduce(
     checks.choice("delta_dtype", delta_dtype, ("float32", "float64", "bfloat16", "float16"))
     checks.path("out", out, optional=True)
     if batches_per_request is not None:
-        checks.integer("batches_per_request", batches_per_request, low=1, example="4")
+        checks.integer("batches_per_request", batches_per_request, low=0, example="4")
     heads = parse_heads(heads)
     model.check_heads(heads)
     checks.prompts("prompts", prompts)
