@@ -578,3 +578,21 @@ def test_bad_categories_are_refused_before_the_model_loads(
     result = _filter_heads(tmp_path, monkeypatch, categories)
     assert result.exit_code == 2, result.output
     assert message in result.stderr and "would load" not in result.stderr
+
+
+def test_a_lock_path_that_is_a_folder_is_refused_before_the_model_loads(tmp_path, monkeypatch):
+    (tmp_path / ".eval.zarr.lock").mkdir()
+    result, error, loaded = _eval(tmp_path, monkeypatch, "-o", str(tmp_path))
+    assert result.exit_code == 2 and not loaded
+    assert "the lock file" in error and ".eval.zarr.lock of eval.zarr is a folder" in error
+
+
+def test_every_issue_20_row_names_a_test():
+    import re
+
+    docs = (Path(__file__).parents[1] / "docs" / "errors.md").read_text()
+    section = docs.split("## Third hardening round (issue 20)", 1)[1]
+    named = re.findall(r"\| `(test_\w+)` \|$", section, re.M)
+    here = (Path(__file__).parent / "test_hardening.py").read_text()
+    assert len(named) >= 20
+    assert [n for n in named if f"def {n}(" not in here] == []
