@@ -64,6 +64,7 @@ import xarray as xr
 from . import checks, ops
 from .attribution import as_basis, orthogonalize
 from .batching import Batch, PromptInput, prepare, resolve_positions, run
+from .errors import BadArgument, BadArgumentType
 from .interventions import KEY_SCOPES, KeyScope
 from .models import Head, Model, parse_heads
 
@@ -201,17 +202,31 @@ def intervene_answers(
     ...        answer=ans, target_answer=other, orig=ans_pos, target=other_pos)  # doctest: +SKIP
     >>> fx.answer_flip_rate.to_series()  # doctest: +SKIP
     """
+    checks.model("model", model)
+    checks.flag("progress", progress)
+    checks.mapping("bases", bases, "one basis [d_head, r] per head, e.g. {'16.19': basis}")
+    checks.integer("n_random", n_random, low=0, example="3")
+    checks.fits_in_memory("n_random", n_random, 8 * model.d_head**2 * len(bases),
+                          "its random subspaces")  # fmt: skip
+    checks.integer("seed", seed, low=0, example="0")
+    checks.choice("mode", mode, ("swap", "ablate"))
+    checks.prompts("prompts", prompts)
+    checks.one_per_prompt("candidates", candidates, len(prompts), "list of candidate answers")
+    for what, value in (("answer", answer), ("target_answer", target_answer)):
+        checks.one_int_per_prompt(what, value, len(prompts), "index into its candidates", low=0)
+    if not isinstance(name, str):
+        raise BadArgumentType(f"name={name!r} is not a str; pass the subspace's name.")
     if mode not in ("swap", "ablate"):
-        raise ValueError(f"mode must be 'swap' or 'ablate', not {mode!r}.")
+        raise BadArgument(f"mode must be 'swap' or 'ablate', not {mode!r}.")
     if side not in ("key", "query", "both"):
-        raise ValueError(f"side must be 'key', 'query' or 'both', not {side!r}.")
+        raise BadArgument(f"side must be 'key', 'query' or 'both', not {side!r}.")
     if mode == "swap" and side != "key":
-        raise ValueError("mode='swap' exchanges two keys' coordinates: use side='key'.")
+        raise BadArgument("mode='swap' exchanges two keys' coordinates: use side='key'.")
     if n_random < 0:
-        raise ValueError(f"n_random must be >= 0, got {n_random}.")
+        raise BadArgument(f"n_random must be >= 0, got {n_random}.")
     checks.choice("key_scope", key_scope, KEY_SCOPES)
     if not bases:
-        raise ValueError("bases is empty: give at least one head -> subspace, e.g. {'2.1': V}.")
+        raise BadArgument("bases is empty: give at least one head -> subspace, e.g. {'2.1': V}.")
     n = len(prompts)
     heads: list[Head] = []
     key_v: list[np.ndarray | None] = []
@@ -221,7 +236,7 @@ def intervene_answers(
         heads.append(h)
         if side == "both":
             if not (isinstance(value, tuple) and len(value) == 2):
-                raise ValueError(
+                raise BadArgument(
                     f"side='both' needs bases[{h.label!r}] = (key_basis, query_basis), got "
                     f"{type(value).__name__}."
                 )
@@ -243,12 +258,12 @@ def intervene_answers(
         ("target_answer", target_answer),
     ):
         if isinstance(spec, str) or len(spec) != n:
-            raise ValueError(f"{what} must give one entry per prompt ({n} prompts).")
+            raise BadArgument(f"{what} must give one entry per prompt ({n} prompts).")
     ids, counted = candidate_tokens(model.tokenizer, candidates)
     n_cand = ids.shape[1]
     answer_i, target_i = np.asarray(answer, dtype=int), np.asarray(target_answer, dtype=int)
     if ((answer_i < 0) | (answer_i >= n_cand) | (target_i < 0) | (target_i >= n_cand)).any():
-        raise ValueError(f"answer and target_answer must index the {n_cand} candidates.")
+        raise BadArgument(f"answer and target_answer must index the {n_cand} candidates.")
     plan = prepare(model, prompts, "last", "last", batch_size, add_special_tokens)
     key_edit = _key_positions(mode, side, orig, target, at, plan.lengths)
 
@@ -359,13 +374,13 @@ def candidate_tokens(
     rows = []
     for p, row in enumerate(candidates):
         if isinstance(row, str | int):
-            raise ValueError(
+            raise BadArgument(
                 f"candidates[{p}] is {row!r}: give a list of candidate answers per prompt."
             )
         rows.append([_forms(tokenizer, c, p) for c in row])
     widths = {len(r) for r in rows}
     if len(widths) != 1 or 0 in widths:
-        raise ValueError(
+        raise BadArgument(
             f"candidates must give every prompt the same number (>= 1) of answers, got {widths}."
         )
     n_forms = max(1, *(len(f) for row in rows for f in row))
@@ -386,7 +401,7 @@ def candidate_tokens(
 def _forms(tokenizer: Any, candidate: Candidate, prompt: int) -> list[int]:
     """The first tokens that count for one candidate (see the module docstring), deduplicated."""
     if isinstance(candidate, bool) or not isinstance(candidate, int | str | tuple | list):
-        raise ValueError(
+        raise BadArgument(
             f"Prompt {prompt}: candidate {candidate!r} must be a string, a token id or a tuple "
             "of them (its forms)."
         )
@@ -395,7 +410,7 @@ def _forms(tokenizer: Any, candidate: Candidate, prompt: int) -> list[int]:
     if isinstance(candidate, str):
         word = candidate.lstrip()
         if not word:
-            raise ValueError(f"Prompt {prompt}: candidate {candidate!r} is blank.")
+            raise BadArgument(f"Prompt {prompt}: candidate {candidate!r} is blank.")
         cases = [word] if len(word) == 1 else [word, word[0].upper() + word[1:],
                                                word[0].lower() + word[1:]]  # fmt: skip
         texts, derived = [candidate, *(s + w for w in cases for s in ("", " "))], True
@@ -409,7 +424,7 @@ def _forms(tokenizer: Any, candidate: Candidate, prompt: int) -> list[int]:
         else:
             tokens = tokenizer(str(text), add_special_tokens=False)["input_ids"]
             if not tokens:
-                raise ValueError(f"Prompt {prompt}: candidate form {text!r} has no tokens.")
+                raise BadArgument(f"Prompt {prompt}: candidate form {text!r} has no tokens.")
             if derived:  # a bare space token ("Ġ", "▁"), which every candidate shares, says
                 # nothing: count the form by its first token with a letter in it
                 tokens = [t for t in tokens if tokenizer.decode([t]).strip()] or tokens[:1]
@@ -445,23 +460,23 @@ def _key_positions(
         return None
     if mode == "swap":
         if orig is None or target is None:
-            raise ValueError("mode='swap' needs orig= and target=: the two keys per prompt.")
+            raise BadArgument("mode='swap' needs orig= and target=: the two keys per prompt.")
         spec = [[o, t] for o, t in zip(orig, target, strict=True)]
     elif at is not None:
         spec = [list(r) if not isinstance(r, int) else [r] for r in at]
     elif orig is not None:
         spec = [[o] for o in orig]
     else:
-        raise ValueError("Key ablation needs at= (positions per prompt) or orig=.")
+        raise BadArgument("Key ablation needs at= (positions per prompt) or orig=.")
     rows = resolve_positions(spec, lengths, "Edit")
     for p, r in enumerate(rows):
         if len(set(r)) != len(r):
-            raise ValueError(
+            raise BadArgument(
                 f"Prompt {p}: the edited key positions {r} repeat; give distinct ones."
             )
     widths = {len(r) for r in rows}
     if len(widths) != 1:
-        raise ValueError("Give every prompt the same number of key positions to edit.")
+        raise BadArgument("Give every prompt the same number of key positions to edit.")
     return np.array(rows)
 
 

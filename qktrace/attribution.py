@@ -29,6 +29,9 @@ from typing import Any, Literal
 import numpy as np
 import xarray as xr
 
+from . import checks
+from .errors import BadArgument
+
 __all__ = ["as_basis", "attribute", "orthogonalize"]
 
 Side = Literal["query", "key"]
@@ -53,12 +56,12 @@ def as_basis(
     if isinstance(basis, xr.DataArray):
         if "head" in basis.dims:
             if head is None:
-                raise ValueError(
+                raise BadArgument(
                     f"{what} has a head dim: select one head, e.g. .sel(head='16.19')."
                 )
             if head not in basis["head"].values:
                 have = [str(x) for x in basis["head"].values]
-                raise ValueError(
+                raise BadArgument(
                     f"{what} has no head '{head}' (it has {have}): pass a basis for every "
                     "captured head, or capture only the heads it covers."
                 )
@@ -66,7 +69,7 @@ def as_basis(
         vector = [d for d in basis.dims if d in _VECTOR_DIMS]
         other = [d for d in basis.dims if d not in _VECTOR_DIMS]
         if len(vector) != 1 or len(other) > 1:
-            raise ValueError(
+            raise BadArgument(
                 f"{what} has dims {basis.dims}; expected one of {_VECTOR_DIMS} plus one component "
                 "dim (and optionally head). Select the other dims first, e.g. "
                 "sub.key_basis.sel(head='16.19', feature='order')."
@@ -76,7 +79,7 @@ def as_basis(
     if array.ndim == 1:
         array = array[:, None]
     if array.ndim != 2 or array.shape[0] != d_head:
-        raise ValueError(
+        raise BadArgument(
             f"{what} has shape {tuple(array.shape)}; expected [d_head, r] = [{d_head}, r] with "
             f"1 <= r <= {d_head} (one column per direction). A basis from an SVD of ΔC is "
             "U[:, :r] (query side) or V[:, :r] (key side), not their transposes."
@@ -85,7 +88,7 @@ def as_basis(
     if np.isnan(array).any() or not np.isfinite(array).all():
         raise ValueError(f"{what} has NaN/inf entries inside its columns: check how it was built.")
     if array.shape[1] == 0:
-        raise ValueError(f"{what} has no columns (rank 0): give it at least one direction.")
+        raise BadArgument(f"{what} has no columns (rank 0): give it at least one direction.")
     return array
 
 
@@ -185,23 +188,28 @@ def attribute(
     >>> parts.logit_part.sel(part="order").isel(query=0)  # doctest: +SKIP
     >>> float(parts.explained.mean())  # doctest: +SKIP
     """
+    checks.dataset("captured", captured, "the result of qktrace.capture")
+    checks.mapping("bases", bases, "one basis per subspace name, e.g. {'order': basis}")
+    checks.choice("side", side, ("query", "key"))
+    if scaling is not None:
+        checks.number("scaling", scaling, low=0, low_open=True, example="0.125")
     from .store import provenance
 
     if side not in ("query", "key"):
-        raise ValueError(f"side must be 'query' or 'key', not {side!r}.")
+        raise BadArgument(f"side must be 'query' or 'key', not {side!r}.")
     for name in ("q", "k"):
         if name not in captured:
-            raise ValueError(
+            raise BadArgument(
                 f"The captured Dataset has no `{name}`: pass the output of qktrace.qk "
                 "(q and k of the heads), not of qktrace.sums."
             )
     if not bases:
-        raise ValueError("No bases given: pass a dict name -> basis [d_head, r].")
+        raise BadArgument("No bases given: pass a dict name -> basis [d_head, r].")
     names = [str(n) for n in bases]
     if RESIDUAL in names:
-        raise ValueError(f"{RESIDUAL!r} names the remainder: call your subspace something else.")
+        raise BadArgument(f"{RESIDUAL!r} names the remainder: call your subspace something else.")
     if len(set(names)) != len(names):
-        raise ValueError(f"Subspace names must be unique, got {names}.")
+        raise BadArgument(f"Subspace names must be unique, got {names}.")
 
     q = captured["q"].transpose("prompt", "head", "query", "d_head").values.astype(np.float64)
     k = captured["k"].transpose("prompt", "head", "key", "d_head").values.astype(np.float64)

@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checks
+from .errors import BadArgument
 from .models import Head, Model, iter_batches
 from .remote import with_retries
 
@@ -66,7 +67,7 @@ def _token_ids(
         else:
             row = [int(t) for t in prompt]
         if not row:
-            raise ValueError(
+            raise BadArgument(
                 f"Prompt {first + i} ({prompt!r}) has no tokens: remove it or give it text."
             )
         ids.append(row)
@@ -116,11 +117,11 @@ def resolve_positions(
             return [[n - 1] for n in lengths]
         if spec == "all":
             return [list(range(n)) for n in lengths]
-        raise ValueError(
+        raise BadArgument(
             f"{what} positions must be 'last', 'all' or a list per prompt, not {spec!r}."
         )
     if len(spec) != len(lengths):
-        raise ValueError(
+        raise BadArgument(
             f"{what} positions were given for {len(spec)} prompts but there are {len(lengths)}: "
             "pass one position (or one list of positions) per prompt."
         )
@@ -132,7 +133,7 @@ def resolve_positions(
         for p in row:
             q = p + n if p < 0 else p
             if not 0 <= q < n:
-                raise ValueError(
+                raise BadArgument(
                     f"{what} position {p} is outside prompt {first + i}, which has {n} tokens "
                     f"(valid: 0..{n - 1} or -{n}..-1). Check how the position was computed "
                     "(chat template, special tokens) or shorten the list."
@@ -247,6 +248,12 @@ class Plan:
 Check = Callable[[int, list[int], list[list[int]], list[list[int]]], None]
 
 
+def _vocab_size(model: Model) -> int | None:
+    """The number of token ids the model embeds (None when its config does not say)."""
+    size = getattr(getattr(model.lm, "config", None), "vocab_size", None)
+    return size if isinstance(size, int) and size > 0 else None
+
+
 def prepare(
     model: Model,
     prompts: Sequence[PromptInput],
@@ -272,12 +279,15 @@ def prepare(
     import hashlib
     import json
 
+    checks.model("model", model)
     checks.prompts("prompts", prompts)
+    checks.token_ids("prompts", prompts, _vocab_size(model))
     checks.integer("batch_size", batch_size, low=1, example="16")
+    checks.flag("add_special_tokens", add_special_tokens)
     for spec, what in ((query, "Query"), (keys, keys_name)):
         checks.positions(_ARGUMENT.get(what, what.lower()), spec, len(prompts))
         if not isinstance(spec, str) and len(spec) != len(prompts):
-            raise ValueError(
+            raise BadArgument(
                 f"{what} positions were given for {len(spec)} prompts but there are "
                 f"{len(prompts)}: pass one position (or one list of positions) per prompt."
             )
@@ -301,7 +311,7 @@ def prepare(
         q_width = max(q_width, *(len(p) for p in q_pos))
         k_width = max(k_width, *(len(p) for p in k_pos))
     if k_width == 0:
-        raise ValueError("No key positions given: pass at least one key position per prompt.")
+        raise BadArgument("No key positions given: pass at least one key position per prompt.")
     return Plan(
         model,
         prompts,
@@ -409,7 +419,7 @@ def _check_context(model: Model, lengths: Sequence[int], start: int) -> None:
         return
     for i, n in enumerate(lengths):
         if n > limit:
-            raise ValueError(
+            raise BadArgument(
                 f"Prompt {start + i} has {n} tokens, more than {model.name}'s context of {limit}: "
                 "shorten it (fewer items or entities) or use a model with a longer context."
             )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,6 +25,7 @@ __all__ = [
     "BadArgumentType",
     "choice",
     "finite",
+    "fits_in_memory",
     "integer",
     "number",
     "one_per_prompt",
@@ -31,8 +33,6 @@ __all__ = [
     "prompts",
     "unique",
 ]
-
-
 
 
 def _name(name: str, flag: str | None) -> str:
@@ -228,3 +228,136 @@ def unique(name: str, values: Sequence[Any], flag: str | None = None) -> list[An
             "give each once."
         )
     return list(values)
+
+
+def memory_bytes() -> int:
+    """This machine's physical memory in bytes (what a run may allocate at most)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, OSError, ValueError):
+        return 2**36  # 64 GiB where the system does not say
+
+
+def fits_in_memory(
+    name: str,
+    value: int,
+    bytes_each: float,
+    what: str,
+    *,
+    flag: str | None = None,
+    example: str = "10",
+) -> int:
+    """Refuse a size whose run would allocate more than this machine's memory, before any work.
+
+    `bytes_each` is what one unit of `value` costs (e.g. one random subspace: d_head^2 floats);
+    `what` says what is allocated, for the message.
+    """
+    need, have = value * bytes_each, memory_bytes()
+    if need > have:
+        raise BadArgument(
+            f"{name}={value} {'(CLI ' + flag + ') ' if flag else ''}is too large: the run "
+            f"would allocate about "
+            f"{_size(need)} for {what}, more than this machine's {_size(have)} of memory; "
+            f"pass e.g. {name}={example}."
+        )
+    return value
+
+
+def _size(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            return f"{n:.3g} {unit}"
+        n /= 1024
+    return f"{n:.3g} EiB"
+
+
+def model(name: str, value: Any) -> Any:
+    """A model loaded with `qktrace.load` (a `qktrace.models.Model`)."""
+    from .models import Model
+
+    if not isinstance(value, Model):
+        raise BadArgumentType(
+            f"{name} is a {type(value).__name__} ({_shown(value)}), not a model loaded with "
+            f"qktrace.load; pass {name}=qktrace.load('<hub id or path>')."
+        )
+    return value
+
+
+def flag(name: str, value: Any) -> bool:
+    """A bool (numpy's too); 1, "yes" and None are refused."""
+    if not isinstance(value, bool | np.bool_):
+        raise BadArgumentType(
+            f"{name}={_shown(value)} ({type(value).__name__}) is not a bool; pass True or False."
+        )
+    return bool(value)
+
+
+def path(name: str, value: Any, *, optional: bool = False) -> Any:
+    """A non-empty str or os.PathLike (None too when `optional`)."""
+    if value is None and optional:
+        return None
+    if isinstance(value, bytes) or not isinstance(value, str | os.PathLike):
+        raise BadArgumentType(
+            f"{name}={_shown(value)} ({type(value).__name__}) is not a path; pass a str or "
+            "pathlib.Path" + (", or None" if optional else "") + "."
+        )
+    if not os.fspath(value).strip():
+        raise BadArgument(f"{name} is an empty path; pass a path, e.g. {name}='out/run.zarr'.")
+    return value
+
+
+def dataset(name: str, value: Any, what: str) -> Any:
+    """An xarray Dataset; `what` says which (e.g. "the sums of qktrace.reduce")."""
+    import xarray as xr
+
+    if not isinstance(value, xr.Dataset):
+        raise BadArgumentType(
+            f"{name} is a {type(value).__name__} ({_shown(value)}), not an xarray.Dataset; pass "
+            f"{what}."
+        )
+    return value
+
+
+def mapping(name: str, value: Any, what: str) -> Any:
+    """A non-empty mapping, e.g. head -> basis."""
+    from collections.abc import Mapping
+
+    if not isinstance(value, Mapping):
+        raise BadArgumentType(
+            f"{name} is a {type(value).__name__} ({_shown(value)}), not a mapping; pass {what}."
+        )
+    if not value:
+        raise BadArgument(f"{name} is empty; pass {what}.")
+    return value
+
+
+def token_ids(name: str, prompts: Any, vocab_size: int | None) -> None:
+    """Prompts given as token ids: every id in [0, vocab_size) (the model's embedding rows)."""
+    if not vocab_size:
+        return
+    for i, prompt in enumerate(prompts):
+        if isinstance(prompt, str):
+            continue
+        for token in prompt:
+            if not 0 <= int(token) < vocab_size:
+                raise BadArgument(
+                    f"{name}[{i}] holds token id {int(token)}, outside the model's vocabulary "
+                    f"(ids 0..{vocab_size - 1}); pass ids from its tokenizer "
+                    "(model.tokenizer(text)['input_ids'])."
+                )
+
+
+def one_int_per_prompt(
+    name: str, value: Any, n_prompts: int, what: str, *, low: int | None = None
+) -> list[int]:
+    """One int per prompt (e.g. the index of each prompt's answer), each >= `low` if given."""
+    one_per_prompt(name, value, n_prompts, what)
+    for i, item in enumerate(value):
+        if isinstance(item, bool) or not isinstance(item, numbers.Integral):
+            raise BadArgumentType(
+                f"{name}[{i}] is {_shown(item)} ({type(item).__name__}), not an int; pass one "
+                f"{what} (an int) per prompt."
+            )
+        if low is not None and item < low:
+            raise BadArgument(f"{name}[{i}]={int(item)} must be >= {low}; pass one {what} per prompt.")
+    return [int(v) for v in value]

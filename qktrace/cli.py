@@ -13,7 +13,9 @@ Studies are found through the registry `studies.STUDIES` (name -> module with a 
 
 from __future__ import annotations
 
+import errno
 import importlib
+import os
 import shlex
 import time
 from collections.abc import Callable
@@ -21,6 +23,8 @@ from pathlib import Path
 from typing import Annotated, NoReturn
 
 import typer
+
+from qktrace.locks import lock_path
 
 app = typer.Typer(
     name="qktrace",
@@ -56,7 +60,10 @@ def _fail(message: str, code: int = 1) -> NoReturn:
 
     Code 2 for bad arguments (as click uses), 1 for a run that could not be done.
     """
-    typer.secho(f"Error: {message}", err=True, fg="red")
+    from qktrace.summary import printable
+
+    # a message may quote a store's attrs or paths: no escape sequence reaches the terminal
+    typer.secho(f"Error: {printable(message, limit=4000, keep=chr(10))}", err=True, fg="red")
     raise typer.Exit(code)
 
 
@@ -96,31 +103,116 @@ def _out_dir(out: str, store_name: str) -> Path:
             "store is not written inside the old one.",
             2,
         )
+    if path.is_symlink() and not path.exists():
+        _fail(
+            f"--out {out} is a symbolic link to {os.readlink(path)}, which does not exist; make "
+            "the link point to a folder, or pass another --out.",
+            2,
+        )
+    _check_writable(path, out)
+    lock = lock_path(path / store_name)
+    if lock.is_dir() and not lock.is_symlink():
+        _fail(
+            f"--out {out}: the lock file {lock} of {store_name} is a folder, so no run can lock "
+            f"the output; remove it (rmdir {shlex.quote(str(lock))}) and rerun.",
+            2,
+        )
     return path
 
 
-def _run(job: Callable[[], Path], ctx: typer.Context, kept: str | Callable[[], str]) -> Path:
+def _check_writable(path: Path, out: str) -> None:
+    """Create --out and a file in it, so a read-only or full disk stops the run before any
+    work rather than after it."""
+    import tempfile
+
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".qktrace-write-test-"):
+            pass
+    except OSError as err:
+        _fail(f"--out {out} cannot be written ({_os_reason(err)}); pass a folder you can write "
+              "to, e.g. -o out/organism.", 2)  # fmt: skip
+
+
+def _os_reason(err: OSError) -> str:
+    """What an OSError says, without the repeated path: "read-only file system" (EROFS)."""
+    name = errno.errorcode.get(err.errno or 0, type(err).__name__)
+    return f"{(err.strerror or str(err)).lower()}, {name}"
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what schedulers and `timeout` send), raised where Ctrl-C would be, so a run
+    keeps its checkpoints the same way."""
+
+
+# errors of the output's file system: the run's data is fine, its --out is not
+_OUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
+_PATH_ERRNOS = {errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.ENOENT, errno.ELOOP}
+
+
+def _run(
+    job: Callable[[], Path],
+    ctx: typer.Context,
+    kept: str | Callable[[], str],
+    out: Path | None = None,
+) -> Path:
     """Run a job, mapping every failure to one ``Error:`` line and its exit status.
 
-    2: a bad argument (`qktrace.checks`) or an --out that cannot be used; 1: a run that cannot
-    be done (another run holds the output, a damaged store, a failing model or server);
-    130: Ctrl-C, after saying what is kept (`kept`).
+    The status of a `QktraceError` is its class's (`qktrace.errors`: 2 a bad argument or
+    study, 1 a store or server that fails); 2 also for an --out that cannot be written (disk
+    full, read-only, a path that is a file), after saying what is kept (`kept`); 130 for
+    Ctrl-C and 143 for SIGTERM, each after saying what is kept.
     """
+    import signal
+
     from qktrace import store
     from qktrace.errors import QktraceError
 
+    def said() -> str:
+        return kept() if callable(kept) else kept
+
+    def terminate(signum: int, frame: object) -> None:
+        raise Terminated()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, terminate)
+    except ValueError:  # not the main thread: SIGTERM keeps its default
+        previous = None
     try:
         with store.rewritten_by(_command_line(ctx)):
             return job()
+    except Terminated:
+        _fail(f"terminated (SIGTERM). {said()}; rerun the same command to resume.", 143)
     except KeyboardInterrupt:
-        said = kept() if callable(kept) else kept
-        _fail(f"interrupted. {said}; rerun the same command to resume.", 130)
+        _fail(f"interrupted. {said()}; rerun the same command to resume.", 130)
     except QktraceError as err:
         _fail(str(err), err.exit_code)
     except FileExistsError as err:
         _fail(f"--out: {err}", 2)
-    except (ValueError, RuntimeError, OSError, FloatingPointError, KeyError, TypeError) as err:
+    except OSError as err:
+        where = Path(err.filename) if isinstance(err.filename, str) else None
+        inside = out is not None and where is not None and _inside(where, out)
+        if err.errno in _OUT_ERRNOS or (err.errno in _PATH_ERRNOS and inside):
+            _fail(
+                f"cannot write to --out {out if out is not None else ''}: {_os_reason(err)}"
+                f"{f' ({where})' if where else ''}. {said()}; free space or fix the folder "
+                "(or pass another --out), then rerun the same command to resume.",
+                2,
+            )
         _fail(str(err).strip("'\""))
+    except (ValueError, RuntimeError, FloatingPointError, KeyError, TypeError) as err:
+        _fail(str(err).strip("'\""))
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    """Whether `path` is `folder` or lies in it (absolute or relative to the working folder)."""
+    try:
+        return Path(os.path.abspath(path)).is_relative_to(os.path.abspath(folder))
+    except ValueError:
+        return False
 
 
 def _study(name: str):  # noqa: ANN202 - a module
@@ -196,6 +288,7 @@ def toy(
         ),  # fmt: skip
         ctx,
         lambda: _toy_kept(directory),
+        directory,
     )
     where = f" and figures in {directory}" if figures else ""
     typer.echo(f"wrote {path}{where} ({time.perf_counter() - start:.0f} s)")
@@ -445,7 +538,7 @@ def study(
         "n_prompts": n_prompts,
         "n_test": n_test,
         "n_pairs": n_pairs,
-        "categories": categories.split(",") if categories else None,
+        "categories": _comma_list(categories, "--categories"),
         "answer_lead_in": answer_lead_in,
         "batch_size": batch_size,
         "n_random": n_random,
@@ -479,6 +572,7 @@ def study(
         ),
         ctx,
         f"Completed batches are kept next to {directory / store_name}.zarr",
+        directory,
     )
     from qktrace import store
     from qktrace.summary import summarize
@@ -488,24 +582,52 @@ def study(
     typer.echo(f"\nwrote {path}{where} ({time.perf_counter() - start:.0f} s)")
 
 
+def _comma_list(text: str | None, flag: str) -> list[str] | None:
+    """ "fruit, animal" -> ["fruit", "animal"] (spaces around commas dropped); None if not given."""
+    if text is None:
+        return None
+    items = [item.strip() for item in text.split(",")]
+    if "" in items:
+        _fail(f"{flag} {text!r} has an empty entry; write names separated by commas, e.g. "
+              f"{flag} fruit,animal.", 2)  # fmt: skip
+    return items
+
+
+# the object-box pairs a prompt can have: at least 2, at most one per letter A..Z
+PAIRS_RANGE = (2, 26)
+
+
 # `qktrace eval`'s defaults: sized to finish in about 3 minutes for SmolLM2 on 2 CPU cores
 EVAL_N = 30
 EVAL_PAIRS = "2,5,9"
 
 
 def _parse_pairs(spec: str) -> list[int]:
-    """ "2-9" or "2,3,4" -> [2, ..., 9] / [2, 3, 4]."""
+    """ "2-9" or "2,3,4" (spaces allowed) -> [2, ..., 9] / [2, 3, 4]; refused before any work."""
+    low_ok, high_ok = PAIRS_RANGE
+    fix = f"write a range like 2-9 or a list like 2,3,4 (each from {low_ok} to {high_ok})"
+    text = "".join(spec.split())
     try:
-        if "-" in spec:
-            low, high = (int(x) for x in spec.split("-"))
-            return list(range(low, high + 1))
-        return [int(x) for x in spec.split(",")]
+        if "-" in text:
+            low, high = (int(x) for x in text.split("-"))
+            if low > high:
+                _fail(f"--pairs {spec!r} is a reversed range; write {high}-{low}.", 2)
+            counts = list(range(low, high + 1))
+        else:
+            counts = [int(x) for x in text.split(",")]
     except ValueError:
-        _fail(f"--pairs {spec!r}: write a range like 2-9 or a list like 2,3,4.", 2)
+        _fail(f"--pairs {spec!r}: {fix}.", 2)
+    bad = [k for k in counts if not low_ok <= k <= high_ok]
+    if bad:
+        _fail(f"--pairs {spec!r} asks for {bad[0]} pairs; {fix}.", 2)
+    if len(set(counts)) < len(counts):
+        _fail(f"--pairs {spec!r} lists a number of pairs more than once; give each once.", 2)
+    return counts
 
 
 @app.command("eval")
 def evaluate(
+    ctx: typer.Context,
     model: Annotated[
         str | None,
         typer.Option(
@@ -573,16 +695,29 @@ def evaluate(
 
     Examples: qktrace eval -m smollm2 -o out/smollm2 ;  qktrace eval --n 100 --pairs 2-9
     """
-    from qktrace import store
+    from contextlib import nullcontext
+
+    from qktrace import checks, store
     from qktrace.evaluation import evaluate as run_eval
     from qktrace.evaluation import format_table, plot
+    from qktrace.locks import writing
     from qktrace.models import load
 
     if remote and remote_local:
         _fail("--remote and --remote-local exclude each other; give one of them, or neither.", 2)
     if n < 1:
         _fail(f"--n {n}: pass at least 1 prompt per task.", 2)
-    target = None if out is None else out / "eval.zarr"
+    pair_counts = _parse_pairs(pairs)
+    try:
+        checks.integer("batch_size", batch_size, low=1, flag="--batch-size", example="16")
+        n_groups = 2 * len(pair_counts) + 3  # as qktrace.evaluation.evaluate counts them
+        checks.fits_in_memory("n", n, 64 * 2**10 * n_groups,
+                              f"{n_groups} groups of prompts and scores", flag="--n",
+                              example="100")  # fmt: skip
+    except checks.BadArgument as err:
+        _fail(str(err), 2)
+    directory = None if out is None else _out_dir(str(out), "eval.zarr")
+    target = None if directory is None else directory / "eval.zarr"
     if target is not None and target.exists() and not overwrite:
         _fail(f"--out: {target} already exists; pass --overwrite or another --out.", 2)
     if model is None:
@@ -590,25 +725,29 @@ def evaluate(
 
         model = str(organism.path())
     mode: bool | str = True if remote else "local" if remote_local else False
-    pair_counts = _parse_pairs(pairs)
-    try:
-        lm = load(model, remote=mode)
-        ds = run_eval(
-            lm,
-            n=n,
-            pairs=pair_counts,
-            groups=[g.strip() for g in groups.split(",")] if groups else None,
-            chat=chat,
-            batch_size=batch_size,
-            progress=not quiet,
-        )
-    except (ValueError, RuntimeError, OSError) as err:
-        _fail(str(err).strip("'\""))
-    typer.echo(format_table(ds))
-    if target is not None:
-        store.save(ds, target, overwrite=overwrite)
-        plot(ds, out / "eval.png")
-        typer.echo(f"\nwrote {target} and {out / 'eval.png'}")
+
+    def job() -> Path | None:
+        with nullcontext() if target is None else writing(target):
+            lm = load(model, remote=mode)
+            ds = run_eval(
+                lm,
+                n=n,
+                pairs=pair_counts,
+                groups=_comma_list(groups, "--groups"),
+                chat=chat,
+                batch_size=batch_size,
+                progress=not quiet,
+            )
+            typer.echo(format_table(ds))
+            if target is not None:
+                store.save(ds, target, overwrite=overwrite)
+                plot(ds, target.parent / "eval.png")
+        return target
+
+    written = _run(job, ctx, "Nothing is kept (eval writes its results only at the end)",
+                   directory)  # fmt: skip
+    if written is not None:
+        typer.echo(f"\nwrote {written} and {written.parent / 'eval.png'}")
 
 
 organism_app = typer.Typer(
@@ -661,7 +800,7 @@ def organism_eval(
         results = evaluate(
             None if model is None else str(model),
             n=n,
-            groups=[g.strip() for g in groups.split(",")] if groups else None,
+            groups=_comma_list(groups, "--groups"),
         )
     except (OSError, ValueError) as err:
         _fail(str(err))
@@ -676,6 +815,46 @@ def organism_eval(
 
 
 @app.command()
+def plot(
+    path: Annotated[Path, typer.Argument(help="A study's store (OUT/NAME.zarr).")],
+    study_file: Annotated[
+        str | None,
+        typer.Option(
+            "--study",
+            help="Your own study's file (FILE.py[:attr]) [default: found by the store's name "
+            "for filter-heads, order-id, lexical].",
+        ),
+    ] = None,
+) -> None:
+    """Draw a study's figures again from its complete store (e.g. after drawing them failed).
+
+    Example: qktrace plot out/binding/order_id.zarr
+    """
+    from qktrace import store
+    from qktrace.errors import QktraceError
+    from qktrace.pipeline import StudyError, draw, load_study
+
+    try:
+        ds = store.open(path)
+        name = str(ds.attrs.get("study") or "")
+        if study_file is not None:
+            declared = load_study(study_file)
+        elif name.replace("_", "-") in _model_studies():
+            declared = importlib.import_module(_model_studies()[name.replace("_", "-")]).study
+        else:
+            raise StudyError(
+                f"{path} was written by study {name!r}, not one of "
+                f"{', '.join(_model_studies())}; pass its file: qktrace plot {path} --study FILE.py"
+            )
+        paths = draw(declared, path)
+    except QktraceError as err:
+        _fail(str(err), err.exit_code)
+    except (OSError, ValueError) as err:
+        _fail(str(err), 2)
+    typer.echo("wrote " + ", ".join(str(p) for p in paths))
+
+
+@app.command()
 def show(
     path: Annotated[Path, typer.Argument(help="A store written by qktrace (a .zarr directory).")],
 ) -> None:
@@ -685,12 +864,13 @@ def show(
     Example: qktrace show out/binding/order_id.zarr
     """
     from qktrace import store
+    from qktrace.errors import QktraceError
     from qktrace.summary import summarize
 
     try:
         ds = store.open(path, checksums=True)
-    except store.StoreDamagedError as err:
-        _fail(str(err), 1)
+    except QktraceError as err:
+        _fail(str(err), err.exit_code)
     except (OSError, ValueError) as err:
         _fail(str(err), 2)
     if not ds.data_vars:

@@ -53,6 +53,7 @@ import torch
 import xarray as xr
 
 from . import checks, ops
+from .errors import BadArgument, MissingVariable
 
 __all__ = [
     "CONTRASTS",
@@ -99,10 +100,10 @@ def rank_for_threshold(
     _check_threshold(threshold)
     s = np.asarray(singular_values, dtype=np.float64)
     if s.ndim != 1:
-        raise ValueError(f"singular_values must be 1-D, got shape {s.shape}; pass one spectrum.")
+        raise BadArgument(f"singular_values must be 1-D, got shape {s.shape}; pass one spectrum.")
     s = s[~np.isnan(s)]
     if np.any(np.diff(s) > 1e-12 * max(float(np.abs(s).max(initial=0.0)), 1.0)):
-        raise ValueError(
+        raise BadArgument(
             "singular_values must be in decreasing order, as np.linalg.svd returns them."
         )
     return int(_ranks(s[None, :], threshold)[0])
@@ -243,7 +244,7 @@ class Subspace:
         """
         extra = [d for d in ds["rank"].dims]
         if extra:
-            raise ValueError(
+            raise BadArgument(
                 f"from_dataset needs one subspace, but rank still has dims {extra}; select one "
                 f"first, e.g. ds.sel({', '.join(f'{d}=...' for d in extra)})."
             )
@@ -293,7 +294,7 @@ def decompose_matrices(
     c_pos = np.asarray(c_pos, dtype=np.float64)
     c_neg = np.asarray(c_neg, dtype=np.float64)
     if c_pos.shape != c_neg.shape or c_pos.ndim != 2:
-        raise ValueError(
+        raise BadArgument(
             f"c_pos {c_pos.shape} and c_neg {c_neg.shape} must be matrices of the same shape (dq, dk)."
         )
     delta_c = c_pos - c_neg
@@ -341,7 +342,7 @@ def empty_sums(heads: Sequence[Hashable], features: Sequence[str], d_head: int) 
     heads, features = list(heads), [str(f) for f in features]
     for name, values in (("heads", heads), ("features", features)):
         if not values or len(set(values)) != len(values):
-            raise ValueError(f"{name} must be a non-empty list of distinct labels, got {values!r}.")
+            raise BadArgument(f"{name} must be a non-empty list of distinct labels, got {values!r}.")
     shape = (len(heads), len(features), len(CONTRASTS))
     dims = ("head", "feature", "contrast")
     return xr.Dataset(
@@ -390,20 +391,20 @@ def add_pairs(
     q = np.asarray(q, dtype=np.float64)
     k = np.asarray(k, dtype=np.float64)
     if q.ndim != 2 or k.ndim != 2 or q.shape[0] != k.shape[0]:
-        raise ValueError(
+        raise BadArgument(
             f"q {q.shape} and k {k.shape} must be (pairs, dq) and (pairs, dk) with the same number "
             "of rows; row i of q and row i of k form one pair."
         )
     if contrast not in CONTRASTS:
-        raise ValueError(f"contrast={contrast!r}: use 'positive' or 'negative'.")
+        raise BadArgument(f"contrast={contrast!r}: use 'positive' or 'negative'.")
     for dim, label in (("head", head), ("feature", feature)):
         if label not in sums.indexes[dim]:
-            raise KeyError(
+            raise MissingVariable(
                 f"{dim}={label!r} is not in the sums ({list(sums.indexes[dim])}); "
                 f"create the sums with it in empty_sums."
             )
     if q.shape[1] != sums.sizes["dq"] or k.shape[1] != sums.sizes["dk"]:
-        raise ValueError(
+        raise BadArgument(
             f"q has {q.shape[1]} and k {k.shape[1]} columns but the sums are "
             f"dq={sums.sizes['dq']}, dk={sums.sizes['dk']}."
         )
@@ -420,7 +421,7 @@ def _count_name(sums: xr.Dataset) -> str:
     for name in _COUNT_NAMES:
         if name in sums:
             return name
-    raise KeyError(
+    raise MissingVariable(
         f"the sums have no pair count (variables: {list(sums.data_vars)}); expected "
         "'pair_count' (head, feature, contrast) as made by empty_sums or qktrace.sums."
     )
@@ -465,6 +466,8 @@ def decompose(sums: xr.Dataset, *, threshold: float = 0.99, centered: bool = Fal
     >>> out["rank"].sel(head=0, feature="z").item()
     4
     """
+    checks.dataset("sums", sums, "the sums of qktrace.reduce (or empty_sums/add_pairs)")
+    checks.flag("centered", centered)
     from .store import provenance
 
     _check_threshold(threshold)
@@ -495,7 +498,7 @@ def decompose(sums: xr.Dataset, *, threshold: float = 0.99, centered: bool = Fal
         delta_c = c[..., pos, :, :] - c[..., neg, :, :]
     else:  # `qktrace.reduce(..., delta=True)` summed ΔC itself
         if sums.attrs.get("partial"):
-            raise ValueError(
+            raise BadArgument(
                 f"these ΔC sums are {sums.attrs['partial']}. With delta=True each pair was "
                 "weighted by the full run's counts, so a partial ΔC is scaled wrong; finish the "
                 "run before decompose."
@@ -545,7 +548,7 @@ def _check_counts(count: xr.DataArray) -> None:
         }
         contrast = where.pop("contrast")
         place = ", ".join(f"{d}={v!r}" for d, v in where.items())
-        raise ValueError(
+        raise BadArgument(
             f"No {contrast} pairs for {place}: ΔC = C+ - C- needs both kinds. Add {contrast} "
             "pairs for it (check its labels), or drop it from the sums, e.g. "
             f"sums.drop_sel(feature={where.get('feature')!r})."
@@ -623,17 +626,17 @@ def permutation_null(
     k = np.asarray(k, dtype=np.float64)
     labels = np.asarray(is_positive, dtype=bool)
     if q.ndim != 2 or k.ndim != 2 or not (q.shape[0] == k.shape[0] == labels.shape[0]):
-        raise ValueError(
+        raise BadArgument(
             f"q {q.shape}, k {k.shape} and is_positive {labels.shape} must have one row per pair."
         )
     n_pos = int(labels.sum())
     n_neg = labels.size - n_pos
     if n_pos == 0 or n_neg == 0:
-        raise ValueError(
+        raise BadArgument(
             f"is_positive has {n_pos} positive and {n_neg} negative pairs; ΔC needs both kinds."
         )
     if n_permutations < 1:
-        raise ValueError(f"n_permutations={n_permutations}; pass at least 1 (e.g. 100).")
+        raise BadArgument(f"n_permutations={n_permutations}; pass at least 1 (e.g. 100).")
 
     total = q.T @ k  # sum over all pairs, shared by every permutation
 
@@ -705,7 +708,7 @@ def random_subspaces(d: int, rank: int, n: int, seed: int = 0) -> np.ndarray:
     ((10, 8, 3), True)
     """
     if not 0 < rank <= d:
-        raise ValueError(f"rank={rank} must be between 1 and d={d}.")
+        raise BadArgument(f"rank={rank} must be between 1 and d={d}.")
     gaussian = np.random.default_rng(seed).normal(size=(n, d, rank))
     basis, r = np.linalg.qr(gaussian)
     # fix the signs so the draw is a uniform (Haar) sample

@@ -38,3 +38,10 @@ class StoreError(QktraceError, ValueError):
 
 class RemoteFailed(QktraceError, RuntimeError):
     """The NDIF server could not be reached or kept failing; completed batches are kept."""
+
+
+class MissingVariable(BadArgument, KeyError):
+    """A Dataset argument lacks a variable or label the verb needs (a KeyError too)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""

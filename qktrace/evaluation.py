@@ -36,8 +36,9 @@ import torch
 import xarray as xr
 from tqdm.auto import tqdm
 
-from . import ops
+from . import checks, ops
 from .batching import encode
+from .errors import BadArgument, BadArgumentType
 from .intervals import wilson
 from .models import Model, iter_batches
 from .prompts import Prompt, boxes_prompts, filter_prompts, locate
@@ -77,7 +78,7 @@ def candidates(prompt: Prompt) -> tuple[list[str], list[bool]]:
     items, cats = list(meta["items"]), list(meta["item_categories"])
     asked = [i for i, c in enumerate(cats) if c == meta["asked"]]
     if not asked:
-        raise ValueError(f"Prompt {prompt.text[:60]!r}... lists no item of its asked category.")
+        raise BadArgument(f"Prompt {prompt.text[:60]!r}... lists no item of its asked category.")
     keep = {"first": asked[:1], "last": asked[-1:]}.get(meta["question"], asked)
     return items, [i in keep for i in range(len(items))]
 
@@ -133,16 +134,40 @@ def evaluate(
     >>> ds = qktrace.evaluation.evaluate(qktrace.load("smollm2"), n=40)  # doctest: +SKIP
     >>> print(qktrace.evaluation.format_table(ds))  # doctest: +SKIP
     """
+    checks.model("model", model)
+    checks.integer("n", n, example="100")
+    checks.integer("batch_size", batch_size, low=1, example="16")
+    checks.integer("seed", seed, low=0, example="10_000")
+    checks.flag("progress", progress)
+    if chat is not None:
+        checks.flag("chat", chat)
+    if isinstance(pairs, str | bytes) or not isinstance(pairs, Sequence | range) or not pairs:
+        raise BadArgumentType(f"pairs={pairs!r} is not a list of pair counts; pass e.g. [2, 3].")
+    for k in pairs:
+        checks.integer("pairs[...]", k, low=2, high=26, example="9")
+    if groups is not None:
+        if isinstance(groups, str | bytes) or not all(isinstance(g, str) for g in groups):
+            raise BadArgumentType(f"groups={groups!r} is not a list of str; pass e.g. ['boxes'].")
+        names = [f"{t} n={k}" for t in ("boxes", "order-id") for k in pairs]
+        names += [f"filter {q}" for q in ("all", "first", "last")]
+        if not any(name.startswith(g) for g in groups for name in names):
+            raise BadArgument(
+                f"groups={list(groups)} match no group; names start with 'boxes n=K', "
+                "'order-id n=K' or 'filter all|first|last'."
+            )
+    n_groups = 2 * len(pairs) + 3
+    checks.fits_in_memory("n", n, 64 * 2**10 * n_groups, f"{n_groups} groups of prompts and scores",
+                          flag="--n", example="100")  # fmt: skip
     if n < 1:
-        raise ValueError(f"n={n}: pass at least 1 prompt per group (CLI: --n).")
+        raise BadArgument(f"n={n}: pass at least 1 prompt per group (CLI: --n).")
     bad = [k for k in pairs if not 1 <= int(k) <= 26]
     if bad or not pairs:
-        raise ValueError(f"pairs={list(pairs)}: give numbers of pairs between 2 and 26.")
+        raise BadArgument(f"pairs={list(pairs)}: give numbers of pairs between 2 and 26.")
     sets = task_sets(n, pairs=pairs, seed=seed)
     if groups is not None:
         sets = {k: v for k, v in sets.items() if any(k.startswith(g) for g in groups)}
         if not sets:
-            raise ValueError(
+            raise BadArgument(
                 f"groups={list(groups)} match no group; names start with 'boxes n=K', "
                 "'order-id n=K' or 'filter all|first|last'."
             )

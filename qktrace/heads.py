@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import xarray as xr
 
-from . import ops
+from . import checks, ops
 from .batching import (
     Batch,
     Check,
@@ -38,6 +38,7 @@ from .batching import (
     resolve_positions,
     run,
 )
+from .errors import BadArgument, BadArgumentType
 from .models import Head, Model
 
 __all__ = ["find_heads", "rank_heads"]
@@ -96,18 +97,30 @@ def find_heads(
     >>> best.to_dataframe()  # doctest: +SKIP
     >>> heads = list(best["head"].values[:3])  # e.g. ["16.1", "17.24", "20.1"]  # doctest: +SKIP
     """
+    checks.model("model", model)
+    checks.flag("progress", progress)
+    checks.prompts("prompts", prompts)
+    checks.one_int_per_prompt("answer", answer, len(prompts), "token position")
+    if top is not None:
+        checks.integer("top", top, low=1, example="5")
+    if layers is not None:
+        if isinstance(layers, str | bytes) or not isinstance(layers, Sequence | range):
+            raise BadArgumentType(f"layers={layers!r} is not a list of layers; pass e.g. [0, 1].")
+        for layer in layers:
+            checks.integer("layers[...]", layer)
+            model.check_layer(layer)
     if by not in SCORES:
-        raise ValueError(f"by must be one of {SCORES}, not {by!r}.")
+        raise BadArgument(f"by must be one of {SCORES}, not {by!r}.")
     if top is not None and top < 1:
-        raise ValueError(f"top must be >= 1 (or None for every head), got {top}.")
+        raise BadArgument(f"top must be >= 1 (or None for every head), got {top}.")
     if isinstance(answer, str) or len(answer) != len(prompts):
-        raise ValueError(
+        raise BadArgument(
             f"answer must give one token position per prompt ({len(prompts)} prompts), "
             f"got {answer!r}."
         )
     layers = list(range(model.n_layers)) if layers is None else sorted(set(int(x) for x in layers))
     if not layers:
-        raise ValueError("layers is empty: pass at least one layer, or None for all.")
+        raise BadArgument("layers is empty: pass at least one layer, or None for all.")
     for layer in layers:
         model.check_layer(layer)
     plan = prepare(
@@ -187,7 +200,7 @@ def _check_answers(answer: Sequence[int]) -> Check:
         start: int, lengths: list[int], query: list[list[int]], keys: list[list[int]]
     ) -> None:
         if any(len(row) != 1 for row in query):
-            raise ValueError("find_heads takes one query position per prompt (e.g. query='last').")
+            raise BadArgument("find_heads takes one query position per prompt (e.g. query='last').")
         _slots(start, lengths, answer, keys)
 
     return check
@@ -208,9 +221,9 @@ def _slots(
     for i, row in enumerate(rows):
         candidates = keys[i]
         if len(row) != 1:
-            raise ValueError(f"Answer of prompt {start + i} is {row}: give one position.")
+            raise BadArgument(f"Answer of prompt {start + i} is {row}: give one position.")
         if row[0] not in candidates:
-            raise ValueError(
+            raise BadArgument(
                 f"Prompt {start + i}: the answer position {row[0]} is not among its "
                 f"candidate keys {[c for c in candidates if c >= 0]}: add it to keys=."
             )

@@ -89,6 +89,7 @@ import xarray as xr
 from . import checks, ops
 from .attribution import as_basis, orthogonalize
 from .batching import Batch, Positions, PromptInput, prepare, resolve_positions, run
+from .errors import BadArgument, BadArgumentType
 from .models import Head, Model, parse_heads
 
 __all__ = ["Edit", "intervene", "intervene_captured"]
@@ -254,6 +255,19 @@ def intervene(
     >>> fx.flip_rate.to_series()  # doctest: +SKIP
     >>> fx.delta_p_target.where(fx.random).mean()  # doctest: +SKIP
     """
+    checks.model("model", model)
+    for flag_name, value in (("verify", verify), ("progress", progress)):
+        checks.flag(flag_name, value)
+    checks.integer("n_random", n_random, low=0, example="10")
+    checks.fits_in_memory("n_random", n_random, 8 * model.d_head**2, "its random subspaces")
+    checks.integer("seed", seed, low=0, example="0")
+    if isinstance(basis, str | bytes) or not hasattr(basis, "__len__"):
+        raise BadArgumentType(
+            f"basis={basis!r} ({type(basis).__name__}) is not a basis; pass an array "
+            "[d_head, r] (numpy, torch or xarray), e.g. the key_basis of qktrace.decompose."
+        )
+    if name is not None and not isinstance(name, str):
+        raise BadArgumentType(f"name={name!r} is not a str; pass a subspace name or None.")
     h = _one_head(model, head)
     edit = Edit.of(edit)
     checks.choice("key_scope", key_scope, KEY_SCOPES)
@@ -417,23 +431,23 @@ def intervene_captured(
     checks.integer("n_random", n_random, low=0, example="10")
     for var in ("q", "k", "logit", "attention"):
         if var not in captured:
-            raise ValueError(
+            raise BadArgument(
                 f"captured has no {var!r}: pass a `qktrace.capture` result made with "
                 "attention=True."
             )
     if "softcap" not in captured.coords:
-        raise ValueError(
+        raise BadArgument(
             "captured has no 'softcap' coordinate (made by an older qktrace): capture again."
         )
     label = parse_heads([head] if isinstance(head, tuple) else head)[0].label
     if label not in captured["head"].values:
-        raise ValueError(
+        raise BadArgument(
             f"head {label!r} is not in captured (heads {list(map(str, captured['head'].values))})"
             ": capture it too."
         )
     ds = captured.sel(head=label)
     if ds.sizes["query"] != 1:
-        raise ValueError(
+        raise BadArgument(
             "intervene_captured takes one query per prompt: capture with query='last'."
         )
     ds = ds.isel(query=0)
@@ -452,7 +466,7 @@ def intervene_captured(
         pos = position + int(n_tokens[p]) if position < 0 else position
         row = slots[p].tolist()
         if pos not in row:
-            raise ValueError(
+            raise BadArgument(
                 f"Prompt {p}: the {what} position {position} is not among its captured keys "
                 f"{[s for s in row if s >= 0]}: capture that key too."
             )
@@ -462,20 +476,20 @@ def intervene_captured(
     target_slot = np.array([slot_of(p, t, "target") for p, t in enumerate(target)])
     if (orig_slot == target_slot).any():
         p = int(np.argmax(orig_slot == target_slot))
-        raise ValueError(f"Prompt {p}: orig and target are the same key; name two keys.")
+        raise BadArgument(f"Prompt {p}: orig and target are the same key; name two keys.")
     if mode == "swap":
         edit = [[o, t] for o, t in zip(orig_slot, target_slot, strict=True)]
     elif at is None:
         edit = [[o] for o in orig_slot]
     else:
         if len(at) != n:
-            raise ValueError(f"at= must give key positions for each of the {n} prompts.")
+            raise BadArgument(f"at= must give key positions for each of the {n} prompts.")
         edit = [
             [slot_of(p, int(x), "at=") for x in ([row] if isinstance(row, int) else row)]
             for p, row in enumerate(at)
         ]
         if any(len(set(r)) != len(r) or not r for r in edit):
-            raise ValueError("at= must give each prompt one or more distinct key positions.")
+            raise BadArgument("at= must give each prompt one or more distinct key positions.")
     width = max(len(r) for r in edit)
     edit_slot = np.array([[r[min(j, len(r) - 1)] for j in range(width)] for r in edit])
     first = np.array([[j < len(r) for j in range(width)] for r in edit])  # not a repeat
@@ -559,7 +573,7 @@ def _source_array(source: Any, n_prompts: int, d_head: int) -> np.ndarray:
                 source = source.isel({d: 0})
                 extra.remove(d)
         if "prompt" not in source.dims or "d_head" not in source.dims or len(extra) > 1:
-            raise ValueError(
+            raise BadArgument(
                 f"source has dims {source.dims}; expected (prompt, d_head) or (prompt, <slot>, "
                 "d_head), e.g. capture(...).k.sel(head='16.19').isel(key=0)."
             )
@@ -568,7 +582,7 @@ def _source_array(source: Any, n_prompts: int, d_head: int) -> np.ndarray:
     if array.ndim == 2:
         array = array[:, None, :]
     if array.ndim != 3 or array.shape[0] != n_prompts or array.shape[2] != d_head:
-        raise ValueError(
+        raise BadArgument(
             f"source has shape {tuple(array.shape)}; expected [n_prompts, d_head] = "
             f"[{n_prompts}, {d_head}] or [n_prompts, n_at, d_head] = [{n_prompts}, n_at, {d_head}]."
         )
@@ -623,7 +637,7 @@ class _Stage:
     ) -> tuple[list[list[int]], list[int], list[int]]:
         """Positions to edit per prompt, and the orig and target slots among its keys."""
         if any(len(row) != 1 for row in query):
-            raise ValueError("intervene takes one query position per prompt (e.g. query='last').")
+            raise BadArgument("intervene takes one query position per prompt (e.g. query='last').")
         n = len(lengths)
         o_pos = _one_position(self.orig[start : start + n], lengths, "Orig", start)
         t_pos = _one_position(self.target[start : start + n], lengths, "Target", start)
@@ -631,14 +645,14 @@ class _Stage:
         for i, (o, t) in enumerate(zip(o_pos, t_pos, strict=True)):
             p = start + i
             if o == t:
-                raise ValueError(
+                raise BadArgument(
                     f"Prompt {p}: orig and target are the same position {o}; they must name two "
                     "different keys (the attended one and the one attention should move to)."
                 )
             row = keys[i]
             for what, pos in (("orig", o), ("target", t)):
                 if pos not in row:
-                    raise ValueError(
+                    raise BadArgument(
                         f"Prompt {p}: the {what} position {pos} is not among its candidate keys "
                         f"{[s for s in row if s >= 0]}: add it to keys= (or leave keys=None)."
                     )
@@ -656,7 +670,7 @@ class _Stage:
             edit = [[row[0]] for row in query]
         for i, r in enumerate(edit):
             if not r or len(set(r)) != len(r):
-                raise ValueError(
+                raise BadArgument(
                     f"Prompt {start + i}: at= gives {r}; give each prompt one or more "
                     "distinct positions to edit."
                 )
@@ -665,7 +679,7 @@ class _Stage:
                 src = np.broadcast_to(src, (len(r), src.shape[1])) if src.shape[0] == 1 else src
                 given = int(np.isfinite(src).all(axis=1).sum())
                 if given != len(r) or not np.isfinite(src[: len(r)]).all():
-                    raise ValueError(
+                    raise BadArgument(
                         f"Prompt {start + i}: source has {given} finite vectors for {len(r)} "
                         "edited positions: give one per position, in order (NaN rows pad a "
                         "shorter prompt), or one per prompt."
@@ -678,7 +692,7 @@ def _one_position(spec: Sequence[int], lengths: list[int], what: str, first: int
     rows = resolve_positions(list(spec), lengths, what, first)
     for i, row in enumerate(rows):
         if len(row) != 1:
-            raise ValueError(
+            raise BadArgument(
                 f"{what} of prompt {first + i} is {row}: give one position per prompt."
             )
     return [row[0] for row in rows]

@@ -92,6 +92,9 @@ def one_writer(
             out = arguments.get("out")
             if out is None:
                 return function(*args, **kwargs)
+            from . import checks
+
+            checks.path("out", out)
             name = store(arguments) if callable(store) else store
             with writing(Path(out) / name if name else Path(out)):
                 return function(*args, **kwargs)

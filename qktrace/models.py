@@ -289,6 +289,32 @@ def _config_facts(config: Any) -> tuple[int, int, int, int]:
     return int(n_layers), int(n_heads), int(n_kv), int(d_head)
 
 
+def _check_load_arguments(
+    model: Any, remote: Any, revision: Any, dtype: Any, device_map: Any, gguf_file: Any
+) -> None:
+    """`load`'s arguments, checked before anything is read or loaded."""
+    from . import checks
+
+    if not (isinstance(remote, bool) or remote == "local" and isinstance(remote, str)):
+        raise checks.BadArgument(f"remote must be False, 'local' or True, not {remote!r}.")
+    if not isinstance(model, torch.nn.Module):
+        checks.path("model", model)
+    for name, value in (("revision", revision), ("device_map", device_map),
+                        ("gguf_file", gguf_file)):  # fmt: skip
+        if value is not None and not isinstance(value, str):
+            raise checks.BadArgumentType(
+                f"{name}={value!r} ({type(value).__name__}) is not a str; pass a str or None."
+            )
+    named = isinstance(dtype, str) and (
+        dtype == "auto" or isinstance(getattr(torch, dtype, None), torch.dtype)
+    )
+    if not (dtype is None or isinstance(dtype, torch.dtype) or named):
+        raise checks.BadArgument(
+            f"dtype={dtype!r} is not a torch dtype; pass e.g. torch.bfloat16 or 'bfloat16' (or "
+            "'auto'), or None for the checkpoint's."
+        )
+
+
 def load(
     model: str | os.PathLike | torch.nn.Module,
     *,
@@ -331,11 +357,10 @@ def load(
     """
     from transformers import AutoTokenizer
 
-    from . import checks, ops
+    from . import ops
     from .remote import name_model_offline, preflight
 
-    if remote not in (False, True, "local"):
-        raise checks.BadArgument(f"remote must be False, 'local' or True, not {remote!r}.")
+    _check_load_arguments(model, remote, revision, dtype, device_map, gguf_file)
     display_name, model = _converted(model, gguf_file, remote)
     if display_name is not None and revision is None:
         revision = _converted_revision(display_name)

@@ -68,6 +68,7 @@ from .study_tools import (
     captured_pairs,
     check_design,
     check_out,
+    check_sizes,
     checkpoint,
     default_model,
     null_test,
@@ -311,6 +312,8 @@ def run_study(
     )
     checks.integer("n_random_answers", n_random_answers, low=0, flag="--n-random-answers")
     checks.choice("key_scope", key_scope, ("query_head", "key_head"))
+    check_sizes(model, n_prompts=n_prompts, n_test=n_test, n_random=n_random,
+                n_random_answers=n_random_answers)  # fmt: skip
     path = Path(out) / f"{study.name}.zarr"
     sums_checkpoint = check_out(path, overwrite)
     lm = open_model(model, remote)
@@ -447,8 +450,33 @@ def run_study(
     run = Run(lm, path, params, seed, batch_size, chat, progress, sums_checkpoint)
     save(with_analysis(study, ds, save, run))
     if figures:
-        plot(study, path)
+        draw(study, path)
     return path
+
+
+def draw(study: Study, path: Path) -> list[Path]:
+    """`plot` the complete store at `path`; a failure says the store is kept and how to draw
+    the figures again (``qktrace plot``), naming the study when its own `figures` failed."""
+    try:
+        return plot(study, path)
+    except Exception as err:
+        where = "its figures(dataset)" if isinstance(err, _OwnFiguresFailed) else "the figures"
+        cause = err.__cause__ if isinstance(err, _OwnFiguresFailed) else err
+        again = f"qktrace plot {path}" + (f" --study {study.source.split(' (')[0]}"
+                                          if study.source and study.name not in _PAPER else "")  # fmt: skip
+        raise StudyError(
+            f"Study {study.name!r}: drawing {where} failed ({type(cause).__name__}: {cause}). "
+            f"The store {path} is complete and kept; fix the cause, then draw the figures with: "
+            f"{again}"
+        ) from err
+
+
+# the paper's studies, whose figures `qktrace plot` finds by the store's name
+_PAPER = ("filter_heads", "order_id", "lexical")
+
+
+class _OwnFiguresFailed(Exception):
+    """A study's own ``figures(dataset)`` raised (the cause)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -842,12 +870,11 @@ def plot(study: Study, path: str | Path) -> list[Path]:
             ds, hue, title=f"{study.name}: keys in the feature key subspaces, by {hue}"
         )
     if study.figures is not None:
-        figures.update(
-            {
-                f"{study.name}_{k.removesuffix('.png')}.png": fig
-                for k, fig in study.figures(ds).items()
-            }
-        )
+        try:
+            own = dict(study.figures(ds))
+        except Exception as err:
+            raise _OwnFiguresFailed() from err
+        figures.update({f"{study.name}_{k.removesuffix('.png')}.png": fig for k, fig in own.items()})
     return save_figures(figures, path.parent)
 
 

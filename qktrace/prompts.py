@@ -56,6 +56,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from .errors import BadArgument
+
 __all__ = [
     "Prompt",
     "PromptBuilder",
@@ -178,7 +180,7 @@ class PromptBuilder:
         """Append `text`; if `span` is given, mark it as one more span of that name."""
         if span is not None:
             if not text.strip():
-                raise ValueError(
+                raise BadArgument(
                     f"Span {span!r} would be {text!r}, which has no visible characters; "
                     "mark a piece of text with at least one non-space character."
                 )
@@ -263,7 +265,7 @@ def render(
     )
     offset = rendered.rfind(prompt.text)
     if offset < 0:
-        raise ValueError(
+        raise BadArgument(
             f"Prompt {index} ({_short(prompt.text)}) does not appear verbatim in the chat "
             "template's output, so its marked spans cannot be mapped to tokens (the template "
             f"rewrites the user message). Rendered: {_short(rendered, 200)}. Strip leading and "
@@ -341,7 +343,7 @@ def locate(
     [['ĠA']]
     """
     if not getattr(tokenizer, "is_fast", False):
-        raise ValueError(
+        raise BadArgument(
             f"locate needs a fast tokenizer (it reads character offsets), but got a "
             f"{type(tokenizer).__name__}, which is not one; pass model.tokenizer of a "
             "qktrace.load-ed model, or AutoTokenizer.from_pretrained(<model>) (fast by default)."
@@ -349,12 +351,12 @@ def locate(
     if chat is None:
         chat = _has_template(tokenizer)
     elif chat and not _has_template(tokenizer):
-        raise ValueError(
+        raise BadArgument(
             f"chat=True but the tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat "
             "template; pass chat=False (base models) or set tokenizer.chat_template."
         )
     if which not in ("first", "last"):
-        raise ValueError(f"which={which!r}: use 'last' or 'first'.")
+        raise BadArgument(f"which={which!r}: use 'last' or 'first'.")
     names = list(dict.fromkeys(name for p in prompts for name in p.spans))
     ids: list[list[int]] = []
     texts: list[str] = []
@@ -368,14 +370,14 @@ def locate(
             row = []
             for start, end in prompt.spans.get(name, []):
                 if not 0 <= start < end <= len(prompt.text):
-                    raise ValueError(
+                    raise BadArgument(
                         f"Prompt {i} ({_short(prompt.text)}): span {name!r} ({start}, {end}) is "
                         f"not a non-empty range inside the text (length {len(prompt.text)}); "
                         "build prompts with PromptBuilder so spans match the text."
                     )
                 position = span_token(offsets, start + shift, end + shift, which)
                 if position is None:
-                    raise ValueError(
+                    raise BadArgument(
                         f"Prompt {i} ({_short(prompt.text)}): span {name!r} "
                         f"{prompt.text[start:end]!r} at characters ({start}, {end}) overlaps no "
                         "token (the tokenizer dropped or normalized it away). Use text the "
@@ -423,9 +425,9 @@ def boxes_prompt(objects: Sequence[str], letters: Sequence[str], answer: int) ->
     'The stone is in Box K, and the map is in Box C. Which box is the map in?'
     """
     if len(objects) != len(letters) or not objects:
-        raise ValueError("Give one letter per object, and at least one pair.")
+        raise BadArgument("Give one letter per object, and at least one pair.")
     if not 0 <= answer < len(objects):
-        raise ValueError(f"answer={answer} is not an index of the {len(objects)} pairs.")
+        raise BadArgument(f"answer={answer} is not an index of the {len(objects)} pairs.")
     b = PromptBuilder()
     n = len(objects)
     for i, (obj, letter) in enumerate(zip(objects, letters, strict=True)):
@@ -461,11 +463,11 @@ def boxes_prompts(
     """
     objects, letters = load_objects(), load_box_letters()
     if not 1 <= n_pairs <= len(letters):
-        raise ValueError(f"n_pairs={n_pairs} must be between 1 and {len(letters)} (box letters).")
+        raise BadArgument(f"n_pairs={n_pairs} must be between 1 and {len(letters)} (box letters).")
     if n_pairs + 1 > len(objects):
-        raise ValueError(f"n_pairs={n_pairs} needs more objects than data/objects.json has.")
+        raise BadArgument(f"n_pairs={n_pairs} needs more objects than data/objects.json has.")
     if query_object is not None and query_object not in objects:
-        raise ValueError(
+        raise BadArgument(
             f"query_object={query_object!r} is not in data/objects.json; pick one of {objects[:8]}..."
         )
     pool = [o for o in objects if o != query_object]
@@ -514,25 +516,25 @@ def filter_prompts(
     table = load_categories()
     unknown = [c for c in categories if c not in table]
     if unknown:
-        raise ValueError(f"Unknown categories {unknown}; choose from {sorted(table)}.")
+        raise BadArgument(f"Unknown categories {unknown}; choose from {sorted(table)}.")
     if len(categories) < 2:
-        raise ValueError("Give at least two categories: negatives come from the other ones.")
+        raise BadArgument("Give at least two categories: negatives come from the other ones.")
     if categories_per_list is None:
         categories_per_list = min(3, len(categories))
     if not 2 <= categories_per_list <= len(categories):
-        raise ValueError(
+        raise BadArgument(
             f"categories_per_list={categories_per_list} must be between 2 and the number of "
             f"categories ({len(categories)})."
         )
     short = [c for c in categories if len(table[c]["items"]) < items_per_category]
     if short:
-        raise ValueError(
+        raise BadArgument(
             f"Categories {short} have fewer than items_per_category={items_per_category} "
             "items; lower items_per_category or add items to data/categories.json."
         )
     bad = [q for q in questions if q not in FILTER_QUESTIONS]
     if bad or not questions:
-        raise ValueError(f"questions {list(questions)}: use some of {list(FILTER_QUESTIONS)}.")
+        raise BadArgument(f"questions {list(questions)}: use some of {list(FILTER_QUESTIONS)}.")
     rng = np.random.default_rng(seed)
     prompts = []
     for i in range(n):

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import xarray as xr
 
-from . import ops
+from . import checks, ops
 from .batching import (
     Batch,
     Encoded,
@@ -155,6 +155,10 @@ def capture(
     >>> ds = qktrace.capture(model, ["The cat sat"], "0.1", keys="all")  # doctest: +SKIP
     >>> ds.attention.sel(head="0.1").isel(query=0)  # doctest: +SKIP
     """
+    checks.model("model", model)
+    checks.flag("attention", attention)
+    checks.flag("progress", progress)
+    checks.path("out", out, optional=True)
     heads = parse_heads(heads)
     model.check_heads(heads)
     plan = prepare(model, prompts, query, keys, batch_size, add_special_tokens)

@@ -118,9 +118,11 @@ from typing import Any
 
 import numpy as np
 import xarray as xr
+from zarr.storage import LocalStore
 
 import qktrace
 
+from . import checks
 from .errors import StoreError
 
 __all__ = [
@@ -132,6 +134,7 @@ __all__ = [
     "rewritten_by",
     "check_same_run",
     "DifferentRunError",
+    "StoreReplacedError",
 ]
 
 MANIFEST = "qktrace_batches.json"
@@ -145,6 +148,8 @@ _COMMAND: ContextVar[str | None] = ContextVar("qktrace_store_command", default=N
 _ZARR_FORMAT = 2
 # manifest version of a BatchWriter store: 1 = one zarr store per batch (read only), 2 = one store
 _BATCHES_VERSION = 2
+# layout version of the integrity record `qktrace_integrity.json`
+_INTEGRITY_VERSION = 1
 _REMOTE_MODES = {False: "local", "local": "remote-local", True: "ndif"}
 # attrs that identify a run: a resumed run must agree on them (when both runs give them)
 _IDENTITY_ATTRS = ("verb", "study", "model", "revision", "dtype", "seed")
@@ -356,7 +361,18 @@ def save(
     >>> float(store.open(path).score.sel(head=7))
     0.9
     """
-    path = Path(path)
+    checks.dataset("ds", ds, "an xarray.Dataset to store")
+    path = Path(checks.path("path", path))
+    checks.flag("overwrite", overwrite)
+    if attrs is not None and not isinstance(attrs, Mapping):
+        raise checks.BadArgumentType(f"attrs={attrs!r} is not a dict; pass a dict or None.")
+    if path.is_symlink() and not path.exists():
+        raise FileExistsError(
+            f"{path} is a symbolic link to {os.readlink(path)}, which does not exist; remove the "
+            "link, or make it point to a folder, and write again."
+        )
+    if path.is_symlink() and overwrite:  # replace the store the link points to; keep the link
+        path = Path(os.path.realpath(path))
     if _exists_not_empty(path):
         if not overwrite:
             raise FileExistsError(
@@ -420,7 +436,9 @@ def open(path: str | os.PathLike, *, final: bool = False, checksums: bool = Fals
     >>> type(ds.x.data).__name__, float(ds.x.sum())
     ('Array', 3.0)
     """
-    path = Path(path)
+    path = Path(checks.path("path", path))
+    checks.flag("final", final)
+    checks.flag("checksums", checksums)
     kind = _kind(path)
     if kind is None:
         raise _not_a_store(path)
@@ -489,15 +507,124 @@ def _not_a_store(path: Path) -> Exception:
 def _open_zarr(
     path: Path, checksums: bool = False, record: Mapping[str, Any] | None = None
 ) -> xr.Dataset:
-    _verify(path, checksums, record)
-    try:
-        return xr.open_zarr(path, chunks={})
-    except (OSError, ValueError, KeyError, TypeError) as err:  # damaged metadata
-        raise ValueError(
-            f"cannot read the zarr store at {path} ({type(err).__name__}: {err}); its metadata "
-            "is damaged or incomplete (e.g. a copy that was cut short). Rerun the command that "
-            "wrote it, or restore it from a backup."
-        ) from err
+    record = _verify(path, checksums, record)
+    _check_declared_sizes(path)
+    for attempt in (1, 2):  # a writer replacing the store between the record and the metadata
+        try:
+            return xr.open_zarr(_zarr_store(path, record), chunks={})
+        except StoreReplacedError:
+            if attempt == 2:
+                raise
+            record = _verify(path, checksums, None if record is None else _reread(path, record))
+        except (OSError, ValueError, KeyError, TypeError) as err:  # damaged metadata
+            raise ValueError(
+                f"cannot read the zarr store at {path} ({type(err).__name__}: {err}); its "
+                "metadata is damaged or incomplete (e.g. a copy that was cut short). Rerun the "
+                "command that wrote it, or restore it from a backup."
+            ) from err
+    raise AssertionError("unreachable")
+
+
+# what a store's metadata may declare: more is refused before anything is read (a few hundred
+# bytes of metadata can declare terabytes, read back as fill values)
+MAX_ARRAY_BYTES = 2**40  # one variable, whole (1 TiB)
+MAX_CHUNK_BYTES = 2**31  # one chunk, what one read allocates (blosc's limit too)
+MAX_INDEX_LENGTH = 2**27  # a dimension coordinate, which xarray reads whole when it opens
+
+
+def _check_declared_sizes(path: Path) -> None:
+    """Refuse a store whose metadata declares arrays no real store holds (absurd shapes)."""
+    if not (path / ".zmetadata").is_file():
+        return
+    metadata = _read_json(path, ".zmetadata")
+    arrays = metadata.get("metadata") if isinstance(metadata, dict) else None
+    if not isinstance(arrays, dict):
+        raise _malformed(path, ".zmetadata", None, 'it has no "metadata" mapping')
+    for key, meta in arrays.items():
+        name, _, leaf = str(key).rpartition("/")
+        if leaf != ".zarray":
+            continue
+        shape, chunks = (meta.get(k) if isinstance(meta, dict) else None for k in ("shape", "chunks"))
+        try:
+            itemsize = np.dtype(meta["dtype"]).itemsize or 1
+        except (KeyError, TypeError, ValueError):
+            itemsize = 8  # object and structured dtypes: judged by a pointer's size
+        valid = (
+            isinstance(shape, list)
+            and isinstance(chunks, list)
+            and len(shape) == len(chunks)
+            and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)
+            and all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in chunks)
+        )
+        if not valid:
+            raise _malformed(path, ".zmetadata", None,
+                             f"variable {name!r} has shape {_short(shape)} and chunks {_short(chunks)}")  # fmt: skip
+        total, chunk = math.prod(shape) * itemsize, math.prod(chunks) * itemsize
+        dims = (arrays.get(f"{name}/.zattrs") or {}).get("_ARRAY_DIMENSIONS") or []
+        index = len(shape) == 1 and dims == [name]
+        if total > MAX_ARRAY_BYTES or chunk > MAX_CHUNK_BYTES or (index and shape[0] > MAX_INDEX_LENGTH):
+            raise StoreDamagedError(
+                f"{path} declares what no store holds: variable {name!r} has shape {shape} "
+                f"({total / 2**30:.3g} GiB, chunks of {chunk / 2**30:.3g} GiB) in metadata of "
+                f"{(path / '.zmetadata').stat().st_size} bytes; reading it would allocate that "
+                "much, so it is refused. Its metadata is damaged or forged: rewrite the store "
+                "with the command that wrote it, or restore it from a backup."
+            )
+
+
+def _reread(path: Path, record: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The record of `path` read again: its manifest (a batch store's) or its integrity file."""
+    if record.get("format") == "qktrace-batches":
+        return _read_manifest(path)
+    return None
+
+
+def _zarr_store(path: Path, record: Mapping[str, Any] | None) -> Any:
+    """What xarray reads `path` through: every file checked against `record` as it is read."""
+    if record is None:  # written by another tool or an older qktrace: nothing to check against
+        return path
+    return _VerifiedStore(path, record["files"], record.get("format") != "qktrace-batches")
+
+
+class _VerifiedStore(LocalStore):
+    """A read-only zarr store whose every file read must match its record (size, CRC-32).
+
+    So a reader sees the store it opened, whole, or gets `StoreReplacedError`: a writer that
+    replaced the store (``--overwrite``) after it was opened, or a file deleted or changed
+    since, never reads back as a mix of two stores or as fill values.
+    """
+
+    def __init__(self, root: Path, files: Mapping[str, Any], complete: bool) -> None:
+        super().__init__(root, read_only=True)
+        self.files = dict(files)
+        self.complete = complete  # the record lists every file (a BatchWriter's: committed)
+
+    async def get(self, key: str, prototype: Any = None, byte_range: Any = None) -> Any:
+        found = await super().get(key, prototype, byte_range)
+        expected = self.files.get(key)
+        if expected is None:
+            if found is not None and self.complete:
+                raise _replaced(self.root, key, "is not in the store's record")
+            return found
+        if found is None:
+            raise _replaced(self.root, key, "is missing")
+        if byte_range is None:
+            data = found.to_bytes()
+            if len(data) != expected[0] or zlib.crc32(data) != expected[1]:
+                raise _replaced(self.root, key, "differs from when the store was opened")
+        return found
+
+
+class StoreReplacedError(StoreError):
+    """A store changed while it was read: another run replaced it, or a file was edited."""
+
+
+def _replaced(root: Any, key: str, what: str) -> StoreReplacedError:
+    return StoreReplacedError(
+        f"{root} changed while it was being read: its file {key} {what} (another run replaced "
+        "the store, e.g. with --overwrite, or it was edited). Nothing mixed was returned; open "
+        "it again (qktrace.open, or rerun qktrace show) to read the store that is there now."
+    )
 
 
 def _open_batches(path: Path, checksums: bool = False) -> xr.Dataset:
@@ -534,7 +661,9 @@ def _write_atomic(ds: xr.Dataset, path: Path) -> None:
     try:
         out.to_zarr(tmp, mode="w-", zarr_format=_ZARR_FORMAT, consolidated=True)
         _record_integrity(tmp, out.attrs)
-        if path.exists() or path.is_symlink():
+        if (path.exists() or path.is_symlink()) and _exchange(tmp, path):
+            remove_copy(tmp)  # the old store, swapped out in one step: no moment without one
+        elif path.exists() or path.is_symlink():
             old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
             os.rename(path, old)
             try:
@@ -542,16 +671,31 @@ def _write_atomic(ds: xr.Dataset, path: Path) -> None:
             except BaseException:
                 os.rename(old, path)
                 raise
-            shutil.rmtree(old)
+            remove_copy(old)
         else:
             os.rename(tmp, path)
         # `path` is complete: copies left beside it by killed writers are obsolete
         for leftover in path.parent.glob(f".{glob.escape(path.name)}.*-*"):
-            if _TMP_RE.match(leftover.name):
-                shutil.rmtree(leftover, ignore_errors=True)
+            if is_copy_of(leftover.name, path.name):
+                remove_copy(leftover)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap the names `a` and `b` atomically (Linux renameat2 RENAME_EXCHANGE); False where
+    the system or file system cannot, so the caller falls back to two renames."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -560,6 +704,48 @@ def _write_atomic(ds: xr.Dataset, path: Path) -> None:
 
 class StoreDamagedError(StoreError):
     """A store lacks a piece it held when written, or holds a changed copy of one."""
+
+
+class StoreIntegrityWarning(UserWarning):
+    """A store qktrace wrote before it recorded stores' files opens unchecked."""
+
+
+# the first day qktrace wrote an integrity record in every store it saved
+_RECORDED_SINCE = "2026-11-27"
+
+
+def _is_metadata(rel: str) -> bool:
+    """Whether a store's file is zarr metadata (small; its CRC-32 is checked on every open)."""
+    return rel.rpartition("/")[2] in (".zmetadata", ".zattrs", ".zarray", ".zgroup", "zarr.json")
+
+
+def _check_unrecorded(root: Path) -> None:
+    """A store without an integrity record: refused if its attrs say qktrace wrote it since
+    every store has one (the record was deleted), else opened with a warning if qktrace wrote
+    it earlier; stores of other tools open as they are."""
+    try:
+        attrs = json.loads((root / ".zattrs").read_text()) if (root / ".zattrs").is_file() else {}
+    except (OSError, ValueError):
+        return  # damaged metadata: the zarr reader names it
+    if not isinstance(attrs, dict) or "qktrace_version" not in attrs:
+        return
+    date = str(attrs.get("date") or "")
+    what = (
+        f"{root} was written by qktrace {_short(attrs['qktrace_version'], 20)} on "
+        f"{date[:10] or 'an unknown date'}, but has no {INTEGRITY}"
+    )
+    if date[:10] >= _RECORDED_SINCE:
+        raise StoreDamagedError(
+            f"{what}, which qktrace writes in every store since {_RECORDED_SINCE}: the record "
+            "was deleted, so missing pieces could not be told from data and it is refused. "
+            f"Rewrite it with: {_rewrite_hint(attrs)}"
+        )
+    warnings.warn(
+        f"{what} (older qktrace wrote none): it opens unchecked, so a missing chunk would read "
+        "as fill values (NaN or 0). Rewrite it (qktrace.save(qktrace.open(old), new)) to add one.",
+        StoreIntegrityWarning,
+        stacklevel=4,
+    )
 
 
 @contextmanager
@@ -591,7 +777,7 @@ def _record_integrity(root: Path, attrs: Mapping[str, Any]) -> None:
             variables[name] = {"shape": shape, "chunks": len(chunks)}
     record = {
         "format": "qktrace-integrity",
-        "version": 1,
+        "version": _INTEGRITY_VERSION,
         "command": _COMMAND.get() or _rewrite_hint(attrs),
         "variables": variables,
         "files": files,
@@ -615,7 +801,9 @@ def _rewrite_hint(attrs: Mapping[str, Any]) -> str:
     return "the call that wrote it, with overwrite=True"
 
 
-def _verify(root: Path, checksums: bool, record: Mapping[str, Any] | None = None) -> None:
+def _verify(
+    root: Path, checksums: bool, record: Mapping[str, Any] | None = None
+) -> Mapping[str, Any] | None:
     """Raise StoreDamagedError if a file `root` recorded when written is missing or changed.
 
     The record is `root`'s ``INTEGRITY`` file, or `record` (a batch store's manifest). Stores
@@ -624,20 +812,10 @@ def _verify(root: Path, checksums: bool, record: Mapping[str, Any] | None = None
     if record is None:
         record_path = root / INTEGRITY
         if not record_path.is_file():
-            return
-        try:
-            record = json.loads(record_path.read_text())
-        except (OSError, ValueError) as err:
-            raise StoreDamagedError(
-                f"{root} is damaged: its record {INTEGRITY} cannot be read ({err}). Rewrite the "
-                "store (e.g. rerun the command that wrote it with --overwrite)."
-            ) from err
-    files = record.get("files") if isinstance(record, Mapping) else None
-    if not isinstance(files, dict):
-        raise StoreDamagedError(
-            f"{root} is damaged: its record of files cannot be read. Rewrite the store (e.g. "
-            "rerun the command that wrote it with --overwrite)."
-        )
+            _check_unrecorded(root)
+            return None
+        record = _read_integrity(root)
+    files = record["files"]
     problems: dict[str, str] = {}
     for rel, (size, crc) in files.items():
         var, _, name = rel.rpartition("/")
@@ -660,7 +838,7 @@ def _verify(root: Path, checksums: bool, record: Mapping[str, Any] | None = None
                 if actual == 0
                 else f"file {name} has {actual} of the {size} bytes written"
             )
-        elif checksums and zlib.crc32(Path(path).read_bytes()) != crc:
+        elif (checksums or _is_metadata(rel)) and zlib.crc32(Path(path).read_bytes()) != crc:
             problems[where] = f"file {name} changed since it was written (CRC-32 differs)"
     if problems:
         what = "; ".join(f"{k}: {v}" for k, v in problems.items())
@@ -669,6 +847,20 @@ def _verify(root: Path, checksums: bool, record: Mapping[str, Any] | None = None
             f"values (NaN or 0) or fail to decompress, so it is refused. Rewrite it with: "
             f"{record.get('command') or 'the command that wrote it, with --overwrite'}"
         )
+    return record
+
+
+def _read_integrity(root: Path) -> dict:
+    """`root`'s integrity record, checked field by field (StoreDamagedError if malformed)."""
+    record = _read_json(root, INTEGRITY)
+    if not isinstance(record, dict) or record.get("format") != "qktrace-integrity":
+        raise _malformed(root, INTEGRITY, None, 'it has no "format": "qktrace-integrity"')
+    version = _layout_version(root, INTEGRITY, record, _INTEGRITY_VERSION)
+    _check_fields(root, INTEGRITY, record, version, {"files": dict})
+    _check_files(root, INTEGRITY, record["files"], version)
+    if not isinstance(record.get("command"), (str, type(None))):
+        raise _malformed(root, INTEGRITY, version, f"'command' is {_short(record['command'])}")
+    return record
 
 
 def _even_chunks(ds: xr.Dataset) -> xr.Dataset:
@@ -1271,15 +1463,107 @@ def _write_manifest(path: Path, manifest: dict) -> None:
 
 
 def _read_manifest(path: Path) -> dict:
-    try:
-        manifest = json.loads((path / MANIFEST).read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(
-            f"cannot read {path / MANIFEST} ({err}); the store is damaged: delete it and rerun."
-        ) from err
-    if manifest.get("format") != "qktrace-batches":
-        raise ValueError(f"{path / MANIFEST} is not a qktrace batch manifest; use a new path.")
+    manifest = _read_json(path, MANIFEST)
+    if not isinstance(manifest, dict) or manifest.get("format") != "qktrace-batches":
+        raise StoreDamagedError(
+            f"{path / MANIFEST} is not a qktrace batch manifest (no \"format\": "
+            "\"qktrace-batches\"); use a new path, or restore the store from a backup."
+        )
+    version = _layout_version(path, MANIFEST, manifest, _BATCHES_VERSION)
+    fields: dict[str, Any] = {"dim": str, "attrs": dict}
+    if version >= 2:
+        fields.update(params=dict, sizes=dict, rows=int, n_batches=int, files=dict)
+    _check_fields(path, MANIFEST, manifest, version, fields)
+    if version >= 2:
+        _check_files(path, MANIFEST, manifest["files"], version)
+        for key in ("rows", "n_batches"):
+            if manifest[key] < 0:
+                raise _malformed(path, MANIFEST, version, f"{key!r} is {manifest[key]}")
     return manifest
+
+
+# the largest file `open` reads whole to check a store's record (a manifest, an integrity file)
+MAX_RECORD_BYTES = 256 * 2**20
+
+
+def _read_json(path: Path, name: str) -> Any:
+    """The JSON file `name` of the store `path`, or StoreDamagedError naming both."""
+    try:
+        if (path / name).stat().st_size > MAX_RECORD_BYTES:
+            raise ValueError(f"it is larger than {MAX_RECORD_BYTES // 2**20} MiB")
+        return json.loads((path / name).read_text())
+    except (OSError, ValueError) as err:
+        raise StoreDamagedError(
+            f"{path} is damaged: its {name} cannot be read ({type(err).__name__}: {err}). "
+            "Rewrite the store (rerun the command that wrote it with --overwrite), or restore "
+            "it from a backup."
+        ) from err
+
+
+def _layout_version(path: Path, name: str, record: dict, newest: int) -> int:
+    """The record's layout version; a newer one than this qktrace reads is refused."""
+    version = record.get("version", 1)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise _malformed(path, name, version, f"its \"version\" is {version!r}, not a count")
+    if version > newest:
+        raise StoreError(
+            f"{path} was written by a newer qktrace: its {name} has layout version {version}, "
+            f"and this qktrace ({getattr(qktrace, '__version__', '?')}) reads versions up to "
+            f"{newest}. Upgrade qktrace (pip install -U qktrace) to read it."
+        )
+    return version
+
+
+def _check_fields(path: Path, name: str, record: dict, version: int, fields: dict) -> None:
+    """Each of `fields` (key -> type) is in `record` with that type."""
+    for key, kind in fields.items():
+        value = record.get(key)
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise _malformed(
+                path, name, version, f"{key!r} is {_short(value)}, not a {kind.__name__}"
+            )
+
+
+def _check_files(path: Path, name: str, files: dict, version: int) -> None:
+    """Every entry of a record's files is ``"relative/path": [size, crc32]`` (two ints >= 0)."""
+    for rel, entry in files.items():
+        ok = (
+            isinstance(entry, list)
+            and len(entry) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in entry)
+        )
+        if not ok:
+            raise _malformed(
+                path, name, version, f"the entry of {_short(rel)} is {_short(entry)}, "
+                "not [size, crc32]",
+            )  # fmt: skip
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _malformed(path: Path, name: str, version: Any, what: str) -> StoreDamagedError:
+    return StoreDamagedError(
+        f"{path} is damaged: its {name} (layout version {_short(version)}) is malformed: "
+        f"{what}. Rewrite the store (rerun the command that wrote it with --overwrite), or "
+        "restore it from a backup."
+    )
+
+
+def is_copy_of(name: str, store_name: str) -> bool:
+    """Whether `name` is a temporary or moved-aside copy of the store `store_name`
+    (``.<store_name>.tmp-XXXXXXXX`` / ``.old-XXXXXXXX``), by exact name."""
+    return re.fullmatch(rf"\.{re.escape(store_name)}\.(tmp|old)-[0-9a-f]{{8}}", name) is not None
+
+
+def remove_copy(path: Path) -> None:
+    """Delete a copy a killed writer left (a folder, a file or a link; a link's target stays)."""
+    try:
+        _remove(path)
+    except FileNotFoundError:
+        pass
 
 
 def _remove(path: Path) -> None:

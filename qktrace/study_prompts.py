@@ -24,6 +24,25 @@ Label = tuple[str, str] | None
 # coordinate names the pipeline writes itself; a study's own coordinates may not take them
 RESERVED = {"prompt", "key", "query", "head", "text", "key_label", "key_feature", "swap_feature"}
 RESERVED |= {"answer_text", "key_position", "key_token", "query_position", "prompt_text"}
+# the variables, coordinates and dims a study's store has: a prompt coordinate of one of these
+# names could not be stored beside them (refused before any forward pass)
+STORE_NAMES = frozenset("""
+    answer_argmax_after answer_argmax_before answer_candidate_mass answer_candidate_token
+    answer_correct answer_flip answer_flip_rate answer_heads answer_index answer_logit_after
+    answer_logit_before answer_logit_diff_after answer_logit_diff_before answer_moved
+    answer_moved_rate answer_prob_after answer_prob_before answer_random answer_subspace
+    argmax_after argmax_before attends_orig attention attention_after attention_before
+    attention_target_after attention_target_before component contrast d_head
+    delta_answer_logit_diff delta_c delta_p_answer delta_p_target delta_p_target_answer dk dq
+    feature flip flip_rate k k_sum key_basis key_pc key_role kv_head layer logit logit_after
+    logit_before logit_part explained part part_rank mean_answer_candidate_mass
+    mean_attention_target_after mean_attention_target_before mean_delta_answer_logit_diff
+    mean_delta_p_answer mean_delta_p_target mean_delta_p_target_answer n_tokens null_quantile
+    null_rank null_singular_values orig_position p_answer_after p_answer_before p_target_after
+    p_target_answer_after p_target_answer_before p_target_before pair_count pc
+    pc_variance_ratio q q_head q_sum qk_sum query_basis query_token random rank scaling
+    singular_values softcap subspace target_answer_index target_position union_rank
+""".split()) - RESERVED
 
 
 @dataclass
@@ -319,13 +338,29 @@ def _coords(
             if len(answers) != n_keys or not all(isinstance(a, str) and a for a in answers):
                 raise at.error(f"got {answers!r} from answers(prompt)", "give one string per key")
             given = {**given, "answer_text": answers}
+        source = "meta" if study.coords is None else "coords(prompt)"
         for name, value in dict(given).items():
             if name in RESERVED - {"answer_text"}:
                 if study.coords is None:
                     continue  # meta that shares a name with ours stays in meta
                 raise at.error(f"has coordinate {name!r}, a name qktrace uses", "rename it")
+            if name in STORE_NAMES:
+                raise at.error(
+                    f"has {source} key {name!r}, the name of a variable of the study's store, so "
+                    "it cannot be stored as a coordinate beside it",
+                    f"rename it (e.g. {name + '_label'!r})",
+                )
             if isinstance(value, str | int | float | bool | np.generic):
-                per_prompt.setdefault(name, [None] * len(prompts))[i] = value
+                column = per_prompt.setdefault(name, [None] * len(prompts))
+                first = next((v for v in column if v is not None), None)
+                if first is not None and _kind(first) != _kind(value):
+                    raise at.error(
+                        f"has {source} {name!r} = {value!r} ({type(value).__name__}), but "
+                        f"earlier prompts have {first!r} ({type(first).__name__}); a coordinate "
+                        "holds one kind of value",
+                        "give every prompt the same type (e.g. all str or all numbers)",
+                    )
+                column[i] = value
             elif isinstance(value, Sequence) and len(value) == n_keys:
                 per_key.setdefault(name, [None] * len(prompts))[i] = list(value)
             elif study.coords is not None:
@@ -353,6 +388,13 @@ def _coords(
     out["swap_feature"] = ("prompt", np.array([s[2] for s in swap], dtype=object))
     out["text"] = ("prompt", np.array([p.text for p in prompts], dtype=object))
     return out
+
+
+def _kind(value: Any) -> str:
+    """"text", "bool" or "number": the kinds a coordinate may not mix."""
+    if isinstance(value, str | np.str_):
+        return "text"
+    return "bool" if isinstance(value, bool | np.bool_) else "number"
 
 
 def _key_array(rows: list[list[Any]], width: int) -> np.ndarray:

@@ -87,6 +87,33 @@ def check_design(
         raise bad("batch_size", batch_size, "is below 1", "pass e.g. 16")
 
 
+# what a run allocates per unit of its size arguments, with the d_head of the model when it is
+# loaded, else ASSUMED_D_HEAD (more than most models'): a subspace prompt's text, ids and
+# labels (16 KiB), a fresh prompt's q, k and attention at up to 64 keys in 3 heads, a random
+# subspace of rank up to d_head, a copy of the fresh prompts in the answer traces
+ASSUMED_D_HEAD = 128
+KEYS_PER_PROMPT = 64
+
+
+def check_sizes(
+    model: ModelLike, *, n_prompts: int, n_test: int, n_random: int, n_random_answers: int = 0
+) -> None:
+    """Refuse sizes whose run would not fit in this machine's memory, before the model loads."""
+    from . import checks
+
+    d = int(model.d_head) if isinstance(model, Model) else ASSUMED_D_HEAD
+    per_prompt = 3 * KEYS_PER_PROMPT * (2 * d + 1) * 4
+    checks.fits_in_memory("n_prompts", n_prompts, 16 * 2**10, "the prompts (text, token ids, "
+                          "positions and labels)", flag="--n-prompts", example="2000")  # fmt: skip
+    checks.fits_in_memory("n_test", n_test, per_prompt, "the fresh prompts' q, k and attention",
+                          flag="--n-test", example="500")  # fmt: skip
+    checks.fits_in_memory("n_random", n_random, 8 * d * d + 8 * n_test * KEYS_PER_PROMPT,
+                          f"its random subspaces (d_head {d}) and their effects", flag="--n-random")  # fmt: skip
+    checks.fits_in_memory("n_random_answers", n_random_answers, n_test * 512 * 8 * 2,
+                          "the copies of the fresh prompts in the answer traces",
+                          flag="--n-random-answers", example="3")  # fmt: skip
+
+
 def union_basis(bases: Sequence[np.ndarray], tol: float = 1e-6) -> np.ndarray:
     """An orthonormal basis [d, r] of the span of several bases [d, r_i] (NaN columns dropped)."""
     columns = [b[:, ~np.isnan(b).any(axis=0)] for b in bases]
@@ -167,21 +194,35 @@ def check_out(path: Path, overwrite: bool) -> Path:
     return checkpoint(path, "sums")
 
 
+# the checkpoints a study run keeps beside its store until the store is written
+CHECKPOINTS = ("sums", "original", "counterfactual")
+
+
 def checkpoint(path: Path, what: str) -> Path:
-    """The checkpoint ``<name>.<what>.zarr`` next to the store `path`."""
+    """The checkpoint ``<name>.<what>.zarr`` next to the store `path` (`what` in CHECKPOINTS)."""
+    if what not in CHECKPOINTS:
+        raise ValueError(f"unknown checkpoint {what!r}; add it to CHECKPOINTS")
     return path.with_name(f"{path.stem}.{what}.zarr")
 
 
 def _remove_checkpoints(path: Path) -> None:
-    """Delete the run's checkpoints, and the hidden copies killed writes left of them or of
-    the store (``.<name>.zarr.old-*`` / ``.tmp-*``, see `qktrace.store`)."""
-    import re
+    """Delete the run's checkpoints, by exact name, and the hidden copies killed writes left of
+    them or of the store (``.<name>.old-XXXXXXXX`` / ``.tmp-``, see `qktrace.store`).
 
-    leftovers = [*path.parent.glob(f"{path.stem}.*.zarr"), *path.parent.glob(f".{path.stem}.*")]
-    hidden = re.compile(r"^\..+\.zarr\.(tmp|old)-[0-9a-f]{8}$")
-    for leftover in leftovers:
-        if not leftover.name.startswith(".") or hidden.match(leftover.name):
-            shutil.rmtree(leftover, ignore_errors=True)
+    Only what a run writes is removed: a folder beside it with a similar name (a user's
+    ``order_id.mine.zarr``), or a checkpoint path that holds no qktrace store, is left alone.
+    """
+    from qktrace import store
+
+    names = [path.name, *(checkpoint(path, what).name for what in CHECKPOINTS)]
+    for name in names[1:]:
+        found = path.parent / name
+        if store.is_store(found) and not found.is_symlink():
+            shutil.rmtree(found, ignore_errors=True)
+    if path.parent.is_dir():
+        for leftover in path.parent.iterdir():
+            if any(store.is_copy_of(leftover.name, name) for name in names):
+                store.remove_copy(leftover)
 
 
 # --------------------------------------------------------------------------------------------

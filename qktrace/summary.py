@@ -22,13 +22,19 @@ appear when the store has what they need:
 
 from __future__ import annotations
 
+import unicodedata
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import xarray as xr
 
-__all__ = ["summarize"]
+__all__ = ["summarize", "printable"]
+
+# a value of the store's attrs or labels is shown up to this many characters
+MAX_SHOWN = 500
+# variables with more cells than this are listed but not read (a summary shows small ones)
+MAX_SUMMARIZED = 10**6
 
 _PROVENANCE = ("verb", "study", "model", "revision", "dtype", "remote", "seed", "date")
 _VERSIONS = ("qktrace_version", "nnsight_version", "torch_version", "transformers_version")
@@ -60,6 +66,8 @@ def summarize(
     >>> print(summarize(ds).splitlines()[0])
     study filter_heads | model m
     """
+    listed = ds
+    ds = _shown(ds)
     with pd.option_context("display.width", max_width, "display.max_columns", 20):
         sections = [
             _provenance(ds, path),
@@ -69,8 +77,55 @@ def summarize(
             _explained(ds),
         ]
         if variables:
-            sections.append(_variables(ds))
-    return "\n\n".join(s for s in sections if s)
+            sections.append(_variables(listed))
+    return printable("\n\n".join(s for s in sections if s), limit=None, keep="\n")
+
+
+def printable(text: Any, limit: int | None = MAX_SHOWN, keep: str = "") -> str:
+    """`text` safe to print: control, escape and direction characters shown escaped
+    (``\\x1b``), so text from a store cannot move the cursor, recolour the terminal or forge
+    lines; cut to `limit` characters with "...". Characters in `keep` (e.g. a newline) stay."""
+    out = "".join(c if c in keep or _safe(c) else _escaped(c) for c in str(text))
+    return out if limit is None or len(out) <= limit else out[: limit - 3] + "..."
+
+
+def _safe(c: str) -> bool:
+    """Not a control, format (e.g. right-to-left override), separator or unassigned character."""
+    return unicodedata.category(c) not in ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp")
+
+
+def _escaped(c: str) -> str:
+    code = ord(c)
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+def _cleaned(value: Any) -> Any:
+    """Attrs with every string (key or value) `printable`."""
+    if isinstance(value, dict):
+        return {printable(k): _cleaned(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_cleaned(v) for v in value]
+    if isinstance(value, str):
+        return printable(value)
+    return value
+
+
+def _shown(ds: xr.Dataset) -> xr.Dataset:
+    """What the summary reads of `ds`: its small variables, names, labels and attrs printable."""
+    small = [name for name, var in ds.data_vars.items() if var.size <= MAX_SUMMARIZED]
+    ds = ds[small]
+    names = {n: printable(n, 60) for n in [*ds.variables, *ds.dims] if printable(n, 60) != str(n)}
+    ds = ds.rename(names) if names else ds
+    labels = {}
+    for name, coord in ds.coords.items():
+        if coord.dtype.kind in "USO" and coord.size <= MAX_SUMMARIZED:
+            values = [printable(v, 60) if isinstance(v, str) else v for v in coord.values.ravel()]
+            labels[name] = (coord.dims, np.array(values, dtype=object).reshape(coord.shape))
+    ds = ds.assign_coords(labels) if labels else ds
+    ds.attrs = _cleaned(dict(ds.attrs))
+    return ds
 
 
 def _provenance(ds: xr.Dataset, path: Any) -> str:
@@ -91,7 +146,7 @@ def _provenance(ds: xr.Dataset, path: Any) -> str:
         lines.append(f"versions: {versions}")
     params = attrs.get("params")
     if isinstance(params, dict) and params:
-        lines.append("params: " + ", ".join(f"{k}={v}" for k, v in params.items()))
+        lines.append("params: " + ", ".join(f"{k}={printable(v)}" for k, v in params.items()))
     lines.append("dims: " + ", ".join(f"{k}={v}" for k, v in ds.sizes.items()))
     return "\n".join(line for line in lines if line)
 

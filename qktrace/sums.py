@@ -45,6 +45,7 @@ from .batching import (
     prepare,
     run,
 )
+from .errors import BadArgument
 from .locks import one_writer
 from .models import Head, Model, parse_heads
 
@@ -77,13 +78,13 @@ def _groups(labels: Sequence[Sequence[Label]]) -> list[str]:
                 continue
             feature, contrast = label
             if contrast not in CONTRASTS:
-                raise ValueError(
+                raise BadArgument(
                     f"Unknown contrast {contrast!r} in label {label!r}: use 'positive' or 'negative'."
                 )
             if feature not in features:
                 features.append(str(feature))
     if not features:
-        raise ValueError("No labelled keys: give at least one key a (feature, contrast) label.")
+        raise BadArgument("No labelled keys: give at least one key a (feature, contrast) label.")
     return features
 
 
@@ -223,10 +224,10 @@ def _check_labels(labels: Sequence[Sequence[Label]]) -> Check:
     ) -> None:
         for i, (q_pos, k_pos) in enumerate(zip(query, keys, strict=True)):
             if len(q_pos) != 1:
-                raise ValueError("reduce takes one query position per prompt (e.g. query='last').")
+                raise BadArgument("reduce takes one query position per prompt (e.g. query='last').")
             row = labels[start + i]
             if len(row) != len(k_pos):
-                raise ValueError(
+                raise BadArgument(
                     f"Prompt {start + i} has {len(k_pos)} key positions but {len(row)} labels: "
                     "give one label (or None) per key position."
                 )
@@ -287,6 +288,13 @@ def reduce(
     (head, feature, dq, dk), uncentered ΔC), `q_sum` (…, contrast, dq), `k_sum` (…, contrast,
     dk), all float64, and `pair_count` (head, feature, contrast); attrs `n_prompts`.
     """
+    checks.model("model", model)
+    checks.flag("progress", progress)
+    checks.flag("delta", delta)
+    checks.choice("delta_dtype", delta_dtype, ("float32", "float64", "bfloat16", "float16"))
+    checks.path("out", out, optional=True)
+    if batches_per_request is not None:
+        checks.integer("batches_per_request", batches_per_request, low=0, example="4")
     heads = parse_heads(heads)
     model.check_heads(heads)
     checks.prompts("prompts", prompts)
@@ -296,19 +304,19 @@ def reduce(
             "(feature, 'positive' | 'negative') pairs or None."
         )
     if len(labels) != len(prompts):
-        raise ValueError(
+        raise BadArgument(
             f"labels has {len(labels)} rows for {len(prompts)} prompts: give one row per prompt."
         )
     if batches_per_request is None:
         batches_per_request = REMOTE_BATCHES_PER_REQUEST if model.remote else 1
     if batches_per_request < 0:
-        raise ValueError(
+        raise BadArgument(
             f"batches_per_request={batches_per_request} is negative: pass 1 (one trace per "
             "request), more, or 0 (all batches in one request)."
         )
     wires = {"float32": torch.float32, "float16": torch.float16}
     if delta_dtype not in wires:
-        raise ValueError(f"delta_dtype={delta_dtype!r}: use 'float32' or 'float16'.")
+        raise BadArgument(f"delta_dtype={delta_dtype!r}: use 'float32' or 'float16'.")
     features = _groups(labels)
     d = model.d_head
     shape = (len(heads), len(features), 2)
@@ -422,7 +430,7 @@ def _check_delta_counts(count: np.ndarray, features: list[str]) -> None:
     for f, feature in enumerate(features):
         for c, contrast in enumerate(CONTRASTS):
             if count[0, f, c] == 0:
-                raise ValueError(
+                raise BadArgument(
                     f"No {contrast} pairs for feature {feature!r}: delta=True sums ΔC = C+ - C-, "
                     f"which needs both kinds. Add {contrast} pairs for it (check its labels), or "
                     "drop its labels."
@@ -494,7 +502,7 @@ def _resume(out: str | Path | None, params: dict[str, Any]) -> tuple[int, xr.Dat
     sums = state is not None and ("qk_sum" in state or "delta_c" in state)
     if not sums or not isinstance(stored, dict):
         what = "batches of a capture" if state is None else f"variables {sorted(state.data_vars)}"
-        raise ValueError(
+        raise BadArgument(
             f"{out} is not a checkpoint of qktrace.reduce (it holds {what}, written by something "
             "else); pass another out= path (CLI: another --out)."
         )

@@ -154,6 +154,7 @@ def run(
             f"categories={categories.split(',')!r} (CLI: --categories fruit,animal)."
         )
     categories = checks.unique("categories", list(categories), flag="--categories")
+    check_categories(categories)
     if n_prompts is not None and n_prompts < len(categories):
         raise checks.BadArgument(
             f"n_prompts={n_prompts} (CLI --n-prompts) is too few: the asked category cycles "
@@ -164,6 +165,28 @@ def run(
         categories, categories_per_list, items_per_category, questions, answer_lead_in
     )
     return study.run(model, out=out, n_prompts=n_prompts, **settings)
+
+
+def check_categories(categories: Sequence[str]) -> None:
+    """Refuse unknown category names and fewer than two, before the model loads."""
+    import difflib
+
+    from qktrace.prompts import load_categories
+
+    known = sorted(load_categories())
+    for name in categories:
+        if name not in known:
+            close = difflib.get_close_matches(str(name), known, n=1)
+            raise checks.BadArgument(
+                f"categories (CLI --categories) has {name!r}, which is not a category"
+                + (f" (did you mean {close[0]!r}?)" if close else "")
+                + f"; choose from {', '.join(known)} (data/categories.json)."
+            )
+    if len(categories) < 2:
+        raise checks.BadArgument(
+            f"categories (CLI --categories) has {len(categories)} ({list(categories)}); give at "
+            "least two: a category's negatives are the items of the others."
+        )
 
 
 study = filter_heads()  # the default design, for load_study("qktrace.studies.filter_heads")
