@@ -122,9 +122,7 @@ def prompts(name: str, value: Any) -> Sequence[Any]:
             "(or of token-id lists)."
         )
     if len(value) == 0:
-        raise BadArgument(
-            "No prompts given: pass a non-empty list of strings (or token-id lists)."
-        )
+        raise BadArgument("No prompts given: pass a non-empty list of strings (or token-id lists).")
     for i, prompt in enumerate(value):
         if isinstance(prompt, str):
             continue
@@ -165,7 +163,9 @@ def positions(name: str, value: Any, n_prompts: int, first: int = 0) -> Any:
             "pass one position (or one list of positions) per prompt."
         )
     for i, row in enumerate(value):
-        items = [row] if not isinstance(row, (Sequence, np.ndarray)) or isinstance(row, str) else row
+        items = (
+            [row] if not isinstance(row, (Sequence, np.ndarray)) or isinstance(row, str) else row
+        )
         for p in items:
             if isinstance(p, bool) or not isinstance(p, numbers.Integral):
                 raise BadArgumentType(
@@ -359,5 +359,7 @@ def one_int_per_prompt(
                 f"{what} (an int) per prompt."
             )
         if low is not None and item < low:
-            raise BadArgument(f"{name}[{i}]={int(item)} must be >= {low}; pass one {what} per prompt.")
+            raise BadArgument(
+                f"{name}[{i}]={int(item)} must be >= {low}; pass one {what} per prompt."
+            )
     return [int(v) for v in value]

@@ -342,7 +342,9 @@ def empty_sums(heads: Sequence[Hashable], features: Sequence[str], d_head: int) 
     heads, features = list(heads), [str(f) for f in features]
     for name, values in (("heads", heads), ("features", features)):
         if not values or len(set(values)) != len(values):
-            raise BadArgument(f"{name} must be a non-empty list of distinct labels, got {values!r}.")
+            raise BadArgument(
+                f"{name} must be a non-empty list of distinct labels, got {values!r}."
+            )
     shape = (len(heads), len(features), len(CONTRASTS))
     dims = ("head", "feature", "contrast")
     return xr.Dataset(

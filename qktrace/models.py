@@ -106,7 +106,9 @@ def parse_heads(spec: str | tuple[int, int] | Sequence[str | tuple[int, int] | H
     if isinstance(spec, str) and not spec.strip():
         raise checks.BadArgument(f"No heads given (got {spec!r}): {how}.")
     if not isinstance(spec, str | Iterable):
-        raise checks.BadArgument(f"Heads {spec!r} are not a head spec: {how} (or a list of (layer, head)).")
+        raise checks.BadArgument(
+            f"Heads {spec!r} are not a head spec: {how} (or a list of (layer, head))."
+        )
     items = spec.split(",") if isinstance(spec, str) else list(spec)
     heads: list[Head] = []
     for item in items:

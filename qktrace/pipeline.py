@@ -874,7 +874,9 @@ def plot(study: Study, path: str | Path) -> list[Path]:
             own = dict(study.figures(ds))
         except Exception as err:
             raise _OwnFiguresFailed() from err
-        figures.update({f"{study.name}_{k.removesuffix('.png')}.png": fig for k, fig in own.items()})
+        figures.update(
+            {f"{study.name}_{k.removesuffix('.png')}.png": fig for k, fig in own.items()}
+        )
     return save_figures(figures, path.parent)
 
 

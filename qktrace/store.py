@@ -544,7 +544,9 @@ def _check_declared_sizes(path: Path) -> None:
         name, _, leaf = str(key).rpartition("/")
         if leaf != ".zarray":
             continue
-        shape, chunks = (meta.get(k) if isinstance(meta, dict) else None for k in ("shape", "chunks"))
+        shape, chunks = (
+            meta.get(k) if isinstance(meta, dict) else None for k in ("shape", "chunks")
+        )
         try:
             itemsize = np.dtype(meta["dtype"]).itemsize or 1
         except (KeyError, TypeError, ValueError):
@@ -562,7 +564,11 @@ def _check_declared_sizes(path: Path) -> None:
         total, chunk = math.prod(shape) * itemsize, math.prod(chunks) * itemsize
         dims = (arrays.get(f"{name}/.zattrs") or {}).get("_ARRAY_DIMENSIONS") or []
         index = len(shape) == 1 and dims == [name]
-        if total > MAX_ARRAY_BYTES or chunk > MAX_CHUNK_BYTES or (index and shape[0] > MAX_INDEX_LENGTH):
+        if (
+            total > MAX_ARRAY_BYTES
+            or chunk > MAX_CHUNK_BYTES
+            or (index and shape[0] > MAX_INDEX_LENGTH)
+        ):
             raise StoreDamagedError(
                 f"{path} declares what no store holds: variable {name!r} has shape {shape} "
                 f"({total / 2**30:.3g} GiB, chunks of {chunk / 2**30:.3g} GiB) in metadata of "
@@ -1466,8 +1472,8 @@ def _read_manifest(path: Path) -> dict:
     manifest = _read_json(path, MANIFEST)
     if not isinstance(manifest, dict) or manifest.get("format") != "qktrace-batches":
         raise StoreDamagedError(
-            f"{path / MANIFEST} is not a qktrace batch manifest (no \"format\": "
-            "\"qktrace-batches\"); use a new path, or restore the store from a backup."
+            f'{path / MANIFEST} is not a qktrace batch manifest (no "format": '
+            '"qktrace-batches"); use a new path, or restore the store from a backup.'
         )
     version = _layout_version(path, MANIFEST, manifest, _BATCHES_VERSION)
     fields: dict[str, Any] = {"dim": str, "attrs": dict}
@@ -1504,7 +1510,7 @@ def _layout_version(path: Path, name: str, record: dict, newest: int) -> int:
     """The record's layout version; a newer one than this qktrace reads is refused."""
     version = record.get("version", 1)
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise _malformed(path, name, version, f"its \"version\" is {version!r}, not a count")
+        raise _malformed(path, name, version, f'its "version" is {version!r}, not a count')
     if version > newest:
         raise StoreError(
             f"{path} was written by a newer qktrace: its {name} has layout version {version}, "

@@ -26,7 +26,9 @@ RESERVED = {"prompt", "key", "query", "head", "text", "key_label", "key_feature"
 RESERVED |= {"answer_text", "key_position", "key_token", "query_position", "prompt_text"}
 # the variables, coordinates and dims a study's store has: a prompt coordinate of one of these
 # names could not be stored beside them (refused before any forward pass)
-STORE_NAMES = frozenset("""
+STORE_NAMES = (
+    frozenset(
+        """
     answer_argmax_after answer_argmax_before answer_candidate_mass answer_candidate_token
     answer_correct answer_flip answer_flip_rate answer_heads answer_index answer_logit_after
     answer_logit_before answer_logit_diff_after answer_logit_diff_before answer_moved
@@ -42,7 +44,10 @@ STORE_NAMES = frozenset("""
     p_target_answer_after p_target_answer_before p_target_before pair_count pc
     pc_variance_ratio q q_head q_sum qk_sum query_basis query_token random rank scaling
     singular_values softcap subspace target_answer_index target_position union_rank
-""".split()) - RESERVED
+""".split()
+    )
+    - RESERVED
+)
 
 
 @dataclass
@@ -391,7 +396,7 @@ def _coords(
 
 
 def _kind(value: Any) -> str:
-    """"text", "bool" or "number": the kinds a coordinate may not mix."""
+    """ "text", "bool" or "number": the kinds a coordinate may not mix."""
     if isinstance(value, str | np.str_):
         return "text"
     return "bool" if isinstance(value, bool | np.bool_) else "number"

@@ -434,8 +434,11 @@ def test_null_never_counts_a_numerically_zero_component():
 
     real = torch.diag(torch.tensor([1.0, 1e-13, 0.0, 0.0], dtype=torch.float64))
     noise = 1e-16 * torch.randn(50, 4, 4, generator=torch.Generator().manual_seed(0))
-    null = noise.to(torch.float64) + 0.5 * torch.eye(4, dtype=torch.float64)[0:1, :, None] @ (
-        torch.eye(4, dtype=torch.float64)[0:1, None, :]
+    null = (
+        noise.to(torch.float64)
+        + 0.5
+        * torch.eye(4, dtype=torch.float64)[0:1, :, None]
+        @ (torch.eye(4, dtype=torch.float64)[0:1, None, :])
     )  # permutations: a component of 0.5 along the first axes, below ΔC's 1
     s, cutoff = (x.numpy() for x in ops.null_cutoffs(real, null, 0.95))
     assert s[1] > cutoff[1] or np.isnan(cutoff[1])  # the noise "beats" its noise cut-off ...

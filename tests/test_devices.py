@@ -352,8 +352,9 @@ BF16_RUN = {"categories": ["fruit", "animal"], "n_prompts": 24, "n_test": 12,
 def bf16_vs_fp32(out) -> dict[str, float]:
     """filter-heads on the organism loaded in float32 and in bfloat16 (same prompts, heads,
     seeds): the largest differences of what the study reports. `docs/performance.md` prints it."""
-    from qktrace import store
     from qktrace.studies import filter_heads
+
+    from qktrace import store
 
     runs = {}
     for dtype in ("float32", "bfloat16"):

@@ -266,9 +266,7 @@ def test_show_escapes_control_characters_and_cuts_long_values(tmp_path):
 # bug 7: a huge size argument is refused before any work (before the model loads)
 
 
-@pytest.mark.parametrize(
-    "flag", ["--n-random", "--n-test", "--n-prompts", "--n-random-answers"]
-)
+@pytest.mark.parametrize("flag", ["--n-random", "--n-test", "--n-prompts", "--n-random-answers"])
 def test_a_huge_size_is_refused_before_the_model_loads(flag, tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
