@@ -39,7 +39,10 @@ PROMPTS = [
     "The ship is in Box E, the cup is in Box F. Which box is the cup in? Box",
     "The hat is in Box G, the map is in Box H. Which box is the hat in? Box",
 ]
-RTOL, ATOL = 1e-5, 1e-5
+# The server's model actor runs torch on 1 CPU thread, the client on 2: float32 reductions round
+# in another order, so values differ by float32 rounding of the largest values they are summed
+# from (measured: at most 3e-6 of a variable's largest magnitude, ΔC and PCs of gender agreement)
+RTOL, ATOL, ATOL_OF_SCALE = 1e-5, 1e-5, 1e-5
 
 
 def interrupt(signum, frame):
@@ -90,7 +93,9 @@ def assert_close(remote: xr.Dataset, local: xr.Dataset) -> None:
         a, b = remote[name], local[name]
         assert a.dims == b.dims and a.shape == b.shape, name
         if np.issubdtype(b.dtype, np.number):
-            np.testing.assert_allclose(a.values, b.values, rtol=RTOL, atol=ATOL, err_msg=name)
+            scale = float(np.nanmax(np.abs(b.values), initial=0.0))
+            atol = max(ATOL, ATOL_OF_SCALE * scale)
+            np.testing.assert_allclose(a.values, b.values, rtol=RTOL, atol=atol, err_msg=name)
         else:
             np.testing.assert_array_equal(a.values, b.values, err_msg=name)
     for name in local.coords:
@@ -230,6 +235,45 @@ def test_study_through_the_cli_equals_local(ndif, remote_study, tmp_path):
     # it keeps no per-prompt q, k or qk_sum; everything else is the same
     assert set(local.data_vars) - set(remote_study.data_vars) == {"q", "k", "qk_sum"}
     assert_close(remote_study, local[list(remote_study.data_vars)])
+
+
+# the other studies and the example study file, each through the CLI on the server and locally;
+# small runs: the point is the remote path of each study's passes, not its findings
+OTHER_STUDIES = {
+    "filter_heads": ["filter-heads", "--n-prompts", "12", "--n-test", "6"],
+    "lexical": ["lexical", "--n-prompts", "8", "--n-test", "4", "--n-pairs", "3"],
+    "gender_agreement": [str(Path(__file__).parents[1] / "examples" / "gender_agreement.py"),
+                         "--n-prompts", "8", "--n-test", "4"],
+}  # fmt: skip
+# what a remote study may leave out: the per-prompt q, k and q·k that it reduces in the trace
+REDUCED_IN_TRACE = {"q", "k", "qk_sum"}
+
+
+@pytest.mark.parametrize("name", list(OTHER_STUDIES))
+def test_other_studies_and_the_example_equal_local(ndif, name, tmp_path):
+    args = [
+        "study", *OTHER_STUDIES[name], "-m", HUB_ID, "--heads", "17.3", "--n-random", "1",
+        "--n-random-answers", "1", "--batch-size", "4", "--no-figures", "--quiet",
+    ]  # fmt: skip
+    stores = {}
+    for where, flags in (("remote", ["--remote"]), ("local", [])):
+        out = tmp_path / where
+        result = run_cli([*args, *flags, "-o", str(out)])
+        assert result.exit_code == 0, result.output
+        stores[where] = store.open(out / f"{name}.zarr").load()
+        stores[where].attrs.pop("date", None)
+    remote, local = stores["remote"], stores["local"]
+    assert set(local.data_vars) - set(remote.data_vars) <= REDUCED_IN_TRACE
+    assert set(remote.data_vars) <= set(local.data_vars)
+    # lexical's order sums: a remote run reduces them to ΔC in the trace, so its C+ and C- sums
+    # (qk_sum) are NaN where the local run has them (studies/lexical.py); compare the rest
+    for name in REDUCED_IN_TRACE & set(remote.data_vars):
+        reduced = np.isnan(remote[name]) & ~np.isnan(local[name])
+        if reduced.any():
+            where = reduced.any([d for d in reduced.dims if d != "feature"])
+            assert name == "qk_sum" and list(reduced["feature"][where].values) == ["order"]
+        local[name] = local[name].where(~reduced)
+    assert_close(remote, local[list(remote.data_vars)])
 
 
 def kill_during_next_request(monkeypatch, after: int, fault) -> dict:
