@@ -17,20 +17,40 @@ Every result is a labelled xarray Dataset.
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+import importlib
+from typing import TYPE_CHECKING, Any
 
-# Imported eagerly on purpose: `capture`, `reduce` and `intervene` are both verbs and module
-# names, and a lazily imported submodule would replace the verb on the package.
-from .answers import intervene_answers
-from .attribution import attribute
-from .covariance import decompose
 from .errors import QktraceError
-from .heads import find_heads
-from .interventions import intervene
-from .models import load, parse_heads
-from .qk import capture
-from .store import open, save
-from .sums import reduce
+from .version import __version__
+
+# Each verb is imported on first use (PEP 562), so that importing the package (as the command
+# line does for its help) does not import torch and nnsight. Type checkers and the docs read
+# the same names from the imports below.
+if TYPE_CHECKING:
+    from .answers import intervene_answers
+    from .attribution import attribute
+    from .covariance import decompose
+    from .heads import find_heads
+    from .interventions import intervene
+    from .models import load, parse_heads
+    from .qk import capture
+    from .store import open, save
+    from .sums import reduce
+
+# public name -> the module that defines it
+_LAZY = {
+    "load": "models",
+    "parse_heads": "models",
+    "capture": "qk",
+    "reduce": "sums",
+    "decompose": "covariance",
+    "intervene": "interventions",
+    "intervene_answers": "answers",
+    "attribute": "attribution",
+    "find_heads": "heads",
+    "save": "store",
+    "open": "store",
+}
 
 __all__ = [
     "__version__",
@@ -47,3 +67,15 @@ __all__ = [
     "parse_heads",
     "QktraceError",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'qktrace' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
