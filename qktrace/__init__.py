@@ -18,14 +18,16 @@ Every result is a labelled xarray Dataset.
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import TYPE_CHECKING, Any
 
 from .errors import QktraceError
 from .version import __version__
 
-# Each verb is imported on first use (PEP 562), so that importing the package (as the command
-# line does for its help) does not import torch and nnsight. Type checkers and the docs read
-# the same names from the imports below.
+# Each verb is imported on first use, so that importing the package (as the command line does
+# for its help) does not import torch and nnsight. Type checkers and the docs read the same
+# names from the imports below.
 if TYPE_CHECKING:
     from .answers import intervene_answers
     from .attribution import attribute
@@ -69,12 +71,28 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _LAZY:
-        raise AttributeError(f"module 'qktrace' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
+class _Package(types.ModuleType):
+    """The package's module type: each name of `_LAZY` is a property that imports its module
+    on first use. Properties, not only a module `__getattr__` (PEP 562), because nnsight gives
+    every object a `save` method, which would answer `qktrace.save` before `__getattr__` did."""
+
+
+def _lazy(name: str) -> property:
+    def get(package: types.ModuleType) -> Any:
+        if name not in package.__dict__:
+            module = importlib.import_module(f".{_LAZY[name]}", __name__)
+            package.__dict__[name] = getattr(module, name)
+        return package.__dict__[name]
+
+    def set_(package: types.ModuleType, value: Any) -> None:
+        package.__dict__[name] = value
+
+    return property(get, set_)
+
+
+for _name in _LAZY:
+    setattr(_Package, _name, _lazy(_name))
+sys.modules[__name__].__class__ = _Package
 
 
 def __dir__() -> list[str]:

@@ -252,11 +252,14 @@ def test_the_command_line_help_imports_neither_torch_nor_nnsight():
 
 def test_the_package_root_names_every_verb_lazily():
     """`import qktrace` is light, and every name in `__all__` still resolves to the verb (not to
-    a submodule of the same name), through attribute access, `from qktrace import` and dir()."""
+    a submodule of the same name, nor to nnsight's `save`), through attribute access, `from
+    qktrace import` and dir()."""
     script = (
         "import sys, types\n"
         "import qktrace\n"
         "assert 'torch' not in sys.modules\n"
+        "import nnsight  # which gives every object a `save` method\n"
+        "assert qktrace.save.__module__ == 'qktrace.store', qktrace.save\n"
         "from qktrace import capture, open\n"
         "assert capture.__module__ == 'qktrace.qk' and open.__module__ == 'qktrace.store'\n"
         "assert set(qktrace.__all__) <= set(dir(qktrace))\n"
