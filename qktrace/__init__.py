@@ -17,20 +17,42 @@ Every result is a labelled xarray Dataset.
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+import importlib
+import sys
+import types
+from typing import TYPE_CHECKING, Any
 
-# Imported eagerly on purpose: `capture`, `reduce` and `intervene` are both verbs and module
-# names, and a lazily imported submodule would replace the verb on the package.
-from .answers import intervene_answers
-from .attribution import attribute
-from .covariance import decompose
 from .errors import QktraceError
-from .heads import find_heads
-from .interventions import intervene
-from .models import load, parse_heads
-from .qk import capture
-from .store import open, save
-from .sums import reduce
+from .version import __version__
+
+# Each verb is imported on first use, so that importing the package (as the command line does
+# for its help) does not import torch and nnsight. Type checkers and the docs read the same
+# names from the imports below.
+if TYPE_CHECKING:
+    from .answers import intervene_answers
+    from .attribution import attribute
+    from .covariance import decompose
+    from .heads import find_heads
+    from .interventions import intervene
+    from .models import load, parse_heads
+    from .qk import capture
+    from .store import open, save
+    from .sums import reduce
+
+# public name -> the module that defines it
+_LAZY = {
+    "load": "models",
+    "parse_heads": "models",
+    "capture": "qk",
+    "reduce": "sums",
+    "decompose": "covariance",
+    "intervene": "interventions",
+    "intervene_answers": "answers",
+    "attribute": "attribution",
+    "find_heads": "heads",
+    "save": "store",
+    "open": "store",
+}
 
 __all__ = [
     "__version__",
@@ -47,3 +69,31 @@ __all__ = [
     "parse_heads",
     "QktraceError",
 ]
+
+
+class _Package(types.ModuleType):
+    """The package's module type: each name of `_LAZY` is a property that imports its module
+    on first use. Properties, not only a module `__getattr__` (PEP 562), because nnsight gives
+    every object a `save` method, which would answer `qktrace.save` before `__getattr__` did."""
+
+
+def _lazy(name: str) -> property:
+    def get(package: types.ModuleType) -> Any:
+        if name not in package.__dict__:
+            module = importlib.import_module(f".{_LAZY[name]}", __name__)
+            package.__dict__[name] = getattr(module, name)
+        return package.__dict__[name]
+
+    def set_(package: types.ModuleType, value: Any) -> None:
+        package.__dict__[name] = value
+
+    return property(get, set_)
+
+
+for _name in _LAZY:
+    setattr(_Package, _name, _lazy(_name))
+sys.modules[__name__].__class__ = _Package
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -66,7 +66,7 @@ from .attribution import as_basis, orthogonalize
 from .batching import Batch, PromptInput, prepare, resolve_positions, run
 from .errors import BadArgument, BadArgumentType
 from .interventions import KEY_SCOPES, KeyScope
-from .models import Head, Model, parse_heads
+from .models import Head, Model, check_model, parse_heads
 
 __all__ = ["CandidateMassWarning", "intervene_answers"]
 
@@ -202,7 +202,7 @@ def intervene_answers(
     ...        answer=ans, target_answer=other, orig=ans_pos, target=other_pos)  # doctest: +SKIP
     >>> fx.answer_flip_rate.to_series()  # doctest: +SKIP
     """
-    checks.model("model", model)
+    check_model("model", model)
     checks.flag("progress", progress)
     checks.mapping("bases", bases, "one basis [d_head, r] per head, e.g. {'16.19': basis}")
     checks.integer("n_random", n_random, low=0, example="3")

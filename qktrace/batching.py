@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from . import checks
 from .errors import BadArgument
-from .models import Head, Model, iter_batches
+from .models import Head, Model, check_model, iter_batches
 from .remote import with_retries
 
 Positions = Literal["last", "all"] | Sequence[int] | Sequence[Sequence[int]]
@@ -279,7 +279,7 @@ def prepare(
     import hashlib
     import json
 
-    checks.model("model", model)
+    check_model("model", model)
     checks.prompts("prompts", prompts)
     checks.token_ids("prompts", prompts, _vocab_size(model))
     checks.integer("batch_size", batch_size, low=1, example="16")

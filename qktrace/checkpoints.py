@@ -256,7 +256,7 @@ def _check_architecture(file: Path) -> None:
     """Refuse a GGUF whose architecture transformers cannot dequantize or qktrace cannot trace."""
     from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
 
-    from .models import ADAPTERS
+    from .families import ADAPTERS
 
     arch = gguf_architecture(file)
     traceable = {t for a in ADAPTERS for t in a.model_types}

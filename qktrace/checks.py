@@ -31,6 +31,7 @@ __all__ = [
     "one_per_prompt",
     "positions",
     "prompts",
+    "shown",
     "unique",
 ]
 
@@ -39,7 +40,8 @@ def _name(name: str, flag: str | None) -> str:
     return f"{name} (CLI {flag})" if flag else name
 
 
-def _shown(value: Any, limit: int = 60) -> str:
+def shown(value: Any, limit: int = 60) -> str:
+    """`value`'s repr, cut to `limit` characters, for an error message."""
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
@@ -56,7 +58,7 @@ def integer(
     """`value` as an int in [low, high]; bools, floats and strings are refused."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise BadArgumentType(
-            f"{name}={_shown(value)} ({type(value).__name__}) is not an integer; pass an int"
+            f"{name}={shown(value)} ({type(value).__name__}) is not an integer; pass an int"
             + (f", e.g. {name}={example}" if example else "")
             + "."
         )
@@ -88,7 +90,7 @@ def number(
     """`value` as a finite float in [low, high] (or (low, high] with `low_open`)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise BadArgumentType(
-            f"{name}={_shown(value)} ({type(value).__name__}) is not a number; pass a float"
+            f"{name}={shown(value)} ({type(value).__name__}) is not a number; pass a float"
             + (f", e.g. {name}={example}" if example else "")
             + "."
         )
@@ -112,8 +114,8 @@ def prompts(name: str, value: Any) -> Sequence[Any]:
     """
     if isinstance(value, (str, bytes)):
         raise BadArgumentType(
-            f"{name} is a single {type(value).__name__} ({_shown(value)}), not a list of "
-            f"prompts: iterating it would run one prompt per character; pass [{_shown(value)}] "
+            f"{name} is a single {type(value).__name__} ({shown(value)}), not a list of "
+            f"prompts: iterating it would run one prompt per character; pass [{shown(value)}] "
             "for one prompt."
         )
     if not isinstance(value, Sequence) and not isinstance(value, np.ndarray):
@@ -128,13 +130,13 @@ def prompts(name: str, value: Any) -> Sequence[Any]:
             continue
         if isinstance(prompt, bytes) or not isinstance(prompt, (Sequence, np.ndarray)):
             raise BadArgumentType(
-                f"{name}[{i}] is a {type(prompt).__name__} ({_shown(prompt)}); each prompt must "
+                f"{name}[{i}] is a {type(prompt).__name__} ({shown(prompt)}); each prompt must "
                 "be a string or a list of token ids (ints)."
             )
         for token in prompt:
             if isinstance(token, bool) or not isinstance(token, numbers.Integral):
                 raise BadArgumentType(
-                    f"{name}[{i}] holds {_shown(token)} ({type(token).__name__}); a prompt given "
+                    f"{name}[{i}] holds {shown(token)} ({type(token).__name__}); a prompt given "
                     "as tokens must be a list of token ids (ints)."
                 )
     return value
@@ -154,7 +156,7 @@ def positions(name: str, value: Any, n_prompts: int, first: int = 0) -> Any:
         )
     if isinstance(value, (bytes, dict, set)) or not isinstance(value, (Sequence, np.ndarray)):
         raise BadArgumentType(
-            f"{name} is a {type(value).__name__} ({_shown(value)}); pass 'last', 'all', or one "
+            f"{name} is a {type(value).__name__} ({shown(value)}); pass 'last', 'all', or one "
             "int (or list of ints) per prompt."
         )
     if len(value) != n_prompts:
@@ -169,7 +171,7 @@ def positions(name: str, value: Any, n_prompts: int, first: int = 0) -> Any:
         for p in items:
             if isinstance(p, bool) or not isinstance(p, numbers.Integral):
                 raise BadArgumentType(
-                    f"{name}[{first + i}] holds {_shown(p)} ({type(p).__name__}), not a token "
+                    f"{name}[{first + i}] holds {shown(p)} ({type(p).__name__}), not a token "
                     "position; "
                     "positions are ints (negative counts from the end), e.g. "
                     f"{name}=[[1, 4], [2]]; round or fix how they were computed."
@@ -181,19 +183,19 @@ def choice(name: str, value: Any, options: Sequence[Any]) -> Any:
     """`value` if it is one of `options`; else an error listing them."""
     if isinstance(value, str | int | bool | None) and value in options:
         return value
-    raise BadArgument(f"{name} must be one of {tuple(options)}, not {_shown(value)}.")
+    raise BadArgument(f"{name} must be one of {tuple(options)}, not {shown(value)}.")
 
 
 def one_per_prompt(name: str, value: Any, n_prompts: int, what: str = "token position") -> Any:
     """One entry (e.g. a token position) per prompt: a sequence of length `n_prompts`."""
     if isinstance(value, str | bytes) or not isinstance(value, Sequence | np.ndarray):
         raise BadArgument(
-            f"{name} must give one {what} per prompt ({n_prompts} prompts), got {_shown(value)}."
+            f"{name} must give one {what} per prompt ({n_prompts} prompts), got {shown(value)}."
         )
     if len(value) != n_prompts:
         raise BadArgument(
             f"{name} must give one {what} per prompt ({n_prompts} prompts), got {len(value)}: "
-            f"{_shown(value)}."
+            f"{shown(value)}."
         )
     return value
 
@@ -271,23 +273,11 @@ def _size(n: float) -> str:
     return f"{n:.3g} EiB"
 
 
-def model(name: str, value: Any) -> Any:
-    """A model loaded with `qktrace.load` (a `qktrace.models.Model`)."""
-    from .models import Model
-
-    if not isinstance(value, Model):
-        raise BadArgumentType(
-            f"{name} is a {type(value).__name__} ({_shown(value)}), not a model loaded with "
-            f"qktrace.load; pass {name}=qktrace.load('<hub id or path>')."
-        )
-    return value
-
-
 def flag(name: str, value: Any) -> bool:
     """A bool (numpy's too); 1, "yes" and None are refused."""
     if not isinstance(value, bool | np.bool_):
         raise BadArgumentType(
-            f"{name}={_shown(value)} ({type(value).__name__}) is not a bool; pass True or False."
+            f"{name}={shown(value)} ({type(value).__name__}) is not a bool; pass True or False."
         )
     return bool(value)
 
@@ -298,7 +288,7 @@ def path(name: str, value: Any, *, optional: bool = False) -> Any:
         return None
     if isinstance(value, bytes) or not isinstance(value, str | os.PathLike):
         raise BadArgumentType(
-            f"{name}={_shown(value)} ({type(value).__name__}) is not a path; pass a str or "
+            f"{name}={shown(value)} ({type(value).__name__}) is not a path; pass a str or "
             "pathlib.Path" + (", or None" if optional else "") + "."
         )
     if not os.fspath(value).strip():
@@ -312,7 +302,7 @@ def dataset(name: str, value: Any, what: str) -> Any:
 
     if not isinstance(value, xr.Dataset):
         raise BadArgumentType(
-            f"{name} is a {type(value).__name__} ({_shown(value)}), not an xarray.Dataset; pass "
+            f"{name} is a {type(value).__name__} ({shown(value)}), not an xarray.Dataset; pass "
             f"{what}."
         )
     return value
@@ -324,7 +314,7 @@ def mapping(name: str, value: Any, what: str) -> Any:
 
     if not isinstance(value, Mapping):
         raise BadArgumentType(
-            f"{name} is a {type(value).__name__} ({_shown(value)}), not a mapping; pass {what}."
+            f"{name} is a {type(value).__name__} ({shown(value)}), not a mapping; pass {what}."
         )
     if not value:
         raise BadArgument(f"{name} is empty; pass {what}.")
@@ -355,7 +345,7 @@ def one_int_per_prompt(
     for i, item in enumerate(value):
         if isinstance(item, bool) or not isinstance(item, numbers.Integral):
             raise BadArgumentType(
-                f"{name}[{i}] is {_shown(item)} ({type(item).__name__}), not an int; pass one "
+                f"{name}[{i}] is {shown(item)} ({type(item).__name__}), not an int; pass one "
                 f"{what} (an int) per prompt."
             )
         if low is not None and item < low:

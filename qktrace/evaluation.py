@@ -40,7 +40,7 @@ from . import checks, ops
 from .batching import encode
 from .errors import BadArgument, BadArgumentType
 from .intervals import wilson
-from .models import Model, iter_batches
+from .models import Model, check_model, iter_batches
 from .prompts import Prompt, boxes_prompts, filter_prompts, locate
 
 __all__ = ["evaluate", "task_sets", "candidates", "format_table"]
@@ -134,7 +134,7 @@ def evaluate(
     >>> ds = qktrace.evaluation.evaluate(qktrace.load("smollm2"), n=40)  # doctest: +SKIP
     >>> print(qktrace.evaluation.format_table(ds))  # doctest: +SKIP
     """
-    checks.model("model", model)
+    check_model("model", model)
     checks.integer("n", n, example="100")
     checks.integer("batch_size", batch_size, low=1, example="16")
     checks.integer("seed", seed, low=0, example="10_000")

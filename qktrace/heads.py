@@ -39,7 +39,7 @@ from .batching import (
     run,
 )
 from .errors import BadArgument, BadArgumentType
-from .models import Head, Model
+from .models import Head, Model, check_model
 
 __all__ = ["find_heads", "rank_heads"]
 
@@ -97,7 +97,7 @@ def find_heads(
     >>> best.to_dataframe()  # doctest: +SKIP
     >>> heads = list(best["head"].values[:3])  # e.g. ["16.1", "17.24", "20.1"]  # doctest: +SKIP
     """
-    checks.model("model", model)
+    check_model("model", model)
     checks.flag("progress", progress)
     checks.prompts("prompts", prompts)
     checks.one_int_per_prompt("answer", answer, len(prompts), "token position")

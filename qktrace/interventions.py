@@ -90,7 +90,7 @@ from . import checks, ops
 from .attribution import as_basis, orthogonalize
 from .batching import Batch, Positions, PromptInput, prepare, resolve_positions, run
 from .errors import BadArgument, BadArgumentType
-from .models import Head, Model, parse_heads
+from .models import Head, Model, check_model, parse_heads
 
 __all__ = ["Edit", "intervene", "intervene_captured"]
 
@@ -255,7 +255,7 @@ def intervene(
     >>> fx.flip_rate.to_series()  # doctest: +SKIP
     >>> fx.delta_p_target.where(fx.random).mean()  # doctest: +SKIP
     """
-    checks.model("model", model)
+    check_model("model", model)
     for flag_name, value in (("verify", verify), ("progress", progress)):
         checks.flag(flag_name, value)
     checks.integer("n_random", n_random, low=0, example="10")

@@ -29,57 +29,15 @@ import nnsight
 import torch
 
 from . import checks, ops
+from .errors import BadArgumentType
+
+# the families live below this module (`qktrace.checkpoints` needs them too); named here as well
+from .families import ADAPTERS as ADAPTERS
+from .families import Adapter as Adapter
+from .families import adapter_for as adapter_for
+from .families import register_adapter as register_adapter
 
 Remote = bool | Literal["local"]
-
-
-@dataclass(frozen=True)
-class Adapter:
-    """Where one architecture family keeps its attention, relative to the nnsight model, and
-    where its attention call takes q, k and the mask (positional indices; the mask may also
-    come as the keyword ``attention_mask``)."""
-
-    family: str
-    model_types: tuple[str, ...]
-    layers: str = "model.layers"
-    attention: str = "self_attn"
-    # positions of q, k and the mask in the attention call (the mask may come as a keyword)
-    query_arg: int = 1
-    key_arg: int = 2
-    mask_arg: int = 4
-
-
-ADAPTERS: list[Adapter] = [
-    Adapter("llama", ("llama",)),
-    Adapter("qwen2", ("qwen2", "qwen2_moe")),
-    Adapter("qwen3", ("qwen3", "qwen3_moe")),
-    Adapter("mistral", ("mistral", "mixtral", "ministral")),
-    Adapter("gemma", ("gemma", "gemma2", "gemma3_text")),
-    Adapter("olmo", ("olmo", "olmo2")),
-    Adapter("phi3", ("phi3",)),
-    Adapter("gpt2", ("gpt2",), layers="transformer.h", attention="attn"),
-    Adapter("gpt_neox", ("gpt_neox",), layers="gpt_neox.layers", attention="attention"),
-]
-
-
-def register_adapter(adapter: Adapter) -> None:
-    """Teach qktrace a new architecture family (its `model_type`s and module paths)."""
-    ADAPTERS.insert(0, adapter)
-
-
-def adapter_for(model_type: str) -> Adapter:
-    """The adapter for a `config.model_type`; a clear error listing what is supported."""
-    for adapter in ADAPTERS:
-        if model_type in adapter.model_types:
-            return adapter
-    supported = ", ".join(sorted(t for a in ADAPTERS for t in a.model_types))
-    raise checks.BadArgument(
-        f"Unsupported architecture model_type={model_type!r}. Supported: {supported}. "
-        "To add one, point qktrace at its decoder layers and attention module, e.g. "
-        "qktrace.models.register_adapter(qktrace.models.Adapter('myfam', ('my_model_type',), "
-        "layers='model.layers', attention='self_attn')); its attention forward must call "
-        "transformers' attention_interface(self, query, key, value, mask, ...)."
-    )
 
 
 class Head(NamedTuple):
@@ -304,7 +262,7 @@ def _check_load_arguments(
     for name, value in (("revision", revision), ("device_map", device_map),
                         ("gguf_file", gguf_file)):  # fmt: skip
         if value is not None and not isinstance(value, str):
-            raise checks.BadArgumentType(
+            raise BadArgumentType(
                 f"{name}={value!r} ({type(value).__name__}) is not a str; pass a str or None."
             )
     named = isinstance(dtype, str) and (
@@ -523,3 +481,13 @@ def iter_batches(items: Sequence[Any], batch_size: int) -> Iterator[tuple[int, S
         raise checks.BadArgument(f"batch_size must be >= 1, got {batch_size}.")
     for start in range(0, len(items), batch_size):
         yield start, items[start : start + batch_size]
+
+
+def check_model(name: str, value: Any) -> Model:
+    """A model loaded with `qktrace.load` (a `qktrace.models.Model`)."""
+    if not isinstance(value, Model):
+        raise BadArgumentType(
+            f"{name} is a {type(value).__name__} ({checks.shown(value)}), not a model loaded with "
+            f"qktrace.load; pass {name}=qktrace.load('<hub id or path>')."
+        )
+    return value

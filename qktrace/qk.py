@@ -38,7 +38,7 @@ from .batching import (
     run,
 )
 from .locks import one_writer
-from .models import Head, Model, parse_heads
+from .models import Head, Model, check_model, parse_heads
 
 # `capture(out=)` writes its batches at most this often (and whenever it stops, for whatever
 # reason Python sees), holding them in memory between writes, written early once they exceed
@@ -155,7 +155,7 @@ def capture(
     >>> ds = qktrace.capture(model, ["The cat sat"], "0.1", keys="all")  # doctest: +SKIP
     >>> ds.attention.sel(head="0.1").isel(query=0)  # doctest: +SKIP
     """
-    checks.model("model", model)
+    check_model("model", model)
     checks.flag("attention", attention)
     checks.flag("progress", progress)
     checks.path("out", out, optional=True)

@@ -120,10 +120,9 @@ import numpy as np
 import xarray as xr
 from zarr.storage import LocalStore
 
-import qktrace
-
 from . import checks
 from .errors import StoreError
+from .version import __version__
 
 __all__ = [
     "provenance",
@@ -242,8 +241,7 @@ def provenance(
     if remote is not None or facts["remote"] is None:
         facts["remote"] = _remote_mode(bool(remote) if remote is None else remote)
     return {
-        # the metadata fallback serves an editable install whose finder predates __init__.py
-        "qktrace_version": getattr(qktrace, "__version__", None) or _version("qktrace"),
+        "qktrace_version": __version__,
         "nnsight_version": _version("nnsight"),
         "torch_version": _version("torch"),
         "transformers_version": _version("transformers"),
@@ -1514,7 +1512,7 @@ def _layout_version(path: Path, name: str, record: dict, newest: int) -> int:
     if version > newest:
         raise StoreError(
             f"{path} was written by a newer qktrace: its {name} has layout version {version}, "
-            f"and this qktrace ({getattr(qktrace, '__version__', '?')}) reads versions up to "
+            f"and this qktrace ({__version__}) reads versions up to "
             f"{newest}. Upgrade qktrace (pip install -U qktrace) to read it."
         )
     return version

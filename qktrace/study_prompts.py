@@ -7,9 +7,9 @@ checks what they return against the prompt's keys before any forward pass. Each 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Literal, Protocol
 
 import numpy as np
 
@@ -17,10 +17,40 @@ from .errors import StudyError
 from .prompts import Prompt, locate
 from .sums import CONTRASTS
 
-if TYPE_CHECKING:
-    from .pipeline import Study
-
 Label = tuple[str, str] | None
+
+
+class StudyFields(Protocol):
+    """What `prepare` reads of a study: the fields of `qktrace.pipeline.Study` it calls.
+
+    A protocol here, not that class, because the pipeline (which defines and runs studies)
+    imports this module.
+    """
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def source(self) -> str: ...
+    @property
+    def prompts(self) -> Callable[[int, int], Sequence[Prompt]]: ...
+    @property
+    def keys(self) -> str: ...
+    @property
+    def query(self) -> str: ...
+    @property
+    def labels(self) -> Callable[[Prompt], Sequence[Label]]: ...
+    @property
+    def counterfactual(self) -> Callable[[Prompt, np.random.Generator], Prompt] | None: ...
+    @property
+    def answer(self) -> Callable[[Prompt], int] | None: ...
+    @property
+    def swap(self) -> Callable[[Prompt, np.random.Generator], tuple[int, int]] | None: ...
+    @property
+    def coords(self) -> Callable[[Prompt], Mapping[str, Any]] | None: ...
+    @property
+    def answers(self) -> Callable[[Prompt], Sequence[str]] | Literal["keys"] | None: ...
+
+
 # coordinate names the pipeline writes itself; a study's own coordinates may not take them
 RESERVED = {"prompt", "key", "query", "head", "text", "key_label", "key_feature", "swap_feature"}
 RESERVED |= {"answer_text", "key_position", "key_token", "query_position", "prompt_text"}
@@ -73,7 +103,7 @@ class Prepared:
 class At:
     """One prompt of a study, for calling the study's functions on it and naming it in errors."""
 
-    study: Study
+    study: StudyFields
     index: int
     prompt: Any
 
@@ -97,7 +127,7 @@ class At:
 
 
 def prepare(
-    study: Study, tokenizer: Any, n: int, seed: int, chat: bool | None, role: str
+    study: StudyFields, tokenizer: Any, n: int, seed: int, chat: bool | None, role: str
 ) -> Prepared:
     """Make `n` prompts of `study` and resolve its declarations, checking each.
 
@@ -161,7 +191,7 @@ def prepare(
 
 
 def _add_counterfactuals(
-    study: Study, tokenizer: Any, prepared: Prepared, chat: bool | None, seed: int
+    study: StudyFields, tokenizer: Any, prepared: Prepared, chat: bool | None, seed: int
 ) -> None:
     """Each subspace prompt's counterfactual (drawn with ``seed + 3``), located and checked."""
     rng = np.random.default_rng(seed + 3)
@@ -191,7 +221,7 @@ def _add_counterfactuals(
 
 
 def _tokenize(
-    study: Study, tokenizer: Any, prompts: Sequence[Any], chat: bool | None, what: str
+    study: StudyFields, tokenizer: Any, prompts: Sequence[Any], chat: bool | None, what: str
 ) -> tuple[Any, list[list[int]], str | list[int]]:
     """(located prompts, key positions, query) after checking every prompt's spans."""
     for i, p in enumerate(prompts):
@@ -222,7 +252,7 @@ def _tokenize(
     return loc, keys, query
 
 
-def check_contrasts(study: Study, labels: list[list[Label]]) -> None:
+def check_contrasts(study: StudyFields, labels: list[list[Label]]) -> None:
     """Every feature needs positive and negative pairs among the subspace prompts."""
     count: dict[str, dict[str, int]] = {}
     for row in labels:
@@ -309,7 +339,7 @@ def _swap(at: At, pair: Any, labels: list[Label]) -> tuple[int, int, str]:
 
 
 def _check_known_tokens(
-    study: Study, tokenizer: Any, prompts: Sequence[Prompt], ids: list[list[int]], keys: list
+    study: StudyFields, tokenizer: Any, prompts: Sequence[Prompt], ids: list[list[int]], keys: list
 ) -> None:
     """A key read as the unknown token has lost its identity: refuse it."""
     unk = getattr(tokenizer, "unk_token_id", None)
@@ -326,7 +356,7 @@ def _check_known_tokens(
 
 
 def _coords(
-    study: Study,
+    study: StudyFields,
     prompts: Sequence[Prompt],
     keys: list[list[int]],
     labels: list[list[Label]],

@@ -47,7 +47,7 @@ from .batching import (
 )
 from .errors import BadArgument
 from .locks import one_writer
-from .models import Head, Model, parse_heads
+from .models import Head, Model, check_model, parse_heads
 
 CONTRASTS = ("positive", "negative")
 Label = tuple[str, str] | None
@@ -288,7 +288,7 @@ def reduce(
     (head, feature, dq, dk), uncentered ΔC), `q_sum` (…, contrast, dq), `k_sum` (…, contrast,
     dk), all float64, and `pair_count` (head, feature, contrast); attrs `n_prompts`.
     """
-    checks.model("model", model)
+    check_model("model", model)
     checks.flag("progress", progress)
     checks.flag("delta", delta)
     checks.choice("delta_dtype", delta_dtype, ("float32", "float64", "bfloat16", "float16"))

@@ -268,6 +268,7 @@ STUDY_RUN = {"n_prompts": 8, "n_test": 4, "n_random": 1, "n_random_answers": 0,
 STUDY_ONLY = {"filter_heads": {"categories": ["fruit", "animal"]}, "lexical": {}}
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(_organism() is None, reason="no organism checkpoint in data/organism")
 @pytest.mark.parametrize("name", ["filter_heads", "lexical"])
 def test_a_remote_study_on_a_sharded_model_writes_the_cpu_store(name, tmp_path):
@@ -381,6 +382,7 @@ def bf16_vs_fp32(out) -> dict[str, float]:
     }
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(_organism() is None, reason="no organism checkpoint in data/organism")
 def test_a_bfloat16_study_gives_the_float32_ranks_and_effects(tmp_path):
     diff = bf16_vs_fp32(tmp_path)

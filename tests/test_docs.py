@@ -3,6 +3,8 @@
 `mkdocs build --strict` fails on a broken link, a missing page or anchor, an API reference that
 does not resolve, and a tutorial notebook that raises (mkdocs-jupyter executes them during the
 build), so this one build checks the pages, the API reference and the tutorials together.
+The tests that need the built site are the `docs` tier (``python -m pytest -m docs``, about a
+minute and a half); the rest run by default.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ def site(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.docs
 def test_every_page_is_built(site):
     for page in (ROOT / "docs").rglob("*.md"):
         relative = page.relative_to(ROOT / "docs").with_suffix("")
@@ -52,6 +55,7 @@ def test_every_page_is_built(site):
         assert built.is_file(), f"{page} was not built (is it in mkdocs.yml's nav?)"
 
 
+@pytest.mark.docs
 def test_api_reference_renders_every_verb(site):
     import qktrace
 
@@ -63,6 +67,7 @@ def test_api_reference_renders_every_verb(site):
     assert "batches_per_request" in html
 
 
+@pytest.mark.docs
 def test_tutorials_ran_and_show_their_outputs(site):
     figure = re.compile(r'<img[^>]+src="data:image/png;base64,')
     for notebook in NOTEBOOKS:
@@ -76,6 +81,7 @@ def test_tutorials_ran_and_show_their_outputs(site):
     assert "largest difference in the sums: 0.0" in ndif
 
 
+@pytest.mark.docs
 def test_figures_on_the_pages_exist(site):
     for page in site.rglob("index.html"):
         for src in re.findall(r'<img[^>]+src="([^"]+\.png)"', page.read_text()):

@@ -32,10 +32,14 @@ try:
 except importlib.metadata.PackageNotFoundError:
     INSTALLED = False
 
-pytestmark = pytest.mark.skipif(
-    not INSTALLED,
-    reason=f"{SPEC.package} is not installed (`{SPEC.install_command}`; CI installs it)",
-)
+# real weights: the e2e tier (python -m pytest -m e2e)
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(
+        not INSTALLED,
+        reason=f"{SPEC.package} is not installed (`{SPEC.install_command}`; CI installs it)",
+    ),
+]
 
 TINY = {"n_prompts": 10, "n_test": 4, "n_random": 1, "batch_size": 10}
 

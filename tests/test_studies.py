@@ -133,6 +133,7 @@ def test_filter_heads_local_and_remote_local_agree(checkpoint, tmp_path):
     assert not list((tmp_path / "a").glob("filter_heads.*.zarr"))  # checkpoints cleaned up
 
 
+@pytest.mark.e2e
 def test_binding_studies_local_and_remote_local_agree(checkpoint, tmp_path):
     common = {"heads": HEAD, "n_pairs": N_PAIRS, "progress": False, **FAST}
     order_path = order_id.run(checkpoint, out=tmp_path / "a", **common)

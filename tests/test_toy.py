@@ -120,6 +120,7 @@ def test_interaction_matrix_and_dominance():
 CI_GRID = {"variants": ("discrete",), "ranks": (3, 5), "d_heads": (16, 8), "workers": 1}
 
 
+# the tests that read it are the e2e tier (python -m pytest -m e2e): a whole toy study run
 @pytest.fixture(scope="module")
 def toy_store(tmp_path_factory) -> Path:
     """A small study run: discrete latents, N, M in {3, 5}, d_head 16 and 8, one seed."""
@@ -176,15 +177,18 @@ def test_recovered_subspaces_are_the_latent_directions():
         assert np.degrees(subspace_angles(sub.query_basis, queries).max()) < 5.0, latent
 
 
+@pytest.mark.e2e
 def test_recovered_ranks_equal_latent_ranks(toy_store):
     ds = store.open(toy_store).load()
     assert assert_ranks_recovered(ds) >= 4  # d_head 16: four cells; d_head 8: N = M = 3
 
 
+@pytest.mark.e2e
 def test_swap_in_both_subspaces_flips_more_than_random(toy_store):
     assert_both_swap_beats_random(store.open(toy_store).load())
 
 
+@pytest.mark.e2e
 def test_store_contract(toy_store):
     ds = store.open(toy_store)
     grid = ("variant", "d_head", "N", "M")
@@ -226,12 +230,14 @@ def test_store_contract(toy_store):
     )
 
 
+@pytest.mark.e2e
 def test_figures_are_written(toy_store):
     for name in toy_study.FIGURES:
         path = toy_store.parent / name
         assert path.exists() and path.stat().st_size > 10_000, name
 
 
+@pytest.mark.e2e
 def test_existing_store_is_not_overwritten(toy_store):
     with pytest.raises(FileExistsError, match="overwrite"):
         toy_study.run(toy_store.parent, quick=True, progress=False, **CI_GRID)
@@ -263,6 +269,7 @@ def test_cli_help_teaches():
     assert STUDIES["toy"] == "qktrace.studies.toy"
 
 
+@pytest.mark.e2e
 def test_cli_refuses_existing_store(toy_store):
     result = CliRunner().invoke(app, ["toy", "--out", str(toy_store.parent), "--quick"])
     assert result.exit_code == 2
@@ -293,6 +300,7 @@ def test_intervention_bars_draws_an_all_nan_panel():
     assert [t.get_text() for t in empty.get_xticklabels()] == ["both", "random_both"]
 
 
+@pytest.mark.e2e
 def test_a_store_written_before_the_renames_still_shows_and_draws(toy_store, tmp_path):
     """toy.zarr once said recovered_rank, target_attention, ...: figures and summary read both."""
     ds = store.open(toy_store).load()

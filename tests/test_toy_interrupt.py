@@ -56,6 +56,7 @@ def group_alive(pgid: int) -> bool:
     return True
 
 
+@pytest.mark.e2e
 def test_ctrl_c_stops_at_once_keeps_finished_models_and_resumes(tmp_path):
     cells = tmp_path / "toy.cells"
     run = toy(tmp_path)

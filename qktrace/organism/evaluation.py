@@ -95,7 +95,7 @@ def evaluate(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if model is None:
-        from . import path
+        from .shipped import path
 
         model = path()
     if isinstance(model, (str, os.PathLike)):
