@@ -1,6 +1,6 @@
 """Helpers shared by the benchmark scripts: random-weight models, timing, formatting.
 
-Not a benchmark itself. Everything here builds on `qktrace.testing`, so no hub download is needed.
+Not a benchmark itself. Everything here builds on `qktrace.model.testing`, so no hub download is needed.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def build_llama(
     import torch
     from transformers import AutoModelForCausalLM
 
-    import qktrace.testing as testing
+    import qktrace.model.testing as testing
 
     tok = testing.tokenizer()
     torch.manual_seed(seed)

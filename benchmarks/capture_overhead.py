@@ -84,11 +84,13 @@ def main() -> None:
     import numpy as np
     import torch
 
-    capture_mod = importlib.import_module("qktrace.qk")  # the module behind qktrace.capture
-    batching_mod = importlib.import_module("qktrace.batching")  # tokenizing and batch planning
-    from qktrace.models import load
-    from qktrace.qk import capture
-    from qktrace.sums import reduce
+    capture_mod = importlib.import_module(
+        "qktrace.verbs.capture"
+    )  # the module behind qktrace.capture
+    batching_mod = importlib.import_module("qktrace.run.batching")  # tokenizing and batch planning
+    from qktrace.model.loading import load
+    from qktrace.verbs.capture import capture
+    from qktrace.verbs.reduce import reduce
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -211,7 +213,7 @@ def main() -> None:
             progress=False,
         )
 
-    from qktrace import ops as qk_ops
+    from qktrace.core import ops as qk_ops
 
     def qk_sums_one_einsum(q_sel: Any, k_sel: Any, weights: Any) -> Any:
         """ops.qk_sums as it was before: one 3-operand einsum (36x slower on CPU)."""
@@ -324,9 +326,9 @@ def main() -> None:
     # ---- breakdowns: the functions capture/reduce call, wrapped with timers ---------------
     # (module, function, level): level 0 pieces add up to the call (the rest is shown), level 1
     # pieces run inside a level-0 one (plan_batches tokenizes; ops run inside the trace).
-    from qktrace import ops
+    from qktrace.core import ops
 
-    reduce_mod = importlib.import_module("qktrace.sums")  # the module behind qktrace.reduce
+    reduce_mod = importlib.import_module("qktrace.verbs.reduce")  # the module behind qktrace.reduce
     planning = [
         (batching_mod, "_token_ids", 1),
         (batching_mod, "encode", 1),

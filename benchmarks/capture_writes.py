@@ -8,7 +8,7 @@ Arms (each timed as the median over --repeats rounds, interleaved round by round
 noise hits them alike, after one untimed round):
 
   memory   capture(...) with no out=: the batches concatenated in memory
-  each     capture(..., out=) with qktrace.qk.WRITE_EVERY_S = 0: one zarr write and one manifest
+  each     capture(..., out=) with qktrace.verbs.capture.WRITE_EVERY_S = 0: one zarr write and one manifest
            commit per batch (what capture(out=) did before the batches were held)
   held     capture(..., out=) as shipped: batches held and written at most every WRITE_EVERY_S
            seconds or WRITE_BUFFER_MIB, and at the end
@@ -55,9 +55,10 @@ def main() -> None:
     import torch
 
     import qktrace
-    import qktrace.qk as qk
-    from qktrace import organism, store
+    import qktrace.verbs.capture as qk
+    from qktrace import organism
     from qktrace.organism.data import boxes_prompts
+    from qktrace.store import io as store
 
     if args.threads:
         torch.set_num_threads(args.threads)

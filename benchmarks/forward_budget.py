@@ -25,9 +25,9 @@ and with ``--remote-local`` (nnsight's offline simulation of NDIF) the requests 
 bytes of the serialized requests, bytes of the arrays the requests return, and the raw q/k bytes
 (every token's q and k of the studied heads in the same traces) they stand against (goal <= 1%),
 in all and per step (reduce: the covariance sums; capture: the fresh prompts; capture (projected): the fresh
-prompts of a remote study reduced in the trace, `qktrace.projected`; capture (subspace pairs):
+prompts of a remote study reduced in the trace, `qktrace.study.projected`; capture (subspace pairs):
 lexical's original and counterfactual captures, or on a remote model subspace pairs (in trace),
-`qktrace.paired`; head search: a search pass of its own).
+`qktrace.study.paired`; head search: a search pass of its own).
 
     python benchmarks/forward_budget.py                       # the organism, its default sizes
     python benchmarks/forward_budget.py --studies order_id --n-prompts 300 --n-test 90
@@ -39,7 +39,7 @@ lexical's original and counterfactual captures, or on a remote model subspace pa
 
 With ``--search`` the studies get no heads and search them (`qktrace.find_heads`'s ranking) on
 their fresh prompts; the search shares the capture's pass, so the rows stay at the minimum
-(a search in a pass of its own, over `qktrace.head_search.MAX_BYTES`, adds n_test rows).
+(a search in a pass of its own, over `qktrace.study.head_search.MAX_BYTES`, adds n_test rows).
 The machine is often shared: the ratios are measured in one process, but the bare forward runs
 after the study, so a change of load between them moves the wall ratio (CPU / bare less so);
 run twice and report both.
@@ -92,12 +92,12 @@ class Counter:
         self.originals.clear()
 
     def install(self) -> None:
-        import qktrace.answers as answers
-        import qktrace.heads as heads_module
-        import qktrace.paired as paired
-        import qktrace.projected as projected
-        import qktrace.qk as qk
-        import qktrace.sums as sums
+        import qktrace.study.paired as paired
+        import qktrace.study.projected as projected
+        import qktrace.verbs.answers as answers
+        import qktrace.verbs.capture as qk
+        import qktrace.verbs.find_heads as heads_module
+        import qktrace.verbs.reduce as sums
 
         counter = self
 
@@ -145,7 +145,7 @@ class Counter:
 
             self.patch(mod, name, wrapped)
 
-        import qktrace.pipeline as pipeline
+        import qktrace.study.pipeline as pipeline
 
         def within(name: str, step: str) -> None:
             """Name the capture (or reduce) calls that run inside `pipeline.<name>` `step`."""
@@ -348,13 +348,13 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
-    from qktrace.studies._common import resolve_heads, sizes
     from transformers import AutoModelForCausalLM
 
     from qktrace import organism
-    from qktrace.checkpoints import NAMED, named_checkpoint
-    from qktrace.models import load, parse_heads
-    from qktrace.study_tools import N_FOUND_HEADS
+    from qktrace.model.checkpoints import NAMED, named_checkpoint
+    from qktrace.model.loading import load, parse_heads
+    from qktrace.studies._common import resolve_heads, sizes
+    from qktrace.study.tools import N_FOUND_HEADS
 
     torch.set_num_threads(args.threads)
     print(machine())
@@ -388,7 +388,7 @@ def main() -> None:
         if args.skip_answers:
             import xarray as xr
 
-            import qktrace.pipeline as pipeline
+            import qktrace.study.pipeline as pipeline
 
             counter.patch(pipeline, "answer_swaps", lambda *a, **k: xr.Dataset())
         with tempfile.TemporaryDirectory() as out:

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, table, versions  # noqa: E402
 
 import qktrace  # noqa: E402
-from qktrace import store  # noqa: E402
+from qktrace.store import io as store  # noqa: E402
 
 # What "equal to the CPU float32 store" means, per dtype on the device: the largest difference
 # relative to the largest value (sums, singular values, captured attention), the largest absolute
@@ -64,7 +64,7 @@ def open_model(name: str, device: str, dtype: str) -> qktrace.Model:
 def eager_difference(model: qktrace.Model) -> float:
     """Largest |capture's attention - the model's own eager attention| over every head of two
     layers, last query, ragged chat prompts."""
-    from qktrace.prompts import boxes_prompts, filter_prompts, locate
+    from qktrace.core.prompts import boxes_prompts, filter_prompts, locate
 
     net = model.lm._module
     prompts = [*boxes_prompts(2, 3, seed=1), *filter_prompts(2, seed=2)]

@@ -1,7 +1,7 @@
 """Peak memory of qktrace.reduce and of batch-by-batch capture to zarr: does it grow with prompts?
 
 Each measurement runs in its own fresh Python process (so peaks are clean) on a tiny random-weight
-Llama (2 layers, d_model 64, 4 heads / 2 kv heads of 16; see qktrace.testing) with short random
+Llama (2 layers, d_model 64, 4 heads / 2 kv heads of 16; see qktrace.model.testing) with short random
 token-id prompts (default 24 tokens) and all 8 heads. A child process first builds the model and
 ALL prompts/labels (inputs are O(prompts) by nature and not what is measured), records its
 resident set size (RSS), then runs the arm and reports:
@@ -19,8 +19,8 @@ Arms:
   reduce-out the same with out=<zarr path> checkpointing after every batch (--with-out).
   capture    qktrace.capture(..., out=<zarr path>) (query last, keys all, attention=True):
              capture appends its batches to the store (qktrace.store.BatchWriter, holding them
-             between writes: qktrace.qk.WRITE_EVERY_S) and returns the store opened lazily. Goal: bounded by about one batch plus
-             what it holds between writes (qktrace.qk.WRITE_BUFFER_MIB, and a copy while writing).
+             between writes: qktrace.verbs.capture.WRITE_EVERY_S) and returns the store opened lazily. Goal: bounded by about one batch plus
+             what it holds between writes (qktrace.verbs.capture.WRITE_BUFFER_MIB, and a copy while writing).
   capture-loop  a loop calling qktrace.capture on one batch at a time and appending each batch
              with qktrace.store.BatchWriter (xarray to_zarr append if that is missing): the
              bound a caller can reach without capture(out=) (--capture-loop).
@@ -84,10 +84,10 @@ def child(
     if threads:
         torch.set_num_threads(threads)
 
-    import qktrace.testing as testing
-    from qktrace.models import load
-    from qktrace.qk import capture
-    from qktrace.sums import reduce
+    import qktrace.model.testing as testing
+    from qktrace.model.loading import load
+    from qktrace.verbs.capture import capture
+    from qktrace.verbs.reduce import reduce
 
     net, tok = testing.model("llama")
     model = load(net, tokenizer=tok)
@@ -115,7 +115,7 @@ def child(
     one_batch = warm.nbytes
     # also warm the zarr write path (imports of zarr/numcodecs, codec buffers), so the arm's
     # peak shows what it holds, not one-off import costs
-    from qktrace import store
+    from qktrace.store import io as store
 
     store.save(warm, Path(workdir) / f"warm-{arm}-{n}.zarr")
     if hasattr(store, "BatchWriter"):
@@ -171,7 +171,7 @@ def child(
         elif arm == "capture-loop":
             result_bytes, info = capture_to_zarr(model, prompts, heads, batch, out)
         elif arm == "intervene":
-            from qktrace.interventions import intervene
+            from qktrace.verbs.intervene import intervene
 
             basis = np.linalg.qr(rng.normal(size=(model.d_head, 4)))[0]
             ds = intervene(
@@ -181,7 +181,7 @@ def child(
             result_bytes = ds.nbytes
             info["writer"] = "intervene() in memory (its per-prompt results are the result)"
         elif arm == "capture-all":
-            from qktrace import store
+            from qktrace.store import io as store
 
             ds = capture(model, prompts, heads, keys="all", batch_size=batch, progress=False)
             result_bytes = ds.nbytes
@@ -214,11 +214,11 @@ def child(
 
 def capture_to_zarr(model, prompts, heads, batch, out):
     """capture() one batch at a time, appending each batch Dataset to a zarr store."""
-    from qktrace.models import iter_batches
-    from qktrace.qk import capture
+    from qktrace.model.loading import iter_batches
+    from qktrace.verbs.capture import capture
 
     try:
-        from qktrace.store import BatchWriter
+        from qktrace.store.io import BatchWriter
     except ImportError:
         BatchWriter = None
     if BatchWriter is not None:

@@ -74,7 +74,7 @@ def latency(repeats: int) -> list[list[str]]:
     import statistics
 
     import qktrace
-    from qktrace.qk import capture
+    from qktrace.verbs.capture import capture
 
     rows = []
     for mode in (True, "local", False):

@@ -153,10 +153,10 @@ def result_sizes(results: list[list[Any]]) -> tuple[int, int, int]:
 
 
 def ranks(delta_c: Any) -> Any:
-    """Rank of every ΔC [..., d, d] by the 99% rule of qktrace.covariance."""
+    """Rank of every ΔC [..., d, d] by the 99% rule of qktrace.verbs.decompose."""
     import numpy as np
 
-    from qktrace.covariance import rank_for_threshold
+    from qktrace.verbs.decompose import rank_for_threshold
 
     s = np.linalg.svd(delta_c, compute_uv=False)
     return np.array([rank_for_threshold(row) for row in s.reshape(-1, s.shape[-1])]).reshape(
@@ -213,11 +213,13 @@ def main() -> None:
     import numpy as np
     import torch
 
-    capture_mod = importlib.import_module("qktrace.qk")  # the module behind qktrace.capture
-    reduce_mod = importlib.import_module("qktrace.sums")  # the module behind qktrace.reduce
-    from qktrace.models import load
-    from qktrace.qk import capture
-    from qktrace.sums import reduce
+    capture_mod = importlib.import_module(
+        "qktrace.verbs.capture"
+    )  # the module behind qktrace.capture
+    reduce_mod = importlib.import_module("qktrace.verbs.reduce")  # the module behind qktrace.reduce
+    from qktrace.model.loading import load
+    from qktrace.verbs.capture import capture
+    from qktrace.verbs.reduce import reduce
 
     if args.threads:
         torch.set_num_threads(args.threads)

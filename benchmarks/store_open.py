@@ -80,7 +80,7 @@ def make_batch(i: int):
 
 
 def write(layout: str, path: Path, n: int) -> float:
-    from qktrace import store
+    from qktrace.store import io as store
 
     params = {"n_prompts": n * BATCH, "batch_size": BATCH}
     t0 = time.perf_counter()

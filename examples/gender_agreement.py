@@ -11,8 +11,8 @@ the recovered key subspace.
 
 import numpy as np
 
-from qktrace.pipeline import Study
-from qktrace.prompts import PromptBuilder
+from qktrace.core.prompts import PromptBuilder
+from qktrace.study.pipeline import Study
 
 NAMES = {
     "female": ["Mary", "Anna", "Sarah", "Emma", "Lucy", "Alice", "Kate", "Julia", "Laura", "Helen"],

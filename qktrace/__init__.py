@@ -22,36 +22,39 @@ import sys
 import types
 from typing import TYPE_CHECKING, Any
 
-from .errors import QktraceError
-from .version import __version__
+from qktrace import _moved
+from qktrace.core.errors import QktraceError
+from qktrace.core.version import __version__
+
+_moved.install()
 
 # Each verb is imported on first use, so that importing the package (as the command line does
 # for its help) does not import torch and nnsight. Type checkers and the docs read the same
 # names from the imports below.
 if TYPE_CHECKING:
-    from .answers import intervene_answers
-    from .attribution import attribute
-    from .covariance import decompose
-    from .heads import find_heads
-    from .interventions import intervene
-    from .models import load, parse_heads
-    from .qk import capture
-    from .store import open, save
-    from .sums import reduce
+    from qktrace.model.loading import load, parse_heads
+    from qktrace.store.io import open, save
+    from qktrace.verbs.answers import intervene_answers
+    from qktrace.verbs.attribute import attribute
+    from qktrace.verbs.capture import capture
+    from qktrace.verbs.decompose import decompose
+    from qktrace.verbs.find_heads import find_heads
+    from qktrace.verbs.intervene import intervene
+    from qktrace.verbs.reduce import reduce
 
 # public name -> the module that defines it
 _LAZY = {
-    "load": "models",
-    "parse_heads": "models",
-    "capture": "qk",
-    "reduce": "sums",
-    "decompose": "covariance",
-    "intervene": "interventions",
-    "intervene_answers": "answers",
-    "attribute": "attribution",
-    "find_heads": "heads",
-    "save": "store",
-    "open": "store",
+    "load": "model.loading",
+    "parse_heads": "model.loading",
+    "capture": "verbs.capture",
+    "reduce": "verbs.reduce",
+    "decompose": "verbs.decompose",
+    "intervene": "verbs.intervene",
+    "intervene_answers": "verbs.answers",
+    "attribute": "verbs.attribute",
+    "find_heads": "verbs.find_heads",
+    "save": "store.io",
+    "open": "store.io",
 }
 
 __all__ = [

@@ -24,7 +24,7 @@ from typing import Annotated, NoReturn
 
 import typer
 
-from qktrace.locks import lock_path
+from qktrace.store.locks import lock_path
 
 app = typer.Typer(
     name="qktrace",
@@ -60,7 +60,7 @@ def _fail(message: str, code: int = 1) -> NoReturn:
 
     Code 2 for bad arguments (as click uses), 1 for a run that could not be done.
     """
-    from qktrace.summary import printable
+    from qktrace.study.summary import printable
 
     # a message may quote a store's attrs or paths: no escape sequence reaches the terminal
     typer.secho(f"Error: {printable(message, limit=4000, keep=chr(10))}", err=True, fg="red")
@@ -85,7 +85,7 @@ def _command_line(ctx: typer.Context) -> str:
 
 def _out_dir(out: str, store_name: str) -> Path:
     """--out as a directory to write ``store_name`` in; refuse what would misplace the results."""
-    from qktrace import store
+    from qktrace.store import io as store
 
     if not out.strip():
         _fail("--out is empty; pass a directory for the results, e.g. -o out/organism.", 2)
@@ -158,15 +158,15 @@ def _run(
 ) -> Path:
     """Run a job, mapping every failure to one ``Error:`` line and its exit status.
 
-    The status of a `QktraceError` is its class's (`qktrace.errors`: 2 a bad argument or
+    The status of a `QktraceError` is its class's (`qktrace.core.errors`: 2 a bad argument or
     study, 1 a store or server that fails); 2 also for an --out that cannot be written (disk
     full, read-only, a path that is a file), after saying what is kept (`kept`); 130 for
     Ctrl-C and 143 for SIGTERM, each after saying what is kept.
     """
     import signal
 
-    from qktrace import store
-    from qktrace.errors import QktraceError
+    from qktrace.core.errors import QktraceError
+    from qktrace.store import io as store
 
     def said() -> str:
         return kept() if callable(kept) else kept
@@ -329,7 +329,7 @@ The exact NDIF request, simulated offline on a local checkpoint:
 
   qktrace study lexical -m ./my-checkpoint --heads 1.2 --remote-local --n-prompts 64 -o out/try
 
-Your own study: a .py file that defines study = qktrace.pipeline.Study(...) (prompts with
+Your own study: a .py file that defines study = qktrace.study.pipeline.Study(...) (prompts with
 marked spans, the key span, labels per key), or module:attr; the pipeline does the rest:
 
   qktrace study examples/gender_agreement.py -m ./my-checkpoint -o out/gender
@@ -358,7 +358,7 @@ def study(
         str,
         typer.Argument(
             help="The study: filter-heads, order-id, lexical, or your own: a .py file that "
-            "defines study = qktrace.pipeline.Study(...) (path[:attr]), or module:attr.",
+            "defines study = qktrace.study.pipeline.Study(...) (path[:attr]), or module:attr.",
             metavar="NAME|FILE.py",
         ),
     ],
@@ -487,7 +487,7 @@ def study(
 
     filter-heads: categories of list items (paper §3.1). order-id: which position a box is
     in (§3.2). lexical: which object a box holds (§3.3, Fig 10). Your own study: a file
-    defining a `qktrace.pipeline.Study` runs through the same pipeline (docs/guide/own-study.md).
+    defining a `qktrace.study.pipeline.Study` runs through the same pipeline (docs/guide/own-study.md).
     Writes OUT/NAME.zarr (labelled, with provenance) and PNG figures beside it, then prints a
     summary. A crashed run resumes when rerun with the same arguments.
     """
@@ -497,7 +497,7 @@ def study(
     known = _model_studies()
     store_name = name.replace("-", "_")
     if name not in known and (name.endswith(".py") or ":" in name or Path(name).exists()):
-        from qktrace.pipeline import StudyError, load_study, run_study
+        from qktrace.study.pipeline import StudyError, load_study, run_study
 
         try:
             own = load_study(name)
@@ -513,7 +513,7 @@ def study(
             f"unknown study {name!r}"
             + (f" (did you mean {close[0]!r}?)" if close else "")
             + f"; choose one of {', '.join(known)}, or pass a .py file defining a "
-            "qktrace.pipeline.Study (the toy model has its own command: qktrace toy).",
+            "qktrace.study.pipeline.Study (the toy model has its own command: qktrace toy).",
             2,
         )
     else:
@@ -525,7 +525,7 @@ def study(
             2,
         )
     if heads is not None:
-        from qktrace.models import parse_heads
+        from qktrace.model.loading import parse_heads
 
         try:
             parse_heads(heads)
@@ -549,7 +549,7 @@ def study(
     }
     accepted = set(inspect.signature(run).parameters)
     if any(p.kind is p.VAR_KEYWORD for p in inspect.signature(run).parameters.values()):
-        from qktrace.pipeline import run_study
+        from qktrace.study.pipeline import run_study
 
         accepted |= set(inspect.signature(run_study).parameters)  # a declared study's run
     for key, value in given.items():
@@ -574,8 +574,8 @@ def study(
         f"Completed batches are kept next to {directory / store_name}.zarr",
         directory,
     )
-    from qktrace import store
-    from qktrace.summary import summarize
+    from qktrace.store import io as store
+    from qktrace.study.summary import summarize
 
     typer.echo(summarize(store.open(path), path, variables=False))
     where = f" and figures in {directory}" if figures else ""
@@ -697,11 +697,12 @@ def evaluate(
     """
     from contextlib import nullcontext
 
-    from qktrace import checks, store
-    from qktrace.evaluation import evaluate as run_eval
-    from qktrace.evaluation import format_table, plot
-    from qktrace.locks import writing
-    from qktrace.models import load
+    from qktrace.core import checks
+    from qktrace.model.loading import load
+    from qktrace.store import io as store
+    from qktrace.store.locks import writing
+    from qktrace.verbs.evaluate import evaluate as run_eval
+    from qktrace.verbs.evaluate import format_table, plot
 
     if remote and remote_local:
         _fail("--remote and --remote-local exclude each other; give one of them, or neither.", 2)
@@ -710,7 +711,7 @@ def evaluate(
     pair_counts = _parse_pairs(pairs)
     try:
         checks.integer("batch_size", batch_size, low=1, flag="--batch-size", example="16")
-        n_groups = 2 * len(pair_counts) + 3  # as qktrace.evaluation.evaluate counts them
+        n_groups = 2 * len(pair_counts) + 3  # as qktrace.verbs.evaluate.evaluate counts them
         checks.fits_in_memory("n", n, 64 * 2**10 * n_groups,
                               f"{n_groups} groups of prompts and scores", flag="--n",
                               example="100")  # fmt: skip
@@ -830,9 +831,9 @@ def plot(
 
     Example: qktrace plot out/binding/order_id.zarr
     """
-    from qktrace import store
-    from qktrace.errors import QktraceError
-    from qktrace.pipeline import StudyError, draw, load_study
+    from qktrace.core.errors import QktraceError
+    from qktrace.store import io as store
+    from qktrace.study.pipeline import StudyError, draw, load_study
 
     try:
         ds = store.open(path)
@@ -863,9 +864,9 @@ def show(
 
     Example: qktrace show out/binding/order_id.zarr
     """
-    from qktrace import store
-    from qktrace.errors import QktraceError
-    from qktrace.summary import summarize
+    from qktrace.core.errors import QktraceError
+    from qktrace.store import io as store
+    from qktrace.study.summary import summarize
 
     try:
         ds = store.open(path, checksums=True)

@@ -1,7 +1,7 @@
 """What the paper's studies choose the same way: their heads and sizes per model.
 
 The shared method (output, null, PCA, swaps, answer-level effects, figures) is the library's:
-`qktrace.study_tools` and `qktrace.pipeline`.
+`qktrace.study.tools` and `qktrace.study.pipeline`.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from typing import Any
 
 import xarray as xr
 
-from qktrace.models import Head, Model, parse_heads
-from qktrace.study_tools import N_FOUND_HEADS, ModelLike, is_organism, ranking_variables
+from qktrace.model.loading import Head, Model, parse_heads
+from qktrace.study.tools import N_FOUND_HEADS, ModelLike, is_organism, ranking_variables
 
 # Heads the paper reports for Llama-3.1-8B-Instruct, used when no heads are given for it.
 PAPER_MODEL = "llama-3.1-8b-instruct"
@@ -33,7 +33,7 @@ ORGANISM_SIZES = {  # study -> (n_prompts, n_test)
     "lexical": (900, 270),
 }
 PAPER_SIZES = {"filter_heads": (2000, 1000), "order_id": (2000, 500), "lexical": (2000, 500)}
-# Named models that run on a CPU (`qktrace.checkpoints.NAMED`, e.g. smollm2, 135M parameters):
+# Named models that run on a CPU (`qktrace.model.checkpoints.NAMED`, e.g. smollm2, 135M parameters):
 # sizes that finish in a few minutes per study on 2 idle cores.
 CPU_MODEL_SIZES = {"filter_heads": (300, 100), "order_id": (300, 100), "lexical": (300, 100)}
 
@@ -42,7 +42,7 @@ def sizes(
     model: ModelLike, study: str, n_prompts: int | None, n_test: int | None
 ) -> tuple[int, int]:
     """(n_prompts, n_test): those given, else the organism's defaults or the paper's."""
-    from qktrace.checkpoints import NAMED
+    from qktrace.model.checkpoints import NAMED
 
     name = model.name if isinstance(model, Model) else os.fspath(model)
     if is_organism(model):
@@ -67,7 +67,7 @@ def resolve_heads(
     """The heads to study: those given; the organism's (data/organism/heads.json) for the
     organism; the paper's for its model; else the best `N_FOUND_HEADS` from `find()`.
 
-    `find` runs `qktrace.heads.find_heads` on the study's own prompts; it is only called when
+    `find` runs `qktrace.verbs.find_heads.find_heads` on the study's own prompts; it is only called when
     no heads are given and the model is neither the organism nor the paper's.
     """
     return choose_heads(model, heads, study, find)[0]
@@ -121,7 +121,7 @@ def heads_source(model: Model, heads: str | Sequence[Any] | None) -> str:
 
 def _has_find_heads() -> bool:
     try:
-        import qktrace.heads  # noqa: F401
+        import qktrace.verbs.find_heads  # noqa: F401
     except ImportError:
         return False
     return True

@@ -11,7 +11,7 @@ models), whose token is the query. Spans: ``object`` (each object in the context
 are drawn without repetition per prompt; the answer's order index (its pair's position in the
 list) cycles through 0..n_pairs-1 so every position is asked equally often.
 
-The prompt builders (`boxes_prompt`, `build_prompts`) live in `qktrace.prompts` (as
+The prompt builders (`boxes_prompt`, `build_prompts`) live in `qktrace.core.prompts` (as
 `boxes_prompt`, `boxes_prompts`), re-exported here; `studies.order_id` and `studies.lexical`
 build on this module.
 """
@@ -26,17 +26,17 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from qktrace.covariance import decompose
-from qktrace.models import Head, Model
-from qktrace.prompts import BOXES_ANSWER_PREFIX as ANSWER_PREFIX
-from qktrace.prompts import Prompt, boxes_prompt, load_box_letters, load_objects, locate
-from qktrace.prompts import boxes_prompts as build_prompts
-from qktrace.sums import reduce, stored_sums, study_options
+from qktrace.core.prompts import BOXES_ANSWER_PREFIX as ANSWER_PREFIX
+from qktrace.core.prompts import Prompt, boxes_prompt, load_box_letters, load_objects, locate
+from qktrace.core.prompts import boxes_prompts as build_prompts
+from qktrace.model.loading import Head, Model
+from qktrace.verbs.decompose import decompose
+from qktrace.verbs.reduce import reduce, stored_sums, study_options
 
 # the settings an order-ID subspace must share with the lexical run that reuses it
 REUSE_KEYS = ("n_pairs", "threshold", "chat")
 
-# the builders live in `qktrace.prompts` (the organism's training data uses them too)
+# the builders live in `qktrace.core.prompts` (the organism's training data uses them too)
 __all__ = [
     "ANSWER_PREFIX",
     "boxes_prompt",
@@ -52,7 +52,7 @@ __all__ = [
 
 def check_pairs(n_pairs: int) -> None:
     """The binding contrasts need a second box: its key is the negative, and the swap target."""
-    from qktrace import checks
+    from qktrace.core import checks
 
     letters = len(load_box_letters())
     checks.integer("n_pairs", n_pairs, flag="--n-pairs", example="9")
@@ -129,8 +129,8 @@ def reusable_order_subspace(
     """Whether the order-ID store `stored` (at `path`) holds the order subspace of this run:
     the same model (any copy of the organism), heads among its own, and the same pairs,
     threshold and chat setting. When not, a warning names each difference (store.check_same_run)."""
-    from qktrace import store
-    from qktrace.study_tools import is_organism
+    from qktrace.store import io as store
+    from qktrace.study.tools import is_organism
 
     def facts(model: str, heads: Sequence[str], p: Mapping[str, Any]) -> dict[str, Any]:
         model = "the organism" if is_organism(model) else model
@@ -156,7 +156,7 @@ def attribution_figures(ds: xr.Dataset) -> dict[str, Any]:
     lexical study's Fig 10), as {name: Figure}: ``attribution``, each key's logit split into
     order, lexical and residual parts, averaged over prompts for the answer's box and the other
     boxes; ``attribution_example``, the same for the first prompt."""
-    from qktrace import plots
+    from qktrace.study import plots
 
     explained = ds["explained"].isel(query=0).mean("prompt")
     parts = ds["logit_part"].isel(query=0)

@@ -11,9 +11,9 @@ Method
 2. **Contrast.** The query is the last prompt token; the keys are the last token of every list
    item. For the asked category c, keys of items of c are *positive* and keys of the other items
    are *negative*; so each category c gets one ΔC(c) = C+ - C- per head, summed inside the
-   trace (`qktrace.sums`) and decomposed (`qktrace.decompose`): SVD, 99% rank rule, query
+   trace (`qktrace.verbs.reduce`) and decomposed (`qktrace.decompose`): SVD, 99% rank rule, query
    and key bases. Positives are all items of the asked category for every question variant.
-   **Significance:** `qktrace.covariance.permutation_null` on the fresh prompts' (query, item)
+   **Significance:** `qktrace.verbs.decompose.permutation_null` on the fresh prompts' (query, item)
    pairs (labels shuffled 100 times): ``null_rank`` counts the leading components above the
    null's 95th percentile.
 3. **Geometry (Fig 6).** On ``n_test`` fresh prompts, the item keys are captured and projected
@@ -22,7 +22,7 @@ Method
 4. **Causal check (Fig 7).** On the same fresh prompts, per head: the *attended* item is the
    item of the asked category with the highest attention from the query; the *target* is an
    item of another category (drawn at random). Their coordinates inside the asked category's
-   key subspace are swapped (`qktrace.interventions`, mode "swap", key side), and the change of
+   key subspace are swapped (`qktrace.verbs.intervene`, mode "swap", key side), and the change of
    p(target | {orig, target}) and the flip rate (attention argmax moves from orig to target)
    are compared with random subspaces of the same rank.
    The same swap is then written into the model (`qktrace.intervene_answers`), per head and in
@@ -30,7 +30,7 @@ Method
    answer move from the attended item to the target item (their first tokens as candidates)?
 5. **Store.** Everything lands in ``OUT/filter_heads.zarr`` (labelled, with provenance); the
    figures are drawn from that store and saved beside it. Steps 2-5 are the shared pipeline's
-   (`qktrace.pipeline`); this file declares the prompts, labels, answer key and swap.
+   (`qktrace.study.pipeline`); this file declares the prompts, labels, answer key and swap.
 
 Paper settings: Llama-3.1-8B-Instruct, heads 16.19, 20.26, 20.14; 2000 prompts for the
 subspaces and 1000 for the interventions; five items per category.
@@ -49,13 +49,12 @@ from typing import Any
 
 import numpy as np
 
-from qktrace import checks
-from qktrace.pipeline import Study
-from qktrace.prompts import FILTER_CATEGORIES, FILTER_QUESTIONS, Prompt
-from qktrace.prompts import filter_prompts as build_prompts
-from qktrace.study_tools import ModelLike
-
-from ._common import paper_heads, sizes
+from qktrace.core import checks
+from qktrace.core.prompts import FILTER_CATEGORIES, FILTER_QUESTIONS, Prompt
+from qktrace.core.prompts import filter_prompts as build_prompts
+from qktrace.studies._common import paper_heads, sizes
+from qktrace.study.pipeline import Study
+from qktrace.study.tools import ModelLike
 
 STUDY = "filter_heads"
 CATEGORIES = FILTER_CATEGORIES
@@ -146,7 +145,7 @@ def run(
     prompt with the answer's start ("The first fruit in the list is"), so that the query is its
     last token and the model's next token an item (the answer-level swaps then read what the
     model says; the contrasts are then taken at that query). The other settings are
-    `qktrace.pipeline.run_study`'s. Returns the path of ``OUT/filter_heads.zarr``.
+    `qktrace.study.pipeline.run_study`'s. Returns the path of ``OUT/filter_heads.zarr``.
     """
     if isinstance(categories, str):
         raise checks.BadArgumentType(
@@ -171,7 +170,7 @@ def check_categories(categories: Sequence[str]) -> None:
     """Refuse unknown category names and fewer than two, before the model loads."""
     import difflib
 
-    from qktrace.prompts import load_categories
+    from qktrace.core.prompts import load_categories
 
     known = sorted(load_categories())
     for name in categories:

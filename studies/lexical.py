@@ -35,14 +35,13 @@ from typing import Any, Literal
 import numpy as np
 import xarray as xr
 
-from qktrace.attribution import attribute
-from qktrace.models import parse_heads
-from qktrace.pipeline import Run, Study
-from qktrace.prompts import Prompt
-from qktrace.study_tools import ModelLike
-
-from . import binding, order_id
-from ._common import paper_heads, sizes
+from qktrace.core.prompts import Prompt
+from qktrace.model.loading import parse_heads
+from qktrace.studies import binding, order_id
+from qktrace.studies._common import paper_heads, sizes
+from qktrace.study.pipeline import Run, Study
+from qktrace.study.tools import ModelLike
+from qktrace.verbs.attribute import attribute
 
 STUDY = "lexical"
 NegativeQuery = Literal["original", "counterfactual"]
@@ -90,7 +89,7 @@ def attribution(ds: xr.Dataset, run: Run) -> xr.Dataset:
     ``null_rank`` -1), and each box key's logit is split into order, lexical and the rest."""
     order, run.params["order_subspace"] = order_subspace(ds, run)
     lexical = ds[SUBSPACE]
-    # a remote run's order sums are ΔC only (`qktrace.sums.study_options`): no C+ and C- sums
+    # a remote run's order sums are ΔC only (`qktrace.verbs.reduce.study_options`): no C+ and C- sums
     order = order.assign(
         {
             name: xr.full_like(lexical[name].isel(feature=[0]), np.nan).assign_coords(
@@ -114,7 +113,7 @@ def attribution(ds: xr.Dataset, run: Run) -> xr.Dataset:
 
 def order_subspace(ds: xr.Dataset, run: Run) -> tuple[xr.Dataset, str]:
     """The order-ID subspace: reused from OUT/order_id.zarr if it matches, else computed."""
-    from qktrace import store
+    from qktrace.store import io as store
 
     stored = run.path.parent / f"{order_id.STUDY}.zarr"
     labels = [str(h) for h in ds["head"].values]
@@ -147,7 +146,7 @@ def run(
     `n_pairs` as in `studies.order_id.run` (the paper's attribution figure used 4);
     `negative_query`: "original" (default), the negative pairs use the original prompt's query
     with the counterfactual's key; "counterfactual", the counterfactual's own query. The other
-    settings are `qktrace.pipeline.run_study`'s. Returns the path of ``OUT/lexical.zarr``.
+    settings are `qktrace.study.pipeline.run_study`'s. Returns the path of ``OUT/lexical.zarr``.
     """
     return lexical(n_pairs, negative_query).run(model, out=out, **settings)
 

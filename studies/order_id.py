@@ -9,7 +9,7 @@ Method
    all positions; the other objects and all letters are random.
 2. **Contrast.** Query: the last token ("Box"). Keys: the box-letter tokens. Positive: the key of
    the answer's box; negative: the keys of the other boxes. One ΔC per head (feature "order").
-3. **The rest is the shared pipeline** (`qktrace.pipeline`): sums in the trace (resumable), SVD
+3. **The rest is the shared pipeline** (`qktrace.study.pipeline`): sums in the trace (resumable), SVD
    and the 99% rank rule, the permutation null (``null_rank``), PCA of fresh prompts' box keys
    coloured by order index and by object (Fig 8), the swap of the answer's box key with another
    box key against random subspaces (Fig 9): attention, and the model's answer (the box
@@ -28,13 +28,12 @@ from typing import Any
 
 import numpy as np
 
-from qktrace import checks
-from qktrace.pipeline import Study
-from qktrace.prompts import Prompt, load_objects
-from qktrace.study_tools import ModelLike
-
-from . import binding
-from ._common import paper_heads, sizes
+from qktrace.core import checks
+from qktrace.core.prompts import Prompt, load_objects
+from qktrace.studies import binding
+from qktrace.studies._common import paper_heads, sizes
+from qktrace.study.pipeline import Study
+from qktrace.study.tools import ModelLike
 
 STUDY = "order_id"
 
@@ -96,7 +95,7 @@ def run(
     asks about (default: drawn with `seed`). Heads: the organism's on the organism, the paper's
     for Llama-3.1-8B-Instruct, else found with `qktrace.find_heads`. Sizes: 900 / 270 on the
     organism, 300 / 100 on smollm2, else 2000 / 500. The other settings are
-    `qktrace.pipeline.run_study`'s. Returns the path of ``OUT/order_id.zarr``.
+    `qktrace.study.pipeline.run_study`'s. Returns the path of ``OUT/order_id.zarr``.
     """
     study = order_id(n_pairs, query_object, seed)
     return study.run(model, out=out, seed=seed, **settings)

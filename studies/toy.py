@@ -53,8 +53,10 @@ import torch
 import xarray as xr
 from tqdm.auto import tqdm
 
-from qktrace import checks, plots, store
-from qktrace.locks import one_writer
+from qktrace.core import checks
+from qktrace.store import io as store
+from qktrace.store.locks import one_writer
+from qktrace.study import plots
 from qktrace.toy.analysis import analyze
 from qktrace.toy.data import VARIANTS, PayloadTask
 from qktrace.toy.train import train

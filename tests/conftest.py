@@ -6,8 +6,8 @@ import warnings
 
 import pytest
 
-import qktrace.testing as testing
-from qktrace.models import load
+import qktrace.model.testing as testing
+from qktrace.model.loading import load
 
 warnings.filterwarnings("ignore", message=".*deprecated.*")
 
@@ -50,13 +50,13 @@ def every_verb(tmp_path_factory):
     the provenance and vocabulary tests."""
     import numpy as np
     import xarray as xr
-    from qktrace.studies import toy as toy_study
 
     import qktrace
-    from qktrace import store
-    from qktrace.evaluation import evaluate
-    from qktrace.interventions import intervene_captured
-    from qktrace.study_tools import ranking_variables
+    from qktrace.store import io as store
+    from qktrace.studies import toy as toy_study
+    from qktrace.study.tools import ranking_variables
+    from qktrace.verbs.evaluate import evaluate
+    from qktrace.verbs.intervene import intervene_captured
 
     net, tok = tiny("llama")
     model = load(net, tokenizer=tok)

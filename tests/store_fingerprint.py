@@ -60,6 +60,6 @@ def differences(expected: dict[str, Any], ds: xr.Dataset, rtol: float = 1e-7) ->
 
 
 if __name__ == "__main__":
-    from qktrace import store
+    from qktrace.store import io as store
 
     print(json.dumps(fingerprint(store.open(sys.argv[1]).load()), indent=0, sort_keys=True))

@@ -7,11 +7,11 @@ import pytest
 import torch
 import transformers.models.llama.modeling_llama as modeling_llama
 
-from qktrace.answers import intervene_answers
-from qktrace.batching import encode
-from qktrace.covariance import random_subspaces
-from qktrace.models import load
-from qktrace.testing import model as fresh_model
+from qktrace.model.loading import load
+from qktrace.model.testing import model as fresh_model
+from qktrace.run.batching import encode
+from qktrace.verbs.answers import intervene_answers
+from qktrace.verbs.decompose import random_subspaces
 from tests.conftest import tiny
 
 PROMPTS = [
@@ -142,7 +142,7 @@ def test_query_ablation_matches_a_manual_edit(monkeypatch):
 
 def test_metrics_follow_the_logits():
     """Flip, p(answer) and logit differences are read off the candidates' logits correctly."""
-    from qktrace.answers import _answer_metrics
+    from qktrace.verbs.answers import _answer_metrics
 
     logits = np.array([[[3.0, 1.0, 0.0]], [[0.0, 2.0, 1.0]], [[2.0, 1.0, 0.0]]])  # S=3, 1 prompt
     logprobs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
@@ -337,7 +337,7 @@ def test_a_string_candidate_counts_by_its_surface_forms_and_an_ambiguous_token_f
     assert list(exact.candidate_token.values[0]) == ["p", "P"]
     # a candidate with no first token of its own is unscored: NaN, never the argmax, and a
     # prompt whose answer it is does not count as answered
-    from qktrace.answers import CandidateMassWarning
+    from qktrace.verbs.answers import CandidateMassWarning
 
     with pytest.warns(CandidateMassWarning, match="1 candidates of 1 of 1 prompts"):
         unscored = intervene_answers(
@@ -354,7 +354,7 @@ def test_a_string_candidate_counts_by_its_surface_forms_and_an_ambiguous_token_f
 
 
 def test_the_candidate_mass_warns_when_the_candidates_are_not_what_the_model_says():
-    from qktrace.answers import CandidateMassWarning
+    from qktrace.verbs.answers import CandidateMassWarning
 
     net, tok = tiny("llama")
     m = load(net, tokenizer=tok)
@@ -374,7 +374,7 @@ def test_the_candidate_mass_warns_when_the_candidates_are_not_what_the_model_say
 def test_a_bare_space_first_token_counts_by_the_token_after_it():
     """A SentencePiece-style tokenizer spells " U" (and "U") as "▁" + "U": "▁" starts every
     candidate, so counting it would make every box letter unscored (or all alike)."""
-    from qktrace.answers import candidate_tokens
+    from qktrace.verbs.answers import candidate_tokens
 
     _, tok = fresh_model("qwen3", tokenizer_style="metaspace")
     assert tok.convert_ids_to_tokens(tok("U", add_special_tokens=False)["input_ids"])[0] == "▁"

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from qktrace.attribution import as_basis, attribute, orthogonalize
-from qktrace.models import load
-from qktrace.qk import capture
+from qktrace.model.loading import load
+from qktrace.verbs.attribute import as_basis, attribute, orthogonalize
+from qktrace.verbs.capture import capture
 from tests.conftest import tiny
 
 PROMPTS = [

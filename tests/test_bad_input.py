@@ -22,12 +22,12 @@ import xarray as xr
 from typer.testing import CliRunner
 
 import qktrace
-import qktrace.sums as sums_module
-import qktrace.testing as testing
-from qktrace import store
+import qktrace.model.testing as testing
+import qktrace.verbs.reduce as sums_module
 from qktrace.cli import app
-from qktrace.models import load, parse_heads
-from qktrace.prompts import Prompt, locate
+from qktrace.core.prompts import Prompt, locate
+from qktrace.model.loading import load, parse_heads
+from qktrace.store import io as store
 from tests.conftest import tiny
 
 PROMPTS = ["The apple is in Box A, the cat is in Box B", "Which box is the cat in? Box"]
@@ -129,7 +129,7 @@ def requests_keep_failing(env, tmp_path, monkeypatch) -> list:
     from nnsight.intervention.backends.local import LocalSimulationBackend
     from nnsight.intervention.backends.remote import RemoteError
 
-    import qktrace.remote as remote_module
+    import qktrace.model.remote as remote_module
 
     real, calls = LocalSimulationBackend.__call__, []
 
@@ -141,8 +141,12 @@ def requests_keep_failing(env, tmp_path, monkeypatch) -> list:
 
     monkeypatch.setattr(LocalSimulationBackend, "__call__", call)
     monkeypatch.setattr(remote_module.time, "sleep", lambda s: None)
-    monkeypatch.setattr("qktrace.sums.REMOTE_BATCHES_PER_REQUEST", 1)  # one batch a request,
-    monkeypatch.setattr("qktrace.sums.STUDY_REMOTE_BATCHES_PER_REQUEST", 1)  # in studies too
+    monkeypatch.setattr(
+        "qktrace.verbs.reduce.REMOTE_BATCHES_PER_REQUEST", 1
+    )  # one batch a request,
+    monkeypatch.setattr(
+        "qktrace.verbs.reduce.STUDY_REMOTE_BATCHES_PER_REQUEST", 1
+    )  # in studies too
     return order_id_cli("--heads", "1.0", "--remote-local", *STUDY)(env, tmp_path, monkeypatch)
 
 
@@ -219,7 +223,7 @@ _HELD: list = []  # locks held for the rest of the session (each on its own tmp_
 
 def output_busy(env, tmp_path, monkeypatch) -> list:
     """A second run on an output another live run is writing: this process holds its lock."""
-    from qktrace.locks import writing
+    from qktrace.store.locks import writing
 
     lock = writing(tmp_path / "order_id.zarr")
     lock.__enter__()
@@ -379,7 +383,7 @@ ROWS = [
         "negatives", code=2),
     Row("threshold-zero", order_id_cli("--heads", "1.0", "--threshold", "0"),
         r"threshold=0\.0 \(CLI --threshold\) is outside \(0, 1\] .*; pass e\.g\. 0\.99", code=2),
-    Row("threshold-above-one", lambda *_: qktrace.covariance.rank_for_threshold([1.0], 1.5),
+    Row("threshold-above-one", lambda *_: qktrace.verbs.decompose.rank_for_threshold([1.0], 1.5),
         r"threshold=1\.5 is outside \(0, 1\]: it is the fraction of sum\(S\^2\) the kept "
         r"components hold; pass e\.g\. threshold=0\.99", ValueError),
     Row("batch-size-zero", order_id_cli("--heads", "1.0", "--batch-size", "0"),
@@ -389,7 +393,7 @@ ROWS = [
                                           orig=[1, 1], target=[2, 2]),
         r"has shape \(2, 16, 3\); expected \[d_head, r\] = \[16, r\] .* not their transposes",
         ValueError),
-    # argument checks (qktrace.checks): wrong types and values at every public verb
+    # argument checks (qktrace.core.checks): wrong types and values at every public verb
     Row("prompts-a-string", lambda env, *_: qktrace.capture(env.llama, "The cat sat", "1.0"),
         r"prompts is a single str \('The cat sat'\), not a list of prompts: iterating it would "
         r"run one prompt per character; pass \['The cat sat'\] for one prompt", TypeError),

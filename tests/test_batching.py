@@ -3,8 +3,8 @@
 import pytest
 from nnsight.intervention.backends.remote import RemoteError
 
-import qktrace.remote as remote_module
-from qktrace import batching
+import qktrace.model.remote as remote_module
+from qktrace.run import batching
 
 PROMPTS = ["The cat sat", "on the mat", "A dog ran far", "to the park", "and back"]
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import qktrace
-from qktrace import checkpoints
+from qktrace.model import checkpoints
 
 SMOLLM2 = checkpoints.NAMED["smollm2"]
 

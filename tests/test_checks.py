@@ -17,8 +17,8 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import qktrace
-from qktrace import checks
-from qktrace.models import load, parse_heads
+from qktrace.core import checks
+from qktrace.model.loading import load, parse_heads
 from tests.conftest import tiny
 
 PROMPTS = ["The apple is in Box A, the cat is in Box B", "Which box is the cat in? Box"]

@@ -10,7 +10,7 @@ import scipy.linalg
 import xarray as xr
 from scipy.linalg import subspace_angles
 
-from qktrace.covariance import (
+from qktrace.verbs.decompose import (
     Subspace,
     add_pairs,
     decompose,
@@ -249,7 +249,7 @@ def test_add_pairs_does_not_modify_its_input():
 
 
 def test_decompose_accepts_reduce_layout_and_keeps_head_coords():
-    """`qktrace.sums` output: extra head coords (layer) and dims in another order."""
+    """`qktrace.verbs.reduce` output: extra head coords (layer) and dims in another order."""
     rng = np.random.default_rng(6)
     d = 4
     sums = empty_sums(["1.2", "3.0"], ["fruit"], d).assign_coords(layer=("head", [1, 3]))
@@ -429,8 +429,8 @@ def test_null_never_counts_a_numerically_zero_component():
     null_rank 31 of 32 that way)."""
     import torch
 
-    from qktrace import ops
-    from qktrace.covariance import null_rank_of
+    from qktrace.core import ops
+    from qktrace.verbs.decompose import null_rank_of
 
     real = torch.diag(torch.tensor([1.0, 1e-13, 0.0, 0.0], dtype=torch.float64))
     noise = 1e-16 * torch.randn(50, 4, 4, generator=torch.Generator().manual_seed(0))

@@ -9,7 +9,7 @@ tensor (position index, mask, label, basis, random draw) left on the CPU in any 
 raises here, as it would on a GPU or on NDIF's nodes (`test_a_cpu_index_left_behind_fails`).
 
 Autocast: NDIF runs each request of a half-precision model inside `torch.autocast("cuda",
-bfloat16)`; the exact steps (`qktrace.ops.exact`) must give the same numbers inside CPU
+bfloat16)`; the exact steps (`qktrace.core.ops.exact`) must give the same numbers inside CPU
 autocast as without it.
 """
 
@@ -26,12 +26,12 @@ from torch.utils._pytree import tree_map_only
 from virtual_devices import MixedDevices, VirtualDevices
 
 import qktrace
-from qktrace import ops
-from qktrace.evaluation import evaluate
-from qktrace.interventions import Edit, intervene_captured
-from qktrace.models import Head, load
-from qktrace.paired import paired_sums
-from qktrace.projected import projected_pass
+from qktrace.core import ops
+from qktrace.model.loading import Head, load
+from qktrace.study.paired import paired_sums
+from qktrace.study.projected import projected_pass
+from qktrace.verbs.evaluate import evaluate
+from qktrace.verbs.intervene import Edit, intervene_captured
 
 PROMPTS = [
     "The apple is in Box A, the cat is in Box B.",
@@ -277,7 +277,7 @@ def test_a_remote_study_on_a_sharded_model_writes_the_cpu_store(name, tmp_path):
     split across cuda:0 (layer 0) and cuda:1 (layers 1-2): the store the CPU run writes."""
     import importlib
 
-    from qktrace import store
+    from qktrace.store import io as store
 
     study = importlib.import_module(f"qktrace.studies.{name}")
     model = qktrace.load(_organism(), remote="local")
@@ -353,9 +353,8 @@ BF16_RUN = {"categories": ["fruit", "animal"], "n_prompts": 24, "n_test": 12,
 def bf16_vs_fp32(out) -> dict[str, float]:
     """filter-heads on the organism loaded in float32 and in bfloat16 (same prompts, heads,
     seeds): the largest differences of what the study reports. `docs/performance.md` prints it."""
+    from qktrace.store import io as store
     from qktrace.studies import filter_heads
-
-    from qktrace import store
 
     runs = {}
     for dtype in ("float32", "bfloat16"):

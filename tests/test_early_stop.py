@@ -14,7 +14,7 @@ import pytest
 from conftest import tiny
 
 import qktrace
-from qktrace.models import load
+from qktrace.model.loading import load
 
 PROMPTS = ["The apple is in Box A, the cat is in Box B.", "Which box is the cat in? Box"]
 KEYS = [[1, 2, 3, 4], [1, 2, 3, 4]]

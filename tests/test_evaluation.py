@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from qktrace import organism, store
+from qktrace import organism
 from qktrace.cli import app
-from qktrace.evaluation import candidates, evaluate, task_sets
-from qktrace.models import load
-from qktrace.prompts import boxes_prompts, filter_prompts
+from qktrace.core.prompts import boxes_prompts, filter_prompts
+from qktrace.model.loading import load
+from qktrace.store import io as store
+from qktrace.verbs.evaluate import candidates, evaluate, task_sets
 from tests.conftest import tiny
 
 
@@ -60,7 +61,7 @@ def test_random_weights_score_near_chance():
     # the interval: Wilson's, over the task's 40 prompts, and printed beside the accuracy
     from scipy import stats
 
-    from qktrace.evaluation import format_table
+    from qktrace.verbs.evaluate import format_table
 
     k = round(float(ds["accuracy"].sel(task="boxes n=2")) * 40)
     ci = stats.binomtest(k, 40).proportion_ci(method="wilson")

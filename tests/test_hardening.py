@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from qktrace import store
-from qktrace.study_tools import check_out, checkpoint, write
+from qktrace.store import io as store
+from qktrace.study.tools import check_out, checkpoint, write
 
 # --------------------------------------------------------------------------------------------
 # bug 1: a run deletes only what it wrote, by exact name
@@ -270,7 +270,7 @@ def test_show_escapes_control_characters_and_cuts_long_values(tmp_path):
 def test_a_huge_size_is_refused_before_the_model_loads(flag, tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
-    import qktrace.study_tools as study_tools
+    import qktrace.study.tools as study_tools
     from qktrace.cli import app
 
     loaded = []
@@ -291,11 +291,11 @@ def _eval(tmp_path: Path, monkeypatch, *args: str):
     """`qktrace eval` on a model that must not load; (result, whether it loaded)."""
     from typer.testing import CliRunner
 
-    import qktrace.models
+    import qktrace.model.loading
     from qktrace.cli import app
 
     loaded = []
-    monkeypatch.setattr(qktrace.models, "load", lambda *a, **k: loaded.append(a) or 1 / 0)
+    monkeypatch.setattr(qktrace.model.loading, "load", lambda *a, **k: loaded.append(a) or 1 / 0)
     result = CliRunner().invoke(app, ["eval", "--n", "1", "--pairs", "2", "-q", *args])
     assert "Traceback" not in result.output
     errors = [line for line in result.stderr.splitlines() if line.startswith("Error: ")]
@@ -318,7 +318,7 @@ def test_eval_out_a_read_only_folder_is_refused_before_the_model_loads(tmp_path,
 
 
 def test_eval_out_busy_is_refused_before_the_model_loads(tmp_path, monkeypatch):
-    from qktrace.locks import writing
+    from qktrace.store.locks import writing
 
     with writing(tmp_path / "out" / "eval.zarr"):  # another run writing the same output
         result, error, loaded = _eval(tmp_path, monkeypatch, "-o", str(tmp_path / "out"))
@@ -334,11 +334,11 @@ def test_eval_out_busy_is_refused_before_the_model_loads(tmp_path, monkeypatch):
 def test_eval_pairs_are_parsed_as_typed_and_checked_first(pairs, message, tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
-    import qktrace.models
+    import qktrace.model.loading
     from qktrace.cli import _parse_pairs, app
 
     assert _parse_pairs(" 2 - 4 ") == [2, 3, 4] and _parse_pairs("2, 5") == [2, 5]
-    monkeypatch.setattr(qktrace.models, "load", lambda *a, **k: 1 / 0)
+    monkeypatch.setattr(qktrace.model.loading, "load", lambda *a, **k: 1 / 0)
     result = CliRunner().invoke(app, ["eval", "--pairs", pairs])
     assert result.exit_code == 2 and message in result.stderr, result.output
 
@@ -352,7 +352,7 @@ TINY_STUDY = ["--heads", "1.0", "--n-prompts", "4", "--n-test", "2", "--n-pairs"
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory) -> Path:
-    import qktrace.testing as testing
+    import qktrace.model.testing as testing
 
     return testing.save_checkpoint(tmp_path_factory.mktemp("tiny") / "tiny-llama", "llama")
 
@@ -371,7 +371,7 @@ def _study(checkpoint_path: Path, out: Path):
 def test_sigterm_keeps_the_checkpoint_and_exits_143(tiny_checkpoint, tmp_path, monkeypatch):
     import signal
 
-    import qktrace.sums as sums_module
+    import qktrace.verbs.reduce as sums_module
 
     real, calls = sums_module._reduce_batch, []
 
@@ -417,7 +417,7 @@ def test_a_figure_failure_keeps_the_store_and_qktrace_plot_draws_them(
 ):
     from typer.testing import CliRunner
 
-    import qktrace.pipeline as pipeline
+    import qktrace.study.pipeline as pipeline
     from qktrace.cli import app
 
     real = pipeline.pca_figure
@@ -475,8 +475,8 @@ def test_an_older_qktrace_store_without_a_record_opens_with_a_warning(tmp_path):
 
 
 def _names_study(meta, **changes):
-    from qktrace.pipeline import Study
-    from qktrace.prompts import PromptBuilder
+    from qktrace.core.prompts import PromptBuilder
+    from qktrace.study.pipeline import Study
 
     def prompts(n, seed):
         built = []
@@ -491,9 +491,9 @@ def _names_study(meta, **changes):
 
 
 def _run_tiny(study, tmp_path, monkeypatch, **settings):
-    import qktrace.testing as testing
-    from qktrace.models import load
-    from qktrace.pipeline import run_study
+    import qktrace.model.testing as testing
+    from qktrace.model.loading import load
+    from qktrace.study.pipeline import run_study
 
     net, tok = testing.model("llama"), testing.tokenizer("bpe")
     lm = load(net[0], tokenizer=tok)
@@ -522,7 +522,7 @@ DECLARATIONS = {
 def test_a_declaration_that_cannot_be_stored_fails_before_any_forward_pass(
     case, tmp_path, monkeypatch
 ):
-    from qktrace.pipeline import StudyError
+    from qktrace.study.pipeline import StudyError
 
     study, expected = DECLARATIONS[case]
     with pytest.raises(StudyError) as err:
@@ -532,7 +532,7 @@ def test_a_declaration_that_cannot_be_stored_fails_before_any_forward_pass(
 
 
 def test_an_error_in_a_studys_figures_is_named_as_the_studys(tmp_path, monkeypatch):
-    from qktrace.pipeline import StudyError
+    from qktrace.study.pipeline import StudyError
 
     study = _names_study(lambda i: {}, figures=lambda ds: {"mine": 1 / 0})
     with pytest.raises(StudyError) as err:
@@ -549,7 +549,7 @@ def test_an_error_in_a_studys_figures_is_named_as_the_studys(tmp_path, monkeypat
 def _filter_heads(tmp_path, monkeypatch, categories: str):
     from typer.testing import CliRunner
 
-    import qktrace.study_tools as study_tools
+    import qktrace.study.tools as study_tools
     from qktrace.cli import app
 
     def load(*args, **kwargs):

@@ -13,15 +13,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import qktrace.head_search as head_search
-import qktrace.pipeline as pipeline
-import qktrace.testing as testing
-from qktrace import store
-from qktrace.heads import find_heads
-from qktrace.models import load
-from qktrace.pipeline import load_study, run_study
-from qktrace.qk import capture
-from qktrace.study_prompts import prepare
+import qktrace.model.testing as testing
+import qktrace.study.head_search as head_search
+import qktrace.study.pipeline as pipeline
+from qktrace.model.loading import load
+from qktrace.store import io as store
+from qktrace.study.pipeline import load_study, run_study
+from qktrace.study.prompts import prepare
+from qktrace.verbs.capture import capture
+from qktrace.verbs.find_heads import find_heads
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "gender_agreement.py"
 SIZES = {"n_prompts": 12, "n_test": 7, "n_random": 1, "batch_size": 4}

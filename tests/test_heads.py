@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-import qktrace.testing as testing
-from qktrace.heads import find_heads
-from qktrace.models import load
-from qktrace.qk import capture
+import qktrace.model.testing as testing
+from qktrace.model.loading import load
+from qktrace.verbs.capture import capture
+from qktrace.verbs.find_heads import find_heads
 from tests.conftest import tiny
 
 MARKER, ASKER = 50, 60  # token ids: the answer's token, and the query token

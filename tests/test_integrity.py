@@ -17,10 +17,10 @@ import xarray as xr
 from typer.testing import CliRunner
 
 import qktrace
-import qktrace.testing as testing
-from qktrace import store
+import qktrace.model.testing as testing
 from qktrace.cli import app
-from qktrace.store import StoreDamagedError
+from qktrace.store import io as store
+from qktrace.store.io import StoreDamagedError
 
 ORDER_ID = ["--heads", "1.0", "--n-prompts", "4", "--n-test", "2", "--n-pairs", "2"]
 ORDER_ID += ["--n-random", "1", "--batch-size", "2", "--no-figures", "--quiet"]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from qktrace.intervals import bootstrap_mean, paired_sign_test, wilson
+from qktrace.core.intervals import bootstrap_mean, paired_sign_test, wilson
 
 
 @pytest.mark.parametrize("k,n", [(13, 20), (0, 20), (20, 20), (1, 3), (450, 900)])
@@ -69,7 +69,7 @@ def _swaps(flip, attends, delta, random):
 
 
 def test_swap_intervals_are_wilson_over_attending_prompts_and_bootstrap_means():
-    from qktrace.intervals import swap_intervals
+    from qktrace.core.intervals import swap_intervals
 
     rng = np.random.default_rng(0)
     attends = np.array([True] * 14 + [False] * 6)
@@ -95,8 +95,8 @@ def test_swap_intervals_are_wilson_over_attending_prompts_and_bootstrap_means():
 
 
 def test_intervene_and_intervene_answers_keep_intervals_beside_their_rates(llama):
-    from qktrace.answers import intervene_answers
-    from qktrace.interventions import intervene
+    from qktrace.verbs.answers import intervene_answers
+    from qktrace.verbs.intervene import intervene
 
     prompts = ["The apple is in Box A, the cat is in Box B.", "Which box is the cat in? Box"] * 3
     v = np.linalg.qr(np.random.default_rng(3).normal(size=(16, 6)))[0]
@@ -123,8 +123,8 @@ def test_intervene_and_intervene_answers_keep_intervals_beside_their_rates(llama
 
 
 def test_the_summary_prints_intervals_and_says_when_an_effect_is_like_random():
-    from qktrace.intervals import swap_intervals
-    from qktrace.summary import summarize
+    from qktrace.core.intervals import swap_intervals
+    from qktrace.study.summary import summarize
 
     rng = np.random.default_rng(0)
     attends = np.ones(30, dtype=bool)

@@ -5,11 +5,11 @@ import pytest
 import torch
 import xarray as xr
 
-import qktrace.testing as testing
-from qktrace.covariance import random_subspaces
-from qktrace.interventions import Edit, intervene
-from qktrace.models import load
-from qktrace.qk import capture
+import qktrace.model.testing as testing
+from qktrace.model.loading import load
+from qktrace.verbs.capture import capture
+from qktrace.verbs.decompose import random_subspaces
+from qktrace.verbs.intervene import Edit, intervene
 from tests.conftest import tiny
 
 PROMPTS = [
@@ -282,7 +282,7 @@ CAPTURED_METRICS = (
 )
 def test_captured_metrics_equal_the_in_trace_edit(family, keys, mode):
     """No forward pass: attention after a key edit, from the capture, = the traced edit's."""
-    from qktrace.interventions import intervene_captured
+    from qktrace.verbs.intervene import intervene_captured
 
     net, tok = tiny(family)
     m = load(net, tokenizer=tok)
@@ -318,7 +318,7 @@ def test_p_target_is_nan_without_a_warning_where_orig_and_target_get_no_attentio
     p_target = a_t / (a_o + a_t) is undefined, NaN (no RuntimeWarning), left out of the mean."""
     import warnings
 
-    from qktrace.interventions import intervene_captured
+    from qktrace.verbs.intervene import intervene_captured
 
     net, tok = tiny("gemma2")
     m = load(net, tokenizer=tok)
@@ -350,7 +350,7 @@ def test_p_target_is_nan_without_a_warning_where_orig_and_target_get_no_attentio
 
 
 def test_captured_metrics_refuse_bad_input():
-    from qktrace.interventions import intervene_captured
+    from qktrace.verbs.intervene import intervene_captured
 
     net, tok = tiny("llama")
     m = load(net, tokenizer=tok)

@@ -19,77 +19,42 @@ REPO = Path(__file__).resolve().parents[1]
 # lowest first
 LAYERS = ("core", "store", "model", "run", "verbs", "api", "study", "apps", "cli")
 
-# module -> layer; a package's __init__ is the package's own name
-LAYER_OF: dict[str, str] = {
-    # core: torch/numpy-only building blocks that know nothing of models or stores
-    "qktrace.errors": "core",
-    "qktrace.version": "core",
-    "qktrace.ops": "core",
-    "qktrace.checks": "core",
-    "qktrace.intervals": "core",
-    "qktrace.prompts": "core",
-    # store: the zarr/xarray result format, provenance, and the writers' locks
+# package or module -> layer; a module's layer is that of the longest name here that holds it.
+# The library's layers are its subpackages (qktrace/core, qktrace/store, ...), so the layout
+# shows them; the rest are the package root, the applications built on the layers, and the CLI.
+LAYER_OF_PACKAGE: dict[str, str] = {
+    # torch/numpy-only building blocks that know nothing of models or stores
+    "qktrace.core": "core",
+    # the zarr/xarray result format, provenance, and the writers' locks
     "qktrace.store": "store",
-    "qktrace.locks": "store",
-    # model: architecture families, loading, checkpoints (named, GGUF, the shipped organism),
-    # NDIF access, the tiny test models
-    "qktrace.families": "model",
-    "qktrace.models": "model",
-    "qktrace.checkpoints": "model",
-    "qktrace.remote": "model",
-    "qktrace.testing": "model",
-    "qktrace.ndif_local": "model",
-    "qktrace.ndif_local.__main__": "model",
-    "qktrace.ndif_local.install": "model",
-    "qktrace.ndif_local.model_cache": "model",
-    "qktrace.ndif_local.server": "model",
-    "qktrace.ndif_local.server_side.ndif_cpu_actor": "model",
-    "qktrace.organism": "model",
-    "qktrace.organism.shipped": "model",
-    "qktrace.organism.data": "model",
-    "qktrace.organism.tokenizer": "model",
-    "qktrace.organism.evaluation": "model",
-    # run: prompts to batches, positions, the batch loop
-    "qktrace.batching": "run",
-    # verbs: one public verb each
-    "qktrace.qk": "verbs",
-    "qktrace.sums": "verbs",
-    "qktrace.covariance": "verbs",
-    "qktrace.interventions": "verbs",
-    "qktrace.answers": "verbs",
-    "qktrace.attribution": "verbs",
-    "qktrace.heads": "verbs",
-    "qktrace.evaluation": "verbs",
-    # api: the package root, which names the verbs (`qktrace.capture`, ...)
+    # architecture families, loading (named, GGUF, the shipped organism), NDIF, tiny test models
+    "qktrace.model": "model",
+    # prompts to batches, positions, the batch loop
+    "qktrace.run": "run",
+    # one public verb each
+    "qktrace.verbs": "verbs",
+    # the package root, which names the verbs (`qktrace.capture`, ...), and the old module paths
     "qktrace": "api",
-    # study: the Study spec and run_study, its strategies, analysis, figures and summary
-    "qktrace.pipeline": "study",
-    "qktrace.study_prompts": "study",
-    "qktrace.study_tools": "study",
-    "qktrace.projected": "study",
-    "qktrace.paired": "study",
-    "qktrace.head_search": "study",
-    "qktrace.summary": "study",
-    "qktrace.plots": "study",
-    # apps: the built-in studies, the toy model, the organism's training run and report
+    "qktrace._moved": "api",
+    # the Study spec and run_study, its strategies, analysis, figures and summary
+    "qktrace.study": "study",
+    # the built-in studies, the toy model, the model organism, the local NDIF server harness
     "qktrace.studies": "apps",
-    "qktrace.studies._common": "apps",
-    "qktrace.studies.binding": "apps",
-    "qktrace.studies.filter_heads": "apps",
-    "qktrace.studies.lexical": "apps",
-    "qktrace.studies.order_id": "apps",
-    "qktrace.studies.toy": "apps",
     "qktrace.toy": "apps",
-    "qktrace.toy.analysis": "apps",
-    "qktrace.toy.data": "apps",
-    "qktrace.toy.model": "apps",
-    "qktrace.toy.train": "apps",
-    "qktrace.organism.report": "apps",
-    "qktrace.organism.train": "apps",
-    "qktrace.organism.__main__": "apps",
-    # cli: the `qktrace` command
+    "qktrace.organism": "apps",
+    "qktrace.ndif_local": "apps",
+    # the `qktrace` command
     "qktrace.cli": "cli",
 }
+
+
+def layer_of(module: str) -> str:
+    """The layer of `module`: that of the longest package or module of LAYER_OF_PACKAGE holding it."""
+    holders = [p for p in LAYER_OF_PACKAGE if module == p or module.startswith(p + ".")]
+    if not holders:
+        raise KeyError(module)
+    return LAYER_OF_PACKAGE[max(holders, key=len)]
+
 
 # where each installed package's sources live in the repository (studies/ ships as
 # qktrace.studies; the worktree's qktrace/studies and qktrace/data links are not sources)
@@ -193,13 +158,27 @@ def cycles(edges: Mapping[str, Mapping[str, int]]) -> list[list[str]]:
 
 def test_every_module_has_a_layer():
     found = set(modules(SOURCES))
-    assert sorted(found - set(LAYER_OF)) == [], "place the new module in LAYER_OF"
-    assert sorted(set(LAYER_OF) - found) == [], "LAYER_OF names a module that does not exist"
-    assert set(LAYER_OF.values()) <= set(LAYERS)
+    unplaced = []
+    for module in sorted(found):
+        try:
+            layer_of(module)
+        except KeyError:
+            unplaced.append(module)
+    assert unplaced == [], "put the module in a layer's subpackage, or name it in LAYER_OF_PACKAGE"
+    assert sorted(set(LAYER_OF_PACKAGE) - found) == [], "LAYER_OF_PACKAGE names no module"
+    assert set(LAYER_OF_PACKAGE.values()) <= set(LAYERS)
+
+
+def test_the_library_layers_are_its_subpackages():
+    """Every layer below the package root is a folder of qktrace/ of the layer's name."""
+    for layer in LAYERS[: LAYERS.index("api")]:
+        assert (REPO / "qktrace" / layer / "__init__.py").is_file(), layer
+        assert LAYER_OF_PACKAGE[f"qktrace.{layer}"] == layer
 
 
 def test_no_module_imports_a_higher_layer():
-    assert upward(graph(SOURCES), LAYER_OF) == []
+    edges = graph(SOURCES)
+    assert upward(edges, {module: layer_of(module) for module in edges}) == []
 
 
 def test_no_import_cycles():
@@ -259,9 +238,9 @@ def test_the_package_root_names_every_verb_lazily():
         "import qktrace\n"
         "assert 'torch' not in sys.modules\n"
         "import nnsight  # which gives every object a `save` method\n"
-        "assert qktrace.save.__module__ == 'qktrace.store', qktrace.save\n"
+        "assert qktrace.save.__module__ == 'qktrace.store.io', qktrace.save\n"
         "from qktrace import capture, open\n"
-        "assert capture.__module__ == 'qktrace.qk' and open.__module__ == 'qktrace.store'\n"
+        "assert capture.__module__ == 'qktrace.verbs.capture' and open.__module__ == 'qktrace.store.io'\n"
         "assert set(qktrace.__all__) <= set(dir(qktrace))\n"
         "for name in qktrace.__all__:\n"
         "    assert not isinstance(getattr(qktrace, name), types.ModuleType), name\n"
@@ -274,3 +253,36 @@ def test_the_package_root_names_every_verb_lazily():
         [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, check=True
     )
     assert result.stdout.strip() == "ok"
+
+
+def test_the_old_module_paths_import_the_moved_modules_with_a_warning():
+    """qktrace 0.1.0's flat paths (`qktrace.qk`, `from qktrace import models`) still import, as
+    the same module objects, each with a DeprecationWarning that names the new path."""
+    script = (
+        "import importlib, warnings\n"
+        "import qktrace\n"
+        "from qktrace._moved import MOVED\n"
+        "for old, new in MOVED.items():\n"
+        "    with warnings.catch_warnings(record=True) as caught:\n"
+        "        warnings.simplefilter('always')\n"
+        "        module = importlib.import_module(old)\n"
+        "    assert module is importlib.import_module(new), old\n"
+        "    assert module.__spec__.name == new, old\n"
+        "    assert any(new in str(w.message) and w.category is DeprecationWarning for w in caught), old\n"
+        "from qktrace import qk, models\n"
+        "from qktrace.models import load\n"
+        "assert load is qktrace.load and qk.capture is qktrace.capture\n"
+        "print('ok', len(MOVED))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, check=True
+    )
+    assert result.stdout.startswith("ok")
+
+
+def test_every_old_module_path_names_a_module_that_exists():
+    from qktrace._moved import MOVED
+
+    found = set(modules(SOURCES))
+    assert sorted(set(MOVED.values()) - found) == []
+    assert sorted(set(MOVED) & found) == [], "an old path is a module again: drop it from MOVED"

@@ -68,17 +68,17 @@ def test_no_module_imports_another_modules_private_names():
 
 def test_the_check_sees_both_kinds_of_reach(tmp_path, monkeypatch):
     """The check itself fails on `from .x import _y` and on `x._y` after `from . import x`."""
-    fake = PACKAGE / "sums.py"
-    source = "from . import store\nfrom .qk import _capture_batch\nstore._schema({})\n"
+    fake = PACKAGE / "verbs" / "reduce.py"
+    source = "from ..store import io\nfrom .capture import _capture_batch\nio._schema({})\n"
     monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: source)
     assert private_imports(fake) == [
-        "sums.py:2 qktrace.qk._capture_batch",
-        "sums.py:3 store._schema",
+        "reduce.py:2 qktrace.verbs.capture._capture_batch",
+        "reduce.py:3 io._schema",
     ]
 
 
 # the module that knows the attention call's signature, and the one whose reader it configures
-ATTENTION_CALL_READERS = {"models.py", "ops.py"}
+ATTENTION_CALL_READERS = {"loading.py", "ops.py"}
 
 
 def attention_call_reads(path: Path, source: str | None = None) -> list[str]:
@@ -107,7 +107,7 @@ def attention_call_reads(path: Path, source: str | None = None) -> list[str]:
                 found.append(f"{path.name}:{node.lineno} ….inputs[…]")
     for node in ast.walk(tree):
         if (
-            path.name != "models.py"
+            path.name != "loading.py"
             and isinstance(node, ast.Subscript)
             and isinstance(node.value, ast.Name)
             and node.value.id in unpacked

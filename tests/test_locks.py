@@ -13,21 +13,23 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-import qktrace.testing as testing
+import qktrace.model.testing as testing
 from qktrace.cli import app
-from qktrace.locks import OutputBusy, lock_path, writing
+from qktrace.store.locks import OutputBusy, lock_path, writing
 
-# qktrace/locks.py loaded with errors.py alone (it needs only filelock): no torch import, a fast start
+# qktrace/store/locks.py loaded with the core modules alone (it needs only filelock): no torch,
+# xarray or zarr import, a fast start
 HOLD = """
 import importlib.util, sys, time, types
-package = types.ModuleType("qktrace")  # an empty parent: the real one imports torch
-package.__path__ = ["qktrace"]
-sys.modules["qktrace"] = package
-for name in ("errors", "locks"):
-    spec = importlib.util.spec_from_file_location(f"qktrace.{name}", f"qktrace/{name}.py")
+for name in ("qktrace", "qktrace.core", "qktrace.store"):  # empty parents: the real ones import more
+    package = types.ModuleType(name)
+    package.__path__ = [name.replace(".", "/")]
+    sys.modules[name] = package
+for name in ("core.errors", "core.checks", "store.locks"):
+    spec = importlib.util.spec_from_file_location(f"qktrace.{name}", f"qktrace/{name.replace('.', '/')}.py")
     module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-locks = sys.modules["qktrace.locks"]
+locks = sys.modules["qktrace.store.locks"]
 with locks.writing(sys.argv[1]):
     print("holding", flush=True)
     time.sleep(600)

@@ -2,10 +2,10 @@ import numpy as np
 import pytest
 import transformers
 
-import qktrace.testing as testing
-from qktrace.models import Head, adapter_for, load, parse_heads
-from qktrace.qk import capture
-from qktrace.remote import check_ndif_key
+import qktrace.model.testing as testing
+from qktrace.model.loading import Head, adapter_for, load, parse_heads
+from qktrace.model.remote import check_ndif_key
+from qktrace.verbs.capture import capture
 from tests.conftest import tiny
 
 
@@ -54,7 +54,7 @@ def test_missing_ndif_key(monkeypatch):
         load(net, tokenizer=tok, remote=True)
 
     # before any work: no config, tokenizer or weights are read
-    import qktrace.models as models_module
+    import qktrace.model.loading as models_module
 
     def no_work(*args, **kwargs):
         raise AssertionError("a model was opened before the key was checked")
@@ -77,7 +77,7 @@ def test_load_from_saved_checkpoint(tmp_path):
     m = load(path)
     assert m.adapter.family == "qwen3" and m.n_kv_heads == 2
     # a checkpoint opened from disk for the simulated NDIF path is traced at once, weights loaded
-    from qktrace.qk import capture
+    from qktrace.verbs.capture import capture
 
     local = capture(m, ["The cat is in Box A"], "1.1", progress=False)
     simulated = capture(load(path, remote="local"), ["The cat is in Box A"], "1.1", progress=False)

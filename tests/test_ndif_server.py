@@ -25,9 +25,9 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from qktrace import store
 from qktrace.ndif_local import install, model_cache
 from qktrace.ndif_local.server import LocalNDIF
+from qktrace.store import io as store
 
 pytestmark = pytest.mark.ndif_server
 
@@ -128,7 +128,7 @@ def test_load_names_the_model_without_the_hub(models):
 
 
 def test_capture_equals_local(models):
-    from qktrace.qk import capture
+    from qktrace.verbs.capture import capture
 
     remote, local = models
     assert_close(
@@ -140,7 +140,7 @@ def test_capture_equals_local(models):
 @pytest.mark.parametrize("batches_per_request", [None, 2], ids=["trace", "session"])
 @pytest.mark.parametrize("delta", [False, True], ids=["sums", "delta"])
 def test_reduce_equals_local(models, batches_per_request, delta):
-    from qktrace.sums import reduce
+    from qktrace.verbs.reduce import reduce
 
     remote, local = models
     keys = [[5, 12]] * len(PROMPTS)
@@ -151,9 +151,9 @@ def test_reduce_equals_local(models, batches_per_request, delta):
 
 
 def test_find_heads_intervene_and_answers_equal_local(models):
-    from qktrace.answers import intervene_answers
-    from qktrace.heads import find_heads
-    from qktrace.interventions import intervene
+    from qktrace.verbs.answers import intervene_answers
+    from qktrace.verbs.find_heads import find_heads
+    from qktrace.verbs.intervene import intervene
 
     remote, local = models
     keys = [[5, 12]] * len(PROMPTS)
@@ -180,7 +180,7 @@ def test_find_heads_intervene_and_answers_equal_local(models):
 
 
 def test_eval_equals_local(models):
-    from qktrace.evaluation import evaluate
+    from qktrace.verbs.evaluate import evaluate
 
     remote, local = models
     run = dict(n=4, pairs=(2,), batch_size=4, progress=False)
@@ -214,7 +214,7 @@ def study_store(out: Path) -> xr.Dataset:
 def one_batch_a_request():
     """Studies send one batch a request, so a study makes several requests to interrupt."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("qktrace.sums.STUDY_REMOTE_BATCHES_PER_REQUEST", 1)
+        mp.setattr("qktrace.verbs.reduce.STUDY_REMOTE_BATCHES_PER_REQUEST", 1)
         yield
 
 
@@ -280,7 +280,7 @@ def kill_during_next_request(monkeypatch, after: int, fault) -> dict:
     """Run `fault()` 0.3 s into request number `after` (while it is in flight), once."""
     import threading
 
-    import qktrace.batching as batching
+    import qktrace.run.batching as batching
 
     real = batching.with_retries
     state = {"requests": 0, "fired": False}
@@ -301,9 +301,11 @@ def test_api_killed_mid_study_stops_clearly_and_the_rerun_resumes(
 ):
     """The API dies during a request: bounded retries, then a clear error naming what was kept;
     after the API is back, the same command finishes with the uninterrupted run's store."""
-    from qktrace.errors import RemoteFailed
+    from qktrace.core.errors import RemoteFailed
 
-    monkeypatch.setattr("qktrace.remote.time.sleep", lambda s: None)  # retries meet a dead API
+    monkeypatch.setattr(
+        "qktrace.model.remote.time.sleep", lambda s: None
+    )  # retries meet a dead API
     state = kill_during_next_request(monkeypatch, 2, lambda: ndif.kill_service("api"))
     failed = run_cli([*STUDY, "--remote", "-o", str(tmp_path)])
     assert state["fired"]
@@ -357,7 +359,7 @@ def test_object_store_down_mid_study_stops_clearly_and_the_rerun_resumes(
 ):
     """The object store (where results wait for download) dies: a clear error after bounded
     retries; with it back (empty), the same command finishes with the uninterrupted store."""
-    monkeypatch.setattr("qktrace.remote.time.sleep", lambda s: None)
+    monkeypatch.setattr("qktrace.model.remote.time.sleep", lambda s: None)
     state = kill_during_next_request(monkeypatch, 2, lambda: ndif.kill_service("s3"))
     failed = run_cli([*STUDY, "--remote", "-o", str(tmp_path)])
     assert state["fired"]
@@ -372,7 +374,7 @@ def test_object_store_down_mid_study_stops_clearly_and_the_rerun_resumes(
 def test_a_server_that_is_not_up_fails_at_load_with_the_fix(monkeypatch):
     """NDIF_HOST pointing at nothing: load stops before any work and says how to start one."""
     import qktrace
-    from qktrace.errors import RemoteFailed
+    from qktrace.core.errors import RemoteFailed
     from qktrace.ndif_local.server import free_ports
 
     monkeypatch.setenv("NDIF_HOST", f"http://127.0.0.1:{free_ports(1)[0]}")

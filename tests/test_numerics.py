@@ -16,12 +16,12 @@ import re
 import numpy as np
 import pytest
 import torch
-from qktrace.studies import binding
 
 import qktrace
-import qktrace.testing as testing
-from qktrace.models import load
-from qktrace.prompts import locate
+import qktrace.model.testing as testing
+from qktrace.core.prompts import locate
+from qktrace.model.loading import load
+from qktrace.studies import binding
 
 PLANTED = ["1.2", "1.3"]
 D_HEAD = 16

@@ -11,7 +11,7 @@ import torch
 
 import qktrace
 from qktrace import organism
-from qktrace.prompts import locate
+from qktrace.core.prompts import locate
 
 
 def _shipped() -> bool:

@@ -1,4 +1,4 @@
-"""A remote counterfactual study sums its subspace pairs in the trace (`qktrace.paired`): one
+"""A remote counterfactual study sums its subspace pairs in the trace (`qktrace.study.paired`): one
 request, no q or k back, and the local run's sums, subspaces and permutation null.
 
 The lexical study on the organism (trained: its lexical ΔC has real components, so the null
@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from qktrace.studies import lexical
 
-import qktrace.paired as paired
-from qktrace import store
-from qktrace.pipeline import PAIRS_IN_TRACE
+import qktrace.study.paired as paired
+from qktrace.store import io as store
+from qktrace.studies import lexical
+from qktrace.study.pipeline import PAIRS_IN_TRACE
 
 RUN = {"n_prompts": 40, "n_test": 8, "n_random": 1, "n_random_answers": 0, "batch_size": 8,
        "figures": False, "progress": False}  # fmt: skip

@@ -16,8 +16,8 @@ import pytest
 from typer.testing import CliRunner
 
 import qktrace
-import qktrace.sums as sums_module
-import qktrace.testing as testing
+import qktrace.model.testing as testing
+import qktrace.verbs.reduce as sums_module
 from qktrace.cli import app
 from tests.test_sums import KEYS, LABELS, PROMPTS
 
@@ -99,8 +99,8 @@ def test_leftover_copies_are_cleaned_by_the_next_successful_run(tmp_path):
 # A run killed where no Python code runs after it (SIGKILL, a power cut), in its 3rd batch of 2.
 HARD_KILL = """
 import json, os, signal, sys
-import qktrace, qktrace.sums as sums, qktrace.testing as testing
-from qktrace.models import load
+import qktrace, qktrace.verbs.reduce as sums, qktrace.model.testing as testing
+from qktrace.model.loading import load
 out, every, prompts, keys, labels = json.loads(sys.argv[1])
 sums.CHECKPOINT_EVERY_S = every
 real, calls = sums._reduce_batch, []

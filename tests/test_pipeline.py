@@ -18,13 +18,13 @@ import pytest
 from typer.testing import CliRunner
 
 import qktrace
-import qktrace.testing as testing
-from qktrace import store
-from qktrace.answers import CandidateMassWarning
+import qktrace.model.testing as testing
 from qktrace.cli import app
-from qktrace.models import load
-from qktrace.pipeline import REMOTE_SUMS, Study, StudyError, load_study, run_study
-from qktrace.prompts import PromptBuilder, locate
+from qktrace.core.prompts import PromptBuilder, locate
+from qktrace.model.loading import load
+from qktrace.store import io as store
+from qktrace.study.pipeline import REMOTE_SUMS, Study, StudyError, load_study, run_study
+from qktrace.verbs.answers import CandidateMassWarning
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "gender_agreement.py"
 HEAD = "1.3"
@@ -59,7 +59,7 @@ def test_example_runs_from_cli_remote_local_and_api_with_the_same_numbers(
     other = store.open(api).load()
     # the simulated NDIF request (CLI) and the local run (API) give the same numbers
     assert ds.attrs["remote"] == "remote-local" and other.attrs["remote"] == "local"
-    # the remote store holds ΔC only (qktrace.sums.study_options), the local one C+ and C- too
+    # the remote store holds ΔC only (qktrace.verbs.reduce.study_options), the local one C+ and C- too
     assert "qk_sum" not in ds and "qk_sum" in other
     assert ds.attrs["params"]["covariance_sums"] == REMOTE_SUMS
     assert "covariance_sums" not in other.attrs["params"]
@@ -113,12 +113,12 @@ def _projectors(basis: np.ndarray, rank: np.ndarray) -> np.ndarray:
 def test_remote_reduce_returns_delta_c_in_the_planned_requests_and_the_local_subspaces(
     checkpoint, gender, tmp_path, monkeypatch
 ):
-    """A remote study's reduce (`qktrace.sums.study_options`): ΔC only, float32 on the wire, in
+    """A remote study's reduce (`qktrace.verbs.reduce.study_options`): ΔC only, float32 on the wire, in
     ceil(batches / STUDY_REMOTE_BATCHES_PER_REQUEST) requests, and the same subspaces as a local
     run. Tolerance: ΔC travels scaled by its largest entry in float32 (error <= 2^-24 of it per
     entry, ~1e-7), so singular values agree to 1e-5 relative and the kept subspaces (their
     projectors, Davis-Kahan: error / spectral gap) to 1e-4."""
-    import qktrace.sums as sums
+    import qktrace.verbs.reduce as sums
 
     monkeypatch.setattr(sums, "STUDY_REMOTE_BATCHES_PER_REQUEST", 4)
     requests = []  # per request: (batches, dtype ΔC travelled in)
@@ -208,7 +208,7 @@ def test_heads_are_found_when_none_given(gender, tmp_path):
 
 
 def test_a_crashed_run_resumes_its_sums(gender, tmp_path, monkeypatch):
-    import qktrace.pipeline as pipeline
+    import qktrace.study.pipeline as pipeline
 
     net, tok = testing.model("llama")
     lm = load(net, tokenizer=tok)
@@ -317,7 +317,7 @@ def test_a_key_the_tokenizer_does_not_know_is_refused(gender):
     from transformers import AutoTokenizer
 
     from qktrace import organism
-    from qktrace.study_prompts import prepare
+    from qktrace.study.prompts import prepare
 
     tok = AutoTokenizer.from_pretrained(organism.path())
     with pytest.raises(
@@ -349,7 +349,7 @@ def test_a_file_without_a_study_is_refused(tmp_path):
 
 def test_help_says_how_to_run_your_own_study():
     code, output = cli("study", "--help")
-    assert code == 0 and "qktrace.pipeline.Study" in output and ".py" in output
+    assert code == 0 and "qktrace.study.pipeline.Study" in output and ".py" in output
 
 
 def test_a_study_by_module_and_a_built_in_only_option():
@@ -414,7 +414,7 @@ def test_a_built_in_study_writes_the_store_it_wrote_before_the_pipeline(name, tm
     ds = store.open(module.run(out=tmp_path, **SMALL)).load()
     assert differences(expected, ds) == []
     added = set(map(str, ds.variables)) - set(expected)
-    from qktrace.intervals import ANSWER_INTERVALS, SWAP_INTERVALS
+    from qktrace.core.intervals import ANSWER_INTERVALS, SWAP_INTERVALS
 
     assert added <= {"key_feature", "swap_feature", "union_rank", "answer_candidate_mass",
                      "mean_answer_candidate_mass", *SWAP_INTERVALS, *ANSWER_INTERVALS}, added  # fmt: skip
@@ -473,7 +473,7 @@ def test_pca_figure_draws_every_head_when_ranks_differ():
     """A rank-2 head next to a rank-3 head: its keys are drawn too (0 on the missing PC)."""
     import xarray as xr
 
-    from qktrace.study_tools import pca_figure
+    from qktrace.study.tools import pca_figure
 
     rng = np.random.default_rng(0)
     points = rng.normal(size=(2, 5, 2, 3))

@@ -1,4 +1,4 @@
-"""A remote study's fresh-prompt pass reduced in the trace (`qktrace.projected`) gives the local
+"""A remote study's fresh-prompt pass reduced in the trace (`qktrace.study.projected`) gives the local
 run's numbers: the permutation null tested in the request, and the swaps and PCA from the q and
 k coordinates in the span of the key bases and their random draws.
 
@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from qktrace.studies import filter_heads
 
-import qktrace.projected as projected
-from qktrace import store
-from qktrace.covariance import permutation_null
-from qktrace.pipeline import FRESH_PROJECTED
-from qktrace.study_tools import N_PERMUTATIONS, captured_pairs
+import qktrace.study.projected as projected
+from qktrace.store import io as store
+from qktrace.studies import filter_heads
+from qktrace.study.pipeline import FRESH_PROJECTED
+from qktrace.study.tools import N_PERMUTATIONS, captured_pairs
+from qktrace.verbs.decompose import permutation_null
 
 RUN = {"n_prompts": 48, "n_test": 20, "n_random": 2, "n_random_answers": 0, "batch_size": 8,
        "figures": False, "progress": False}  # fmt: skip

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-import qktrace.testing as testing
-from qktrace.prompts import (
+import qktrace.model.testing as testing
+from qktrace.core.prompts import (
     Prompt,
     PromptBuilder,
     filter_prompts,
@@ -159,14 +159,13 @@ def test_data_lists():
 
 
 def test_library_builds_the_studies_prompts_and_never_imports_studies():
-    """The prompt builders live in qktrace.prompts; studies re-export them (one source)."""
+    """The prompt builders live in qktrace.core.prompts; studies re-export them (one source)."""
     import ast
     from pathlib import Path
 
-    from qktrace.studies import binding, filter_heads
-
     import qktrace
-    from qktrace import prompts
+    from qktrace.core import prompts
+    from qktrace.studies import binding, filter_heads
 
     assert binding.build_prompts is prompts.boxes_prompts
     assert binding.boxes_prompt is prompts.boxes_prompt

@@ -18,9 +18,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import qktrace
-from qktrace.errors import BadArgument
-from qktrace.evaluation import evaluate
-from qktrace.models import load
+from qktrace.core.errors import BadArgument
+from qktrace.model.loading import load
+from qktrace.verbs.evaluate import evaluate
 from tests.conftest import tiny
 
 PROMPTS = ["The apple is in Box A, the cat is in Box B", "Which box is the cat in? Box"]

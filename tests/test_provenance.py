@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 import qktrace
-from qktrace import store
+from qktrace.store import io as store
 
 VERBS = {
     "capture": "capture",

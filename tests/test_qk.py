@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-import qktrace.testing as testing
-from qktrace.models import load
-from qktrace.qk import capture
+import qktrace.model.testing as testing
+from qktrace.model.loading import load
+from qktrace.verbs.capture import capture
 from tests.conftest import tiny
 
 PROMPTS = [
@@ -115,7 +115,7 @@ def test_bad_positions_and_prompts(llama):
 def test_capture_to_store_resumes_after_crash(llama, tmp_path, monkeypatch):
     import xarray as xr
 
-    import qktrace.qk as capture_module
+    import qktrace.verbs.capture as capture_module
 
     whole = capture(llama, PROMPTS * 2, "1.0,0.2", keys="all", batch_size=2, progress=False)
     real = capture_module._capture_batch
@@ -149,8 +149,8 @@ def test_capture_to_store_resumes_after_crash(llama, tmp_path, monkeypatch):
 
 HARD_KILL = """
 import json, os, signal, sys
-import qktrace, qktrace.qk as qk, qktrace.testing as testing
-from qktrace.models import load
+import qktrace, qktrace.verbs.capture as qk, qktrace.model.testing as testing
+from qktrace.model.loading import load
 out, every, prompts = json.loads(sys.argv[1])
 qk.WRITE_EVERY_S = every
 real, calls = qk._capture_batch, []
@@ -183,7 +183,7 @@ def test_a_hard_kill_loses_at_most_the_batches_not_yet_written(
     import xarray as xr
 
     import qktrace
-    import qktrace.qk as capture_module
+    import qktrace.verbs.capture as capture_module
 
     prompts = PROMPTS * 2
     out = tmp_path / "capture.zarr"
@@ -215,7 +215,7 @@ def test_prompt_longer_than_context():
 
 def test_heads_given_out_of_layer_order_keep_their_labels(llama):
     """Heads are traced layer by layer; results must come back under the labels given."""
-    from qktrace.sums import reduce
+    from qktrace.verbs.reduce import reduce
 
     labels = [[("f", "positive"), ("f", "negative")]] * 2
     keys = [[1, 2], [2, 3]]
@@ -239,7 +239,7 @@ def test_heads_given_out_of_layer_order_keep_their_labels(llama):
 
 def test_bad_prompt_in_a_late_batch_fails_before_any_trace(llama, monkeypatch, tmp_path):
     """Batches are tokenized as they run, but every prompt is checked before the first trace."""
-    import qktrace.qk as capture_module
+    import qktrace.verbs.capture as capture_module
 
     calls = []
     monkeypatch.setattr(capture_module, "_capture_batch", lambda *a, **k: calls.append(1))
@@ -252,7 +252,7 @@ def test_bad_prompt_in_a_late_batch_fails_before_any_trace(llama, monkeypatch, t
 
 
 def test_plan_tokenizes_one_batch_at_a_time(llama, monkeypatch):
-    import qktrace.batching as batching
+    import qktrace.run.batching as batching
 
     plan = batching.prepare(llama, PROMPTS * 3, "last", "all", batch_size=2)
     assert len(plan) == len(plan.starts()) == -(-len(PROMPTS * 3) // 2)

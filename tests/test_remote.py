@@ -18,18 +18,18 @@ import websocket
 import xarray as xr
 from nnsight.intervention.backends.local import LocalSimulationBackend
 from nnsight.intervention.backends.remote import RemoteError
-from qktrace.studies import order_id
 
-import qktrace.models as models_module
-import qktrace.remote as remote_module
-import qktrace.testing as testing
-from qktrace import store
-from qktrace.answers import intervene_answers
-from qktrace.heads import find_heads
-from qktrace.interventions import intervene
-from qktrace.models import load
-from qktrace.qk import capture
-from qktrace.sums import reduce
+import qktrace.model.loading as models_module
+import qktrace.model.remote as remote_module
+import qktrace.model.testing as testing
+from qktrace.model.loading import load
+from qktrace.store import io as store
+from qktrace.studies import order_id
+from qktrace.verbs.answers import intervene_answers
+from qktrace.verbs.capture import capture
+from qktrace.verbs.find_heads import find_heads
+from qktrace.verbs.intervene import intervene
+from qktrace.verbs.reduce import reduce
 from tests.conftest import tiny
 
 PROMPTS = ["The apple is in Box A", "Which box is the cat in? Box", "the ship is in Box C"]
@@ -97,7 +97,9 @@ def test_intervene_and_find_heads_retry_then_stop_clearly(flaky_backend):
 def test_study_stops_after_saved_batches_and_resumes(flaky_backend, tmp_path, monkeypatch):
     """A --remote-local study whose requests fail from batch 2 on: it stops with batch 1 saved,
     says how to resume, and the rerun equals a run that never failed."""
-    monkeypatch.setattr("qktrace.sums.STUDY_REMOTE_BATCHES_PER_REQUEST", 1)  # one batch a request
+    monkeypatch.setattr(
+        "qktrace.verbs.reduce.STUDY_REMOTE_BATCHES_PER_REQUEST", 1
+    )  # one batch a request
     checkpoint = testing.save_checkpoint(tmp_path / "tiny-llama", "llama")
     run = dict(
         heads="1.0", n_prompts=6, n_test=2, n_pairs=3, n_random=1, batch_size=3,
@@ -137,7 +139,7 @@ def test_persistent_failure_stops_with_saved_batches_and_resume_hint(flaky_backe
         return real(run, *args, **kwargs)
 
     with pytest.MonkeyPatch.context() as mp:
-        import qktrace.batching as batching_module  # the verbs' one loop retries
+        import qktrace.run.batching as batching_module  # the verbs' one loop retries
 
         mp.setattr(batching_module, "with_retries", first_batch_gets_through)
         with pytest.raises(RuntimeError, match=r"prompts 1\.\.1 failed 4 times.*saved in .*rerun"):
@@ -321,7 +323,7 @@ def server_without_qktrace(monkeypatch):
 
     nnsight's simulation hides modules outside site-packages, but an installed (or editable)
     qktrace is found again on import; here it is not. So a trace body that holds a qktrace
-    object other than `qktrace.ops` (shipped by value) fails here as it would on the server.
+    object other than `qktrace.core.ops` (shipped by value) fails here as it would on the server.
     """
     blocker = _NoQktrace()
     real_hide, real_restore = (
@@ -345,7 +347,7 @@ def server_without_qktrace(monkeypatch):
 
 
 def test_every_verb_runs_on_a_server_without_qktrace(server_without_qktrace):
-    """Trace bodies hold only torch, nnsight envoys and `qktrace.ops` objects (NDIF-safe)."""
+    """Trace bodies hold only torch, nnsight envoys and `qktrace.core.ops` objects (NDIF-safe)."""
     net, tok = tiny("llama")
     m = load(net, tokenizer=tok, remote="local")
     local = load(net, tokenizer=tok)

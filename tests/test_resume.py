@@ -13,14 +13,14 @@ import signal
 
 import pytest
 import xarray as xr
-from qktrace.studies import order_id
 
 import qktrace
-import qktrace.answers as answers_module
-import qktrace.qk as qk_module
-import qktrace.sums as sums_module
-import qktrace.testing as testing
-from qktrace import store
+import qktrace.model.testing as testing
+import qktrace.verbs.answers as answers_module
+import qktrace.verbs.capture as qk_module
+import qktrace.verbs.reduce as sums_module
+from qktrace.store import io as store
+from qktrace.studies import order_id
 from tests.test_sums import KEYS, PROMPTS  # the same five prompts and key positions
 
 # heads out of layer order on purpose; 6 prompts in 2 reduce batches of 3

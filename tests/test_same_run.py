@@ -9,11 +9,11 @@ import warnings
 
 import pytest
 import xarray as xr
-from qktrace.studies import binding
-from qktrace.studies import toy as toy_study
 
 import qktrace
-from qktrace import store
+from qktrace.store import io as store
+from qktrace.studies import binding
+from qktrace.studies import toy as toy_study
 
 PROMPTS = ["The apple is in Box A, the cat is in Box B.", "Which box is the cat in? Box"]
 KEYS = [[1, 2, 3], [1, 2, 3]]

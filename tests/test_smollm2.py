@@ -20,10 +20,12 @@ import numpy as np
 import pytest
 import torch
 
-from qktrace import checkpoints, load, store
-from qktrace.evaluation import evaluate
-from qktrace.prompts import PromptBuilder, boxes_prompts, filter_prompts, locate
-from qktrace.qk import capture
+from qktrace import load
+from qktrace.core.prompts import PromptBuilder, boxes_prompts, filter_prompts, locate
+from qktrace.model import checkpoints
+from qktrace.store import io as store
+from qktrace.verbs.capture import capture
+from qktrace.verbs.evaluate import evaluate
 
 SPEC = checkpoints.NAMED["smollm2"]
 try:

@@ -15,8 +15,8 @@ import pytest
 import xarray as xr
 
 import qktrace
-from qktrace import store
-from qktrace.store import BatchWriter, provenance, save
+from qktrace.store import io as store
+from qktrace.store.io import BatchWriter, provenance, save
 
 PARAMS = {"layers": (3, 5), "n_prompts": 11, "out": Path("run.zarr")}
 ATTRS = {"study": "unit", "model": "tiny-llama"}

@@ -12,15 +12,15 @@ import dataclasses
 
 import numpy as np
 import pytest
-from qktrace.studies import binding, filter_heads, lexical, order_id
-from qktrace.studies._common import resolve_heads
 from typer.testing import CliRunner
 
-import qktrace.testing as testing
-from qktrace import store
+import qktrace.model.testing as testing
 from qktrace.cli import app
-from qktrace.models import load, parse_heads
-from qktrace.prompts import load_categories, load_objects
+from qktrace.core.prompts import load_categories, load_objects
+from qktrace.model.loading import load, parse_heads
+from qktrace.store import io as store
+from qktrace.studies import binding, filter_heads, lexical, order_id
+from qktrace.studies._common import resolve_heads
 
 FAMILIES = {"llama": "bpe", "qwen3": "metaspace"}
 HEAD = "1.3"  # Qwen3 tiny: 4 query heads share 2 key heads, so this one reads key head 1
@@ -287,9 +287,8 @@ def test_heads_default_to_the_papers_for_its_model_else_need_a_choice():
 
 
 def test_default_sizes_organism_and_paper(checkpoint):
-    from qktrace.studies._common import ORGANISM_SIZES, PAPER_SIZES, is_organism, sizes
-
     from qktrace import organism
+    from qktrace.studies._common import ORGANISM_SIZES, PAPER_SIZES, is_organism, sizes
 
     assert is_organism(str(organism.path())) and not is_organism(checkpoint)
     for study in ("filter_heads", "order_id", "lexical"):

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from qktrace.models import load
-from qktrace.qk import capture
-from qktrace.sums import reduce
+from qktrace.model.loading import load
+from qktrace.verbs.capture import capture
+from qktrace.verbs.reduce import reduce
 from tests.conftest import tiny
 
 PROMPTS = [
@@ -63,7 +63,7 @@ def test_batch_size_does_not_change_sums(llama):
 
 
 def test_resume_after_crash_equals_uninterrupted(llama, tmp_path, monkeypatch):
-    import qktrace.sums as reduce_module
+    import qktrace.verbs.reduce as reduce_module
 
     whole = reduce(llama, PROMPTS, HEADS, LABELS, keys=KEYS, batch_size=2, progress=False)
     real = reduce_module._reduce_batch
@@ -118,7 +118,7 @@ def test_several_batches_per_request_equal_one_per_request(per_request, remote):
 @pytest.mark.parametrize("wire, tolerance", [("float32", 1e-6), ("float16", 1e-3)])
 def test_delta_equals_delta_c_from_full_sums(remote, wire, tolerance):
     """delta=True sums ΔC = C+ - C- with ±1/n pair weights and returns it (float32/16 on the wire)."""
-    from qktrace.covariance import decompose
+    from qktrace.verbs.decompose import decompose
 
     net, tok = tiny("llama")
     m = load(net, tokenizer=tok, remote=remote)
@@ -150,7 +150,7 @@ def test_delta_needs_both_contrasts(llama):
 
 
 def test_delta_resumes_with_several_batches_per_request(llama, tmp_path, monkeypatch):
-    import qktrace.sums as reduce_module
+    import qktrace.verbs.reduce as reduce_module
 
     args = dict(keys=KEYS, batch_size=1, batches_per_request=2, delta=True, progress=False)
     whole = reduce(llama, PROMPTS, HEADS, LABELS, **args)
@@ -175,7 +175,7 @@ def test_delta_resumes_with_several_batches_per_request(llama, tmp_path, monkeyp
 
 def test_bad_prompt_in_a_late_batch_fails_before_any_trace(llama, monkeypatch):
     """Batches are tokenized when they run, but every prompt is checked before the first one."""
-    import qktrace.sums as reduce_module
+    import qktrace.verbs.reduce as reduce_module
 
     calls = []
     monkeypatch.setattr(reduce_module, "_reduce_batch", lambda *a, **k: calls.append(1))

@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 import torch
 import xarray as xr
-from qktrace.studies import STUDIES
-from qktrace.studies import toy as toy_study
 from scipy.linalg import subspace_angles
 from typer.testing import CliRunner
 
-from qktrace import plots, store
 from qktrace.cli import app
-from qktrace.covariance import Subspace
+from qktrace.store import io as store
+from qktrace.studies import STUDIES
+from qktrace.studies import toy as toy_study
+from qktrace.study import plots
 from qktrace.toy.analysis import (
     diagonal_dominance,
     interaction_matrix,
@@ -25,6 +25,7 @@ from qktrace.toy.analysis import (
 from qktrace.toy.data import PayloadTask
 from qktrace.toy.model import PayloadRetrievalHead
 from qktrace.toy.train import train
+from qktrace.verbs.decompose import Subspace
 
 # ------------------------------------------------------------------------------------------
 # data

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import sys
 
-from . import install
-from .server import LocalNDIF
+from qktrace.ndif_local import install
+from qktrace.ndif_local.server import LocalNDIF
 
 USAGE = "usage: python -m qktrace.ndif_local install|start|stop|status"
 
@@ -22,7 +22,7 @@ def main(argv: list[str]) -> int:
     command = argv[0]
     if command == "install":
         install.install()
-        from .model_cache import ensure_model
+        from qktrace.ndif_local.model_cache import ensure_model
 
         ensure_model(server.hf_home)
     elif command == "start":

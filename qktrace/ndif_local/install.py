@@ -15,7 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ..errors import QktraceError
+from qktrace.core.errors import QktraceError
 
 NDIF_VERSION = "0.1.2"
 TORCH_VERSION = "2.13.0"

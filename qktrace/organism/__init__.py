@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .shipped import heads, path
+from qktrace.model.organism import heads, path
 
 __all__ = ["path", "evaluate", "heads", "HEADS"]
 
@@ -40,6 +40,6 @@ def __getattr__(name: str) -> Any:
 
 def evaluate(*args: Any, **kwargs: Any) -> Any:
     """Held-out accuracy per task and size; see `qktrace.organism.evaluation.evaluate`."""
-    from .evaluation import evaluate as _evaluate
+    from qktrace.organism.evaluation import evaluate as _evaluate
 
     return _evaluate(*args, **kwargs)

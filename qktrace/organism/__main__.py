@@ -16,17 +16,17 @@ def main(argv: list[str]) -> None:
         raise SystemExit(2)
     command, rest = argv[0], argv[1:]
     if command == "train":
-        from .train import main as train_main
+        from qktrace.organism.train import main as train_main
 
         train_main(rest)
     elif command == "eval":
-        from .evaluation import main as eval_main
+        from qktrace.organism.evaluation import main as eval_main
 
         eval_main(rest)
     else:
         import torch
 
-        from .report import report
+        from qktrace.organism.report import report
 
         torch.set_num_threads(2)
         report(rest[0] if rest else "data/organism")

@@ -1,12 +1,12 @@
 """Training and evaluation data of the organism, made by the studies' own prompt builders.
 
 The organism must find the studies' prompts in-distribution, so its data comes from the same
-code: `qktrace.prompts.boxes_prompt` (boxes task, as `studies.binding`) and
-`qktrace.prompts.filter_prompts` (list filtering, as `studies.filter_heads`), rendered with the
+code: `qktrace.core.prompts.boxes_prompt` (boxes task, as `studies.binding`) and
+`qktrace.core.prompts.filter_prompts` (list filtering, as `studies.filter_heads`), rendered with the
 organism tokenizer's
-chat template exactly as `qktrace.prompts.locate` renders them (the user message, the
+chat template exactly as `qktrace.core.prompts.locate` renders them (the user message, the
 generation prompt, then the prompt's answer prefix: "Box" for boxes, nothing for lists).
-(The builders live in `qktrace.prompts`, so the library never imports `studies`.)
+(The builders live in `qktrace.core.prompts`, so the library never imports `studies`.)
 
 Targets (next tokens)
 ---------------------
@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from qktrace.prompts import (
+from qktrace.core.prompts import (
     FILTER_QUESTIONS,
     Prompt,
     boxes_prompt,
@@ -53,7 +53,7 @@ from qktrace.prompts import (
     render,
     span_token,
 )
-from qktrace.prompts import filter_prompts as build_filter_prompts
+from qktrace.core.prompts import filter_prompts as build_filter_prompts
 
 __all__ = [
     "Batch",
@@ -91,7 +91,7 @@ class Batch:
 
 
 def boxes_prompts(rng: np.random.Generator, n: int, n_pairs: Sequence[int]) -> list[Prompt]:
-    """`n` boxes prompts (`qktrace.prompts.boxes_prompt`), n_pairs drawn from `n_pairs`."""
+    """`n` boxes prompts (`qktrace.core.prompts.boxes_prompt`), n_pairs drawn from `n_pairs`."""
     objects, letters = load_objects(), load_box_letters()
     out = []
     for _ in range(n):
@@ -112,7 +112,7 @@ def filter_prompts(
     default_share: float = 0.5,
     chunk: int = 16,
 ) -> list[Prompt]:
-    """`n` list prompts from `qktrace.prompts.filter_prompts` with varied list shapes.
+    """`n` list prompts from `qktrace.core.prompts.filter_prompts` with varied list shapes.
 
     A share `default_share` of them use the studies' default shape (3 categories x 5 items);
     the rest draw categories per list and items per category from the given ranges. The
@@ -203,7 +203,7 @@ def aux_targets(prompt: Prompt) -> tuple[list[tuple[str, int]], str]:
 
 
 def render_text(tokenizer: Any, prompt: Prompt, chat: bool) -> str:
-    """The text the model reads, as `qktrace.prompts.locate` renders it."""
+    """The text the model reads, as `qktrace.core.prompts.locate` renders it."""
     return render(tokenizer, prompt, chat=chat)[0]
 
 
@@ -212,7 +212,7 @@ def conversation_text(
 ) -> str:
     """The prompt (chat-rendered, answer prefix included) answered, then more question turns.
 
-    Its text up to the first answer is exactly what `qktrace.prompts.locate` gives for the
+    Its text up to the first answer is exactly what `qktrace.core.prompts.locate` gives for the
     prompt alone, so the studies' prompts are prefixes of the training conversations.
     """
     prefix = f"{prompt.answer_prefix} " if prompt.answer_prefix else ""

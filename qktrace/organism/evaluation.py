@@ -1,14 +1,14 @@
 """Held-out accuracy of the organism, on prompts made and located exactly as the studies do.
 
-Held-out prompts come from the studies' own builders (`qktrace.prompts`) (seeds >= 10_000, which the
-training run never uses) and are tokenized by `qktrace.prompts.locate`, chat template applied:
+Held-out prompts come from the studies' own builders (`qktrace.core.prompts`) (seeds >= 10_000, which the
+training run never uses) and are tokenized by `qktrace.core.prompts.locate`, chat template applied:
 the very path a study takes. A prediction is the greedy next token at the last position.
 
 Groups reported:
-- ``boxes n=K``: `qktrace.prompts.boxes_prompts(n, K)` (= `studies.binding.build_prompts`),
+- ``boxes n=K``: `qktrace.core.prompts.boxes_prompts(n, K)` (= `studies.binding.build_prompts`),
   K = 2..10 pairs, every position asked;
 - ``order-id n=9``: the order-ID design (same queried object "stone" in every prompt);
-- ``filter <question>``: `qktrace.prompts.filter_prompts` (= `studies.filter_heads.build_prompts`)
+- ``filter <question>``: `qktrace.core.prompts.filter_prompts` (= `studies.filter_heads.build_prompts`)
   with its defaults (the five paper
   categories, 3 categories x 5 items) per question ("all": argmax is any item of the asked
   category; "first"/"last": that item);
@@ -25,9 +25,8 @@ from typing import Any
 
 import torch
 
-from qktrace.prompts import Prompt, boxes_prompts, filter_prompts, load_categories, locate
-
-from .data import targets
+from qktrace.core.prompts import Prompt, boxes_prompts, filter_prompts, load_categories, locate
+from qktrace.organism.data import targets
 
 __all__ = ["evaluate", "accuracy", "heldout_sets", "main"]
 
@@ -95,11 +94,11 @@ def evaluate(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if model is None:
-        from .shipped import path
+        from qktrace.model.organism import path
 
         model = path()
     if isinstance(model, (str, os.PathLike)):
-        from qktrace.checkpoints import is_convertible, local_checkpoint
+        from qktrace.model.checkpoints import is_convertible, local_checkpoint
 
         if is_convertible(model):  # a named model (smollm2) or a .gguf file
             model = local_checkpoint(model)

@@ -8,9 +8,9 @@ Head search
 Through `qktrace.load(out)` (the path every study takes) and `qktrace.find_heads`, every head
 of every layer is scored on held-out study prompts (seeds 30_000+), from the last token:
 
-- binding: `qktrace.prompts.boxes_prompts(n, 9)`; candidates: the box letters; answer: the
+- binding: `qktrace.core.prompts.boxes_prompts(n, 9)`; candidates: the box letters; answer: the
   asked box's letter;
-- filter: `qktrace.prompts.filter_prompts(n)` (defaults); candidates: the list items;
+- filter: `qktrace.core.prompts.filter_prompts(n)` (defaults); candidates: the list items;
   answer: the first item of the asked category ("all", "first") or its last ("last"), as
   `studies.filter_heads` does; plus ``category_share``: the share of the attention on the
   items that goes to items of the asked category (from `qktrace.capture`).
@@ -29,14 +29,14 @@ from typing import Any
 
 import numpy as np
 
-from .evaluation import evaluate
+from qktrace.organism.evaluation import evaluate
 
 TOP = 3
 
 
 def _binding_scores(model: Any, n: int, seed: int) -> Any:
     from qktrace import find_heads
-    from qktrace.prompts import boxes_prompts, locate
+    from qktrace.core.prompts import boxes_prompts, locate
 
     prompts = boxes_prompts(n, 9, seed=seed)
     loc = locate(model.tokenizer, prompts)
@@ -47,7 +47,7 @@ def _binding_scores(model: Any, n: int, seed: int) -> Any:
 
 def _filter_scores(model: Any, n: int, seed: int) -> Any:
     from qktrace import capture, find_heads
-    from qktrace.prompts import filter_prompts, locate
+    from qktrace.core.prompts import filter_prompts, locate
 
     prompts = filter_prompts(n, seed=seed)
     loc = locate(model.tokenizer, prompts)
@@ -137,9 +137,9 @@ one token per word, item, object, letter and punctuation mark; multi-word items 
 added tokens; chat template `<s><|user|>` message `<|end|><|assistant|>`).
 
 ## Data
-Made by the studies' own builders (`qktrace.prompts.boxes_prompt`,
-`qktrace.prompts.filter_prompts`, which `studies.binding` and `studies.filter_heads` use),
-chat template applied as `qktrace.prompts.locate` does,
+Made by the studies' own builders (`qktrace.core.prompts.boxes_prompt`,
+`qktrace.core.prompts.filter_prompts`, which `studies.binding` and `studies.filter_heads` use),
+chat template applied as `qktrace.core.prompts.locate` does,
 {o["plain"]:.0%} without it. Boxes: 2..{o["max_pairs"]} pairs (curriculum: the largest number
 starts at 3 and grows when mastered, reaching {o["max_pairs"]} by {o["ramp"]:.0%} of the
 steps at the latest), {o["boxes_share_early"]:.0%} of batches in the first {o["early_share"]:.0%}
@@ -191,7 +191,7 @@ Command (the defaults are these values):
 
 ## Held-out accuracy
 Greedy next token on fresh prompts from the studies' `build_prompts` (seeds >= 10000),
-located with `qktrace.prompts.locate`; {200} prompts per row. Reproduce with
+located with `qktrace.core.prompts.locate`; {200} prompts per row. Reproduce with
 `qktrace organism eval` (or `python -m qktrace.organism eval`).
 
 | group | accuracy |

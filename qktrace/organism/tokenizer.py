@@ -8,14 +8,14 @@ Design
   template change is picked up when the tokenizer is rebuilt). Unknown words map to ``<unk>``.
 - **Pre-tokenizer**: split on whitespace, then isolate every punctuation character, so
   "Box K," gives "Box", "K", "," and character offsets point at the words themselves (what
-  `qktrace.prompts.locate` reads).
+  `qktrace.core.prompts.locate` reads).
 - **Multi-word items** ("polar bear", "South Korea", "US state", ...) are kept whole: they are
   added tokens (``single_word=True``), matched before pre-tokenization, so every item of
   ``data/categories.json`` is exactly one token and its span's last token is the item itself.
   ("US states", the plural used in questions, is one added token too.)
 - **Special tokens**: ``<s>`` (bos), ``</s>`` (eos), ``<pad>``, ``<unk>``, and the chat markers
   ``<|user|>``, ``<|assistant|>``, ``<|system|>``, ``<|end|>``. The chat template is the one of
-  `qktrace.testing` (role marker, message, ``<|end|>``; generation prompt ``<|assistant|>``).
+  `qktrace.model.testing` (role marker, message, ``<|end|>``; generation prompt ``<|assistant|>``).
   Without the template, the post-processor prepends ``<s>``.
 """
 
@@ -24,13 +24,13 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from qktrace.testing import CHAT_TEMPLATE, SPECIAL_TOKENS
+from qktrace.model.testing import CHAT_TEMPLATE, SPECIAL_TOKENS
 
 __all__ = ["build_tokenizer", "vocabulary_words", "multiword_items", "CHAT_TEMPLATE"]
 
 
 def _data() -> tuple[dict[str, Any], list[str], list[str]]:
-    from qktrace.prompts import load_box_letters, load_categories, load_objects
+    from qktrace.core.prompts import load_box_letters, load_categories, load_objects
 
     return load_categories(), load_objects(), load_box_letters()
 

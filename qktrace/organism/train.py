@@ -33,8 +33,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import data
-from .tokenizer import build_tokenizer
+from qktrace.organism import data
+from qktrace.organism.tokenizer import build_tokenizer
 
 DEFAULTS: dict[str, Any] = dict(
     steps=3000,
@@ -360,7 +360,7 @@ def train(out: str | Path, **options: Any) -> dict[str, Any]:
             window = {"boxes": [], "filter": []}
             if opts["eval_every"] and ((step + 1) % opts["eval_every"] == 0 or step + 1 == steps):
                 net.eval()
-                from .evaluation import evaluate
+                from qktrace.organism.evaluation import evaluate
 
                 quick = evaluate(
                     net,
@@ -423,7 +423,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     no_report = args.pop("no_report")
     run = train(out, **args)
     if not no_report:
-        from .report import report
+        from qktrace.organism.report import report
 
         report(out, run)
 

@@ -10,10 +10,16 @@ against them.
 The study that runs all of it over the grid of ranks is `studies.toy` (``qktrace toy``).
 """
 
-from .analysis import analyze, interaction_matrix, intervene, pca_on_subspace, recover_subspaces
-from .data import PayloadTask
-from .model import PayloadRetrievalHead
-from .train import TrainedModel, train
+from qktrace.toy.analysis import (
+    analyze,
+    interaction_matrix,
+    intervene,
+    pca_on_subspace,
+    recover_subspaces,
+)
+from qktrace.toy.data import PayloadTask
+from qktrace.toy.model import PayloadRetrievalHead
+from qktrace.toy.train import TrainedModel, train
 
 __all__ = [
     "PayloadRetrievalHead",

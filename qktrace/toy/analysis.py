@@ -1,7 +1,7 @@
 """Analyses of a trained toy model, each the toy version of a figure of the paper.
 
 - `recover_subspaces` (Fig 2): contrastive covariances of z1 and z2 from the contrast sets,
-  decomposed with `qktrace.covariance.decompose`; the recovered ranks should equal (N, M)
+  decomposed with `qktrace.verbs.decompose.decompose`; the recovered ranks should equal (N, M)
   when the head has room for both latents (N + M < d_head).
 - `pca_on_subspace` (Fig 3): queries and keys projected on the recovered z1 subspace, then
   PCA to 3 components: the corners of the cube (discrete) or a round cloud (continuous).
@@ -22,9 +22,10 @@ import scipy.linalg
 import torch
 import xarray as xr
 
-from .. import covariance, ops
-from .data import LATENTS, Episodes, PayloadTask
-from .model import PayloadRetrievalHead
+from qktrace.core import ops
+from qktrace.toy.data import LATENTS, Episodes, PayloadTask
+from qktrace.toy.model import PayloadRetrievalHead
+from qktrace.verbs import decompose as covariance
 
 SUBSPACES = ("z1", "z2", "both")
 RANDOM_SUBSPACES = tuple(f"random_{name}" for name in SUBSPACES)
@@ -61,7 +62,7 @@ def recover_subspaces(
 ) -> xr.Dataset:
     """ΔC, singular values, query/key bases and ranks of z1 and z2 (``feature`` dim).
 
-    The result of `qktrace.covariance.decompose` for the model's single head, with the head
+    The result of `qktrace.verbs.decompose.decompose` for the model's single head, with the head
     dim dropped.
 
     Examples

@@ -27,8 +27,8 @@ import torch
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from .data import Episodes, PayloadTask
-from .model import PayloadRetrievalHead
+from qktrace.toy.data import Episodes, PayloadTask
+from qktrace.toy.model import PayloadRetrievalHead
 
 
 @dataclass(frozen=True)

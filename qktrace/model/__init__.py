@@ -1,0 +1,3 @@
+"""Models: architecture families, loading (local, GGUF, named, the shipped organism), NDIF
+access, and the tiny random models of the tests.
+"""

@@ -1,0 +1,1 @@
+"""Prompts to batches: positions, padding, the batch loop every verb runs."""
