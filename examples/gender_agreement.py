@@ -12,7 +12,7 @@ the recovered key subspace.
 import numpy as np
 
 from qktrace.core.prompts import PromptBuilder
-from qktrace.study.pipeline import Study
+from qktrace.study import Study
 
 NAMES = {
     "female": ["Mary", "Anna", "Sarah", "Emma", "Lucy", "Alice", "Kate", "Julia", "Laura", "Helen"],

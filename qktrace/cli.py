@@ -329,7 +329,7 @@ The exact NDIF request, simulated offline on a local checkpoint:
 
   qktrace study lexical -m ./my-checkpoint --heads 1.2 --remote-local --n-prompts 64 -o out/try
 
-Your own study: a .py file that defines study = qktrace.study.pipeline.Study(...) (prompts with
+Your own study: a .py file that defines study = qktrace.study.Study(...) (prompts with
 marked spans, the key span, labels per key), or module:attr; the pipeline does the rest:
 
   qktrace study examples/gender_agreement.py -m ./my-checkpoint -o out/gender
@@ -358,7 +358,7 @@ def study(
         str,
         typer.Argument(
             help="The study: filter-heads, order-id, lexical, or your own: a .py file that "
-            "defines study = qktrace.study.pipeline.Study(...) (path[:attr]), or module:attr.",
+            "defines study = qktrace.study.Study(...) (path[:attr]), or module:attr.",
             metavar="NAME|FILE.py",
         ),
     ],
@@ -487,7 +487,7 @@ def study(
 
     filter-heads: categories of list items (paper §3.1). order-id: which position a box is
     in (§3.2). lexical: which object a box holds (§3.3, Fig 10). Your own study: a file
-    defining a `qktrace.study.pipeline.Study` runs through the same pipeline (docs/guide/own-study.md).
+    defining a `qktrace.study.Study` runs through the same pipeline (docs/guide/own-study.md).
     Writes OUT/NAME.zarr (labelled, with provenance) and PNG figures beside it, then prints a
     summary. A crashed run resumes when rerun with the same arguments.
     """
@@ -513,7 +513,7 @@ def study(
             f"unknown study {name!r}"
             + (f" (did you mean {close[0]!r}?)" if close else "")
             + f"; choose one of {', '.join(known)}, or pass a .py file defining a "
-            "qktrace.study.pipeline.Study (the toy model has its own command: qktrace toy).",
+            "qktrace.study.Study (the toy model has its own command: qktrace toy).",
             2,
         )
     else:

@@ -53,7 +53,7 @@ from qktrace.core import checks
 from qktrace.core.prompts import FILTER_CATEGORIES, FILTER_QUESTIONS, Prompt
 from qktrace.core.prompts import filter_prompts as build_prompts
 from qktrace.studies._common import paper_heads, sizes
-from qktrace.study.pipeline import Study
+from qktrace.study import Study
 from qktrace.study.tools import ModelLike
 
 STUDY = "filter_heads"

@@ -32,7 +32,7 @@ from qktrace.core import checks
 from qktrace.core.prompts import Prompt, load_objects
 from qktrace.studies import binding
 from qktrace.studies._common import paper_heads, sizes
-from qktrace.study.pipeline import Study
+from qktrace.study import Study
 from qktrace.study.tools import ModelLike
 
 STUDY = "order_id"

@@ -476,7 +476,7 @@ def test_an_older_qktrace_store_without_a_record_opens_with_a_warning(tmp_path):
 
 def _names_study(meta, **changes):
     from qktrace.core.prompts import PromptBuilder
-    from qktrace.study.pipeline import Study
+    from qktrace.study import Study
 
     def prompts(n, seed):
         built = []

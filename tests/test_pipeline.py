@@ -349,7 +349,7 @@ def test_a_file_without_a_study_is_refused(tmp_path):
 
 def test_help_says_how_to_run_your_own_study():
     code, output = cli("study", "--help")
-    assert code == 0 and "qktrace.study.pipeline.Study" in output and ".py" in output
+    assert code == 0 and "qktrace.study.Study" in output and ".py" in output
 
 
 def test_a_study_by_module_and_a_built_in_only_option():

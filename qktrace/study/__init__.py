@@ -1,3 +1,23 @@
-"""Studies: the Study spec and run_study, the in-trace strategies (projected, paired), the
-head search, analysis, figures and the summary.
+"""Studies: the Study spec and run_study, the in-trace strategies (projected, paired), the head
+search, analysis, figures and the summary.
+
+A study file needs only ``from qktrace.study import Study``; `run_study` and `load_study` run
+one from Python. They are imported on first use, so that `qktrace show` (which reads
+`qktrace.study.summary`) does not import the pipeline.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from qktrace.study.pipeline import Run, Study, load_study, run_study
+
+__all__ = ["Study", "Run", "run_study", "load_study"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        return getattr(importlib.import_module("qktrace.study.pipeline"), name)
+    raise AttributeError(f"module 'qktrace.study' has no attribute {name!r}")

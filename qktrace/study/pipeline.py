@@ -218,7 +218,7 @@ class Study:
             if not callable(getattr(self, what)):
                 raise StudyError(
                     f"Study {self.name!r}: {what} must be a function, not "
-                    f"{type(getattr(self, what)).__name__}; see help(qktrace.study.pipeline.Study)."
+                    f"{type(getattr(self, what)).__name__}; see help(qktrace.study.Study)."
                 )
 
         if not (self.answers is None or self.answers == "keys" or callable(self.answers)):
@@ -920,7 +920,7 @@ def load_study(spec: str | Path) -> Study:
         raise StudyError(
             f"{where} defines no study to run"
             + (f" (it defines several: {sorted(found)}; pass {where}:NAME)" if found else "")
-            + ": define study = qktrace.study.pipeline.Study(name=..., prompts=..., keys=..., "
+            + ": define study = qktrace.study.Study(name=..., prompts=..., keys=..., "
             "labels=...) at its top level (see examples/gender_agreement.py)."
         )
     return dataclasses.replace(study, source=f"{source}:{attr}" if attr else source)
@@ -931,7 +931,7 @@ def _import_file(file: Path) -> tuple[Any, str]:
     if not file.is_file():
         raise StudyError(
             f"Study file {file} does not exist; pass the path of a .py file that defines "
-            "study = qktrace.study.pipeline.Study(...), or module:attr."
+            "study = qktrace.study.Study(...), or module:attr."
         )
     name = f"qktrace_study_{hashlib.sha256(str(file.resolve()).encode()).hexdigest()[:12]}"
     spec = importlib.util.spec_from_file_location(name, file)
