@@ -373,10 +373,14 @@ def test_object_store_down_mid_study_stops_clearly_and_the_rerun_resumes(
 
 def test_a_server_that_is_not_up_fails_at_load_with_the_fix(monkeypatch):
     """NDIF_HOST pointing at nothing: load stops before any work and says how to start one."""
+    import nnsight
+
     import qktrace
     from qktrace.core.errors import RemoteFailed
     from qktrace.ndif_local.server import free_ports
 
+    # load sets nnsight's host from NDIF_HOST: put the server's back for the tests after this one
+    monkeypatch.setattr(nnsight.CONFIG.API, "HOST", nnsight.CONFIG.API.HOST)
     monkeypatch.setenv("NDIF_HOST", f"http://127.0.0.1:{free_ports(1)[0]}")
     with pytest.raises(RemoteFailed, match=r"unreachable.*python -m qktrace.ndif_local start"):
         qktrace.load(HUB_ID, remote=True)
@@ -401,3 +405,88 @@ def test_two_studies_at_once_both_finish(ndif, remote_study, tmp_path):
     first, second = study_store(tmp_path / "first"), study_store(tmp_path / "second")
     xr.testing.assert_identical(first, second)
     assert_close(first.drop_attrs(), remote_study.drop_attrs())
+
+
+# ---- requests the server refuses ---------------------------------------------------------------
+# ndif 0.1.2 refuses a request for its run time only: its model actor races each request against
+# the deployment's `execution_timeout_seconds` (none by default) and answers one that runs past
+# it with ERROR "Your job exceeded the execution timeout of {T}s.". It has no cap on a request's
+# bytes (its API reads any body; a cap is a TODO there), and hands a result back on the
+# websocket up to redis's pubsub limit, a larger one through the object store; a request that
+# needs more memory than a GPU replica's budget fails in torch (CUDA out of memory), which this
+# CPU server cannot show (tests/test_remote.py covers qktrace's side of both).
+
+
+def test_a_result_past_the_sockets_limit_comes_through_the_object_store(ndif, models, monkeypatch):
+    """No refusal for size: a result over the socket's limit (4 KiB on this tier's server) is
+    staged in the object store and downloaded (nnsight gets a url, not the bytes)."""
+    from nnsight.intervention.backends.remote import RemoteBackend
+
+    from qktrace.qk import capture
+
+    arrived, real = [], RemoteBackend.download_result
+
+    def download_result(self, url):
+        arrived.append(url if isinstance(url, str) else len(url))
+        return real(self, url)
+
+    monkeypatch.setattr(RemoteBackend, "download_result", download_result)
+    remote, local = models
+    assert_close(
+        capture(remote, PROMPTS, HEADS, batch_size=4, progress=False),
+        capture(local, PROMPTS, HEADS, batch_size=4, progress=False),
+    )
+    store_url = f"http://127.0.0.1:{ndif.state.ports['s3']}/"
+    assert len(arrived) == 1 and str(arrived[0]).startswith(store_url), arrived
+
+
+def test_a_request_past_the_servers_time_limit_stops_at_once_and_the_rerun_resumes(
+    ndif, remote_study, tmp_path, monkeypatch
+):
+    """The server's execution timeout stops the study's second request: qktrace sends it once
+    (no retries: it would time out again), stops with `RequestRefused` naming the prompts and
+    the fix, and keeps the first request's sums; with the limit lifted, the same command
+    resumes from the second request and ends with the uninterrupted run's store."""
+    import qktrace.batching as batching
+    from qktrace.core.errors import RequestRefused
+
+    real = batching.with_retries
+    sent: list[tuple[str, int]] = []  # (what, attempts) per request
+
+    def second_request_past_the_limit(run, *args, what, **kwargs):
+        if len(sent) == 1:  # a limit no request meets (NDIF's own timeout, set at deploy)
+            ndif.redeploy(execution_timeout=0.01)
+        sent.append((what, 0))
+
+        def attempt(*a):
+            sent[-1] = (what, sent[-1][1] + 1)
+            return run(*a)
+
+        return real(attempt, *args, what=what, **kwargs)
+
+    monkeypatch.setattr(batching, "with_retries", second_request_past_the_limit)
+    try:
+        failed = run_cli([*STUDY, "--remote", "-o", str(tmp_path)])
+    finally:
+        if len(sent) > 1:
+            ndif.redeploy()  # no limit again, for the rerun and the tests after this one
+    assert failed.exit_code == RequestRefused.exit_code, failed.output[-1500:]
+    assert sent == [("prompts 0..3", 1), ("prompts 4..7", 1)]  # the refused one: sent once
+    message = " ".join(failed.output.split())
+    assert (
+        "NDIF refused the request for prompts 4..7: it ran longer than the server allows one "
+        "request (the server said: 'Your job exceeded the execution timeout of 0.01s.')"
+    ) in message, message
+    assert "not retried" in message and "smaller --batch-size" in message
+    assert "prompts 0..3 are saved" in message and "rerun the same command" in message
+    sent.clear()
+
+    def recorded(run, *args, what, **kwargs):
+        sent.append((what, 1))
+        return real(run, *args, what=what, **kwargs)
+
+    monkeypatch.setattr(batching, "with_retries", recorded)
+    resumed = run_cli([*STUDY, "--remote", "-o", str(tmp_path)])
+    assert resumed.exit_code == 0, resumed.output[-1500:]
+    assert sent[0] == ("prompts 4..7", 1)  # the saved sums were not asked for again
+    xr.testing.assert_identical(study_store(tmp_path), remote_study)

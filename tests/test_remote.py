@@ -202,6 +202,60 @@ def test_which_failures_are_retried(error, retried):
     assert len(calls) == (3 if retried else 1)
 
 
+# NDIF's answers to a request it would refuse again as it is (ndif 0.1.2's model actor: its
+# execution timeout's message, and the last line of the traceback of a request that ran out of
+# the replica's memory, on a GPU or on CPU), and a proxy's HTTP 413
+OOM_TRACEBACK = (
+    'Traceback (most recent call last):\n  File "<nnsight>", line 3, in <module>\n'
+    "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total "
+    "capacity of 79.15 GiB of which 1.2 GiB is free."
+)
+CPU_OOM = (
+    "RuntimeError: [enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't "
+    "allocate memory: you tried to allocate 1099511627776 bytes. Error code 12"
+)
+
+
+@pytest.mark.parametrize(
+    "error, why",
+    [
+        (RemoteError("Your job exceeded the execution timeout of 30.0s."),
+         "ran longer than the server allows one request"),
+        (RemoteError(OOM_TRACEBACK), "was too large for the server"),
+        (RemoteError(CPU_OOM), "was too large for the server"),
+        (http_error(413), "was too large for the server"),
+    ],
+    ids=["timeout", "cuda-oom", "cpu-oom", "413"],
+)  # fmt: skip
+def test_refused_requests_stop_at_once_with_the_fix(error, why):
+    """A request NDIF would refuse again (too large, past its time limit) is not retried: one
+    attempt, then `RequestRefused` (a `RemoteFailed`) naming the prompts, why and the fix."""
+    from qktrace.core.errors import RemoteFailed, RequestRefused
+
+    calls = []
+
+    def fails():
+        calls.append(1)
+        raise error
+
+    hint = "Batches before prompt 4 are saved in out: rerun the same call to resume."
+    with pytest.raises(RequestRefused) as info:
+        remote_module.with_retries(
+            fails, what="prompts 4..7", resume_hint=hint, sleep=lambda s: pytest.fail("retried")
+        )
+    assert len(calls) == 1 and not remote_module.is_transient(error)
+    message = str(info.value)
+    assert message.startswith(f"NDIF refused the request for prompts 4..7: it {why}")
+    assert "not retried" in message and "smaller --batch-size" in message
+    assert message.endswith(hint) and isinstance(info.value, RemoteFailed)
+    assert info.value.__cause__ is error
+    if why.startswith("ran longer"):
+        assert "the server said: 'Your job exceeded the execution timeout of 30.0s.'" in message
+    elif "torch.OutOfMemoryError" in str(error):  # a traceback: its last line, not all of it
+        assert "the server said: 'torch.OutOfMemoryError: CUDA out of memory." in message
+        assert "Traceback" not in message
+
+
 @pytest.fixture
 def ndif_key_set(monkeypatch):
     """A key in the environment, NDIF's /whoami stubbed, and loading any model forbidden."""

@@ -40,6 +40,12 @@ class RemoteFailed(QktraceError, RuntimeError):
     """The NDIF server could not be reached or kept failing; completed batches are kept."""
 
 
+class RequestRefused(RemoteFailed):
+    """NDIF refused a request that it would refuse again as it is (too large for the server's
+    memory, or longer than its time limit for one request): not retried; the message names
+    the request and the fix (less work per request, or a server with a higher limit)."""
+
+
 class MissingVariable(BadArgument, KeyError):
     """A Dataset argument lacks a variable or label the verb needs (a KeyError too)."""
 

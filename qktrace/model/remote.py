@@ -1,12 +1,13 @@
 """Running on NDIF: the API key, a pre-flight check, and retries of failed requests.
 
 Each batch qktrace runs is one nnsight trace, which on NDIF is one request. A request can fail
-for reasons that have nothing to do with the request (a dropped connection, a timed-out job, a
-busy server): `with_retries` retries those a bounded number of times with exponential backoff,
-then stops with a message that says which prompts failed and how to resume (every completed
-batch is already on disk when the caller passed `out=`). Errors in the request itself (a bad
-position, a shape error) are not retried, nor is a request NDIF refuses with an HTTP 4xx status
-(a rejected key, a malformed request) other than 408 and 429.
+for reasons that have nothing to do with the request (a dropped connection, a busy server, a
+restarted model): `with_retries` retries those a bounded number of times with exponential
+backoff, then stops with a message that says which prompts failed and how to resume (every
+completed batch is already on disk when the caller passed `out=`). Errors in the request itself
+(a bad position, a shape error) are not retried, nor is a request NDIF refuses with an HTTP 4xx
+status (a rejected key, a malformed request) other than 408 and 429, nor one it refuses for its
+size or run time (`refusal`): those stop at once with `RequestRefused`, naming the fix.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any, TypeVar
 
 import nnsight
 
-from qktrace.core.errors import RemoteFailed
+from qktrace.core.errors import RemoteFailed, RequestRefused
 
 T = TypeVar("T")
 
@@ -58,17 +59,69 @@ def transient_errors() -> tuple[type[BaseException], ...]:
 _PERMANENT_HTTP = set(range(400, 500)) - {408, 429}
 
 
-def is_transient(error: BaseException) -> bool:
-    """Whether `error` is worth a retry: a transient type, not caused by a 4xx HTTP answer
-    (nnsight's `RemoteError` from an `httpx.HTTPStatusError`, or a websocket handshake refused
-    with a status)."""
-    if not isinstance(error, transient_errors()):
-        return False
+# How NDIF refuses a request that it would refuse again as it is (ndif 0.1.2's model actor,
+# ndif/services/ray/deployments/modeling/base.py, `run`): a request that runs past the
+# deployment's `execution_timeout_seconds` is answered ERROR "Your job exceeded the execution
+# timeout of {T}s."; one that needs more memory than the replica's budget fails in torch (on a
+# GPU `torch.OutOfMemoryError: CUDA out of memory`, the replica capped by
+# torch.cuda.set_per_process_memory_fraction; on CPU torch's "can't allocate memory") and comes
+# back as that traceback. ndif 0.1.2 has no cap on a request's bytes (its API's TODO) and sends
+# a large result through its object store; a proxy in front of a server may answer HTTP 413.
+_TIMED_OUT = ("exceeded the execution timeout",)
+_TOO_LARGE = ("OutOfMemoryError", "CUDA out of memory", "can't allocate memory")
+
+
+def _http_status(error: BaseException) -> int | None:
     status = getattr(error, "status_code", None)  # websocket.WebSocketBadStatusException
     if status is None:
         response = getattr(error.__cause__, "response", None)
         status = getattr(response, "status_code", None)
-    return status not in _PERMANENT_HTTP
+    return status
+
+
+def refusal(error: BaseException) -> str | None:
+    """Whether NDIF refused the request in a way that recurs if it is sent again as it is (see
+    above): "timeout", "too large", or None."""
+    from nnsight.intervention.backends.remote import RemoteError
+
+    if not isinstance(error, RemoteError):
+        return None
+    text = str(error)
+    if any(marker in text for marker in _TIMED_OUT):
+        return "timeout"
+    if _http_status(error) == 413 or any(marker in text for marker in _TOO_LARGE):
+        return "too large"
+    return None
+
+
+def refused(kind: str, what: str, error: BaseException, resume_hint: str = "") -> RequestRefused:
+    """The error for a request NDIF refused (`refusal`): what, why, and the fix."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    said = (lines[-1] if lines else type(error).__name__)[:300]  # a traceback's last line
+    if kind == "timeout":
+        why = "ran longer than the server allows one request"
+        higher = "a server with a longer limit (your own NDIF: `execution_timeout_seconds` in "
+        higher += "the model's deploy spec, or NDIF_DEFAULT_EXECUTION_TIMEOUT_SECONDS)"
+    else:
+        why = "was too large for the server"
+        higher = "a deployment with more memory"
+    return RequestRefused(
+        f"NDIF refused the request for {what}: it {why} (the server said: {said!r}). It would "
+        "be refused again as it is, so it was not retried. Send less work per request: a "
+        "smaller --batch-size (Python: batch_size=; for reduce also a smaller "
+        "batches_per_request=), in a new run (a new --out; a run resumes only with its own "
+        f"batch size), or use {higher} and rerun the same command. "
+        + (resume_hint or "Pass out=PATH so that completed batches are kept.")
+    )
+
+
+def is_transient(error: BaseException) -> bool:
+    """Whether `error` is worth a retry: a transient type, not caused by a 4xx HTTP answer
+    (nnsight's `RemoteError` from an `httpx.HTTPStatusError`, or a websocket handshake refused
+    with a status), and not a refusal that recurs (`refusal`: too large, timed out)."""
+    if not isinstance(error, transient_errors()) or refusal(error) is not None:
+        return False
+    return _http_status(error) not in _PERMANENT_HTTP
 
 
 PUBLIC_HOST = "https://api.ndif.us"
@@ -158,14 +211,18 @@ def with_retries(
 
     `what` names the work (e.g. "prompts 64..79"); `resume_hint` says how to resume. Waits
     1, backoff, backoff^2, ... seconds between attempts (`sleep`, default `time.sleep`, looked
-    up at call time so tests can patch it). Errors that are not transient (`is_transient`)
-    propagate at once.
+    up at call time so tests can patch it). A request NDIF refuses for its size or run time
+    (`refusal`) stops at once with `RequestRefused`; other errors that are not transient
+    (`is_transient`) propagate at once.
     """
     sleep = sleep or time.sleep
     for attempt in range(1, attempts + 1):
         try:
             return run(*args)
         except Exception as error:
+            kind = refusal(error)
+            if kind is not None:
+                raise refused(kind, what, error, resume_hint) from error
             if not is_transient(error):
                 raise
             if attempt == attempts:

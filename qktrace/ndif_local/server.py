@@ -35,6 +35,22 @@ TOKEN_ENV = "QKTRACE_NDIF_RUN"
 SHIM = Path(__file__).with_name("server_side")
 MODEL_SIZE_BYTES = 538090408  # SmolLM2-135M-Instruct in float32: the deploy skips the hub's count
 FAKE_GPU_MEMORY = 8 * 1024**3
+MODEL_KEY = "nnsight.modeling.transformers.TransformersModel:" + json.dumps(
+    {"repo_id": model_cache.HUB_ID, "revision": None, "task": "text-generation"}
+)
+# evict the model's replicas (by model key: `ndif evict --all` finds none, ndif 0.1.2's status
+# lists them in another shape; by checkpoint it asks the hub for the key), deploy the spec again
+REDEPLOY = """
+import sys
+from pathlib import Path
+from ndif.cli.lib.deploy import deploy
+from ndif.cli.lib.evict import evict
+from ndif.cli.lib.model_config import load_model_config
+specs = load_model_config(Path(sys.argv[1]))
+evict(model_keys=[spec["model_key"] for spec in specs], on_message=print)
+failed = [d for d in deploy(specs, on_message=print)["deployments"] if d["status"] != "READY"]
+sys.exit(f"not ready: {failed}" if failed else 0)
+"""
 RESULTS_BUCKET = "ndif-results"  # NDIF_OBJECT_STORE_BUCKET's default
 PORT_NAMES = (
     "redis", "s3", "api", "ray_gcs", "ray_client", "ray_dashboard", "ray_node_manager",
@@ -276,17 +292,24 @@ class LocalNDIF:
         ])  # fmt: skip
         self._wait("API", lambda: _http_ok(f"{self.state.host}/ping"), 120)  # type: ignore[union-attr]
 
-    def _deploy(self) -> None:
-        key = json.dumps(
-            {"repo_id": model_cache.HUB_ID, "revision": None, "task": "text-generation"}
-        )
+    def _deploy(self, execution_timeout: float | None = None, replace: bool = False) -> None:
         spec = self.run_dir / "deploy.json"  # JSON is YAML
         spec.write_text(json.dumps({"models": [{
-            "checkpoint": model_cache.HUB_ID,
-            "model_key": f"nnsight.modeling.transformers.TransformersModel:{key}",
+            "checkpoint": model_cache.HUB_ID, "model_key": MODEL_KEY,
             "size_bytes": MODEL_SIZE_BYTES, "dtype": "float32", "pinned": True,
+            "execution_timeout_seconds": execution_timeout,
         }]}))  # fmt: skip
-        self._run("deploy", [str(self.venv / "bin/ndif"), "deploy", "-f", str(spec)])
+        if not replace:
+            self._run("deploy", [str(self.venv / "bin/ndif"), "deploy", "-f", str(spec)])
+        else:
+            self._run("redeploy", [str(self.venv / "bin/python"), "-c", REDEPLOY, str(spec)])
+
+    def redeploy(self, execution_timeout: float | None = None) -> None:
+        """Replace SmolLM2's replica by one whose requests stop after `execution_timeout`
+        seconds (None: no limit, NDIF's default). NDIF's model actor races each request
+        against the limit its deployment was given and answers one that runs past it with an
+        ERROR ("Your job exceeded the execution timeout of ...s."). For the fault tests; ~20 s."""
+        self._deploy(execution_timeout, replace=True)
 
     # ---- status and stop ------------------------------------------------------------------
     def alive(self) -> bool:
