@@ -107,7 +107,7 @@ def number(
     return value
 
 
-def prompts(name: str, value: Any) -> Sequence[Any]:
+def prompts(name: str, value: Any) -> Sequence[Any] | np.ndarray:
     """A non-empty list of prompts: each a string or a list of token ids.
 
     A bare string is refused: iterating it would make one prompt per character.

@@ -16,7 +16,12 @@ into a bfloat16 one (float64, as the sums use, autocast leaves alone).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+
+if TYPE_CHECKING:
+    from typing import Any
 
 
 def near(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -226,6 +231,8 @@ def edit_in_subspace(
         elif mode == "ablate":
             new = torch.zeros_like(coords)
         else:
+            if source is None:
+                raise ValueError("The 'patch' edit needs `source`: the coordinates to set.")
             new = near(source, x_sel).to(x_sel.dtype) @ v
         return x_sel + (new - coords) @ v.transpose(-1, -2)
 
@@ -298,7 +305,7 @@ class AttentionInputs:
     """
 
     def __init__(
-        self, attention: object, call: str, query: int, key: int, mask: int, mask_name: str
+        self, attention: Any, call: str, query: int, key: int, mask: int, mask_name: str
     ) -> None:
         self.attention, self.call = attention, call
         self.query, self.key, self.mask, self.mask_name = query, key, mask, mask_name

@@ -147,7 +147,7 @@ def _installed_gguf(spec: NamedModel) -> Path | None:
         return None
     for file in dist.files or []:
         if file.as_posix() == spec.member:
-            path = Path(dist.locate_file(file))
+            path = Path(str(dist.locate_file(file)))
             return path if path.exists() else None
     return None
 

@@ -188,7 +188,7 @@ def answer_spans(prompt: Prompt, answers: Sequence[str]) -> tuple[str, list[int]
     return "item", [meta["items"].index(a) for a in answers]
 
 
-def aux_targets(prompt: Prompt) -> tuple[list[tuple[str, int]], str]:
+def aux_targets(prompt: Prompt) -> tuple[list[tuple[tuple[str, int], str]], str]:
     """Deep-supervision targets: ([(span name, index) -> token], token for the query).
 
     What the binding and filter circuits need in the middle of the network, made explicit for
@@ -270,7 +270,12 @@ def encode(
         for t, (pos, answer) in enumerate(zip(positions, all_answers, strict=True)):
             name, index = answer_spans(prompt, answer)
             attn.append(
-                [span_token(offsets, *(x + shift for x in prompt.spans[name][j])) for j in index]
+                [
+                    span_token(
+                        offsets, prompt.spans[name][j][0] + shift, prompt.spans[name][j][1] + shift
+                    )
+                    for j in index
+                ]
             )
             token_ids = tokenizer.convert_tokens_to_ids(answer)
             if tokenizer.unk_token_id in token_ids:
@@ -288,8 +293,8 @@ def encode(
     for j, keys in enumerate(attn):
         attn_keys[j, keys] = True
     target = torch.zeros(len(answers), len(tokenizer))
-    for j, answer in enumerate(answers):
-        target[j, answer] = 1.0 / len(answer)
+    for j, answer_ids in enumerate(answers):
+        target[j, answer_ids] = 1.0 / len(answer_ids)
     return Batch(
         input_ids,
         torch.tensor(rows),
