@@ -17,13 +17,11 @@ Every result is a labelled xarray Dataset.
 
 from __future__ import annotations
 
-import importlib
-import sys
-import types
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from qktrace import _moved
 from qktrace.core.errors import QktraceError
+from qktrace.core.lazy import lazy_names
 from qktrace.core.version import __version__
 
 _moved.install()
@@ -74,28 +72,7 @@ __all__ = [
 ]
 
 
-class _Package(types.ModuleType):
-    """The package's module type: each name of `_LAZY` is a property that imports its module
-    on first use. Properties, not only a module `__getattr__` (PEP 562), because nnsight gives
-    every object a `save` method, which would answer `qktrace.save` before `__getattr__` did."""
-
-
-def _lazy(name: str) -> property:
-    def get(package: types.ModuleType) -> Any:
-        if name not in package.__dict__:
-            module = importlib.import_module(f".{_LAZY[name]}", __name__)
-            package.__dict__[name] = getattr(module, name)
-        return package.__dict__[name]
-
-    def set_(package: types.ModuleType, value: Any) -> None:
-        package.__dict__[name] = value
-
-    return property(get, set_)
-
-
-for _name in _LAZY:
-    setattr(_Package, _name, _lazy(_name))
-sys.modules[__name__].__class__ = _Package
+lazy_names(__name__, {name: f"qktrace.{module}" for name, module in _LAZY.items()})
 
 
 def __dir__() -> list[str]:

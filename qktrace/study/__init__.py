@@ -8,16 +8,13 @@ one from Python. They are imported on first use, so that `qktrace show` (which r
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from qktrace.core.lazy import lazy_names
 
 if TYPE_CHECKING:
     from qktrace.study.pipeline import Run, Study, load_study, run_study
 
 __all__ = ["Study", "Run", "run_study", "load_study"]
 
-
-def __getattr__(name: str) -> Any:
-    if name in __all__:
-        return getattr(importlib.import_module("qktrace.study.pipeline"), name)
-    raise AttributeError(f"module 'qktrace.study' has no attribute {name!r}")
+lazy_names(__name__, dict.fromkeys(__all__, "qktrace.study.pipeline"))
