@@ -63,6 +63,7 @@ import xarray as xr
 
 from qktrace.core import checks, ops
 from qktrace.core.errors import BadArgument, BadArgumentType
+from qktrace.core.linalg import union_basis
 from qktrace.model.loading import Head, Model, check_model, parse_heads
 from qktrace.run.batching import Batch, PromptInput, prepare, resolve_positions, run
 from qktrace.verbs.attribute import as_basis, orthogonalize
@@ -286,7 +287,7 @@ def intervene_answers(
     for (layer, kv), members in groups.items():
         if key_scope == "key_head" or model.n_kv_heads == model.n_heads:
             key_edits.append(
-                (layer, kv, stacked(_union([key_v[i] for i in members]), seed + members[0]))
+                (layer, kv, stacked(union_basis([key_v[i] for i in members]), seed + members[0]))
             )
         else:
             for i in members:
@@ -355,14 +356,6 @@ def intervene_answers(
         key_edit_ranks=key_ranks,
         forward_passes=len(plan), rows=copies * n,
     )  # fmt: skip
-
-
-def _union(bases: list[np.ndarray], tol: float = 1e-6) -> np.ndarray:
-    """An orthonormal basis of the span of several orthonormal bases [d, r_i]."""
-    if len(bases) == 1:
-        return bases[0]
-    u, sv, _ = np.linalg.svd(np.concatenate(bases, axis=1), full_matrices=False)
-    return u[:, sv > tol * sv[0]]
 
 
 def candidate_tokens(
