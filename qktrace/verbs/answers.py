@@ -467,7 +467,7 @@ def _run_answers(
             mode, forms, copies,
         )  # fmt: skip
         shape = (copies, *ids[rows].shape)  # [S, b, candidate, form]
-        return _merge_forms(logit.reshape(shape), counted[rows]), _merge_forms(
+        return merge_forms(logit.reshape(shape), counted[rows]), merge_forms(
             logprob.reshape(shape), counted[rows]
         )
 
@@ -565,7 +565,7 @@ def _forms(tokenizer: Any, candidate: Candidate, prompt: int) -> list[int]:
     return out
 
 
-def _merge_forms(values: np.ndarray, counted: np.ndarray) -> np.ndarray:
+def merge_forms(values: np.ndarray, counted: np.ndarray) -> np.ndarray:
     """Per candidate, logsumexp over its counted forms: [S, b, C, F] -> [S, b, C]; NaN for a
     candidate with none (unscored)."""
     kept = np.where(counted[None], values, -np.inf)
