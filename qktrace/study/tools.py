@@ -21,6 +21,7 @@ from qktrace.core.intervals import (
     answer_intervals,
     swap_intervals,
 )
+from qktrace.core.linalg import union_basis  # noqa: F401  (studies import it from here)
 from qktrace.model.loading import Model, Remote, load
 
 ModelLike = Model | str | os.PathLike
@@ -117,18 +118,6 @@ def check_sizes(
     checks.fits_in_memory("n_random_answers", n_random_answers, n_test * 512 * 8 * 2,
                           "the copies of the fresh prompts in the answer traces",
                           flag="--n-random-answers", example="3")  # fmt: skip
-
-
-def union_basis(bases: Sequence[np.ndarray], tol: float = 1e-6) -> np.ndarray:
-    """An orthonormal basis [d, r] of the span of several bases [d, r_i] (NaN columns dropped)."""
-    columns = [b[:, ~np.isnan(b).any(axis=0)] for b in bases]
-    if len(columns) == 1:  # an orthonormal basis is its own union (kept as is: same PCA signs)
-        return columns[0]
-    stacked = np.concatenate(columns, axis=1)
-    if stacked.shape[1] == 0:
-        return stacked
-    u, s, _ = np.linalg.svd(stacked, full_matrices=False)
-    return u[:, s > tol * s[0]]
 
 
 def subspace_pca(

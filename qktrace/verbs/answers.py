@@ -52,9 +52,11 @@ before (``answer_correct``).
 
 from __future__ import annotations
 
+import functools
 import warnings
-from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar, cast
 
 import nnsight
 import numpy as np
@@ -63,14 +65,17 @@ import xarray as xr
 
 from qktrace.core import checks, ops
 from qktrace.core.errors import BadArgument, BadArgumentType
+from qktrace.core.linalg import SIDES, union_basis
 from qktrace.model.loading import Head, Model, check_model, parse_heads
-from qktrace.run.batching import Batch, PromptInput, prepare, resolve_positions, run
+from qktrace.run.batching import Batch, Plan, PromptInput, prepare, resolve_positions, run
 from qktrace.verbs.attribute import as_basis, orthogonalize
-from qktrace.verbs.intervene import KEY_SCOPES, KeyScope
+from qktrace.verbs.intervene import KEY_SCOPES, Edit, KeyScope
 
 __all__ = ["CandidateMassWarning", "intervene_answers"]
 
-Side = Literal["key", "query", "both"]
+F = TypeVar("F", bound=Callable[..., Any])
+AnswerMode = Literal["swap", "ablate"]
+ANSWER_MODES = ("swap", "ablate")
 Candidate = int | str | tuple[int | str, ...]
 # below this mean probability on the candidates, their argmax says little about the answer
 LOW_CANDIDATE_MASS = 0.1
@@ -110,6 +115,45 @@ def unscored_note(unscored: np.ndarray) -> str:
     )
 
 
+def _old_edit_keywords(func: F) -> F:
+    """Let `intervene_answers` take its old ``mode=``, ``side=`` and ``at=`` (qktrace 0.1) as
+    ``edit=Edit(mode, side=side, at=at)``, with a DeprecationWarning, for one release.
+
+    The old checks run first, with their old messages; a swap ignores ``at=`` as it did.
+    """
+
+    @functools.wraps(func)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        old = [k for k in ("mode", "side", "at") if k in kwargs]
+        if not old:
+            return func(*args, **kwargs)
+        if "edit" in kwargs:
+            raise BadArgument(
+                f"intervene_answers() got both edit= and {'='.join(old)}=; mode=, side= and at= "
+                "are the old form of edit=Edit(mode, side=..., at=...): pass edit= only."
+            )
+        warnings.warn(
+            "intervene_answers(mode=..., side=..., at=...) is now "
+            "intervene_answers(edit=Edit(mode, side=..., at=...)); the old names go in the "
+            "next release.",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        mode = kwargs.pop("mode", "swap")
+        side = kwargs.pop("side", "key")
+        at = kwargs.pop("at", None)
+        checks.choice("mode", mode, ANSWER_MODES)
+        if side not in (*SIDES, "both"):
+            raise BadArgument(f"side must be 'key', 'query' or 'both', not {side!r}.")
+        if mode == "swap" and side != "key":
+            raise BadArgument("mode='swap' exchanges two keys' coordinates: use side='key'.")
+        kwargs["edit"] = Edit(mode, side=side, at=None if mode == "swap" else at)
+        return func(*args, **kwargs)
+
+    return call  # type: ignore[return-value]
+
+
+@_old_edit_keywords
 def intervene_answers(
     model: Model,
     prompts: Sequence[PromptInput],
@@ -120,9 +164,7 @@ def intervene_answers(
     target_answer: Sequence[int],
     orig: Sequence[int] | None = None,
     target: Sequence[int] | None = None,
-    mode: Literal["swap", "ablate"] = "swap",
-    side: Side = "key",
-    at: Sequence[Sequence[int]] | None = None,
+    edit: Edit | AnswerMode = "swap",
     name: str = "subspace",
     n_random: int = 3,
     seed: int = 0,
@@ -153,18 +195,22 @@ def intervene_answers(
     orig, target
         Per prompt, the key positions whose coordinates "swap" exchanges (negative counts from
         the end); "ablate" on keys ablates orig unless `at` is given.
-    mode
-        "swap" (keys only) or "ablate" (project the subspace out).
-    side
-        "key", "query" (ablate only: the query at the last token) or "both" (ablate only).
-    at
-        Key positions per prompt to ablate (default: orig).
+    edit
+        "swap" (default: exchange the coordinates of the keys at orig and target), "ablate"
+        (project the subspace out of the keys at orig), or an `Edit` (as in `intervene`; swap
+        and ablate only): ``Edit("ablate", side="query")`` ablates the query at the last
+        token, ``Edit("ablate", side="both")`` keys and query (then each value of `bases` is a
+        pair), ``Edit("ablate", at=positions)`` the keys at other positions per prompt.
+        The keywords ``mode=``, ``side=`` and ``at=`` of qktrace 0.1 still work, as
+        ``edit=Edit(mode, side=side, at=at)``, with a DeprecationWarning, for one release.
     name
         The recovered subspaces' name in the ``subspace`` coordinate.
     n_random, seed
         Random orthonormal subspaces of each edit's rank (seed + the index of the edit's first
         head; query edits seed + n_heads + index), edited in copies of the batch in the same
-        trace.
+        trace. The default is 3, not `intervene`'s 10, because here each draw costs a copy of
+        every prompt in the forward pass (the model runs on after the edit), where
+        `intervene`'s draws cost a few small matrix products for one head's attention row.
     key_scope
         Under grouped-query attention, whose keys a key edit changes. "query_head" (default):
         the keys as the chosen query head sees them, each head's own edit in its own subspace
@@ -202,6 +248,65 @@ def intervene_answers(
     ...        answer=ans, target_answer=other, orig=ans_pos, target=other_pos)  # doctest: +SKIP
     >>> fx.answer_flip_rate.to_series()  # doctest: +SKIP
     """
+    edit = _answer_edit(edit)
+    _check_answers(
+        model, prompts, bases, candidates, answer, target_answer, name, n_random, seed, key_scope,
+        progress,
+    )  # fmt: skip
+    heads, key_v, query_v = _head_bases(model, bases, edit.side)
+    ids, counted = candidate_tokens(model.tokenizer, candidates)
+    answer_i, target_i = _answer_indices(answer, target_answer, ids.shape[1])
+    plan = prepare(model, prompts, "last", "last", batch_size, add_special_tokens)
+    at = cast(Sequence[Sequence[int]] | None, edit.at)
+    key_edit = _key_positions(edit.mode, edit.side, orig, target, at, plan.lengths)
+    edits = _Edits.of(model, heads, key_v, query_v, key_scope, n_random, seed)
+    logits, logprobs = _run_answers(model, plan, edits, key_edit, edit.mode, ids, counted, progress)
+    ds = _answer_metrics(logits, logprobs, answer_i, target_i, _subspace_names(name, n_random))
+    if note := low_mass_note(float(ds["mean_answer_candidate_mass"])):
+        warnings.warn(f"intervene_answers: {note}", CandidateMassWarning, stacklevel=2)
+    if note := unscored_note(~np.asarray(counted.any(-1))):
+        warnings.warn(f"intervene_answers: {note}", CandidateMassWarning, stacklevel=2)
+    from qktrace.store.io import provenance
+
+    labels, mode, side = [h.label for h in heads], edit.mode, edit.side
+    params = {"heads": labels, "name": name, "mode": mode, "side": side, "n_random": n_random,
+              "n_prompts": len(prompts), "key_scope": key_scope}  # fmt: skip
+    attrs = provenance("intervene_answers", params, model=model, seed=seed)
+    ranks = [int(cast(np.ndarray, k if k is not None else q).shape[1])
+             for k, q in zip(key_v, query_v, strict=True)]  # fmt: skip
+    tokens = _counted_tokens(model.tokenizer, ids, counted)
+    return ds.assign_coords(candidate_token=(("prompt", "candidate"), tokens)).assign_attrs(
+        attrs, heads=labels, side=side, mode=mode, key_scope=key_scope, ranks=ranks,
+        key_edit_ranks=edits.key_ranks(), forward_passes=len(plan),
+        rows=edits.copies * len(prompts),
+    )  # fmt: skip
+
+
+def _answer_edit(edit: Edit | str) -> Edit:
+    """`edit` as an `Edit` that `intervene_answers` makes: a swap or an ablation."""
+    edit = Edit.of(edit)
+    if edit.mode not in ANSWER_MODES:
+        raise BadArgument(
+            f"intervene_answers swaps or ablates (edit='swap' or 'ablate'), not "
+            f"Edit({edit.mode!r}); qktrace.intervene patches one head."
+        )
+    return edit
+
+
+def _check_answers(
+    model: Model,
+    prompts: Sequence[PromptInput],
+    bases: Mapping[Any, Any],
+    candidates: Sequence[Sequence[Candidate]],
+    answer: Sequence[int],
+    target_answer: Sequence[int],
+    name: str,
+    n_random: int,
+    seed: int,
+    key_scope: str,
+    progress: bool,
+) -> None:
+    """`intervene_answers`' checks of its arguments, before any model work."""
     check_model("model", model)
     checks.flag("progress", progress)
     checks.mapping("bases", bases, "one basis [d_head, r] per head, e.g. {'16.19': basis}")
@@ -209,25 +314,28 @@ def intervene_answers(
     checks.fits_in_memory("n_random", n_random, 8 * model.d_head**2 * len(bases),
                           "its random subspaces")  # fmt: skip
     checks.integer("seed", seed, low=0, example="0")
-    checks.choice("mode", mode, ("swap", "ablate"))
     checks.prompts("prompts", prompts)
     checks.one_per_prompt("candidates", candidates, len(prompts), "list of candidate answers")
     for what, value in (("answer", answer), ("target_answer", target_answer)):
         checks.one_int_per_prompt(what, value, len(prompts), "index into its candidates", low=0)
     if not isinstance(name, str):
         raise BadArgumentType(f"name={name!r} is not a str; pass the subspace's name.")
-    if mode not in ("swap", "ablate"):
-        raise BadArgument(f"mode must be 'swap' or 'ablate', not {mode!r}.")
-    if side not in ("key", "query", "both"):
-        raise BadArgument(f"side must be 'key', 'query' or 'both', not {side!r}.")
-    if mode == "swap" and side != "key":
-        raise BadArgument("mode='swap' exchanges two keys' coordinates: use side='key'.")
-    if n_random < 0:
-        raise BadArgument(f"n_random must be >= 0, got {n_random}.")
     checks.choice("key_scope", key_scope, KEY_SCOPES)
     if not bases:
         raise BadArgument("bases is empty: give at least one head -> subspace, e.g. {'2.1': V}.")
-    n = len(prompts)
+    for what, spec in (
+        ("candidates", candidates),
+        ("answer", answer),
+        ("target_answer", target_answer),
+    ):
+        if isinstance(spec, str) or len(spec) != len(prompts):
+            raise BadArgument(f"{what} must give one entry per prompt ({len(prompts)} prompts).")
+
+
+def _head_bases(
+    model: Model, bases: Mapping[Any, Any], side: str
+) -> tuple[list[Head], list[np.ndarray | None], list[np.ndarray | None]]:
+    """The edited heads, and each one's orthonormal key and query basis (None: not edited)."""
     heads: list[Head] = []
     key_v: list[np.ndarray | None] = []
     query_v: list[np.ndarray | None] = []
@@ -252,51 +360,99 @@ def intervene_answers(
                 )[0]
             )
     model.check_heads(heads)
-    for what, spec in (
-        ("candidates", candidates),
-        ("answer", answer),
-        ("target_answer", target_answer),
-    ):
-        if isinstance(spec, str) or len(spec) != n:
-            raise BadArgument(f"{what} must give one entry per prompt ({n} prompts).")
-    ids, counted = candidate_tokens(model.tokenizer, candidates)
-    n_cand = ids.shape[1]
+    return heads, key_v, query_v
+
+
+def _answer_indices(
+    answer: Sequence[int], target_answer: Sequence[int], n_cand: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The answer's and the target answer's index among each prompt's candidates."""
     answer_i, target_i = np.asarray(answer, dtype=int), np.asarray(target_answer, dtype=int)
     if ((answer_i < 0) | (answer_i >= n_cand) | (target_i < 0) | (target_i >= n_cand)).any():
         raise BadArgument(f"answer and target_answer must index the {n_cand} candidates.")
-    plan = prepare(model, prompts, "last", "last", batch_size, add_special_tokens)
-    key_edit = _key_positions(mode, side, orig, target, at, plan.lengths)
+    return answer_i, target_i
 
-    # per head: stacked bases [S, d, r] (copy 0 zero, 1 the recovered subspace, 2.. random)
-    from qktrace.verbs.decompose import random_subspaces
 
-    def stacked(v: np.ndarray, seed_i: int) -> torch.Tensor:
-        rank = v.shape[1]
-        rand = list(random_subspaces(model.d_head, rank, n_random, seed_i)) if n_random else []
-        return torch.tensor(np.stack([np.zeros_like(v), v, *rand]), dtype=torch.float32)
+def _subspace_names(name: str, n_random: int) -> list[str]:
+    """The ``subspace`` coordinate: the recovered subspaces' name, then the random draws'."""
+    return [name] + [f"random_{i}" for i in range(n_random)]
 
-    # key_scope "key_head": heads that read one key head (grouped-query attention) get ONE
-    # key edit, in the union of their key subspaces: two swaps in one subspace would undo each
-    # other. "query_head": each head its own edit of its own copy of the keys.
-    groups: dict[tuple[int, int], list[int]] = {}
-    for i, (h, v) in enumerate(zip(heads, key_v, strict=True)):
-        if v is not None:
-            groups.setdefault((h.layer, model.kv_head(h.head)), []).append(i)
-    key_edits, head_key_edits = [], []
-    for (layer, kv), members in groups.items():
-        if key_scope == "key_head" or model.n_kv_heads == model.n_heads:
-            key_edits.append(
-                (layer, kv, stacked(_union([key_v[i] for i in members]), seed + members[0]))
-            )
-        else:
-            for i in members:
-                head_key_edits.append((layer, heads[i].head, kv, stacked(key_v[i], seed + i)))
-    query_edits = [
-        (h.layer, h.head, stacked(v, seed + len(heads) + i))
-        for i, (h, v) in enumerate(zip(heads, query_v, strict=True))
-        if v is not None
-    ]
-    copies = 2 + n_random
+
+@dataclass
+class _Edits:
+    """The edits of each layer, per head: stacked bases [S, d, r] for the S = 2 + n_random
+    copies of a batch (copy 0 zero: not edited; 1 the recovered subspace; 2.. random).
+
+    key_edits (layer, kv head, bases) edit a shared key head; head_key_edits (layer, query
+    head, kv head, bases) a copy of the keys only that query head reads; query_edits (layer,
+    query head, bases) a head's query."""
+
+    key_edits: list[tuple[int, int, torch.Tensor]]
+    head_key_edits: list[tuple[int, int, int, torch.Tensor]]
+    query_edits: list[tuple[int, int, torch.Tensor]]
+    copies: int
+
+    @classmethod
+    def of(
+        cls,
+        model: Model,
+        heads: list[Head],
+        key_v: list[np.ndarray | None],
+        query_v: list[np.ndarray | None],
+        key_scope: str,
+        n_random: int,
+        seed: int,
+    ) -> _Edits:
+        """The edits of `heads`, random draws seeded per head (see `intervene_answers`)."""
+        from qktrace.verbs.decompose import random_subspaces
+
+        def stacked(v: np.ndarray, seed_i: int) -> torch.Tensor:
+            rank = v.shape[1]
+            rand = list(random_subspaces(model.d_head, rank, n_random, seed_i)) if n_random else []
+            return torch.tensor(np.stack([np.zeros_like(v), v, *rand]), dtype=torch.float32)
+
+        # key_scope "key_head": heads that read one key head (grouped-query attention) get ONE
+        # key edit, in the union of their key subspaces: two swaps in one subspace would undo
+        # each other. "query_head": each head its own edit of its own copy of the keys.
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, (h, v) in enumerate(zip(heads, key_v, strict=True)):
+            if v is not None:
+                groups.setdefault((h.layer, model.kv_head(h.head)), []).append(i)
+        key_edits, head_key_edits = [], []
+        for (layer, kv), members in groups.items():
+            if key_scope == "key_head" or model.n_kv_heads == model.n_heads:
+                union = union_basis([cast(np.ndarray, key_v[i]) for i in members])
+                key_edits.append((layer, kv, stacked(union, seed + members[0])))
+            else:
+                for i in members:
+                    own = cast(np.ndarray, key_v[i])
+                    head_key_edits.append((layer, heads[i].head, kv, stacked(own, seed + i)))
+        query_edits = [
+            (h.layer, h.head, stacked(v, seed + len(heads) + i))
+            for i, (h, v) in enumerate(zip(heads, query_v, strict=True))
+            if v is not None
+        ]
+        return cls(key_edits, head_key_edits, query_edits, 2 + n_random)
+
+    def key_ranks(self) -> dict[str, int]:
+        """The rank of each key edit, by key head ("layer.kvK") or query head ("layer.h")."""
+        ranks = {f"{layer}.kv{kv}": int(stack.shape[-1]) for layer, kv, stack in self.key_edits}
+        ranks |= {f"{layer}.{h}": int(st.shape[-1]) for layer, h, _, st in self.head_key_edits}
+        return ranks
+
+
+def _run_answers(
+    model: Model,
+    plan: Plan,
+    edits: _Edits,
+    key_edit: np.ndarray | None,
+    mode: str,
+    ids: np.ndarray,
+    counted: np.ndarray,
+    progress: bool,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Trace every batch: the candidates' logits and log-probabilities [S, prompt, candidate]."""
+    copies = edits.copies
 
     def step(batch: Batch) -> tuple[np.ndarray, np.ndarray]:
         rows = slice(batch.start, batch.start + len(batch.texts))
@@ -307,10 +463,11 @@ def intervene_answers(
             )
         forms = torch.tensor(ids[rows].reshape(len(batch.texts), -1))
         logit, logprob = _answers_batch(
-            model, batch, key_edits, head_key_edits, query_edits, edit_index, mode, forms, copies
-        )
+            model, batch, edits.key_edits, edits.head_key_edits, edits.query_edits, edit_index,
+            mode, forms, copies,
+        )  # fmt: skip
         shape = (copies, *ids[rows].shape)  # [S, b, candidate, form]
-        return _merge_forms(logit.reshape(shape), counted[rows]), _merge_forms(
+        return merge_forms(logit.reshape(shape), counted[rows]), merge_forms(
             logprob.reshape(shape), counted[rows]
         )
 
@@ -320,49 +477,19 @@ def intervene_answers(
     ]
     logits = np.concatenate([r[0] for r in results], axis=1)  # [S, prompt, candidate]
     logprobs = np.concatenate([r[1] for r in results], axis=1)
-    names = [name] + [f"random_{i}" for i in range(n_random)]
-    ds = _answer_metrics(logits, logprobs, answer_i, target_i, names)
-    if note := low_mass_note(float(ds["mean_answer_candidate_mass"])):
-        warnings.warn(f"intervene_answers: {note}", CandidateMassWarning, stacklevel=2)
-    if note := unscored_note(~counted.any(-1)):
-        warnings.warn(f"intervene_answers: {note}", CandidateMassWarning, stacklevel=2)
-    convert = model.tokenizer.convert_ids_to_tokens
-    tokens = np.array(
+    return logits, logprobs
+
+
+def _counted_tokens(tokenizer: Any, ids: np.ndarray, counted: np.ndarray) -> np.ndarray:
+    """Each candidate's counted tokens, "|"-joined, [prompt, candidate]."""
+    convert = tokenizer.convert_ids_to_tokens
+    return np.array(
         [
             ["|".join(convert([int(t) for t in c[k]])) for c, k in zip(row, keep, strict=True)]
             for row, keep in zip(ids, counted, strict=True)
         ],
         dtype=object,
     )
-    from qktrace.store.io import provenance
-
-    params = {
-        "heads": [h.label for h in heads],
-        "name": name,
-        "mode": mode,
-        "side": side,
-        "n_random": n_random,
-        "n_prompts": n,
-        "key_scope": key_scope,
-    }
-    attrs = provenance("intervene_answers", params, model=model, seed=seed)
-    ranks = [int((k if k is not None else q).shape[1]) for k, q in zip(key_v, query_v, strict=True)]
-    key_ranks = {f"{layer}.kv{kv}": int(stack.shape[-1]) for layer, kv, stack in key_edits}
-    key_ranks |= {f"{layer}.{h}": int(st.shape[-1]) for layer, h, _, st in head_key_edits}
-    return ds.assign_coords(candidate_token=(("prompt", "candidate"), tokens)).assign_attrs(
-        attrs, heads=[h.label for h in heads], side=side, mode=mode, key_scope=key_scope,
-        ranks=ranks,
-        key_edit_ranks=key_ranks,
-        forward_passes=len(plan), rows=copies * n,
-    )  # fmt: skip
-
-
-def _union(bases: list[np.ndarray], tol: float = 1e-6) -> np.ndarray:
-    """An orthonormal basis of the span of several orthonormal bases [d, r_i]."""
-    if len(bases) == 1:
-        return bases[0]
-    u, sv, _ = np.linalg.svd(np.concatenate(bases, axis=1), full_matrices=False)
-    return u[:, sv > tol * sv[0]]
 
 
 def candidate_tokens(
@@ -383,15 +510,15 @@ def candidate_tokens(
         raise BadArgument(
             f"candidates must give every prompt the same number (>= 1) of answers, got {widths}."
         )
-    n_forms = max(1, *(len(f) for row in rows for f in row))
+    n_forms = max(1, *(len(f) for forms in rows for f in forms))
     ids = np.zeros((len(rows), widths.pop(), n_forms), dtype=np.int64)
     counted = np.zeros(ids.shape, dtype=bool)
-    for p, row in enumerate(rows):
+    for p, prompt_forms in enumerate(rows):
         owners: dict[int, set[int]] = {}
-        for c, forms in enumerate(row):
+        for c, forms in enumerate(prompt_forms):
             for t in forms:
                 owners.setdefault(t, set()).add(c)
-        for c, forms in enumerate(row):
+        for c, forms in enumerate(prompt_forms):
             mine = [t for t in forms if len(owners[t]) == 1]
             ids[p, c, : len(mine)] = mine
             counted[p, c, : len(mine)] = True
@@ -413,7 +540,8 @@ def _forms(tokenizer: Any, candidate: Candidate, prompt: int) -> list[int]:
             raise BadArgument(f"Prompt {prompt}: candidate {candidate!r} is blank.")
         cases = [word] if len(word) == 1 else [word, word[0].upper() + word[1:],
                                                word[0].lower() + word[1:]]  # fmt: skip
-        texts, derived = [candidate, *(s + w for w in cases for s in ("", " "))], True
+        texts: list[int | str] = [candidate, *(s + w for w in cases for s in ("", " "))]
+        derived = True
     else:
         texts, derived = list(candidate), False
     unknown = getattr(tokenizer, "unk_token_id", None)
@@ -437,14 +565,15 @@ def _forms(tokenizer: Any, candidate: Candidate, prompt: int) -> list[int]:
     return out
 
 
-def _merge_forms(values: np.ndarray, counted: np.ndarray) -> np.ndarray:
+def merge_forms(values: np.ndarray, counted: np.ndarray) -> np.ndarray:
     """Per candidate, logsumexp over its counted forms: [S, b, C, F] -> [S, b, C]; NaN for a
     candidate with none (unscored)."""
     kept = np.where(counted[None], values, -np.inf)
-    top = np.where(counted.any(-1)[None, ..., None], kept.max(-1, keepdims=True), 0.0)
+    scored = np.asarray(counted.any(-1))
+    top = np.where(scored[None, ..., None], kept.max(-1, keepdims=True), 0.0)
     with np.errstate(divide="ignore"):  # log(0) where unscored, replaced below
         merged = (top + np.log(np.exp(kept - top).sum(-1, keepdims=True)))[..., 0]
-    return np.where(counted.any(-1)[None], merged, np.nan)
+    return np.where(scored[None], merged, np.nan)
 
 
 def _key_positions(
@@ -503,12 +632,13 @@ def _answers_batch(
     last = batch.query_index[:, 0].repeat(copies)  # [S*b]
     query_index = last[:, None]
     ids = candidate_ids.repeat(copies, 1)
-    index = None if edit_index is None else edit_index.repeat(copies, 1)
+    # None only where no key is edited (query edits), so no key edit reads it
+    index = cast(torch.Tensor, None if edit_index is None else edit_index.repeat(copies, 1))
 
     def per_row(stack: torch.Tensor) -> torch.Tensor:  # [S, d, r] -> [S*b, d, r]
         return stack.repeat_interleave(b, dim=0)
 
-    layers = sorted({e[0] for e in (*key_edits, *head_key_edits, *query_edits)})
+    layers = sorted({cast(int, e[0]) for e in (*key_edits, *head_key_edits, *query_edits)})
     # read before the trace: the trace body may hold no qktrace object but `ops` ones (NDIF)
     reads = [model.attention_inputs(layer) for layer in layers]
     scale = {layer: (model.scaling(layer), model.softcap(layer)) for layer in layers}
@@ -595,20 +725,14 @@ def _answer_metrics(
         "answer_argmax_after": (ps, argmax_after),
         "answer_flip": (ps, flip),
         "answer_moved": (ps, moved),
-        "answer_flip_rate": (
-            "subspace",
-            flip.sum(1) / n_correct if n_correct else np.full(len(names), np.nan),
+        **_answer_summaries(
+            flip,
+            moved,
+            n_correct,
+            p_answer_after - before_p[rows, answer],
+            p_target_after - before_p[rows, target],
+            diff_after - diff_before,
         ),
-        "answer_moved_rate": (
-            "subspace",
-            moved.sum(1) / n_correct if n_correct else np.full(len(names), np.nan),
-        ),
-        "mean_delta_p_answer": ("subspace", _nanmean(p_answer_after - before_p[rows, answer])),
-        "mean_delta_p_target_answer": (
-            "subspace",
-            _nanmean(p_target_after - before_p[rows, target]),
-        ),
-        "mean_delta_answer_logit_diff": ("subspace", _nanmean(diff_after - diff_before)),
     }
     coords = {
         "subspace": names,
@@ -621,6 +745,32 @@ def _answer_metrics(
 
     ds = xr.Dataset(data, coords=coords)
     return ds.assign(answer_intervals(ds, "subspace", "random").data_vars)
+
+
+def _answer_summaries(
+    flip: np.ndarray,
+    moved: np.ndarray,
+    n_correct: int,
+    delta_p_answer: np.ndarray,
+    delta_p_target_answer: np.ndarray,
+    delta_logit_diff: np.ndarray,
+) -> dict[str, Any]:
+    """The per-subspace summaries over prompts: flip and moved rates among the prompts answered
+    correctly before, and the mean changes [subspace, prompt] over the scored prompts."""
+    n_subspaces = len(flip)
+    return {
+        "answer_flip_rate": (
+            "subspace",
+            flip.sum(1) / n_correct if n_correct else np.full(n_subspaces, np.nan),
+        ),
+        "answer_moved_rate": (
+            "subspace",
+            moved.sum(1) / n_correct if n_correct else np.full(n_subspaces, np.nan),
+        ),
+        "mean_delta_p_answer": ("subspace", _nanmean(delta_p_answer)),
+        "mean_delta_p_target_answer": ("subspace", _nanmean(delta_p_target_answer)),
+        "mean_delta_answer_logit_diff": ("subspace", _nanmean(delta_logit_diff)),
+    }
 
 
 def _nanmean(values: np.ndarray) -> np.ndarray:

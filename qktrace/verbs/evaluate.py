@@ -9,10 +9,13 @@ studies' (and the organism's training) seeds.
 Scoring: in ONE nnsight trace per batch (so it runs locally, with ``remote="local"`` and on
 NDIF alike), the log-probabilities of the next token after the prompt are read at the
 candidate answers' first tokens only. Candidates are the prompt's box letters (boxes,
-order-ID) or its listed items (filter). A candidate's score is the highest log-probability
-among the first tokens of its surface forms (as written, capitalized, with and without a
-leading space, so that "apple", " apple" and "Apple" all count); the prediction is the
-best-scoring candidate. ``accuracy`` counts predictions that are a correct answer (the box of
+order-ID) or its listed items (filter). They count by the rule `qktrace.intervene_answers`
+uses (`qktrace.verbs.answers.candidate_tokens`, written once): the first tokens of a
+candidate's usual surface forms (as given, with and without a leading space, first letter
+upper- and lower-case; a one-character candidate keeps its case), a first token shared by two
+candidates of a prompt counting for neither. A candidate's score is the log of the summed
+probability of its forms (logsumexp); the prediction is the best-scoring candidate (one with
+no token of its own is never predicted). ``accuracy`` counts predictions that are a correct answer (the box of
 the queried object; any item of the asked category for "all", its first or last item for
 "first"/"last"); ``chance`` is the mean share of candidates that are correct (1 / pairs for
 boxes, 5/15 or 1/15 for the default lists); ``candidate_mass`` is the probability the model puts
@@ -42,6 +45,7 @@ from qktrace.core.intervals import wilson
 from qktrace.core.prompts import Prompt, boxes_prompts, filter_prompts, locate
 from qktrace.model.loading import Model, check_model, iter_batches
 from qktrace.run.batching import encode
+from qktrace.verbs.answers import candidate_tokens, merge_forms
 
 __all__ = ["evaluate", "task_sets", "candidates", "format_table"]
 
@@ -83,18 +87,6 @@ def candidates(prompt: Prompt) -> tuple[list[str], list[bool]]:
     return items, [i in keep for i in range(len(items))]
 
 
-def _first_tokens(tokenizer: Any, answer: str) -> list[int]:
-    """First token ids of the surface forms of `answer` (unknown-token ids dropped)."""
-    forms = {answer, answer.capitalize(), " " + answer, " " + answer.capitalize()}
-    unk = getattr(tokenizer, "unk_token_id", None)
-    ids = set()
-    for form in forms:
-        encoded = tokenizer(form, add_special_tokens=False)["input_ids"]
-        if encoded and encoded[0] != unk:
-            ids.add(int(encoded[0]))
-    return sorted(ids)
-
-
 def evaluate(
     model: Model,
     *,
@@ -134,6 +126,38 @@ def evaluate(
     >>> ds = qktrace.verbs.evaluate.evaluate(qktrace.load("smollm2"), n=40)  # doctest: +SKIP
     >>> print(qktrace.verbs.evaluate.format_table(ds))  # doctest: +SKIP
     """
+    _check_evaluate(model, n, pairs, groups, chat, batch_size, seed, progress)
+    sets = task_sets(n, pairs=pairs, seed=seed)
+    if groups is not None:
+        sets = {k: v for k, v in sets.items() if any(k.startswith(g) for g in groups)}
+        if not sets:
+            raise BadArgument(
+                f"groups={list(groups)} match no group; names start with 'boxes n=K', "
+                "'order-id n=K' or 'filter all|first|last'."
+            )
+    rows = []
+    bar = tqdm(total=sum(len(p) for p in sets.values()), desc="eval", disable=not progress)
+    for name, prompts in sets.items():
+        rows.append(_score(model, prompts, chat=chat, batch_size=batch_size, bar=bar))
+        if progress:  # each task's line as soon as it is known (a long run shows results early)
+            accuracy, chance, mass = rows[-1]
+            tqdm.write(f"{name:<16} {accuracy:8.1%} {chance:7.1%} {mass:8.3f}")
+    bar.close()
+    return _dataset(model, sets, rows, {"n": n, "pairs": [int(k) for k in pairs], "seed": seed,
+                                        "chat": chat})  # fmt: skip
+
+
+def _check_evaluate(
+    model: Model,
+    n: int,
+    pairs: Sequence[int],
+    groups: Sequence[str] | None,
+    chat: bool | None,
+    batch_size: int,
+    seed: int,
+    progress: bool,
+) -> None:
+    """`evaluate`'s checks, before any prompt is built."""
     check_model("model", model)
     checks.integer("n", n, example="100")
     checks.integer("batch_size", batch_size, low=1, example="16")
@@ -163,26 +187,18 @@ def evaluate(
     bad = [k for k in pairs if not 1 <= int(k) <= 26]
     if bad or not pairs:
         raise BadArgument(f"pairs={list(pairs)}: give numbers of pairs between 2 and 26.")
-    sets = task_sets(n, pairs=pairs, seed=seed)
-    if groups is not None:
-        sets = {k: v for k, v in sets.items() if any(k.startswith(g) for g in groups)}
-        if not sets:
-            raise BadArgument(
-                f"groups={list(groups)} match no group; names start with 'boxes n=K', "
-                "'order-id n=K' or 'filter all|first|last'."
-            )
-    rows = []
-    bar = tqdm(total=sum(len(p) for p in sets.values()), desc="eval", disable=not progress)
-    for name, prompts in sets.items():
-        rows.append(_score(model, prompts, chat=chat, batch_size=batch_size, bar=bar))
-        if progress:  # each task's line as soon as it is known (a long run shows results early)
-            accuracy, chance, mass = rows[-1]
-            tqdm.write(f"{name:<16} {accuracy:8.1%} {chance:7.1%} {mass:8.3f}")
-    bar.close()
+
+
+def _dataset(
+    model: Model,
+    sets: dict[str, list[Prompt]],
+    rows: list[tuple[float, float, float]],
+    params: dict[str, Any],
+) -> xr.Dataset:
+    """Each task's (accuracy, chance, candidate mass) -> the labelled Dataset over ``task``."""
     names = list(sets)
     from qktrace.store.io import provenance
 
-    params = {"n": n, "pairs": [int(k) for k in pairs], "seed": seed, "chat": chat}
     counts = np.array([len(sets[k]) for k in names])
     low, high = wilson(np.round(np.array([r[0] for r in rows]) * counts), counts)
     return xr.Dataset(
@@ -199,7 +215,7 @@ def evaluate(
             "kind": ("task", [k.split(" ")[0] for k in names]),
             "n_pairs": ("task", [int(k.split("=")[1]) if "=" in k else 0 for k in names]),
         },
-        attrs=provenance("evaluate", params, model=model, seed=seed),
+        attrs=provenance("evaluate", params, model=model, seed=params["seed"]),
     )
 
 
@@ -211,29 +227,32 @@ def _score(
     located = locate(tokenizer, prompts, chat=chat)
     correct, chance, mass = [], [], []
     for start, batch in iter_batches(list(prompts), batch_size):
-        ids = located.ids[start : start + len(batch)]
         table = [candidates(p) for p in batch]
-        token_sets = [[_first_tokens(tokenizer, c) for c in names] for names, _ in table]
-        width = max(len(t) for sets in token_sets for t in sets)
-        n_cand = max(len(sets) for sets in token_sets)
-        index = torch.zeros((len(batch), n_cand * width), dtype=torch.long)
-        valid = np.zeros((len(batch), n_cand, width), dtype=bool)
-        for i, sets in enumerate(token_sets):
-            for j, tokens in enumerate(sets):
-                index[i, j * width : j * width + len(tokens)] = torch.tensor(tokens)
-                valid[i, j, : len(tokens)] = True
-        logprobs = _candidate_logprobs(model, ids, index)
-        logprobs = np.where(valid, logprobs.reshape(len(batch), n_cand, width), -np.inf)
-        best = logprobs.max(-1)  # [prompt, candidate]
+        index, counted = _candidate_index(tokenizer, [names for names, _ in table])
+        logprobs = _candidate_logprobs(model, located.ids[start : start + len(batch)], index)
+        scores = merge_forms(logprobs.reshape(counted.shape)[None], counted)[0]  # [b, C]
         for i, (_, right) in enumerate(table):
-            scores = best[i, : len(right)]
-            correct.append(bool(right[int(np.argmax(scores))]))
+            ranked = np.where(np.isnan(scores[i]), -np.inf, scores[i])[: len(right)]
+            correct.append(bool(right[int(np.argmax(ranked))]))
             chance.append(sum(right) / len(right))
-            unique = np.unique(index[i][valid[i].reshape(-1)].numpy(), return_index=True)[1]
-            flat = logprobs[i].reshape(-1)[valid[i].reshape(-1)]
-            mass.append(float(np.exp(flat[unique]).sum()))
+            mass.append(float(np.nansum(np.exp(scores[i]))))
         bar.update(len(batch))
     return float(np.mean(correct)), float(np.mean(chance)), float(np.mean(mass))
+
+
+def _candidate_index(tokenizer: Any, names: list[list[str]]) -> tuple[torch.Tensor, np.ndarray]:
+    """The counted first tokens of each prompt's candidates (`qktrace.verbs.answers`' rule,
+    `candidate_tokens`): token ids [prompt, C * F] (padded with 0) and which count
+    [prompt, C, F]."""
+    per_prompt = [candidate_tokens(tokenizer, [row]) for row in names]
+    n_cand = max(ids.shape[1] for ids, _ in per_prompt)
+    n_forms = max(ids.shape[2] for ids, _ in per_prompt)
+    index = np.zeros((len(names), n_cand, n_forms), dtype=np.int64)
+    counted = np.zeros(index.shape, dtype=bool)
+    for i, (ids, keep) in enumerate(per_prompt):
+        index[i, : ids.shape[1], : ids.shape[2]] = ids[0]
+        counted[i, : ids.shape[1], : ids.shape[2]] = keep[0]
+    return torch.tensor(index.reshape(len(names), -1)), counted
 
 
 def _candidate_logprobs(model: Model, ids: list[list[int]], index: torch.Tensor) -> np.ndarray:

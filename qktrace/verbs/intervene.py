@@ -79,7 +79,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import nnsight
 import numpy as np
@@ -88,14 +88,22 @@ import xarray as xr
 
 from qktrace.core import checks, ops
 from qktrace.core.errors import BadArgument, BadArgumentType
+from qktrace.core.linalg import SIDES, Side
 from qktrace.model.loading import Head, Model, check_model, parse_heads
-from qktrace.run.batching import Batch, Positions, PromptInput, prepare, resolve_positions, run
+from qktrace.run.batching import (
+    Batch,
+    Plan,
+    Positions,
+    PromptInput,
+    prepare,
+    resolve_positions,
+    run,
+)
 from qktrace.verbs.attribute import as_basis, orthogonalize
 
 __all__ = ["Edit", "intervene", "intervene_captured"]
 
 Mode = Literal["swap", "ablate", "patch"]
-Side = Literal["key", "query"]
 KeyScope = Literal["query_head", "key_head"]
 MODES = ("swap", "ablate", "patch")
 KEY_SCOPES = ("query_head", "key_head")
@@ -109,7 +117,8 @@ class Edit:
         "swap" exchanges the coordinates of the keys at orig and target; "ablate" sets them to
         zero; "patch" sets them to those of `source`.
     side
-        "key" (default) edits keys; "query" edits the head's queries (ablate and patch only).
+        "key" (default) edits keys; "query" edits the head's queries (ablate and patch only);
+        "both" edits keys and queries (`qktrace.intervene_answers` only: its bases are pairs).
     at
         Positions to edit for "ablate"/"patch", one or a list per prompt. Default: orig (key
         side) or the query position (query side). A swap edits orig and target.
@@ -123,14 +132,14 @@ class Edit:
     """
 
     mode: Mode = "swap"
-    side: Side = "key"
+    side: Side | Literal["both"] = "key"
     at: Positions | None = None
     source: Any = None
 
     def __post_init__(self) -> None:
         checks.choice("mode", self.mode, MODES)
-        checks.choice("side", self.side, ("key", "query"))
-        if self.mode == "swap" and self.side == "query":
+        checks.choice("side", self.side, (*SIDES, "both"))
+        if self.mode == "swap" and self.side != "key":
             raise checks.BadArgument(
                 "A swap exchanges the coordinates of two keys (orig and target), so it needs "
                 "side='key'. To edit the query, use Edit('ablate', side='query'), or "
@@ -255,6 +264,53 @@ def intervene(
     >>> fx.flip_rate.to_series()  # doctest: +SKIP
     >>> fx.delta_p_target.where(fx.random).mean()  # doctest: +SKIP
     """
+    h, edit = _check_intervene(
+        model, prompts, head, basis, orig, target, edit, name, n_random, seed, key_scope, verify,
+        progress,
+    )  # fmt: skip
+    n = len(prompts)
+    name, v = _subspace(basis, name, model.d_head, h.label)
+    sources = _source_array(edit.source, n, model.d_head) if edit.mode == "patch" else None
+    stage = _Stage(orig, target, edit, sources)
+    plan = _plan(model, prompts, query, keys, orig, target, stage, batch_size, add_special_tokens)
+    parts = _run_intervene(model, plan, stage, h, edit, v, n_random, seed, verify, progress)
+    ds = _dataset(parts, _subspace_names(name, n_random))
+    from qktrace.store.io import provenance
+
+    params = {
+        "head": h.label,
+        "name": name,
+        "mode": edit.mode,
+        "side": edit.side,
+        "rank": v.shape[1],
+        "n_random": n_random,
+        "n_prompts": n,
+        "query": query if isinstance(query, str) else "per-prompt",
+        "key_scope": key_scope,
+    }
+    attrs = provenance("intervene", params, model=model, seed=seed)
+    return ds.assign(basis=(("d_head", "component"), v.astype(np.float32))).assign_attrs(
+        attrs, **_head_attrs(model, h, edit, key_scope), name=name, side=edit.side,
+        mode=edit.mode, rank=v.shape[1],
+    )  # fmt: skip
+
+
+def _check_intervene(
+    model: Model,
+    prompts: Sequence[PromptInput],
+    head: Any,
+    basis: Any,
+    orig: Sequence[int],
+    target: Sequence[int],
+    edit: Edit | Mode,
+    name: str | None,
+    n_random: int,
+    seed: int,
+    key_scope: str,
+    verify: bool,
+    progress: bool,
+) -> tuple[Head, Edit]:
+    """`intervene`'s checks, before any model work: its head and its edit."""
     check_model("model", model)
     for flag_name, value in (("verify", verify), ("progress", progress)):
         checks.flag(flag_name, value)
@@ -270,35 +326,76 @@ def intervene(
         raise BadArgumentType(f"name={name!r} is not a str; pass a subspace name or None.")
     h = _one_head(model, head)
     edit = Edit.of(edit)
+    _one_side(edit, "intervene")
     checks.choice("key_scope", key_scope, KEY_SCOPES)
     n = len(checks.prompts("prompts", prompts))
-    checks.integer("n_random", n_random, low=0, example="10")
     checks.one_per_prompt("orig", orig, n)
     checks.one_per_prompt("target", target, n)
     if edit.at is not None and not isinstance(edit.at, str):
         checks.positions("at", edit.at, n)
     if verify:
         _check_eager(model)
-    name, v = _subspace(basis, name, model.d_head, h.label)
-    rank = v.shape[1]
-    sources = _source_array(edit.source, n, model.d_head) if edit.mode == "patch" else None
-    stage = _Stage(orig, target, edit, sources)
+    return h, edit
+
+
+def _one_side(edit: Edit, verb: str) -> None:
+    """`intervene` and `intervene_captured` edit keys or queries, not both."""
+    if edit.side == "both":
+        raise checks.BadArgument(
+            f"{verb} edits one side, keys or queries: side='both' is for "
+            "qktrace.intervene_answers. Call it once per side."
+        )
+
+
+def _plan(
+    model: Model,
+    prompts: Sequence[PromptInput],
+    query: Positions,
+    keys: Positions | None,
+    orig: Sequence[int],
+    target: Sequence[int],
+    stage: _Stage,
+    batch_size: int,
+    add_special_tokens: bool,
+) -> Plan:
+    """The batches of the run, every position checked (candidate keys default to orig, target)."""
     keys_name = "Key"
     if keys is None:  # the default candidates: orig and target
         keys, keys_name = [[o, t] for o, t in zip(orig, target, strict=True)], "Orig/target"
-    plan = prepare(
+    return prepare(
         model, prompts, query, keys, batch_size, add_special_tokens, check=stage.check,
         keys_name=keys_name,
     )  # fmt: skip
 
+
+def _random_bases(d_head: int, rank: int, n_random: int, seed: int) -> list[np.ndarray]:
+    """The random baselines: `n_random` orthonormal subspaces [d_head, rank], drawn with `seed`."""
     from qktrace.verbs.decompose import random_subspaces
 
+    return list(random_subspaces(d_head, rank, n_random, seed)) if n_random else []
+
+
+def _subspace_names(name: str, n_random: int) -> list[str]:
+    """The ``subspace`` coordinate: the recovered subspace's name, then its random baselines."""
+    return [name] + [f"random_{i}" for i in range(n_random)]
+
+
+def _run_intervene(
+    model: Model,
+    plan: Plan,
+    stage: _Stage,
+    h: Head,
+    edit: Edit,
+    v: np.ndarray,
+    n_random: int,
+    seed: int,
+    verify: bool,
+    progress: bool,
+) -> list[tuple[_Keys, dict[str, np.ndarray], np.ndarray, np.ndarray]]:
+    """Trace every batch: per batch its candidate keys, arrays and orig/target slots."""
     basis_t = torch.tensor(v, dtype=torch.float32)
-    random_t = (
-        torch.tensor(random_subspaces(model.d_head, rank, n_random, seed), dtype=torch.float32)
-        if n_random
-        else None
-    )
+    randoms = _random_bases(model.d_head, v.shape[1], n_random, seed)
+    random_t = torch.tensor(np.array(randoms), dtype=torch.float32) if n_random else None
 
     def step(batch: Batch) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
         edit_index, source_t, orig_slot, target_slot = stage(batch)
@@ -312,44 +409,28 @@ def intervene(
         "intervene keeps no partial results: rerun it when NDIF is reachable (a study rerun "
         "with the same --out resumes from the sums and captures it saved)."
     )
-    parts = []
-    for batch, (values, orig_slot, target_slot) in run(
-        plan, step, desc="intervene", resume_hint=hint, progress=progress
-    ):
-        parts.append((_Keys.of(batch), values, orig_slot, target_slot))
+    return [
+        (_Keys.of(batch), values, orig_slot, target_slot)
+        for batch, (values, orig_slot, target_slot) in run(
+            plan, step, desc="intervene", resume_hint=hint, progress=progress
+        )
+    ]
 
-    names = [name] + [f"random_{i}" for i in range(n_random)]
-    ds = _dataset(parts, names)
-    from qktrace.store.io import provenance
 
-    params = {
-        "head": h.label,
-        "name": name,
-        "mode": edit.mode,
-        "side": edit.side,
-        "rank": rank,
-        "n_random": n_random,
-        "n_prompts": n,
-        "query": query if isinstance(query, str) else "per-prompt",
-        "key_scope": key_scope,
-    }
-    attrs = provenance("intervene", params, model=model, seed=seed)
+def _head_attrs(model: Model, h: Head, edit: Edit, key_scope: str) -> dict[str, Any]:
+    """The edited head's attrs: its layer and key head, the heads sharing its key, and the
+    heads whose attention the edit changes."""
     group = [g for g in range(model.n_heads) if model.kv_head(g) == model.kv_head(h.head)]
     reached = group if edit.side == "key" and key_scope == "key_head" else [h.head]
-    return ds.assign(basis=(("d_head", "component"), v.astype(np.float32))).assign_attrs(
-        attrs,
-        head=h.label,
-        layer=h.layer,
-        q_head=h.head,
-        kv_head=model.kv_head(h.head),
-        heads_sharing_key=[f"{h.layer}.{g}" for g in group],
-        key_scope=key_scope,
-        heads_reached=[f"{h.layer}.{g}" for g in reached],
-        name=name,
-        side=edit.side,
-        mode=edit.mode,
-        rank=rank,
-    )
+    return {
+        "head": h.label,
+        "layer": h.layer,
+        "q_head": h.head,
+        "kv_head": model.kv_head(h.head),
+        "heads_sharing_key": [f"{h.layer}.{g}" for g in group],
+        "key_scope": key_scope,
+        "heads_reached": [f"{h.layer}.{g}" for g in reached],
+    }
 
 
 def _one_head(model: Model, head: Any) -> Head:
@@ -422,11 +503,49 @@ def intervene_captured(
         orig), its `source` is [n_prompts, d_head] or [n_prompts, n_at, d_head].
     """
     edit = Edit.of(edit)
+    _check_captured(captured, edit, key_scope, n_random)
+    label, ds = _captured_head(captured, head)
+    n, d_head = ds.sizes["prompt"], ds.sizes["d_head"]
+    checks.one_per_prompt("orig", orig, n, what="key position")
+    checks.one_per_prompt("target", target, n, what="key position")
+    name, v = _subspace(basis, name, d_head, label)
+    keys = _CapturedKeys(ds)
+    orig_slot = np.array([keys.slot(p, o, "orig") for p, o in enumerate(orig)])
+    target_slot = np.array([keys.slot(p, t, "target") for p, t in enumerate(target)])
+    if (orig_slot == target_slot).any():
+        p = int(np.argmax(orig_slot == target_slot))
+        raise BadArgument(f"Prompt {p}: orig and target are the same key; name two keys.")
+    edit_slot, first = _captured_edit_slots(edit, keys, orig_slot, target_slot)
+    src = None
+    if edit.mode == "patch":
+        array = _source_array(edit.source, n, d_head)
+        if array.shape[1] == 1:
+            array = np.repeat(array, edit_slot.shape[1], axis=1)
+        src = torch.tensor(array[:, : edit_slot.shape[1]], dtype=torch.float64)
+    bases = [v, *_random_bases(d_head, v.shape[1], n_random, seed)]
+    values = _edited_attention(ds, bases, edit.mode, edit_slot, first, src)
+    names = _subspace_names(name, n_random)
+    out = _metrics(keys.keys, values, orig_slot, target_slot, names).assign_coords(
+        prompt=ds["prompt"].values
+    )
+    from qktrace.store.io import provenance
+
+    rank, mode = v.shape[1], edit.mode
+    params = {"head": label, "name": name, "mode": mode, "side": "key", "rank": rank,
+              "n_random": n_random, "n_prompts": n}  # fmt: skip
+    attrs = provenance("intervene_captured", params, inputs=captured.attrs, seed=seed)
+    return out.assign(basis=(("d_head", "component"), v.astype(np.float32))).assign_attrs(
+        attrs, head=label, name=name, side="key", mode=mode, rank=rank, n_random=n_random,
+        key_scope=key_scope, forward_passes=0,
+    )  # fmt: skip
+
+
+def _check_captured(captured: xr.Dataset, edit: Edit, key_scope: str, n_random: int) -> None:
+    """`intervene_captured`'s checks of its edit and of the capture's variables."""
     if edit.side != "key":
         raise checks.BadArgument(
             "intervene_captured computes key edits; for a query edit use qktrace.intervene."
         )
-    mode, at, source = edit.mode, edit.at, edit.source
     checks.choice("key_scope", key_scope, KEY_SCOPES)
     checks.integer("n_random", n_random, low=0, example="10")
     for var in ("q", "k", "logit", "attention"):
@@ -439,6 +558,10 @@ def intervene_captured(
         raise BadArgument(
             "captured has no 'softcap' coordinate (made by an older qktrace): capture again."
         )
+
+
+def _captured_head(captured: xr.Dataset, head: Any) -> tuple[str, xr.Dataset]:
+    """(the head's label, its capture at the one query of each prompt)."""
     label = parse_heads([head] if isinstance(head, tuple) else head)[0].label
     if label not in captured["head"].values:
         raise BadArgument(
@@ -450,21 +573,28 @@ def intervene_captured(
         raise BadArgument(
             "intervene_captured takes one query per prompt: capture with query='last'."
         )
-    ds = ds.isel(query=0)
-    n, d_head = ds.sizes["prompt"], ds.sizes["d_head"]
-    checks.one_per_prompt("orig", orig, n, what="key position")
-    checks.one_per_prompt("target", target, n, what="key position")
-    name, v = _subspace(basis, name, d_head, label)
-    rank = v.shape[1]
-    from qktrace.verbs.decompose import random_subspaces
+    return label, ds.isel(query=0)
 
-    bases = [v] + (list(random_subspaces(d_head, rank, n_random, seed)) if n_random else [])
-    slots = ds["key_position"].transpose("prompt", "key").values
-    n_tokens = ds["n_tokens"].values
 
-    def slot_of(p: int, position: int, what: str) -> int:
-        pos = position + int(n_tokens[p]) if position < 0 else position
-        row = slots[p].tolist()
+class _CapturedKeys:
+    """The captured candidate keys of one head: their slots, and a position's slot."""
+
+    def __init__(self, ds: xr.Dataset) -> None:
+        self.slots = ds["key_position"].transpose("prompt", "key").values
+        self.n_tokens = ds["n_tokens"].values
+        tokens = ds["key_token"].transpose("prompt", "key").values if "key_token" in ds else None
+        self.keys = _Keys(
+            slots=self.slots,
+            tokens=tokens if tokens is not None else np.full(self.slots.shape, "", dtype=object),
+            texts=ds["prompt_text"].values,
+            n_tokens=self.n_tokens,
+            query_position=ds["query_position"].values,
+        )
+
+    def slot(self, p: int, position: int, what: str) -> int:
+        """The slot of key `position` (negative counts from the end) of prompt `p`."""
+        pos = position + int(self.n_tokens[p]) if position < 0 else position
+        row = self.slots[p].tolist()
         if pos not in row:
             raise BadArgument(
                 f"Prompt {p}: the {what} position {position} is not among its captured keys "
@@ -472,38 +602,49 @@ def intervene_captured(
             )
         return row.index(pos)
 
-    orig_slot = np.array([slot_of(p, o, "orig") for p, o in enumerate(orig)])
-    target_slot = np.array([slot_of(p, t, "target") for p, t in enumerate(target)])
-    if (orig_slot == target_slot).any():
-        p = int(np.argmax(orig_slot == target_slot))
-        raise BadArgument(f"Prompt {p}: orig and target are the same key; name two keys.")
-    if mode == "swap":
-        edit = [[o, t] for o, t in zip(orig_slot, target_slot, strict=True)]
+
+def _captured_edit_slots(
+    edit: Edit, keys: _CapturedKeys, orig_slot: np.ndarray, target_slot: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The edited key slots per prompt [prompt, m] (a shorter row repeats its last slot) and
+    which of them are not repeats."""
+    at, n = edit.at, len(orig_slot)
+    if edit.mode == "swap":
+        rows = [[o, t] for o, t in zip(orig_slot, target_slot, strict=True)]
     elif at is None:
-        edit = [[o] for o in orig_slot]
+        rows = [[o] for o in orig_slot]
     else:
         if len(at) != n:
             raise BadArgument(f"at= must give key positions for each of the {n} prompts.")
-        edit = [
-            [slot_of(p, int(x), "at=") for x in ([row] if isinstance(row, int) else row)]
-            for p, row in enumerate(at)
+        per_prompt = cast(Sequence[int | Sequence[int]], at)
+        rows = [
+            [keys.slot(p, int(x), "at=") for x in ([row] if isinstance(row, int) else row)]
+            for p, row in enumerate(per_prompt)
         ]
-        if any(len(set(r)) != len(r) or not r for r in edit):
+        if any(len(set(r)) != len(r) or not r for r in rows):
             raise BadArgument("at= must give each prompt one or more distinct key positions.")
-    width = max(len(r) for r in edit)
-    edit_slot = np.array([[r[min(j, len(r) - 1)] for j in range(width)] for r in edit])
-    first = np.array([[j < len(r) for j in range(width)] for r in edit])  # not a repeat
-    src = None
-    if mode == "patch":
-        array = _source_array(source, n, d_head)
-        if array.shape[1] == 1:
-            array = np.repeat(array, width, axis=1)
-        src = torch.tensor(array[:, :width], dtype=torch.float64)
+    width = max(len(r) for r in rows)
+    edit_slot = np.array([[r[min(j, len(r) - 1)] for j in range(width)] for r in rows])
+    first = np.array([[j < len(r) for j in range(width)] for r in rows])  # not a repeat
+    return edit_slot, first
 
+
+def _edited_attention(
+    ds: xr.Dataset,
+    bases: list[np.ndarray],
+    mode: str,
+    edit_slot: np.ndarray,
+    first: np.ndarray,
+    src: torch.Tensor | None,
+) -> dict[str, np.ndarray]:
+    """The head's logits and attention at the captured keys before and after the edit in each
+    basis, with no forward pass (see `intervene_captured`)."""
+    n = ds.sizes["prompt"]
     q = torch.tensor(ds["q"].transpose("prompt", "d_head").values, dtype=torch.float64)
     k = torch.tensor(ds["k"].transpose("prompt", "key", "d_head").values, dtype=torch.float64)
     logit = ds["logit"].transpose("prompt", "key").values.astype(np.float64)
     attention = ds["attention"].transpose("prompt", "key").values.astype(np.float64)
+    slots = ds["key_position"].transpose("prompt", "key").values
     scaling = float(ds["scaling"])
     softcap = float(ds["softcap"])
     cap = (lambda x: x) if not np.isfinite(softcap) else (lambda x: np.tanh(x / softcap) * softcap)
@@ -529,39 +670,18 @@ def intervene_captured(
         denom = 1.0 - removed + new_weight.sum(-1)  # [S, prompt]
         logit_after = np.repeat(logit[None], len(bases), axis=0)
         weight_after = np.repeat(np.where(allowed, a, 0.0)[None], len(bases), axis=0)
-        for j in range(width):
+        for j in range(edit_slot.shape[1]):
             logit_after[:, np.arange(n), edit_slot[:, j]] = new_logit[:, :, j]
             weight_after[:, np.arange(n), edit_slot[:, j]] = new_weight[:, :, j] + np.where(
                 first[:, j], 0.0, weight_after[:, np.arange(n), edit_slot[:, j]]
             )
         attention_after = weight_after / denom[:, :, None]
-    values = {
+    return {
         "logit_before": logit,
         "attention_before": attention,
         "logit_after": logit_after.transpose(1, 0, 2),
         "attention_after": attention_after.transpose(1, 0, 2),
     }
-    tokens = ds["key_token"].transpose("prompt", "key").values if "key_token" in ds else None
-    keys = _Keys(
-        slots=slots,
-        tokens=tokens if tokens is not None else np.full(slots.shape, "", dtype=object),
-        texts=ds["prompt_text"].values,
-        n_tokens=n_tokens,
-        query_position=ds["query_position"].values,
-    )
-    names = [name] + [f"random_{i}" for i in range(n_random)]
-    out = _metrics(keys, values, orig_slot, target_slot, names).assign_coords(
-        prompt=ds["prompt"].values
-    )
-    from qktrace.store.io import provenance
-
-    params = {"head": label, "name": name, "mode": mode, "side": "key", "rank": rank,
-              "n_random": n_random, "n_prompts": n}  # fmt: skip
-    attrs = provenance("intervene_captured", params, inputs=captured.attrs, seed=seed)
-    return out.assign(basis=(("d_head", "component"), v.astype(np.float32))).assign_attrs(
-        attrs, head=label, name=name, side="key", mode=mode, rank=rank, n_random=n_random,
-        key_scope=key_scope, forward_passes=0,
-    )  # fmt: skip
 
 
 def _source_array(source: Any, n_prompts: int, d_head: int) -> np.ndarray:
@@ -662,7 +782,7 @@ class _Stage:
         if self.edit.mode == "swap":
             edit = [[o, t] for o, t in zip(o_pos, t_pos, strict=True)]
         elif at is not None:
-            spec = at if isinstance(at, str) else list(at[start : start + n])
+            spec = at if isinstance(at, str) else cast(Positions, list(at[start : start + n]))
             edit = resolve_positions(spec, lengths, "Edit (at=)", start)
         elif self.edit.side == "key":
             edit = [[o] for o in o_pos]
@@ -727,7 +847,10 @@ def _intervene_batch(
             # baselines, functionally: n edited copies of this head's rows, [n, batch, tokens, d]
             x = rows.float()
             edited = ops.edit_in_subspace(
-                ops.gather_positions(x, edit_index), randoms[:, None], mode, source
+                ops.gather_positions(x, edit_index),
+                randoms[:, None],  # type: ignore[index]  # a tensor whenever n_random > 0
+                mode,
+                source,
             )
             x_rand = ops.put_positions(x, edit_index, edited)
             if side == "key":
@@ -754,7 +877,13 @@ def _intervene_batch(
         nnsight.save(saved)
         if not verify:  # verify reads the model's own attention call: let it run in full
             tracer.stop()
-    arrays = [s[:, :, 0].float().cpu().numpy() for s in saved]  # [batch, 1 or n, key]
+    return _batch_values([s[:, :, 0].float().cpu().numpy() for s in saved], n_random, verify)
+
+
+def _batch_values(arrays: list[np.ndarray], n_random: int, verify: bool) -> dict[str, np.ndarray]:
+    """The saved [batch, 1 or n, key] arrays of one trace (before; the random baselines when
+    there are any; after; the model's own attention with `verify`) -> named values, the
+    recovered subspace's "after" first, then the baselines'."""
     out = {"logit_before": arrays[0][:, 0], "attention_before": arrays[1][:, 0]}
     after = arrays[2:4] if not n_random else arrays[4:6]
     out["logit_after"], out["attention_after"] = after[0], after[1]
@@ -834,29 +963,16 @@ def _metrics(
     a_before = hide(values["attention_before"])  # [prompt, key]
     a_after = hide(values["attention_after"])  # [prompt, subspace, key]
     l_before, l_after = hide(values["logit_before"]), hide(values["logit_after"])
-
-    def p_target(a: np.ndarray) -> np.ndarray:
-        """a_t / (a_o + a_t); NaN where both are 0 (e.g. keys outside a sliding window)."""
-        o, t = a[rows, ..., orig_slot], a[rows, ..., target_slot]
-        total = o + t
-        share = np.full(total.shape, np.nan, dtype=np.result_type(t, total))
-        return np.divide(t, total, out=share, where=total > 0)
-
-    def argmax(a: np.ndarray) -> np.ndarray:
-        return np.where(np.isnan(a), -np.inf, a).argmax(-1)
-
-    best_before = argmax(a_before)  # slot
-    best_after = argmax(a_after)  # [prompt, subspace]
+    best_before = _argmax(a_before)  # slot
+    best_after = _argmax(a_after)  # [prompt, subspace]
     attends_orig = best_before == orig_slot
     flip = attends_orig[:, None] & (best_after == target_slot[:, None])
-    p_before = p_target(a_before)
-    p_after = np.stack([p_target(a_after[:, s]) for s in range(len(names))], axis=1)
+    p_before = _p_target(a_before, orig_slot, target_slot)
+    p_after = np.stack(
+        [_p_target(a_after[:, s], orig_slot, target_slot) for s in range(len(names))], axis=1
+    )
     at_before = a_before[rows, target_slot]
     at_after = a_after[rows, :, target_slot]
-
-    role = np.full(slots.shape, "", dtype=object)
-    role[rows, orig_slot] = "orig"
-    role[rows, target_slot] = "target"
     ps = ("subspace", "prompt")
     n_orig = int(attends_orig.sum())
     data: dict[str, Any] = {
@@ -880,7 +996,36 @@ def _metrics(
     }
     if "model_attention" in values:
         data["model_attention"] = (("prompt", "key"), hide(values["model_attention"]))
-    coords = {
+    from qktrace.core.intervals import swap_intervals
+
+    ds = xr.Dataset(data, coords=_key_coords(keys, orig_slot, target_slot, names))
+    return ds.assign(swap_intervals(ds).data_vars)
+
+
+def _p_target(a: np.ndarray, orig_slot: np.ndarray, target_slot: np.ndarray) -> np.ndarray:
+    """a_t / (a_o + a_t) per prompt; NaN where both are 0 (e.g. keys outside a sliding window)."""
+    rows = np.arange(len(a))
+    o, t = a[rows, ..., orig_slot], a[rows, ..., target_slot]
+    total = o + t
+    share = np.full(total.shape, np.nan, dtype=np.result_type(t, total))
+    return np.divide(t, total, out=share, where=total > 0)
+
+
+def _argmax(a: np.ndarray) -> np.ndarray:
+    """The most attended candidate key (last axis), NaN (no key) never."""
+    return np.where(np.isnan(a), -np.inf, a).argmax(-1)
+
+
+def _key_coords(
+    keys: _Keys, orig_slot: np.ndarray, target_slot: np.ndarray, names: list[str]
+) -> dict[str, Any]:
+    """The coordinates of `intervene`'s result: subspaces, prompts and their candidate keys."""
+    slots = keys.slots
+    rows = np.arange(len(slots))
+    role = np.full(slots.shape, "", dtype=object)
+    role[rows, orig_slot] = "orig"
+    role[rows, target_slot] = "target"
+    return {
         "subspace": names,
         "random": ("subspace", np.array([False] + [True] * (len(names) - 1))),
         "prompt": np.arange(len(slots)),
@@ -893,7 +1038,3 @@ def _metrics(
         "key_token": (("prompt", "key"), keys.tokens),
         "key_role": (("prompt", "key"), role),
     }
-    from qktrace.core.intervals import swap_intervals
-
-    ds = xr.Dataset(data, coords=coords)
-    return ds.assign(swap_intervals(ds).data_vars)
