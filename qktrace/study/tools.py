@@ -22,6 +22,7 @@ from qktrace.core.intervals import (
     swap_intervals,
 )
 from qktrace.model.loading import Model, Remote, load
+from qktrace.verbs.decompose import N_PERMUTATIONS, NULL_QUANTILE
 
 ModelLike = Model | str | os.PathLike
 
@@ -234,8 +235,7 @@ def _remove_checkpoints(path: Path) -> None:
 # significance: the permutation null of ΔC
 
 
-N_PERMUTATIONS = 100
-NULL_QUANTILE = 0.95
+# the null's defaults, N_PERMUTATIONS and NULL_QUANTILE, are qktrace.verbs.decompose's
 
 
 def null_test(

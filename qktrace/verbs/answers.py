@@ -64,7 +64,7 @@ import xarray as xr
 from qktrace.core import checks, ops
 from qktrace.core.errors import BadArgument, BadArgumentType
 from qktrace.model.loading import Head, Model, check_model, parse_heads
-from qktrace.run.batching import Batch, PromptInput, prepare, resolve_positions, run
+from qktrace.run.batching import Batch, PromptInput, plan_run, resolve_positions, run
 from qktrace.verbs.attribute import as_basis, orthogonalize
 from qktrace.verbs.intervene import KEY_SCOPES, KeyScope
 
@@ -264,7 +264,7 @@ def intervene_answers(
     answer_i, target_i = np.asarray(answer, dtype=int), np.asarray(target_answer, dtype=int)
     if ((answer_i < 0) | (answer_i >= n_cand) | (target_i < 0) | (target_i >= n_cand)).any():
         raise BadArgument(f"answer and target_answer must index the {n_cand} candidates.")
-    plan = prepare(model, prompts, "last", "last", batch_size, add_special_tokens)
+    plan = plan_run(model, prompts, "last", "last", batch_size, add_special_tokens)
     key_edit = _key_positions(mode, side, orig, target, at, plan.lengths)
 
     # per head: stacked bases [S, d, r] (copy 0 zero, 1 the recovered subspace, 2.. random)

@@ -89,7 +89,7 @@ import xarray as xr
 from qktrace.core import checks, ops
 from qktrace.core.errors import BadArgument, BadArgumentType
 from qktrace.model.loading import Head, Model, check_model, parse_heads
-from qktrace.run.batching import Batch, Positions, PromptInput, prepare, resolve_positions, run
+from qktrace.run.batching import Batch, Positions, PromptInput, plan_run, resolve_positions, run
 from qktrace.verbs.attribute import as_basis, orthogonalize
 
 __all__ = ["Edit", "intervene", "intervene_captured"]
@@ -286,7 +286,7 @@ def intervene(
     keys_name = "Key"
     if keys is None:  # the default candidates: orig and target
         keys, keys_name = [[o, t] for o, t in zip(orig, target, strict=True)], "Orig/target"
-    plan = prepare(
+    plan = plan_run(
         model, prompts, query, keys, batch_size, add_special_tokens, check=stage.check,
         keys_name=keys_name,
     )  # fmt: skip
@@ -592,7 +592,7 @@ def _source_array(source: Any, n_prompts: int, d_head: int) -> np.ndarray:
 class _Stage:
     """Where `intervene` edits each batch: the padded edit index [b, m], patch sources [b, m, d]
     and the orig/target key slots. `check` runs the same checks on a batch's positions when
-    `prepare` plans the run, so a bad position stops it before any trace."""
+    `plan_run` plans the run, so a bad position stops it before any trace."""
 
     def __init__(
         self,
