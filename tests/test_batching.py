@@ -87,3 +87,25 @@ def test_prepare_is_the_old_name_of_plan_run(llama):
     new = batching.plan_run(llama, PROMPTS, "last", "all", batch_size=2)
     assert batching.prepare is batching.plan_run
     assert old.sha256 == new.sha256 and old.lengths == new.lengths
+
+
+def test_batch_size_changes_no_value_only_the_traces(llama):
+    """One default batch size (`batching.BATCH_SIZE`) for every verb: a batch of any size
+    captures and sums the same values (to float rounding)."""
+    import numpy as np
+
+    from qktrace.verbs.capture import capture
+    from qktrace.verbs.reduce import reduce
+
+    assert batching.BATCH_SIZE == 16
+    one = capture(llama, PROMPTS, "0.1", batch_size=1, progress=False)
+    every = capture(llama, PROMPTS, "0.1", progress=False)
+    for name in ("q", "k", "attention"):
+        np.testing.assert_allclose(one[name].values, every[name].values, rtol=1e-5, atol=1e-6)
+    labels = [[("f", "positive" if j % 2 else "negative") for j in range(2)] for _ in PROMPTS]
+    sums = [
+        reduce(llama, PROMPTS, "0.1", labels, keys=[[0, 1]] * len(PROMPTS), batch_size=b,
+               progress=False)
+        for b in (1, batching.BATCH_SIZE)
+    ]  # fmt: skip
+    np.testing.assert_allclose(sums[0].qk_sum.values, sums[1].qk_sum.values, rtol=1e-5, atol=1e-6)
