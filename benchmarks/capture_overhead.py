@@ -336,7 +336,7 @@ def main() -> None:
         (batching_mod, "_index_tensor", 1),
     ]
     capture_pieces = [
-        (capture_mod, "prepare", 0),  # the name qk.capture calls
+        (capture_mod, "plan_run", 0),  # the name qk.capture calls
         (batching_mod.Plan, "batch", 0),
         *planning,
         (capture_mod, "_capture_batch", 0),
@@ -346,7 +346,7 @@ def main() -> None:
         (capture_mod, "batch_dataset", 0),
     ]
     reduce_pieces = [
-        (reduce_mod, "prepare", 0),
+        (reduce_mod, "plan_run", 0),
         (batching_mod.Plan, "batch", 0),
         *planning,
         (reduce_mod, "_label_index", 0),

@@ -254,7 +254,7 @@ def test_bad_prompt_in_a_late_batch_fails_before_any_trace(llama, monkeypatch, t
 def test_plan_tokenizes_one_batch_at_a_time(llama, monkeypatch):
     import qktrace.run.batching as batching
 
-    plan = batching.prepare(llama, PROMPTS * 3, "last", "all", batch_size=2)
+    plan = batching.plan_run(llama, PROMPTS * 3, "last", "all", batch_size=2)
     assert len(plan) == len(plan.starts()) == -(-len(PROMPTS * 3) // 2)
     encoded = []
     real = batching.encode

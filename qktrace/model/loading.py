@@ -54,12 +54,12 @@ class Head(NamedTuple):
 _HEAD_SPEC = re.compile(r"^\s*(\d+)\s*[.:]\s*(\d+)\s*$")
 
 
-def parse_heads(spec: str | tuple[int, int] | Sequence[str | tuple[int, int] | Head]) -> list[Head]:
+def parse_heads(spec: str | tuple[int, int] | Sequence[Any]) -> list[Head]:
     """Parse heads given as "16.19,20.26", ["16.19"], (16, 19) or [(16, 19)] into `Head`s."""
     if isinstance(spec, Head) or (
         isinstance(spec, tuple) and len(spec) == 2 and all(isinstance(x, int) for x in spec)
     ):
-        spec = [spec]
+        return parse_heads([spec])  # one (layer, head) pair: a list of one
     how = "write heads as LAYER.HEAD (two integers), comma-separated, e.g. --heads 16.19,20.26"
     if isinstance(spec, str) and not spec.strip():
         raise checks.BadArgument(f"No heads given (got {spec!r}): {how}.")
@@ -67,7 +67,7 @@ def parse_heads(spec: str | tuple[int, int] | Sequence[str | tuple[int, int] | H
         raise checks.BadArgument(
             f"Heads {spec!r} are not a head spec: {how} (or a list of (layer, head))."
         )
-    items = spec.split(",") if isinstance(spec, str) else list(spec)
+    items: list[Any] = spec.split(",") if isinstance(spec, str) else list(spec)
     heads: list[Head] = []
     for item in items:
         if isinstance(item, str):
@@ -80,7 +80,9 @@ def parse_heads(spec: str | tuple[int, int] | Sequence[str | tuple[int, int] | H
         elif (
             isinstance(item, Sequence)
             and len(item) == 2
-            and all(isinstance(x, Integral) and not isinstance(x, bool) and x >= 0 for x in item)
+            and all(
+                isinstance(x, Integral) and not isinstance(x, bool) and int(x) >= 0 for x in item
+            )
         ):
             layer, head = item
             heads.append(Head(int(layer), int(head)))
@@ -315,10 +317,7 @@ def load(
     >>> model.n_heads, model.n_kv_heads, model.d_head  # doctest: +SKIP
     (32, 8, 128)
     """
-    from transformers import AutoTokenizer
-
-    from qktrace.core import ops
-    from qktrace.model.remote import name_model_offline, preflight
+    from qktrace.model.remote import preflight
 
     _check_load_arguments(model, remote, revision, dtype, device_map, gguf_file)
     display_name, model = _converted(model, gguf_file, remote)
@@ -328,73 +327,21 @@ def load(
         preflight(str(model))
     # In-trace helpers must travel with a remote request: ship qktrace.core.ops by value.
     nnsight.register(ops)
-
     if isinstance(model, torch.nn.Module):
-        if tokenizer is None:
-            raise ValueError(
-                "load(<in-memory model>) needs tokenizer=...: pass the model's tokenizer."
-            )
-        name = getattr(model.config, "name_or_path", "") or type(model).__name__
-        config = model.config
-        _check_before_loading(name, config, tokenizer)
-        lm = nnsight.TransformersModel(model, task="text-generation", tokenizer=tokenizer)
+        name, lm, tokenizer, config = _wrap_in_memory(model, tokenizer)
     else:
-        from transformers import AutoConfig
-
-        name = str(model)
-        local = isinstance(model, os.PathLike) or name.startswith(("/", "./", "../", "~"))
-        if local and not Path(name).expanduser().exists():
-            raise FileNotFoundError(
-                f"No model at {name}: the local path does not exist. Check the path (a directory "
-                "written by save_pretrained), or pass a hub id such as "
-                "'meta-llama/Llama-3.1-8B-Instruct'."
-            )
-        hub = {k: hf_kwargs[k] for k in ("trust_remote_code", "token") if k in hf_kwargs}
+        # a converted checkpoint's revision names its source, not a hub revision
         hub_revision = None if display_name is not None else revision
-        try:
-            config = AutoConfig.from_pretrained(name, revision=hub_revision, **hub)
-            if tokenizer is None:
-                tokenizer = AutoTokenizer.from_pretrained(name, revision=hub_revision, **hub)
-        except OSError as err:
-            raise OSError(
-                f"Cannot open the model {name!r}: {err} If it is a local checkpoint, check the "
-                "path; if it is a hub id, check its spelling, the network, and your access "
-                "(`hf auth login` for gated models)."
-            ) from err
-        # config and tokenizer first: refuse an unsupported model before loading any weights
-        _check_before_loading(name, config, tokenizer)
-        kwargs: dict[str, Any] = dict(hf_kwargs)
-        if revision is not None and display_name is None:
-            kwargs["revision"] = revision
-        if dtype is not None:
-            kwargs["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-        if device_map is not None:
-            kwargs["device_map"] = device_map
-        # On NDIF the weights stay on the server: only config and tokenizer are read here.
-        if remote is True:
-            name_model_offline(name)
-        if remote is not True and local and "gguf_file" not in kwargs:
-            _check_weights_present(Path(name).expanduser())
-        try:
-            lm = nnsight.TransformersModel(
-                name, task="text-generation", tokenizer=tokenizer, dispatch=remote is not True,
-                **kwargs,
-            )  # fmt: skip
-        except Exception as err:  # transformers' and safetensors' own error types vary
-            raise OSError(
-                f"Cannot load the weights of {name}: {_root_error(err)}. A truncated or damaged "
-                "weights file (an interrupted download or copy) gives this: download or save the "
-                "model again (model.save_pretrained(path))."
-            ) from None
-        config = lm.config
+        name, lm, tokenizer, config = _open_checkpoint(
+            model, remote, tokenizer, hub_revision, dtype, device_map, hf_kwargs
+        )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    adapter = adapter_for(getattr(config, "model_type", type(config).__name__))
     n_layers, n_heads, n_kv, d_head = _config_facts(config)
     return Model(
         lm=lm,
         name=display_name or name,
-        adapter=adapter,
+        adapter=adapter_for(getattr(config, "model_type", type(config).__name__)),
         n_layers=n_layers,
         n_heads=n_heads,
         n_kv_heads=n_kv,
@@ -402,6 +349,97 @@ def load(
         remote=remote,
         revision=revision,
     )
+
+
+def _wrap_in_memory(model: torch.nn.Module, tokenizer: Any) -> tuple[str, Any, Any, Any]:
+    """(name, nnsight model, tokenizer, config) of an in-memory `transformers` model."""
+    if tokenizer is None:
+        raise ValueError("load(<in-memory model>) needs tokenizer=...: pass the model's tokenizer.")
+    config: Any = model.config
+    name = getattr(config, "name_or_path", "") or type(model).__name__
+    _check_before_loading(name, config, tokenizer)
+    lm = nnsight.TransformersModel(model, task="text-generation", tokenizer=tokenizer)
+    return name, lm, tokenizer, config
+
+
+def _open_checkpoint(
+    model: str | os.PathLike,
+    remote: Remote,
+    tokenizer: Any,
+    revision: str | None,
+    dtype: torch.dtype | str | None,
+    device_map: str | None,
+    hf_kwargs: dict[str, Any],
+) -> tuple[str, Any, Any, Any]:
+    """(name, nnsight model, tokenizer, config) of a hub id or a local checkpoint: config and
+    tokenizer first, so an unsupported model is refused before any weights are read."""
+    from qktrace.model.remote import name_model_offline
+
+    name = str(model)
+    local = isinstance(model, os.PathLike) or name.startswith(("/", "./", "../", "~"))
+    if local and not Path(name).expanduser().exists():
+        raise FileNotFoundError(
+            f"No model at {name}: the local path does not exist. Check the path (a directory "
+            "written by save_pretrained), or pass a hub id such as "
+            "'meta-llama/Llama-3.1-8B-Instruct'."
+        )
+    config, tokenizer = _config_and_tokenizer(name, tokenizer, revision, hf_kwargs)
+    _check_before_loading(name, config, tokenizer)
+    kwargs = _from_pretrained_kwargs(hf_kwargs, revision, dtype, device_map)
+    # On NDIF the weights stay on the server: only config and tokenizer are read here.
+    if remote is True:
+        name_model_offline(name)
+    if remote is not True and local and "gguf_file" not in kwargs:
+        _check_weights_present(Path(name).expanduser())
+    try:
+        lm = nnsight.TransformersModel(
+            name, task="text-generation", tokenizer=tokenizer, dispatch=remote is not True,
+            **kwargs,
+        )  # fmt: skip
+    except Exception as err:  # transformers' and safetensors' own error types vary
+        raise OSError(
+            f"Cannot load the weights of {name}: {_root_error(err)}. A truncated or damaged "
+            "weights file (an interrupted download or copy) gives this: download or save the "
+            "model again (model.save_pretrained(path))."
+        ) from None
+    return name, lm, tokenizer, lm.config
+
+
+def _config_and_tokenizer(
+    name: str, tokenizer: Any, revision: str | None, hf_kwargs: dict[str, Any]
+) -> tuple[Any, Any]:
+    """The checkpoint's config, and its tokenizer unless one is given (no weights read)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    hub = {k: hf_kwargs[k] for k in ("trust_remote_code", "token") if k in hf_kwargs}
+    try:
+        config = AutoConfig.from_pretrained(name, revision=revision, **hub)
+        if tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(name, revision=revision, **hub)
+    except OSError as err:
+        raise OSError(
+            f"Cannot open the model {name!r}: {err} If it is a local checkpoint, check the "
+            "path; if it is a hub id, check its spelling, the network, and your access "
+            "(`hf auth login` for gated models)."
+        ) from err
+    return config, tokenizer
+
+
+def _from_pretrained_kwargs(
+    hf_kwargs: dict[str, Any],
+    revision: str | None,
+    dtype: torch.dtype | str | None,
+    device_map: str | None,
+) -> dict[str, Any]:
+    """`from_pretrained`'s keywords: the caller's, plus revision, dtype and device map."""
+    kwargs: dict[str, Any] = dict(hf_kwargs)
+    if revision is not None:
+        kwargs["revision"] = revision
+    if dtype is not None:
+        kwargs["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    return kwargs
 
 
 _WEIGHTS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json", "*.pt")

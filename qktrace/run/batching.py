@@ -3,7 +3,7 @@
 Every verb that runs the model (capture, reduce, intervene, find_heads, the answer checks) plans
 its batches here, so all of them tokenize and pad a prompt the same way. Prompts are padded with
 explicit `position_ids` (left- or right-padding gives the same rotary positions as the unpadded
-prompt); `prepare` tokenizes every prompt once and validates the whole run before any forward
+prompt); `plan_run` tokenizes every prompt once and validates the whole run before any forward
 pass, keeping only the token ids (4 bytes a token); a batch is padded only when it runs, so a run
 keeps one batch in memory. `run` is the one loop of every verb: it pads each batch (or request
 of several), runs it with retries (`qktrace.model.remote.with_retries`), shows progress and skips what
@@ -12,9 +12,11 @@ a resumed run has done. `head_coords` labels heads in results.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from array import array
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar, overload
 
 import numpy as np
@@ -39,6 +41,11 @@ _ARGUMENT = {
 # what the verbs take as one prompt: text, or token ids (not `qktrace.core.prompts.Prompt`, the
 # text with marked spans that studies build; `locate` turns those into ids)
 PromptInput = str | Sequence[int]
+# Prompts per trace: the one default of every verb that runs the model, of the studies and of
+# the CLI. It sets memory per trace and the number of traces (round trips on NDIF), not the
+# results: prompts are padded with their own positions, so a batch of any size gives the same
+# values to float rounding.
+BATCH_SIZE = 16
 
 
 @dataclass
@@ -127,7 +134,8 @@ def resolve_positions(
         )
     checks.positions(_ARGUMENT.get(what, what), spec, len(lengths), first)
     resolved = []
-    for i, (item, n) in enumerate(zip(spec, lengths, strict=True)):
+    items: Sequence[Any] = spec
+    for i, (item, n) in enumerate(zip(items, lengths, strict=True)):
         row = [int(item)] if isinstance(item, int | np.integer) else [int(p) for p in item]
         fixed = []
         for p in row:
@@ -187,7 +195,7 @@ class Batch:
 
 @dataclass
 class Plan:
-    """The batches of a run, validated up front by `prepare`; iterating pads one at a time.
+    """The batches of a run, validated up front by `plan_run`; iterating pads one at a time.
 
     Keeps each prompt's token ids (flat, 4 bytes a token; `lengths` per prompt) and nothing
     else per prompt, so a run over many prompts holds one padded batch in memory and tokenizes
@@ -230,7 +238,7 @@ class Plan:
         return [(start, min(b, n - start)) for start in range(0, n, b)]
 
     def batch(self, start: int, chunk: Sequence[PromptInput] | None = None) -> Batch:
-        """The batch of prompts `start..`, padded now from the token ids `prepare` kept."""
+        """The batch of prompts `start..`, padded now from the token ids `plan_run` kept."""
         if chunk is None:
             chunk = self.prompts[start : start + self.batch_size]
         n = len(chunk)
@@ -254,7 +262,7 @@ def _vocab_size(model: Model) -> int | None:
     return size if isinstance(size, int) and size > 0 else None
 
 
-def prepare(
+def plan_run(
     model: Model,
     prompts: Sequence[PromptInput],
     query: Positions,
@@ -274,11 +282,51 @@ def prepare(
     positions and `extra[i]` (per-prompt rows, e.g. labels) into `Plan.sha256`.
     `check(start, lengths, query_positions, key_positions)` may validate more per batch.
     `keys_name` names the key positions in errors (a verb whose keys default to other
-    arguments names those).
+    arguments names those). (Called `prepare` before 0.2; that name stays for one release.)
     """
-    import hashlib
-    import json
+    _check_run(model, prompts, query, keys, batch_size, add_special_tokens, keys_name)
+    kept = _Kept()
+    for start, chunk in iter_batches(prompts, batch_size):
+        ids = _token_ids(model, chunk, add_special_tokens, start)
+        lengths = [len(row) for row in ids]
+        _check_context(model, lengths, start)
+        q_pos = resolve_positions(_slice(query, start, len(chunk)), lengths, "Query", start)
+        k_pos = resolve_positions(_slice(keys, start, len(chunk)), lengths, keys_name, start)
+        if check is not None:
+            check(start, lengths, q_pos, k_pos)
+        rows = None if extra is None else [extra[start + i] for i in range(len(chunk))]
+        kept.add(ids, q_pos, k_pos, rows)
+    if kept.key_width == 0:
+        raise BadArgument("No key positions given: pass at least one key position per prompt.")
+    return Plan(
+        model,
+        prompts,
+        query,
+        keys,
+        batch_size,
+        add_special_tokens,
+        kept.query_width,
+        kept.key_width,
+        kept.digest.hexdigest()[:16],
+        kept.token_ids,
+        kept.offsets,
+    )
 
+
+# the name of `plan_run` before 0.2, kept for one release
+prepare = plan_run
+
+
+def _check_run(
+    model: Model,
+    prompts: Sequence[PromptInput],
+    query: Positions,
+    keys: Positions,
+    batch_size: int,
+    add_special_tokens: bool,
+    keys_name: str,
+) -> None:
+    """`plan_run`'s arguments, checked before any prompt is tokenized."""
     check_model("model", model)
     checks.prompts("prompts", prompts)
     checks.token_ids("prompts", prompts, _vocab_size(model))
@@ -291,40 +339,35 @@ def prepare(
                 f"{what} positions were given for {len(spec)} prompts but there are "
                 f"{len(prompts)}: pass one position (or one list of positions) per prompt."
             )
-    digest = hashlib.sha256()
-    q_width = k_width = 0
-    token_ids, offsets = array("i"), array("q", [0])
-    for start, chunk in iter_batches(prompts, batch_size):
-        ids = _token_ids(model, chunk, add_special_tokens, start)
-        lengths = [len(row) for row in ids]
-        _check_context(model, lengths, start)
-        q_pos = resolve_positions(_slice(query, start, len(chunk)), lengths, "Query", start)
-        k_pos = resolve_positions(_slice(keys, start, len(chunk)), lengths, keys_name, start)
-        if check is not None:
-            check(start, lengths, q_pos, k_pos)
+
+
+@dataclass
+class _Kept:
+    """What `plan_run` keeps of the prompts as it walks them: flat token ids and their offsets,
+    the widest query and key rows, and the running hash of ids, positions and extra rows."""
+
+    digest: Any = field(default_factory=hashlib.sha256)
+    token_ids: array = field(default_factory=lambda: array("i"))
+    offsets: array = field(default_factory=lambda: array("q", [0]))
+    query_width: int = 0
+    key_width: int = 0
+
+    def add(
+        self,
+        ids: list[list[int]],
+        query: list[list[int]],
+        keys: list[list[int]],
+        extra: list[Any] | None,
+    ) -> None:
+        """Keep one batch of prompts: their ids, and their rows in the hash."""
         for row in ids:
-            token_ids.extend(row)
-            offsets.append(len(token_ids))
-        for i, (row, qp, kp) in enumerate(zip(ids, q_pos, k_pos, strict=True)):
-            item = [row, qp, kp] if extra is None else [row, qp, kp, extra[start + i]]
-            digest.update(json.dumps(item, default=str).encode() + b"\n")
-        q_width = max(q_width, *(len(p) for p in q_pos))
-        k_width = max(k_width, *(len(p) for p in k_pos))
-    if k_width == 0:
-        raise BadArgument("No key positions given: pass at least one key position per prompt.")
-    return Plan(
-        model,
-        prompts,
-        query,
-        keys,
-        batch_size,
-        add_special_tokens,
-        q_width,
-        k_width,
-        digest.hexdigest()[:16],
-        token_ids,
-        offsets,
-    )
+            self.token_ids.extend(row)
+            self.offsets.append(len(self.token_ids))
+        for i, (row, qp, kp) in enumerate(zip(ids, query, keys, strict=True)):
+            item = [row, qp, kp] if extra is None else [row, qp, kp, extra[i]]
+            self.digest.update(json.dumps(item, default=str).encode() + b"\n")
+        self.query_width = max(self.query_width, *(len(p) for p in query))
+        self.key_width = max(self.key_width, *(len(p) for p in keys))
 
 
 def plan_batches(
@@ -335,8 +378,8 @@ def plan_batches(
     batch_size: int,
     add_special_tokens: bool = True,
 ) -> list[Batch]:
-    """Every batch, validated and tokenized up front (`prepare`, then all of its batches)."""
-    return list(prepare(model, prompts, query, keys, batch_size, add_special_tokens))
+    """Every batch, validated and tokenized up front (`plan_run`, then all of its batches)."""
+    return list(plan_run(model, prompts, query, keys, batch_size, add_special_tokens))
 
 
 T = TypeVar("T")

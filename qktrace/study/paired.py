@@ -27,10 +27,16 @@ import xarray as xr
 
 from qktrace.core import ops
 from qktrace.model.loading import Head, Model
-from qktrace.run.batching import Batch, by_layer, given_order, prepare, run
+from qktrace.run.batching import Batch, by_layer, given_order, plan_run, run
 from qktrace.study.prompts import Prepared
 from qktrace.study.tools import null_dataset
-from qktrace.verbs.decompose import CONTRASTS, empty_sums, permutation_masks
+from qktrace.verbs.decompose import (
+    CONTRASTS,
+    N_PERMUTATIONS,
+    NULL_QUANTILE,
+    empty_sums,
+    permutation_masks,
+)
 
 
 def paired_sums(
@@ -39,8 +45,8 @@ def paired_sums(
     heads: list[Head],
     *,
     negative_query: str = "original",
-    n_permutations: int = 100,
-    quantile: float = 0.95,
+    n_permutations: int = N_PERMUTATIONS,
+    quantile: float = NULL_QUANTILE,
     seed: int = 0,
     batch_size: int = 16,
     progress: bool = True,
@@ -57,7 +63,7 @@ def paired_sums(
         ids += [train.ids[i], cf]
         query += [queries[i], len(cf) - 1]  # the counterfactual's query: its last token
         keys += [[answer_keys[i]], [cf_keys[i]]]
-    plan = prepare(model, ids, query, keys, 2 * batch_size)
+    plan = plan_run(model, ids, query, keys, 2 * batch_size)
 
     feature = [str(row[a][0]) for row, a in zip(train.labels, train.answer, strict=True)]
     features = list(dict.fromkeys(feature))

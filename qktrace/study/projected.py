@@ -37,12 +37,12 @@ from qktrace.run.batching import (
     by_layer,
     given_order,
     head_coords,
-    prepare,
+    plan_run,
     run,
 )
 from qktrace.study.tools import null_dataset
 from qktrace.verbs.capture import batch_dataset, check_finite
-from qktrace.verbs.decompose import permutation_masks
+from qktrace.verbs.decompose import N_PERMUTATIONS, NULL_QUANTILE, permutation_masks
 
 # attrs["projected"] of a projected capture
 PROJECTED = (
@@ -63,8 +63,8 @@ def projected_pass(
     query: Any,
     keys: Any,
     pairs: Pairs | None = None,
-    n_permutations: int = 100,
-    quantile: float = 0.95,
+    n_permutations: int = N_PERMUTATIONS,
+    quantile: float = NULL_QUANTILE,
     seed: int = 0,
     batch_size: int = 16,
     progress: bool = True,
@@ -88,7 +88,7 @@ def projected_pass(
     The capture (as `qktrace.capture` with ``attention=True``, q and k projected, plus
     ``projection (head, d_head, component)``), and the null as `null_test` returns it.
     """
-    plan = prepare(model, prompts, query, keys, batch_size)
+    plan = plan_run(model, prompts, query, keys, batch_size)
     d = model.d_head
     width = max(b.shape[1] for b in projection.values())
     padded = {

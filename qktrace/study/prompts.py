@@ -15,9 +15,7 @@ import numpy as np
 
 from qktrace.core.errors import StudyError
 from qktrace.core.prompts import Prompt, locate
-from qktrace.verbs.reduce import CONTRASTS
-
-Label = tuple[str, str] | None
+from qktrace.verbs.reduce import CONTRASTS, Label
 
 
 class StudyFields(Protocol):

@@ -23,6 +23,7 @@ from qktrace.core.intervals import (
 )
 from qktrace.core.linalg import union_basis  # noqa: F401  (studies import it from here)
 from qktrace.model.loading import Model, Remote, load
+from qktrace.verbs.decompose import N_PERMUTATIONS, NULL_QUANTILE
 
 ModelLike = Model | str | os.PathLike
 
@@ -223,8 +224,7 @@ def _remove_checkpoints(path: Path) -> None:
 # significance: the permutation null of ΔC
 
 
-N_PERMUTATIONS = 100
-NULL_QUANTILE = 0.95
+# the null's defaults, N_PERMUTATIONS and NULL_QUANTILE, are qktrace.verbs.decompose's
 
 
 def null_test(

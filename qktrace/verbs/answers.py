@@ -67,7 +67,7 @@ from qktrace.core import checks, ops
 from qktrace.core.errors import BadArgument, BadArgumentType
 from qktrace.core.linalg import SIDES, union_basis
 from qktrace.model.loading import Head, Model, check_model, parse_heads
-from qktrace.run.batching import Batch, Plan, PromptInput, prepare, resolve_positions, run
+from qktrace.run.batching import Batch, Plan, PromptInput, plan_run, resolve_positions, run
 from qktrace.verbs.attribute import as_basis, orthogonalize
 from qktrace.verbs.intervene import KEY_SCOPES, Edit, KeyScope
 
@@ -256,7 +256,7 @@ def intervene_answers(
     heads, key_v, query_v = _head_bases(model, bases, edit.side)
     ids, counted = candidate_tokens(model.tokenizer, candidates)
     answer_i, target_i = _answer_indices(answer, target_answer, ids.shape[1])
-    plan = prepare(model, prompts, "last", "last", batch_size, add_special_tokens)
+    plan = plan_run(model, prompts, "last", "last", batch_size, add_special_tokens)
     at = cast(Sequence[Sequence[int]] | None, edit.at)
     key_edit = _key_positions(edit.mode, edit.side, orig, target, at, plan.lengths)
     edits = _Edits.of(model, heads, key_v, query_v, key_scope, n_random, seed)

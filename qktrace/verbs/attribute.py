@@ -188,13 +188,24 @@ def attribute(
     >>> parts.logit_part.sel(part="order").isel(query=0)  # doctest: +SKIP
     >>> float(parts.explained.mean())  # doctest: +SKIP
     """
+    names = _check_arguments(captured, bases, side, scaling)
+    q = captured["q"].transpose("prompt", "head", "query", "d_head").values.astype(np.float64)
+    k = captured["k"].transpose("prompt", "head", "key", "d_head").values.astype(np.float64)
+    scale = _scaling(captured, scaling)
+    parts, rank = _split(q, k, bases, captured["head"].values, side, scale)
+    total = parts.sum(axis=-1)
+    return _attribution(captured, parts, total, _explained(parts, total), rank, names, side, scale)
+
+
+def _check_arguments(
+    captured: xr.Dataset, bases: Mapping[str, Any], side: Side, scaling: float | None
+) -> list[str]:
+    """`attribute`'s arguments checked before any product; returns the subspace names."""
     checks.dataset("captured", captured, "the result of qktrace.capture")
     checks.mapping("bases", bases, "one basis per subspace name, e.g. {'order': basis}")
     checks.choice("side", side, ("query", "key"))
     if scaling is not None:
         checks.number("scaling", scaling, low=0, low_open=True, example="0.125")
-    from qktrace.store.io import provenance
-
     if side not in ("query", "key"):
         raise BadArgument(f"side must be 'query' or 'key', not {side!r}.")
     for name in ("q", "k"):
@@ -210,17 +221,23 @@ def attribute(
         raise BadArgument(f"{RESIDUAL!r} names the remainder: call your subspace something else.")
     if len(set(names)) != len(names):
         raise BadArgument(f"Subspace names must be unique, got {names}.")
+    return names
 
-    q = captured["q"].transpose("prompt", "head", "query", "d_head").values.astype(np.float64)
-    k = captured["k"].transpose("prompt", "head", "key", "d_head").values.astype(np.float64)
+
+def _split(
+    q: np.ndarray,
+    k: np.ndarray,
+    bases: Mapping[str, Any],
+    heads: np.ndarray,
+    side: Side,
+    scale: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Scaled logit parts [prompt, head, query, key, part] (the names, then the residual) and
+    the dimensions each part kept [head, part], head by head."""
     d_head = q.shape[-1]
-    heads = captured["head"].values
-    scale = _scaling(captured, scaling)
-    components = [*names, RESIDUAL]
     n_prompts, n_heads, n_query, n_keys = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
-    parts = np.zeros((n_prompts, n_heads, n_query, n_keys, len(components)))
-    rank = np.zeros((n_heads, len(components)), dtype=np.int64)
-
+    parts = np.zeros((n_prompts, n_heads, n_query, n_keys, len(bases) + 1))
+    rank = np.zeros((n_heads, len(bases) + 1), dtype=np.int64)
     for h, label in enumerate(heads):
         ortho = orthogonalize(
             [
@@ -238,14 +255,31 @@ def attribute(
             rank[h, i] = basis.shape[1]
         parts[:, h, ..., -1] = _logits(rest, other, side) * scale[h]
         rank[h, -1] = d_head - rank[h, :-1].sum()
+    return parts, rank
 
-    total = parts.sum(axis=-1)
+
+def _explained(parts: np.ndarray, total: np.ndarray) -> np.ndarray:
+    """1 - ||residual logits||^2 / ||total logits||^2 over each query's keys (NaN slots skipped)."""
     resid = parts[..., -1]
     valid = np.isfinite(total)
     norm_total = np.where(valid, total, 0.0)
     norm_resid = np.where(valid, resid, 0.0)
     with np.errstate(invalid="ignore", divide="ignore"):
-        explained = 1.0 - (norm_resid**2).sum(-1) / (norm_total**2).sum(-1)
+        return 1.0 - (norm_resid**2).sum(-1) / (norm_total**2).sum(-1)
+
+
+def _attribution(
+    captured: xr.Dataset,
+    parts: np.ndarray,
+    total: np.ndarray,
+    explained: np.ndarray,
+    rank: np.ndarray,
+    names: list[str],
+    side: Side,
+    scale: np.ndarray,
+) -> xr.Dataset:
+    """`attribute`'s result: the parts, their total, `explained` and `part_rank`, labelled."""
+    from qktrace.store.io import provenance
 
     keep = {
         name: c
@@ -259,7 +293,7 @@ def attribute(
             "explained": (("prompt", "head", "query"), explained),
             "part_rank": (("head", "part"), rank),
         },
-        coords={**keep, "part": components},
+        coords={**keep, "part": [*names, RESIDUAL]},
         attrs={
             **captured.attrs,
             **provenance("attribute", {"side": side, "order": names}, inputs=captured.attrs),

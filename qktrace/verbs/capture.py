@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import nnsight
 import numpy as np
@@ -28,17 +28,22 @@ import xarray as xr
 from qktrace.core import checks, ops
 from qktrace.model.loading import Head, Model, check_model, parse_heads
 from qktrace.run.batching import (
+    BATCH_SIZE,
     Batch,
     Encoded,
+    Plan,
     Positions,
     PromptInput,
     by_layer,
     given_order,
     head_coords,
-    prepare,
+    plan_run,
     run,
 )
 from qktrace.store.locks import one_writer
+
+if TYPE_CHECKING:
+    from qktrace.store.io import BatchWriter
 
 # `capture(out=)` writes its batches at most this often (and whenever it stops, for whatever
 # reason Python sees), holding them in memory between writes, written early once they exceed
@@ -115,7 +120,7 @@ def capture(
     query: Positions = "last",
     keys: Positions = "all",
     attention: bool = True,
-    batch_size: int = 8,
+    batch_size: int = BATCH_SIZE,
     add_special_tokens: bool = True,
     out: str | Path | None = None,
     progress: bool = True,
@@ -136,6 +141,9 @@ def capture(
     attention
         Also return `logit` (scaled q·k) and `attention` (the model's softmax weight, over the
         whole row, taken at the chosen keys).
+    batch_size
+        Prompts per trace (`qktrace.run.batching.BATCH_SIZE`, 16): it sets memory and round
+        trips, not the values (to float rounding). A resumed `out` needs the same one.
     out
         A zarr path: the batches are appended to it as they complete, written together at most
         every `WRITE_EVERY_S` (30) seconds or `WRITE_BUFFER_MIB` (16 MiB) and when the call
@@ -159,33 +167,51 @@ def capture(
     checks.flag("attention", attention)
     checks.flag("progress", progress)
     checks.path("out", out, optional=True)
-    heads = parse_heads(heads)
-    model.check_heads(heads)
-    plan = prepare(model, prompts, query, keys, batch_size, add_special_tokens)
-    writer = None
+    chosen = parse_heads(heads)
+    model.check_heads(chosen)
+    plan = plan_run(model, prompts, query, keys, batch_size, add_special_tokens)
     from qktrace.store import io as store
 
     params = {
         "model": model.name,
-        "heads": [h.label for h in heads],
+        "heads": [h.label for h in chosen],
         "n_prompts": len(prompts),
         "batch_size": batch_size,
         "attention": attention,
         "prompts_sha256": plan.sha256,
     }
     attrs = store.provenance("capture", params, model=model)
-    if out is not None:
-        sizes = {"prompt": len(prompts), "query": plan.query_width, "key": plan.key_width}
-        writer = store.BatchWriter(
-            out,
-            params=params,
-            attrs=attrs,
-            sizes=sizes,
-            write_every_s=WRITE_EVERY_S,
-            max_buffer_mib=WRITE_BUFFER_MIB,
-        )
+    if out is None:
+        batches = _capture_batches(model, plan, chosen, attention, None, None, progress)
+        return xr.concat(
+            batches, dim="prompt", data_vars="all", coords="different", compat="equals"
+        ).assign_attrs(attrs)
+    sizes = {"prompt": len(prompts), "query": plan.query_width, "key": plan.key_width}
+    writer = store.BatchWriter(
+        out,
+        params=params,
+        attrs=attrs,
+        sizes=sizes,
+        write_every_s=WRITE_EVERY_S,
+        max_buffer_mib=WRITE_BUFFER_MIB,
+    )
+    _capture_batches(model, plan, chosen, attention, writer, out, progress)
+    return store.open(out).assign_attrs(attrs)
+
+
+def _capture_batches(
+    model: Model,
+    plan: Plan,
+    heads: list[Head],
+    attention: bool,
+    writer: BatchWriter | None,
+    out: str | Path | None,
+    progress: bool,
+) -> list[xr.Dataset]:
+    """Capture every batch of `plan` not yet in `writer`: appended to it (and written, even
+    when the run stops), or, without a writer, returned."""
     batches = []
-    done = min(writer.n_done * batch_size, len(prompts)) if writer is not None else 0
+    done = min(writer.n_done * plan.batch_size, len(plan.prompts)) if writer is not None else 0
     coords = head_coords(model, heads)
 
     def step(batch: Batch) -> dict[str, np.ndarray]:
@@ -213,11 +239,7 @@ def capture(
     finally:  # finished, or stopped by an error or Ctrl-C: write every completed batch
         if writer is not None:
             writer.flush()
-    if writer is not None:
-        return store.open(out).assign_attrs(attrs)
-    return xr.concat(
-        batches, dim="prompt", data_vars="all", coords="different", compat="equals"
-    ).assign_attrs(attrs)
+    return batches
 
 
 def batch_dataset(values: dict[str, np.ndarray], batch: Batch) -> xr.Dataset:

@@ -57,6 +57,10 @@ from qktrace.core.errors import BadArgument, MissingVariable
 
 __all__ = [
     "CONTRASTS",
+    "NULL_QUANTILE",
+    "NULL_SEED",
+    "N_PERMUTATIONS",
+    "THRESHOLD",
     "Subspace",
     "add_pairs",
     "decompose",
@@ -71,10 +75,18 @@ CONTRASTS = ("positive", "negative")
 # The pair count is "pair_count", not "count", which would hide the Dataset.count method
 # (`sums.count` would be the method). "count" is still accepted on input.
 _COUNT_NAMES = ("pair_count", "count")
+# The rank rule's default: the kept components hold this fraction of sum(S^2).
+THRESHOLD = 0.99
+# The permutation null's defaults, written here only (`permutation_null`, the studies'
+# `qktrace.study.tools.null_test` and their in-trace nulls import them): label shuffles, the
+# quantile of the null each component must beat, and the seed of the shuffles.
+N_PERMUTATIONS = 100
+NULL_QUANTILE = 0.95
+NULL_SEED = 0
 
 
 def rank_for_threshold(
-    singular_values: np.ndarray | Sequence[float], threshold: float = 0.99
+    singular_values: np.ndarray | Sequence[float], threshold: float = THRESHOLD
 ) -> int:
     """Smallest r whose top r squared singular values hold `threshold` of the total.
 
@@ -133,7 +145,7 @@ def svd(matrices: np.ndarray, compute_uv: bool = True) -> Any:
     converges on it. NaN or inf, on which both fail, gets an error that says so.
     """
     try:
-        return np.linalg.svd(matrices, full_matrices=False, compute_uv=compute_uv)
+        return _numpy_svd(matrices, compute_uv)
     except np.linalg.LinAlgError:
         if not np.isfinite(matrices).all():
             raise ValueError(
@@ -145,7 +157,7 @@ def svd(matrices: np.ndarray, compute_uv: bool = True) -> Any:
 
     def one(matrix: np.ndarray) -> Any:
         try:
-            return np.linalg.svd(matrix, full_matrices=False, compute_uv=compute_uv)
+            return _numpy_svd(matrix, compute_uv)
         except np.linalg.LinAlgError:
             return scipy.linalg.svd(
                 matrix, full_matrices=False, compute_uv=compute_uv, lapack_driver="gesvd"
@@ -158,6 +170,13 @@ def svd(matrices: np.ndarray, compute_uv: bool = True) -> Any:
         return np.stack(parts).reshape(*lead, -1)
     return tuple(np.stack([p[i] for p in parts]).reshape(*lead, *parts[0][i].shape)
                  for i in range(3))  # fmt: skip
+
+
+def _numpy_svd(matrices: np.ndarray, compute_uv: bool) -> Any:
+    """numpy's SVD (gesdd), thin; only the singular values unless `compute_uv`."""
+    if compute_uv:
+        return np.linalg.svd(matrices, full_matrices=False)
+    return np.linalg.svd(matrices, full_matrices=False, compute_uv=False)
 
 
 def _ranks(singular_values: np.ndarray, threshold: float) -> np.ndarray:
@@ -267,7 +286,7 @@ def _pad_columns(basis: np.ndarray, n: int) -> np.ndarray:
 
 
 def decompose_matrices(
-    c_pos: np.ndarray, c_neg: np.ndarray, *, threshold: float = 0.99, centered: bool = False
+    c_pos: np.ndarray, c_neg: np.ndarray, *, threshold: float = THRESHOLD, centered: bool = False
 ) -> Subspace:
     """SVD of ΔC = `c_pos` - `c_neg` and the bases kept by the threshold rule.
 
@@ -429,7 +448,9 @@ def _count_name(sums: xr.Dataset) -> str:
     )
 
 
-def decompose(sums: xr.Dataset, *, threshold: float = 0.99, centered: bool = False) -> xr.Dataset:
+def decompose(
+    sums: xr.Dataset, *, threshold: float = THRESHOLD, centered: bool = False
+) -> xr.Dataset:
     """ΔC, its SVD and the kept query/key bases for every head and feature of `sums`.
 
     Parameters
@@ -468,50 +489,14 @@ def decompose(sums: xr.Dataset, *, threshold: float = 0.99, centered: bool = Fal
     >>> out["rank"].sel(head=0, feature="z").item()
     4
     """
-    checks.dataset("sums", sums, "the sums of qktrace.reduce (or empty_sums/add_pairs)")
-    checks.flag("centered", centered)
+    count_name = _check_sums(sums, threshold, centered)
     from qktrace.store.io import provenance
 
-    _check_threshold(threshold)
-    if not isinstance(sums, xr.Dataset):
-        raise checks.BadArgumentType(
-            f"sums is a {type(sums).__name__}; pass the Dataset of qktrace.reduce (or of "
-            "empty_sums + add_pairs)."
-        )
-    count_name = _count_name(sums)
-    for name in ("qk_sum", "delta_c", "q_sum", "k_sum", count_name):
-        if name in sums:
-            checks.finite(
-                f"sums[{name!r}]",
-                sums[name],
-                "an SVD of it would be meaningless (LAPACK fails or returns garbage). Find where "
-                "it came from (a float16 overflow in the model, a NaN prompt, a hand-edited "
-                "store) and recompute the sums",
-            )
     sums = sums.transpose(..., "contrast", "dq", "dk")
     count = sums[count_name].transpose(..., "contrast")
-    outer = [d for d in count.dims if d != "contrast"]
-    n = count.values.astype(np.float64)
     _check_counts(count)
-
-    pos, neg = CONTRASTS.index("positive"), CONTRASTS.index("negative")
-    if "qk_sum" in sums:
-        c = sums["qk_sum"].transpose(*outer, "contrast", "dq", "dk").values / n[..., None, None]
-        delta_c = c[..., pos, :, :] - c[..., neg, :, :]
-    else:  # `qktrace.reduce(..., delta=True)` summed ΔC itself
-        if sums.attrs.get("partial"):
-            raise BadArgument(
-                f"these ΔC sums are {sums.attrs['partial']}. With delta=True each pair was "
-                "weighted by the full run's counts, so a partial ΔC is scaled wrong; finish the "
-                "run before decompose."
-            )
-        delta_c = sums["delta_c"].transpose(*outer, "dq", "dk").values.astype(np.float64)
-    if centered:
-        q_mean = sums["q_sum"].transpose(*outer, "contrast", "dq").values / n[..., None]
-        k_mean = sums["k_sum"].transpose(*outer, "contrast", "dk").values / n[..., None]
-        outer_means = q_mean[..., :, None] * k_mean[..., None, :]
-        delta_c = delta_c - (outer_means[..., pos, :, :] - outer_means[..., neg, :, :])
-
+    outer = [d for d in count.dims if d != "contrast"]
+    delta_c = _delta_c(sums, count, outer, centered)
     u, s, vt = svd(delta_c)
     rank = _ranks(s, threshold)
     keep = np.arange(s.shape[-1]) < rank[..., None]  # [..., component]
@@ -539,6 +524,53 @@ def decompose(sums: xr.Dataset, *, threshold: float = 0.99, centered: bool = Fal
             "centered": centered,
         },
     )
+
+
+def _check_sums(sums: xr.Dataset, threshold: float, centered: bool) -> str:
+    """`decompose`'s arguments checked before any arithmetic; returns the pair count's name."""
+    checks.dataset("sums", sums, "the sums of qktrace.reduce (or empty_sums/add_pairs)")
+    checks.flag("centered", centered)
+    _check_threshold(threshold)
+    if not isinstance(sums, xr.Dataset):
+        raise checks.BadArgumentType(
+            f"sums is a {type(sums).__name__}; pass the Dataset of qktrace.reduce (or of "
+            "empty_sums + add_pairs)."
+        )
+    count_name = _count_name(sums)
+    for name in ("qk_sum", "delta_c", "q_sum", "k_sum", count_name):
+        if name in sums:
+            checks.finite(
+                f"sums[{name!r}]",
+                sums[name],
+                "an SVD of it would be meaningless (LAPACK fails or returns garbage). Find where "
+                "it came from (a float16 overflow in the model, a NaN prompt, a hand-edited "
+                "store) and recompute the sums",
+            )
+    return count_name
+
+
+def _delta_c(sums: xr.Dataset, count: xr.DataArray, outer: list[Hashable], centered: bool) -> Any:
+    """ΔC = C+ - C- [*outer, dq, dk] from the sums (or the ΔC `reduce(delta=True)` summed),
+    less the difference of E[q] E[k]^T when `centered`."""
+    n = count.values.astype(np.float64)
+    pos, neg = CONTRASTS.index("positive"), CONTRASTS.index("negative")
+    if "qk_sum" in sums:
+        c = sums["qk_sum"].transpose(*outer, "contrast", "dq", "dk").values / n[..., None, None]
+        delta_c = c[..., pos, :, :] - c[..., neg, :, :]
+    else:  # `qktrace.reduce(..., delta=True)` summed ΔC itself
+        if sums.attrs.get("partial"):
+            raise BadArgument(
+                f"these ΔC sums are {sums.attrs['partial']}. With delta=True each pair was "
+                "weighted by the full run's counts, so a partial ΔC is scaled wrong; finish the "
+                "run before decompose."
+            )
+        delta_c = sums["delta_c"].transpose(*outer, "dq", "dk").values.astype(np.float64)
+    if centered:
+        q_mean = sums["q_sum"].transpose(*outer, "contrast", "dq").values / n[..., None]
+        k_mean = sums["k_sum"].transpose(*outer, "contrast", "dk").values / n[..., None]
+        outer_means = q_mean[..., :, None] * k_mean[..., None, :]
+        delta_c = delta_c - (outer_means[..., pos, :, :] - outer_means[..., neg, :, :])
+    return delta_c
 
 
 def _check_counts(count: xr.DataArray) -> None:
@@ -571,10 +603,10 @@ def permutation_null(
     k: np.ndarray,
     is_positive: np.ndarray,
     *,
-    n_permutations: int = 100,
-    seed: int = 0,
-    threshold: float = 0.99,
-    quantile: float = 0.95,
+    n_permutations: int = N_PERMUTATIONS,
+    seed: int = NULL_SEED,
+    threshold: float = THRESHOLD,
+    quantile: float = NULL_QUANTILE,
 ) -> xr.Dataset:
     """Which components of ΔC stand above chance, by shuffling positive/negative labels.
 
@@ -624,39 +656,9 @@ def permutation_null(
     2
     """
     _check_threshold(threshold)
-    q = np.asarray(q, dtype=np.float64)
-    k = np.asarray(k, dtype=np.float64)
-    labels = np.asarray(is_positive, dtype=bool)
-    if q.ndim != 2 or k.ndim != 2 or not (q.shape[0] == k.shape[0] == labels.shape[0]):
-        raise BadArgument(
-            f"q {q.shape}, k {k.shape} and is_positive {labels.shape} must have one row per pair."
-        )
-    n_pos = int(labels.sum())
-    n_neg = labels.size - n_pos
-    if n_pos == 0 or n_neg == 0:
-        raise BadArgument(
-            f"is_positive has {n_pos} positive and {n_neg} negative pairs; ΔC needs both kinds."
-        )
-    if n_permutations < 1:
-        raise BadArgument(f"n_permutations={n_permutations}; pass at least 1 (e.g. 100).")
-
-    total = q.T @ k  # sum over all pairs, shared by every permutation
-
-    def delta_c(positive_sum: np.ndarray) -> np.ndarray:
-        return positive_sum / n_pos - (total - positive_sum) / n_neg
-
-    real = delta_c(q[labels].T @ k[labels])
+    q, k, labels = _check_pairs(q, k, is_positive, n_permutations)
     masks = permutation_masks(labels, n_permutations, seed).astype(np.float64)
-    # every permutation's positive sum at once: masks [perm, pairs] @ the pairs' q k^T
-    # [pairs, dq dk], one matrix product per chunk of pairs (at most ~256 MB of outer products)
-    d_q, d_k = q.shape[1], k.shape[1]
-    positive = np.zeros((n_permutations, d_q * d_k))
-    step = max(1, 2**25 // (d_q * d_k))
-    for start in range(0, labels.size, step):
-        rows = slice(start, start + step)
-        outer = (q[rows, :, None] * k[rows, None, :]).reshape(-1, d_q * d_k)
-        positive += masks[:, rows] @ outer
-    null = delta_c(positive.reshape(n_permutations, d_q, d_k))
+    real, null = _permuted_delta_c(q, k, labels, masks)
     null_sv = svd(null, compute_uv=False)
     # the sequential test runs in torch: the same code tests a remote study's ΔC in its trace
     s, cutoff = (
@@ -674,6 +676,52 @@ def permutation_null(
         coords={"component": np.arange(s.size)},
         attrs={"quantile": quantile, "threshold": threshold, "n_permutations": n_permutations},
     )
+
+
+def _check_pairs(
+    q: np.ndarray, k: np.ndarray, is_positive: np.ndarray, n_permutations: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`permutation_null`'s pairs as float64 q, k and bool labels, with both kinds present."""
+    q = np.asarray(q, dtype=np.float64)
+    k = np.asarray(k, dtype=np.float64)
+    labels = np.asarray(is_positive, dtype=bool)
+    if q.ndim != 2 or k.ndim != 2 or not (q.shape[0] == k.shape[0] == labels.shape[0]):
+        raise BadArgument(
+            f"q {q.shape}, k {k.shape} and is_positive {labels.shape} must have one row per pair."
+        )
+    n_pos = int(labels.sum())
+    n_neg = labels.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        raise BadArgument(
+            f"is_positive has {n_pos} positive and {n_neg} negative pairs; ΔC needs both kinds."
+        )
+    if n_permutations < 1:
+        raise BadArgument(f"n_permutations={n_permutations}; pass at least 1 (e.g. 100).")
+    return q, k, labels
+
+
+def _permuted_delta_c(
+    q: np.ndarray, k: np.ndarray, labels: np.ndarray, masks: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The real ΔC [dq, dk] and that of every permutation (`masks` [perm, pairs], float)."""
+    n_pos = int(labels.sum())
+    n_neg = labels.size - n_pos
+    total = q.T @ k  # sum over all pairs, shared by every permutation
+
+    def delta_c(positive_sum: np.ndarray) -> np.ndarray:
+        return positive_sum / n_pos - (total - positive_sum) / n_neg
+
+    real = delta_c(q[labels].T @ k[labels])
+    # every permutation's positive sum at once: masks [perm, pairs] @ the pairs' q k^T
+    # [pairs, dq dk], one matrix product per chunk of pairs (at most ~256 MB of outer products)
+    d_q, d_k = q.shape[1], k.shape[1]
+    positive = np.zeros((masks.shape[0], d_q * d_k))
+    step = max(1, 2**25 // (d_q * d_k))
+    for start in range(0, labels.size, step):
+        rows = slice(start, start + step)
+        outer = (q[rows, :, None] * k[rows, None, :]).reshape(-1, d_q * d_k)
+        positive += masks[:, rows] @ outer
+    return real, delta_c(positive.reshape(masks.shape[0], d_q, d_k))
 
 
 def permutation_masks(is_positive: np.ndarray, n_permutations: int, seed: int) -> np.ndarray:

@@ -31,12 +31,13 @@ from qktrace.core import checks, ops
 from qktrace.core.errors import BadArgument, BadArgumentType
 from qktrace.model.loading import Head, Model, check_model
 from qktrace.run.batching import (
+    BATCH_SIZE,
     Batch,
     Check,
     Positions,
     PromptInput,
     head_coords,
-    prepare,
+    plan_run,
     resolve_positions,
     run,
 )
@@ -52,12 +53,12 @@ def find_heads(
     prompts: Sequence[PromptInput],
     answer: Sequence[int],
     *,
-    keys: Positions,
     query: Positions = "last",
+    keys: Positions,
     layers: Sequence[int] | None = None,
     top: int | None = 5,
     by: Score = "answer_attention",
-    batch_size: int = 8,
+    batch_size: int = BATCH_SIZE,
     add_special_tokens: bool = True,
     progress: bool = True,
 ) -> xr.Dataset:
@@ -70,12 +71,14 @@ def find_heads(
     prompts
         Strings (tokenized here) or token-id lists.
     answer
-        One token position per prompt (negative counts from the end): the answer's key.
+        One token position per prompt (negative counts from the end): the answer's key, a
+        *position in the prompt* (not an index into the candidates, as the `answer` of
+        `qktrace.verbs.answers.intervene_answers` is).
+    query
+        The query position: "last" or one position per prompt.
     keys
         Candidate key positions per prompt (a list per prompt, or "all"); must include the
         answer. The argmax and the share are taken among them.
-    query
-        The query position: "last" or one position per prompt.
     layers
         The layers to scan; default all.
     top
@@ -83,6 +86,8 @@ def find_heads(
     by
         The score to sort by: "answer_attention", "answer_share" or "answer_argmax" (ties are
         broken by the other scores in that order).
+    batch_size
+        Prompts per trace (`qktrace.run.batching.BATCH_SIZE`); the scores do not depend on it.
 
     Returns
     -------
@@ -97,6 +102,41 @@ def find_heads(
     >>> best.to_dataframe()  # doctest: +SKIP
     >>> heads = list(best["head"].values[:3])  # e.g. ["16.1", "17.24", "20.1"]  # doctest: +SKIP
     """
+    scanned = _check_arguments(model, prompts, answer, layers, top, by, progress)
+    plan = plan_run(
+        model, prompts, query, keys, batch_size, add_special_tokens, check=_check_answers(answer)
+    )
+    parts, slots, answer_slots = [], [], []
+    for batch, part in run(
+        plan,
+        lambda batch: _scan_batch(model, batch, scanned),
+        desc="find_heads",
+        resume_hint=(
+            "find_heads keeps no partial results: rerun it when NDIF is reachable, or "
+            "pass the heads yourself (CLI: --heads)."
+        ),
+        progress=progress,
+    ):
+        parts.append(part)
+        slots.append(batch.key_slots)
+        answer_slots.append(_answer_slots(batch, answer))
+    attention = np.concatenate(parts)  # [prompt, head, key], heads layer-major
+    valid = np.concatenate(slots) >= 0
+    attention = np.where(valid[:, None, :], attention, np.nan)
+    return rank_heads(model, scanned, attention, np.concatenate(answer_slots), by=by, top=top)
+
+
+def _check_arguments(
+    model: Model,
+    prompts: Sequence[PromptInput],
+    answer: Sequence[int],
+    layers: Sequence[int] | None,
+    top: int | None,
+    by: str,
+    progress: bool,
+) -> list[int]:
+    """`find_heads`' arguments checked before any prompt is tokenized; returns the layers to
+    scan, sorted (all of the model's by default)."""
     check_model("model", model)
     checks.flag("progress", progress)
     checks.prompts("prompts", prompts)
@@ -118,33 +158,12 @@ def find_heads(
             f"answer must give one token position per prompt ({len(prompts)} prompts), "
             f"got {answer!r}."
         )
-    layers = list(range(model.n_layers)) if layers is None else sorted(set(int(x) for x in layers))
-    if not layers:
+    scanned = list(range(model.n_layers)) if layers is None else sorted(set(int(x) for x in layers))
+    if not scanned:
         raise BadArgument("layers is empty: pass at least one layer, or None for all.")
-    for layer in layers:
+    for layer in scanned:
         model.check_layer(layer)
-    plan = prepare(
-        model, prompts, query, keys, batch_size, add_special_tokens, check=_check_answers(answer)
-    )
-    parts, slots, answer_slot = [], [], []
-    for batch, part in run(
-        plan,
-        lambda batch: _scan_batch(model, batch, layers),
-        desc="find_heads",
-        resume_hint=(
-            "find_heads keeps no partial results: rerun it when NDIF is reachable, or "
-            "pass the heads yourself (CLI: --heads)."
-        ),
-        progress=progress,
-    ):
-        parts.append(part)
-        slots.append(batch.key_slots)
-        answer_slot.append(_answer_slots(batch, answer))
-    answer_slot = np.concatenate(answer_slot)
-    attention = np.concatenate(parts)  # [prompt, head, key], heads layer-major
-    valid = np.concatenate(slots) >= 0
-    attention = np.where(valid[:, None, :], attention, np.nan)
-    return rank_heads(model, layers, attention, answer_slot, by=by, top=top)
+    return scanned
 
 
 def rank_heads(
@@ -194,7 +213,7 @@ def rank_heads(
 
 
 def _check_answers(answer: Sequence[int]) -> Check:
-    """A `prepare` check: one query per prompt, and its answer among its candidate keys."""
+    """A `plan_run` check: one query per prompt, and its answer among its candidate keys."""
 
     def check(
         start: int, lengths: list[int], query: list[list[int]], keys: list[list[int]]

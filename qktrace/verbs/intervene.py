@@ -95,7 +95,7 @@ from qktrace.run.batching import (
     Plan,
     Positions,
     PromptInput,
-    prepare,
+    plan_run,
     resolve_positions,
     run,
 )
@@ -362,7 +362,7 @@ def _plan(
     keys_name = "Key"
     if keys is None:  # the default candidates: orig and target
         keys, keys_name = [[o, t] for o, t in zip(orig, target, strict=True)], "Orig/target"
-    return prepare(
+    return plan_run(
         model, prompts, query, keys, batch_size, add_special_tokens, check=stage.check,
         keys_name=keys_name,
     )  # fmt: skip
@@ -712,7 +712,7 @@ def _source_array(source: Any, n_prompts: int, d_head: int) -> np.ndarray:
 class _Stage:
     """Where `intervene` edits each batch: the padded edit index [b, m], patch sources [b, m, d]
     and the orig/target key slots. `check` runs the same checks on a batch's positions when
-    `prepare` plans the run, so a bad position stops it before any trace."""
+    `plan_run` plans the run, so a bad position stops it before any trace."""
 
     def __init__(
         self,

@@ -37,19 +37,22 @@ from qktrace.core import checks, ops
 from qktrace.core.errors import BadArgument
 from qktrace.model.loading import Head, Model, check_model, parse_heads
 from qktrace.run.batching import (
+    BATCH_SIZE,
     Batch,
     Check,
+    Plan,
     Positions,
     PromptInput,
     by_layer,
     given_order,
     head_coords,
-    prepare,
+    plan_run,
     run,
 )
 from qktrace.store.locks import one_writer
+from qktrace.verbs.decompose import CONTRASTS
 
-CONTRASTS = ("positive", "negative")
+# a key's label: (feature, "positive" | "negative"), or None for a key in no pair
 Label = tuple[str, str] | None
 # Batches per NDIF request by default: 16x fewer round trips and returned sums, while a failed
 # request loses (and a resume repeats) at most 16 batches.
@@ -119,6 +122,8 @@ def _tables(count: np.ndarray, delta: bool) -> tuple[torch.Tensor, torch.Tensor]
 
 
 Work = tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]
+# one layer's heads in a trace: (layer, query heads, the key heads they read)
+LayerPlan = list[tuple[int, list[int], list[int]]]
 
 
 def _reduce_batch(
@@ -144,51 +149,91 @@ def _reduce_batch(
         for layer, hs in layers.items()
     ]
     reads = {layer: model.attention_inputs(layer) for layer in layers}
+    tables = (qk_table, vector_table)
     if len(work) == 1:
-        inputs, query_index, key_index, labels = work[0]
-        with torch.inference_mode(), model.trace(inputs) as tracer:
-            saved = nnsight.save([])
-            for layer, q_heads, kv_heads in plan:
-                q_all, k_all, _ = reads[layer].read()
-                qk, q, k, finite = ops.labelled_sums(
-                    q_all, k_all, q_heads, kv_heads, query_index, key_index, labels,
-                    qk_table, vector_table,
-                )  # fmt: skip
-                if wire is None:
-                    saved.append([qk, torch.ones((*qk.shape[:2], 1, 1)), q, k, finite])
-                else:
-                    saved.append([*ops.scaled(qk, wire), q.float(), k.float(), finite])
-            nnsight.save(saved)
-            tracer.stop()  # nothing after the last layer read is needed
+        saved = _trace_sums(model, plan, reads, work[0], tables, wire)
     else:
-        # Every name used in a session travels with the request by value, so nothing used in it
-        # may hold a big value before it starts; the accumulator `totals` is made inside it.
-        lm = model.lm
-        with torch.inference_mode(), model.session():
-            totals = []
-            for inputs, query_index, key_index, labels in work:
-                with lm.trace(inputs) as tracer:
-                    for i, (layer, q_heads, kv_heads) in enumerate(plan):
-                        q_all, k_all, _ = reads[layer].read()
-                        qk, q, k, finite = ops.labelled_sums(
-                            q_all, k_all, q_heads, kv_heads, query_index, key_index,
-                            labels, qk_table, vector_table,
-                        )  # fmt: skip
-                        if i == len(totals):
-                            totals.append([qk, q, k, [finite]])
-                        else:
-                            t = totals[i]
-                            totals[i] = [t[0] + qk, t[1] + q, t[2] + k, [*t[3], finite]]
-                    tracer.stop()
-            saved = nnsight.save(
-                [
-                    [t[0], torch.ones((*t[0].shape[:2], 1, 1)), t[1], t[2], torch.cat(t[3])]
-                    if wire is None
-                    else [*ops.scaled(t[0], wire), t[1].float(), t[2].float(), torch.cat(t[3])]
-                    for t in totals
-                ]
-            )
-    order = given_order(layers, heads)
+        saved = _session_sums(model, plan, reads, work, tables, wire)
+    return _gathered(saved, given_order(layers, heads))
+
+
+def _trace_sums(
+    model: Model,
+    plan: LayerPlan,
+    reads: dict[int, ops.AttentionInputs],
+    work: Work,
+    tables: tuple[torch.Tensor, torch.Tensor],
+    wire: torch.dtype | None,
+) -> list[list[Any]]:
+    """One batch in one trace: per layer [qk, its scale, q, k, finite] (`_reduce_batch`)."""
+    inputs, query_index, key_index, labels = work
+    qk_table, vector_table = tables
+    with torch.inference_mode(), model.trace(inputs) as tracer:
+        saved = nnsight.save([])
+        for layer, q_heads, kv_heads in plan:
+            q_all, k_all, _ = reads[layer].read()
+            qk, q, k, finite = ops.labelled_sums(
+                q_all, k_all, q_heads, kv_heads, query_index, key_index, labels,
+                qk_table, vector_table,
+            )  # fmt: skip
+            if wire is None:
+                saved.append([qk, torch.ones((*qk.shape[:2], 1, 1)), q, k, finite])
+            else:
+                saved.append([*ops.scaled(qk, wire), q.float(), k.float(), finite])
+        nnsight.save(saved)
+        tracer.stop()  # nothing after the last layer read is needed
+    return saved
+
+
+def _session_sums(
+    model: Model,
+    plan: LayerPlan,
+    reads: dict[int, ops.AttentionInputs],
+    work: list[Work],
+    tables: tuple[torch.Tensor, torch.Tensor],
+    wire: torch.dtype | None,
+) -> list[list[Any]]:
+    """Several batches in one session, their sums added on the model side (`_reduce_batch`).
+
+    Every name used in a session travels with the request by value, so nothing used in it may
+    hold a big value before it starts: the accumulator `totals` is made inside it (declared
+    here for the type checker only; the session body holds plain torch and `ops` alone).
+    """
+    lm = model.lm
+    qk_table, vector_table = tables
+    totals: list[list[Any]]
+    with torch.inference_mode(), model.session():
+        totals = []
+        for inputs, query_index, key_index, labels in work:
+            with lm.trace(inputs) as tracer:
+                for i, (layer, q_heads, kv_heads) in enumerate(plan):
+                    q_all, k_all, _ = reads[layer].read()
+                    qk, q, k, finite = ops.labelled_sums(
+                        q_all, k_all, q_heads, kv_heads, query_index, key_index,
+                        labels, qk_table, vector_table,
+                    )  # fmt: skip
+                    if i == len(totals):
+                        totals.append([qk, q, k, [finite]])
+                    else:
+                        t = totals[i]
+                        totals[i] = [t[0] + qk, t[1] + q, t[2] + k, [*t[3], finite]]
+                tracer.stop()
+        saved = nnsight.save(
+            [
+                [t[0], torch.ones((*t[0].shape[:2], 1, 1)), t[1], t[2], torch.cat(t[3])]
+                if wire is None
+                else [*ops.scaled(t[0], wire), t[1].float(), t[2].float(), torch.cat(t[3])]
+                for t in totals
+            ]
+        )
+    return saved
+
+
+def _gathered(
+    saved: list[list[Any]], order: list[int]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The per-layer sums of a request as (qk, scale, q, k) over heads in the given `order`,
+    and per prompt whether its q and k were all finite."""
     qk, scale, q, k = (
         np.concatenate([s[i].cpu().numpy() for s in saved], axis=0)[order] for i in range(4)
     )
@@ -217,7 +262,7 @@ def stored_sums(sums: xr.Dataset) -> list[str]:
 
 
 def _check_labels(labels: Sequence[Sequence[Label]]) -> Check:
-    """A `prepare` check: every prompt gives one label (or None) per key position."""
+    """A `plan_run` check: every prompt gives one label (or None) per key position."""
 
     def check(
         start: int, lengths: list[int], query: list[list[int]], keys: list[list[int]]
@@ -242,9 +287,9 @@ def reduce(
     heads: str | Sequence[Any],
     labels: Sequence[Sequence[Label]],
     *,
-    keys: Positions,
     query: Positions = "last",
-    batch_size: int = 16,
+    keys: Positions,
+    batch_size: int = BATCH_SIZE,
     add_special_tokens: bool = True,
     out: str | Path | None = None,
     progress: bool = True,
@@ -260,6 +305,10 @@ def reduce(
         As for `qktrace.verbs.capture`; `query` must name one position per prompt.
     labels
         Per prompt, per key slot: `(feature, "positive" | "negative")`, or None to skip the key.
+    batch_size
+        Prompts per trace (`qktrace.run.batching.BATCH_SIZE`). It changes the sums only to
+        float64 rounding, but it is one of the parameters a checkpoint records (`out=`), so a
+        resume needs the same one.
     out
         A zarr path for the running sums, saved at most every `CHECKPOINT_EVERY_S` (30) seconds
         and when the call ends, fails or is interrupted (a hard kill, e.g. SIGKILL, loses the
@@ -288,6 +337,56 @@ def reduce(
     (head, feature, dq, dk), uncentered ΔC), `q_sum` (…, contrast, dq), `k_sum` (…, contrast,
     dk), all float64, and `pair_count` (head, feature, contrast); attrs `n_prompts`.
     """
+    chosen = _check_arguments(
+        model, prompts, heads, labels, progress, delta, delta_dtype, out, batches_per_request
+    )
+    per_request = _batches_per_request(model, batches_per_request)
+    wire = _wire(delta, delta_dtype)
+    features = _groups(labels)
+    per_prompt = _pair_counts(labels, features)
+    count = np.broadcast_to(per_prompt.sum(axis=0), (len(chosen), len(features), 2)).copy()
+    if delta:
+        _check_delta_counts(count, features)
+    plan = plan_run(
+        model, prompts, query, keys, batch_size, add_special_tokens,
+        extra=labels, check=_check_labels(labels),
+    )  # fmt: skip
+    params = _params(model, chosen, features, len(prompts), batch_size, delta, delta_dtype, plan)
+    sums = _RunningSums(model, chosen, features, per_prompt, params, out, delta)
+    qk_table, vector_table = _tables(count, delta)
+
+    def step(request: list[Batch]) -> tuple[np.ndarray, ...]:
+        work = _work(request, labels, features)
+        return _reduce_batch(model, work, chosen, qk_table, vector_table, wire)
+
+    try:
+        for request, (qk, scale, q, k, finite) in run(
+            plan,
+            step,
+            desc="reduce",
+            resume_hint=lambda start: _resume_hint(out, start),
+            progress=progress,
+            done=sums.done,
+            batches_per_request=per_request,
+        ):
+            sums.add(request, qk, scale, q, k, finite)
+    finally:  # finished, or stopped by an error or Ctrl-C: keep every summed request
+        sums.save()
+    return sums.dataset(count)
+
+
+def _check_arguments(
+    model: Model,
+    prompts: Sequence[PromptInput],
+    heads: str | Sequence[Any],
+    labels: Sequence[Sequence[Label]],
+    progress: bool,
+    delta: bool,
+    delta_dtype: str,
+    out: str | Path | None,
+    batches_per_request: int | None,
+) -> list[Head]:
+    """`reduce`'s arguments checked before any prompt is tokenized; returns the parsed heads."""
     check_model("model", model)
     checks.flag("progress", progress)
     checks.flag("delta", delta)
@@ -295,8 +394,8 @@ def reduce(
     checks.path("out", out, optional=True)
     if batches_per_request is not None:
         checks.integer("batches_per_request", batches_per_request, low=0, example="4")
-    heads = parse_heads(heads)
-    model.check_heads(heads)
+    chosen = parse_heads(heads)
+    model.check_heads(chosen)
     checks.prompts("prompts", prompts)
     if isinstance(labels, str) or not isinstance(labels, Sequence):
         raise checks.BadArgumentType(
@@ -307,123 +406,177 @@ def reduce(
         raise BadArgument(
             f"labels has {len(labels)} rows for {len(prompts)} prompts: give one row per prompt."
         )
-    if batches_per_request is None:
-        batches_per_request = REMOTE_BATCHES_PER_REQUEST if model.remote else 1
-    if batches_per_request < 0:
-        raise BadArgument(
-            f"batches_per_request={batches_per_request} is negative: pass 1 (one trace per "
-            "request), more, or 0 (all batches in one request)."
-        )
-    wires = {"float32": torch.float32, "float16": torch.float16}
-    if delta_dtype not in wires:
-        raise BadArgument(f"delta_dtype={delta_dtype!r}: use 'float32' or 'float16'.")
-    features = _groups(labels)
-    d = model.d_head
-    shape = (len(heads), len(features), 2)
-    # pairs per prompt, so a checkpoint counts exactly the prompts it has summed
-    per_prompt = np.zeros((len(prompts), len(features), 2), dtype=np.int64)
-    for i, row in enumerate(labels):
-        for label in row:
-            if label is not None:
-                per_prompt[i, features.index(label[0]), CONTRASTS.index(label[1])] += 1
-    count = np.broadcast_to(per_prompt.sum(axis=0), shape).copy()
-    if delta:
-        _check_delta_counts(count, features)
-    qk_sum = np.zeros((len(heads), len(features), d, d) if delta else (*shape, d, d))
-    q_sum = np.zeros((*shape, d))
-    k_sum = np.zeros((*shape, d))
-    plan = prepare(
-        model,
-        prompts,
-        query,
-        keys,
-        batch_size,
-        add_special_tokens,
-        extra=labels,
-        check=_check_labels(labels),
-    )
-    params = {
+    return chosen
+
+
+def _params(
+    model: Model,
+    heads: list[Head],
+    features: list[str],
+    n_prompts: int,
+    batch_size: int,
+    delta: bool,
+    delta_dtype: str,
+    plan: Plan,
+) -> dict[str, Any]:
+    """What a `reduce` result records it was made from, and a resume must match."""
+    return {
         "model": model.name,
         "heads": [h.label for h in heads],
         "features": features,
-        "n_prompts": len(prompts),
+        "n_prompts": n_prompts,
         "batch_size": batch_size,
         "delta": delta,
         **({"delta_dtype": delta_dtype} if delta else {}),
         "prompts_sha256": plan.sha256,
     }
-    done, resumed = _resume(out, params)
-    if resumed is not None:
-        qk_sum, q_sum, k_sum = (
-            resumed[v].values for v in ("delta_c" if delta else "qk_sum", "q_sum", "k_sum")
+
+
+def _batches_per_request(model: Model, given: int | None) -> int:
+    """Batches per request: as given, else `REMOTE_BATCHES_PER_REQUEST` remotely and 1 here."""
+    per_request = given
+    if per_request is None:
+        per_request = REMOTE_BATCHES_PER_REQUEST if model.remote else 1
+    if per_request < 0:
+        raise BadArgument(
+            f"batches_per_request={per_request} is negative: pass 1 (one trace per "
+            "request), more, or 0 (all batches in one request)."
         )
-    qk_table, vector_table = _tables(count, delta)
+    return per_request
 
-    wire = wires[delta_dtype] if delta else None
-    # (prompts summed, their sums): replaced whole, so an interrupt never sees half an update
-    state = (done, qk_sum, q_sum, k_sum)
-    saved, last_save = done, time.monotonic()
 
-    def save() -> None:
-        nonlocal saved, last_save
-        summed_to, *arrays = state
-        if out is None or summed_to == saved:
+_WIRES = {"float32": torch.float32, "float16": torch.float16}
+
+
+def _wire(delta: bool, delta_dtype: str) -> torch.dtype | None:
+    """The dtype ΔC travels in (None: float64 C+ and C- sums, without `delta`)."""
+    if delta_dtype not in _WIRES:
+        raise BadArgument(f"delta_dtype={delta_dtype!r}: use 'float32' or 'float16'.")
+    return _WIRES[delta_dtype] if delta else None
+
+
+def _pair_counts(labels: Sequence[Sequence[Label]], features: list[str]) -> np.ndarray:
+    """Pairs per prompt, feature and contrast [prompt, feature, contrast], so a checkpoint
+    counts exactly the prompts it has summed."""
+    per_prompt = np.zeros((len(labels), len(features), 2), dtype=np.int64)
+    for i, row in enumerate(labels):
+        for label in row:
+            if label is not None:
+                per_prompt[i, features.index(label[0]), CONTRASTS.index(label[1])] += 1
+    return per_prompt
+
+
+def _work(
+    request: list[Batch], labels: Sequence[Sequence[Label]], features: list[str]
+) -> list[Work]:
+    """What `_reduce_batch` runs for a request: per batch its inputs, indices and group labels."""
+    return [
+        (
+            b.encoded.inputs,
+            b.query_index,
+            b.key_index,
+            _label_index(labels[b.start : b.start + len(b.texts)], features, b.key_index.shape[1]),
+        )
+        for b in request
+    ]
+
+
+class _RunningSums:
+    """A `reduce` call's running float64 sums, resumed from and checkpointed to `out`.
+
+    `state` (prompts summed, qk, q and k sums) is replaced whole, so an interrupt never sees
+    half an update; `save` writes it when it holds prompts the last checkpoint lacks.
+    """
+
+    def __init__(
+        self,
+        model: Model,
+        heads: list[Head],
+        features: list[str],
+        per_prompt: np.ndarray,
+        params: dict[str, Any],
+        out: str | Path | None,
+        delta: bool,
+    ) -> None:
+        self.model, self.heads, self.features, self.params = model, heads, features, params
+        self.per_prompt, self.out = per_prompt, out
+        d = model.d_head
+        self.shape = shape = (len(heads), len(features), 2)
+        qk_sum = np.zeros((len(heads), len(features), d, d) if delta else (*shape, d, d))
+        q_sum = np.zeros((*shape, d))
+        k_sum = np.zeros((*shape, d))
+        done, resumed = _resume(out, params)
+        if resumed is not None:
+            qk_sum, q_sum, k_sum = (
+                resumed[v].values for v in ("delta_c" if delta else "qk_sum", "q_sum", "k_sum")
+            )
+        self.state = (done, qk_sum, q_sum, k_sum)
+        self.saved, self.last_save = done, time.monotonic()
+
+    @property
+    def done(self) -> int:
+        """Prompts summed so far (resumed ones included)."""
+        return self.state[0]
+
+    def add(
+        self,
+        request: list[Batch],
+        qk: np.ndarray,
+        scale: np.ndarray,
+        q: np.ndarray,
+        k: np.ndarray,
+        finite: np.ndarray,
+    ) -> None:
+        """Add one request's sums (`_reduce_batch`); checkpoint if the last is old enough."""
+        start = request[0].start
+        end = request[-1].start + len(request[-1].texts)
+        _check_finite(qk, finite, start, end, self.out)
+        _, qk_sum, q_sum, k_sum = self.state
+        self.state = (
+            end,
+            qk_sum + (qk.astype(np.float64) * scale).reshape(qk_sum.shape),
+            q_sum + q.reshape(q_sum.shape),
+            k_sum + k.reshape(k_sum.shape),
+        )
+        if time.monotonic() - self.last_save >= CHECKPOINT_EVERY_S:
+            self.save()
+
+    def save(self) -> None:
+        """Write the sums to `out` (if any) when they hold prompts the last checkpoint lacks."""
+        summed_to = self.state[0]
+        if self.out is None or summed_to == self.saved:
             return
-        summed = np.broadcast_to(per_prompt[:summed_to].sum(axis=0), shape)
-        _checkpoint(out, _sums_dataset(model, heads, features, *arrays, summed, summed_to, params))
-        saved, last_save = summed_to, time.monotonic()
+        _checkpoint(self.out, self.dataset())
+        self.saved, self.last_save = summed_to, time.monotonic()
 
-    def step(request: list[Batch]) -> tuple[np.ndarray, ...]:
-        work = [
-            (
-                b.encoded.inputs,
-                b.query_index,
-                b.key_index,
-                _label_index(
-                    labels[b.start : b.start + len(b.texts)], features, b.key_index.shape[1]
-                ),
-            )
-            for b in request
-        ]
-        return _reduce_batch(model, work, heads, qk_table, vector_table, wire)
+    def dataset(self, count: np.ndarray | None = None) -> xr.Dataset:
+        """The sums as the "covariance sums" Dataset; `count` defaults to the summed prompts'."""
+        done, qk_sum, q_sum, k_sum = self.state
+        if count is None:
+            count = np.broadcast_to(self.per_prompt[:done].sum(axis=0), self.shape)
+        return _sums_dataset(
+            self.model, self.heads, self.features, qk_sum, q_sum, k_sum, count, done, self.params
+        )
 
-    try:
-        for request, (qk, scale, q, k, finite) in run(
-            plan,
-            step,
-            desc="reduce",
-            resume_hint=lambda start: _resume_hint(out, start),
-            progress=progress,
-            done=done,
-            batches_per_request=batches_per_request,
-        ):
-            start = request[0].start
-            end = request[-1].start + len(request[-1].texts)
-            if not finite.all() or not np.isfinite(qk).all():
-                bad = start + int(np.argmin(finite)) if not finite.all() else None
-                where = f"prompt {bad}" if bad is not None else f"prompts {start}..{end - 1}"
-                raise FloatingPointError(
-                    f"Captured q/k have NaN/inf for {where}, so the q k^T sums would be NaN. The "
-                    "model overflowed on it: run in float32 or bfloat16 instead of float16, or "
-                    "drop that prompt."
-                    + (
-                        f" The sums of prompts 0..{start - 1} are saved in {out}."
-                        if start and out is not None
-                        else ""
-                    )
-                )
-            state = (
-                end,
-                qk_sum + (qk.astype(np.float64) * scale).reshape(qk_sum.shape),
-                q_sum + q.reshape(q_sum.shape),
-                k_sum + k.reshape(k_sum.shape),
-            )
-            done, qk_sum, q_sum, k_sum = state
-            if time.monotonic() - last_save >= CHECKPOINT_EVERY_S:
-                save()
-    finally:  # finished, or stopped by an error or Ctrl-C: keep every summed request
-        save()
-    return _sums_dataset(model, heads, features, qk_sum, q_sum, k_sum, count, done, params)
+
+def _check_finite(
+    qk: np.ndarray, finite: np.ndarray, start: int, end: int, out: str | Path | None
+) -> None:
+    """Refuse a request whose q or k overflowed (its q k^T sums would be NaN)."""
+    if finite.all() and np.isfinite(qk).all():
+        return
+    bad = start + int(np.argmin(finite)) if not finite.all() else None
+    where = f"prompt {bad}" if bad is not None else f"prompts {start}..{end - 1}"
+    raise FloatingPointError(
+        f"Captured q/k have NaN/inf for {where}, so the q k^T sums would be NaN. The "
+        "model overflowed on it: run in float32 or bfloat16 instead of float16, or "
+        "drop that prompt."
+        + (
+            f" The sums of prompts 0..{start - 1} are saved in {out}."
+            if start and out is not None
+            else ""
+        )
+    )
 
 
 def _check_delta_counts(count: np.ndarray, features: list[str]) -> None:
@@ -451,6 +604,7 @@ def _sums_dataset(
     from qktrace.store.io import provenance
 
     dims = ("head", "feature", "contrast")
+    qk_dims: tuple[str, ...]
     if qk_sum.ndim == 4:  # delta: ΔC per head and feature
         qk_name, qk_dims = "delta_c", ("head", "feature", "dq", "dk")
     else:
@@ -500,8 +654,12 @@ def _resume(out: str | Path | None, params: dict[str, Any]) -> tuple[int, xr.Dat
     if isinstance(stored, str):
         stored = json.loads(stored)
     sums = state is not None and ("qk_sum" in state or "delta_c" in state)
-    if not sums or not isinstance(stored, dict):
-        what = "batches of a capture" if state is None else f"variables {sorted(state.data_vars)}"
+    if state is None or not sums or not isinstance(stored, dict):
+        what = (
+            "batches of a capture"
+            if state is None
+            else f"variables {sorted(map(str, state.data_vars))}"
+        )
         raise BadArgument(
             f"{out} is not a checkpoint of qktrace.reduce (it holds {what}, written by something "
             "else); pass another out= path (CLI: another --out)."
