@@ -2,20 +2,15 @@
 the writers' locks.
 
 `qktrace.save` and `qktrace.open` are the verbs; the names below are for code that writes
-stores batch by batch (`BatchWriter`) or handles their errors.
+stores batch by batch (`BatchWriter`) or handles their errors. `qktrace.store.io` describes the
+format and lists the modules that implement it.
 """
 
-from qktrace.store.io import (
-    BatchWriter,
-    DifferentRunError,
-    StoreDamagedError,
-    StoreReplacedError,
-    check_same_run,
-    open,
-    provenance,
-    rewritten_by,
-    save,
-)
+from qktrace.store.identity import DifferentRunError, check_same_run, provenance
+from qktrace.store.integrity import StoreDamagedError, rewritten_by
+from qktrace.store.io import open, save
+from qktrace.store.reading import StoreReplacedError
+from qktrace.store.writer import BatchWriter
 
 __all__ = [
     "provenance",

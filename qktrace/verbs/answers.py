@@ -334,7 +334,7 @@ def intervene_answers(
         ],
         dtype=object,
     )
-    from qktrace.store.io import provenance
+    from qktrace.store import provenance
 
     params = {
         "heads": [h.label for h in heads],

@@ -193,7 +193,7 @@ def attribute(
     checks.choice("side", side, ("query", "key"))
     if scaling is not None:
         checks.number("scaling", scaling, low=0, low_open=True, example="0.125")
-    from qktrace.store.io import provenance
+    from qktrace.store import provenance
 
     if side not in ("query", "key"):
         raise BadArgument(f"side must be 'query' or 'key', not {side!r}.")

@@ -163,6 +163,7 @@ def capture(
     model.check_heads(heads)
     plan = prepare(model, prompts, query, keys, batch_size, add_special_tokens)
     writer = None
+    from qktrace.store import BatchWriter, provenance
     from qktrace.store import io as store
 
     params = {
@@ -173,10 +174,10 @@ def capture(
         "attention": attention,
         "prompts_sha256": plan.sha256,
     }
-    attrs = store.provenance("capture", params, model=model)
+    attrs = provenance("capture", params, model=model)
     if out is not None:
         sizes = {"prompt": len(prompts), "query": plan.query_width, "key": plan.key_width}
-        writer = store.BatchWriter(
+        writer = BatchWriter(
             out,
             params=params,
             attrs=attrs,

@@ -470,7 +470,7 @@ def decompose(sums: xr.Dataset, *, threshold: float = 0.99, centered: bool = Fal
     """
     checks.dataset("sums", sums, "the sums of qktrace.reduce (or empty_sums/add_pairs)")
     checks.flag("centered", centered)
-    from qktrace.store.io import provenance
+    from qktrace.store import provenance
 
     _check_threshold(threshold)
     if not isinstance(sums, xr.Dataset):

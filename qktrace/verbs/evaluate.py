@@ -180,7 +180,7 @@ def evaluate(
             tqdm.write(f"{name:<16} {accuracy:8.1%} {chance:7.1%} {mass:8.3f}")
     bar.close()
     names = list(sets)
-    from qktrace.store.io import provenance
+    from qktrace.store import provenance
 
     params = {"n": n, "pairs": [int(k) for k in pairs], "seed": seed, "chat": chat}
     counts = np.array([len(sets[k]) for k in names])

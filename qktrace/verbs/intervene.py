@@ -320,7 +320,7 @@ def intervene(
 
     names = [name] + [f"random_{i}" for i in range(n_random)]
     ds = _dataset(parts, names)
-    from qktrace.store.io import provenance
+    from qktrace.store import provenance
 
     params = {
         "head": h.label,
@@ -553,7 +553,7 @@ def intervene_captured(
     out = _metrics(keys, values, orig_slot, target_slot, names).assign_coords(
         prompt=ds["prompt"].values
     )
-    from qktrace.store.io import provenance
+    from qktrace.store import provenance
 
     params = {"head": label, "name": name, "mode": mode, "side": "key", "rank": rank,
               "n_random": n_random, "n_prompts": n}  # fmt: skip
