@@ -66,6 +66,7 @@ def remove_copy(path: Path) -> None:
 
 
 def remove(path: Path) -> None:
+    """Delete a folder, a file or a link (a link's target stays)."""
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)
     else:

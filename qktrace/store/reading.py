@@ -28,6 +28,8 @@ __all__ = ["StoreReplacedError"]
 def open_zarr(
     path: Path, checksums: bool = False, record: Mapping[str, Any] | None = None
 ) -> xr.Dataset:
+    """The zarr store at `path`, lazily, checked against its record: its integrity file, or
+    `record` (a batch store's manifest); with `checksums` every file's CRC-32 too."""
     record = verify(path, checksums, record)
     check_declared_sizes(path)
     for attempt in (1, 2):  # a writer replacing the store between the record and the metadata
