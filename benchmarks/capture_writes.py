@@ -58,7 +58,7 @@ def main() -> None:
     import qktrace.verbs.capture as qk
     from qktrace import organism
     from qktrace.organism.data import boxes_prompts
-    from qktrace.store import io as store
+    from qktrace.store import BatchWriter
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -97,7 +97,7 @@ def main() -> None:
         setattr(owner, name, wrapper)
 
     timed(qk, "_capture_batch", "forward")
-    timed(store.BatchWriter, "flush", "write")
+    timed(BatchWriter, "flush", "write")
     every = qk.WRITE_EVERY_S
 
     def call(out_every: float | None) -> None:

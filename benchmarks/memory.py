@@ -115,7 +115,7 @@ def child(
     one_batch = warm.nbytes
     # also warm the zarr write path (imports of zarr/numcodecs, codec buffers), so the arm's
     # peak shows what it holds, not one-off import costs
-    from qktrace.store import io as store
+    from qktrace import store
 
     store.save(warm, Path(workdir) / f"warm-{arm}-{n}.zarr")
     if hasattr(store, "BatchWriter"):
@@ -218,7 +218,7 @@ def capture_to_zarr(model, prompts, heads, batch, out):
     from qktrace.verbs.capture import capture
 
     try:
-        from qktrace.store.io import BatchWriter
+        from qktrace.store import BatchWriter
     except ImportError:
         BatchWriter = None
     if BatchWriter is not None:

@@ -15,7 +15,7 @@ process (after opening a small store once, so imports are not counted) and repor
 Layouts:
   per-batch   the layout qktrace wrote before (manifest version 1): each batch saved as its own
               zarr store `batch-NNNNNN.zarr` with `qktrace.store.save`, read by the same code as
-              before (`store._open_legacy_batches`).
+              before (`qktrace.store.legacy.open_legacy_batches`).
   one-store   `qktrace.store.BatchWriter(..., sizes=...)` as `capture(out=)` uses it now.
 
     python benchmarks/store_open.py [--batches 313] [--layouts per-batch,one-store]
@@ -80,7 +80,8 @@ def make_batch(i: int):
 
 
 def write(layout: str, path: Path, n: int) -> float:
-    from qktrace.store import io as store
+    from qktrace import store
+    from qktrace.store.files import MANIFEST
 
     params = {"n_prompts": n * BATCH, "batch_size": BATCH}
     t0 = time.perf_counter()
@@ -90,7 +91,7 @@ def write(layout: str, path: Path, n: int) -> float:
             store.save(make_batch(i), path / f"batch-{i:06d}.zarr")
         manifest = {"format": "qktrace-batches", "version": 1, "dim": "prompt",
                     "params": params, "attrs": {"params": params}, "finalized": False}  # fmt: skip
-        (path / store.MANIFEST).write_text(json.dumps(manifest))
+        (path / MANIFEST).write_text(json.dumps(manifest))
     else:
         sizes = {"prompt": n * BATCH, "query": 1, "key": KEYS}
         writer = store.BatchWriter(path, params=params, sizes=sizes)

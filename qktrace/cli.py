@@ -85,7 +85,7 @@ def _command_line(ctx: typer.Context) -> str:
 
 def _out_dir(out: str, store_name: str) -> Path:
     """--out as a directory to write ``store_name`` in; refuse what would misplace the results."""
-    from qktrace.store import io as store
+    from qktrace.store.files import is_store
 
     if not out.strip():
         _fail("--out is empty; pass a directory for the results, e.g. -o out/organism.", 2)
@@ -96,7 +96,7 @@ def _out_dir(out: str, store_name: str) -> Path:
             "and its figures, e.g. -o out/organism.",
             2,
         )
-    if store.is_store(path):
+    if is_store(path):
         _fail(
             f"--out {out} is itself a qktrace store; pass the folder that holds it "
             f"(-o {path.parent}, with --overwrite to replace it) or a new folder, so the new "
@@ -165,8 +165,8 @@ def _run(
     """
     import signal
 
+    from qktrace import store
     from qktrace.core.errors import QktraceError
-    from qktrace.store import io as store
 
     def said() -> str:
         return kept() if callable(kept) else kept
@@ -831,8 +831,8 @@ def plot(
 
     Example: qktrace plot out/binding/order_id.zarr
     """
+    from qktrace import store
     from qktrace.core.errors import QktraceError
-    from qktrace.store import io as store
     from qktrace.study.pipeline import StudyError, draw, load_study
 
     try:
@@ -864,8 +864,8 @@ def show(
 
     Example: qktrace show out/binding/order_id.zarr
     """
+    from qktrace import store
     from qktrace.core.errors import QktraceError
-    from qktrace.store import io as store
     from qktrace.study.summary import summarize
 
     try:

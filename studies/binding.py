@@ -129,7 +129,7 @@ def reusable_order_subspace(
     """Whether the order-ID store `stored` (at `path`) holds the order subspace of this run:
     the same model (any copy of the organism), heads among its own, and the same pairs,
     threshold and chat setting. When not, a warning names each difference (store.check_same_run)."""
-    from qktrace.store import io as store
+    from qktrace import store
     from qktrace.study.tools import is_organism
 
     def facts(model: str, heads: Sequence[str], p: Mapping[str, Any]) -> dict[str, Any]:

@@ -54,6 +54,7 @@ import xarray as xr
 from tqdm.auto import tqdm
 
 from qktrace.core import checks
+from qktrace.store import check_same_run, provenance
 from qktrace.store import io as store
 from qktrace.store.locks import one_writer
 from qktrace.study import plots
@@ -213,7 +214,7 @@ def run(
     ds.attrs["workers"] = workers
     ds.attrs["models_resumed"] = kept.n_resumed  # finished by an earlier, interrupted run
     store.save(
-        ds, path, attrs=store.provenance("toy", params, study="toy", seed=seed), overwrite=overwrite
+        ds, path, attrs=provenance("toy", params, study="toy", seed=seed), overwrite=overwrite
     )
     kept.remove()  # what they held is in the store now
     if figures:
@@ -233,12 +234,12 @@ class Cells:
     def __init__(self, folder: Path, params: dict[str, Any], *, discard: bool = False) -> None:
         self.folder = folder
         stamp = folder / "params.json"
-        wanted = json.dumps(store.provenance("toy", params)["params"], sort_keys=True)
+        wanted = json.dumps(provenance("toy", params)["params"], sort_keys=True)
         if folder.exists() and (discard or not stamp.is_file()):
             shutil.rmtree(folder)
         elif folder.exists():
-            store.check_same_run(folder, json.loads(stamp.read_text()), json.loads(wanted),
-                                 what="the finished models")  # fmt: skip
+            check_same_run(folder, json.loads(stamp.read_text()), json.loads(wanted),
+                           what="the finished models")  # fmt: skip
         folder.mkdir(parents=True, exist_ok=True)
         stamp.write_text(wanted)
         self.n_resumed = 0

@@ -53,6 +53,7 @@ def every_verb(tmp_path_factory):
 
     import qktrace
     from qktrace.store import io as store
+    from qktrace.store import provenance
     from qktrace.studies import toy as toy_study
     from qktrace.study.tools import ranking_variables
     from qktrace.verbs.evaluate import evaluate
@@ -93,7 +94,7 @@ def every_verb(tmp_path_factory):
     params = toy_study.settings(ranks=(3,), d_heads=(8,), variants=("discrete",), max_steps=5,
                                 n_contrast_pairs=200, n_random=1)  # fmt: skip
     toy = toy_study.run_cell("discrete", 8, 3, 3, 0, params)
-    results["toy"] = toy.assign_attrs(store.provenance("toy", params, study="toy", seed=0))
+    results["toy"] = toy.assign_attrs(provenance("toy", params, study="toy", seed=0))
     results["ranking"] = ranking_variables(found)
     folder = tmp_path_factory.mktemp("every_verb")
     out = {}

@@ -27,7 +27,7 @@ import qktrace.verbs.reduce as sums_module
 from qktrace.cli import app
 from qktrace.core.prompts import Prompt, locate
 from qktrace.model.loading import load, parse_heads
-from qktrace.store import io as store
+from qktrace.store.files import MANIFEST
 from tests.conftest import tiny
 
 PROMPTS = ["The apple is in Box A, the cat is in Box B", "Which box is the cat in? Box"]
@@ -190,7 +190,7 @@ def capture_into_per_batch_layout(env, tmp_path, monkeypatch) -> None:
     qktrace.save(qktrace.open(env.capture_store), old / "batch-000000.zarr")
     manifest = {"format": "qktrace-batches", "version": 1, "dim": "prompt", "params": {},
                 "attrs": {}, "finalized": False}  # fmt: skip
-    (old / store.MANIFEST).write_text(json.dumps(manifest))
+    (old / MANIFEST).write_text(json.dumps(manifest))
     qktrace.capture(env.llama, PROMPTS, "1.0", keys=KEYS, out=old, progress=False)
 
 

@@ -15,7 +15,11 @@ import numpy as np
 import pytest
 import xarray as xr
 
+from qktrace.core.errors import StoreError
+from qktrace.store import BatchWriter, StoreDamagedError, provenance
 from qktrace.store import io as store
+from qktrace.store.files import INTEGRITY, MANIFEST
+from qktrace.store.integrity import StoreIntegrityWarning
 from qktrace.study.tools import check_out, checkpoint, write
 
 # --------------------------------------------------------------------------------------------
@@ -105,7 +109,7 @@ def test_a_reader_sees_the_old_store_whole_or_a_clear_error(tmp_path):
             try:
                 ds = store.open(path)
                 values = ds["x"].values
-            except store.StoreError:
+            except StoreError:
                 refused += 1  # the clear error: read again
                 continue
             if not (values == ds.attrs["generation"]).all():
@@ -137,7 +141,7 @@ def _show(path: Path) -> tuple[int, str]:
 
 
 def _batch_store(path: Path) -> Path:
-    with store.BatchWriter(path, params={"n": 2}) as w:
+    with BatchWriter(path, params={"n": 2}) as w:
         w.append(xr.Dataset({"x": ("prompt", np.arange(2.0))}))
     return path
 
@@ -154,15 +158,15 @@ def _first_file(record: dict, value) -> None:
 
 
 MALFORMED = {
-    "integrity-null-entry": (store.INTEGRITY, lambda r: _first_file(r, None)),
-    "integrity-string-entry": (store.INTEGRITY, lambda r: _first_file(r, "12")),
-    "integrity-files-null": (store.INTEGRITY, lambda r: r.update(files=None)),
-    "integrity-version-string": (store.INTEGRITY, lambda r: r.update(version="1")),
-    "integrity-record-a-list": (store.INTEGRITY, lambda r: r.clear() or r.update(x=[1])),
-    "manifest-null-entry": (store.MANIFEST, lambda r: _first_file(r, None)),
-    "manifest-rows-null": (store.MANIFEST, lambda r: r.update(rows=None)),
-    "manifest-dim-number": (store.MANIFEST, lambda r: r.update(dim=5)),
-    "manifest-attrs-string": (store.MANIFEST, lambda r: r.update(attrs="x")),
+    "integrity-null-entry": (INTEGRITY, lambda r: _first_file(r, None)),
+    "integrity-string-entry": (INTEGRITY, lambda r: _first_file(r, "12")),
+    "integrity-files-null": (INTEGRITY, lambda r: r.update(files=None)),
+    "integrity-version-string": (INTEGRITY, lambda r: r.update(version="1")),
+    "integrity-record-a-list": (INTEGRITY, lambda r: r.clear() or r.update(x=[1])),
+    "manifest-null-entry": (MANIFEST, lambda r: _first_file(r, None)),
+    "manifest-rows-null": (MANIFEST, lambda r: r.update(rows=None)),
+    "manifest-dim-number": (MANIFEST, lambda r: r.update(dim=5)),
+    "manifest-attrs-string": (MANIFEST, lambda r: r.update(attrs="x")),
 }
 
 
@@ -170,17 +174,17 @@ MALFORMED = {
 def test_show_of_a_malformed_record_names_the_store_and_the_file(case, tmp_path):
     name, change = MALFORMED[case]
     path = tmp_path / "s.zarr"
-    _store(path) if name == store.INTEGRITY else _batch_store(path)
+    _store(path) if name == INTEGRITY else _batch_store(path)
     _edit(path / name, change)
     code, error = _show(path)
     assert code == 1
     assert str(path) in error and name in error and "layout version" in error, error
 
 
-@pytest.mark.parametrize("name", [store.INTEGRITY, store.MANIFEST])
+@pytest.mark.parametrize("name", [INTEGRITY, MANIFEST])
 def test_show_of_a_newer_layout_names_the_version(name, tmp_path):
     path = tmp_path / "s.zarr"
-    _store(path) if name == store.INTEGRITY else _batch_store(path)
+    _store(path) if name == INTEGRITY else _batch_store(path)
     _edit(path / name, lambda r: r.update(version=7))
     code, error = _show(path)
     assert code == 1
@@ -442,7 +446,7 @@ def test_a_figure_failure_keeps_the_store_and_qktrace_plot_draws_them(
 
 def _provenance_store(path: Path) -> Path:
     ds = xr.Dataset({"x": ("prompt", np.arange(3.0))})
-    return store.save(ds, path, attrs=store.provenance("demo", {"n": 3}))
+    return store.save(ds, path, attrs=provenance("demo", {"n": 3}))
 
 
 def test_open_checks_the_metadata_checksum_every_time(tmp_path):
@@ -450,23 +454,23 @@ def test_open_checks_the_metadata_checksum_every_time(tmp_path):
     zattrs = path / "x" / ".zattrs"
     text = zattrs.read_text()
     zattrs.write_text(text.replace("prompt", "prumpt"))  # same size: only a checksum sees it
-    with pytest.raises(store.StoreDamagedError, match=r"x/\.zattrs|file \.zattrs changed"):
+    with pytest.raises(StoreDamagedError, match=r"x/\.zattrs|file \.zattrs changed"):
         store.open(path)
 
 
 def test_a_qktrace_store_without_its_integrity_record_is_refused(tmp_path):
     path = _provenance_store(tmp_path / "s.zarr")
-    (path / store.INTEGRITY).unlink()
-    with pytest.raises(store.StoreDamagedError, match=r"has no qktrace_integrity\.json.*deleted"):
+    (path / INTEGRITY).unlink()
+    with pytest.raises(StoreDamagedError, match=r"has no qktrace_integrity\.json.*deleted"):
         store.open(path)
 
 
 def test_an_older_qktrace_store_without_a_record_opens_with_a_warning(tmp_path):
     ds = xr.Dataset({"x": ("prompt", np.arange(3.0))})
-    attrs = {**store.provenance("demo", {}), "date": "2026-01-02T00:00:00+00:00"}
+    attrs = {**provenance("demo", {}), "date": "2026-01-02T00:00:00+00:00"}
     path = store.save(ds, tmp_path / "old.zarr", attrs=attrs)
-    (path / store.INTEGRITY).unlink()
-    with pytest.warns(store.StoreIntegrityWarning, match="opens unchecked"):
+    (path / INTEGRITY).unlink()
+    with pytest.warns(StoreIntegrityWarning, match="opens unchecked"):
         assert float(store.open(path)["x"].sum()) == 3.0
 
 

@@ -19,8 +19,9 @@ from typer.testing import CliRunner
 import qktrace
 import qktrace.model.testing as testing
 from qktrace.cli import app
+from qktrace.store import BatchWriter, StoreDamagedError
 from qktrace.store import io as store
-from qktrace.store.io import StoreDamagedError
+from qktrace.store.files import INTEGRITY, MANIFEST
 
 ORDER_ID = ["--heads", "1.0", "--n-prompts", "4", "--n-test", "2", "--n-pairs", "2"]
 ORDER_ID += ["--n-random", "1", "--batch-size", "2", "--no-figures", "--quiet"]
@@ -118,16 +119,16 @@ def test_lexical_refuses_to_reuse_a_damaged_order_id_store(study, copy):
 
 def test_a_damaged_batch_is_refused_on_open_and_on_resume(tmp_path):
     path = tmp_path / "run.zarr"
-    writer = store.BatchWriter(path, params={"n": 2}, sizes={"prompt": 6})
+    writer = BatchWriter(path, params={"n": 2}, sizes={"prompt": 6})
     for i in range(2):
         writer.append(xr.Dataset({"x": ("prompt", np.arange(3.0) + i)}))
-    record = json.loads((path / store.MANIFEST).read_text())["files"]
+    record = json.loads((path / MANIFEST).read_text())["files"]
     assert {"x/0", "x/1", "x/.zarray", ".zmetadata"} <= set(record)  # every batch's chunks
     (path / "x" / "1").write_bytes(b"")  # batch 1's rows
     with pytest.raises(StoreDamagedError, match=r"run\.zarr is damaged: variable 'x': file 1 is"):
         store.open(path)
     with pytest.raises(StoreDamagedError, match=r"run\.zarr is damaged: variable 'x'"):
-        store.BatchWriter(path, params={"n": 2})
+        BatchWriter(path, params={"n": 2})
     shutil.rmtree(path / "x")
     with pytest.raises(StoreDamagedError, match="variable 'x': its folder is missing"):
         store.open(path)
@@ -145,7 +146,7 @@ def test_a_resumed_sums_checkpoint_is_checked(tmp_path, llama):
 
 def test_the_record_lists_variables_shapes_and_chunks(study):
     path = study[1] / "order_id.zarr"
-    record = json.loads((path / store.INTEGRITY).read_text())
+    record = json.loads((path / INTEGRITY).read_text())
     ds = qktrace.open(path)
     assert set(ds.variables) == set(record["variables"])
     for name, entry in record["variables"].items():

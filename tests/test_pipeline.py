@@ -23,6 +23,7 @@ from qktrace.cli import app
 from qktrace.core.prompts import PromptBuilder, locate
 from qktrace.model.loading import load
 from qktrace.store import io as store
+from qktrace.store.identity import PROVENANCE_KEYS
 from qktrace.study.pipeline import REMOTE_SUMS, Study, StudyError, load_study, run_study
 from qktrace.verbs.answers import CandidateMassWarning
 
@@ -69,7 +70,7 @@ def test_example_runs_from_cli_remote_local_and_api_with_the_same_numbers(
     np.testing.assert_array_equal(ds["flip_rate"].values, other["flip_rate"].values)
 
     # provenance: the study, its file, the heads and where they came from
-    assert set(store.PROVENANCE_KEYS) <= set(ds.attrs) and ds.attrs["verb"] == "study"
+    assert set(PROVENANCE_KEYS) <= set(ds.attrs) and ds.attrs["verb"] == "study"
     assert ds.attrs["study"] == "gender_agreement"
     params = ds.attrs["params"]
     assert str(EXAMPLE) in params["study_source"] and "sha256" in params["study_source"]

@@ -1,6 +1,6 @@
 """Every result says how it was made: the same provenance keys on the output of every verb.
 
-`qktrace.store.provenance` is the one helper; a verb that built its attrs by hand (or forgot
+`qktrace.provenance` is the one helper; a verb that built its attrs by hand (or forgot
 them) is missing keys here. The study stores and the toy store are checked where they are
 written (tests/test_pipeline.py, tests/test_toy.py).
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 import qktrace
-from qktrace.store import io as store
+from qktrace.store.identity import PROVENANCE_KEYS
 
 VERBS = {
     "capture": "capture",
@@ -31,7 +31,7 @@ MODEL_FACTS = ("model", "dtype", "remote", "d_head")
 @pytest.mark.parametrize("verb", list(VERBS))
 def test_every_verb_attaches_the_same_provenance(every_verb, verb):
     attrs = every_verb[verb].attrs  # saved and read back
-    missing = [key for key in store.PROVENANCE_KEYS if key not in attrs]
+    missing = [key for key in PROVENANCE_KEYS if key not in attrs]
     assert not missing, f"{verb} lacks provenance {missing}: build its attrs with provenance()"
     assert attrs["verb"] == VERBS[verb]
     assert attrs["qktrace_version"] == qktrace.__version__ and attrs["torch_version"]

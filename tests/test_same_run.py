@@ -11,7 +11,7 @@ import pytest
 import xarray as xr
 
 import qktrace
-from qktrace.store import io as store
+from qktrace.store import DifferentRunError
 from qktrace.studies import binding
 from qktrace.studies import toy as toy_study
 
@@ -35,7 +35,7 @@ def check_form(message: str, path, keys: list[str]) -> re.Match:
 def test_capture_batches_resumed_with_other_heads(llama, tmp_path):
     out = tmp_path / "capture.zarr"
     qktrace.capture(llama, PROMPTS, "1.0", keys=KEYS, out=out, progress=False)
-    with pytest.raises(store.DifferentRunError) as err:
+    with pytest.raises(DifferentRunError) as err:
         qktrace.capture(llama, PROMPTS, "1.1", keys=KEYS, out=out, progress=False)
     fix = check_form(str(err.value), out, ["heads"])["fix"]
     assert "a new --out" in fix and "--overwrite" in fix
@@ -44,7 +44,7 @@ def test_capture_batches_resumed_with_other_heads(llama, tmp_path):
 def test_reduce_checkpoint_resumed_with_another_batch_size(llama, tmp_path):
     out = tmp_path / "sums.zarr"
     qktrace.reduce(llama, PROMPTS, "1.0", LABELS, keys=KEYS, out=out, progress=False)
-    with pytest.raises(store.DifferentRunError) as err:
+    with pytest.raises(DifferentRunError) as err:
         qktrace.reduce(llama, PROMPTS, "1.0", LABELS, keys=KEYS, batch_size=1, out=out,
                        progress=False)  # fmt: skip
     fix = check_form(str(err.value), out, ["batch_size"])["fix"]
@@ -70,7 +70,7 @@ def test_lexical_skips_an_order_subspace_of_other_pairs(tmp_path):
 def test_toy_finished_models_of_other_parameters(tmp_path):
     folder = tmp_path / "toy.cells"
     toy_study.Cells(folder, toy_study.settings(max_steps=5))
-    with pytest.raises(store.DifferentRunError) as err, warnings.catch_warnings():
+    with pytest.raises(DifferentRunError) as err, warnings.catch_warnings():
         toy_study.Cells(folder, toy_study.settings(max_steps=6, n_random=2))
     fix = check_form(str(err.value), folder, ["max_steps", "n_random"])["fix"]
     assert "a new --out" in fix and "--overwrite" in fix

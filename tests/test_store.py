@@ -15,8 +15,11 @@ import pytest
 import xarray as xr
 
 import qktrace
+from qktrace.store import BatchWriter, arrays, provenance, save, writer
 from qktrace.store import io as store
-from qktrace.store.io import BatchWriter, provenance, save
+from qktrace.store.files import MANIFEST
+from qktrace.store.identity import PROVENANCE_KEYS
+from qktrace.store.manifest import Manifest
 
 PARAMS = {"layers": (3, 5), "n_prompts": 11, "out": Path("run.zarr")}
 ATTRS = {"study": "unit", "model": "tiny-llama"}
@@ -118,7 +121,7 @@ def test_provenance_records_versions_params_and_mode():
     }
     p = provenance("study", params, study="filter_heads", model="m", revision="abc", remote=True,
                    seed=np.int64(1))  # fmt: skip
-    assert tuple(p) == store.PROVENANCE_KEYS
+    assert tuple(p) == PROVENANCE_KEYS
     assert p["qktrace_version"] == qktrace.__version__
     assert {"nnsight_version", "torch_version", "transformers_version"} <= set(p)
     assert p["params"] == {
@@ -293,8 +296,8 @@ def die() -> None:
 
 def kill_after_growing() -> None:
     """The arrays grew (batch 2 does not fit them), no data written yet."""
-    real = store._resize_arrays
-    store._resize_arrays = lambda *args: (real(*args), die())
+    real = arrays.resize_arrays
+    arrays.resize_arrays = lambda *args: (real(*args), die())
 
 
 def kill_mid_data() -> None:
@@ -312,14 +315,14 @@ def kill_mid_data() -> None:
 
 def kill_before_commit(batch: int = 2) -> None:
     """Every row of `batch` on disk, the manifest not yet replaced."""
-    real = BatchWriter._commit
+    real = Manifest.commit
 
     def dying(self, **changes):
         if changes.get("n_batches", 0) > batch:  # the commit that would count `batch`
             die()
         real(self, **changes)
 
-    BatchWriter._commit = dying
+    Manifest.commit = dying
 
 
 def kill_holding(batch: int = 4) -> None:
@@ -407,12 +410,12 @@ def test_held_batches_are_written_together_into_the_same_store(tmp_path, monkeyp
     batches = make_batches()
     run(tmp_path / "ref.zarr", batches, sizes={**SIZES, "prompt": 12})
     writes, commits = [], []
-    real_write, real_commit = xr.Dataset.to_zarr, BatchWriter._commit
+    real_write, real_commit = xr.Dataset.to_zarr, Manifest.commit
     monkeypatch.setattr(
         xr.Dataset, "to_zarr", lambda *a, **k: writes.append(1) or real_write(*a, **k)
     )
     monkeypatch.setattr(
-        BatchWriter, "_commit", lambda *a, **k: commits.append(1) or real_commit(*a, **k)
+        Manifest, "commit", lambda *a, **k: commits.append(1) or real_commit(*a, **k)
     )
     w = run(tmp_path / "run.zarr", batches, sizes={**SIZES, "prompt": 12}, every=1e9)
     assert (len(writes), len(commits)) == (1, 1) and (w.n_done, w.n_held) == (N_BATCHES, 0)
@@ -431,7 +434,7 @@ def test_held_batches_are_written_when_due_or_over_the_memory_cap(tmp_path, monk
     """A write is due `write_every_s` after the last one, or as soon as held batches exceed
     `max_buffer_mib`; until then `n_done` counts only what is on disk."""
     clock = [0.0]
-    monkeypatch.setattr(store.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(writer.time, "monotonic", lambda: clock[0])
     batches = make_batches()
     w = BatchWriter(
         tmp_path / "run.zarr", params=PARAMS, attrs=ATTRS, sizes=SIZES, write_every_s=10
@@ -512,7 +515,7 @@ def write_per_batch_layout(path: Path, batches: list[xr.Dataset]) -> None:
         save(batch, path / f"batch-{i:06d}.zarr")
     manifest = {"format": "qktrace-batches", "version": 1, "dim": "prompt", "params": PARAMS,
                 "attrs": {**ATTRS, "params": PARAMS}, "finalized": False}  # fmt: skip
-    (path / store.MANIFEST).write_text(json.dumps(manifest, default=str))
+    (path / MANIFEST).write_text(json.dumps(manifest, default=str))
 
 
 def test_a_store_of_the_per_batch_layout_still_opens(tmp_path):

@@ -47,7 +47,7 @@ import xarray as xr
 from qktrace.core import checks
 from qktrace.core.prompts import Prompt
 from qktrace.model.loading import Head, Model, Remote, parse_heads
-from qktrace.store.io import StoreDamagedError
+from qktrace.store import StoreDamagedError
 from qktrace.store.locks import one_writer
 from qktrace.study.head_search import search_and_capture
 from qktrace.study.paired import paired_sums

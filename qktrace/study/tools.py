@@ -164,8 +164,9 @@ def write(
 ) -> Path:
     """Save `ds` at `path` with provenance attrs (study, parameters, model, mode, seed)."""
     from qktrace.store import io as store
+    from qktrace.store import provenance
 
-    attrs = store.provenance("study", params, study=study, model=model, seed=seed)
+    attrs = provenance("study", params, study=study, model=model, seed=seed)
     store.save(ds, path, attrs=attrs, overwrite=overwrite)
     _remove_checkpoints(path)  # what they held is in the store now
     return path
@@ -207,17 +208,17 @@ def _remove_checkpoints(path: Path) -> None:
     Only what a run writes is removed: a folder beside it with a similar name (a user's
     ``order_id.mine.zarr``), or a checkpoint path that holds no qktrace store, is left alone.
     """
-    from qktrace.store import io as store
+    from qktrace.store.files import is_copy_of, is_store, remove_copy
 
     names = [path.name, *(checkpoint(path, what).name for what in CHECKPOINTS)]
     for name in names[1:]:
         found = path.parent / name
-        if store.is_store(found) and not found.is_symlink():
+        if is_store(found) and not found.is_symlink():
             shutil.rmtree(found, ignore_errors=True)
     if path.parent.is_dir():
         for leftover in path.parent.iterdir():
-            if any(store.is_copy_of(leftover.name, name) for name in names):
-                store.remove_copy(leftover)
+            if any(is_copy_of(leftover.name, name) for name in names):
+                remove_copy(leftover)
 
 
 # --------------------------------------------------------------------------------------------

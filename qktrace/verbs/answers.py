@@ -266,7 +266,7 @@ def intervene_answers(
         warnings.warn(f"intervene_answers: {note}", CandidateMassWarning, stacklevel=2)
     if note := unscored_note(~np.asarray(counted.any(-1))):
         warnings.warn(f"intervene_answers: {note}", CandidateMassWarning, stacklevel=2)
-    from qktrace.store.io import provenance
+    from qktrace.store import provenance
 
     labels, mode, side = [h.label for h in heads], edit.mode, edit.side
     params = {"heads": labels, "name": name, "mode": mode, "side": side, "n_random": n_random,

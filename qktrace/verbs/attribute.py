@@ -279,7 +279,7 @@ def _attribution(
     scale: np.ndarray,
 ) -> xr.Dataset:
     """`attribute`'s result: the parts, their total, `explained` and `part_rank`, labelled."""
-    from qktrace.store.io import provenance
+    from qktrace.store import provenance
 
     keep = {
         name: c

@@ -43,7 +43,7 @@ from qktrace.run.batching import (
 from qktrace.store.locks import one_writer
 
 if TYPE_CHECKING:
-    from qktrace.store.io import BatchWriter
+    from qktrace.store import BatchWriter
 
 # `capture(out=)` writes its batches at most this often (and whenever it stops, for whatever
 # reason Python sees), holding them in memory between writes, written early once they exceed
@@ -170,7 +170,7 @@ def capture(
     chosen = parse_heads(heads)
     model.check_heads(chosen)
     plan = plan_run(model, prompts, query, keys, batch_size, add_special_tokens)
-    from qktrace.store import io as store
+    from qktrace import store
 
     params = {
         "model": model.name,

@@ -490,7 +490,7 @@ def decompose(
     4
     """
     count_name = _check_sums(sums, threshold, centered)
-    from qktrace.store.io import provenance
+    from qktrace.store import provenance
 
     sums = sums.transpose(..., "contrast", "dq", "dk")
     count = sums[count_name].transpose(..., "contrast")

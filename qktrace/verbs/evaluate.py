@@ -197,7 +197,7 @@ def _dataset(
 ) -> xr.Dataset:
     """Each task's (accuracy, chance, candidate mass) -> the labelled Dataset over ``task``."""
     names = list(sets)
-    from qktrace.store.io import provenance
+    from qktrace.store import provenance
 
     counts = np.array([len(sets[k]) for k in names])
     low, high = wilson(np.round(np.array([r[0] for r in rows]) * counts), counts)

@@ -197,7 +197,7 @@ def rank_heads(
         order = order[:top]
     heads = [Head(layer, h) for layer in layers for h in range(model.n_heads)]
     chosen = [heads[i] for i in order]
-    from qktrace.store.io import provenance
+    from qktrace.store import provenance
 
     n_prompts = len(answer_slot)
     params = {"layers": list(layers), "by": by, "top": top, "n_prompts": n_prompts}

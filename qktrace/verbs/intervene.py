@@ -275,7 +275,7 @@ def intervene(
     plan = _plan(model, prompts, query, keys, orig, target, stage, batch_size, add_special_tokens)
     parts = _run_intervene(model, plan, stage, h, edit, v, n_random, seed, verify, progress)
     ds = _dataset(parts, _subspace_names(name, n_random))
-    from qktrace.store.io import provenance
+    from qktrace.store import provenance
 
     params = {
         "head": h.label,
@@ -528,7 +528,7 @@ def intervene_captured(
     out = _metrics(keys.keys, values, orig_slot, target_slot, names).assign_coords(
         prompt=ds["prompt"].values
     )
-    from qktrace.store.io import provenance
+    from qktrace.store import provenance
 
     rank, mode = v.shape[1], edit.mode
     params = {"head": label, "name": name, "mode": mode, "side": "key", "rank": rank,

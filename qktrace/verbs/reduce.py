@@ -601,7 +601,7 @@ def _sums_dataset(
     done: int,
     params: dict[str, Any],
 ) -> xr.Dataset:
-    from qktrace.store.io import provenance
+    from qktrace.store import provenance
 
     dims = ("head", "feature", "contrast")
     qk_dims: tuple[str, ...]
@@ -646,9 +646,11 @@ def _resume(out: str | Path | None, params: dict[str, Any]) -> tuple[int, xr.Dat
         return 0, None  # an empty directory made beforehand
     import json
 
+    from qktrace.store import check_same_run
     from qktrace.store import io as store
+    from qktrace.store.files import MANIFEST
 
-    batches = (Path(out) / store.MANIFEST).is_file()  # a capture (BatchWriter) store
+    batches = (Path(out) / MANIFEST).is_file()  # a capture (BatchWriter) store
     state = None if batches else store.open(out, checksums=True)
     stored = None if state is None else state.attrs.get("params")
     if isinstance(stored, str):
@@ -664,7 +666,7 @@ def _resume(out: str | Path | None, params: dict[str, Any]) -> tuple[int, xr.Dat
             f"{out} is not a checkpoint of qktrace.reduce (it holds {what}, written by something "
             "else); pass another out= path (CLI: another --out)."
         )
-    store.check_same_run(out, stored, params, what="the sums")
+    check_same_run(out, stored, params, what="the sums")
     return int(state.attrs["n_prompts"]), state.load()
 
 
