@@ -53,12 +53,20 @@ from qktrace.core import checks
 from qktrace.core.prompts import FILTER_CATEGORIES, FILTER_QUESTIONS, Prompt
 from qktrace.core.prompts import filter_prompts as build_prompts
 from qktrace.studies._common import paper_heads, sizes
-from qktrace.study import Study
+from qktrace.study import Study, StudyOption
 from qktrace.study.tools import ModelLike
 
 STUDY = "filter_heads"
 CATEGORIES = FILTER_CATEGORIES
 QUESTIONS = FILTER_QUESTIONS
+
+# the help of its options on the command line (`qktrace study filter-heads --help`)
+CATEGORIES_HELP = "Comma-separated categories (more in data/categories.json)."
+LEAD_IN_HELP = (
+    "End each prompt with the start of its answer ('The first fruit in the list is'), so that "
+    "the model's next token is an item and the answer-level swaps read what it says (the query "
+    "is then the lead-in's last token)."
+)
 
 
 def labels(prompts: Sequence[Prompt]) -> list[list[tuple[str, str]]]:
@@ -121,7 +129,12 @@ def filter_heads(
         hues=("category",),
         heads=lambda model: paper_heads(model, STUDY),
         sizes=lambda model: sizes(model, STUDY, None, None),
-        options=design,
+        options={
+            **design,
+            "categories": StudyOption(design["categories"], CATEGORIES_HELP, list),
+            "answer_lead_in": StudyOption(design["answer_lead_in"], LEAD_IN_HELP, bool),
+        },
+        make=filter_heads,
     )
 
 

@@ -28,6 +28,7 @@ A study file (see ``examples/gender_agreement.py``) defines ``study = Study(...)
 
 from __future__ import annotations
 
+import builtins
 import dataclasses
 import hashlib
 import importlib
@@ -88,7 +89,7 @@ from qktrace.verbs.decompose import add_pairs, decompose, empty_sums, random_sub
 from qktrace.verbs.intervene import intervene_captured
 from qktrace.verbs.reduce import reduce, stored_sums, study_options
 
-__all__ = ["Run", "Study", "StudyError", "run_study", "load_study", "plot"]
+__all__ = ["Run", "Study", "StudyError", "StudyOption", "run_study", "load_study", "plot"]
 
 # params["covariance_sums"] of a remote run's store (`qktrace.verbs.reduce.study_options`)
 REMOTE_SUMS = (
@@ -110,6 +111,45 @@ PAIRS_IN_TRACE = (
     "remote run: the subspace pairs (prompt and counterfactual) were summed in the trace, in "
     "one request, and their permutation null tested there"
 )
+
+
+@dataclass(frozen=True)
+class StudyOption:
+    """A setting of a study's own, declared in its `Study.options`: a flag of ``qktrace study
+    NAME`` (``--n-nouns`` for ``n_nouns``, listed by its --help) and a keyword of its `make`.
+
+    Attributes
+    ----------
+    default
+        The value this study runs with (the flag's default).
+    help
+        What the setting does, for --help.
+    type
+        int, float, str, bool (a ``--x/--no-x`` flag) or list (comma-separated names); default:
+        the type of `default`.
+    choices
+        The values a str setting may take (the command line refuses others).
+    """
+
+    default: Any
+    help: str = ""
+    type: builtins.type | None = None
+    choices: Sequence[str] = ()
+
+    def __post_init__(self) -> None:
+        kind = self.kind
+        if kind not in (int, float, str, bool, list):
+            raise StudyError(
+                f"StudyOption(default={self.default!r}): type {kind.__name__} is not one the "
+                "command line reads; use int, float, str, bool or list (comma-separated names)."
+            )
+
+    @property
+    def kind(self) -> builtins.type:
+        """`type`, else the type of `default` (a tuple counts as a list)."""
+        if self.type is not None:
+            return self.type
+        return list if isinstance(self.default, (list, tuple)) else type(self.default)
 
 
 @dataclass(frozen=True)
@@ -181,7 +221,14 @@ class Study:
     figures : callable (dataset) -> dict of name -> matplotlib Figure, optional
         Extra figures drawn from the saved store, saved as PNGs beside it.
     options : mapping
-        The study's own settings (e.g. ``{"n_pairs": 9}``), kept in the store's parameters.
+        The study's own settings (e.g. ``{"n_pairs": 9}``), kept in the store's parameters. A
+        setting declared as a `StudyOption` (``{"n_pairs": StudyOption(9, "boxes per
+        prompt")}``) is also a flag of ``qktrace study`` (``--n-pairs``): the command line
+        passes it to `make`.
+    make : callable (**options) -> Study, optional
+        The function that makes this study from its declared options' values (keywords named
+        as the options); needed when `options` declares a `StudyOption`. `with_options` calls
+        it.
     source : str
         Where the study was defined (set by `load_study`); kept in the store's parameters.
     """
@@ -203,9 +250,10 @@ class Study:
     n_prompts: int = 2000
     n_test: int = 500
     sizes: Callable[[ModelLike], tuple[int, int]] | None = None
-    analysis: Callable[[xr.Dataset], xr.Dataset] | None = None
+    analysis: Callable[..., xr.Dataset] | None = None  # (dataset) or (dataset, run)
     figures: Callable[[xr.Dataset], Mapping[str, Any]] | None = None
     options: Mapping[str, Any] = field(default_factory=dict)
+    make: Callable[..., Study] | None = None
     source: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
@@ -232,6 +280,36 @@ class Study:
                 f"Study {self.name!r}: options {taken} have the names of run settings, which "
                 "the store records itself; rename them."
             )
+        if self.declared_options() and self.make is None:
+            raise StudyError(
+                f"Study {self.name!r}: options {sorted(self.declared_options())} are declared "
+                "(StudyOption) but the study has no make; pass make=<the function that returns "
+                "this study from their values> (see docs/guide/own-study.md)."
+            )
+
+    def declared_options(self) -> dict[str, StudyOption]:
+        """The options that are flags of ``qktrace study`` (`StudyOption`), by name."""
+        return {k: v for k, v in self.options.items() if isinstance(v, StudyOption)}
+
+    def option_values(self) -> dict[str, Any]:
+        """Every option's value (a `StudyOption`'s default), as the store records them."""
+        return {k: v.default if isinstance(v, StudyOption) else v for k, v in self.options.items()}
+
+    def with_options(self, **values: Any) -> Study:
+        """This study with other values of its declared options (made by `make`); where it
+        was defined (`source`) is kept."""
+        unknown = sorted(set(values) - set(self.declared_options()))
+        if unknown:
+            raise StudyError(
+                f"Study {self.name!r} has no options {unknown}; its options: "
+                f"{sorted(self.declared_options()) or 'none'}."
+            )
+        if not values:
+            return self
+        assert self.make is not None  # __post_init__: declared options come with make
+        current = {k: o.default for k, o in self.declared_options().items()}
+        made = self.make(**{**current, **values})
+        return dataclasses.replace(made, source=self.source)
 
     def run(self, model: ModelLike | None = None, **settings: Any) -> Path:
         """Run this study: ``run_study(self, model, **settings)``."""
@@ -414,7 +492,7 @@ def store_params(
     """The parameters the store records: the study's options, where it and its heads come
     from, its sizes, keys and query, the run's `settings`, and how the heads were ranked."""
     return {
-        **study.options,
+        **study.option_values(),
         "study_source": study.source,
         "heads": [h.label for h in heads],
         "heads_from": heads_from,
@@ -670,18 +748,20 @@ def counterfactual_pairs(
     Both captures are kept batch by batch beside the store (``<name>.original.zarr``,
     ``<name>.counterfactual.zarr``), so a crashed run resumes.
     """
+    assert train.counterfactual_ids is not None and train.counterfactual_keys is not None
     runs = []
-    for what, ids, keys, query in (
+    sides: list[tuple[str, list[list[int]], list[list[int]], Literal["last"] | list[int]]] = [
         ("original", train.ids, train.keys, train.query),
         ("counterfactual", train.counterfactual_ids, train.counterfactual_keys, "last"),
-    ):  # the counterfactual's query: its last token (used with negative_query="counterfactual")
+    ]  # the counterfactual's query: its last token (used with negative_query="counterfactual")
+    for what, ids, keys, query in sides:
         answer_keys = [[row[a]] for row, a in zip(keys, train.answer, strict=True)]
         runs.append(
             capture(lm, ids, heads, query=query, keys=answer_keys, attention=False,
                     batch_size=batch_size, out=checkpoint(path, what), progress=progress).load()
         )  # fmt: skip
     original, counter = runs
-    feature = np.array([row[a][0] for row, a in zip(train.labels, train.answer, strict=True)])
+    feature = np.array(train.answer_features())
     pairs = {}
     for h in heads:
         q = original["q"].sel(head=h.label).isel(query=0).values
@@ -875,10 +955,11 @@ def swapped_name(study: Study, features: Sequence[str]) -> str:
 def orig_keys(test: Prepared, attention: np.ndarray) -> list[int]:
     """Per prompt, the swap's orig key index: the declared one, or the most attended of its
     choices (`attention` [prompt, key]; the first of equals)."""
-    return [
-        swap[0] if choices is None else max(choices, key=lambda j, i=i: attention[i, j])
-        for i, (swap, choices) in enumerate(zip(test.swap, test.orig_choices, strict=True))
-    ]
+    orig = []
+    for i, (swap, choices) in enumerate(zip(test.swap, test.orig_choices, strict=True)):
+        weights = attention[i]
+        orig.append(swap[0] if choices is None else max(choices, key=lambda j: weights[j]))
+    return orig
 
 
 def answers_skipped(study: Study, test: Prepared) -> str:

@@ -161,7 +161,7 @@ def _check_grid_dims(
 ) -> None:
     """Refuse dims that are missing, or left over beyond the grid's."""
     _check_dims(values, [x, y, row, col], "heatmap_grid")
-    extra = set(values.dims) - {x, y, row, col}
+    extra = {str(d) for d in values.dims} - {x, y, row, col}
     if extra:
         raise ValueError(
             f"heatmap_grid: values has dims {sorted(extra)} beyond x={x!r}, y={y!r}, row={row!r}, "
@@ -527,7 +527,7 @@ def stacked_bars(
     1
     """
     _check_dims(parts, [x, stack, row], "stacked_bars")
-    extra = set(parts.dims) - {x, stack, row}
+    extra = {str(d) for d in parts.dims} - {x, stack, row}
     if extra:
         raise ValueError(
             f"stacked_bars: parts has dims {sorted(extra)} beyond x={x!r}, stack={stack!r}, "

@@ -372,8 +372,8 @@ def _explained(ds: xr.Dataset) -> str:
     parts = ""
     if "logit_part" in ds:
         part_dim = next(d for d in ds["logit_part"].dims if d in ("part", "component"))
-        share = np.abs(ds["logit_part"].load()).mean(
-            [d for d in ds["logit_part"].dims if d not in ("head", part_dim)]
+        share = abs(ds["logit_part"].load()).mean(
+            [str(d) for d in ds["logit_part"].dims if d not in ("head", part_dim)]
         )
         parts = f"\nmean |logit part| per head:\n{_table(share)}"
     return f"Attribution: explained fraction 1 - ||resid||^2/||total||^2\n{_table(mean)}{parts}"
