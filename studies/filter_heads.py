@@ -43,7 +43,7 @@ Example
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -84,11 +84,11 @@ def filter_heads(
     categories: Sequence[str] = CATEGORIES,
     categories_per_list: int | None = None,
     items_per_category: int = 5,
-    questions: Sequence[str] = QUESTIONS,
+    questions: Iterable[str] = QUESTIONS,
     answer_lead_in: bool = False,
 ) -> Study:
     """The filter-heads study with this prompt design (see `build_prompts`)."""
-    design = dict(
+    design: dict[str, Any] = dict(
         categories=list(categories),
         categories_per_list=min(3, len(categories)) if categories_per_list is None
         else categories_per_list,
@@ -145,7 +145,7 @@ def run(
     categories: Sequence[str] = CATEGORIES,
     categories_per_list: int | None = None,
     items_per_category: int = 5,
-    questions: Sequence[str] = QUESTIONS,
+    questions: Iterable[str] = QUESTIONS,
     answer_lead_in: bool = False,
     n_prompts: int | None = None,
     **settings: Any,

@@ -83,7 +83,7 @@ def make_model(
 ) -> Any:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(
+    config = LlamaConfig(  # type: ignore[call-arg]  # rope_theta: a config kwarg the stubs lack
         vocab_size=len(tokenizer),
         hidden_size=d_model,
         intermediate_size=ff,
@@ -231,10 +231,12 @@ def loss_and_accuracy(
         lm = torch.nn.functional.cross_entropy(every.flatten(0, 1), labels.flatten())
         loss = loss + lm_weight * lm
     if aux_weight:
+        assert batch.aux_ids is not None, "training batches carry deep-supervision targets"
         middle = out.hidden_states[aux_layer + 1][batch.aux_rows, batch.aux_cols]
         aux_logits = net.lm_head(net.model.norm(middle))
         loss = loss + aux_weight * torch.nn.functional.cross_entropy(aux_logits, batch.aux_ids)
     if attn_weight and _STATE["stash"] is not None:
+        assert batch.attn_keys is not None, "training batches carry the answer keys"
         weights = _STATE["stash"][batch.rows, :, batch.cols]  # [targets, heads, keys]
         on_answer = (weights * batch.attn_keys[:, None, :]).sum(-1).amax(-1)
         loss = loss - attn_weight * torch.log(on_answer + 1e-6).mean()
@@ -245,6 +247,7 @@ def loss_and_accuracy(
 
 def _query_aux_only(batch: data.Batch) -> data.Batch:
     """The batch with deep-supervision targets at the query (first answer) positions only."""
+    assert batch.aux_rows is not None and batch.aux_cols is not None and batch.aux_ids is not None
     firsts = zip(batch.rows.tolist(), batch.cols.tolist(), batch.first.tolist(), strict=True)
     query = {(r, c) for r, c, f in firsts if f}
     pairs = zip(batch.aux_rows.tolist(), batch.aux_cols.tolist(), strict=True)

@@ -241,7 +241,7 @@ class Study:
     negative_query: Literal["original", "counterfactual"] = "original"
     query: str = "last"
     answer: Callable[[Prompt], int] | None = None
-    swap: Callable[[Prompt, np.random.Generator], tuple[int, int]] | None = None
+    swap: Callable[[Prompt, np.random.Generator], tuple[int | list[int], int]] | None = None
     coords: Callable[[Prompt], Mapping[str, Any]] | None = None
     subspace: str | None = None
     answers: Callable[[Prompt], Sequence[str]] | Literal["keys"] | None = None
