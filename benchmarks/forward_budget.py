@@ -353,7 +353,7 @@ def main() -> None:
     from qktrace import organism
     from qktrace.model.checkpoints import NAMED, named_checkpoint
     from qktrace.model.loading import load, parse_heads
-    from qktrace.studies._common import resolve_heads, sizes
+    from qktrace.studies._common import paper_heads, sizes
     from qktrace.study.tools import N_FOUND_HEADS
 
     torch.set_num_threads(args.threads)
@@ -380,7 +380,11 @@ def main() -> None:
             n_heads, last_layer = N_FOUND_HEADS, lm.n_layers - 1
         else:
             kind = "binding" if study != "filter_heads" else study
-            found = parse_heads([h.label for h in resolve_heads(lm, args.heads, kind)])
+            spec = args.heads or (paper_heads(lm, kind) or (None,))[0]
+            if spec is None:
+                parser.error("pass --heads or --search for this model (its heads are not known)")
+            found = parse_heads(spec)
+            lm.check_heads(found)
             n_heads, last_layer = len(found), max(h.layer for h in found)
         counter = Counter()
         counter.heads, counter.d_head = n_heads, lm.d_head

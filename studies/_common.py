@@ -7,13 +7,9 @@ The shared method (output, null, PCA, swaps, answer-level effects, figures) is t
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
-from typing import Any
 
-import xarray as xr
-
-from qktrace.model.loading import Head, Model, parse_heads
-from qktrace.study.tools import N_FOUND_HEADS, ModelLike, is_organism, ranking_variables
+from qktrace.model.loading import Model
+from qktrace.study.tools import ModelLike, is_organism
 
 # Heads the paper reports for Llama-3.1-8B-Instruct, used when no heads are given for it.
 PAPER_MODEL = "llama-3.1-8b-instruct"
@@ -56,75 +52,6 @@ def sizes(
         default_prompts if n_prompts is None else n_prompts,
         default_test if n_test is None else n_test,
     )
-
-
-def resolve_heads(
-    model: Model,
-    heads: str | Sequence[Any] | None,
-    study: str,
-    find: Callable[[], list[Head] | xr.Dataset] | None = None,
-) -> list[Head]:
-    """The heads to study: those given; the organism's (data/organism/heads.json) for the
-    organism; the paper's for its model; else the best `N_FOUND_HEADS` from `find()`.
-
-    `find` runs `qktrace.verbs.find_heads.find_heads` on the study's own prompts; it is only called when
-    no heads are given and the model is neither the organism nor the paper's.
-    """
-    return choose_heads(model, heads, study, find)[0]
-
-
-def choose_heads(
-    model: Model,
-    heads: str | Sequence[Any] | None,
-    study: str,
-    find: Callable[[], list[Head] | xr.Dataset] | None = None,
-) -> tuple[list[Head], xr.Dataset]:
-    """`resolve_heads`, plus the `find_heads` ranking as store variables when it ran.
-
-    `find` may return heads, or a `find_heads` Dataset ranking every head (best first); the
-    ranking comes back as ``find_answer_attention``, ``find_answer_share``,
-    ``find_answer_argmax`` over dim ``ranked_head`` (an empty Dataset when no search ran).
-    """
-    ranking = xr.Dataset()
-    if heads is not None:
-        parsed = parse_heads(heads)
-    elif is_organism(model):
-        from qktrace import organism
-
-        parsed = parse_heads(organism.heads(study))
-    elif PAPER_MODEL in model.name.lower():
-        parsed = parse_heads(PAPER_HEADS[study])
-    elif find is not None and _has_find_heads():
-        found = find()
-        if isinstance(found, xr.Dataset):
-            ranking = ranking_variables(found)
-            found = parse_heads(list(found["head"].values[:N_FOUND_HEADS]))
-        parsed = found
-    else:
-        raise ValueError(
-            f"No heads given for {model.name}, and the paper only lists heads for "
-            f"Llama-3.1-8B-Instruct. Pass heads, e.g. heads='16.19,20.26' (CLI: --heads "
-            "16.19,20.26); qktrace.find_heads can rank the heads of a new model."
-        )
-    model.check_heads(parsed)
-    return parsed, ranking
-
-
-def heads_source(model: Model, heads: str | Sequence[Any] | None) -> str:
-    """Where `resolve_heads` takes the heads from: "given", "organism", "paper" or "find_heads"."""
-    if heads is not None:
-        return "given"
-    if is_organism(model):
-        return ORGANISM
-    return "paper" if PAPER_MODEL in model.name.lower() else "find_heads"
-
-
-def _has_find_heads() -> bool:
-    try:
-        import qktrace.verbs.find_heads  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def paper_heads(model: Model, study: str) -> tuple[str, str] | None:

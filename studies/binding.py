@@ -33,6 +33,9 @@ from qktrace.model.loading import Head, Model
 from qktrace.verbs.decompose import decompose
 from qktrace.verbs.reduce import reduce, stored_sums, study_options
 
+# the help of --n-pairs (`qktrace study order-id --help`, lexical)
+PAIRS_HELP = "Object-box pairs per prompt (the paper's 9)."
+
 # the settings an order-ID subspace must share with the lexical run that reuses it
 REUSE_KEYS = ("n_pairs", "threshold", "chat")
 

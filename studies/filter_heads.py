@@ -43,7 +43,7 @@ Example
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,12 +53,20 @@ from qktrace.core import checks
 from qktrace.core.prompts import FILTER_CATEGORIES, FILTER_QUESTIONS, Prompt
 from qktrace.core.prompts import filter_prompts as build_prompts
 from qktrace.studies._common import paper_heads, sizes
-from qktrace.study import Study
+from qktrace.study import Study, StudyOption
 from qktrace.study.tools import ModelLike
 
 STUDY = "filter_heads"
 CATEGORIES = FILTER_CATEGORIES
 QUESTIONS = FILTER_QUESTIONS
+
+# the help of its options on the command line (`qktrace study filter-heads --help`)
+CATEGORIES_HELP = "Comma-separated categories (more in data/categories.json)."
+LEAD_IN_HELP = (
+    "End each prompt with the start of its answer ('The first fruit in the list is'), so that "
+    "the model's next token is an item and the answer-level swaps read what it says (the query "
+    "is then the lead-in's last token)."
+)
 
 
 def labels(prompts: Sequence[Prompt]) -> list[list[tuple[str, str]]]:
@@ -76,11 +84,11 @@ def filter_heads(
     categories: Sequence[str] = CATEGORIES,
     categories_per_list: int | None = None,
     items_per_category: int = 5,
-    questions: Sequence[str] = QUESTIONS,
+    questions: Iterable[str] = QUESTIONS,
     answer_lead_in: bool = False,
 ) -> Study:
     """The filter-heads study with this prompt design (see `build_prompts`)."""
-    design = dict(
+    design: dict[str, Any] = dict(
         categories=list(categories),
         categories_per_list=min(3, len(categories)) if categories_per_list is None
         else categories_per_list,
@@ -121,7 +129,12 @@ def filter_heads(
         hues=("category",),
         heads=lambda model: paper_heads(model, STUDY),
         sizes=lambda model: sizes(model, STUDY, None, None),
-        options=design,
+        options={
+            **design,
+            "categories": StudyOption(design["categories"], CATEGORIES_HELP, list),
+            "answer_lead_in": StudyOption(design["answer_lead_in"], LEAD_IN_HELP, bool),
+        },
+        make=filter_heads,
     )
 
 
@@ -132,7 +145,7 @@ def run(
     categories: Sequence[str] = CATEGORIES,
     categories_per_list: int | None = None,
     items_per_category: int = 5,
-    questions: Sequence[str] = QUESTIONS,
+    questions: Iterable[str] = QUESTIONS,
     answer_lead_in: bool = False,
     n_prompts: int | None = None,
     **settings: Any,

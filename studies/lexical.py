@@ -39,11 +39,15 @@ from qktrace.core.prompts import Prompt
 from qktrace.model.loading import parse_heads
 from qktrace.studies import binding, order_id
 from qktrace.studies._common import paper_heads, sizes
-from qktrace.study.pipeline import Run, Study
+from qktrace.study.pipeline import Run, Study, StudyOption
 from qktrace.study.tools import ModelLike
 from qktrace.verbs.attribute import attribute
 
 STUDY = "lexical"
+NEGATIVE_QUERY_HELP = (
+    "The query of the negative pairs: the original prompt's (only the key differs) or the "
+    "counterfactual's own."
+)
 NegativeQuery = Literal["original", "counterfactual"]
 SUBSPACE = ["delta_c", "singular_values", "query_basis", "key_basis", "rank", "pair_count",
             "qk_sum", "q_sum", "k_sum"]  # fmt: skip
@@ -80,7 +84,13 @@ def lexical(n_pairs: int = 9, negative_query: NegativeQuery = "original") -> Stu
         sizes=lambda model: sizes(model, STUDY, None, None),
         analysis=attribution,
         figures=binding.attribution_figures,
-        options={"n_pairs": n_pairs, "negative_query": negative_query},
+        options={
+            "n_pairs": StudyOption(n_pairs, binding.PAIRS_HELP),
+            "negative_query": StudyOption(
+                negative_query, NEGATIVE_QUERY_HELP, choices=("original", "counterfactual")
+            ),
+        },  # fmt: skip
+        make=lexical,
     )
 
 

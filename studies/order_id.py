@@ -32,10 +32,11 @@ from qktrace.core import checks
 from qktrace.core.prompts import Prompt, load_objects
 from qktrace.studies import binding
 from qktrace.studies._common import paper_heads, sizes
-from qktrace.study import Study
+from qktrace.study import Study, StudyOption
 from qktrace.study.tools import ModelLike
 
 STUDY = "order_id"
+QUERY_OBJECT_HELP = "The object every prompt asks about [default: drawn with --seed]."
 
 
 def default_query_object(seed: int) -> str:
@@ -76,7 +77,11 @@ def order_id(n_pairs: int = 9, query_object: str | None = None, seed: int = 0) -
         hues=("order", "object"),
         heads=lambda model: paper_heads(model, "binding"),
         sizes=lambda model: sizes(model, STUDY, None, None),
-        options={"n_pairs": n_pairs, "query_object": asked},
+        options={
+            "n_pairs": StudyOption(n_pairs, binding.PAIRS_HELP),
+            "query_object": StudyOption(asked, QUERY_OBJECT_HELP, str),
+        },
+        make=order_id,
     )
 
 

@@ -515,3 +515,61 @@ def test_example_on_smollm2_beats_random_subspaces(gender, tmp_path):
     ds = store.open(path).load().sel(head="9.4")
     flips = ds["flip_rate"]
     assert float(flips.sel(subspace="gender")) > float(flips.where(ds["random"]).max()) + 0.5
+
+
+OWN_OPTIONS = """
+from qktrace.study import Study, StudyOption
+
+def prompts(n, seed):
+    raise AssertionError("not drawn in this test")
+
+def tagged(tag="shop", words=("a", "b"), twice=False):
+    return Study(
+        name="tagged",
+        prompts=prompts,
+        keys="name",
+        labels=lambda prompt: [],
+        options={
+            "tag": StudyOption(tag, "A word of the prompts."),
+            "words": StudyOption(list(words), "Some words."),
+            "twice": StudyOption(twice, "Say it twice."),
+            "fixed": 7,
+        },
+        make=tagged,
+    )
+
+study = tagged()
+"""
+
+
+def test_a_study_file_declares_options_that_become_its_flags(tmp_path, monkeypatch):
+    """A StudyOption of a user's study file: listed by `qktrace study FILE --help`, passed by
+    its flag to the study's `make` (a list as comma-separated names), recorded as an option."""
+    import qktrace.study.pipeline as pipeline
+
+    file = tmp_path / "tagged.py"
+    file.write_text(OWN_OPTIONS)
+    code, output = cli("study", file, "--help")
+    assert code == 0 and "--tag" in output and "--words" in output and "--twice" in output
+    assert "Options of" in output and "[default: shop]" in output
+
+    def run_study(study, model=None, **settings):  # what the command would run
+        raise StudyError(f"would run {study.option_values()} with {sorted(settings)}")
+
+    monkeypatch.setattr(pipeline, "run_study", run_study)
+    out = tmp_path / "out"
+    code, output = cli("study", file, "--tag", "park", "--words", "x, y", "--twice", "-o", out)
+    assert code == 2, output
+    assert "{'tag': 'park', 'words': ['x', 'y'], 'twice': True, 'fixed': 7}" in output
+    assert "'n_prompts'" not in output  # the common flags not given stay the study's
+    code, output = cli("study", file, "-o", out)
+    assert "{'tag': 'shop', 'words': ['a', 'b'], 'twice': False, 'fixed': 7}" in output
+    code, output = cli("study", file, "--n-pairs", "3", "-o", out)
+    assert code == 2 and "--n-pairs is not an option of" in output and "--tag" in output
+    study = load_study(file)
+    other = study.with_options(tag="park")
+    assert other.option_values()["tag"] == "park" and other.source == study.source
+    with pytest.raises(StudyError, match=r"has no options \['colour'\]"):
+        study.with_options(colour="red")
+    with pytest.raises(StudyError, match="has no make"):
+        dataclasses.replace(study, make=None)

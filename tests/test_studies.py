@@ -17,10 +17,9 @@ from typer.testing import CliRunner
 import qktrace.model.testing as testing
 from qktrace.cli import app
 from qktrace.core.prompts import load_categories, load_objects
-from qktrace.model.loading import load, parse_heads
+from qktrace.model.loading import load
 from qktrace.store import io as store
 from qktrace.studies import binding, filter_heads, lexical, order_id
-from qktrace.studies._common import resolve_heads
 
 FAMILIES = {"llama": "bpe", "qwen3": "metaspace"}
 HEAD = "1.3"  # Qwen3 tiny: 4 query heads share 2 key heads, so this one reads key head 1
@@ -266,24 +265,26 @@ def test_prompt_builders_label_what_they_build():
         filter_heads.build_prompts(1, categories=["fruit", "city"], items_per_category=30)
 
 
-def test_heads_default_to_the_papers_for_its_model_else_need_a_choice():
+def test_heads_default_to_the_papers_for_its_model_or_those_given():
+    """The pipeline's head choice (`qktrace.study.pipeline.resolve_heads`): heads given, else the
+    study's for the model (the paper's for Llama-3.1-8B-Instruct); no search, no capture."""
+    from qktrace.study.pipeline import resolve_heads
+
     net, tok = testing.model("llama")
     lm = load(net, tokenizer=tok)
     paper = dataclasses.replace(
         lm, name="meta-llama/Llama-3.1-8B-Instruct", n_layers=32, n_heads=32, n_kv_heads=8
     )
-    assert [h.label for h in resolve_heads(paper, None, "filter_heads")] == [
-        "16.19",
-        "20.26",
-        "20.14",
-    ]
-    assert len(resolve_heads(paper, None, "binding")) == 9
-    with pytest.raises(ValueError, match="--heads"):
-        resolve_heads(lm, None, "binding", find=None)
-    found = resolve_heads(lm, None, "binding", find=lambda: parse_heads("1.2"))
-    assert [h.label for h in found] == ["1.2"]
+    chosen, source, ranking, captured = resolve_heads(
+        filter_heads.study, paper, None, None, 16, False
+    )
+    assert [h.label for h in chosen] == ["16.19", "20.26", "20.14"] and source == "paper"
+    assert captured is None and not ranking.data_vars
+    assert len(resolve_heads(order_id.study, paper, None, None, 16, False)[0]) == 9
+    chosen, source, *_ = resolve_heads(order_id.study, lm, "1.2", None, 16, False)
+    assert [h.label for h in chosen] == ["1.2"] and source == "given"
     with pytest.raises(ValueError, match="out of range"):
-        resolve_heads(lm, "5.1", "binding")
+        resolve_heads(order_id.study, lm, "5.1", None, 16, False)
 
 
 def test_default_sizes_organism_and_paper(checkpoint):

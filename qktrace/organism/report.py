@@ -24,6 +24,7 @@ from __future__ import annotations
 import datetime
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -112,14 +113,44 @@ def _files(out: Path) -> str:
 def write_card(
     out: Path, run: dict[str, Any], accuracy: dict[str, float], heads: dict[str, Any]
 ) -> None:
-    o = run["options"]
-    config = json.loads((out / "config.json").read_text())
-    flags = " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in o.items() if k not in ("eval_every",)
-    )
-    acc_rows = "\n".join(f"| {k} | {v:.1%} |" for k, v in accuracy.items())
-    last = run["log"][-1] if run["log"] else {}
-    card = f"""# qktrace model organism
+    """CARD.md in `out`: the organism's architecture, data, training aids, training, held-out
+    accuracy, default heads and files, section by section (`_Card`)."""
+    card = _Card(out, run, accuracy, heads)
+    sections = (card.intro, card.architecture, card.data, card.aids, card.training,
+                card.accuracy, card.default_heads, card.files)  # fmt: skip
+    (out / "CARD.md").write_text("".join(section() for section in sections))
+
+
+@dataclass
+class _Card:
+    """The model card's facts, and its sections as text."""
+
+    out: Path
+    run: dict[str, Any]
+    accuracy_by_group: dict[str, float]
+    heads: dict[str, Any]
+
+    @property
+    def o(self) -> dict[str, Any]:
+        return self.run["options"]
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return json.loads((self.out / "config.json").read_text())
+
+    @property
+    def flags(self) -> str:
+        return " ".join(
+            f"--{k.replace('_', '-')} {v}" for k, v in self.o.items() if k not in ("eval_every",)
+        )
+
+    @property
+    def acc_rows(self) -> str:
+        return "\n".join(f"| {k} | {v:.1%} |" for k, v in self.accuracy_by_group.items())
+
+    def intro(self) -> str:
+        """The title and what the organism is."""
+        return f"""# qktrace model organism
 
 A small Llama trained here, on CPU, to solve the studies' tasks (boxes binding, list
 filtering), so the language-model studies find real structure with no downloads.
@@ -127,7 +158,12 @@ Load it like any Hugging Face checkpoint: `qktrace.load("data/organism")` or
 `qktrace.load(qktrace.organism.path())`. Written by `python -m qktrace.organism.train` on
 {datetime.date.today().isoformat()}.
 
-## Architecture
+"""
+
+    def architecture(self) -> str:
+        """The model's shape, from its config."""
+        config, run = self.config, self.run
+        return f"""## Architecture
 `LlamaForCausalLM`: {config["num_hidden_layers"]} layers, d_model {config["hidden_size"]},
 {config["num_attention_heads"]} query heads and {config["num_key_value_heads"]} key/value heads
 (grouped-query) of d_head {config["head_dim"]}, RoPE (theta {config.get("rope_theta", config.get("rope_parameters", {}).get("rope_theta"))}),
@@ -136,7 +172,12 @@ parameters; vocabulary {config["vocab_size"]} (word level, see `qktrace/organism
 one token per word, item, object, letter and punctuation mark; multi-word items are single
 added tokens; chat template `<s><|user|>` message `<|end|><|assistant|>`).
 
-## Data
+"""
+
+    def data(self) -> str:
+        """How the training data is made."""
+        o = self.o
+        return f"""## Data
 Made by the studies' own builders (`qktrace.core.prompts.boxes_prompt`,
 `qktrace.core.prompts.filter_prompts`, which `studies.binding` and `studies.filter_heads` use),
 chat template applied as `qktrace.core.prompts.locate` does,
@@ -151,7 +192,12 @@ study prompt is the conversation's prefix up to its first answer, token for toke
 answer tokens only; for "all" questions the target is uniform over the asked category's items
 (correct when the argmax is one of them). See `qktrace/organism/data.py`.
 
-## Training aids (disclosure: they shape where the mechanism lives)
+"""
+
+    def aids(self) -> str:
+        """The training aids, disclosed."""
+        o, config = self.o, self.config
+        return f"""## Training aids (disclosure: they shape where the mechanism lives)
 Three training-only aids (`qktrace/organism/train.py`) were needed; all are off before the end
 and the saved model is a plain Llama with standard causal attention, but they decided where
 and how the model solves the tasks:
@@ -178,7 +224,13 @@ identity, not an order ID, so aid 2 on the keys is not the only reason for the l
 What the studies find on the organism is about this organism, trained this way,
 not about pretrained LLMs in general.
 
-## Training
+"""
+
+    def training(self) -> str:
+        """The optimizer, the run's time and the command that repeats it."""
+        o, run = self.o, self.run
+        last = self.run["log"][-1] if self.run["log"] else {}
+        return f"""## Training
 Seed {o["seed"]}; {o["steps"]} steps of batch {o["batch"]}; AdamW lr {o["lr"]} (warm-up
 {o["warmup"]} steps, cosine to 0), betas (0.9, 0.98), weight decay {o["weight_decay"]},
 gradient clipping 1.0; {o["threads"]} CPU threads (OMP_WAIT_POLICY=PASSIVE).
@@ -187,18 +239,27 @@ Training took {run["train_seconds"]:.0f} s wall ({run["train_cpu_seconds"]:.0f} 
 
 Command (the defaults are these values):
 
-    python -m qktrace.organism.train --out data/organism {flags}
+    python -m qktrace.organism.train --out data/organism {self.flags}
 
-## Held-out accuracy
+"""
+
+    def accuracy(self) -> str:
+        """The held-out accuracy table."""
+        return f"""## Held-out accuracy
 Greedy next token on fresh prompts from the studies' `build_prompts` (seeds >= 10000),
 located with `qktrace.core.prompts.locate`; {200} prompts per row. Reproduce with
 `qktrace organism eval` (or `python -m qktrace.organism eval`).
 
 | group | accuracy |
 |---|---|
-{acc_rows}
+{self.acc_rows}
 
-## Heads (defaults for the studies)
+"""
+
+    def default_heads(self) -> str:
+        """The default heads and their scores."""
+        heads = self.heads
+        return f"""## Heads (defaults for the studies)
 Rule: {heads["rule"]}, on {heads["n_prompts"]} held-out prompts per task (`qktrace.organism.report`).
 
 - binding (order-ID, lexical): **{heads["heads"]["binding"]}**
@@ -213,10 +274,14 @@ category; category_share: share of the item attention on the asked category's it
 
 {_fmt_table(heads["scores"]["filter_heads"])}
 
-## Files
+"""
+
+    def files(self) -> str:
+        """The checkpoint's files."""
+        out = self.out
+        return f"""## Files
 {_files(out)}
 """
-    (out / "CARD.md").write_text(card)
 
 
 def report(out: str | Path, run: dict[str, Any] | None = None, n: int = 200) -> None:

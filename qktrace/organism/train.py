@@ -83,7 +83,7 @@ def make_model(
 ) -> Any:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(
+    config = LlamaConfig(  # type: ignore[call-arg]  # rope_theta: a config kwarg the stubs lack
         vocab_size=len(tokenizer),
         hidden_size=d_model,
         intermediate_size=ff,
@@ -231,10 +231,12 @@ def loss_and_accuracy(
         lm = torch.nn.functional.cross_entropy(every.flatten(0, 1), labels.flatten())
         loss = loss + lm_weight * lm
     if aux_weight:
+        assert batch.aux_ids is not None, "training batches carry deep-supervision targets"
         middle = out.hidden_states[aux_layer + 1][batch.aux_rows, batch.aux_cols]
         aux_logits = net.lm_head(net.model.norm(middle))
         loss = loss + aux_weight * torch.nn.functional.cross_entropy(aux_logits, batch.aux_ids)
     if attn_weight and _STATE["stash"] is not None:
+        assert batch.attn_keys is not None, "training batches carry the answer keys"
         weights = _STATE["stash"][batch.rows, :, batch.cols]  # [targets, heads, keys]
         on_answer = (weights * batch.attn_keys[:, None, :]).sum(-1).amax(-1)
         loss = loss - attn_weight * torch.log(on_answer + 1e-6).mean()
@@ -245,6 +247,7 @@ def loss_and_accuracy(
 
 def _query_aux_only(batch: data.Batch) -> data.Batch:
     """The batch with deep-supervision targets at the query (first answer) positions only."""
+    assert batch.aux_rows is not None and batch.aux_cols is not None and batch.aux_ids is not None
     firsts = zip(batch.rows.tolist(), batch.cols.tolist(), batch.first.tolist(), strict=True)
     query = {(r, c) for r, c, f in firsts if f}
     pairs = zip(batch.aux_rows.tolist(), batch.aux_cols.tolist(), strict=True)
@@ -260,14 +263,8 @@ def _query_aux_only(batch: data.Batch) -> data.Batch:
 def train(out: str | Path, **options: Any) -> dict[str, Any]:
     """Train, save to `out`, evaluate, find heads; returns the run's log."""
     opts = {**DEFAULTS, **options}
-    torch.set_num_threads(opts["threads"])
-    seed = opts["seed"]
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-
-    tokenizer = build_tokenizer(data.tokenizer_corpus(seed))
+    rng = _seeded(opts)
+    tokenizer = build_tokenizer(data.tokenizer_corpus(opts["seed"]))
     net = make_model(
         tokenizer,
         layers=opts["layers"],
@@ -278,110 +275,18 @@ def train(out: str | Path, **options: Any) -> dict[str, Any]:
         tie=bool(opts["tie"]),
     )
     n_params = sum(p.numel() for p in net.parameters())
-    decay = [p for n, p in net.named_parameters() if p.ndim >= 2]
-    other = [p for n, p in net.named_parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": opts["weight_decay"]},
-            {"params": other, "weight_decay": 0.0},
-        ],
-        lr=opts["lr"],
-        betas=(0.9, 0.98),
-    )
-    steps = opts["steps"]
     print(
-        f"organism: {n_params:,} parameters, vocab {len(tokenizer)}, {steps} steps x "
+        f"organism: {n_params:,} parameters, vocab {len(tokenizer)}, {opts['steps']} steps x "
         f"{opts['batch']}, {opts['threads']} threads",
         flush=True,
     )
-    log: list[dict[str, Any]] = []
-    window: dict[str, list[float]] = {"boxes": [], "filter": []}
-    start = time.time()
-    cpu_start = time.process_time()
-    curriculum = Curriculum(steps, opts["ramp"], opts["max_pairs"])
-    aux_layer = opts["aux_layer"] if opts["aux_layer"] >= 0 else opts["layers"] - 2
-    local_steps = int(opts["local0_share"] * steps) if opts["local0"] else 0
-    stash = opts["layers"] - 1 if opts["attn_weight"] and opts["aux_share"] > 0 else -1
-    _shaping(net, window=opts["local0"] if local_steps else 0, stash_layer=stash)
-    net.train()
-    for step in range(steps):
-        if step == local_steps and local_steps:
-            _shaping(net, window=0, stash_layer=stash if step < opts["aux_share"] * steps else -1)
-            print(f"step {step}: layer 0 window lifted", flush=True)
-        share = (
-            opts["boxes_share_early"] if step < opts["early_share"] * steps else opts["boxes_share"]
-        )
-        task = "boxes" if rng.random() < share else "filter"
-        pairs = curriculum.at(step)
-        batch = data.training_batch(
-            tokenizer,
-            rng,
-            task,
-            opts["batch"],
-            max_pairs=pairs,
-            plain=opts["plain"],
-            extra=opts["extra"],
-            min_pairs=opts["min_pairs"],
-        )
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, steps, opts["warmup"], opts["lr"])
-        shaping = step < opts["aux_share"] * steps
-        if shaping and task not in opts["aux_keys"].split(","):
-            batch = _query_aux_only(batch)
-        if step == int(opts["aux_share"] * steps):
-            _shaping(net, window=0, stash_layer=-1)
-            print(f"step {step}: deep and attention supervision off", flush=True)
-        loss, acc = loss_and_accuracy(
-            net,
-            batch,
-            opts["lm_weight"],
-            tokenizer.pad_token_id,
-            opts["aux_weight"] if shaping and task in opts["aux_tasks"].split(",") else 0.0,
-            aux_layer,
-            opts["attn_weight"] if shaping else 0.0,
-        )
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        opt.step()
-        window[task].append(acc)
-        if task == "boxes":
-            curriculum.record(batch.n_pairs, acc)
-        if (step + 1) % 100 == 0 or step + 1 == steps:
-            entry = {
-                "step": step + 1,
-                "seconds": round(time.time() - start, 1),
-                "max_pairs": pairs,
-                "lr": round(lr_at(step, steps, opts["warmup"], opts["lr"]), 6),
-                "loss": round(float(loss.detach()), 4),
-                "train_acc_boxes": round(float(np.mean(window["boxes"] or [np.nan])), 3),
-                "train_acc_filter": round(float(np.mean(window["filter"] or [np.nan])), 3),
-            }
-            window = {"boxes": [], "filter": []}
-            if opts["eval_every"] and ((step + 1) % opts["eval_every"] == 0 or step + 1 == steps):
-                net.eval()
-                from qktrace.organism.evaluation import evaluate
-
-                quick = evaluate(
-                    net,
-                    tokenizer,
-                    n=64,
-                    groups=["boxes n=3", "boxes n=6", "boxes n=9", "filter"],
-                    verbose=False,
-                )
-                net.train()
-                entry["heldout"] = {k: round(v, 3) for k, v in quick.items()}
-            log.append(entry)
-            print(json.dumps(entry), flush=True)
+    start, cpu_start = time.time(), time.process_time()
+    log = _train_steps(net, tokenizer, _optimizer(net, opts), rng, opts, start)
     train_seconds = time.time() - start
     train_cpu = time.process_time() - cpu_start
     net.eval()
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    net.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    for file in out.iterdir():
-        file.chmod(0o644)
+    _save(net, tokenizer, out)
     run = {
         "options": opts,
         "n_parameters": n_params,
@@ -395,6 +300,162 @@ def train(out: str | Path, **options: Any) -> dict[str, Any]:
         f"trained in {train_seconds:.0f} s wall ({train_cpu:.0f} s CPU); saved to {out}", flush=True
     )
     return run
+
+
+def _seeded(opts: dict[str, Any]) -> np.random.Generator:
+    """Seed python, numpy and torch with ``opts["seed"]`` (threads as asked); the data's rng."""
+    torch.set_num_threads(opts["threads"])
+    seed = opts["seed"]
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return np.random.default_rng(seed)
+
+
+def _optimizer(net: torch.nn.Module, opts: dict[str, Any]) -> torch.optim.Optimizer:
+    """AdamW, with weight decay on the matrices only."""
+    decay = [p for n, p in net.named_parameters() if p.ndim >= 2]
+    other = [p for n, p in net.named_parameters() if p.ndim < 2]
+    return torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": opts["weight_decay"]},
+            {"params": other, "weight_decay": 0.0},
+        ],
+        lr=opts["lr"],
+        betas=(0.9, 0.98),
+    )
+
+
+def _train_steps(
+    net: Any,
+    tokenizer: Any,
+    opt: torch.optim.Optimizer,
+    rng: np.random.Generator,
+    opts: dict[str, Any],
+    start: float,
+) -> list[dict[str, Any]]:
+    """The training loop: per step a task, a batch at the curriculum's size, one update; a log
+    entry every 100 steps (and at the last)."""
+    steps = opts["steps"]
+    log: list[dict[str, Any]] = []
+    window: dict[str, list[float]] = {"boxes": [], "filter": []}
+    curriculum = Curriculum(steps, opts["ramp"], opts["max_pairs"])
+    local_steps = int(opts["local0_share"] * steps) if opts["local0"] else 0
+    stash = opts["layers"] - 1 if opts["attn_weight"] and opts["aux_share"] > 0 else -1
+    _shaping(net, window=opts["local0"] if local_steps else 0, stash_layer=stash)
+    net.train()
+    for step in range(steps):
+        _shaping_at(net, step, opts, local_steps, stash)
+        share = (
+            opts["boxes_share_early"] if step < opts["early_share"] * steps else opts["boxes_share"]
+        )
+        task = "boxes" if rng.random() < share else "filter"
+        pairs = curriculum.at(step)
+        batch = data.training_batch(tokenizer, rng, task, opts["batch"], max_pairs=pairs,
+                                    plain=opts["plain"], extra=opts["extra"],
+                                    min_pairs=opts["min_pairs"])  # fmt: skip
+        loss, acc = _update(net, tokenizer, opt, batch, task, step, opts)
+        window[task].append(acc)
+        if task == "boxes":
+            curriculum.record(batch.n_pairs, acc)
+        if (step + 1) % 100 == 0 or step + 1 == steps:
+            log.append(_log_entry(net, tokenizer, step, pairs, loss, window, opts, start))
+            window = {"boxes": [], "filter": []}
+    return log
+
+
+def _shaping_at(net: Any, step: int, opts: dict[str, Any], local_steps: int, stash: int) -> None:
+    """Lift layer 0's window at `local_steps`; turn deep and attention supervision off at the
+    end of the shaping share of the steps."""
+    steps = opts["steps"]
+    if step == local_steps and local_steps:
+        _shaping(net, window=0, stash_layer=stash if step < opts["aux_share"] * steps else -1)
+        print(f"step {step}: layer 0 window lifted", flush=True)
+    if step == int(opts["aux_share"] * steps):
+        _shaping(net, window=0, stash_layer=-1)
+        print(f"step {step}: deep and attention supervision off", flush=True)
+
+
+def _update(
+    net: Any,
+    tokenizer: Any,
+    opt: torch.optim.Optimizer,
+    batch: data.Batch,
+    task: str,
+    step: int,
+    opts: dict[str, Any],
+) -> tuple[torch.Tensor, float]:
+    """One optimizer step on `batch` at this step's learning rate and supervision; (loss,
+    accuracy)."""
+    steps = opts["steps"]
+    for group in opt.param_groups:
+        group["lr"] = lr_at(step, steps, opts["warmup"], opts["lr"])
+    shaping = step < opts["aux_share"] * steps
+    if shaping and task not in opts["aux_keys"].split(","):
+        batch = _query_aux_only(batch)
+    aux_layer = opts["aux_layer"] if opts["aux_layer"] >= 0 else opts["layers"] - 2
+    loss, acc = loss_and_accuracy(
+        net,
+        batch,
+        opts["lm_weight"],
+        tokenizer.pad_token_id,
+        opts["aux_weight"] if shaping and task in opts["aux_tasks"].split(",") else 0.0,
+        aux_layer,
+        opts["attn_weight"] if shaping else 0.0,
+    )
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+    opt.step()
+    return loss, acc
+
+
+def _log_entry(
+    net: Any,
+    tokenizer: Any,
+    step: int,
+    pairs: int,
+    loss: torch.Tensor,
+    window: dict[str, list[float]],
+    opts: dict[str, Any],
+    start: float,
+) -> dict[str, Any]:
+    """The log line of `step` (printed): loss, training accuracies over the window, and a
+    quick held-out evaluation every ``eval_every`` steps."""
+    steps = opts["steps"]
+    entry: dict[str, Any] = {
+        "step": step + 1,
+        "seconds": round(time.time() - start, 1),
+        "max_pairs": pairs,
+        "lr": round(lr_at(step, steps, opts["warmup"], opts["lr"]), 6),
+        "loss": round(float(loss.detach()), 4),
+        "train_acc_boxes": round(float(np.mean(window["boxes"] or [np.nan])), 3),
+        "train_acc_filter": round(float(np.mean(window["filter"] or [np.nan])), 3),
+    }
+    if opts["eval_every"] and ((step + 1) % opts["eval_every"] == 0 or step + 1 == steps):
+        net.eval()
+        from qktrace.organism.evaluation import evaluate
+
+        quick = evaluate(
+            net,
+            tokenizer,
+            n=64,
+            groups=["boxes n=3", "boxes n=6", "boxes n=9", "filter"],
+            verbose=False,
+        )
+        net.train()
+        entry["heldout"] = {k: round(v, 3) for k, v in quick.items()}
+    print(json.dumps(entry), flush=True)
+    return entry
+
+
+def _save(net: Any, tokenizer: Any, out: Path) -> None:
+    """The checkpoint in `out`: weights (safetensors) and tokenizer, readable by all."""
+    out.mkdir(parents=True, exist_ok=True)
+    net.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    for file in out.iterdir():
+        file.chmod(0o644)
 
 
 def _passive_openmp(argv: Sequence[str]) -> None:

@@ -19,6 +19,7 @@ All batches go in one request, which a failure repeats whole (a rerun of the stu
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import nnsight
 import numpy as np
@@ -65,7 +66,7 @@ def paired_sums(
         keys += [[answer_keys[i]], [cf_keys[i]]]
     plan = plan_run(model, ids, query, keys, 2 * batch_size)
 
-    feature = [str(row[a][0]) for row, a in zip(train.labels, train.answer, strict=True)]
+    feature = train.answer_features()
     features = list(dict.fromkeys(feature))
     weights, counts = _pair_weights(feature, features, n_permutations, seed)
     layers = by_layer(model, heads)
@@ -160,7 +161,7 @@ def _pairs_request(
     lm = model.lm
     # Every name used in a session travels with the request by value (see sums.py).
     with torch.inference_mode(), model.session():
-        totals = []
+        totals: list[Any] = []
         for inputs, query_index, key_index, w in work:
             with lm.trace(inputs) as tracer:
                 for i, (layer, q_heads, kv_heads) in enumerate(layout):

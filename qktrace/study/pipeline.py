@@ -28,6 +28,7 @@ A study file (see ``examples/gender_agreement.py``) defines ``study = Study(...)
 
 from __future__ import annotations
 
+import builtins
 import dataclasses
 import hashlib
 import importlib
@@ -88,7 +89,7 @@ from qktrace.verbs.decompose import add_pairs, decompose, empty_sums, random_sub
 from qktrace.verbs.intervene import intervene_captured
 from qktrace.verbs.reduce import reduce, stored_sums, study_options
 
-__all__ = ["Run", "Study", "StudyError", "run_study", "load_study", "plot"]
+__all__ = ["Run", "Study", "StudyError", "StudyOption", "run_study", "load_study", "plot"]
 
 # params["covariance_sums"] of a remote run's store (`qktrace.verbs.reduce.study_options`)
 REMOTE_SUMS = (
@@ -110,6 +111,45 @@ PAIRS_IN_TRACE = (
     "remote run: the subspace pairs (prompt and counterfactual) were summed in the trace, in "
     "one request, and their permutation null tested there"
 )
+
+
+@dataclass(frozen=True)
+class StudyOption:
+    """A setting of a study's own, declared in its `Study.options`: a flag of ``qktrace study
+    NAME`` (``--n-nouns`` for ``n_nouns``, listed by its --help) and a keyword of its `make`.
+
+    Attributes
+    ----------
+    default
+        The value this study runs with (the flag's default).
+    help
+        What the setting does, for --help.
+    type
+        int, float, str, bool (a ``--x/--no-x`` flag) or list (comma-separated names); default:
+        the type of `default`.
+    choices
+        The values a str setting may take (the command line refuses others).
+    """
+
+    default: Any
+    help: str = ""
+    type: builtins.type | None = None
+    choices: Sequence[str] = ()
+
+    def __post_init__(self) -> None:
+        kind = self.kind
+        if kind not in (int, float, str, bool, list):
+            raise StudyError(
+                f"StudyOption(default={self.default!r}): type {kind.__name__} is not one the "
+                "command line reads; use int, float, str, bool or list (comma-separated names)."
+            )
+
+    @property
+    def kind(self) -> builtins.type:
+        """`type`, else the type of `default` (a tuple counts as a list)."""
+        if self.type is not None:
+            return self.type
+        return list if isinstance(self.default, (list, tuple)) else type(self.default)
 
 
 @dataclass(frozen=True)
@@ -181,7 +221,14 @@ class Study:
     figures : callable (dataset) -> dict of name -> matplotlib Figure, optional
         Extra figures drawn from the saved store, saved as PNGs beside it.
     options : mapping
-        The study's own settings (e.g. ``{"n_pairs": 9}``), kept in the store's parameters.
+        The study's own settings (e.g. ``{"n_pairs": 9}``), kept in the store's parameters. A
+        setting declared as a `StudyOption` (``{"n_pairs": StudyOption(9, "boxes per
+        prompt")}``) is also a flag of ``qktrace study`` (``--n-pairs``): the command line
+        passes it to `make`.
+    make : callable (**options) -> Study, optional
+        The function that makes this study from its declared options' values (keywords named
+        as the options); needed when `options` declares a `StudyOption`. `with_options` calls
+        it.
     source : str
         Where the study was defined (set by `load_study`); kept in the store's parameters.
     """
@@ -194,7 +241,7 @@ class Study:
     negative_query: Literal["original", "counterfactual"] = "original"
     query: str = "last"
     answer: Callable[[Prompt], int] | None = None
-    swap: Callable[[Prompt, np.random.Generator], tuple[int, int]] | None = None
+    swap: Callable[[Prompt, np.random.Generator], tuple[int | list[int], int]] | None = None
     coords: Callable[[Prompt], Mapping[str, Any]] | None = None
     subspace: str | None = None
     answers: Callable[[Prompt], Sequence[str]] | Literal["keys"] | None = None
@@ -203,9 +250,10 @@ class Study:
     n_prompts: int = 2000
     n_test: int = 500
     sizes: Callable[[ModelLike], tuple[int, int]] | None = None
-    analysis: Callable[[xr.Dataset], xr.Dataset] | None = None
+    analysis: Callable[..., xr.Dataset] | None = None  # (dataset) or (dataset, run)
     figures: Callable[[xr.Dataset], Mapping[str, Any]] | None = None
     options: Mapping[str, Any] = field(default_factory=dict)
+    make: Callable[..., Study] | None = None
     source: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
@@ -232,6 +280,36 @@ class Study:
                 f"Study {self.name!r}: options {taken} have the names of run settings, which "
                 "the store records itself; rename them."
             )
+        if self.declared_options() and self.make is None:
+            raise StudyError(
+                f"Study {self.name!r}: options {sorted(self.declared_options())} are declared "
+                "(StudyOption) but the study has no make; pass make=<the function that returns "
+                "this study from their values> (see docs/guide/own-study.md)."
+            )
+
+    def declared_options(self) -> dict[str, StudyOption]:
+        """The options that are flags of ``qktrace study`` (`StudyOption`), by name."""
+        return {k: v for k, v in self.options.items() if isinstance(v, StudyOption)}
+
+    def option_values(self) -> dict[str, Any]:
+        """Every option's value (a `StudyOption`'s default), as the store records them."""
+        return {k: v.default if isinstance(v, StudyOption) else v for k, v in self.options.items()}
+
+    def with_options(self, **values: Any) -> Study:
+        """This study with other values of its declared options (made by `make`); where it
+        was defined (`source`) is kept."""
+        unknown = sorted(set(values) - set(self.declared_options()))
+        if unknown:
+            raise StudyError(
+                f"Study {self.name!r} has no options {unknown}; its options: "
+                f"{sorted(self.declared_options()) or 'none'}."
+            )
+        if not values:
+            return self
+        assert self.make is not None  # __post_init__: declared options come with make
+        current = {k: o.default for k, o in self.declared_options().items()}
+        made = self.make(**{**current, **values})
+        return dataclasses.replace(made, source=self.source)
 
     def run(self, model: ModelLike | None = None, **settings: Any) -> Path:
         """Run this study: ``run_study(self, model, **settings)``."""
@@ -299,9 +377,84 @@ def run_study(
     """
     # 0. settings and output, refused before any model work
     model = default_model(model)
+    n_prompts, n_test = _sizes(study, model, n_prompts, n_test)
+    _check_settings(model, n_prompts, n_test, threshold, n_random, n_random_answers,
+                    batch_size, seed, key_scope)  # fmt: skip
+    path = Path(out) / f"{study.name}.zarr"
+    sums_checkpoint = check_out(path, overwrite)
+    lm = open_model(model, remote)
+
+    # 1. prompts, token positions, labels and swaps: every declaration checked, no forward pass;
+    #    the heads; the parameters the store records; local or in-trace passes, chosen once
+    train = prepare(study, lm.tokenizer, n_prompts, seed, chat, "subspace")
+    test = prepare(study, lm.tokenizer, n_test, seed, chat, "fresh")
+    _check_correct_only(study, test, correct_only)
+    head_list, heads_from, ranking, captured = resolve_heads(
+        study, lm, heads, test, batch_size, progress
+    )
+    params = store_params(study, head_list, heads_from, ranking, n_prompts=n_prompts,
+                          n_test=n_test, threshold=threshold, n_random=n_random,
+                          n_random_answers=n_random_answers, batch_size=batch_size, chat=chat,
+                          key_scope=key_scope)  # fmt: skip
+    passes = Passes.choose(study, lm, head_list, params, seed, batch_size, progress)
+
+    # 2. contrastive covariance: C+ and C- summed (resumable), ΔC, SVD, rank rule
+    sums, null, pairs = passes.subspace_sums(train, path, sums_checkpoint)
+    subspaces = decompose(sums, threshold=threshold).merge(sums[stored_sums(sums)])
+
+    # 3. fresh prompts: q, k and attention of every key, named by the study's coordinates
+    #    (already captured when the head search ran, in the same pass); 4. is each ΔC real?
+    #    the permutation null on their labelled pairs (or on the counterfactual pairs)
+    captured, null = fresh_and_null(passes, test, subspaces, captured, null, pairs, n_random,
+                                    threshold)  # fmt: skip
+
+    # 5. geometry: PCA of the keys inside the union of the features' key subspaces
+    geometry = key_pca(captured, subspaces)
+
+    # 6. causal check: swap key coordinates orig <-> target, against random subspaces: where
+    #    the attention goes, then (the swap written into the model) what the model answers
+    effects, answers, no_answers = causal_checks(
+        passes, test, captured, subspaces, n_random, n_random_answers, key_scope, correct_only
+    )
+
+    # 7. the study's own analysis; the store with provenance; figures drawn from the store
+    kept = without_projections(captured)
+    ds = assemble([subspaces, null, kept, geometry, effects, answers, ranking], no_answers)
+
+    run = Run(lm, path, params, seed, batch_size, chat, progress, sums_checkpoint)
+    save_with_analysis(study, ds, run, overwrite)
+    if figures:
+        draw(study, path)
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# run_study's steps
+
+
+def _sizes(
+    study: Study, model: ModelLike, n_prompts: int | None, n_test: int | None
+) -> tuple[int, int]:
+    """(n_prompts, n_test): those given, else the study's defaults for this model."""
     default_sizes = (study.n_prompts, study.n_test) if study.sizes is None else study.sizes(model)
-    n_prompts = default_sizes[0] if n_prompts is None else n_prompts
-    n_test = default_sizes[1] if n_test is None else n_test
+    return (
+        default_sizes[0] if n_prompts is None else n_prompts,
+        default_sizes[1] if n_test is None else n_test,
+    )
+
+
+def _check_settings(
+    model: ModelLike,
+    n_prompts: int,
+    n_test: int,
+    threshold: float,
+    n_random: int,
+    n_random_answers: int,
+    batch_size: int,
+    seed: int,
+    key_scope: str,
+) -> None:
+    """Refuse a setting out of range before any model work (`check_design`, `check_sizes`)."""
     check_design(
         n_prompts=n_prompts,
         n_test=n_test,
@@ -314,144 +467,212 @@ def run_study(
     checks.choice("key_scope", key_scope, ("query_head", "key_head"))
     check_sizes(model, n_prompts=n_prompts, n_test=n_test, n_random=n_random,
                 n_random_answers=n_random_answers)  # fmt: skip
-    path = Path(out) / f"{study.name}.zarr"
-    sums_checkpoint = check_out(path, overwrite)
-    lm = open_model(model, remote)
 
-    # 1. prompts, token positions, labels and swaps: every declaration checked, no forward pass
-    train = prepare(study, lm.tokenizer, n_prompts, seed, chat, "subspace")
-    test = prepare(study, lm.tokenizer, n_test, seed, chat, "fresh")
+
+def _check_correct_only(study: Study, test: Prepared, correct_only: bool) -> None:
+    """correct_only needs the answer step, to tell the prompts the model answers correctly."""
     if correct_only and (study.answers is None or answers_skipped(study, test)):
         raise checks.BadArgument(
             f"correct_only (--correct-only) keeps the prompts the model answers correctly, but "
             f"study {study.name!r} runs no answer step to tell them: "
             f"{answers_skipped(study, test) or 'it declares no answers'}."
         )
-    head_list, heads_from, ranking, captured = resolve_heads(
-        study, lm, heads, test, batch_size, progress
-    )
-    params = {
-        **study.options,
+
+
+def store_params(
+    study: Study,
+    heads: list[Head],
+    heads_from: str,
+    ranking: xr.Dataset,
+    *,
+    n_prompts: int,
+    n_test: int,
+    **settings: Any,
+) -> dict[str, Any]:
+    """The parameters the store records: the study's options, where it and its heads come
+    from, its sizes, keys and query, the run's `settings`, and how the heads were ranked."""
+    return {
+        **study.option_values(),
         "study_source": study.source,
-        "heads": [h.label for h in head_list],
+        "heads": [h.label for h in heads],
         "heads_from": heads_from,
         "n_prompts": n_prompts,
         "n_test": n_test,
         "keys": study.keys,
         "query": study.query,
-        "threshold": threshold,
-        "n_random": n_random,
-        "n_random_answers": n_random_answers,
-        "batch_size": batch_size,
-        "chat": chat,
-        "key_scope": key_scope,
+        **settings,
         **ranking.attrs,  # how the heads were ranked, when find_heads chose them
     }
-    economy = study_options(lm) if study.counterfactual is None else {}
-    if economy:  # remote: the store holds ΔC (delta_c), not the C+ and C- sums (qk_sum)
-        params["covariance_sums"] = REMOTE_SUMS
 
-    # 2. contrastive covariance: C+ and C- summed in the trace (resumable), ΔC, SVD, rank rule
-    null = None  # the permutation null, when a remote pass tests it in the trace
-    if study.counterfactual is None:
-        sums = reduce(
-            lm,
-            train.ids,
-            head_list,
-            train.labels,
-            keys=train.keys,
-            query=train.query,
-            batch_size=batch_size,
-            out=sums_checkpoint,
-            progress=progress,
-            **economy,
-        )
-    elif lm.remote:  # pairs across prompts, summed in the trace with their null
-        sums, null = paired_sums(lm, train, head_list, negative_query=study.negative_query,
-                                 seed=seed, batch_size=batch_size, progress=progress)  # fmt: skip
-        params["subspace_pairs"] = PAIRS_IN_TRACE
-    else:  # pairs across prompts: captured (resumable) and summed here
-        pairs = counterfactual_pairs(lm, train, head_list, path, batch_size, progress,
-                                     study.negative_query)  # fmt: skip
-        sums = pair_sums(pairs, lm.d_head)
-    subspaces = decompose(sums, threshold=threshold).merge(sums[stored_sums(sums)])
-    features = [str(f) for f in subspaces["feature"].values]
 
-    # 3. fresh prompts: q, k and attention of every key, named by the study's coordinates
-    #    (already captured when the head search ran, in the same pass); on a remote model,
-    #    reduced in the trace to what steps 4-6 read (`qktrace.study.projected`), null test included,
-    #    unless the study's own analysis is to get the fresh q and k
-    if captured is None and lm.remote and study.analysis is None:
+PairsByHead = dict[tuple[str, str], tuple[np.ndarray, np.ndarray, np.ndarray]]
+
+
+@dataclass
+class Passes:
+    """The forward passes of a study, run locally: every capture and sum here (resumable), the
+    permutation null from the pairs. `InTracePasses` is the remote strategy; `choose` picks
+    one, once, for the whole run."""
+
+    study: Study
+    lm: Model
+    heads: list[Head]
+    params: dict[str, Any]  # the store's parameters: a strategy records how it ran
+    seed: int
+    batch_size: int
+    progress: bool
+
+    @staticmethod
+    def choose(
+        study: Study,
+        lm: Model,
+        heads: list[Head],
+        params: dict[str, Any],
+        seed: int,
+        batch_size: int,
+        progress: bool,
+    ) -> Passes:
+        """`InTracePasses` on a remote model, else the local `Passes`."""
+        kind = InTracePasses if lm.remote else Passes
+        return kind(study, lm, heads, params, seed, batch_size, progress)
+
+    def subspace_sums(
+        self, train: Prepared, path: Path, checkpoint: Path
+    ) -> tuple[xr.Dataset, xr.Dataset | None, PairsByHead | None]:
+        """(covariance sums, permutation null when tested in the pass, the counterfactual
+        pairs when the null is to be tested on them)."""
+        if self.study.counterfactual is None:
+            return self._reduce(train, checkpoint, {}), None, None
+        pairs = counterfactual_pairs(self.lm, train, self.heads, path, self.batch_size,
+                                     self.progress, self.study.negative_query)  # fmt: skip
+        return pair_sums(pairs, self.lm.d_head), None, pairs
+
+    def fresh(
+        self, test: Prepared, subspaces: xr.Dataset, n_random: int
+    ) -> tuple[xr.Dataset, xr.Dataset | None]:
+        """(capture of the fresh prompts, permutation null when tested in the pass)."""
+        captured = capture(self.lm, test.ids, self.heads, query=test.query, keys=test.keys,
+                           batch_size=self.batch_size, progress=self.progress)  # fmt: skip
+        return captured, None
+
+    def _reduce(self, train: Prepared, checkpoint: Path, economy: Mapping[str, Any]) -> xr.Dataset:
+        return reduce(self.lm, train.ids, self.heads, train.labels, keys=train.keys,
+                      query=train.query, batch_size=self.batch_size, out=checkpoint,
+                      progress=self.progress, **economy)  # fmt: skip
+
+
+class InTracePasses(Passes):
+    """The passes on a remote model: what comes back is reduced in the trace. The sums are ΔC
+    (`study_options`); counterfactual pairs are summed, and their null tested, in the trace
+    (`qktrace.study.paired`); the fresh prompts' q and k are projected onto what steps 4-6
+    read, null test included (`qktrace.study.projected`), unless the study's own analysis is
+    to get them."""
+
+    def subspace_sums(
+        self, train: Prepared, path: Path, checkpoint: Path
+    ) -> tuple[xr.Dataset, xr.Dataset | None, PairsByHead | None]:
+        if self.study.counterfactual is None:
+            self.params["covariance_sums"] = REMOTE_SUMS  # the store holds ΔC, not qk_sum
+            return self._reduce(train, checkpoint, study_options(self.lm)), None, None
+        sums, null = paired_sums(self.lm, train, self.heads,
+                                 negative_query=self.study.negative_query, seed=self.seed,
+                                 batch_size=self.batch_size, progress=self.progress)  # fmt: skip
+        self.params["subspace_pairs"] = PAIRS_IN_TRACE
+        return sums, null, None
+
+    def fresh(
+        self, test: Prepared, subspaces: xr.Dataset, n_random: int
+    ) -> tuple[xr.Dataset, xr.Dataset | None]:
+        if self.study.analysis is not None:
+            return super().fresh(test, subspaces, n_random)
+        features = [str(f) for f in subspaces["feature"].values]
+        in_trace = self.study.counterfactual is None
         captured, null = projected_pass(
-            lm,
+            self.lm,
             test.ids,
-            head_list,
-            projection_bases(subspaces, n_random, seed),
+            self.heads,
+            projection_bases(subspaces, n_random, self.seed),
             query=test.query,
             keys=test.keys,
-            pairs=None if study.counterfactual is not None else fresh_pairs(test, features),
-            seed=seed,
-            batch_size=batch_size,
-            progress=progress,
+            pairs=fresh_pairs(test, features) if in_trace else None,
+            seed=self.seed,
+            batch_size=self.batch_size,
+            progress=self.progress,
         )
-        params["fresh_capture"] = FRESH_PROJECTED
-    elif captured is None:
-        captured = capture(
-            lm,
-            test.ids,
-            head_list,
-            query=test.query,
-            keys=test.keys,
-            batch_size=batch_size,
-            progress=progress,
-        )
+        self.params["fresh_capture"] = FRESH_PROJECTED
+        return captured, null
+
+
+def fresh_and_null(
+    passes: Passes,
+    test: Prepared,
+    subspaces: xr.Dataset,
+    captured: xr.Dataset | None,
+    null: xr.Dataset | None,
+    pairs: PairsByHead | None,
+    n_random: int,
+    threshold: float,
+) -> tuple[xr.Dataset, xr.Dataset]:
+    """(capture of the fresh prompts with the study's coordinates, permutation null): the
+    capture given (the head search's) or `passes.fresh`; the null given (tested in a pass),
+    else tested on `pairs`, else on the fresh prompts' labelled pairs."""
+    if captured is None:
+        captured, fresh_null = passes.fresh(test, subspaces, n_random)
+        null = null if fresh_null is None else fresh_null
     captured = captured.assign_coords(test.coords)
-
-    # 4. is each ΔC real? the permutation null on the fresh prompts' labelled pairs (or on the
-    #    counterfactual pairs)
-    if study.counterfactual is None and null is None:
-        pairs = {
-            (h.label, f): captured_pairs(captured, h.label, f) for h in head_list for f in features
-        }
     if null is None:
-        null = null_test(pairs, seed=seed, threshold=threshold, d_head=lm.d_head)
+        if pairs is None:
+            pairs = fresh_captured_pairs(captured, passes.heads, subspaces)
+        null = null_test(pairs, seed=passes.seed, threshold=threshold, d_head=passes.lm.d_head)
+    return captured, null
 
-    # 5. geometry: PCA of the keys inside the union of the features' key subspaces
-    geometry = key_pca(captured, subspaces)
 
-    # 6. causal check: swap key coordinates orig <-> target, against random subspaces: where
-    #    the attention goes, then (the swap written into the model) what the model answers
+def fresh_captured_pairs(
+    captured: xr.Dataset, heads: list[Head], subspaces: xr.Dataset
+) -> PairsByHead:
+    """Per (head, feature), the fresh prompts' labelled (q, k, is_positive) pairs."""
+    features = [str(f) for f in subspaces["feature"].values]
+    return {(h.label, f): captured_pairs(captured, h.label, f) for h in heads for f in features}
+
+
+def causal_checks(
+    passes: Passes,
+    test: Prepared,
+    captured: xr.Dataset,
+    subspaces: xr.Dataset,
+    n_random: int,
+    n_random_answers: int,
+    key_scope: str,
+    correct_only: bool,
+) -> tuple[xr.Dataset, xr.Dataset, str]:
+    """(attention-level swaps, answer-level swaps, why the latter were skipped or ""); with
+    `correct_only`, summarized over the prompts the model answers correctly (recorded in the
+    store's parameters)."""
+    study, seed = passes.study, passes.seed
     effects = swaps(study, captured, test, subspaces, n_random, seed)
     answers, no_answers = xr.Dataset(), answers_skipped(study, test)
     if study.answers is not None and not no_answers:  # the answer is the next token
-        answers = answer_swaps(
-            study, lm, test, captured, subspaces, n_random_answers, seed, batch_size, progress,
-            key_scope,
-        )  # fmt: skip
+        answers = answer_swaps(study, passes.lm, test, captured, subspaces, n_random_answers,
+                               seed, passes.batch_size, passes.progress, key_scope)  # fmt: skip
     if correct_only:
-        effects, answers, params["n_test_correct"] = only_correct(effects, answers)
-        params["correct_only"] = True
+        effects, answers, passes.params["n_test_correct"] = only_correct(effects, answers)
+        passes.params["correct_only"] = True
+    return effects, answers, no_answers
 
-    # 7. the study's own analysis; the store with provenance; figures drawn from the store
-    if "projected" in captured.attrs:  # its q and k are projections: not the model's
-        captured = captured.drop_vars(["q", "k", "projection", "projection_rank"])
-    ds = xr.merge(
-        [subspaces, null, captured, geometry, effects, answers, ranking],
-        compat="override",
-        combine_attrs="drop",
-    )
+
+def without_projections(captured: xr.Dataset) -> xr.Dataset:
+    """The capture as the store keeps it: a projected capture's q and k are not the model's."""
+    if "projected" not in captured.attrs:
+        return captured
+    return captured.drop_vars(["q", "k", "projection", "projection_rank"])
+
+
+def assemble(parts: Sequence[xr.Dataset], no_answers: str) -> xr.Dataset:
+    """The store's dataset from the steps' results, with why the answer step was skipped."""
+    ds = xr.merge(parts, compat="override", combine_attrs="drop")
     if no_answers:
         ds.attrs["answer_swaps_skipped"] = no_answers
-
-    def save(ds: xr.Dataset) -> Path:
-        return write(ds, path, study=study.name, params=params, model=lm, seed=seed,
-                     overwrite=overwrite)  # fmt: skip
-
-    run = Run(lm, path, params, seed, batch_size, chat, progress, sums_checkpoint)
-    save(with_analysis(study, ds, save, run))
-    if figures:
-        draw(study, path)
-    return path
+    return ds
 
 
 def draw(study: Study, path: Path) -> list[Path]:
@@ -527,18 +748,20 @@ def counterfactual_pairs(
     Both captures are kept batch by batch beside the store (``<name>.original.zarr``,
     ``<name>.counterfactual.zarr``), so a crashed run resumes.
     """
+    assert train.counterfactual_ids is not None and train.counterfactual_keys is not None
     runs = []
-    for what, ids, keys, query in (
+    sides: list[tuple[str, list[list[int]], list[list[int]], Literal["last"] | list[int]]] = [
         ("original", train.ids, train.keys, train.query),
         ("counterfactual", train.counterfactual_ids, train.counterfactual_keys, "last"),
-    ):  # the counterfactual's query: its last token (used with negative_query="counterfactual")
+    ]  # the counterfactual's query: its last token (used with negative_query="counterfactual")
+    for what, ids, keys, query in sides:
         answer_keys = [[row[a]] for row, a in zip(keys, train.answer, strict=True)]
         runs.append(
             capture(lm, ids, heads, query=query, keys=answer_keys, attention=False,
                     batch_size=batch_size, out=checkpoint(path, what), progress=progress).load()
         )  # fmt: skip
     original, counter = runs
-    feature = np.array([row[a][0] for row, a in zip(train.labels, train.answer, strict=True)])
+    feature = np.array(train.answer_features())
     pairs = {}
     for h in heads:
         q = original["q"].sel(head=h.label).isel(query=0).values
@@ -580,6 +803,16 @@ class Run:
     chat: bool | None
     progress: bool
     checkpoint: Path
+
+
+def save_with_analysis(study: Study, ds: xr.Dataset, run: Run, overwrite: bool) -> Path:
+    """Save `ds` with the study's own analysis merged in (`with_analysis`) at ``run.path``."""
+
+    def save(ds: xr.Dataset) -> Path:
+        return write(ds, run.path, study=study.name, params=run.params, model=run.model,
+                     seed=run.seed, overwrite=overwrite)  # fmt: skip
+
+    return save(with_analysis(study, ds, save, run))
 
 
 def with_analysis(
@@ -722,10 +955,11 @@ def swapped_name(study: Study, features: Sequence[str]) -> str:
 def orig_keys(test: Prepared, attention: np.ndarray) -> list[int]:
     """Per prompt, the swap's orig key index: the declared one, or the most attended of its
     choices (`attention` [prompt, key]; the first of equals)."""
-    return [
-        swap[0] if choices is None else max(choices, key=lambda j, i=i: attention[i, j])
-        for i, (swap, choices) in enumerate(zip(test.swap, test.orig_choices, strict=True))
-    ]
+    orig = []
+    for i, (swap, choices) in enumerate(zip(test.swap, test.orig_choices, strict=True)):
+        weights = attention[i]
+        orig.append(swap[0] if choices is None else max(choices, key=lambda j: weights[j]))
+    return orig
 
 
 def answers_skipped(study: Study, test: Prepared) -> str:

@@ -113,13 +113,7 @@ def heatmap_grid(
     >>> len(fig.axes)  # the heatmap and its colour bar
     2
     """
-    _check_dims(values, [x, y, row, col], "heatmap_grid")
-    extra = set(values.dims) - {x, y, row, col}
-    if extra:
-        raise ValueError(
-            f"heatmap_grid: values has dims {sorted(extra)} beyond x={x!r}, y={y!r}, row={row!r}, "
-            f"col={col!r}; select or reduce them first, e.g. values.mean({sorted(extra)})."
-        )
+    _check_grid_dims(values, x, y, row, col)
     rows, cols = _labels(values, row), _labels(values, col)
     numbers = values.values[np.isfinite(values.values)] if values.size else np.array([])
     vmin = float(numbers.min()) if vmin is None and numbers.size else vmin
@@ -130,22 +124,7 @@ def heatmap_grid(
     axes = fig.subplots(len(rows), len(cols), squeeze=False)
     for (i, r), (j, c) in itertools.product(enumerate(rows), enumerate(cols)):
         where = {d: v for d, v in ((row, r), (col, c)) if d is not None}
-        panel = values.sel(where).transpose(y, x) if where else values.transpose(y, x)
-        labels = (
-            annot.sel(where).transpose(y, x) if isinstance(annot, xr.DataArray) and where else annot
-        )
-        if dropna:
-            keep_y = ~panel.isnull().all(x)
-            keep_x = ~panel.isnull().all(y)
-            panel = panel.isel({y: keep_y.values, x: keep_x.values})
-            if isinstance(labels, xr.DataArray):
-                labels = labels.isel({y: keep_y.values, x: keep_x.values})
-        frame = panel.to_pandas()
-        if isinstance(labels, xr.DataArray):
-            annot_arg: Any = labels.values
-            fmt_arg = "" if labels.dtype.kind in "USO" else fmt
-        else:
-            annot_arg, fmt_arg = bool(labels), fmt
+        frame, annot_arg, fmt_arg = _panel(values, annot, where, x, y, dropna, fmt)
         ax = axes[i, j]
         with warnings.catch_warnings():  # seaborn's own use of Colormap.set_bad
             warnings.simplefilter("ignore", PendingDeprecationWarning)
@@ -175,6 +154,45 @@ def heatmap_grid(
     if title:
         fig.suptitle(title)
     return fig
+
+
+def _check_grid_dims(
+    values: xr.DataArray, x: str, y: str, row: str | None, col: str | None
+) -> None:
+    """Refuse dims that are missing, or left over beyond the grid's."""
+    _check_dims(values, [x, y, row, col], "heatmap_grid")
+    extra = {str(d) for d in values.dims} - {x, y, row, col}
+    if extra:
+        raise ValueError(
+            f"heatmap_grid: values has dims {sorted(extra)} beyond x={x!r}, y={y!r}, row={row!r}, "
+            f"col={col!r}; select or reduce them first, e.g. values.mean({sorted(extra)})."
+        )
+
+
+def _panel(
+    values: xr.DataArray,
+    annot: xr.DataArray | bool,
+    where: dict[Any, Any],
+    x: str,
+    y: str,
+    dropna: bool,
+    fmt: str,
+) -> tuple[pd.DataFrame, Any, str]:
+    """One panel of `heatmap_grid`: (its values as a frame [y, x], seaborn's annot and fmt)."""
+    panel = values.sel(where).transpose(y, x) if where else values.transpose(y, x)
+    labels = (
+        annot.sel(where).transpose(y, x) if isinstance(annot, xr.DataArray) and where else annot
+    )
+    if dropna:
+        keep_y = ~panel.isnull().all(x)
+        keep_x = ~panel.isnull().all(y)
+        panel = panel.isel({y: keep_y.values, x: keep_x.values})
+        if isinstance(labels, xr.DataArray):
+            labels = labels.isel({y: keep_y.values, x: keep_x.values})
+    frame = panel.to_pandas()
+    if isinstance(labels, xr.DataArray):
+        return frame, labels.values, "" if labels.dtype.kind in "USO" else fmt
+    return frame, bool(labels), fmt
 
 
 def rank_heatmap(
@@ -509,7 +527,7 @@ def stacked_bars(
     1
     """
     _check_dims(parts, [x, stack, row], "stacked_bars")
-    extra = set(parts.dims) - {x, stack, row}
+    extra = {str(d) for d in parts.dims} - {x, stack, row}
     if extra:
         raise ValueError(
             f"stacked_bars: parts has dims {sorted(extra)} beyond x={x!r}, stack={stack!r}, "

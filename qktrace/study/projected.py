@@ -217,7 +217,8 @@ def _fresh_request(
     lm = model.lm
     # Every name used in a session travels with the request by value (see sums.py).
     with torch.inference_mode(), model.session():
-        rows_out, totals = [], []
+        rows_out: list[Any] = []
+        totals: list[Any] = []
         for inputs, query_index, key_index, w in work:
             with lm.trace(inputs) as tracer:
                 per_layer = []
@@ -247,7 +248,7 @@ def _fresh_request(
         nulls = []
         for sums in totals:  # per layer [h, F x group, d, d]
             for h in range(sums.shape[0]):
-                per_feature = []
+                per_feature: list[Any] = []
                 for j, count in enumerate(counts):
                     if count is None:
                         per_feature.append(None)

@@ -42,7 +42,9 @@ class StudyFields(Protocol):
     @property
     def answer(self) -> Callable[[Prompt], int] | None: ...
     @property
-    def swap(self) -> Callable[[Prompt, np.random.Generator], tuple[int, int]] | None: ...
+    def swap(
+        self,
+    ) -> Callable[[Prompt, np.random.Generator], tuple[int | list[int], int]] | None: ...
     @property
     def coords(self) -> Callable[[Prompt], Mapping[str, Any]] | None: ...
     @property
@@ -85,7 +87,7 @@ class Prepared:
     prompts: list[Prompt]
     ids: list[list[int]]
     keys: list[list[int]]  # per prompt, the token position of each key
-    query: str | list[int]  # "last" or one token position per prompt
+    query: Literal["last"] | list[int]  # "last" or one token position per prompt
     labels: list[list[Label]]
     answer: list[int]  # per prompt, index of the answer key
     swap: list[tuple[int, int, str]]  # per prompt, (orig key, target key, feature swapped)
@@ -95,6 +97,15 @@ class Prepared:
     orig_choices: list[list[int] | None]
     counterfactual_ids: list[list[int]] | None = None  # subspace prompts of a counterfactual study
     counterfactual_keys: list[list[int]] | None = None
+
+    def answer_features(self) -> list[str]:
+        """Per prompt, the feature of its answer key (labelled positive, so never None)."""
+        features = []
+        for row, answer in zip(self.labels, self.answer, strict=True):
+            label = row[answer]
+            assert label is not None, "the answer key is labelled (checked by prepare)"
+            features.append(str(label[0]))
+        return features
 
 
 @dataclass
@@ -157,7 +168,8 @@ def prepare(
     if role == "subspace" and study.counterfactual is None:
         check_contrasts(study, labels)
     rng = np.random.default_rng(run_seed + 2)
-    answer, swap, choices = [], [], []
+    answer, swap = [], []
+    choices: list[list[int] | None] = []
     for i, (p, row) in enumerate(zip(prompts, labels, strict=True)):
         at = At(study, i, p)
         answer.append(_answer(at, row))
@@ -203,7 +215,7 @@ def _add_counterfactuals(
                 "contrasts the answer key with its counterfactual",
                 "label the answer key (feature, 'positive')",
             )
-        other = at.call("counterfactual(prompt, rng)", study.counterfactual, p, rng)
+        other = at.call("counterfactual(prompt, rng)", study.counterfactual, p, rng)  # type: ignore[arg-type]  # set: this runs for a counterfactual study
         if not isinstance(other, Prompt):
             raise at.error(f"got a {type(other).__name__} from counterfactual(prompt, rng)",
                            "return a Prompt (PromptBuilder)")  # fmt: skip
@@ -220,7 +232,7 @@ def _add_counterfactuals(
 
 def _tokenize(
     study: StudyFields, tokenizer: Any, prompts: Sequence[Any], chat: bool | None, what: str
-) -> tuple[Any, list[list[int]], str | list[int]]:
+) -> tuple[Any, list[list[int]], Literal["last"] | list[int]]:
     """(located prompts, key positions, query) after checking every prompt's spans."""
     for i, p in enumerate(prompts):
         at = At(study, i, p)
@@ -245,7 +257,9 @@ def _tokenize(
         raise StudyError(f"Study {study.name!r} ({what}): {err}") from err
     keys = loc.positions[study.keys]
     _check_known_tokens(study, tokenizer, prompts, loc.ids, keys)
-    query = "last" if study.query == "last" else [row[0] for row in loc.positions[study.query]]
+    query: Literal["last"] | list[int] = (
+        "last" if study.query == "last" else [row[0] for row in loc.positions[study.query]]
+    )
 
     return loc, keys, query
 

@@ -214,11 +214,40 @@ def _interventions(
     subspace: str = "subspace",
     random: str = "random",
 ) -> str:
+    """The table of intervention metrics (`table`: variable -> label; default: the swap's),
+    recovered subspace vs random ones, per kept dim (others averaged), with intervals and
+    p-values where the store has them; answer tables (`table` given) without the title."""
     answers = table is not None
     table = _METRICS if table is None else table
     metrics = [m for m in table if m in ds and subspace in ds[m].dims]
     if not metrics:
         return ""
+    recovered, randoms = _recovered_and_random(ds, subspace, random)
+    outer = [d for d in ds[metrics[0]].dims if d != subspace]
+    keep = _kept_dims(ds, outer)
+    averaged = [d for d in outer if d not in keep]
+    rows: list[dict[str, Any]] = []
+    alike: list[str] = []
+    for metric in metrics:
+        _metric_rows(ds, metric, table[metric], subspace, recovered, randoms, keep, averaged,
+                     rows, alike)  # fmt: skip
+    frame = pd.DataFrame(rows)
+    if frame["p vs random"].isna().all():
+        frame = frame.drop(columns="p vs random")
+    legend = _legend(frame, alike)
+    index = [*map(str, keep), "subspace", "metric"]
+    frame = frame.sort_values(index[:-1], kind="stable").set_index(index).round(3)
+    if answers:
+        return frame.to_string() + legend
+    note = f" (mean over {', '.join(map(str, averaged))})" if averaged else ""
+    return (
+        f"Interventions: recovered subspace vs {len(randoms)} random subspaces of equal rank"
+        f"{note}\n{frame.to_string()}{legend}{_before_edit(ds, keep)}"
+    )
+
+
+def _recovered_and_random(ds: xr.Dataset, subspace: str, random: str) -> tuple[list, list]:
+    """(recovered subspace names, random ones): by the `random` coordinate, else by name."""
     names = [str(s) for s in ds[subspace].values]
     if random in ds.coords:
         is_random = np.asarray(ds[random].values, dtype=bool)
@@ -226,10 +255,23 @@ def _interventions(
         is_random = np.array([n.startswith("random_") for n in names])
     recovered = [n for n, r in zip(names, is_random, strict=True) if not r]
     randoms = [n for n, r in zip(names, is_random, strict=True) if r]
-    outer = [d for d in ds[metrics[0]].dims if d != subspace]
-    keep = _kept_dims(ds, outer)
-    averaged = [d for d in outer if d not in keep]
-    rows, alike = [], []
+    return recovered, randoms
+
+
+def _metric_rows(
+    ds: xr.Dataset,
+    metric: str,
+    label: str,
+    subspace: str,
+    recovered: list,
+    randoms: list,
+    keep: list,
+    averaged: list,
+    rows: list[dict[str, Any]],
+    alike: list[str],
+) -> None:
+    """Append to `rows` one row per kept place and recovered subspace of `metric`, and to
+    `alike` each that random subspaces match (p >= 0.05)."""
 
     def stack(name: str) -> xr.DataArray | None:
         """`name` stacked over the kept dims; None where the store lacks it or it would need
@@ -239,43 +281,43 @@ def _interventions(
         da = ds[name].load()
         return da.stack(_where=keep) if keep else da.expand_dims(_where=[0])
 
-    for metric in metrics:
-        da = ds[metric].load()
-        if averaged:
-            da = da.mean([d for d in averaged if d in da.dims])
-        stacked = da.stack(_where=keep) if keep else da.expand_dims(_where=[0])
-        low, high = stack(f"{metric}_low"), stack(f"{metric}_high")
-        tested = stack(f"{metric}_p_vs_random")
-        for where in stacked["_where"].values:
-            cell = stacked.sel(_where=where)
-            label = where if isinstance(where, tuple) else (where,)
-            for name in recovered:
-                # a baseline named after its subspace (toy: random_z1), else all random draws
-                own = [r for r in randoms if r == f"random_{name}"] or randoms
-                baseline = cell.sel({subspace: own}).values if own else np.array([np.nan])
-                at = {"_where": where, subspace: name}
-                value = f"{float(cell.sel({subspace: name})):.3f}"
-                if low is not None and high is not None:
-                    value += f" [{float(low.sel(at)):.3f}, {float(high.sel(at)):.3f}]"
-                p = float(tested.sel(at)) if tested is not None else float("nan")
-                where_label = {str(d): v for d, v in zip(keep, label, strict=False)}
-                if p >= 0.05:
-                    place = " ".join(f"{d} {v}" for d, v in where_label.items())
-                    alike.append(f"{place} {name} {table[metric]} (p = {p:.2f})".strip())
-                rows.append(
-                    {
-                        **where_label,
-                        "subspace": name,
-                        "metric": table[metric],
-                        "value [95% CI]": value,
-                        "random mean": _nan_safe(np.nanmean, baseline),
-                        "random sd": _nan_safe(np.nanstd, baseline),
-                        "p vs random": p,
-                    }
-                )
-    frame = pd.DataFrame(rows)
-    if frame["p vs random"].isna().all():
-        frame = frame.drop(columns="p vs random")
+    da = ds[metric].load()
+    if averaged:
+        da = da.mean([d for d in averaged if d in da.dims])
+    stacked = da.stack(_where=keep) if keep else da.expand_dims(_where=[0])
+    low, high = stack(f"{metric}_low"), stack(f"{metric}_high")
+    tested = stack(f"{metric}_p_vs_random")
+    for where in stacked["_where"].values:
+        cell = stacked.sel(_where=where)
+        place = where if isinstance(where, tuple) else (where,)
+        where_label = {str(d): v for d, v in zip(keep, place, strict=False)}
+        for name in recovered:
+            # a baseline named after its subspace (toy: random_z1), else all random draws
+            own = [r for r in randoms if r == f"random_{name}"] or randoms
+            baseline = cell.sel({subspace: own}).values if own else np.array([np.nan])
+            at = {"_where": where, subspace: name}
+            value = f"{float(cell.sel({subspace: name})):.3f}"
+            if low is not None and high is not None:
+                value += f" [{float(low.sel(at)):.3f}, {float(high.sel(at)):.3f}]"
+            p = float(tested.sel(at)) if tested is not None else float("nan")
+            if p >= 0.05:
+                shown = " ".join(f"{d} {v}" for d, v in where_label.items())
+                alike.append(f"{shown} {name} {label} (p = {p:.2f})".strip())
+            rows.append(
+                {
+                    **where_label,
+                    "subspace": name,
+                    "metric": label,
+                    "value [95% CI]": value,
+                    "random mean": _nan_safe(np.nanmean, baseline),
+                    "random sd": _nan_safe(np.nanstd, baseline),
+                    "p vs random": p,
+                }
+            )
+
+
+def _legend(frame: pd.DataFrame, alike: list[str]) -> str:
+    """What the intervals and p-values are, and which effects random subspaces match."""
     legend = ""
     if not frame.empty and "[" in frame["value [95% CI]"].iloc[0]:
         legend += (
@@ -285,24 +327,20 @@ def _interventions(
         )
     if alike:
         legend += "\nNot distinguishable from random subspaces (p >= 0.05): " + "; ".join(alike)
-    index = [*map(str, keep), "subspace", "metric"]
-    frame = frame.sort_values(index[:-1], kind="stable").set_index(index).round(3)
-    note = f" (mean over {', '.join(map(str, averaged))})" if averaged else ""
-    if answers:
-        return frame.to_string() + legend
-    before = ""
+    return legend
+
+
+def _before_edit(ds: xr.Dataset, keep: list) -> str:
+    """The attention on the target before the edit, per kept dim ("" if not stored)."""
     if (
-        "mean_attention_target_before" in ds
-        and "subspace" not in ds["mean_attention_target_before"].dims
+        "mean_attention_target_before" not in ds
+        or "subspace" in ds["mean_attention_target_before"].dims
     ):
-        da = ds["mean_attention_target_before"].load()
-        da = da.mean([d for d in da.dims if d not in keep]).round(4)
-        before = "\nattention on the target before the edit:\n" + (
-            _table(da) if da.ndim else f"{float(da):.3f}"
-        )
-    return (
-        f"Interventions: recovered subspace vs {len(randoms)} random subspaces of equal rank"
-        f"{note}\n{frame.to_string()}{legend}{before}"
+        return ""
+    da = ds["mean_attention_target_before"].load()
+    da = da.mean([d for d in da.dims if d not in keep]).round(4)
+    return "\nattention on the target before the edit:\n" + (
+        _table(da) if da.ndim else f"{float(da):.3f}"
     )
 
 
@@ -334,8 +372,8 @@ def _explained(ds: xr.Dataset) -> str:
     parts = ""
     if "logit_part" in ds:
         part_dim = next(d for d in ds["logit_part"].dims if d in ("part", "component"))
-        share = np.abs(ds["logit_part"].load()).mean(
-            [d for d in ds["logit_part"].dims if d not in ("head", part_dim)]
+        share = abs(ds["logit_part"].load()).mean(
+            [str(d) for d in ds["logit_part"].dims if d not in ("head", part_dim)]
         )
         parts = f"\nmean |logit part| per head:\n{_table(share)}"
     return f"Attribution: explained fraction 1 - ||resid||^2/||total||^2\n{_table(mean)}{parts}"
