@@ -447,8 +447,6 @@ def answer_effects(
             target_answer=target_answer,
             orig=orig,
             target=target,
-            mode="swap",
-            side="key",
             name=name,
             n_random=n_random,
             seed=seed,
