@@ -45,7 +45,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from multiprocessing import connection
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -283,7 +283,7 @@ def _run_cells(
         _train_cells(todo, params, kept, done, bar, workers=workers, progress=progress)
     finally:
         bar.close()  # before any error is printed
-    return [done[cell] for cell in cells]
+    return [cast(xr.Dataset, done[cell]) for cell in cells]  # every cell is done now
 
 
 def _train_cells(
@@ -302,9 +302,9 @@ def _train_cells(
         torch.set_num_threads(1)
         try:
             for cell in todo:
-                done[cell] = run_cell(*cell, params, progress=progress)
+                result = done[cell] = run_cell(*cell, params, progress=progress)
                 with _sigint_after():
-                    kept.keep(cell, done[cell])
+                    kept.keep(cell, result)
                 bar.update(1)
         finally:
             torch.set_num_threads(threads)
@@ -356,7 +356,7 @@ def _in_workers(
             busy[pipe] = pending.pop(0)
             pipe.send(busy[pipe])
         while busy:
-            for pipe in connection.wait(list(busy), timeout=1.0):
+            for pipe in cast(list[Any], connection.wait(list(busy), timeout=1.0)):
                 try:
                     status, cell, payload = pipe.recv()
                 except EOFError:
@@ -408,7 +408,7 @@ def _worker(pipe: Any, params: dict[str, Any]) -> None:
     tqdm.set_lock(threading.RLock())
     while True:
         try:
-            cell = pipe.recv()
+            cell: Cell = pipe.recv()
         except EOFError:
             return
         try:
@@ -509,11 +509,11 @@ def _pca_figure(ds: xr.Dataset) -> Any:
     corner = cell["pca_corner"]
     # points sorted by corner so that the legend lists the corners in order
     order = np.argsort(corner.sel(role="query").transpose("variant", "point").values, axis=-1)
-    order = xr.DataArray(order, dims=("variant", "point"))
+    by_corner = xr.DataArray(order, dims=("variant", "point"))
     signs = np.array(["".join("-+"[c >> i & 1] for i in range(n)) for c in range(2**n)])
-    corner = corner.isel(point=order)
+    corner = corner.isel(point=by_corner)
     return plots.pca_scatter(
-        cell["pca"].isel(point=order),
+        cell["pca"].isel(point=by_corner),
         hue=corner.copy(data=signs[corner.values]).rename("signs of z1"),
         style="role",
         row="variant",
