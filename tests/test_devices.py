@@ -16,7 +16,6 @@ autocast as without it.
 from __future__ import annotations
 
 import contextlib
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -30,6 +29,7 @@ from qktrace.core import ops
 from qktrace.model.loading import Head, load
 from qktrace.study.paired import paired_sums
 from qktrace.study.projected import projected_pass
+from qktrace.study.prompts import Prepared
 from qktrace.verbs.evaluate import evaluate
 from qktrace.verbs.intervene import Edit, intervene_captured
 
@@ -185,14 +185,19 @@ def _passes(model):
         **QUIET,
     )
     ids = [model.tokenizer(p)["input_ids"] for p in PROMPTS]
-    train = SimpleNamespace(
+    train = Prepared(
+        prompts=[],
         ids=ids,
         keys=[[1, 2]] * 4,
-        answer=[0, 1, 0, 1],
         query="last",
+        labels=[[("x",), ("y",)]] * 4,  # type: ignore[list-item]  # paired_sums reads the feature only
+        answer=[0, 1, 0, 1],
+        swap=[],
+        coords={},
+        first_keys=[],
+        orig_choices=[],
         counterfactual_ids=ids[::-1],
         counterfactual_keys=[[2, 3]] * 4,
-        labels=[[("x",), ("y",)]] * 4,
     )
     sums, pair_null = paired_sums(model, train, heads, n_permutations=20, batch_size=2, **QUIET)
     return {"projected": captured, "projected_null": null, "paired": sums, "paired_null": pair_null}

@@ -211,4 +211,4 @@ def test_filter_answer_lead_in_ends_the_prompt_with_the_answers_start():
         assert locate(tok, [p], chat=True).texts[0].endswith(f"<|assistant|>\n{lead}")
     study = filter_heads(answer_lead_in=True)
     assert [p.answer_prefix for p in study.prompts(6, 3)] == [p.answer_prefix for p in led]
-    assert study.options["answer_lead_in"] is True
+    assert study.option_values()["answer_lead_in"] is True
