@@ -175,7 +175,7 @@ def child(
 
             basis = np.linalg.qr(rng.normal(size=(model.d_head, 4)))[0]
             ds = intervene(
-                model, prompts, "1.1", basis, orig=[2] * n, target=[-2] * n, n_random=10,
+                model, prompts, "1.1", basis, orig=[2] * n, target=[-2] * n, random=10,
                 batch_size=batch, progress=False,
             )  # fmt: skip
             result_bytes = ds.nbytes

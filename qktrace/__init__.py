@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from qktrace.verbs.capture import capture
     from qktrace.verbs.decompose import decompose
     from qktrace.verbs.find_heads import find_heads
-    from qktrace.verbs.intervene import intervene
+    from qktrace.verbs.intervene import Edit, RandomBaseline, intervene
     from qktrace.verbs.reduce import reduce
 
 # public name -> the module that defines it
@@ -49,6 +49,8 @@ _LAZY = {
     "decompose": "verbs.decompose",
     "intervene": "verbs.intervene",
     "intervene_answers": "verbs.answers",
+    "Edit": "verbs.intervene",
+    "RandomBaseline": "verbs.intervene",
     "attribute": "verbs.attribute",
     "find_heads": "verbs.find_heads",
     "save": "store.io",
@@ -63,6 +65,8 @@ __all__ = [
     "decompose",
     "intervene",
     "intervene_answers",
+    "Edit",
+    "RandomBaseline",
     "attribute",
     "find_heads",
     "save",

@@ -12,6 +12,7 @@ from qktrace.model.testing import model as fresh_model
 from qktrace.run.batching import encode
 from qktrace.verbs.answers import intervene_answers
 from qktrace.verbs.decompose import random_subspaces
+from qktrace.verbs.intervene import Edit, RandomBaseline
 from tests.conftest import tiny
 
 PROMPTS = [
@@ -91,8 +92,8 @@ def test_key_swap_in_two_layers_matches_a_manual_edit(remote, monkeypatch):
     bases = {"1.1": basis(seed=3), "0.2": basis(seed=4)}  # two layers; 1.1 reads key head 0
     fx = intervene_answers(
         m, PROMPTS, bases, candidates=CANDIDATES, answer=ANSWER, target_answer=TARGET_ANSWER,
-        orig=ORIG, target=TARGET, n_random=2, seed=9, batch_size=2, progress=False,
-        key_scope="key_head",
+        orig=ORIG, target=TARGET, random=RandomBaseline(2, seed=9), batch_size=2, progress=False,
+        edit=Edit("swap", key_scope="key_head"),
     )  # fmt: skip
     lengths = encode(m, PROMPTS).lengths
     randoms = {
@@ -129,7 +130,7 @@ def test_query_ablation_matches_a_manual_edit(monkeypatch):
     v = basis(r=12, seed=5)
     fx = intervene_answers(
         m, PROMPTS, {"1.3": v}, candidates=CANDIDATES, answer=ANSWER,
-        target_answer=TARGET_ANSWER, mode="ablate", side="query", n_random=1, progress=False,
+        target_answer=TARGET_ANSWER, mode="ablate", side="query", random=1, progress=False,
     )  # fmt: skip
     plain, _ = fresh_model("llama")
     for p, prompt in enumerate(PROMPTS):
@@ -183,7 +184,7 @@ def test_heads_sharing_a_key_head_get_one_edit_in_the_union():
     v, w = basis(r=4, seed=1), basis(r=4, seed=2)
     kw = dict(
         candidates=CANDIDATES, answer=ANSWER, target_answer=TARGET_ANSWER, orig=ORIG,
-        target=TARGET, n_random=1, progress=False, key_scope="key_head",
+        target=TARGET, random=1, progress=False, edit=Edit("swap", key_scope="key_head"),
     )  # fmt: skip
     one = intervene_answers(m, PROMPTS, {"1.0": v}, **kw)
     both = intervene_answers(m, PROMPTS, {"1.0": v, "1.1": v}, **kw)
@@ -215,10 +216,10 @@ def test_a_per_query_head_key_swap_matches_a_manual_eager_edit(remote, monkeypat
     bases = {"1.1": basis(r=4, seed=3), "1.0": basis(r=4, seed=4)}
     kw = dict(
         candidates=CANDIDATES, answer=ANSWER, target_answer=TARGET_ANSWER, orig=ORIG,
-        target=TARGET, n_random=1, seed=9, batch_size=2, progress=False,
+        target=TARGET, random=RandomBaseline(1, seed=9), batch_size=2, progress=False,
     )  # fmt: skip
     fx = intervene_answers(m, PROMPTS, bases, **kw)
-    shared = intervene_answers(m, PROMPTS, bases, key_scope="key_head", **kw)
+    shared = intervene_answers(m, PROMPTS, bases, edit=Edit("swap", key_scope="key_head"), **kw)
     assert fx.attrs["key_scope"] == "query_head"
     assert fx.attrs["key_edit_ranks"] == {"1.1": 4, "1.0": 4}
     lengths = encode(m, PROMPTS).lengths
@@ -271,8 +272,8 @@ def test_a_per_query_head_edit_moves_only_its_heads_attention(monkeypatch):
         try:
             intervene_answers(
                 m, [prompt], {"1.1": v}, candidates=[CANDIDATES[0]], answer=[0],
-                target_answer=[1], orig=[pos[0]], target=[pos[1]], n_random=0, progress=False,
-                key_scope=scope,
+                target_answer=[1], orig=[pos[0]], target=[pos[1]], random=0, progress=False,
+                edit=Edit("swap", key_scope=scope),
             )  # fmt: skip
         finally:
             hook.remove()
@@ -288,11 +289,11 @@ def test_random_baselines_are_per_query_head():
     v = basis(r=4, seed=1)
     kw = dict(
         candidates=CANDIDATES, answer=ANSWER, target_answer=TARGET_ANSWER, orig=ORIG,
-        target=TARGET, n_random=2, progress=False,
+        target=TARGET, random=2, progress=False,
     )  # fmt: skip
 
     def after(head, scope):
-        fx = intervene_answers(m, PROMPTS, {head: v}, key_scope=scope, **kw)
+        fx = intervene_answers(m, PROMPTS, {head: v}, edit=Edit("swap", key_scope=scope), **kw)
         return fx.answer_logit_after.values
 
     np.testing.assert_allclose(after("1.0", "key_head"), after("1.1", "key_head"), atol=1e-6)
@@ -310,7 +311,7 @@ def test_a_string_candidate_counts_by_its_surface_forms_and_an_ambiguous_token_f
     ids = {s: tok.convert_tokens_to_ids(s) for s in ["a", "A", "ĠA", "Ġapple", "Ġa", "p", "P"]}
     fx = intervene_answers(
         m, PROMPTS[:2], {"1.1": basis()}, candidates=[["apple", "apricot", "pear"]] * 2,
-        answer=[0, 2], target_answer=[1, 0], orig=ORIG[:2], target=TARGET[:2], n_random=0,
+        answer=[0, 2], target_answer=[1, 0], orig=ORIG[:2], target=TARGET[:2], random=0,
         progress=False,
     )  # fmt: skip
     assert list(fx.candidate_token.values[0]) == ["Ġapple", "Ġa", "p|P"]
@@ -332,7 +333,7 @@ def test_a_string_candidate_counts_by_its_surface_forms_and_an_ambiguous_token_f
     # a tuple gives the forms exactly; a candidate with no first token of its own is an error
     exact = intervene_answers(
         m, PROMPTS[:1], {"1.1": basis()}, candidates=[[("pear",), ids["P"]]], answer=[0],
-        target_answer=[1], orig=ORIG[:1], target=TARGET[:1], n_random=0, progress=False,
+        target_answer=[1], orig=ORIG[:1], target=TARGET[:1], random=0, progress=False,
     )  # fmt: skip
     assert list(exact.candidate_token.values[0]) == ["p", "P"]
     # a candidate with no first token of its own is unscored: NaN, never the argmax, and a
@@ -342,7 +343,7 @@ def test_a_string_candidate_counts_by_its_surface_forms_and_an_ambiguous_token_f
     with pytest.warns(CandidateMassWarning, match="1 candidates of 1 of 1 prompts"):
         unscored = intervene_answers(
             m, PROMPTS[:1], {"1.1": basis()}, candidates=[["apple", ("a",), "pear"]],
-            answer=[1], target_answer=[0], orig=ORIG[:1], target=TARGET[:1], n_random=0,
+            answer=[1], target_answer=[0], orig=ORIG[:1], target=TARGET[:1], random=0,
             progress=False,
         )  # fmt: skip
     assert list(unscored.candidate_token.values[0]) == ["Ġapple|A|ĠA", "", "p|P"]  # "a" shared
@@ -358,7 +359,7 @@ def test_the_candidate_mass_warns_when_the_candidates_are_not_what_the_model_say
 
     net, tok = tiny("llama")
     m = load(net, tokenizer=tok)
-    kw = dict(answer=[0], target_answer=[1], orig=ORIG[:1], target=TARGET[:1], n_random=0,
+    kw = dict(answer=[0], target_answer=[1], orig=ORIG[:1], target=TARGET[:1], random=0,
               progress=False)  # fmt: skip
     with pytest.warns(CandidateMassWarning, match="not what the model says"):
         few = intervene_answers(m, PROMPTS[:1], {"1.1": basis()}, candidates=[[10, 11]], **kw)

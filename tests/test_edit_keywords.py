@@ -14,7 +14,7 @@ from tests.conftest import tiny
 from tests.test_answers import ANSWER, CANDIDATES, ORIG, PROMPTS, TARGET, TARGET_ANSWER, basis
 
 KW = dict(
-    candidates=CANDIDATES, answer=ANSWER, target_answer=TARGET_ANSWER, n_random=1,
+    candidates=CANDIDATES, answer=ANSWER, target_answer=TARGET_ANSWER, random=1,
     progress=False,
 )  # fmt: skip
 

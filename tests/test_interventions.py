@@ -9,7 +9,7 @@ import qktrace.model.testing as testing
 from qktrace.model.loading import load
 from qktrace.verbs.capture import capture
 from qktrace.verbs.decompose import random_subspaces
-from qktrace.verbs.intervene import Edit, intervene
+from qktrace.verbs.intervene import Edit, RandomBaseline, intervene
 from tests.conftest import tiny
 
 PROMPTS = [
@@ -59,7 +59,7 @@ def test_key_swap_is_what_the_model_computes(family, remote):
     try:
         ds = intervene(
             m, PROMPTS, (layer, head), v, name="feat", orig=ORIG, target=TARGET, keys="all",
-            n_random=3, seed=7, verify=True, batch_size=2, progress=False,
+            random=RandomBaseline(3, seed=7), verify=True, batch_size=2, progress=False,
         )  # fmt: skip
         cap = capture(m, PROMPTS, [(layer, head)], keys="all", progress=False)
     finally:
@@ -93,7 +93,7 @@ def test_ablating_everything_equalizes_logits(remote):
     at = [[1, 2, 3], [1, 4, 5], [2, 3, 6]]
     ds = intervene(
         m, PROMPTS, "1.1", np.eye(16), edit=Edit("ablate", at=at), orig=[1, 1, 2],
-        target=[3, 5, 6], keys=at, n_random=2, verify=True, progress=False,
+        target=[3, 5, 6], keys=at, random=2, verify=True, progress=False,
     )  # fmt: skip
     for s in ds.subspace.values:  # a random rank-16 subspace is the whole space too
         np.testing.assert_allclose(ds.logit_after.sel(subspace=s), 0.0, atol=1e-6)
@@ -115,7 +115,7 @@ def test_ablating_a_low_rank_subspace_that_holds_the_keys(remote):
     assert v.shape == (16, 9)
     ds = intervene(
         m, PROMPTS, "1.2", v, name="keys", edit=Edit("ablate", at=at), orig=[1, 1, 2],
-        target=[3, 5, 6], keys=keys, n_random=2, seed=0, verify=True, progress=False,
+        target=[3, 5, 6], keys=keys, random=RandomBaseline(2, seed=0), verify=True, progress=False,
     )  # fmt: skip
     after = ds.logit_after.sel(subspace="keys").values
     np.testing.assert_allclose(after[:, :3], 0.0, atol=1e-5)
@@ -142,7 +142,7 @@ def test_real_subspace_flips_random_ones_do_not():
     pos = cap.key_position.values
     ds = intervene(
         m, prompts, "1.1", v, name="diff", orig=pos[rows, o], target=pos[rows, t], keys=keys,
-        n_random=20, seed=0, progress=False,
+        random=RandomBaseline(20, seed=0), progress=False,
     )  # fmt: skip
     real = ds.sel(subspace="diff")
     assert ds.attends_orig.all()
@@ -154,8 +154,8 @@ def test_real_subspace_flips_random_ones_do_not():
     assert float(random.mean_delta_p_target.max()) < float(real.mean_delta_p_target)
     # seeded: the same call gives the same baselines, another seed others
     again = intervene(
-        m, prompts, "1.1", v, orig=pos[rows, o], target=pos[rows, t], keys=keys, n_random=20,
-        seed=0, progress=False,
+        m, prompts, "1.1", v, orig=pos[rows, o], target=pos[rows, t], keys=keys,
+        random=RandomBaseline(20, seed=0), progress=False,
     )  # fmt: skip
     np.testing.assert_array_equal(again.attention_after[1:], ds.attention_after[1:])
 
@@ -168,7 +168,7 @@ def test_patch_copies_source_coordinates(remote):
     source = cap.k.sel(head="0.3").isel(key=1)  # (prompt, d_head): the target keys
     ds = intervene(
         m, PROMPTS, "0.3", np.eye(16), edit=Edit("patch", source=source), orig=ORIG, target=TARGET,
-        n_random=0, progress=False,
+        random=0, progress=False,
     )  # fmt: skip
     after = ds.logit_after.sel(subspace="subspace").values
     # the orig key became the target key, so both get the target's logit
@@ -182,7 +182,7 @@ def test_query_ablation_gives_uniform_attention(remote):
     m = load(net, tokenizer=tok, remote=remote)
     ds = intervene(
         m, PROMPTS, "1.3", np.eye(16), edit=Edit("ablate", side="query"), orig=ORIG, target=TARGET,
-        keys="all", n_random=1, verify=True, progress=False,
+        keys="all", random=1, verify=True, progress=False,
     )  # fmt: skip
     for p in range(len(PROMPTS)):
         n = int(ds.n_tokens[p])
@@ -200,7 +200,7 @@ def test_query_patch_from_other_prompts():
     source = cap.q.roll(prompt=1, roll_coords=False)  # each prompt gets the previous one's query
     ds = intervene(
         m, PROMPTS, "1.1", np.eye(16), edit=Edit("patch", side="query", source=source), orig=[1] * 3,
-        target=[2] * 3, keys=keys, n_random=0, progress=False,
+        target=[2] * 3, keys=keys, random=0, progress=False,
     )  # fmt: skip
     scale = m.scaling(1)
     want = np.einsum("pkd,pd->pk", cap.k.values[:, 0], source.values[:, 0, 0]) * scale
@@ -211,7 +211,7 @@ def test_half_precision_edit_reaches_the_model():
     net, tok = testing.model("qwen3")  # its own: a bfloat16 round trip would round the cached one
     m = load(net.to(torch.bfloat16), tokenizer=tok)
     ds = intervene(
-        m, PROMPTS, "1.0", basis(), orig=ORIG, target=TARGET, keys="all", n_random=2,
+        m, PROMPTS, "1.0", basis(), orig=ORIG, target=TARGET, keys="all", random=2,
         verify=True, progress=False,
     )  # fmt: skip
     after = ds.attention_after.sel(subspace="subspace")
@@ -228,7 +228,7 @@ def test_basis_from_decompose_dataarray():
     da = xr.DataArray(
         padded[None], dims=("head", "dk", "component"), coords={"head": ["1.2"], "feature": "order"}
     )
-    ds = intervene(m, PROMPTS, "1.2", da, orig=ORIG, target=TARGET, n_random=1, progress=False)
+    ds = intervene(m, PROMPTS, "1.2", da, orig=ORIG, target=TARGET, random=1, progress=False)
     assert list(ds.subspace.values) == ["order", "random_0"]
     assert ds.attrs["rank"] == 4 and ds.basis.shape == (16, 4)
 
@@ -293,7 +293,7 @@ def test_captured_metrics_equal_the_in_trace_edit(family, keys, mode):
     if mode == "patch":
         extra["source"] = np.random.default_rng(0).normal(size=(3, 16)).astype(np.float32)
     edit = Edit(mode, **extra)
-    kwargs = dict(orig=orig, target=target, edit=edit, name="f", n_random=3, seed=5)
+    kwargs = dict(orig=orig, target=target, edit=edit, name="f", random=RandomBaseline(3, seed=5))
     for layer in range(2):
         head = f"{layer}.1"
         traced = intervene(
@@ -330,7 +330,7 @@ def test_p_target_is_nan_without_a_warning_where_orig_and_target_get_no_attentio
             warnings.simplefilter("error", RuntimeWarning)
             fx = intervene_captured(
                 cap, head, basis(r=3, seed=4), orig=ORIG, target=TARGET, edit=Edit("swap"),
-                name="f", n_random=2, seed=5,
+                name="f", random=RandomBaseline(2, seed=5),
             )  # fmt: skip
         for when in ("before", "after"):
             a = fx[f"attention_{when}"]

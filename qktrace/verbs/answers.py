@@ -11,7 +11,8 @@ and its result is about the model's output, not one head's attention row.
 
 Sharing forward passes
 ----------------------
-Each batch of b prompts is stacked S = 2 + n_random times into ONE trace of S·b rows: copy 0 is
+Each batch of b prompts is stacked S = 2 + n times into ONE trace of S·b rows (n: the random
+baselines' draws, ``random=RandomBaseline(n, seed)``): copy 0 is
 left alone (the answer before), copy 1 gets the recovered subspaces' edit, copies 2.. get the
 same edit in random subspaces of the same rank (per head, seeded). The edit of copy s is
 x + (new - c) V_s^T with V_s the copy's basis; copy 0's basis is zero, so it is not edited.
@@ -69,7 +70,7 @@ from qktrace.core.linalg import SIDES, union_basis
 from qktrace.model.loading import Head, Model, check_model, parse_heads
 from qktrace.run.batching import Batch, Plan, PromptInput, plan_run, resolve_positions, run
 from qktrace.verbs.attribute import as_basis, orthogonalize
-from qktrace.verbs.intervene import KEY_SCOPES, Edit, KeyScope
+from qktrace.verbs.intervene import Edit, RandomBaseline, old_keywords
 
 __all__ = ["CandidateMassWarning", "intervene_answers"]
 
@@ -154,6 +155,7 @@ def _old_edit_keywords(func: F) -> F:
 
 
 @_old_edit_keywords
+@old_keywords(3, stacklevel=4)  # under _old_edit_keywords: one frame more to the caller
 def intervene_answers(
     model: Model,
     prompts: Sequence[PromptInput],
@@ -166,9 +168,7 @@ def intervene_answers(
     target: Sequence[int] | None = None,
     edit: Edit | AnswerMode = "swap",
     name: str = "subspace",
-    n_random: int = 3,
-    seed: int = 0,
-    key_scope: KeyScope = "query_head",
+    random: RandomBaseline | int | None = None,
     batch_size: int = 8,
     add_special_tokens: bool = True,
     progress: bool = True,
@@ -201,24 +201,33 @@ def intervene_answers(
         and ablate only): ``Edit("ablate", side="query")`` ablates the query at the last
         token, ``Edit("ablate", side="both")`` keys and query (then each value of `bases` is a
         pair), ``Edit("ablate", at=positions)`` the keys at other positions per prompt.
-        The keywords ``mode=``, ``side=`` and ``at=`` of qktrace 0.1 still work, as
-        ``edit=Edit(mode, side=side, at=at)``, with a DeprecationWarning, for one release.
+        The edit's `key_scope` says, under grouped-query attention, whose keys a key edit
+        changes. "query_head" (default): the keys as the chosen query head sees them, each
+        head's own edit in its own subspace (and its own random draws, seed + its index),
+        reaching no other head of its group (see `qktrace.verbs.intervene`, "Grouped-query
+        attention"). ``Edit("swap", key_scope="key_head")``: the shared key head, which every
+        query head of the group reads; heads of one group then get one key edit in the union of
+        their key subspaces (two swaps in one subspace would undo each other), and random draws
+        of the union's rank. Without GQA the two are the same edit.
     name
         The recovered subspaces' name in the ``subspace`` coordinate.
-    n_random, seed
-        Random orthonormal subspaces of each edit's rank (seed + the index of the edit's first
-        head; query edits seed + n_heads + index), edited in copies of the batch in the same
-        trace. The default is 3, not `intervene`'s 10, because here each draw costs a copy of
-        every prompt in the forward pass (the model runs on after the edit), where
-        `intervene`'s draws cost a few small matrix products for one head's attention row.
-    key_scope
-        Under grouped-query attention, whose keys a key edit changes. "query_head" (default):
-        the keys as the chosen query head sees them, each head's own edit in its own subspace
-        (and its own random draws, seed + its index), reaching no other head of its group (see
-        `qktrace.verbs.intervene`, "Grouped-query attention"). "key_head": the shared key head,
-        which every query head of the group reads; heads of one group then get one key edit in
-        the union of their key subspaces (two swaps in one subspace would undo each other), and
-        random draws of the union's rank. Without GQA the two are the same edit.
+    random
+        The random baselines: a `RandomBaseline` (n random orthonormal subspaces of each edit's
+        rank, seeded: seed + the index of the edit's first head; query edits seed + n_heads +
+        index), edited in copies of the batch in the same trace; an int n for
+        ``RandomBaseline(n)``; None for ``RandomBaseline(3)``. The default is 3, not
+        `intervene`'s 10, because here each draw costs a copy of every prompt in the forward
+        pass (the model runs on after the edit), where `intervene`'s draws cost a few small
+        matrix products for one head's attention row. Recorded as the attrs ``n_random`` and
+        ``seed``.
+    batch_size, add_special_tokens, progress
+        Prompts per trace (each stacked 2 + n times), whether the tokenizer adds its special
+        tokens (BOS), and a progress bar.
+
+    The keywords of qktrace 0.1 still work for one release, with a DeprecationWarning:
+    ``mode=``, ``side=`` and ``at=`` as ``edit=Edit(mode, side=side, at=at)``; ``n_random=``
+    and ``seed=`` as ``random=RandomBaseline(n_random, seed)``; ``key_scope=`` as
+    ``edit=Edit(..., key_scope=...)``.
 
     Returns
     -------
@@ -249,19 +258,19 @@ def intervene_answers(
     >>> fx.answer_flip_rate.to_series()  # doctest: +SKIP
     """
     edit = _answer_edit(edit)
-    _check_answers(
-        model, prompts, bases, candidates, answer, target_answer, name, n_random, seed, key_scope,
-        progress,
-    )  # fmt: skip
+    baseline = _check_answers(
+        model, prompts, bases, candidates, answer, target_answer, name, random, progress
+    )
+    key_scope = edit.key_scope
     heads, key_v, query_v = _head_bases(model, bases, edit.side)
     ids, counted = candidate_tokens(model.tokenizer, candidates)
     answer_i, target_i = _answer_indices(answer, target_answer, ids.shape[1])
     plan = plan_run(model, prompts, "last", "last", batch_size, add_special_tokens)
     at = cast(Sequence[Sequence[int]] | None, edit.at)
     key_edit = _key_positions(edit.mode, edit.side, orig, target, at, plan.lengths)
-    edits = _Edits.of(model, heads, key_v, query_v, key_scope, n_random, seed)
+    edits = _Edits.of(model, heads, key_v, query_v, key_scope, baseline)
     logits, logprobs = _run_answers(model, plan, edits, key_edit, edit.mode, ids, counted, progress)
-    ds = _answer_metrics(logits, logprobs, answer_i, target_i, _subspace_names(name, n_random))
+    ds = _answer_metrics(logits, logprobs, answer_i, target_i, _subspace_names(name, baseline.n))
     if note := low_mass_note(float(ds["mean_answer_candidate_mass"])):
         warnings.warn(f"intervene_answers: {note}", CandidateMassWarning, stacklevel=2)
     if note := unscored_note(~np.asarray(counted.any(-1))):
@@ -269,9 +278,9 @@ def intervene_answers(
     from qktrace.store import provenance
 
     labels, mode, side = [h.label for h in heads], edit.mode, edit.side
-    params = {"heads": labels, "name": name, "mode": mode, "side": side, "n_random": n_random,
+    params = {"heads": labels, "name": name, "mode": mode, "side": side, "n_random": baseline.n,
               "n_prompts": len(prompts), "key_scope": key_scope}  # fmt: skip
-    attrs = provenance("intervene_answers", params, model=model, seed=seed)
+    attrs = provenance("intervene_answers", params, model=model, seed=baseline.seed)
     ranks = [int(cast(np.ndarray, k if k is not None else q).shape[1])
              for k, q in zip(key_v, query_v, strict=True)]  # fmt: skip
     tokens = _counted_tokens(model.tokenizer, ids, counted)
@@ -301,26 +310,22 @@ def _check_answers(
     answer: Sequence[int],
     target_answer: Sequence[int],
     name: str,
-    n_random: int,
-    seed: int,
-    key_scope: str,
+    random: RandomBaseline | int | None,
     progress: bool,
-) -> None:
-    """`intervene_answers`' checks of its arguments, before any model work."""
+) -> RandomBaseline:
+    """`intervene_answers`' checks of its arguments, before any model work; its baselines."""
     check_model("model", model)
     checks.flag("progress", progress)
     checks.mapping("bases", bases, "one basis [d_head, r] per head, e.g. {'16.19': basis}")
-    checks.integer("n_random", n_random, low=0, example="3")
-    checks.fits_in_memory("n_random", n_random, 8 * model.d_head**2 * len(bases),
-                          "its random subspaces")  # fmt: skip
-    checks.integer("seed", seed, low=0, example="0")
+    baseline = RandomBaseline.of(random, 3)
+    checks.fits_in_memory("random", baseline.n, 8 * model.d_head**2 * len(bases),
+                          "its random subspaces", example="3")  # fmt: skip
     checks.prompts("prompts", prompts)
     checks.one_per_prompt("candidates", candidates, len(prompts), "list of candidate answers")
     for what, value in (("answer", answer), ("target_answer", target_answer)):
         checks.one_int_per_prompt(what, value, len(prompts), "index into its candidates", low=0)
     if not isinstance(name, str):
         raise BadArgumentType(f"name={name!r} is not a str; pass the subspace's name.")
-    checks.choice("key_scope", key_scope, KEY_SCOPES)
     if not bases:
         raise BadArgument("bases is empty: give at least one head -> subspace, e.g. {'2.1': V}.")
     for what, spec in (
@@ -330,6 +335,7 @@ def _check_answers(
     ):
         if isinstance(spec, str) or len(spec) != len(prompts):
             raise BadArgument(f"{what} must give one entry per prompt ({len(prompts)} prompts).")
+    return baseline
 
 
 def _head_bases(
@@ -380,8 +386,8 @@ def _subspace_names(name: str, n_random: int) -> list[str]:
 
 @dataclass
 class _Edits:
-    """The edits of each layer, per head: stacked bases [S, d, r] for the S = 2 + n_random
-    copies of a batch (copy 0 zero: not edited; 1 the recovered subspace; 2.. random).
+    """The edits of each layer, per head: stacked bases [S, d, r] for the S = 2 + n (random
+    draws) copies of a batch (copy 0 zero: not edited; 1 the recovered subspace; 2.. random).
 
     key_edits (layer, kv head, bases) edit a shared key head; head_key_edits (layer, query
     head, kv head, bases) a copy of the keys only that query head reads; query_edits (layer,
@@ -400,11 +406,12 @@ class _Edits:
         key_v: list[np.ndarray | None],
         query_v: list[np.ndarray | None],
         key_scope: str,
-        n_random: int,
-        seed: int,
+        baseline: RandomBaseline,
     ) -> _Edits:
         """The edits of `heads`, random draws seeded per head (see `intervene_answers`)."""
         from qktrace.verbs.decompose import random_subspaces
+
+        n_random, seed = baseline.n, baseline.seed
 
         def stacked(v: np.ndarray, seed_i: int) -> torch.Tensor:
             rank = v.shape[1]

@@ -10,9 +10,10 @@ the softmax sees them; see `qktrace.model.loading`):
 
 1. ``before``: the query's attention (last token by default) is computed from the unedited q
    and k with the model's own mask, scaling and soft cap (`qktrace.core.ops.attention_rows`).
-2. Random baselines: the same edit with `n_random` random orthonormal subspaces of the same rank
-   (seeded; the same draws for every batch) is computed *functionally*, only for this head's
-   attention row, so they cost a few small matrix products and no extra forward pass.
+2. Random baselines: the same edit in ``random=RandomBaseline(n, seed)``: n random orthonormal
+   subspaces of the same rank (seeded; the same draws for every batch), computed *functionally*,
+   only for this head's attention row, so they cost a few small matrix products and no extra
+   forward pass.
 3. The real edit is written IN PLACE into the traced tensor, so the model's attention (and
    everything downstream of it) really computes with the edited key; ``after`` is computed from
    the edited tensors. ``verify=True`` also reads the model's own attention weights from the
@@ -40,7 +41,8 @@ Grouped-query attention: whose key is edited
 Under GQA several query heads read one key head (Llama-3.1-8B: groups of 4; SmolLM2 17.3-17.5
 share one). A subspace is found for one *query* head (its ΔC pairs that head's q with the
 shared k), so the edit a researcher means by "swap this head's keys" is the key as that query
-head sees it, leaving the other heads of its group alone. `key_scope` says which:
+head sees it, leaving the other heads of its group alone. The edit's `key_scope`
+(``Edit("swap", key_scope="key_head")``) says which:
 
 - ``"query_head"`` (default): only the chosen query head sees the edited key. Transformers'
   attention functions repeat the key heads inside the call (eager: ``repeat_kv(key,
@@ -77,9 +79,12 @@ dominate whole rows; a prompt flips when orig was the argmax before and target i
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, fields
-from typing import Any, Literal, cast
+import functools
+import numbers
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields, replace
+from typing import Any, Literal, TypeVar, cast
 
 import nnsight
 import numpy as np
@@ -101,7 +106,9 @@ from qktrace.run.batching import (
 )
 from qktrace.verbs.attribute import as_basis, orthogonalize
 
-__all__ = ["Edit", "intervene", "intervene_captured"]
+__all__ = ["Edit", "RandomBaseline", "intervene", "intervene_captured"]
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 Mode = Literal["swap", "ablate", "patch"]
 KeyScope = Literal["query_head", "key_head"]
@@ -126,6 +133,11 @@ class Edit:
         For "patch": the vectors whose coordinates are copied, [n_prompts, d_head] (one per
         prompt) or [n_prompts, n_at, d_head] (one per edited position), or a DataArray with
         dims ``prompt`` and ``d_head`` (e.g. ``capture(...).k.sel(head="16.19")``).
+    key_scope
+        Under grouped-query attention, where a key edit is written: "query_head" (default) edits
+        the key as the chosen query head sees it, reaching no other head of its group;
+        "key_head" edits the shared key head, which every query head of the group reads (module
+        docstring, "Grouped-query attention"). Without GQA the two are the same edit.
 
     A bare mode string stands for ``Edit(mode)``. The checks of the combination run here, when
     the edit is made, before any model work.
@@ -135,10 +147,12 @@ class Edit:
     side: Side | Literal["both"] = "key"
     at: Positions | None = None
     source: Any = None
+    key_scope: KeyScope = "query_head"
 
     def __post_init__(self) -> None:
         checks.choice("mode", self.mode, MODES)
         checks.choice("side", self.side, (*SIDES, "both"))
+        checks.choice("key_scope", self.key_scope, KEY_SCOPES)
         if self.mode == "swap" and self.side != "key":
             raise checks.BadArgument(
                 "A swap exchanges the coordinates of two keys (orig and target), so it needs "
@@ -171,6 +185,121 @@ class Edit:
         )
 
 
+@dataclass(frozen=True)
+class RandomBaseline:
+    """The random subspaces of the same rank an effect is compared with: `n` draws, seeded.
+
+    n
+        How many random orthonormal subspaces, each of the edited subspace's rank, get the same
+        edit as the recovered one; 0 turns the baselines off.
+    seed
+        The numpy seed of the draws (>= 0); the same draws serve every batch.
+
+    A verb's ``random=`` takes one, or an int n for ``RandomBaseline(n)``, or None for the
+    verb's default: ``intervene(..., random=RandomBaseline(20, seed=1))``, ``random=0``.
+    """
+
+    n: int
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        examples = {"n": "RandomBaseline(10) (0: none)", "seed": "RandomBaseline(10, seed=0)"}
+        for field, example in examples.items():
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise BadArgumentType(
+                    f"RandomBaseline {field}={checks.shown(value)} ({type(value).__name__}) is "
+                    f"not an integer; pass an int >= 0, e.g. {example}."
+                )
+            if value < 0:
+                raise BadArgument(
+                    f"RandomBaseline {field}={value} is negative; pass an int >= 0, e.g. {example}."
+                )
+            object.__setattr__(self, field, int(value))
+
+    @classmethod
+    def of(cls, random: RandomBaseline | int | None, default_n: int) -> RandomBaseline:
+        """`random` as a `RandomBaseline`: None -> RandomBaseline(default_n), n ->
+        RandomBaseline(n)."""
+        if random is None:
+            return cls(default_n)
+        if isinstance(random, RandomBaseline):
+            return random
+        if isinstance(random, numbers.Integral) and not isinstance(random, bool):
+            return cls(checks.integer("random", random, low=0, example=str(default_n)))
+        raise BadArgumentType(
+            f"random={checks.shown(random)} ({type(random).__name__}) is not a RandomBaseline "
+            f"or a number of draws; pass e.g. random=RandomBaseline({default_n}, seed=0), or "
+            f"random={default_n}."
+        )
+
+
+def old_keywords(default_n: int, *, stacklevel: int = 3) -> Callable[[F], F]:
+    """Let a verb take its old ``n_random=``, ``seed=`` (qktrace 0.1) as
+    ``random=RandomBaseline(n_random, seed)`` and ``key_scope=`` as
+    ``edit=Edit(..., key_scope=...)``, with a DeprecationWarning, for one release.
+
+    The old checks run first, with their old messages; `default_n` is the verb's default n;
+    `stacklevel` points the warning at the verb's caller (one more under another wrapper).
+    """
+
+    def wrap(func: F) -> F:
+        verb = func.__name__
+
+        @functools.wraps(func)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if "n_random" in kwargs or "seed" in kwargs:
+                kwargs["random"] = _old_random(verb, kwargs, default_n, stacklevel)
+            if "key_scope" in kwargs:
+                kwargs["edit"] = _old_key_scope(verb, kwargs, stacklevel)
+            return func(*args, **kwargs)
+
+        return call  # type: ignore[return-value]
+
+    return wrap
+
+
+def _old_random(
+    verb: str, kwargs: dict[str, Any], default_n: int, stacklevel: int
+) -> RandomBaseline:
+    """``n_random=``, ``seed=`` (popped from `kwargs`) as the `RandomBaseline` they mean."""
+    old = "= and ".join(k for k in ("n_random", "seed") if k in kwargs)
+    if "random" in kwargs:
+        raise BadArgument(
+            f"{verb}() got both random= and {old}=; n_random= and seed= are the old form of "
+            "random=RandomBaseline(n, seed=...): pass random= only."
+        )
+    warnings.warn(
+        f"{verb}(n_random=..., seed=...) is now {verb}(random=RandomBaseline(n, seed=...)); "
+        "the old names go in the next release.",
+        DeprecationWarning,
+        stacklevel=stacklevel,
+    )
+    n = checks.integer("n_random", kwargs.pop("n_random", default_n), low=0,
+                       example=str(default_n))  # fmt: skip
+    seed = checks.integer("seed", kwargs.pop("seed", 0), low=0, example="0")
+    return RandomBaseline(n, seed)
+
+
+def _old_key_scope(verb: str, kwargs: dict[str, Any], stacklevel: int) -> Edit:
+    """``key_scope=`` (popped from `kwargs`) written into the verb's edit."""
+    key_scope = kwargs.pop("key_scope")
+    edit = Edit.of(kwargs.get("edit", "swap"))
+    if edit.key_scope != "query_head":
+        raise BadArgument(
+            f"{verb}() got key_scope= and an edit with key_scope={edit.key_scope!r}; "
+            "key_scope= is the old form of Edit(..., key_scope=...): give it in the Edit only."
+        )
+    warnings.warn(
+        f"{verb}(key_scope=...) is now {verb}(edit=Edit(mode, key_scope=...)); the old name "
+        "goes in the next release.",
+        DeprecationWarning,
+        stacklevel=stacklevel,
+    )
+    return replace(edit, key_scope=key_scope)
+
+
+@old_keywords(10)
 def intervene(
     model: Model,
     prompts: Sequence[PromptInput],
@@ -183,9 +312,7 @@ def intervene(
     edit: Edit | Mode = "swap",
     name: str | None = None,
     query: Positions = "last",
-    n_random: int = 10,
-    seed: int = 0,
-    key_scope: KeyScope = "query_head",
+    random: RandomBaseline | int | None = None,
     verify: bool = False,
     batch_size: int = 8,
     add_special_tokens: bool = True,
@@ -217,20 +344,28 @@ def intervene(
         attention is reported; must include orig and target. Default: just orig and target.
     edit
         "swap" (default), "ablate", or an `Edit` for the rest: ``Edit("ablate", side="query")``,
-        ``Edit("patch", source=k, at=positions)`` (see `Edit` and the module docstring).
+        ``Edit("patch", source=k, at=positions)``, ``Edit("swap", key_scope="key_head")`` (see
+        `Edit` and the module docstring). Its `key_scope` ("query_head" or "key_head": under
+        grouped-query attention, whether the key edit is the key as this head sees it or the
+        key head its group shares) leaves the head's attention reported here the same; it is
+        recorded in the attrs (``key_scope``, ``heads_reached``).
     name
         The subspace's name in the `subspace` coordinate; default: the basis' ``feature``
         coordinate if it has one, else "subspace".
     query
         The query position: "last" or one position per prompt.
-    n_random, seed
-        Random orthonormal subspaces of the same rank as baselines, drawn with `seed`; the same
-        draws serve every batch. 0 turns them off.
-    key_scope
-        "query_head" (default) or "key_head": under grouped-query attention, whether the key
-        edit is the key as this head sees it or the key head its group shares (module
-        docstring). The head's attention reported here is the same for both; recorded in the
-        attrs (``key_scope``, ``heads_reached``).
+    random
+        The random baselines: a `RandomBaseline` (n random orthonormal subspaces of the same
+        rank, drawn with its seed; the same draws serve every batch), an int n for
+        ``RandomBaseline(n)``, or None for ``RandomBaseline(10)``; 0 turns them off. Recorded
+        as the attrs ``n_random`` and ``seed``.
+    batch_size, add_special_tokens, progress
+        Prompts per trace, whether the tokenizer adds its special tokens (BOS), and a progress
+        bar.
+
+    The keywords ``n_random=``, ``seed=`` (as ``random=RandomBaseline(n_random, seed)``) and
+    ``key_scope=`` (as ``edit=Edit(..., key_scope=...)``) of qktrace 0.1 still work, with a
+    DeprecationWarning, for one release.
     verify
         Also return ``model_attention``: the model's own attention weights of the head after the
         edit, read from the attention call's output (needs ``attn_implementation="eager"``).
@@ -264,17 +399,16 @@ def intervene(
     >>> fx.flip_rate.to_series()  # doctest: +SKIP
     >>> fx.delta_p_target.where(fx.random).mean()  # doctest: +SKIP
     """
-    h, edit = _check_intervene(
-        model, prompts, head, basis, orig, target, edit, name, n_random, seed, key_scope, verify,
-        progress,
-    )  # fmt: skip
+    h, edit, baseline = _check_intervene(
+        model, prompts, head, basis, orig, target, edit, name, random, verify, progress
+    )
     n = len(prompts)
     name, v = _subspace(basis, name, model.d_head, h.label)
     sources = _source_array(edit.source, n, model.d_head) if edit.mode == "patch" else None
     stage = _Stage(orig, target, edit, sources)
     plan = _plan(model, prompts, query, keys, orig, target, stage, batch_size, add_special_tokens)
-    parts = _run_intervene(model, plan, stage, h, edit, v, n_random, seed, verify, progress)
-    ds = _dataset(parts, _subspace_names(name, n_random))
+    parts = _run_intervene(model, plan, stage, h, edit, v, baseline, verify, progress)
+    ds = _dataset(parts, _subspace_names(name, baseline.n))
     from qktrace.store import provenance
 
     params = {
@@ -283,14 +417,14 @@ def intervene(
         "mode": edit.mode,
         "side": edit.side,
         "rank": v.shape[1],
-        "n_random": n_random,
+        "n_random": baseline.n,
         "n_prompts": n,
         "query": query if isinstance(query, str) else "per-prompt",
-        "key_scope": key_scope,
+        "key_scope": edit.key_scope,
     }
-    attrs = provenance("intervene", params, model=model, seed=seed)
+    attrs = provenance("intervene", params, model=model, seed=baseline.seed)
     return ds.assign(basis=(("d_head", "component"), v.astype(np.float32))).assign_attrs(
-        attrs, **_head_attrs(model, h, edit, key_scope), name=name, side=edit.side,
+        attrs, **_head_attrs(model, h, edit), name=name, side=edit.side,
         mode=edit.mode, rank=v.shape[1],
     )  # fmt: skip
 
@@ -304,19 +438,16 @@ def _check_intervene(
     target: Sequence[int],
     edit: Edit | Mode,
     name: str | None,
-    n_random: int,
-    seed: int,
-    key_scope: str,
+    random: RandomBaseline | int | None,
     verify: bool,
     progress: bool,
-) -> tuple[Head, Edit]:
-    """`intervene`'s checks, before any model work: its head and its edit."""
+) -> tuple[Head, Edit, RandomBaseline]:
+    """`intervene`'s checks, before any model work: its head, its edit and its baselines."""
     check_model("model", model)
     for flag_name, value in (("verify", verify), ("progress", progress)):
         checks.flag(flag_name, value)
-    checks.integer("n_random", n_random, low=0, example="10")
-    checks.fits_in_memory("n_random", n_random, 8 * model.d_head**2, "its random subspaces")
-    checks.integer("seed", seed, low=0, example="0")
+    baseline = RandomBaseline.of(random, 10)
+    checks.fits_in_memory("random", baseline.n, 8 * model.d_head**2, "its random subspaces")
     if isinstance(basis, str | bytes) or not hasattr(basis, "__len__"):
         raise BadArgumentType(
             f"basis={basis!r} ({type(basis).__name__}) is not a basis; pass an array "
@@ -327,7 +458,6 @@ def _check_intervene(
     h = _one_head(model, head)
     edit = Edit.of(edit)
     _one_side(edit, "intervene")
-    checks.choice("key_scope", key_scope, KEY_SCOPES)
     n = len(checks.prompts("prompts", prompts))
     checks.one_per_prompt("orig", orig, n)
     checks.one_per_prompt("target", target, n)
@@ -335,7 +465,7 @@ def _check_intervene(
         checks.positions("at", edit.at, n)
     if verify:
         _check_eager(model)
-    return h, edit
+    return h, edit, baseline
 
 
 def _one_side(edit: Edit, verb: str) -> None:
@@ -368,11 +498,13 @@ def _plan(
     )  # fmt: skip
 
 
-def _random_bases(d_head: int, rank: int, n_random: int, seed: int) -> list[np.ndarray]:
-    """The random baselines: `n_random` orthonormal subspaces [d_head, rank], drawn with `seed`."""
+def _random_bases(d_head: int, rank: int, baseline: RandomBaseline) -> list[np.ndarray]:
+    """The random baselines: `baseline.n` orthonormal subspaces [d_head, rank], drawn with its
+    seed."""
     from qktrace.verbs.decompose import random_subspaces
 
-    return list(random_subspaces(d_head, rank, n_random, seed)) if n_random else []
+    n = baseline.n
+    return list(random_subspaces(d_head, rank, n, baseline.seed)) if n else []
 
 
 def _subspace_names(name: str, n_random: int) -> list[str]:
@@ -387,15 +519,14 @@ def _run_intervene(
     h: Head,
     edit: Edit,
     v: np.ndarray,
-    n_random: int,
-    seed: int,
+    baseline: RandomBaseline,
     verify: bool,
     progress: bool,
 ) -> list[tuple[_Keys, dict[str, np.ndarray], np.ndarray, np.ndarray]]:
     """Trace every batch: per batch its candidate keys, arrays and orig/target slots."""
     basis_t = torch.tensor(v, dtype=torch.float32)
-    randoms = _random_bases(model.d_head, v.shape[1], n_random, seed)
-    random_t = torch.tensor(np.array(randoms), dtype=torch.float32) if n_random else None
+    randoms = _random_bases(model.d_head, v.shape[1], baseline)
+    random_t = torch.tensor(np.array(randoms), dtype=torch.float32) if baseline.n else None
 
     def step(batch: Batch) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
         edit_index, source_t, orig_slot, target_slot = stage(batch)
@@ -417,18 +548,18 @@ def _run_intervene(
     ]
 
 
-def _head_attrs(model: Model, h: Head, edit: Edit, key_scope: str) -> dict[str, Any]:
+def _head_attrs(model: Model, h: Head, edit: Edit) -> dict[str, Any]:
     """The edited head's attrs: its layer and key head, the heads sharing its key, and the
     heads whose attention the edit changes."""
     group = [g for g in range(model.n_heads) if model.kv_head(g) == model.kv_head(h.head)]
-    reached = group if edit.side == "key" and key_scope == "key_head" else [h.head]
+    reached = group if edit.side == "key" and edit.key_scope == "key_head" else [h.head]
     return {
         "head": h.label,
         "layer": h.layer,
         "q_head": h.head,
         "kv_head": model.kv_head(h.head),
         "heads_sharing_key": [f"{h.layer}.{g}" for g in group],
-        "key_scope": key_scope,
+        "key_scope": edit.key_scope,
         "heads_reached": [f"{h.layer}.{g}" for g in reached],
     }
 
@@ -468,6 +599,7 @@ def _subspace(basis: Any, name: str | None, d_head: int, head: str) -> tuple[str
     return name, v
 
 
+@old_keywords(10)
 def intervene_captured(
     captured: xr.Dataset,
     head: Any,
@@ -477,9 +609,7 @@ def intervene_captured(
     target: Sequence[int],
     edit: Edit | Mode = "swap",
     name: str | None = None,
-    n_random: int = 10,
-    seed: int = 0,
-    key_scope: KeyScope = "query_head",
+    random: RandomBaseline | int | None = None,
 ) -> xr.Dataset:
     """`intervene`'s key-side metrics, computed from a capture with no forward pass.
 
@@ -498,12 +628,14 @@ def intervene_captured(
     ----------
     captured
         From `qktrace.capture` (one query per prompt, ``attention=True``), with `head`.
-    head, basis, orig, target, edit, name, n_random, seed, key_scope
+    head, basis, orig, target, edit, name, random
         As in `intervene`, key side: the edit's `at` gives key positions per prompt (default:
-        orig), its `source` is [n_prompts, d_head] or [n_prompts, n_at, d_head].
+        orig), its `source` is [n_prompts, d_head] or [n_prompts, n_at, d_head]; `random`
+        defaults to ``RandomBaseline(10)``. ``n_random=``, ``seed=`` and ``key_scope=`` still
+        work for one release, with a DeprecationWarning (as in `intervene`).
     """
     edit = Edit.of(edit)
-    _check_captured(captured, edit, key_scope, n_random)
+    baseline = _check_captured(captured, edit, random)
     label, ds = _captured_head(captured, head)
     n, d_head = ds.sizes["prompt"], ds.sizes["d_head"]
     checks.one_per_prompt("orig", orig, n, what="key position")
@@ -522,9 +654,9 @@ def intervene_captured(
         if array.shape[1] == 1:
             array = np.repeat(array, edit_slot.shape[1], axis=1)
         src = torch.tensor(array[:, : edit_slot.shape[1]], dtype=torch.float64)
-    bases = [v, *_random_bases(d_head, v.shape[1], n_random, seed)]
+    bases = [v, *_random_bases(d_head, v.shape[1], baseline)]
     values = _edited_attention(ds, bases, edit.mode, edit_slot, first, src)
-    names = _subspace_names(name, n_random)
+    names = _subspace_names(name, baseline.n)
     out = _metrics(keys.keys, values, orig_slot, target_slot, names).assign_coords(
         prompt=ds["prompt"].values
     )
@@ -532,22 +664,23 @@ def intervene_captured(
 
     rank, mode = v.shape[1], edit.mode
     params = {"head": label, "name": name, "mode": mode, "side": "key", "rank": rank,
-              "n_random": n_random, "n_prompts": n}  # fmt: skip
-    attrs = provenance("intervene_captured", params, inputs=captured.attrs, seed=seed)
+              "n_random": baseline.n, "n_prompts": n}  # fmt: skip
+    attrs = provenance("intervene_captured", params, inputs=captured.attrs, seed=baseline.seed)
     return out.assign(basis=(("d_head", "component"), v.astype(np.float32))).assign_attrs(
-        attrs, head=label, name=name, side="key", mode=mode, rank=rank, n_random=n_random,
-        key_scope=key_scope, forward_passes=0,
+        attrs, head=label, name=name, side="key", mode=mode, rank=rank, n_random=baseline.n,
+        key_scope=edit.key_scope, forward_passes=0,
     )  # fmt: skip
 
 
-def _check_captured(captured: xr.Dataset, edit: Edit, key_scope: str, n_random: int) -> None:
-    """`intervene_captured`'s checks of its edit and of the capture's variables."""
+def _check_captured(
+    captured: xr.Dataset, edit: Edit, random: RandomBaseline | int | None
+) -> RandomBaseline:
+    """`intervene_captured`'s checks of its edit, its baselines and the capture's variables."""
     if edit.side != "key":
         raise checks.BadArgument(
             "intervene_captured computes key edits; for a query edit use qktrace.intervene."
         )
-    checks.choice("key_scope", key_scope, KEY_SCOPES)
-    checks.integer("n_random", n_random, low=0, example="10")
+    baseline = RandomBaseline.of(random, 10)
     for var in ("q", "k", "logit", "attention"):
         if var not in captured:
             raise BadArgument(
@@ -558,6 +691,7 @@ def _check_captured(captured: xr.Dataset, edit: Edit, key_scope: str, n_random: 
         raise BadArgument(
             "captured has no 'softcap' coordinate (made by an older qktrace): capture again."
         )
+    return baseline
 
 
 def _captured_head(captured: xr.Dataset, head: Any) -> tuple[str, xr.Dataset]:
