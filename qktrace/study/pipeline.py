@@ -86,7 +86,7 @@ from qktrace.study.tools import (
 from qktrace.verbs.answers import CandidateMassWarning, low_mass_note, unscored_note
 from qktrace.verbs.capture import capture
 from qktrace.verbs.decompose import add_pairs, decompose, empty_sums, random_subspaces
-from qktrace.verbs.intervene import intervene_captured
+from qktrace.verbs.intervene import RandomBaseline, intervene_captured
 from qktrace.verbs.reduce import reduce, stored_sums, study_options
 
 __all__ = ["Run", "Study", "StudyError", "StudyOption", "run_study", "load_study", "plot"]
@@ -904,8 +904,7 @@ def swaps(
                 orig=[test.keys[i][orig[i]] for i in chosen],
                 target=[test.keys[i][test.swap[i][1]] for i in chosen],
                 edit="swap",
-                n_random=n_random,
-                seed=seed,
+                random=RandomBaseline(n_random, seed=seed),
             )
             parts.append(per_prompt(fx).assign_coords(prompt=chosen))
         per_head.append(xr.concat(parts, dim="prompt").sortby("prompt"))

@@ -432,6 +432,7 @@ def answer_effects(
     not collide with the attention-level ``subspace`` (which has more random draws).
     """
     from qktrace.verbs.answers import intervene_answers
+    from qktrace.verbs.intervene import Edit, RandomBaseline
 
     sets = {label: {label: basis} for label, basis in bases.items()}
     if len(bases) > 1:
@@ -448,9 +449,8 @@ def answer_effects(
             orig=orig,
             target=target,
             name=name,
-            n_random=n_random,
-            seed=seed,
-            key_scope=key_scope,  # type: ignore[arg-type]
+            edit=Edit("swap", key_scope=key_scope),  # type: ignore[arg-type]
+            random=RandomBaseline(n_random, seed=seed),
             batch_size=batch_size,
             progress=progress,
         )
