@@ -531,6 +531,18 @@ CorrectOnlyOption = Annotated[
         "first (the all-prompt ones kept as *_all_prompts; counts in the params).",
     ),
 ]
+KeyScopeOption = Annotated[
+    str | None,
+    typer.Option(
+        "--key-scope",
+        metavar="query_head|key_head",
+        help="Under grouped-query attention, where the answer-level swaps edit a head's key: "
+        "query_head (the key as that query head sees it; only that head's attention moves) or "
+        "key_head (the shared key head, which every query head of its group reads) "
+        "[default: query_head].",
+        show_default=False,
+    ),
+]
 StudyNameArgument = Annotated[
     str,
     typer.Argument(
@@ -588,6 +600,7 @@ def study(
         bool, typer.Option("--overwrite", help="Replace an existing NAME.zarr in --out.")
     ] = False,
     correct_only: CorrectOnlyOption = False,
+    key_scope: KeyScopeOption = None,
     quiet: QuietOption = False,
 ) -> None:
     """Run a language-model study: find feature subspaces of attention heads' query-key space
@@ -622,6 +635,7 @@ def study(
         "threshold": threshold,
         "chat": chat,
         "correct_only": correct_only or None,
+        "key_scope": key_scope,
     }
     settings = {k: v for k, v in given.items() if v is not None}
     mode: Remote = True if remote else "local" if remote_local else False
@@ -647,7 +661,7 @@ def study(
 
 # the flags of `qktrace study` that every study has (its own come from its StudyOptions)
 _COMMON_STUDY_FLAGS = ("heads", "n_prompts", "n_test", "batch_size", "n_random",
-                       "n_random_answers", "threshold", "chat", "correct_only")  # fmt: skip
+                       "n_random_answers", "threshold", "chat", "correct_only", "key_scope")  # fmt: skip
 
 
 def _study_job(ctx: typer.Context, name: str) -> tuple[Callable[..., Path], str]:

@@ -337,3 +337,17 @@ def test_correct_only_summarizes_the_prompts_the_model_answers_right(tmp_path):
     np.testing.assert_allclose(ds["flip_rate_all_prompts"].values, every.values)
     delta = ds["delta_answer_logit_diff"].isel(prompt=right).mean("prompt")
     np.testing.assert_allclose(ds["mean_delta_answer_logit_diff"].values, delta.values)
+
+
+def test_key_scope_flag_reaches_the_answer_swaps_and_is_recorded(tmp_path, checkpoint):
+    """`qktrace study --key-scope key_head` edits the shared key head (recorded in the params
+    and the answer attrs); a scope that is not one is refused before the model loads."""
+    common = ["study", "order-id", "-m", checkpoint, "--heads", HEAD, "--n-pairs", N_PAIRS]
+    for scope in ("key_head", None):
+        out = tmp_path / str(scope)
+        cli(*common, "-o", out, *cli_flags(), *(["--key-scope", scope] if scope else []))
+        ds = store.open(out / "order_id.zarr")
+        assert ds.attrs["params"]["key_scope"] == (scope or "query_head")
+    bad = CliRunner().invoke(app, [*map(str, common), "-o", str(tmp_path / "x"), "--key-scope",
+                                   "group"])  # fmt: skip
+    assert bad.exit_code == 2 and "query_head" in bad.output and "key_head" in bad.output
