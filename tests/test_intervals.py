@@ -140,4 +140,35 @@ def test_the_summary_prints_intervals_and_says_when_an_effect_is_like_random():
     p = float(ds.flip_rate_p_vs_random[0])
     assert p >= 0.05
     assert "Not distinguishable from random subspaces (p >= 0.05)" in text
-    assert f"s0 flip rate (p = {p:.2f})" in text
+    assert f"s0 flip rate (p = {p:.3g})" in text
+
+
+def test_the_summary_shows_p_to_three_digits_and_names_an_effect_random_moved_the_other_way():
+    """A p of 0.0496 is not printed as 0.050 (which reads as p >= 0.05); a mean that beats the
+    random subspaces only because they moved the other way (its own interval holds 0) is named."""
+    from qktrace.core.intervals import swap_intervals
+    from qktrace.study.summary import format_p, summarize
+
+    assert (format_p(0.0496), format_p(0.0004), format_p(0.5), format_p(float("nan"))) == (
+        "0.0496",
+        "<0.001",
+        "0.5",
+        "",
+    )
+    rng = np.random.default_rng(1)
+    attends = np.ones(40, dtype=bool)
+    flip = np.zeros((3, 40), dtype=bool)
+    delta = np.concatenate(
+        [rng.normal(0, 0.05, size=(1, 40)), rng.normal(-0.2, 0.05, size=(2, 40))]
+    )  # the recovered subspace moves nothing; the random ones lower p_target
+    ds = _swaps(flip, attends, delta, [False, True, True])
+    ds = ds.assign(
+        flip_rate=ds.flip.mean("prompt"), mean_delta_p_target=ds.delta_p_target.mean("prompt")
+    ).assign(swap_intervals(ds).data_vars)
+    assert float(ds.mean_delta_p_target_p_vs_random[0]) < 0.05
+    text = summarize(ds)
+    assert "Beyond random only because the random subspaces moved it the other way" in text
+    assert (
+        "s0 mean Δp(target)" in text.split("the other way")[1]
+        or "s0" in text.split("the other way")[1]
+    )

@@ -228,13 +228,16 @@ def _interventions(
     averaged = [d for d in outer if d not in keep]
     rows: list[dict[str, Any]] = []
     alike: list[str] = []
+    opposite: list[str] = []
     for metric in metrics:
         _metric_rows(ds, metric, table[metric], subspace, recovered, randoms, keep, averaged,
-                     rows, alike)  # fmt: skip
+                     rows, alike, opposite)  # fmt: skip
     frame = pd.DataFrame(rows)
     if frame["p vs random"].isna().all():
         frame = frame.drop(columns="p vs random")
-    legend = _legend(frame, alike)
+    else:
+        frame["p vs random"] = frame["p vs random"].map(format_p)
+    legend = _legend(frame, alike, opposite)
     index = [*map(str, keep), "subspace", "metric"]
     frame = frame.sort_values(index[:-1], kind="stable").set_index(index).round(3)
     if answers:
@@ -269,9 +272,11 @@ def _metric_rows(
     averaged: list,
     rows: list[dict[str, Any]],
     alike: list[str],
+    opposite: list[str],
 ) -> None:
-    """Append to `rows` one row per kept place and recovered subspace of `metric`, and to
-    `alike` each that random subspaces match (p >= 0.05)."""
+    """Append to `rows` one row per kept place and recovered subspace of `metric`, to `alike`
+    each that random subspaces match (p >= 0.05), and to `opposite` each that beats them only
+    because they moved the other way (p < 0.05, but its own interval includes 0)."""
 
     def stack(name: str) -> xr.DataArray | None:
         """`name` stacked over the kept dims; None where the store lacks it or it would need
@@ -300,9 +305,12 @@ def _metric_rows(
             if low is not None and high is not None:
                 value += f" [{float(low.sel(at)):.3f}, {float(high.sel(at)):.3f}]"
             p = float(tested.sel(at)) if tested is not None else float("nan")
+            shown = " ".join(f"{d} {v}" for d, v in where_label.items())
             if p >= 0.05:
-                shown = " ".join(f"{d} {v}" for d, v in where_label.items())
-                alike.append(f"{shown} {name} {label} (p = {p:.2f})".strip())
+                alike.append(f"{shown} {name} {label} ({_p_phrase(p)})".strip())
+            elif p < 0.05 and low is not None and high is not None:
+                if float(low.sel(at)) <= 0 <= float(high.sel(at)):
+                    opposite.append(f"{shown} {name} {label} ({_p_phrase(p)})".strip())
             rows.append(
                 {
                     **where_label,
@@ -316,7 +324,20 @@ def _metric_rows(
             )
 
 
-def _legend(frame: pd.DataFrame, alike: list[str]) -> str:
+def format_p(p: float) -> str:
+    """A p-value to 3 significant digits (0.0496, not a rounded 0.050 that reads as p >= 0.05)."""
+    if not np.isfinite(p):
+        return ""
+    return "<0.001" if p < 0.001 else f"{p:.3g}"
+
+
+def _p_phrase(p: float) -> str:
+    """ "p = 0.0496", or "p < 0.001"."""
+    shown = format_p(p)
+    return f"p {shown[0]} {shown[1:]}" if shown.startswith("<") else f"p = {shown}"
+
+
+def _legend(frame: pd.DataFrame, alike: list[str], opposite: list[str]) -> str:
     """What the intervals and p-values are, and which effects random subspaces match."""
     legend = ""
     if not frame.empty and "[" in frame["value [95% CI]"].iloc[0]:
@@ -327,6 +348,11 @@ def _legend(frame: pd.DataFrame, alike: list[str]) -> str:
         )
     if alike:
         legend += "\nNot distinguishable from random subspaces (p >= 0.05): " + "; ".join(alike)
+    if opposite:
+        legend += (
+            "\nBeyond random only because the random subspaces moved it the other way (p < 0.05,"
+            " but its own 95% interval includes 0: no effect of its own): " + "; ".join(opposite)
+        )
     return legend
 
 
