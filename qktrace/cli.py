@@ -958,13 +958,13 @@ def organism_eval(
     """
     import torch
 
-    from qktrace.organism.evaluation import evaluate
+    from qktrace.organism.evaluation import held_out_accuracy
 
     if n < 1:
         _fail(f"--n {n}: pass at least 1 prompt per group.", 2)
     torch.set_num_threads(threads)
     try:
-        results = evaluate(
+        results = held_out_accuracy(
             None if model is None else str(model),
             n=n,
             groups=_comma_list(groups, "--groups"),

@@ -83,9 +83,11 @@ def test_prepare_tokenizes_each_prompt_once(llama, monkeypatch):
 
 def test_prepare_is_the_old_name_of_plan_run(llama):
     """`batching.prepare` (before 0.2) still plans the same run, for one release."""
-    old = batching.prepare(llama, PROMPTS, "last", "all", batch_size=2)
+    with pytest.warns(DeprecationWarning, match="is now qktrace.run.batching.plan_run"):
+        old = batching.prepare(llama, PROMPTS, "last", "all", batch_size=2)
     new = batching.plan_run(llama, PROMPTS, "last", "all", batch_size=2)
-    assert batching.prepare is batching.plan_run
+    with pytest.warns(DeprecationWarning):
+        assert batching.prepare is batching.plan_run
     assert old.sha256 == new.sha256 and old.lengths == new.lengths
 
 

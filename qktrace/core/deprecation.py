@@ -42,3 +42,23 @@ def renamed(**old_to_new: str) -> Callable[[F], F]:
         return call  # type: ignore[return-value]
 
     return wrap
+
+
+def renamed_attributes(module: str, old_to_new: dict[str, str]) -> Callable[[str], Any]:
+    """A module ``__getattr__`` (PEP 562) that answers each old name with the new one's object,
+    with a DeprecationWarning: ``__getattr__ = renamed_attributes(__name__, {"prepare":
+    "plan_run"})``."""
+    import sys
+
+    def __getattr__(name: str) -> Any:
+        if name in old_to_new:
+            new = old_to_new[name]
+            warnings.warn(
+                f"{module}.{name} is now {module}.{new}; the old name goes in the next release.",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            return getattr(sys.modules[module], new)
+        raise AttributeError(f"module {module!r} has no attribute {name!r}")
+
+    return __getattr__

@@ -9,7 +9,7 @@ prompts (`qktrace.organism.data`): the boxes binding task and list filtering. It
     import qktrace
     from qktrace import organism
     model = qktrace.load(organism.path())            # or qktrace.load("data/organism")
-    organism.evaluate()                               # held-out accuracy per task and size
+    organism.held_out_accuracy()                      # held-out accuracy per task and size
 
 Commands::
 
@@ -27,19 +27,23 @@ from __future__ import annotations
 
 from typing import Any
 
+from qktrace.core.deprecation import renamed_attributes
 from qktrace.model.organism import heads, path
 
-__all__ = ["path", "evaluate", "heads", "HEADS"]
+__all__ = ["path", "held_out_accuracy", "heads", "HEADS"]
 
 
 def __getattr__(name: str) -> Any:
     if name == "HEADS":
         return heads()
+    if name == "evaluate":  # its name before 0.2 (`qktrace eval` is the verb), for one release
+        return renamed_attributes(__name__, {"evaluate": "held_out_accuracy"})(name)
     raise AttributeError(f"module 'qktrace.organism' has no attribute {name!r}")
 
 
-def evaluate(*args: Any, **kwargs: Any) -> Any:
-    """Held-out accuracy per task and size; see `qktrace.organism.evaluation.evaluate`."""
-    from qktrace.organism.evaluation import evaluate as _evaluate
+def held_out_accuracy(*args: Any, **kwargs: Any) -> Any:
+    """Held-out accuracy per task and size; see
+    `qktrace.organism.evaluation.held_out_accuracy`."""
+    from qktrace.organism.evaluation import held_out_accuracy as _held_out_accuracy
 
-    return _evaluate(*args, **kwargs)
+    return _held_out_accuracy(*args, **kwargs)

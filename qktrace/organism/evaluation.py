@@ -25,10 +25,15 @@ from typing import Any
 
 import torch
 
+from qktrace.core.deprecation import renamed_attributes
 from qktrace.core.prompts import Prompt, boxes_prompts, filter_prompts, load_categories, locate
 from qktrace.organism.data import targets
 
-__all__ = ["evaluate", "accuracy", "heldout_sets", "main"]
+__all__ = ["held_out_accuracy", "accuracy", "heldout_sets", "main"]
+
+
+# `held_out_accuracy`'s name before 0.2 (`qktrace eval` is the verb `evaluate`), kept for one release
+__getattr__ = renamed_attributes(__name__, {"evaluate": "held_out_accuracy"})
 
 
 def heldout_sets(n: int = 200, seed: int = 10_000) -> dict[str, tuple[list[Prompt], bool]]:
@@ -77,7 +82,7 @@ def accuracy(
     return correct / len(prompts)
 
 
-def evaluate(
+def held_out_accuracy(
     model: str | os.PathLike | Any | None = None,
     tokenizer: Any = None,
     *,
@@ -124,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    evaluate(args.model, n=args.n)
+    held_out_accuracy(args.model, n=args.n)
 
 
 if __name__ == "__main__":

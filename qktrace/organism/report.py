@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from qktrace.organism.evaluation import evaluate
+from qktrace.organism.evaluation import held_out_accuracy
 
 TOP = 3
 
@@ -288,7 +288,7 @@ def report(out: str | Path, run: dict[str, Any] | None = None, n: int = 200) -> 
     """Evaluate, find heads, write heads.json and CARD.md in `out`."""
     out = Path(out)
     run = run or json.loads((out / "train_log.json").read_text())
-    accuracy = evaluate(str(out), n=n)
+    accuracy = held_out_accuracy(str(out), n=n)
     heads = find_default_heads(out)
     (out / "heads.json").write_text(json.dumps(heads, indent=1))
     print(json.dumps(heads["heads"]), flush=True)

@@ -434,9 +434,9 @@ def _log_entry(
     }
     if opts["eval_every"] and ((step + 1) % opts["eval_every"] == 0 or step + 1 == steps):
         net.eval()
-        from qktrace.organism.evaluation import evaluate
+        from qktrace.organism.evaluation import held_out_accuracy
 
-        quick = evaluate(
+        quick = held_out_accuracy(
             net,
             tokenizer,
             n=64,

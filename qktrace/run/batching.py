@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from qktrace.core import checks
+from qktrace.core.deprecation import renamed_attributes
 from qktrace.core.errors import BadArgument
 from qktrace.model.loading import Head, Model, check_model, iter_batches
 from qktrace.model.remote import with_retries
@@ -314,7 +315,7 @@ def plan_run(
 
 
 # the name of `plan_run` before 0.2, kept for one release
-prepare = plan_run
+__getattr__ = renamed_attributes(__name__, {"prepare": "plan_run"})
 
 
 def _check_run(

@@ -5,7 +5,7 @@
   when the head has room for both latents (N + M < d_head).
 - `pca_on_subspace` (Fig 3): queries and keys projected on the recovered z1 subspace, then
   PCA to 3 components: the corners of the cube (discrete) or a round cloud (continuous).
-- `intervene` (Fig 4): swap the coordinates of the attended key and a target key inside the
+- `swap_interventions` (Fig 4): swap the coordinates of the attended key and a target key inside the
   recovered key subspaces of z1, z2 and both, and see where the attention goes, against
   random subspaces of the same sizes.
 - `interaction_matrix` and `diagonal_dominance` (Fig 5): G = (W_Q B)^T (W_K A), the bilinear
@@ -23,12 +23,17 @@ import torch
 import xarray as xr
 
 from qktrace.core import ops
+from qktrace.core.deprecation import renamed_attributes
 from qktrace.toy.data import LATENTS, Episodes, PayloadTask
 from qktrace.toy.model import PayloadRetrievalHead
 from qktrace.verbs import decompose as covariance
 
 SUBSPACES = ("z1", "z2", "both")
 RANDOM_SUBSPACES = tuple(f"random_{name}" for name in SUBSPACES)
+
+
+# `swap_interventions`' name before 0.2 (`qktrace.intervene` is the verb), kept for one release
+__getattr__ = renamed_attributes(__name__, {"intervene": "swap_interventions"})
 
 
 def contrast_sums(
@@ -127,7 +132,7 @@ def swap_effects(
         }
 
 
-def intervene(
+def swap_interventions(
     model: PayloadRetrievalHead,
     task: PayloadTask,
     subspaces: xr.Dataset,
@@ -316,7 +321,7 @@ def analyze(
     -------
     xr.Dataset
         ``rank (latent)``, ``singular_values (latent, component)``,
-        ``delta_c (latent, dq, dk)``; the `intervene` variables; ``pca (role, point, pc)``,
+        ``delta_c (latent, dq, dk)``; the `swap_interventions` variables; ``pca (role, point, pc)``,
         ``pca_corner (role, point)``, ``pc_variance_ratio (pc)``;
         ``interaction (query_latent, key_latent)`` with ``diagonal_fraction`` and
         ``block_fraction``. With `pad_rank`, the latent labels of ``interaction`` run over
@@ -337,7 +342,7 @@ def analyze(
             "rank": by_latent["rank"],
             "singular_values": by_latent["singular_values"],
             "delta_c": by_latent["delta_c"].assign_coords(dq=d, dk=d),
-            **intervene(
+            **swap_interventions(
                 model, task, subspaces, n_episodes=n_episodes, n_random=n_random, seed=seed + 1
             ),
             "pca": pca["pca"],

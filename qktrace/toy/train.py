@@ -27,6 +27,7 @@ import torch
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from qktrace.core.deprecation import renamed_attributes
 from qktrace.toy.data import Episodes, PayloadTask
 from qktrace.toy.model import PayloadRetrievalHead
 
@@ -42,7 +43,11 @@ class TrainedModel:
     steps: int
 
 
-def evaluate(model: PayloadRetrievalHead, episodes: Episodes) -> tuple[float, float]:
+# `accuracy_and_loss`' name before 0.2 (`qktrace eval` is the verb `evaluate`), kept for one release
+__getattr__ = renamed_attributes(__name__, {"evaluate": "accuracy_and_loss"})
+
+
+def accuracy_and_loss(model: PayloadRetrievalHead, episodes: Episodes) -> tuple[float, float]:
     """(accuracy, cross-entropy loss) of `model` on `episodes`."""
     with torch.no_grad():
         logits = model(episodes.context, episodes.query)
@@ -116,7 +121,7 @@ def train(
         step += 1
         bar.update(1)
         if step % eval_every == 0 or step == max_steps:
-            accuracy, val_loss = evaluate(model, val)
+            accuracy, val_loss = accuracy_and_loss(model, val)
             bar.set_postfix(val_accuracy=f"{accuracy:.3f}")
             if val_loss < best_loss:
                 best_loss, best_accuracy = val_loss, accuracy
