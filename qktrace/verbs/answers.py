@@ -68,7 +68,15 @@ from qktrace.core import checks, ops
 from qktrace.core.errors import BadArgument, BadArgumentType
 from qktrace.core.linalg import SIDES, union_basis
 from qktrace.model.loading import Head, Model, check_model, parse_heads
-from qktrace.run.batching import Batch, Plan, PromptInput, plan_run, resolve_positions, run
+from qktrace.run.batching import (
+    BATCH_SIZE,
+    Batch,
+    Plan,
+    PromptInput,
+    plan_run,
+    resolve_positions,
+    run,
+)
 from qktrace.verbs.attribute import as_basis, orthogonalize
 from qktrace.verbs.intervene import Edit, RandomBaseline, old_keywords
 
@@ -169,7 +177,7 @@ def intervene_answers(
     edit: Edit | AnswerMode = "swap",
     name: str = "subspace",
     random: RandomBaseline | int | None = None,
-    batch_size: int = 8,
+    batch_size: int = BATCH_SIZE,
     add_special_tokens: bool = True,
     progress: bool = True,
 ) -> xr.Dataset:

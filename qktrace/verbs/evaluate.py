@@ -44,7 +44,7 @@ from qktrace.core.errors import BadArgument, BadArgumentType
 from qktrace.core.intervals import wilson
 from qktrace.core.prompts import Prompt, boxes_prompts, filter_prompts, locate
 from qktrace.model.loading import Model, check_model, iter_batches
-from qktrace.run.batching import encode
+from qktrace.run.batching import BATCH_SIZE, encode
 from qktrace.verbs.answers import candidate_tokens, merge_forms
 
 __all__ = ["evaluate", "task_sets", "candidates", "format_table"]
@@ -94,7 +94,7 @@ def evaluate(
     pairs: Sequence[int] = PAIRS,
     groups: Sequence[str] | None = None,
     chat: bool | None = None,
-    batch_size: int = 16,
+    batch_size: int = BATCH_SIZE,
     seed: int = 10_000,
     progress: bool = True,
 ) -> xr.Dataset:

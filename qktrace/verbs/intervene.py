@@ -96,6 +96,7 @@ from qktrace.core.errors import BadArgument, BadArgumentType
 from qktrace.core.linalg import SIDES, Side
 from qktrace.model.loading import Head, Model, check_model, parse_heads
 from qktrace.run.batching import (
+    BATCH_SIZE,
     Batch,
     Plan,
     Positions,
@@ -308,13 +309,13 @@ def intervene(
     *,
     orig: Sequence[int],
     target: Sequence[int],
+    query: Positions = "last",
     keys: Positions | None = None,
     edit: Edit | Mode = "swap",
     name: str | None = None,
-    query: Positions = "last",
     random: RandomBaseline | int | None = None,
     verify: bool = False,
-    batch_size: int = 8,
+    batch_size: int = BATCH_SIZE,
     add_special_tokens: bool = True,
     progress: bool = True,
 ) -> xr.Dataset:
