@@ -403,10 +403,15 @@ class _StudyCommand(typer.core.TyperCommand):
             given, rest, _ = parser.parse_args(list(args))
         except Exception:  # a usage error: the command's own parse reports it
             return None
-        known = _model_studies()
+        from qktrace.studies import STUDIES
+
         words = [given.get("name"), *rest]
         candidates = [w for w in words if isinstance(w, str) and not w.startswith("-")]
-        return next((w for w in candidates if w in known or _is_study_file(w)), None)
+        name = next((w for w in candidates if w in STUDIES or _is_study_file(w)), None)
+        # a registered name imports its module (and torch) to read its options: only when given
+        if name in STUDIES and name not in _model_studies():
+            return None
+        return name
 
 
 def _declared_options(ctx: typer.Context, name: str) -> dict[str, Any]:

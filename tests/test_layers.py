@@ -14,6 +14,8 @@ import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 # lowest first
@@ -210,14 +212,19 @@ def test_the_checker_catches_an_upward_import_and_a_cycle(tmp_path):
     assert cycles(edges) == [["pkg.low", "pkg.sub.high", "pkg.sub.peer"]]
 
 
-def test_the_command_line_help_imports_no_heavy_library():
-    """`qktrace --help` answers without the heavy libraries: the package root names its verbs
-    lazily and the commands import what they run inside themselves."""
+@pytest.mark.parametrize(
+    "args",
+    [["--help"], *([c, "--help"] for c in ("toy", "study", "eval", "plot", "show", "organism"))],
+)
+def test_the_command_line_help_imports_no_heavy_library(args):
+    """`qktrace --help` (and a command's help) answers without the heavy libraries: the
+    package root names its verbs lazily and the commands import what they run inside
+    themselves."""
     script = (
         "import sys\n"
         "from qktrace.cli import app\n"
         "try:\n"
-        "    app(['--help'])\n"
+        f"    app({args!r})\n"
         "except SystemExit as stop:\n"
         "    assert stop.code == 0, stop.code\n"
         "print(sorted(m for m in ('torch', 'nnsight', 'transformers', 'xarray', 'zarr') if m in sys.modules))\n"
