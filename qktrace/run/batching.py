@@ -175,6 +175,23 @@ def by_layer(model: Model, heads: Sequence[Head]) -> dict[int, list[Head]]:
     return dict(sorted(layers.items()))
 
 
+def layer_reads(
+    model: Model, layers: dict[int, list[Head]]
+) -> list[tuple[int, list[int], list[int], float, float | None]]:
+    """Per layer of `by_layer`: (layer, its query heads, their key heads, the attention's
+    scaling, its logit softcap or None): what a trace body reads at that layer."""
+    return [
+        (
+            layer,
+            [h.head for h in hs],
+            [model.kv_head(h.head) for h in hs],
+            model.scaling(layer),
+            model.softcap(layer),
+        )
+        for layer, hs in layers.items()
+    ]
+
+
 def given_order(layers: dict[int, list[Head]], heads: Sequence[Head]) -> list[int]:
     """Indices that put results computed layer by layer back in the order `heads` were given."""
     computed = [h for hs in layers.values() for h in hs]

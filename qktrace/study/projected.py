@@ -37,6 +37,7 @@ from qktrace.run.batching import (
     by_layer,
     given_order,
     head_coords,
+    layer_reads,
     plan_run,
     run,
 )
@@ -97,15 +98,8 @@ def projected_pass(
     }
     layers = by_layer(model, heads)
     layout = [
-        (
-            layer,
-            [h.head for h in hs],
-            [model.kv_head(h.head) for h in hs],
-            model.scaling(layer),
-            model.softcap(layer),
-            torch.tensor(np.stack([padded[h.label] for h in hs])),
-        )
-        for layer, hs in layers.items()
+        (*reads, torch.tensor(np.stack([padded[h.label] for h in hs])))
+        for reads, hs in zip(layer_reads(model, layers), layers.values(), strict=True)
     ]
     features = list(pairs) if pairs else []
     weights, counts = _pair_weights(pairs, features, n_permutations, seed, plan.key_width)

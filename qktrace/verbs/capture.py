@@ -37,6 +37,7 @@ from qktrace.run.batching import (
     by_layer,
     given_order,
     head_coords,
+    layer_reads,
     plan_run,
     run,
 )
@@ -76,16 +77,7 @@ def _capture_batch(
 ) -> dict[str, np.ndarray]:
     """One trace: q [b, head, query, d], k [b, head, key, d], and optionally logits/attention [b, head, query, key]."""
     layers = by_layer(model, heads)
-    plan = [
-        (
-            layer,
-            [h.head for h in hs],
-            [model.kv_head(h.head) for h in hs],
-            model.scaling(layer),
-            model.softcap(layer),
-        )
-        for layer, hs in layers.items()
-    ]
+    plan = layer_reads(model, layers)
     inputs = {layer: model.attention_inputs(layer) for layer in layers}
     with torch.inference_mode(), model.trace(enc.inputs) as tracer:
         saved = nnsight.save([])
