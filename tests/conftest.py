@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import warnings
 
 import pytest
@@ -10,6 +11,17 @@ import qktrace.model.testing as testing
 from qktrace.model.loading import load
 
 warnings.filterwarnings("ignore", message=".*deprecated.*")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _ctrl_c_interrupts():
+    """Ctrl-C raises KeyboardInterrupt here and in the commands the tests start, even when the
+    run was started in the background of a script (``pytest &``: SIGINT ignored, and inherited
+    so by every child), so the interrupt-and-resume tests test what a user's Ctrl-C does."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
 
 _CACHE: dict[tuple, tuple] = {}
 _PADDING_SIDE: dict[tuple, str] = {}
