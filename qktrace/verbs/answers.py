@@ -232,11 +232,6 @@ def intervene_answers(
         Prompts per trace (each stacked 2 + n times), whether the tokenizer adds its special
         tokens (BOS), and a progress bar.
 
-    The keywords of qktrace 0.1 still work for one release, with a DeprecationWarning:
-    ``mode=``, ``side=`` and ``at=`` as ``edit=Edit(mode, side=side, at=at)``; ``n_random=``
-    and ``seed=`` as ``random=RandomBaseline(n_random, seed)``; ``key_scope=`` as
-    ``edit=Edit(..., key_scope=...)``.
-
     Returns
     -------
     xr.Dataset
@@ -258,6 +253,13 @@ def intervene_answers(
         p-values beside them (`qktrace.core.intervals.answer_intervals`). attrs: heads, side, mode,
         key_scope, ranks,
         forward_passes (traces run) and rows (prompt copies run).
+
+    Notes
+    -----
+    The keywords of qktrace 0.1 still work for one release, with a DeprecationWarning:
+    ``mode=``, ``side=`` and ``at=`` as ``edit=Edit(mode, side=side, at=at)``; ``n_random=``
+    and ``seed=`` as ``random=RandomBaseline(n_random, seed)``; ``key_scope=`` as
+    ``edit=Edit(..., key_scope=...)``.
 
     Examples
     --------

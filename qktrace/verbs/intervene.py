@@ -363,10 +363,6 @@ def intervene(
     batch_size, add_special_tokens, progress
         Prompts per trace, whether the tokenizer adds its special tokens (BOS), and a progress
         bar.
-
-    The keywords ``n_random=``, ``seed=`` (as ``random=RandomBaseline(n_random, seed)``) and
-    ``key_scope=`` (as ``edit=Edit(..., key_scope=...)``) of qktrace 0.1 still work, with a
-    DeprecationWarning, for one release.
     verify
         Also return ``model_attention``: the model's own attention weights of the head after the
         edit, read from the attention call's output (needs ``attn_implementation="eager"``).
@@ -392,6 +388,12 @@ def intervene(
         ``basis`` (d_head, component), the orthonormalized subspace. attrs: provenance
         (`qktrace.store.provenance`), head, layer, kv_head, heads_sharing_key, key_scope,
         heads_reached (the heads whose attention the edit changes), side, mode, rank.
+
+    Notes
+    -----
+    The keywords ``n_random=``, ``seed=`` (as ``random=RandomBaseline(n_random, seed)``) and
+    ``key_scope=`` (as ``edit=Edit(..., key_scope=...)``) of qktrace 0.1 still work, with a
+    DeprecationWarning, for one release.
 
     Examples
     --------
