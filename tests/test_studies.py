@@ -341,7 +341,7 @@ def test_correct_only_summarizes_the_prompts_the_model_answers_right(tmp_path):
 
 def test_key_scope_flag_reaches_the_answer_swaps_and_is_recorded(tmp_path, checkpoint):
     """`qktrace study --key-scope key_head` edits the shared key head (recorded in the params
-    and the answer attrs); a scope that is not one is refused before the model loads."""
+    and the answer attrs); a scope that is not one is refused (exit 2) naming both scopes."""
     common = ["study", "order-id", "-m", checkpoint, "--heads", HEAD, "--n-pairs", N_PAIRS]
     for scope in ("key_head", None):
         out = tmp_path / str(scope)
